@@ -1,0 +1,242 @@
+//! Control API types shared by the coordinator and its clients.
+//!
+//! REST bodies under `/api/v1`, and the messages of the map stream
+//! (`GET /api/v1/map`, a WebSocket carrying one JSON message per frame).
+
+use std::net::{IpAddr, SocketAddr};
+
+use serde::{Deserialize, Serialize};
+
+use crate::keys::{DiscoPublic, NodePublic};
+use crate::netmap::{NetMap, NodeKind, PeerChange};
+use crate::signed::{Signed, Timestamped};
+
+/// How often a device says it is alive on the map stream.
+pub const HEARTBEAT_INTERVAL_SECS: u64 = 5;
+/// Silence after which the coordinator marks a device offline.
+pub const OFFLINE_AFTER_SECS: u64 = 20;
+
+/// Every API error body: `{"error":{"code","message"}}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    pub error: ApiErrorBody,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiErrorBody {
+    /// Stable, machine-readable: `bad_request`, `unauthorized`, …
+    pub code: String,
+    pub message: String,
+}
+
+/// What a device can offer; grows with the compute layer.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capabilities {
+    pub cpu_cores: u32,
+    pub arch: String,
+    pub ram_bytes: u64,
+}
+
+/// Signed by the device key (domain [`crate::signed::DOMAIN_REGISTER`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterRequest {
+    pub timestamp: u64,
+    pub auth_key: String,
+    pub node_key: NodePublic,
+    pub disco_key: DiscoPublic,
+    pub hostname: String,
+    pub os: String,
+    pub capabilities: Capabilities,
+}
+
+impl Timestamped for RegisterRequest {
+    fn timestamp(&self) -> u64 {
+        self.timestamp
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterResponse {
+    pub device_id: i64,
+    pub network: String,
+    pub name: String,
+    pub addresses: Vec<IpAddr>,
+}
+
+/// Opens a map stream; signed by the device key (domain
+/// [`crate::signed::DOMAIN_MAP`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MapHello {
+    pub timestamp: u64,
+    pub node_key: NodePublic,
+}
+
+impl Timestamped for MapHello {
+    fn timestamp(&self) -> u64 {
+        self.timestamp
+    }
+}
+
+/// Device → coordinator on the map stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientMessage {
+    /// First message: proves the device key ([`MapHello`] inside).
+    Hello { hello: Signed },
+    /// The device's direct endpoints changed.
+    Endpoints { endpoints: Vec<SocketAddr> },
+    Heartbeat { capabilities: Option<Capabilities> },
+}
+
+/// Coordinator → device on the map stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerMessage {
+    /// Sent once, first.
+    Full { netmap: Box<NetMap> },
+    Delta { changes: Vec<PeerChange> },
+    /// The stream is closing for this reason.
+    Error { error: ApiErrorBody },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateNetwork {
+    pub name: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Network {
+    pub id: i64,
+    pub name: String,
+    pub created_at: u64,
+    pub device_count: i64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreatePreauthKey {
+    #[serde(default)]
+    pub reusable: bool,
+    #[serde(default)]
+    pub ephemeral: bool,
+    /// Lifetime in seconds; none means it never expires.
+    #[serde(default)]
+    pub expiry_secs: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreauthKeyInfo {
+    pub id: i64,
+    pub network: String,
+    /// The first characters of the key, to tell keys apart.
+    pub prefix: String,
+    pub reusable: bool,
+    pub ephemeral: bool,
+    pub created_at: u64,
+    pub expires_at: Option<u64>,
+    pub revoked: bool,
+    pub used_count: i64,
+}
+
+/// Returned once, at creation: the only time the key itself is shown.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreatedPreauthKey {
+    pub key: String,
+    pub info: PreauthKeyInfo,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceInfo {
+    pub id: i64,
+    pub network: String,
+    pub name: String,
+    pub hostname: String,
+    pub kind: NodeKind,
+    pub node_key: NodePublic,
+    pub addresses: Vec<IpAddr>,
+    pub endpoints: Vec<SocketAddr>,
+    pub os: String,
+    pub ephemeral: bool,
+    pub online: bool,
+    pub created_at: u64,
+    pub last_seen: Option<u64>,
+}
+
+/// Registers a stock WireGuard device by its public key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateWireguardPeer {
+    pub name: String,
+    /// Base64, as `wg pubkey` prints it.
+    pub public_key: String,
+    #[serde(default)]
+    pub endpoint: Option<SocketAddr>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireguardPeerCreated {
+    pub device: DeviceInfo,
+    /// A wg-quick config; its `PrivateKey` line is left for the owner to fill.
+    pub wg_quick_config: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::{DevicePrivate, DiscoPrivate, NodePrivate};
+    use crate::netmap::tests::arb_netmap;
+    use proptest::prelude::*;
+
+    fn round_trip<T: Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug>(v: &T) {
+        let json = serde_json::to_string(v).unwrap();
+        assert_eq!(&serde_json::from_str::<T>(&json).unwrap(), v, "{json}");
+    }
+
+    proptest! {
+        #[test]
+        fn register_request_round_trips(host in "[a-zA-Z0-9 ._-]{0,30}", ts in any::<u64>(), cores in any::<u32>()) {
+            let r = RegisterRequest {
+                timestamp: ts,
+                auth_key: "meshkey-abc".into(),
+                node_key: NodePrivate::generate().public(),
+                disco_key: DiscoPrivate::generate().public(),
+                hostname: host,
+                os: "linux".into(),
+                capabilities: Capabilities { cpu_cores: cores, arch: "x86_64".into(), ram_bytes: 1 << 30 },
+            };
+            round_trip(&r);
+            let signed = Signed::sign(&DevicePrivate::generate(), crate::signed::DOMAIN_REGISTER, &r);
+            round_trip(&ClientMessage::Hello { hello: signed });
+        }
+
+        #[test]
+        fn server_messages_round_trip(m in arb_netmap()) {
+            round_trip(&ServerMessage::Full { netmap: Box::new(m.clone()) });
+            let changes = m.peers.values().map(|n| PeerChange::Upsert { node: n.clone() }).collect();
+            round_trip(&ServerMessage::Delta { changes });
+        }
+
+        #[test]
+        fn client_messages_round_trip(port in any::<u16>(), ip in any::<[u8; 4]>()) {
+            round_trip(&ClientMessage::Endpoints { endpoints: vec![SocketAddr::from((ip, port))] });
+            round_trip(&ClientMessage::Heartbeat { capabilities: None });
+        }
+
+        #[test]
+        fn garbage_never_panics(s in ".{0,200}") {
+            let _ = serde_json::from_str::<ClientMessage>(&s);
+            let _ = serde_json::from_str::<ServerMessage>(&s);
+        }
+    }
+
+    #[test]
+    fn rest_bodies_round_trip() {
+        round_trip(&ApiError { error: ApiErrorBody { code: "bad_request".into(), message: "x".into() } });
+        round_trip(&CreatePreauthKey { reusable: true, ephemeral: false, expiry_secs: Some(3600) });
+        let defaults: CreatePreauthKey = serde_json::from_str("{}").unwrap();
+        assert_eq!(defaults, CreatePreauthKey::default());
+        round_trip(&CreateWireguardPeer {
+            name: "router".into(),
+            public_key: NodePrivate::generate().public().to_base64(),
+            endpoint: Some("10.0.0.9:51820".parse().unwrap()),
+        });
+    }
+}

@@ -1,0 +1,18 @@
+//! The shared vocabulary of Crank Mesh: keys, overlay addresses, the netmap
+//! and its deltas, control API types and signed requests. Pure code: no
+//! sockets, no clocks, no async runtime.
+#![forbid(unsafe_code)]
+
+pub mod addr;
+pub mod api;
+pub mod keys;
+pub mod netmap;
+pub mod signed;
+
+/// Seconds since the Unix epoch (for callers that have a clock).
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
