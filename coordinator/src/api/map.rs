@@ -1,0 +1,177 @@
+//! `GET /api/v1/map`: the long-lived map stream of one device (WebSocket).
+//!
+//! The device opens with a signed hello; it then gets its full netmap, then
+//! batches of peer changes. Upstream it sends endpoint updates and heartbeats.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::State;
+use axum::response::Response;
+use platform::addr::OVERLAY_V4;
+use platform::api::{ClientMessage, MapHello, ServerMessage};
+use platform::netmap::{coalesce, DnsConfig, NetMap, NodeKind, PeerChange, RelayMap};
+use platform::signed::DOMAIN_MAP;
+use platform::unix_now;
+use tokio::sync::mpsc;
+
+use super::register::signed_error;
+use super::SharedState;
+use crate::error::AppError;
+use crate::store::DeviceRow;
+
+/// How long a client has to send its hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most endpoints a device may report.
+const MAX_ENDPOINTS: usize = 32;
+/// Largest message accepted from a device.
+const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+
+pub async fn map_stream(State(s): State<SharedState>, ws: WebSocketUpgrade) -> Response {
+    ws.max_message_size(MAX_MESSAGE_BYTES).on_upgrade(move |socket| async move {
+        if let Err(e) = serve(s, socket).await {
+            tracing::debug!(error = %e, "map stream ended");
+        }
+    })
+}
+
+async fn send(socket: &mut WebSocket, msg: &ServerMessage) -> anyhow::Result<()> {
+    let text = serde_json::to_string(msg)?;
+    socket.send(Message::Text(text.into())).await?;
+    Ok(())
+}
+
+async fn refuse(socket: &mut WebSocket, err: AppError) -> anyhow::Result<()> {
+    let _ = send(socket, &ServerMessage::Error { error: err.body() }).await;
+    let _ = socket.send(Message::Close(None)).await;
+    Err(anyhow::anyhow!("refused: {err}"))
+}
+
+/// Reads the hello and finds the device it proves.
+async fn authenticate(s: &SharedState, socket: &mut WebSocket) -> Result<DeviceRow, AppError> {
+    let first = tokio::time::timeout(HELLO_TIMEOUT, socket.recv())
+        .await
+        .map_err(|_| AppError::BadRequest("no hello within 10 s".into()))?;
+    let text = match first {
+        Some(Ok(Message::Text(t))) => t,
+        _ => return Err(AppError::BadRequest("expected a text hello message".into())),
+    };
+    let msg: ClientMessage =
+        serde_json::from_str(&text).map_err(|e| AppError::BadRequest(format!("invalid message: {e}")))?;
+    let ClientMessage::Hello { hello } = msg else {
+        return Err(AppError::BadRequest("the first message must be a hello".into()));
+    };
+    let payload: MapHello = hello.verify(DOMAIN_MAP, unix_now()).map_err(signed_error)?;
+    let row = s
+        .store
+        .device_by_device_key(&hello.device_key)
+        .await?
+        .ok_or_else(|| AppError::Unauthorized("device is not registered".into()))?;
+    if row.node_key()? != payload.node_key {
+        return Err(AppError::Unauthorized("node key does not match the registered one; register again".into()));
+    }
+    Ok(row)
+}
+
+async fn full_netmap(s: &SharedState, me: &DeviceRow) -> Result<NetMap, AppError> {
+    let rows = s.store.network_devices(me.network_id).await?;
+    let mut self_node = None;
+    let mut peers = BTreeMap::new();
+    for row in &rows {
+        let online = row.kind() == NodeKind::Wireguard || s.hub.is_online(row.network_id, row.id);
+        let node = row.to_node(online)?;
+        if row.id == me.id {
+            self_node = Some(node);
+        } else {
+            peers.insert(node.node_key, node);
+        }
+    }
+    let self_node = self_node.ok_or_else(|| AppError::NotFound("device was removed".into()))?;
+    Ok(NetMap {
+        network: me.network.clone(),
+        self_node,
+        routes: vec![OVERLAY_V4, s.store.ula_prefix().await?.prefix()],
+        peers,
+        relay_map: RelayMap::default(),
+        dns: DnsConfig::default(),
+    })
+}
+
+async fn serve(s: SharedState, mut socket: WebSocket) -> anyhow::Result<()> {
+    let me = match authenticate(&s, &mut socket).await {
+        Ok(row) => row,
+        Err(e) => return refuse(&mut socket, e).await,
+    };
+    let node_key = me.node_key()?;
+    // Subscribe before reading the map, so no change falls in between.
+    let mut sub = s.hub.connect(me.network_id, me.id, node_key, Instant::now());
+    let result = stream(&s, &me, &mut socket, sub.conn_id, &mut sub.changes).await;
+    s.hub.disconnect(me.network_id, me.id, sub.conn_id, me.ephemeral, Instant::now());
+    let _ = s.store.touch(me.id, unix_now()).await;
+    tracing::info!(device = me.id, name = %me.name, "map stream closed");
+    result
+}
+
+async fn stream(
+    s: &SharedState,
+    me: &DeviceRow,
+    socket: &mut WebSocket,
+    conn_id: u64,
+    changes: &mut mpsc::UnboundedReceiver<PeerChange>,
+) -> anyhow::Result<()> {
+    let netmap = match full_netmap(s, me).await {
+        Ok(m) => m,
+        Err(e) => return refuse(socket, e).await,
+    };
+    send(socket, &ServerMessage::Full { netmap: Box::new(netmap) }).await?;
+    s.store.touch(me.id, unix_now()).await?;
+    tracing::info!(device = me.id, name = %me.name, "map stream open");
+    loop {
+        tokio::select! {
+            incoming = socket.recv() => {
+                let Some(incoming) = incoming else { return Ok(()) };
+                match incoming? {
+                    Message::Text(text) => {
+                        if let Err(e) = handle_client_message(s, me, conn_id, &text).await {
+                            return refuse(socket, e).await;
+                        }
+                    }
+                    Message::Close(_) => return Ok(()),
+                    Message::Binary(_) => return refuse(socket, AppError::BadRequest("binary messages are not accepted".into())).await,
+                    Message::Ping(_) | Message::Pong(_) => {}
+                }
+            }
+            first = changes.recv() => {
+                // None: a newer stream of this device replaced this one.
+                let Some(first) = first else { return Ok(()) };
+                let mut batch = vec![first];
+                tokio::time::sleep(s.batch_window).await;
+                while let Ok(more) = changes.try_recv() {
+                    batch.push(more);
+                }
+                send(socket, &ServerMessage::Delta { changes: coalesce(batch) }).await?;
+            }
+        }
+    }
+}
+
+async fn handle_client_message(s: &SharedState, me: &DeviceRow, conn_id: u64, text: &str) -> Result<(), AppError> {
+    let msg: ClientMessage =
+        serde_json::from_str(text).map_err(|e| AppError::BadRequest(format!("invalid message: {e}")))?;
+    s.hub.heard(me.network_id, me.id, conn_id, Instant::now());
+    match msg {
+        ClientMessage::Hello { .. } => return Err(AppError::BadRequest("hello was already sent".into())),
+        ClientMessage::Heartbeat { .. } => {}
+        ClientMessage::Endpoints { mut endpoints } => {
+            if endpoints.len() > MAX_ENDPOINTS {
+                return Err(AppError::BadRequest(format!("at most {MAX_ENDPOINTS} endpoints")));
+            }
+            endpoints.sort();
+            endpoints.dedup();
+            s.store.set_endpoints(me.id, &endpoints).await?;
+            s.hub.broadcast(me.network_id, me.id, PeerChange::Endpoints { node_key: me.node_key()?, endpoints });
+        }
+    }
+    Ok(())
+}

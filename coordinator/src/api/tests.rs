@@ -1,0 +1,289 @@
+//! In-process API tests against a temporary SQLite database.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body as HttpBody;
+use axum::http::{Request, StatusCode};
+use futures_util::{SinkExt, StreamExt};
+use http_body_util::BodyExt;
+use platform::api::{
+    ApiError, Capabilities, ClientMessage, CreatedPreauthKey, MapHello, RegisterRequest, RegisterResponse,
+    ServerMessage, WireguardPeerCreated,
+};
+use platform::keys::{DevicePrivate, DiscoPrivate, NodePrivate};
+use platform::netmap::PeerChange;
+use platform::signed::{Signed, DOMAIN_MAP, DOMAIN_REGISTER};
+use platform::unix_now;
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+use tower::ServiceExt;
+
+use super::{router, AppState, SharedState};
+use crate::hub::Hub;
+use crate::store::test_store;
+
+struct Harness {
+    state: SharedState,
+    token: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Harness {
+    async fn new() -> Self {
+        let (store, dir) = test_store().await;
+        let token = store.init(unix_now()).await.unwrap();
+        let state = Arc::new(AppState {
+            store,
+            hub: Hub::new(Duration::from_secs(20)),
+            batch_window: Duration::from_millis(10),
+        });
+        Harness { state, token, _dir: dir }
+    }
+
+    async fn call(&self, method: &str, path: &str, body: Option<String>, admin: bool) -> (StatusCode, Value) {
+        let mut req = Request::builder().method(method).uri(path);
+        if admin {
+            req = req.header("authorization", format!("Bearer {}", self.token));
+        }
+        let req = req
+            .header("content-type", "application/json")
+            .body(body.map(HttpBody::from).unwrap_or_else(HttpBody::empty))
+            .unwrap();
+        let resp = router(self.state.clone()).oneshot(req).await.unwrap();
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        let value = serde_json::from_slice(&bytes).unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into()));
+        (status, value)
+    }
+
+    async fn admin(&self, method: &str, path: &str, body: Value) -> (StatusCode, Value) {
+        self.call(method, path, Some(body.to_string()), true).await
+    }
+
+    async fn network_and_key(&self, key_opts: Value) -> String {
+        self.admin("POST", "/api/v1/networks", json!({"name": "home"})).await;
+        let (status, v) = self.admin("POST", "/api/v1/networks/home/preauth-keys", key_opts).await;
+        assert_eq!(status, StatusCode::CREATED, "{v}");
+        serde_json::from_value::<CreatedPreauthKey>(v).unwrap().key
+    }
+}
+
+fn register_body(dev: &DevicePrivate, node: &NodePrivate, auth_key: &str, host: &str, ts: u64) -> String {
+    let req = RegisterRequest {
+        timestamp: ts,
+        auth_key: auth_key.into(),
+        node_key: node.public(),
+        disco_key: DiscoPrivate::generate().public(),
+        hostname: host.into(),
+        os: "linux".into(),
+        capabilities: Capabilities { cpu_cores: 2, arch: "x86_64".into(), ram_bytes: 1 << 30 },
+    };
+    serde_json::to_string(&Signed::sign(dev, DOMAIN_REGISTER, &req)).unwrap()
+}
+
+fn error_of(v: &Value) -> ApiError {
+    serde_json::from_value(v.clone()).unwrap_or_else(|e| panic!("not an API error body: {v} ({e})"))
+}
+
+#[tokio::test]
+async fn registration_happy_path() {
+    let h = Harness::new().await;
+    let key = h.network_and_key(json!({"reusable": true})).await;
+    let dev = DevicePrivate::generate();
+    let node = NodePrivate::generate();
+    let (status, v) = h.call("POST", "/api/v1/register", Some(register_body(&dev, &node, &key, "Laptop", unix_now())), false).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let resp: RegisterResponse = serde_json::from_value(v).unwrap();
+    assert_eq!(resp.name, "laptop");
+    assert_eq!(resp.network, "home");
+    assert_eq!(resp.addresses[0].to_string(), "100.64.0.1");
+    assert!(resp.addresses[1].to_string().starts_with("fd"));
+
+    // Re-registering keeps the addresses; a clash gets a suffix.
+    let (_, again) = h.call("POST", "/api/v1/register", Some(register_body(&dev, &node, &key, "Laptop", unix_now())), false).await;
+    assert_eq!(serde_json::from_value::<RegisterResponse>(again).unwrap().addresses, resp.addresses);
+    let (_, other) = h
+        .call("POST", "/api/v1/register", Some(register_body(&DevicePrivate::generate(), &NodePrivate::generate(), &key, "laptop", unix_now())), false)
+        .await;
+    assert_eq!(serde_json::from_value::<RegisterResponse>(other).unwrap().name, "laptop-2");
+
+    let (status, devices) = h.admin("GET", "/api/v1/networks/home/devices", json!(null)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(devices.as_array().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn registration_rejections_are_precise() {
+    let h = Harness::new().await;
+    let one_off = h.network_and_key(json!({})).await;
+    let dev = DevicePrivate::generate();
+    let node = NodePrivate::generate();
+
+    // Bad signature: body signed by one key, claiming another.
+    let mut forged: Value = serde_json::from_str(&register_body(&dev, &node, &one_off, "a", unix_now())).unwrap();
+    forged["device_key"] = json!(DevicePrivate::generate().public().to_string());
+    let (status, v) = h.call("POST", "/api/v1/register", Some(forged.to_string()), false).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(error_of(&v).error.code, "unauthorized");
+    assert!(error_of(&v).error.message.contains("signature"), "{v}");
+
+    // Stale timestamp.
+    let (status, v) = h.call("POST", "/api/v1/register", Some(register_body(&dev, &node, &one_off, "a", 1000)), false).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{v}");
+
+    // Unknown key.
+    let (status, v) = h.call("POST", "/api/v1/register", Some(register_body(&dev, &node, "meshkey-nope", "a", unix_now())), false).await;
+    assert_eq!((status, error_of(&v).error.message.as_str()), (StatusCode::UNAUTHORIZED, "unknown auth key"));
+
+    // One-off key: first use works, a second device is refused.
+    let (status, _) = h.call("POST", "/api/v1/register", Some(register_body(&dev, &node, &one_off, "a", unix_now())), false).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, v) = h
+        .call("POST", "/api/v1/register", Some(register_body(&DevicePrivate::generate(), &NodePrivate::generate(), &one_off, "b", unix_now())), false)
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(error_of(&v).error.message.contains("already been used"), "{v}");
+
+    // Revoked key.
+    let (_, created) = h.admin("POST", "/api/v1/networks/home/preauth-keys", json!({"reusable": true})).await;
+    let created: CreatedPreauthKey = serde_json::from_value(created).unwrap();
+    let (status, _) = h.admin("DELETE", &format!("/api/v1/networks/home/preauth-keys/{}", created.info.id), json!(null)).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, v) = h
+        .call("POST", "/api/v1/register", Some(register_body(&DevicePrivate::generate(), &NodePrivate::generate(), &created.key, "c", unix_now())), false)
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(error_of(&v).error.message.contains("revoked"), "{v}");
+
+    // Expired key: expiry in the past relative to the registration time.
+    let (_, created) = h.admin("POST", "/api/v1/networks/home/preauth-keys", json!({"expiry_secs": 1})).await;
+    let created: CreatedPreauthKey = serde_json::from_value(created).unwrap();
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let (status, v) = h
+        .call("POST", "/api/v1/register", Some(register_body(&DevicePrivate::generate(), &NodePrivate::generate(), &created.key, "d", unix_now())), false)
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(error_of(&v).error.message.contains("expired"), "{v}");
+}
+
+#[tokio::test]
+async fn malformed_requests_get_json_errors() {
+    let h = Harness::new().await;
+    let (status, v) = h.call("POST", "/api/v1/register", Some("{not json".into()), false).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(error_of(&v).error.code, "bad_request");
+    let (status, v) = h.call("POST", "/api/v1/register", Some(json!({"device_key": 5}).to_string()), false).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+    let (status, v) = h.admin("POST", "/api/v1/networks", json!({"name": 7})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+    let (status, v) = h.call("POST", "/api/v1/networks", Some(json!({"name": "x"}).to_string()), false).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(error_of(&v).error.code, "unauthorized");
+    let (status, v) = h.admin("GET", "/api/v1/nowhere", json!(null)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    error_of(&v);
+    let huge = format!("{{\"name\":\"{}\"}}", "a".repeat(super::MAX_BODY_BYTES + 10));
+    let (status, v) = h.call("POST", "/api/v1/networks", Some(huge), true).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{v}");
+    error_of(&v);
+    let (status, v) = h.admin("POST", "/api/v1/networks/ghost/preauth-keys", json!({})).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    error_of(&v);
+    let (status, v) = h.admin("POST", "/api/v1/networks", json!({"name": "home"})).await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    let (status, v) = h.admin("POST", "/api/v1/networks", json!({"name": "home"})).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{v}");
+    let (status, v) = h.admin("POST", "/api/v1/networks/home/wireguard-peers", json!({"name": "r", "public_key": "short"})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn open_stream(addr: std::net::SocketAddr, dev: &DevicePrivate, node: &NodePrivate) -> Ws {
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/api/v1/map")).await.unwrap();
+    let hello = Signed::sign(dev, DOMAIN_MAP, &MapHello { timestamp: unix_now(), node_key: node.public() });
+    ws.send(Message::text(serde_json::to_string(&ClientMessage::Hello { hello }).unwrap())).await.unwrap();
+    ws
+}
+
+async fn next_msg(ws: &mut Ws) -> ServerMessage {
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.expect("message in time").unwrap().unwrap();
+        if let Message::Text(t) = msg {
+            return serde_json::from_str(&t).unwrap();
+        }
+    }
+}
+
+#[tokio::test]
+async fn map_stream_sends_full_map_then_deltas() {
+    let h = Harness::new().await;
+    let key = h.network_and_key(json!({"reusable": true})).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = router(h.state.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let (a_dev, a_node) = (DevicePrivate::generate(), NodePrivate::generate());
+    let (b_dev, b_node) = (DevicePrivate::generate(), NodePrivate::generate());
+    for (d, n, host) in [(&a_dev, &a_node, "a"), (&b_dev, &b_node, "b")] {
+        let (s, v) = h.call("POST", "/api/v1/register", Some(register_body(d, n, &key, host, unix_now())), false).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+    }
+
+    let mut a = open_stream(addr, &a_dev, &a_node).await;
+    let ServerMessage::Full { netmap } = next_msg(&mut a).await else { panic!("full map first") };
+    assert_eq!(netmap.self_node.name, "a");
+    assert_eq!(netmap.peers.len(), 1);
+    assert!(!netmap.peers[&b_node.public()].online);
+    assert_eq!(netmap.routes.len(), 2);
+
+    // b comes online and reports endpoints: a hears both as deltas.
+    let mut b = open_stream(addr, &b_dev, &b_node).await;
+    let ServerMessage::Full { .. } = next_msg(&mut b).await else { panic!() };
+    let ep: std::net::SocketAddr = "10.1.2.3:41641".parse().unwrap();
+    b.send(Message::text(serde_json::to_string(&ClientMessage::Endpoints { endpoints: vec![ep] }).unwrap())).await.unwrap();
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let ServerMessage::Delta { changes } = next_msg(&mut a).await else { panic!("delta expected") };
+        seen.extend(changes);
+    }
+    assert!(seen.contains(&PeerChange::Online { node_key: b_node.public(), online: true }), "{seen:?}");
+    assert!(seen.contains(&PeerChange::Endpoints { node_key: b_node.public(), endpoints: vec![ep] }), "{seen:?}");
+
+    // A stock WireGuard peer added by the admin appears as an upsert.
+    let wg_key = NodePrivate::generate().public();
+    let (s, v) = h
+        .admin("POST", "/api/v1/networks/home/wireguard-peers", json!({"name": "router", "public_key": wg_key.to_base64()}))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let created: WireguardPeerCreated = serde_json::from_value(v).unwrap();
+    assert!(created.wg_quick_config.contains(&format!("PublicKey = {}", a_node.public().to_base64())));
+    assert!(created.wg_quick_config.contains("Endpoint = 10.1.2.3:41641"));
+    let ServerMessage::Delta { changes } = next_msg(&mut a).await else { panic!() };
+    assert!(matches!(&changes[0], PeerChange::Upsert { node } if node.node_key == wg_key), "{changes:?}");
+
+    // b goes away: a sees it offline.
+    b.close(None).await.unwrap();
+    let ServerMessage::Delta { changes } = next_msg(&mut a).await else { panic!() };
+    assert_eq!(changes, vec![PeerChange::Online { node_key: b_node.public(), online: false }]);
+}
+
+#[tokio::test]
+async fn map_stream_refuses_unknown_devices_and_garbage() {
+    let h = Harness::new().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = router(h.state.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let mut ws = open_stream(addr, &DevicePrivate::generate(), &NodePrivate::generate()).await;
+    let ServerMessage::Error { error } = next_msg(&mut ws).await else { panic!("error expected") };
+    assert_eq!(error.code, "unauthorized");
+
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/api/v1/map")).await.unwrap();
+    ws.send(Message::text("{\"type\":\"heartbeat\"")).await.unwrap();
+    let ServerMessage::Error { error } = next_msg(&mut ws).await else { panic!("error expected") };
+    assert_eq!(error.code, "bad_request");
+}

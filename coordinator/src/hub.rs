@@ -1,0 +1,243 @@
+//! Presence and fan-out of peer changes to live map streams.
+//!
+//! Each connected device has one session holding the sending half of its
+//! change queue. A change in a network is pushed to the sessions of that
+//! network only: the work is proportional to the peers it touches, and no map
+//! is ever rebuilt. The clock is passed in, so the sweep is testable.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use platform::keys::NodePublic;
+use platform::netmap::PeerChange;
+use tokio::sync::mpsc;
+
+struct Session {
+    conn_id: u64,
+    node_key: NodePublic,
+    tx: mpsc::UnboundedSender<PeerChange>,
+    last_heard: Instant,
+    /// Silent past the grace period: shown offline until heard again.
+    stale: bool,
+}
+
+#[derive(Default)]
+struct Inner {
+    next_conn: u64,
+    /// network id → device id → session
+    networks: HashMap<i64, HashMap<i64, Session>>,
+    /// Ephemeral devices that went away, with when.
+    departed_ephemeral: HashMap<i64, (i64, NodePublic, Instant)>,
+}
+
+pub struct Hub {
+    inner: Mutex<Inner>,
+    grace: Duration,
+}
+
+/// What a connection gets from the hub.
+pub struct Subscription {
+    pub conn_id: u64,
+    pub changes: mpsc::UnboundedReceiver<PeerChange>,
+}
+
+/// An ephemeral device gone for longer than the grace period.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Expired {
+    pub network_id: i64,
+    pub device_id: i64,
+    pub node_key: NodePublic,
+}
+
+impl Inner {
+    fn broadcast(&self, network_id: i64, except_device: i64, change: &PeerChange) {
+        if let Some(sessions) = self.networks.get(&network_id) {
+            for (id, s) in sessions {
+                if *id != except_device {
+                    // A closed receiver means the connection is ending; it
+                    // removes itself.
+                    let _ = s.tx.send(change.clone());
+                }
+            }
+        }
+    }
+}
+
+impl Hub {
+    pub fn new(grace: Duration) -> Self {
+        Hub { inner: Mutex::new(Inner::default()), grace }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a live stream for a device, replacing an older one (whose
+    /// queue closes, ending that connection). Tells its peers it is online.
+    pub fn connect(&self, network_id: i64, device_id: i64, node_key: NodePublic, now: Instant) -> Subscription {
+        let mut inner = self.lock();
+        inner.next_conn += 1;
+        let conn_id = inner.next_conn;
+        inner.departed_ephemeral.remove(&device_id);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let session = Session { conn_id, node_key, tx, last_heard: now, stale: false };
+        let previous = inner.networks.entry(network_id).or_default().insert(device_id, session);
+        let was_online = previous.is_some_and(|p| !p.stale);
+        if !was_online {
+            inner.broadcast(network_id, device_id, &PeerChange::Online { node_key, online: true });
+        }
+        Subscription { conn_id, changes: rx }
+    }
+
+    /// The device spoke on its stream.
+    pub fn heard(&self, network_id: i64, device_id: i64, conn_id: u64, now: Instant) {
+        let mut inner = self.lock();
+        let Some(s) = inner.networks.get_mut(&network_id).and_then(|n| n.get_mut(&device_id)) else {
+            return;
+        };
+        if s.conn_id != conn_id {
+            return;
+        }
+        s.last_heard = now;
+        if s.stale {
+            s.stale = false;
+            let node_key = s.node_key;
+            inner.broadcast(network_id, device_id, &PeerChange::Online { node_key, online: true });
+        }
+    }
+
+    /// The stream of `conn_id` ended. Returns true when it was the device's
+    /// current stream (so the device is now offline).
+    pub fn disconnect(&self, network_id: i64, device_id: i64, conn_id: u64, ephemeral: bool, now: Instant) -> bool {
+        let mut inner = self.lock();
+        let Some(sessions) = inner.networks.get_mut(&network_id) else { return false };
+        if sessions.get(&device_id).map(|s| s.conn_id) != Some(conn_id) {
+            return false;
+        }
+        let s = sessions.remove(&device_id).expect("checked above");
+        if sessions.is_empty() {
+            inner.networks.remove(&network_id);
+        }
+        if !s.stale {
+            inner.broadcast(network_id, device_id, &PeerChange::Online { node_key: s.node_key, online: false });
+        }
+        if ephemeral {
+            inner.departed_ephemeral.insert(device_id, (network_id, s.node_key, now));
+        }
+        true
+    }
+
+    pub fn is_online(&self, network_id: i64, device_id: i64) -> bool {
+        self.lock()
+            .networks
+            .get(&network_id)
+            .and_then(|n| n.get(&device_id))
+            .is_some_and(|s| !s.stale)
+    }
+
+    /// Sends a change to every live stream of the network except the device's own.
+    pub fn broadcast(&self, network_id: i64, except_device: i64, change: PeerChange) {
+        self.lock().broadcast(network_id, except_device, &change);
+    }
+
+    /// Marks devices silent past the grace period offline, and returns the
+    /// ephemeral devices gone longer than it (for the caller to delete).
+    pub fn sweep(&self, now: Instant) -> Vec<Expired> {
+        let mut inner = self.lock();
+        let mut went_silent = Vec::new();
+        for (network_id, sessions) in &mut inner.networks {
+            for (device_id, s) in sessions.iter_mut() {
+                if !s.stale && now.saturating_duration_since(s.last_heard) > self.grace {
+                    s.stale = true;
+                    went_silent.push((*network_id, *device_id, s.node_key));
+                }
+            }
+        }
+        for (network_id, device_id, node_key) in went_silent {
+            inner.broadcast(network_id, device_id, &PeerChange::Online { node_key, online: false });
+        }
+        let grace = self.grace;
+        let mut expired = Vec::new();
+        inner.departed_ephemeral.retain(|device_id, (network_id, node_key, since)| {
+            let keep = now.saturating_duration_since(*since) <= grace;
+            if !keep {
+                expired.push(Expired { network_id: *network_id, device_id: *device_id, node_key: *node_key });
+            }
+            keep
+        });
+        expired
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(b: u8) -> NodePublic {
+        NodePublic::from_bytes([b; 32])
+    }
+
+    fn drain(rx: &mut mpsc::UnboundedReceiver<PeerChange>) -> Vec<PeerChange> {
+        let mut out = Vec::new();
+        while let Ok(c) = rx.try_recv() {
+            out.push(c);
+        }
+        out
+    }
+
+    #[test]
+    fn presence_follows_connections_and_silence() {
+        let hub = Hub::new(Duration::from_secs(20));
+        let t0 = Instant::now();
+        let mut a = hub.connect(1, 10, key(1), t0);
+        let b = hub.connect(1, 11, key(2), t0);
+        let mut other_net = hub.connect(2, 20, key(3), t0);
+        assert_eq!(drain(&mut a.changes), vec![PeerChange::Online { node_key: key(2), online: true }]);
+        assert!(drain(&mut other_net.changes).is_empty(), "changes never cross networks");
+
+        // b goes silent: offline after the grace period, back when heard.
+        hub.heard(1, 10, a.conn_id, t0 + Duration::from_secs(15));
+        assert!(hub.sweep(t0 + Duration::from_secs(19)).is_empty());
+        assert!(drain(&mut a.changes).is_empty());
+        hub.sweep(t0 + Duration::from_secs(21));
+        assert_eq!(drain(&mut a.changes), vec![PeerChange::Online { node_key: key(2), online: false }]);
+        assert!(!hub.is_online(1, 11));
+        assert!(hub.is_online(1, 10));
+        hub.heard(1, 11, b.conn_id, t0 + Duration::from_secs(22));
+        assert_eq!(drain(&mut a.changes), vec![PeerChange::Online { node_key: key(2), online: true }]);
+
+        // A stale connection id does not take the device down.
+        assert!(!hub.disconnect(1, 11, b.conn_id + 100, false, t0));
+        assert!(hub.disconnect(1, 11, b.conn_id, false, t0));
+        assert_eq!(drain(&mut a.changes), vec![PeerChange::Online { node_key: key(2), online: false }]);
+    }
+
+    #[test]
+    fn reconnect_replaces_old_stream() {
+        let hub = Hub::new(Duration::from_secs(20));
+        let t0 = Instant::now();
+        let mut watcher = hub.connect(1, 1, key(1), t0);
+        let mut first = hub.connect(1, 2, key(2), t0);
+        drain(&mut watcher.changes);
+        let _second = hub.connect(1, 2, key(2), t0);
+        assert!(drain(&mut watcher.changes).is_empty(), "still online, no flap");
+        assert!(first.changes.try_recv().is_err());
+        assert!(!hub.disconnect(1, 2, first.conn_id, false, t0), "old stream ending is not a departure");
+        assert!(hub.is_online(1, 2));
+    }
+
+    #[test]
+    fn ephemeral_devices_expire_after_grace() {
+        let hub = Hub::new(Duration::from_secs(20));
+        let t0 = Instant::now();
+        let s = hub.connect(1, 5, key(5), t0);
+        hub.disconnect(1, 5, s.conn_id, true, t0);
+        assert!(hub.sweep(t0 + Duration::from_secs(10)).is_empty());
+        assert_eq!(
+            hub.sweep(t0 + Duration::from_secs(21)),
+            vec![Expired { network_id: 1, device_id: 5, node_key: key(5) }]
+        );
+        assert!(hub.sweep(t0 + Duration::from_secs(40)).is_empty());
+    }
+}

@@ -1,0 +1,153 @@
+//! Storage: SQLite in WAL mode under the state directory, versioned
+//! migrations, and the queries the API needs.
+
+mod devices;
+mod networks;
+mod preauth;
+
+use std::path::Path;
+use std::str::FromStr;
+
+use anyhow::Context as _;
+use platform::addr::UlaPrefix;
+use rand_core::{OsRng, RngCore};
+use sha2::{Digest, Sha256};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::SqlitePool;
+
+pub use devices::{DeviceRow, NewWireguardPeer, Registration};
+
+use crate::error::AppError;
+
+/// File name of the database inside the state directory.
+pub const DB_FILE: &str = "coordinator.db";
+
+#[derive(Clone)]
+pub struct Store {
+    pool: SqlitePool,
+}
+
+/// A random secret with a readable prefix, as hex.
+pub fn random_secret(prefix: &str) -> String {
+    let mut b = [0u8; 24];
+    OsRng.fill_bytes(&mut b);
+    format!("{prefix}-{}", hex::encode(b))
+}
+
+/// Secrets are stored only as their SHA-256.
+pub fn secret_hash(secret: &str) -> String {
+    hex::encode(Sha256::digest(secret.as_bytes()))
+}
+
+impl Store {
+    /// Opens (creating if needed) the database in `state_dir` and brings the
+    /// schema up to date.
+    pub async fn open(state_dir: &Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(state_dir)
+            .with_context(|| format!("creating state dir {}", state_dir.display()))?;
+        let path = state_dir.join(DB_FILE);
+        let opts = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(std::time::Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(8)
+            .connect_with(opts)
+            .await
+            .with_context(|| format!("opening {}", path.display()))?;
+        sqlx::migrate!("./migrations").run(&pool).await.context("running migrations")?;
+        Ok(Store { pool })
+    }
+
+    pub async fn is_initialized(&self) -> Result<bool, AppError> {
+        Ok(self.setting("ula_prefix").await?.is_some())
+    }
+
+    /// First-time setup: the network's IPv6 prefix and a first admin token,
+    /// which is returned (and stored only hashed).
+    pub async fn init(&self, now: u64) -> Result<String, AppError> {
+        let mut tx = self.pool.begin().await?;
+        let exists: Option<(String,)> =
+            sqlx::query_as("SELECT value FROM settings WHERE key = 'ula_prefix'")
+                .fetch_optional(&mut *tx)
+                .await?;
+        if exists.is_some() {
+            return Err(AppError::Conflict("coordinator is already initialised".into()));
+        }
+        let mut id = [0u8; 5];
+        OsRng.fill_bytes(&mut id);
+        let ula = UlaPrefix::from_global_id(id);
+        sqlx::query("INSERT INTO settings (key, value) VALUES ('ula_prefix', ?)")
+            .bind(ula.to_string())
+            .execute(&mut *tx)
+            .await?;
+        let token = random_secret("meshadm");
+        sqlx::query("INSERT INTO admin_tokens (name, token_hash, created_at) VALUES ('admin', ?, ?)")
+            .bind(secret_hash(&token))
+            .bind(now as i64)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(token)
+    }
+
+    async fn setting(&self, key: &str) -> Result<Option<String>, AppError> {
+        let row: Option<(String,)> = sqlx::query_as("SELECT value FROM settings WHERE key = ?")
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| r.0))
+    }
+
+    pub async fn ula_prefix(&self) -> Result<UlaPrefix, AppError> {
+        let text = self
+            .setting("ula_prefix")
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("coordinator is not initialised: run `coordinator init`"))?;
+        text.parse()
+            .map_err(|e| AppError::Internal(anyhow::anyhow!("stored ULA prefix {text:?}: {e}")))
+    }
+
+    pub async fn admin_token_valid(&self, token: &str) -> Result<bool, AppError> {
+        let row: Option<(i64,)> = sqlx::query_as("SELECT id FROM admin_tokens WHERE token_hash = ?")
+            .bind(secret_hash(token))
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.is_some())
+    }
+
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+}
+
+/// True when a database error is a UNIQUE constraint violation.
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
+}
+
+#[cfg(test)]
+pub(crate) async fn test_store() -> (Store, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = Store::open(dir.path()).await.expect("open store");
+    (store, dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn init_once() {
+        let (store, _dir) = test_store().await;
+        assert!(!store.is_initialized().await.unwrap());
+        let token = store.init(1).await.unwrap();
+        assert!(token.starts_with("meshadm-"));
+        assert!(store.admin_token_valid(&token).await.unwrap());
+        assert!(!store.admin_token_valid("meshadm-nope").await.unwrap());
+        assert!(matches!(store.init(2).await, Err(AppError::Conflict(_))));
+        assert!(store.ula_prefix().await.is_ok());
+    }
+}
