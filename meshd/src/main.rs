@@ -1,1 +1,150 @@
-fn main() {}
+//! `meshd`: the Crank Mesh daemon and its command-line client.
+#![forbid(unsafe_code)]
+
+mod control;
+mod daemon;
+mod endpoints;
+mod engine;
+mod localapi;
+mod state;
+mod status_text;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+use crate::daemon::{Daemon, DaemonConfig};
+use crate::engine::TunConfig;
+use crate::localapi::Request;
+
+const DEFAULT_SOCKET: &str = "/run/meshd/meshd.sock";
+
+/// Crank Mesh: join this device to a private WireGuard mesh.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    /// The daemon's local API socket.
+    #[arg(long, global = true, env = "MESHD_SOCKET", default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon (as root: it owns a TUN device).
+    Daemon {
+        /// Keys and preferences live here.
+        #[arg(long, env = "MESHD_STATE_DIR", default_value = "/var/lib/meshd")]
+        state_dir: PathBuf,
+        /// Name of the TUN device.
+        #[arg(long, env = "MESHD_TUN", default_value = "mesh0")]
+        tun: String,
+        /// UDP port for WireGuard (0 picks a free one).
+        #[arg(long, env = "MESHD_PORT", default_value_t = 41641)]
+        port: u16,
+    },
+    /// Join a network and bring the tunnel up.
+    Up {
+        /// Coordinator URL, e.g. http://coordinator.example:8080
+        #[arg(long, env = "MESHD_COORDINATOR")]
+        coordinator: String,
+        /// Pre-auth key from the network's admin.
+        #[arg(long, env = "MESHD_AUTH_KEY")]
+        auth_key: String,
+        /// Name to register under (default: the system hostname).
+        #[arg(long)]
+        hostname: Option<String>,
+    },
+    /// Bring the tunnel down (the device stays registered).
+    Down,
+    /// Show this device, its peers and their tunnels.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+async fn run_daemon(socket: PathBuf, state_dir: PathBuf, tun: String, port: u16) -> anyhow::Result<()> {
+    let daemon = Daemon::new(DaemonConfig {
+        state_dir,
+        tun: TunConfig { name: tun, mtu: engine::DEFAULT_MTU },
+        udp_port: port,
+    })?;
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    // A socket left by a previous run would make bind fail.
+    let _ = std::fs::remove_file(&socket);
+    let listener = tokio::net::UnixListener::bind(&socket).with_context(|| format!("binding {}", socket.display()))?;
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o660))?;
+    }
+    tracing::info!(socket = %socket.display(), "meshd listening");
+    daemon.resume().await?;
+    let d = daemon.clone();
+    let api = tokio::spawn(localapi::serve(listener, move |req| {
+        let d = d.clone();
+        async move { d.handle(req).await }
+    }));
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+    api.abort();
+    daemon.shutdown().await;
+    let _ = std::fs::remove_file(&socket);
+    Ok(())
+}
+
+async fn try_main(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Daemon { state_dir, tun, port } => run_daemon(cli.socket, state_dir, tun, port).await,
+        Command::Up { coordinator, auth_key, hostname } => {
+            let status = localapi::call(&cli.socket, &Request::Up { coordinator, auth_key, hostname }).await?;
+            print!("{}", status_text::render(&status));
+            Ok(())
+        }
+        Command::Down => {
+            localapi::call(&cli.socket, &Request::Down).await?;
+            println!("tunnel down");
+            Ok(())
+        }
+        Command::Status { json } => {
+            let status = localapi::call(&cli.socket, &Request::Status).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", status_text::render(&status));
+            }
+            Ok(())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(try_main(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,167 @@
+//! The coordinator client: registration, and the map stream that keeps the
+//! engine's peers current (full netmap, then deltas; heartbeats and endpoint
+//! updates upstream; reconnects with backoff).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use futures_util::{SinkExt as _, StreamExt as _};
+use platform::api::{
+    ApiError, Capabilities, ClientMessage, MapHello, RegisterRequest, RegisterResponse, ServerMessage,
+    HEARTBEAT_INTERVAL_SECS,
+};
+use platform::netmap::NetMap;
+use platform::signed::{Signed, DOMAIN_MAP, DOMAIN_REGISTER};
+use platform::unix_now;
+use tokio::sync::watch;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::endpoints::local_endpoints;
+use crate::engine::EngineSlot;
+use crate::state::Keys;
+
+/// How often local addresses are checked for changes.
+const ENDPOINT_CHECK: Duration = Duration::from_secs(10);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+fn base_url(coordinator: &str) -> String {
+    coordinator.trim_end_matches('/').to_owned()
+}
+
+pub fn capabilities() -> Capabilities {
+    let ram_bytes = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024);
+    Capabilities {
+        cpu_cores: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+        arch: std::env::consts::ARCH.to_owned(),
+        ram_bytes,
+    }
+}
+
+/// Registers this device with the coordinator.
+pub async fn register(coordinator: &str, keys: &Keys, auth_key: &str, hostname: &str) -> anyhow::Result<RegisterResponse> {
+    let req = RegisterRequest {
+        timestamp: unix_now(),
+        auth_key: auth_key.to_owned(),
+        node_key: keys.node.public(),
+        disco_key: keys.disco.public(),
+        hostname: hostname.to_owned(),
+        os: std::env::consts::OS.to_owned(),
+        capabilities: capabilities(),
+    };
+    let body = Signed::sign(&keys.device, DOMAIN_REGISTER, &req);
+    let url = format!("{}/api/v1/register", base_url(coordinator));
+    let resp = reqwest::Client::new()
+        .post(&url)
+        .json(&body)
+        .timeout(Duration::from_secs(15))
+        .send()
+        .await
+        .with_context(|| format!("reaching the coordinator at {url}"))?;
+    let status = resp.status();
+    if status.is_success() {
+        return resp.json().await.context("reading the registration reply");
+    }
+    let text = resp.text().await.unwrap_or_default();
+    match serde_json::from_str::<ApiError>(&text) {
+        Ok(e) => anyhow::bail!("coordinator refused registration ({status}): {}", e.error.message),
+        Err(_) => anyhow::bail!("coordinator refused registration ({status}): {text}"),
+    }
+}
+
+/// What the map stream shares with the daemon.
+#[derive(Default)]
+pub struct MapState {
+    pub netmap: Option<NetMap>,
+    pub connected: bool,
+    /// Why the last session ended, if it failed.
+    pub last_error: Option<String>,
+}
+
+/// Keeps a map stream open for as long as the task lives.
+pub async fn run_map_stream(coordinator: String, keys: Arc<Keys>, engine: Arc<EngineSlot>, state: watch::Sender<MapState>) {
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        match map_session(&coordinator, &keys, &engine, &state).await {
+            Ok(()) => backoff = Duration::from_millis(500),
+            Err(e) => {
+                let msg = format!("{e:#}");
+                tracing::warn!(error = %msg, "map stream");
+                state.send_modify(|s| s.last_error = Some(msg));
+            }
+        }
+        state.send_modify(|s| s.connected = false);
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+async fn map_session(coordinator: &str, keys: &Keys, engine: &EngineSlot, state: &watch::Sender<MapState>) -> anyhow::Result<()> {
+    let url = format!("{}/api/v1/map", base_url(coordinator).replacen("http", "ws", 1));
+    let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.with_context(|| format!("connecting to {url}"))?;
+    let hello = Signed::sign(&keys.device, DOMAIN_MAP, &MapHello { timestamp: unix_now(), node_key: keys.node.public() });
+    send(&mut ws, &ClientMessage::Hello { hello }).await?;
+
+    let mut netmap: Option<NetMap> = None;
+    let mut reported: Vec<SocketAddr> = Vec::new();
+    let mut heartbeat = tokio::time::interval(Duration::from_secs(HEARTBEAT_INTERVAL_SECS));
+    let mut endpoint_check = tokio::time::interval(ENDPOINT_CHECK);
+    loop {
+        tokio::select! {
+            msg = ws.next() => {
+                let Some(msg) = msg else { return Ok(()) };
+                let text = match msg? {
+                    Message::Text(t) => t,
+                    Message::Close(_) => return Ok(()),
+                    _ => continue,
+                };
+                let msg: ServerMessage = serde_json::from_str(&text).context("coordinator sent an invalid message")?;
+                match msg {
+                    ServerMessage::Full { netmap: full } => {
+                        tracing::info!(peers = full.peers.len(), network = %full.network, "netmap received");
+                        netmap = Some(*full);
+                    }
+                    ServerMessage::Delta { changes } => {
+                        let Some(map) = netmap.as_mut() else { anyhow::bail!("delta before the full netmap") };
+                        tracing::debug!(changes = changes.len(), "netmap delta");
+                        map.apply(&changes);
+                    }
+                    ServerMessage::Error { error } => anyhow::bail!("coordinator closed the stream: {}", error.message),
+                }
+                if let Some(map) = &netmap {
+                    let fresh = engine.get().is_none();
+                    engine.apply(map).await?;
+                    state.send_modify(|s| { s.netmap = Some(map.clone()); s.connected = true; s.last_error = None; });
+                    if fresh {
+                        // Report endpoints as soon as there is a socket.
+                        endpoint_check.reset_immediately();
+                    }
+                }
+            }
+            _ = heartbeat.tick() => send(&mut ws, &ClientMessage::Heartbeat { capabilities: None }).await?,
+            _ = endpoint_check.tick() => {
+                let (Some(map), Some(e)) = (&netmap, engine.get()) else { continue };
+                let now = local_endpoints(e.udp_port(), &map.routes, e.tun_name());
+                if now != reported {
+                    tracing::debug!(endpoints = ?now, "reporting endpoints");
+                    send(&mut ws, &ClientMessage::Endpoints { endpoints: now.clone() }).await?;
+                    reported = now;
+                }
+            }
+        }
+    }
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn send(ws: &mut Ws, msg: &ClientMessage) -> anyhow::Result<()> {
+    ws.send(Message::text(serde_json::to_string(msg)?)).await.context("writing to the map stream")
+}

@@ -1,0 +1,181 @@
+//! The daemon: owns the keys, the session with the coordinator and the
+//! engine, and answers the local API.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use platform::netmap::NodeKind;
+use tokio::sync::{watch, Mutex};
+use tokio::task::JoinHandle;
+
+use crate::control::{self, MapState};
+use crate::engine::{EngineSlot, TunConfig};
+use crate::localapi::{BackendState, PeerStatus, Request, Response, SelfStatus, Status};
+use crate::state::{Keys, Prefs, StateDir};
+
+/// How long `meshd up` waits for the first netmap.
+const UP_TIMEOUT: Duration = Duration::from_secs(20);
+
+pub struct DaemonConfig {
+    pub state_dir: PathBuf,
+    pub tun: TunConfig,
+    pub udp_port: u16,
+}
+
+/// A joined network: the map stream and the engine it feeds.
+struct Session {
+    coordinator: String,
+    engine: Arc<EngineSlot>,
+    map: watch::Receiver<MapState>,
+    task: JoinHandle<()>,
+}
+
+impl Session {
+    async fn stop(self) {
+        self.task.abort();
+        let _ = self.task.await;
+        self.engine.stop().await;
+    }
+}
+
+pub struct Daemon {
+    cfg: DaemonConfig,
+    state: StateDir,
+    keys: Arc<Keys>,
+    session: Mutex<Option<Session>>,
+}
+
+fn system_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_else(|_| "device".into())
+}
+
+impl Daemon {
+    pub fn new(cfg: DaemonConfig) -> anyhow::Result<Arc<Self>> {
+        let state = StateDir::open(&cfg.state_dir)?;
+        let keys = Arc::new(state.keys()?);
+        Ok(Arc::new(Daemon { cfg, state, keys, session: Mutex::new(None) }))
+    }
+
+    /// Rejoins the network the device was last up in.
+    pub async fn resume(&self) -> anyhow::Result<()> {
+        let prefs = self.state.prefs()?;
+        if let (true, Some(coordinator)) = (prefs.wants_up, prefs.coordinator) {
+            tracing::info!(%coordinator, "resuming");
+            *self.session.lock().await = Some(self.start_session(coordinator));
+        }
+        Ok(())
+    }
+
+    fn start_session(&self, coordinator: String) -> Session {
+        let engine = Arc::new(EngineSlot::new(self.keys.node.clone(), self.cfg.tun.clone(), self.cfg.udp_port));
+        let (tx, rx) = watch::channel(MapState::default());
+        let task = tokio::spawn(control::run_map_stream(coordinator.clone(), self.keys.clone(), engine.clone(), tx));
+        Session { coordinator, engine, map: rx, task }
+    }
+
+    pub async fn handle(&self, req: Request) -> Response {
+        let result = match req {
+            Request::Up { coordinator, auth_key, hostname } => self.up(coordinator, auth_key, hostname).await,
+            Request::Down => self.down().await,
+            Request::Status => Ok(()),
+        };
+        match result {
+            Ok(()) => Response::Ok(self.status().await),
+            Err(e) => Response::Error(format!("{e:#}")),
+        }
+    }
+
+    async fn up(&self, coordinator: String, auth_key: String, hostname: Option<String>) -> anyhow::Result<()> {
+        let mut session = self.session.lock().await;
+        if let Some(old) = session.take() {
+            old.stop().await;
+        }
+        let prefs = self.state.prefs()?;
+        let hostname = hostname.or(prefs.hostname).unwrap_or_else(system_hostname);
+        let reg = control::register(&coordinator, &self.keys, &auth_key, &hostname).await?;
+        tracing::info!(name = %reg.name, network = %reg.network, addresses = ?reg.addresses, "registered");
+        self.state.save_prefs(&Prefs { coordinator: Some(coordinator.clone()), hostname: Some(hostname), wants_up: true })?;
+        let new = self.start_session(coordinator);
+        let mut map = new.map.clone();
+        *session = Some(new);
+        drop(session);
+        let ready = tokio::time::timeout(UP_TIMEOUT, map.wait_for(|m| m.netmap.is_some() || m.last_error.is_some())).await;
+        match ready {
+            Err(_) => anyhow::bail!("registered, but no netmap from the coordinator within {UP_TIMEOUT:?}; still trying"),
+            Ok(Err(_)) => anyhow::bail!("map stream stopped"),
+            Ok(Ok(m)) => match (&m.netmap, &m.last_error) {
+                (None, Some(e)) => anyhow::bail!("registered, but the map stream failed: {e}; still trying"),
+                _ => Ok(()),
+            },
+        }
+    }
+
+    async fn down(&self) -> anyhow::Result<()> {
+        if let Some(s) = self.session.lock().await.take() {
+            s.stop().await;
+        }
+        let mut prefs = self.state.prefs()?;
+        prefs.wants_up = false;
+        self.state.save_prefs(&prefs)
+    }
+
+    pub async fn status(&self) -> Status {
+        let session = self.session.lock().await;
+        let mut status = Status {
+            backend: BackendState::Stopped,
+            coordinator: None,
+            coordinator_connected: false,
+            self_: None,
+            peers: Vec::new(),
+            counters: Default::default(),
+        };
+        let Some(s) = session.as_ref() else { return status };
+        status.coordinator = Some(s.coordinator.clone());
+        let map = s.map.borrow();
+        status.coordinator_connected = map.connected;
+        let engine = s.engine.get();
+        let (Some(netmap), Some(engine)) = (&map.netmap, engine) else {
+            status.backend = BackendState::Starting;
+            return status;
+        };
+        status.backend = BackendState::Running;
+        status.counters = engine.counters();
+        status.self_ = Some(SelfStatus {
+            name: netmap.self_node.name.clone(),
+            network: netmap.network.clone(),
+            node_key: netmap.self_node.node_key.to_string(),
+            addresses: netmap.self_node.addresses.clone(),
+            tun: engine.tun_name().to_owned(),
+            udp_port: engine.udp_port(),
+        });
+        status.peers = netmap
+            .peers
+            .values()
+            .map(|p| {
+                let stats = engine.peer_stats(&p.node_key);
+                PeerStatus {
+                    name: p.name.clone(),
+                    kind: match p.kind {
+                        NodeKind::Mesh => "meshd".into(),
+                        NodeKind::Wireguard => "wireguard".into(),
+                    },
+                    node_key: p.node_key.to_string(),
+                    addresses: p.addresses.clone(),
+                    online: p.online,
+                    endpoint: stats.as_ref().and_then(|s| s.endpoint),
+                    last_handshake_secs_ago: stats.as_ref().and_then(|s| s.last_handshake_secs_ago),
+                    rx_bytes: stats.as_ref().map_or(0, |s| s.rx_bytes),
+                    tx_bytes: stats.as_ref().map_or(0, |s| s.tx_bytes),
+                }
+            })
+            .collect();
+        status
+    }
+
+    pub async fn shutdown(&self) {
+        if let Some(s) = self.session.lock().await.take() {
+            s.stop().await;
+        }
+    }
+}

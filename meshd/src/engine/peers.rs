@@ -1,0 +1,230 @@
+//! The peer table: one WireGuard session (boringtun `Tunn`) per peer, found by
+//! overlay address on send and by receiver index or static key on receive.
+//!
+//! The table is immutable once built and swapped whole when the netmap
+//! changes, so the packet path reads it without a lock; only the peer's own
+//! session state sits behind a mutex (both directions drive the same `Tunn`).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use boringtun::noise::Tunn;
+use platform::keys::{NodePrivate, NodePublic};
+use platform::netmap::NetMap;
+
+/// A peer we have not heard from for this long may have moved: try all of
+/// its endpoints again.
+const ENDPOINT_STALE_AFTER: Duration = Duration::from_secs(15);
+
+/// WireGuard message type of a handshake initiation.
+const HANDSHAKE_INIT: u8 = 1;
+
+pub struct PeerState {
+    pub tunn: Tunn,
+    /// Where the peer was last heard from (roaming follows it).
+    confirmed: Option<SocketAddr>,
+    last_rx: Option<Instant>,
+    /// Endpoints from the netmap, tried in turn until one answers.
+    candidates: Vec<SocketAddr>,
+    next_candidate: usize,
+}
+
+impl PeerState {
+    /// Where to send `packet`. Handshake initiations to a peer whose
+    /// endpoint is not confirmed go to the next candidate in turn, so an
+    /// unreachable address does not block the others.
+    pub fn target_for(&mut self, packet: &[u8]) -> Option<SocketAddr> {
+        if let Some(ep) = self.confirmed {
+            return Some(ep);
+        }
+        if self.candidates.is_empty() {
+            return None;
+        }
+        if packet.first() == Some(&HANDSHAKE_INIT) {
+            self.next_candidate = (self.next_candidate + 1) % self.candidates.len();
+        }
+        Some(self.candidates[self.next_candidate % self.candidates.len()])
+    }
+
+    /// A packet from `from` authenticated as this peer.
+    pub fn heard_from(&mut self, from: SocketAddr, now: Instant) {
+        self.confirmed = Some(from);
+        self.last_rx = Some(now);
+    }
+
+    /// Forgets a confirmed endpoint that has gone quiet.
+    pub fn expire_endpoint(&mut self, now: Instant) {
+        if self.last_rx.is_some_and(|t| now.duration_since(t) > ENDPOINT_STALE_AFTER) {
+            self.confirmed = None;
+        }
+    }
+
+    pub fn endpoint_in_use(&self) -> Option<SocketAddr> {
+        self.confirmed.or_else(|| self.candidates.get(self.next_candidate % self.candidates.len().max(1)).copied())
+    }
+
+    fn set_candidates(&mut self, candidates: Vec<SocketAddr>) {
+        if let Some(ep) = self.confirmed {
+            if !candidates.contains(&ep) && !candidates.is_empty() {
+                // Keep following a roaming peer, but let handshakes try the
+                // new addresses if it goes quiet.
+                self.last_rx = self.last_rx.map(|t| t.min(Instant::now() - ENDPOINT_STALE_AFTER));
+            }
+        }
+        if candidates != self.candidates {
+            self.candidates = candidates;
+            self.next_candidate = 0;
+        }
+    }
+}
+
+pub struct Peer {
+    /// Overlay addresses this peer may send from (and is routed to).
+    pub allowed: Vec<IpAddr>,
+    /// Session index; receivers see it in the top 24 bits.
+    pub index: u32,
+    state: Mutex<PeerState>,
+}
+
+impl Peer {
+    pub fn lock(&self) -> MutexGuard<'_, PeerState> {
+        // A panic while holding the lock leaves a usable Tunn behind.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Lookup structures over the current peers.
+#[derive(Default)]
+pub struct PeerTable {
+    pub by_key: HashMap<NodePublic, Arc<Peer>>,
+    pub by_ip: HashMap<IpAddr, Arc<Peer>>,
+    pub by_index: HashMap<u32, Arc<Peer>>,
+}
+
+/// Hands out WireGuard session indices (24 bits; boringtun keeps the low 8).
+pub struct IndexAllocator(AtomicU32);
+
+impl IndexAllocator {
+    pub fn new(start: u32) -> Self {
+        IndexAllocator(AtomicU32::new(start))
+    }
+    fn next(&self) -> u32 {
+        self.0.fetch_add(1, Ordering::Relaxed) & 0x00ff_ffff
+    }
+}
+
+/// Keepalive for peers that may sit behind NAT.
+const PERSISTENT_KEEPALIVE_SECS: u16 = 25;
+
+impl PeerTable {
+    /// Builds the table for `netmap`, keeping the sessions of peers whose key
+    /// and addresses are unchanged.
+    pub fn build(old: &PeerTable, netmap: &NetMap, private: &NodePrivate, indices: &IndexAllocator) -> PeerTable {
+        let mut table = PeerTable::default();
+        for node in netmap.peers.values() {
+            if node.node_key == netmap.self_node.node_key {
+                continue;
+            }
+            let candidates = node.endpoints.clone();
+            let peer = match old.by_key.get(&node.node_key) {
+                Some(existing) if existing.allowed == node.addresses => {
+                    existing.lock().set_candidates(candidates);
+                    existing.clone()
+                }
+                _ => {
+                    let index = indices.next();
+                    let tunn = Tunn::new(
+                        private.to_dalek(),
+                        node.node_key.to_dalek(),
+                        None,
+                        Some(PERSISTENT_KEEPALIVE_SECS),
+                        index,
+                        None,
+                    );
+                    let state = PeerState { tunn, confirmed: None, last_rx: None, candidates, next_candidate: 0 };
+                    Arc::new(Peer {
+                        allowed: node.addresses.clone(),
+                        index,
+                        state: Mutex::new(state),
+                    })
+                }
+            };
+            table.by_index.insert(peer.index, peer.clone());
+            for ip in &peer.allowed {
+                table.by_ip.insert(*ip, peer.clone());
+            }
+            table.by_key.insert(node.node_key, peer);
+        }
+        table
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use platform::netmap::{DnsConfig, Node, NodeKind, RelayMap};
+    use std::collections::BTreeMap;
+
+    fn node(key: NodePublic, last: u8, eps: &[&str]) -> Node {
+        Node {
+            id: i64::from(last),
+            name: format!("n{last}"),
+            kind: NodeKind::Mesh,
+            node_key: key,
+            disco_key: None,
+            addresses: vec![IpAddr::from([100, 64, 0, last])],
+            endpoints: eps.iter().map(|e| e.parse().unwrap()).collect(),
+            online: true,
+            os: "linux".into(),
+        }
+    }
+
+    fn netmap(me: &NodePrivate, peers: Vec<Node>) -> NetMap {
+        NetMap {
+            network: "t".into(),
+            self_node: node(me.public(), 1, &[]),
+            routes: vec![],
+            peers: peers.into_iter().map(|n| (n.node_key, n)).collect::<BTreeMap<_, _>>(),
+            relay_map: RelayMap::default(),
+            dns: DnsConfig::default(),
+        }
+    }
+
+    #[test]
+    fn rebuild_keeps_sessions_and_drops_removed_peers() {
+        let me = NodePrivate::generate();
+        let (a, b) = (NodePrivate::generate().public(), NodePrivate::generate().public());
+        let idx = IndexAllocator::new(7);
+        let t1 = PeerTable::build(&PeerTable::default(), &netmap(&me, vec![node(a, 2, &[]), node(b, 3, &[])]), &me, &idx);
+        assert_eq!(t1.by_key.len(), 2);
+        assert!(t1.by_ip.contains_key(&IpAddr::from([100, 64, 0, 3])));
+        let t2 = PeerTable::build(&t1, &netmap(&me, vec![node(a, 2, &["10.0.0.2:1"])]), &me, &idx);
+        assert_eq!(t2.by_key.len(), 1);
+        assert!(Arc::ptr_eq(&t1.by_key[&a], &t2.by_key[&a]), "session kept");
+        assert!(!t2.by_ip.contains_key(&IpAddr::from([100, 64, 0, 3])));
+        assert_eq!(t2.by_index.len(), 1);
+    }
+
+    #[test]
+    fn handshakes_rotate_through_candidates_until_confirmed() {
+        let me = NodePrivate::generate();
+        let a = NodePrivate::generate().public();
+        let idx = IndexAllocator::new(1);
+        let t = PeerTable::build(&PeerTable::default(), &netmap(&me, vec![node(a, 2, &["10.0.0.1:1", "10.0.0.2:1"])]), &me, &idx);
+        let mut st = t.by_key[&a].lock();
+        let init = [HANDSHAKE_INIT, 0, 0, 0];
+        let first = st.target_for(&init).unwrap();
+        let second = st.target_for(&init).unwrap();
+        assert_ne!(first, second);
+        assert_eq!(st.target_for(&[4, 0, 0, 0]), Some(second), "data follows the last try");
+        let roamed: SocketAddr = "192.168.1.9:5".parse().unwrap();
+        let now = Instant::now();
+        st.heard_from(roamed, now);
+        assert_eq!(st.target_for(&init), Some(roamed));
+        st.expire_endpoint(now + Duration::from_secs(16));
+        assert_ne!(st.target_for(&init), Some(roamed));
+    }
+}

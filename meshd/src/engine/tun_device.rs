@@ -1,0 +1,44 @@
+//! The TUN device: created with the `tun` crate, given the overlay addresses
+//! and routes with iproute2.
+
+use std::net::IpAddr;
+use std::process::Command;
+
+use anyhow::Context as _;
+use platform::addr::IpPrefix;
+
+/// WireGuard's usual inner MTU: 1500 minus the IPv6 + UDP + WireGuard overhead.
+/// WireGuard's usual inner MTU: 1500 minus the IPv6 + UDP + WireGuard overhead.
+pub const DEFAULT_MTU: u16 = 1420;
+
+#[derive(Clone, Debug)]
+pub struct TunConfig {
+    pub name: String,
+    pub mtu: u16,
+}
+
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new("ip").args(args).output().context("running `ip` (iproute2)")?;
+    if !out.status.success() {
+        anyhow::bail!("`ip {}` failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+/// Creates the device, assigns `addresses` and routes `routes` through it.
+pub fn create(cfg: &TunConfig, addresses: &[IpAddr], routes: &[IpPrefix]) -> anyhow::Result<::tun::AsyncDevice> {
+    let mut config = ::tun::Configuration::default();
+    config.tun_name(&cfg.name).mtu(cfg.mtu).up();
+    let device = ::tun::create_as_async(&config)
+        .with_context(|| format!("creating TUN device {} (needs root or CAP_NET_ADMIN)", cfg.name))?;
+    for addr in addresses {
+        let host = IpPrefix::host(*addr).to_string();
+        let family = if addr.is_ipv4() { "-4" } else { "-6" };
+        ip(&[family, "addr", "add", &host, "dev", &cfg.name])?;
+    }
+    for route in routes {
+        let family = if route.addr.is_ipv4() { "-4" } else { "-6" };
+        ip(&[family, "route", "replace", &route.to_string(), "dev", &cfg.name])?;
+    }
+    Ok(device)
+}

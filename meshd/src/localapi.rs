@@ -1,0 +1,165 @@
+//! The daemon's local API: a unix socket carrying one JSON request line and
+//! one JSON response line per connection. The CLI is its client.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+
+use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::engine::CounterSnapshot;
+
+/// Longest request line accepted.
+const MAX_REQUEST: u64 = 64 * 1024;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Request {
+    Up { coordinator: String, auth_key: String, hostname: Option<String> },
+    Down,
+    Status,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Response {
+    Ok(Status),
+    Error(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendState {
+    /// Not joined (or `meshd down`).
+    Stopped,
+    /// Joined, waiting for the first netmap.
+    Starting,
+    Running,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SelfStatus {
+    pub name: String,
+    pub network: String,
+    pub node_key: String,
+    pub addresses: Vec<IpAddr>,
+    pub tun: String,
+    pub udp_port: u16,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerStatus {
+    pub name: String,
+    pub kind: String,
+    pub node_key: String,
+    pub addresses: Vec<IpAddr>,
+    pub online: bool,
+    pub endpoint: Option<SocketAddr>,
+    pub last_handshake_secs_ago: Option<u64>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub backend: BackendState,
+    pub coordinator: Option<String>,
+    pub coordinator_connected: bool,
+    #[serde(rename = "self")]
+    pub self_: Option<SelfStatus>,
+    pub peers: Vec<PeerStatus>,
+    pub counters: CounterSnapshot,
+}
+
+/// Sends one request to the daemon at `socket`.
+pub async fn call(socket: &Path, req: &Request) -> anyhow::Result<Status> {
+    let stream = UnixStream::connect(socket)
+        .await
+        .with_context(|| format!("connecting to meshd at {} (is `meshd daemon` running?)", socket.display()))?;
+    let (read, mut write) = stream.into_split();
+    let mut line = serde_json::to_string(req)?;
+    line.push('\n');
+    write.write_all(line.as_bytes()).await?;
+    write.shutdown().await?;
+    let mut reply = String::new();
+    BufReader::new(read).read_line(&mut reply).await?;
+    match serde_json::from_str(&reply).context("reading the daemon's reply")? {
+        Response::Ok(status) => Ok(status),
+        Response::Error(msg) => anyhow::bail!("{msg}"),
+    }
+}
+
+/// Answers requests on `listener` with `handle`, one task per connection.
+pub async fn serve<F, Fut>(listener: UnixListener, handle: F)
+where
+    F: Fn(Request) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Response> + Send,
+{
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "local API accept");
+                continue;
+            }
+        };
+        let handle = handle.clone();
+        tokio::spawn(async move {
+            let (read, mut write) = stream.into_split();
+            let mut line = String::new();
+            let mut reader = BufReader::new(tokio::io::AsyncReadExt::take(read, MAX_REQUEST));
+            let response = match reader.read_line(&mut line).await {
+                Err(e) => Response::Error(format!("reading request: {e}")),
+                Ok(_) => match serde_json::from_str::<Request>(&line) {
+                    Err(e) => Response::Error(format!("invalid request: {e}")),
+                    Ok(req) => handle(req).await,
+                },
+            };
+            let mut out = serde_json::to_string(&response).unwrap_or_else(|_| "{\"error\":\"encoding\"}".into());
+            out.push('\n');
+            let _ = write.write_all(out.as_bytes()).await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn empty_status() -> Status {
+        Status {
+            backend: BackendState::Stopped,
+            coordinator: None,
+            coordinator_connected: false,
+            self_: None,
+            peers: vec![],
+            counters: CounterSnapshot::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn request_reply_over_a_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        let listener = UnixListener::bind(&path).unwrap();
+        tokio::spawn(serve(listener, |req| async move {
+            match req {
+                Request::Status => Response::Ok(empty_status()),
+                other => Response::Error(format!("refused {other:?}")),
+            }
+        }));
+        assert_eq!(call(&path, &Request::Status).await.unwrap(), empty_status());
+        let err = call(&path, &Request::Down).await.unwrap_err();
+        assert!(err.to_string().contains("refused Down"), "{err}");
+
+        // Garbage gets an error reply, and the server keeps serving.
+        let mut raw = UnixStream::connect(&path).await.unwrap();
+        raw.write_all(b"{nonsense\n").await.unwrap();
+        let mut reply = String::new();
+        BufReader::new(raw).read_line(&mut reply).await.unwrap();
+        assert!(matches!(serde_json::from_str(&reply).unwrap(), Response::Error(m) if m.contains("invalid request")));
+        assert!(call(&path, &Request::Status).await.is_ok());
+    }
+}
