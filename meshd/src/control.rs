@@ -107,7 +107,7 @@ pub async fn run_map_stream(coordinator: String, keys: Arc<Keys>, engine: Arc<En
 async fn map_session(coordinator: &str, keys: &Keys, engine: &EngineSlot, state: &watch::Sender<MapState>) -> anyhow::Result<()> {
     let url = format!("{}/api/v1/map", base_url(coordinator).replacen("http", "ws", 1));
     let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.with_context(|| format!("connecting to {url}"))?;
-    let hello = Signed::sign(&keys.device, DOMAIN_MAP, &MapHello { timestamp: unix_now(), node_key: keys.node.public() });
+    let hello = Signed::sign(&keys.device, DOMAIN_MAP, &MapHello { timestamp: unix_now(), node_key: keys.node.public(), disco_key: keys.disco.public() });
     send(&mut ws, &ClientMessage::Hello { hello }).await?;
 
     let mut netmap: Option<NetMap> = None;

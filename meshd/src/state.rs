@@ -1,5 +1,7 @@
 //! What the daemon keeps in its state directory: its keys (0600, generated on
 //! first start, never sent anywhere but as public keys) and its preferences.
+//! The disco key is not kept: each start makes a new one, which is how peers
+//! learn that this device restarted and its old WireGuard sessions are gone.
 
 use std::fs;
 use std::io::Write as _;
@@ -22,7 +24,6 @@ pub struct Keys {
 #[derive(Serialize, Deserialize)]
 struct KeysFile {
     node: String,
-    disco: String,
     device: String,
 }
 
@@ -71,14 +72,13 @@ impl StateDir {
             let bad = |what: &str| format!("{} holds an invalid {what} key", path.display());
             return Ok(Keys {
                 node: f.node.parse().with_context(|| bad("node"))?,
-                disco: f.disco.parse().with_context(|| bad("disco"))?,
+                disco: DiscoPrivate::generate(),
                 device: f.device.parse().with_context(|| bad("device"))?,
             });
         }
         let keys = Keys { node: NodePrivate::generate(), disco: DiscoPrivate::generate(), device: DevicePrivate::generate() };
         let f = KeysFile {
             node: keys.node.to_secret_text(),
-            disco: keys.disco.to_secret_text(),
             device: keys.device.to_secret_text(),
         };
         write_private(&path, serde_json::to_string_pretty(&f)?.as_bytes(), 0o600)?;
@@ -112,6 +112,7 @@ mod tests {
         let again = state.keys().unwrap();
         assert_eq!(first.node.public(), again.node.public());
         assert_eq!(first.device.public(), again.device.public());
+        assert_ne!(first.disco.public(), again.disco.public(), "disco key is per start");
         let mode = fs::metadata(dir.path().join(KEYS_FILE)).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
     }

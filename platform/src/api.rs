@@ -69,6 +69,9 @@ pub struct RegisterResponse {
 pub struct MapHello {
     pub timestamp: u64,
     pub node_key: NodePublic,
+    /// Regenerated at every start of the daemon: a new one tells peers to
+    /// drop their sessions with the old instance.
+    pub disco_key: DiscoPublic,
 }
 
 impl Timestamped for MapHello {

@@ -71,6 +71,12 @@ async fn authenticate(s: &SharedState, socket: &mut WebSocket) -> Result<DeviceR
     if row.node_key()? != payload.node_key {
         return Err(AppError::Unauthorized("node key does not match the registered one; register again".into()));
     }
+    if row.disco_key.as_deref() != Some(payload.disco_key.to_string().as_str()) {
+        s.store.set_disco_key(row.id, &payload.disco_key).await?;
+        let row = s.store.device(&row.network, row.id).await?;
+        s.hub.broadcast(row.network_id, row.id, PeerChange::Upsert { node: row.to_node(true)? });
+        return Ok(row);
+    }
     Ok(row)
 }
 

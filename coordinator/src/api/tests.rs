@@ -202,7 +202,7 @@ type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<t
 
 async fn open_stream(addr: std::net::SocketAddr, dev: &DevicePrivate, node: &NodePrivate) -> Ws {
     let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/api/v1/map")).await.unwrap();
-    let hello = Signed::sign(dev, DOMAIN_MAP, &MapHello { timestamp: unix_now(), node_key: node.public() });
+    let hello = Signed::sign(dev, DOMAIN_MAP, &MapHello { timestamp: unix_now(), node_key: node.public(), disco_key: DiscoPrivate::generate().public() });
     ws.send(Message::text(serde_json::to_string(&ClientMessage::Hello { hello }).unwrap())).await.unwrap();
     ws
 }

@@ -309,6 +309,15 @@ impl Store {
         Ok(())
     }
 
+    pub async fn set_disco_key(&self, id: i64, key: &platform::keys::DiscoPublic) -> Result<(), AppError> {
+        sqlx::query("UPDATE devices SET disco_key = ? WHERE id = ?")
+            .bind(key.to_string())
+            .bind(id)
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
     pub async fn touch(&self, id: i64, now: u64) -> Result<(), AppError> {
         sqlx::query("UPDATE devices SET last_seen = ? WHERE id = ?")
             .bind(now as i64)

@@ -134,8 +134,9 @@ impl Engine {
         let udp = udp::UdpPort::bind(udp_port)?;
         let secret = private.to_dalek();
         let public = boringtun::x25519::PublicKey::from(&secret);
-        let b = public.as_bytes();
-        let start_index = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        // Random, so that a restarted engine does not reuse the indices its
+        // previous instance handed out.
+        let start_index = rand_core::RngCore::next_u32(&mut rand_core::OsRng);
         let shared = Arc::new(Shared {
             private,
             public,

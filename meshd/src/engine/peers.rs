@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use boringtun::noise::Tunn;
-use platform::keys::{NodePrivate, NodePublic};
+use platform::keys::{DiscoPublic, NodePrivate, NodePublic};
 use platform::netmap::NetMap;
 
 /// A peer we have not heard from for this long may have moved: try all of
@@ -86,6 +86,8 @@ pub struct Peer {
     pub allowed: Vec<IpAddr>,
     /// Session index; receivers see it in the top 24 bits.
     pub index: u32,
+    /// The peer's instance: a new disco key means it restarted.
+    disco_key: Option<DiscoPublic>,
     state: Mutex<PeerState>,
 }
 
@@ -130,7 +132,7 @@ impl PeerTable {
             }
             let candidates = node.endpoints.clone();
             let peer = match old.by_key.get(&node.node_key) {
-                Some(existing) if existing.allowed == node.addresses => {
+                Some(existing) if existing.allowed == node.addresses && existing.disco_key == node.disco_key => {
                     existing.lock().set_candidates(candidates);
                     existing.clone()
                 }
@@ -148,6 +150,7 @@ impl PeerTable {
                     Arc::new(Peer {
                         allowed: node.addresses.clone(),
                         index,
+                        disco_key: node.disco_key,
                         state: Mutex::new(state),
                     })
                 }
@@ -206,6 +209,12 @@ mod tests {
         assert!(Arc::ptr_eq(&t1.by_key[&a], &t2.by_key[&a]), "session kept");
         assert!(!t2.by_ip.contains_key(&IpAddr::from([100, 64, 0, 3])));
         assert_eq!(t2.by_index.len(), 1);
+
+        // The peer restarted (new disco key): a fresh session.
+        let mut restarted = node(a, 2, &["10.0.0.2:1"]);
+        restarted.disco_key = Some(platform::keys::DiscoPrivate::generate().public());
+        let t3 = PeerTable::build(&t2, &netmap(&me, vec![restarted]), &me, &idx);
+        assert!(!Arc::ptr_eq(&t2.by_key[&a], &t3.by_key[&a]), "session replaced");
     }
 
     #[test]

@@ -1,0 +1,333 @@
+//! A lab of Linux network namespaces for Crank Mesh: a switch namespace with
+//! a bridge, hosts joined to it by veth pairs, and helpers to run the
+//! coordinator, `meshd` daemons and plain tools inside them. Everything it
+//! creates is removed when the [`Lab`] is dropped.
+//!
+//! Needs root (or CAP_NET_ADMIN + CAP_SYS_ADMIN).
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use serde_json::Value;
+
+/// Port the coordinator listens on inside its namespace.
+pub const COORDINATOR_PORT: u16 = 8080;
+
+/// Where the workspace's binaries are: next to (or one above) this executable.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    for _ in 0..2 {
+        let candidate = dir.join(name);
+        if candidate.exists() {
+            return candidate;
+        }
+        dir = dir.parent().map(Path::to_path_buf).unwrap_or(dir);
+    }
+    panic!("binary {name} not found near {}: build the workspace first (cargo build --workspace --bins)", exe.display())
+}
+
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .map(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
+        .unwrap_or(false)
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<Output> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}{}", String::from_utf8_lossy(&out.stderr), String::from_utf8_lossy(&out.stdout));
+    }
+    Ok(out)
+}
+
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    run(Command::new("ip").args(args)).map(drop)
+}
+
+static LAB_COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A set of namespaces on one bridge (10.99.0.0/24 underlay).
+pub struct Lab {
+    prefix: String,
+    switch: String,
+    hosts: Vec<String>,
+    children: Vec<Child>,
+    pub dir: PathBuf,
+}
+
+impl Lab {
+    pub fn new() -> anyhow::Result<Lab> {
+        let n = LAB_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let prefix = format!("cm{}x{n}", std::process::id() % 100_000);
+        let dir = std::env::temp_dir().join(format!("crank-lab-{prefix}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let switch = format!("{prefix}-sw");
+        let lab = Lab { prefix, switch: switch.clone(), hosts: Vec::new(), children: Vec::new(), dir };
+        ip(&["netns", "add", &switch])?;
+        ip(&["-n", &switch, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &switch, "link", "set", "br0", "up"])?;
+        ip(&["-n", &switch, "link", "set", "lo", "up"])?;
+        Ok(lab)
+    }
+
+    /// Adds a host namespace with `eth0` at 10.99.0.`last`/24 on the bridge.
+    pub fn host(&mut self, name: &str, last: u8) -> anyhow::Result<Host> {
+        let ns = format!("{}-{name}", self.prefix);
+        ip(&["netns", "add", &ns])?;
+        self.hosts.push(ns.clone());
+        let port = format!("p{last}");
+        ip(&["-n", &self.switch, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
+        ip(&["-n", &self.switch, "link", "set", &port, "master", "br0", "up"])?;
+        let addr = Ipv4Addr::new(10, 99, 0, last);
+        ip(&["-n", &ns, "addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+        ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+        ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+        Ok(Host { ns, addr, name: name.to_owned() })
+    }
+
+    /// Starts a long-running process in `host`; it is killed with the lab.
+    pub fn spawn(&mut self, host: &Host, program: &Path, args: &[&str], log: &str) -> anyhow::Result<u32> {
+        let log_file = std::fs::File::create(self.dir.join(log))?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &host.ns])
+            .arg(program)
+            .args(args)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file)
+            .spawn()
+            .with_context(|| format!("starting {}", program.display()))?;
+        let pid = child.id();
+        self.children.push(child);
+        Ok(pid)
+    }
+
+    /// Stops a process started with [`Lab::spawn`] (SIGTERM, then SIGKILL).
+    pub fn stop(&mut self, pid: u32) {
+        if let Some(pos) = self.children.iter().position(|c| c.id() == pid) {
+            let mut child = self.children.remove(pos);
+            terminate(&mut child);
+        }
+    }
+
+    /// The lab's log files, for a failing test to print.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        if let Ok(entries) = std::fs::read_dir(&self.dir) {
+            for e in entries.flatten() {
+                if e.path().extension().is_some_and(|x| x == "log") {
+                    let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+                    let tail: Vec<&str> = text.lines().rev().take(40).collect();
+                    out.push_str(&format!("==== {} ====\n", e.path().display()));
+                    for l in tail.iter().rev() {
+                        out.push_str(l);
+                        out.push('\n');
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+fn terminate(child: &mut Child) {
+    let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for mut c in self.children.drain(..).rev() {
+            terminate(&mut c);
+        }
+        for ns in self.hosts.iter().chain(std::iter::once(&self.switch)) {
+            // Kill anything still running in the namespace, then remove it.
+            if let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() {
+                for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                    let _ = Command::new("kill").args(["-KILL", pid]).status();
+                }
+            }
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        if std::env::var_os("CRANK_KEEP_LAB").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// A namespace in the lab.
+#[derive(Clone, Debug)]
+pub struct Host {
+    pub ns: String,
+    pub addr: Ipv4Addr,
+    pub name: String,
+}
+
+impl Host {
+    /// Runs a command inside the namespace and returns its output, failing
+    /// on a non-zero exit.
+    pub fn run(&self, program: &str, args: &[&str]) -> anyhow::Result<String> {
+        let out = run(Command::new("ip").args(["netns", "exec", &self.ns, program]).args(args))?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Like [`Host::run`], but only says whether it succeeded.
+    pub fn succeeds(&self, program: &str, args: &[&str]) -> bool {
+        Command::new("ip")
+            .args(["netns", "exec", &self.ns, program])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    /// One ping to `target` with a one-second wait.
+    pub fn ping(&self, target: &str) -> bool {
+        self.succeeds("ping", &["-c", "1", "-W", "1", target])
+    }
+
+    /// Waits until something accepts TCP connections on `addr:port`.
+    pub fn wait_tcp(&self, addr: &str, port: u16, timeout: Duration) -> anyhow::Result<()> {
+        let script = format!("exec 3<>/dev/tcp/{addr}/{port}");
+        wait_until(timeout, &format!("{addr}:{port} accepting in {}", self.name), || {
+            self.succeeds("bash", &["-c", &script])
+        })
+    }
+}
+
+/// Polls `cond` every 50 ms until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A coordinator running in its own namespace, with one network and a
+/// reusable pre-auth key.
+pub struct Coordinator {
+    pub host: Host,
+    pub url: String,
+    pub admin_token: String,
+    pub auth_key: String,
+    pub network: String,
+    pub pid: u32,
+}
+
+impl Coordinator {
+    pub fn start(lab: &mut Lab, host: Host, network: &str) -> anyhow::Result<Coordinator> {
+        let state = lab.dir.join("coordinator");
+        let state = state.to_str().context("utf-8 path")?.to_owned();
+        let coord = bin("coordinator");
+        let c = coord.to_str().context("utf-8 path")?;
+        let admin_token = host.run(c, &["init", "--state-dir", &state])?.trim().to_owned();
+        host.run(c, &["network", "create", network, "--state-dir", &state])?;
+        let auth_key =
+            host.run(c, &["preauth-key", "create", "--network", network, "--reusable", "--state-dir", &state])?.trim().to_owned();
+        let listen = format!("{}:{COORDINATOR_PORT}", host.addr);
+        let pid = lab.spawn(&host, &coord, &["serve", "--state-dir", &state, "--listen", &listen], "coordinator.log")?;
+        host.wait_tcp(&host.addr.to_string(), COORDINATOR_PORT, Duration::from_secs(10))?;
+        Ok(Coordinator { url: format!("http://{listen}"), host, admin_token, auth_key, network: network.to_owned(), pid })
+    }
+
+    /// Calls the admin API with curl from the coordinator's namespace.
+    pub fn api(&self, method: &str, path: &str, body: Option<&str>) -> anyhow::Result<Value> {
+        let url = format!("{}{path}", self.url);
+        let auth = format!("authorization: Bearer {}", self.admin_token);
+        let mut args = vec!["-sS", "--fail-with-body", "-X", method, "-H", &auth, "-H", "content-type: application/json"];
+        if let Some(b) = body {
+            args.extend(["--data", b]);
+        }
+        args.push(&url);
+        let out = self.host.run("curl", &args)?;
+        Ok(serde_json::from_str(&out).unwrap_or(Value::String(out)))
+    }
+}
+
+/// A `meshd` daemon in its own namespace.
+pub struct Device {
+    pub host: Host,
+    pub socket: String,
+    pub state_dir: String,
+    pub pid: u32,
+}
+
+impl Device {
+    pub fn start(lab: &mut Lab, host: Host) -> anyhow::Result<Device> {
+        let state_dir = lab.dir.join(format!("{}-state", host.name)).to_str().context("utf-8")?.to_owned();
+        let socket = lab.dir.join(format!("{}.sock", host.name)).to_str().context("utf-8")?.to_owned();
+        let pid = Self::spawn_daemon(lab, &host, &state_dir, &socket)?;
+        Ok(Device { host, socket, state_dir, pid })
+    }
+
+    fn spawn_daemon(lab: &mut Lab, host: &Host, state_dir: &str, socket: &str) -> anyhow::Result<u32> {
+        let log = format!("meshd-{}.log", host.name);
+        let pid = lab.spawn(host, &bin("meshd"), &["--socket", socket, "daemon", "--state-dir", state_dir], &log)?;
+        wait_until(Duration::from_secs(10), "meshd socket", || Path::new(socket).exists())?;
+        Ok(pid)
+    }
+
+    /// Stops the daemon (SIGTERM: a clean shutdown).
+    pub fn stop(&mut self, lab: &mut Lab) {
+        lab.stop(self.pid);
+    }
+
+    /// Starts the daemon again on the same state directory.
+    pub fn restart(&mut self, lab: &mut Lab) -> anyhow::Result<()> {
+        lab.stop(self.pid);
+        let _ = std::fs::remove_file(&self.socket);
+        self.pid = Self::spawn_daemon(lab, &self.host, &self.state_dir, &self.socket)?;
+        Ok(())
+    }
+
+    pub fn meshd(&self, args: &[&str]) -> anyhow::Result<String> {
+        let meshd = bin("meshd");
+        let mut all = vec!["--socket", &self.socket];
+        all.extend_from_slice(args);
+        self.host.run(meshd.to_str().context("utf-8")?, &all)
+    }
+
+    pub fn up(&self, coord: &Coordinator) -> anyhow::Result<String> {
+        self.meshd(&["up", "--coordinator", &coord.url, "--auth-key", &coord.auth_key, "--hostname", &self.host.name])
+    }
+
+    pub fn status(&self) -> anyhow::Result<Value> {
+        Ok(serde_json::from_str(&self.meshd(&["status", "--json"])?)?)
+    }
+
+    /// This device's overlay addresses (IPv4, IPv6) from its status.
+    pub fn overlay(&self) -> anyhow::Result<(String, String)> {
+        let st = self.status()?;
+        let addrs = st["self"]["addresses"].as_array().context("no self addresses in status")?;
+        let get = |i: usize| addrs.get(i).and_then(Value::as_str).map(str::to_owned).context("address missing");
+        Ok((get(0)?, get(1)?))
+    }
+
+    /// The status entry of the peer called `name`.
+    pub fn peer(&self, name: &str) -> anyhow::Result<Option<Value>> {
+        let st = self.status()?;
+        Ok(st["peers"].as_array().and_then(|ps| ps.iter().find(|p| p["name"] == name).cloned()))
+    }
+}
