@@ -7,6 +7,7 @@ mod endpoints;
 mod engine;
 mod localapi;
 mod state;
+mod static_tunnel;
 mod status_text;
 
 use std::path::PathBuf;
@@ -65,6 +66,24 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run a WireGuard interface with fixed peers and no coordinator.
+    Tunnel {
+        #[arg(long, default_value = "mesh0")]
+        tun: String,
+        /// File holding the private key, base64 (as `wg genkey` prints it).
+        #[arg(long)]
+        private_key_file: PathBuf,
+        #[arg(long)]
+        port: u16,
+        /// This interface's address with the prefix routed into the tunnel.
+        #[arg(long)]
+        address: platform::addr::IpPrefix,
+        #[arg(long, default_value_t = engine::DEFAULT_MTU)]
+        mtu: u16,
+        /// PUBLIC_KEY,ENDPOINT,ALLOWED_IP[+ALLOWED_IP…] (repeatable).
+        #[arg(long = "peer", required = true)]
+        peers: Vec<static_tunnel::StaticPeer>,
+    },
 }
 
 async fn run_daemon(socket: PathBuf, state_dir: PathBuf, tun: String, port: u16) -> anyhow::Result<()> {
@@ -105,6 +124,9 @@ async fn run_daemon(socket: PathBuf, state_dir: PathBuf, tun: String, port: u16)
 async fn try_main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Daemon { state_dir, tun, port } => run_daemon(cli.socket, state_dir, tun, port).await,
+        Command::Tunnel { tun, private_key_file, port, address, mtu, peers } => {
+            static_tunnel::run(&private_key_file, TunConfig { name: tun, mtu }, port, address, peers).await
+        }
         Command::Up { coordinator, auth_key, hostname } => {
             let status = localapi::call(&cli.socket, &Request::Up { coordinator, auth_key, hostname }).await?;
             print!("{}", status_text::render(&status));

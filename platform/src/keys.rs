@@ -133,6 +133,12 @@ macro_rules! x25519_keys {
             pub fn to_secret_text(&self) -> String {
                 format!("{}:{}", $priv_prefix, hex::encode(self.0.to_bytes()))
             }
+            /// Reads a private key as `wg genkey` writes it.
+            pub fn from_base64(s: &str) -> Result<Self, KeyParseError> {
+                let v = BASE64.decode(s.trim()).map_err(|_| KeyParseError::BadBase64)?;
+                let bytes: [u8; 32] = v.try_into().map_err(|_| KeyParseError::BadBase64)?;
+                Ok(Self::from_bytes(bytes))
+            }
         }
         impl fmt::Debug for $private {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Sets up what is missing and runs every test: the fast suite (no root), then
+# the network-namespace end-to-end tests (root, one at a time).
+set -euo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+bash "$root/tests/scripts/setup.sh"
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/crank-mesh/target}
+cd "$root"
+# One build of the whole workspace serves both suites and the e2e binaries.
+cargo build --workspace --bins --tests
+cargo test --workspace --exclude crank-e2e
+cargo test -p crank-e2e -- --test-threads=1
