@@ -81,7 +81,7 @@ impl Daemon {
             Request::Status => Ok(()),
         };
         match result {
-            Ok(()) => Response::Ok(self.status().await),
+            Ok(()) => Response::Ok(Box::new(self.status().await)),
             Err(e) => Response::Error(format!("{e:#}")),
         }
     }

@@ -25,7 +25,7 @@ pub enum Request {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Response {
-    Ok(Status),
+    Ok(Box<Status>),
     Error(String),
 }
 
@@ -86,7 +86,7 @@ pub async fn call(socket: &Path, req: &Request) -> anyhow::Result<Status> {
     let mut reply = String::new();
     BufReader::new(read).read_line(&mut reply).await?;
     match serde_json::from_str(&reply).context("reading the daemon's reply")? {
-        Response::Ok(status) => Ok(status),
+        Response::Ok(status) => Ok(*status),
         Response::Error(msg) => anyhow::bail!("{msg}"),
     }
 }
@@ -146,7 +146,7 @@ mod tests {
         let listener = UnixListener::bind(&path).unwrap();
         tokio::spawn(serve(listener, |req| async move {
             match req {
-                Request::Status => Response::Ok(empty_status()),
+                Request::Status => Response::Ok(Box::new(empty_status())),
                 other => Response::Error(format!("refused {other:?}")),
             }
         }));

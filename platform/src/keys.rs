@@ -271,7 +271,7 @@ mod tests {
             Err(KeyParseError::WrongPrefix { expected: "nodekey" })
         );
         assert_eq!("nodekey:zz".parse::<NodePublic>(), Err(KeyParseError::BadHex));
-        assert_eq!("nodekey".parse::<NodePublic>().is_err(), true);
+        assert!("nodekey".parse::<NodePublic>().is_err());
     }
 
     #[test]

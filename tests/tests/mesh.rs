@@ -63,7 +63,7 @@ fn scenario(lab: &mut Lab) -> anyhow::Result<()> {
     anyhow::ensure!(beta["online"] == true, "beta not online in alpha's status: {beta}");
     anyhow::ensure!(beta["last_handshake_secs_ago"].is_u64(), "no handshake with beta: {beta}");
     anyhow::ensure!(beta["rx_bytes"].as_u64().unwrap_or(0) > 0, "no bytes from beta: {beta}");
-    anyhow::ensure!(beta["endpoint"] == format!("10.99.0.12:41641"), "endpoint: {beta}");
+    anyhow::ensure!(beta["endpoint"] == "10.99.0.12:41641", "endpoint: {beta}");
 
     // A fourth device joins later: the others reach it within 2 s of its `up`.
     let host = lab.host("delta", 14)?;
