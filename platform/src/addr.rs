@@ -49,6 +49,21 @@ impl IpPrefix {
         Self { addr, len }
     }
 
+    /// The same prefix with the host bits cleared (`10.1.2.3/24` → `10.1.2.0/24`).
+    pub fn network(&self) -> IpPrefix {
+        let addr = match self.addr {
+            IpAddr::V4(v4) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.len)).unwrap_or(0);
+                IpAddr::V4(Ipv4Addr::from(u32::from(v4) & mask))
+            }
+            IpAddr::V6(v6) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.len)).unwrap_or(0);
+                IpAddr::V6(Ipv6Addr::from(u128::from(v6) & mask))
+            }
+        };
+        IpPrefix { addr, len: self.len }
+    }
+
     pub fn contains(&self, ip: IpAddr) -> bool {
         match (self.addr, ip) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
@@ -202,6 +217,11 @@ mod tests {
         assert!(zero.contains("8.8.8.8".parse().unwrap()));
         assert!("1.2.3.4/33".parse::<IpPrefix>().is_err());
         assert!("1.2.3.4".parse::<IpPrefix>().is_err());
+        let p: IpPrefix = "100.64.3.1/24".parse().unwrap();
+        assert_eq!(p.network().to_string(), "100.64.3.0/24");
+        let p: IpPrefix = "fd01:203:405::7/48".parse().unwrap();
+        assert_eq!(p.network().to_string(), "fd01:203:405::/48");
+        assert_eq!("1.2.3.4/0".parse::<IpPrefix>().unwrap().network().to_string(), "0.0.0.0/0");
     }
 
     proptest! {
@@ -211,6 +231,14 @@ mod tests {
                 prop_assert!(OVERLAY_V4.contains(IpAddr::V4(ip)));
                 prop_assert_ne!(ip, MAGIC_DNS_V4);
             }
+        }
+
+        #[test]
+        fn network_contains_its_addresses(a in any::<u32>(), len in 0u8..=32) {
+            let ip = IpAddr::V4(Ipv4Addr::from(a));
+            let p = IpPrefix::new(ip, len).unwrap();
+            prop_assert!(p.network().contains(ip));
+            prop_assert_eq!(p.network().network(), p.network());
         }
 
         #[test]

@@ -38,7 +38,7 @@ pub fn create(cfg: &TunConfig, addresses: &[IpAddr], routes: &[IpPrefix]) -> any
     }
     for route in routes {
         let family = if route.addr.is_ipv4() { "-4" } else { "-6" };
-        ip(&[family, "route", "replace", &route.to_string(), "dev", &cfg.name])?;
+        ip(&[family, "route", "replace", &route.network().to_string(), "dev", &cfg.name])?;
     }
     Ok(device)
 }
