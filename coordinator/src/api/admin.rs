@@ -1,6 +1,6 @@
 //! Operator endpoints: networks, pre-auth keys, devices, stock WireGuard peers.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use platform::api::{
@@ -11,7 +11,7 @@ use platform::keys::NodePublic;
 use platform::netmap::{NodeKind, PeerChange};
 use platform::unix_now;
 
-use super::{Admin, Body, SharedState};
+use super::{Admin, ApiPath, Body, SharedState};
 use crate::error::AppError;
 use crate::store::{DeviceRow, NewWireguardPeer};
 use crate::wgquick;
@@ -31,7 +31,7 @@ pub async fn list_networks(_: Admin, State(s): State<SharedState>) -> Result<Jso
 pub async fn show_network(
     _: Admin,
     State(s): State<SharedState>,
-    Path(network): Path<String>,
+    ApiPath(network): ApiPath<String>,
 ) -> Result<Json<Network>, AppError> {
     Ok(Json(s.store.network(&network).await?))
 }
@@ -39,7 +39,7 @@ pub async fn show_network(
 pub async fn create_preauth_key(
     _: Admin,
     State(s): State<SharedState>,
-    Path(network): Path<String>,
+    ApiPath(network): ApiPath<String>,
     Body(req): Body<CreatePreauthKey>,
 ) -> Result<(StatusCode, Json<CreatedPreauthKey>), AppError> {
     Ok((StatusCode::CREATED, Json(s.store.create_preauth_key(&network, &req, unix_now()).await?)))
@@ -48,7 +48,7 @@ pub async fn create_preauth_key(
 pub async fn list_preauth_keys(
     _: Admin,
     State(s): State<SharedState>,
-    Path(network): Path<String>,
+    ApiPath(network): ApiPath<String>,
 ) -> Result<Json<Vec<PreauthKeyInfo>>, AppError> {
     Ok(Json(s.store.list_preauth_keys(&network).await?))
 }
@@ -56,7 +56,7 @@ pub async fn list_preauth_keys(
 pub async fn revoke_preauth_key(
     _: Admin,
     State(s): State<SharedState>,
-    Path((network, id)): Path<(String, i64)>,
+    ApiPath((network, id)): ApiPath<(String, i64)>,
 ) -> Result<Json<PreauthKeyInfo>, AppError> {
     Ok(Json(s.store.revoke_preauth_key(&network, id).await?))
 }
@@ -68,7 +68,7 @@ fn device_info(s: &SharedState, row: &DeviceRow) -> Result<DeviceInfo, AppError>
 pub async fn list_devices(
     _: Admin,
     State(s): State<SharedState>,
-    Path(network): Path<String>,
+    ApiPath(network): ApiPath<String>,
 ) -> Result<Json<Vec<DeviceInfo>>, AppError> {
     let net = s.store.network(&network).await?;
     let rows = s.store.network_devices(net.id).await?;
@@ -78,7 +78,7 @@ pub async fn list_devices(
 pub async fn remove_device(
     _: Admin,
     State(s): State<SharedState>,
-    Path((network, id)): Path<(String, i64)>,
+    ApiPath((network, id)): ApiPath<(String, i64)>,
 ) -> Result<Json<DeviceInfo>, AppError> {
     let row = s.store.device(&network, id).await?;
     let info = device_info(&s, &row)?;
@@ -103,7 +103,7 @@ async fn render_wg_quick(s: &SharedState, row: &DeviceRow) -> Result<String, App
 pub async fn create_wireguard_peer(
     _: Admin,
     State(s): State<SharedState>,
-    Path(network): Path<String>,
+    ApiPath(network): ApiPath<String>,
     Body(req): Body<CreateWireguardPeer>,
 ) -> Result<(StatusCode, Json<WireguardPeerCreated>), AppError> {
     let node_key = NodePublic::from_base64(&req.public_key)
@@ -118,7 +118,7 @@ pub async fn create_wireguard_peer(
 pub async fn wg_quick_config(
     _: Admin,
     State(s): State<SharedState>,
-    Path((network, id)): Path<(String, i64)>,
+    ApiPath((network, id)): ApiPath<(String, i64)>,
 ) -> Result<String, AppError> {
     let row = s.store.device(&network, id).await?;
     if row.kind() != NodeKind::Wireguard {

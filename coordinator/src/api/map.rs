@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
-use axum::response::Response;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::response::{IntoResponse as _, Response};
 use platform::addr::OVERLAY_V4;
 use platform::api::{ClientMessage, MapHello, ServerMessage};
 use platform::netmap::{coalesce, DnsConfig, NetMap, NodeKind, PeerChange, RelayMap};
@@ -28,7 +29,16 @@ const MAX_ENDPOINTS: usize = 32;
 /// Largest message accepted from a device.
 const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 
-pub async fn map_stream(State(s): State<SharedState>, ws: WebSocketUpgrade) -> Response {
+pub async fn map_stream(
+    State(s): State<SharedState>,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(e) => {
+            return AppError::BadRequest(format!("the map stream is a WebSocket: {}", e.body_text())).into_response()
+        }
+    };
     ws.max_message_size(MAX_MESSAGE_BYTES).on_upgrade(move |socket| async move {
         if let Err(e) = serve(s, socket).await {
             tracing::debug!(error = %e, "map stream ended");

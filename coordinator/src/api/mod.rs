@@ -47,6 +47,7 @@ pub fn router(state: SharedState) -> Router {
         .route("/api/v1/register", post(register::register))
         .route("/api/v1/map", get(map::map_stream))
         .fallback(|| async { AppError::NotFound("no such endpoint".into()) })
+        .method_not_allowed_fallback(|| async { AppError::MethodNotAllowed })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }
@@ -89,6 +90,24 @@ impl FromRequestParts<SharedState> for Admin {
         } else {
             Err(AppError::Unauthorized("invalid admin token".into()))
         }
+    }
+}
+
+/// Path parameters whose parse failures are JSON errors.
+pub struct ApiPath<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for ApiPath<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, AppError> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|p| ApiPath(p.0))
+            .map_err(|e| AppError::BadRequest(format!("invalid path: {}", e.body_text())))
     }
 }
 

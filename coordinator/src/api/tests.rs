@@ -183,6 +183,15 @@ async fn malformed_requests_get_json_errors() {
     let (status, v) = h.admin("GET", "/api/v1/nowhere", json!(null)).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     error_of(&v);
+    let (status, v) = h.admin("PUT", "/api/v1/networks", json!(null)).await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    error_of(&v);
+    let (status, v) = h.admin("DELETE", "/api/v1/networks/home/preauth-keys/abc", json!(null)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+    error_of(&v);
+    let (status, v) = h.call("GET", "/api/v1/map", None, false).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+    error_of(&v);
     let huge = format!("{{\"name\":\"{}\"}}", "a".repeat(super::MAX_BODY_BYTES + 10));
     let (status, v) = h.call("POST", "/api/v1/networks", Some(huge), true).await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{v}");

@@ -275,20 +275,30 @@ async fn send_to_peer(shared: &Shared, datagram: &[u8], target: Option<SocketAdd
 
 /// Finds the peer a datagram is for, or counts why there is none.
 fn peer_for(shared: &Shared, table: &PeerTable, datagram: &[u8]) -> Option<Arc<Peer>> {
+    classify(&shared.secret, &shared.public, &shared.counters, table, datagram)
+}
+
+fn classify(
+    secret: &boringtun::x25519::StaticSecret,
+    public: &boringtun::x25519::PublicKey,
+    counters: &Counters,
+    table: &PeerTable,
+    datagram: &[u8],
+) -> Option<Arc<Peer>> {
     let index = match Tunn::parse_incoming_packet(datagram) {
         Err(_) => {
-            bump(&shared.counters.drop_malformed);
+            bump(&counters.drop_malformed);
             return None;
         }
         Ok(Packet::HandshakeInit(init)) => {
-            let Ok(half) = parse_handshake_anon(&shared.secret, &shared.public, &init) else {
-                bump(&shared.counters.drop_bad_handshake);
+            let Ok(half) = parse_handshake_anon(secret, public, &init) else {
+                bump(&counters.drop_bad_handshake);
                 return None;
             };
             let key = NodePublic::from_bytes(half.peer_static_public);
             let found = table.by_key.get(&key).cloned();
             if found.is_none() {
-                bump(&shared.counters.drop_unknown_peer);
+                bump(&counters.drop_unknown_peer);
             }
             return found;
         }
@@ -298,7 +308,7 @@ fn peer_for(shared: &Shared, table: &PeerTable, datagram: &[u8]) -> Option<Arc<P
     };
     let found = table.by_index.get(&(index >> 8)).cloned();
     if found.is_none() {
-        bump(&shared.counters.drop_unknown_peer);
+        bump(&counters.drop_unknown_peer);
     }
     found
 }
@@ -460,5 +470,76 @@ impl EngineSlot {
         if let Some(e) = engine {
             e.stop().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use platform::netmap::{DnsConfig, Node, NodeKind, RelayMap};
+
+    fn netmap_with(me: &NodePrivate, peer: NodePublic) -> NetMap {
+        let node = |key: NodePublic, last: u8| Node {
+            id: i64::from(last),
+            name: format!("n{last}"),
+            kind: NodeKind::Mesh,
+            node_key: key,
+            disco_key: None,
+            addresses: vec![IpAddr::from([100, 64, 0, last])],
+            endpoints: vec![],
+            online: true,
+            os: "linux".into(),
+        };
+        NetMap {
+            network: "t".into(),
+            self_node: node(me.public(), 1),
+            routes: vec![],
+            peers: [(peer, node(peer, 2))].into_iter().collect(),
+            relay_map: RelayMap::default(),
+            dns: DnsConfig::default(),
+        }
+    }
+
+    /// A handshake initiation from `from` to `to`.
+    fn handshake(from: &NodePrivate, to: NodePublic) -> Vec<u8> {
+        let mut t = Tunn::new(from.to_dalek(), to.to_dalek(), None, None, 1, None);
+        let mut buf = vec![0u8; 256];
+        match t.format_handshake_initiation(&mut buf, false) {
+            TunnResult::WriteToNetwork(p) => p.to_vec(),
+            _ => panic!("no handshake"),
+        }
+    }
+
+    #[test]
+    fn receive_path_sorts_datagrams_and_counts_drops() {
+        let me = NodePrivate::generate();
+        let known = NodePrivate::generate();
+        let stranger = NodePrivate::generate();
+        let table = PeerTable::build(&PeerTable::default(), &netmap_with(&me, known.public()), &me, &IndexAllocator::new(5));
+        let (secret, public) = (me.to_dalek(), me.public().to_dalek());
+        let c = Counters::default();
+
+        let found = classify(&secret, &public, &c, &table, &handshake(&known, me.public()));
+        assert!(found.is_some(), "handshake from a known peer finds it");
+
+        assert!(classify(&secret, &public, &c, &table, &handshake(&stranger, me.public())).is_none());
+        assert_eq!(c.snapshot().drop_unknown_peer, 1);
+
+        // Meant for someone else: does not decrypt with our key.
+        let other = NodePrivate::generate().public();
+        assert!(classify(&secret, &public, &c, &table, &handshake(&known, other)).is_none());
+        assert_eq!(c.snapshot().drop_bad_handshake, 1);
+
+        for garbage in [&b""[..], b"x", b"garbage that is no wireguard", &[4u8, 0, 0, 0, 1, 2]] {
+            assert!(classify(&secret, &public, &c, &table, garbage).is_none());
+        }
+        assert_eq!(c.snapshot().drop_malformed, 4);
+
+        // A well-formed data packet for an index nobody holds.
+        let mut data = vec![4u8, 0, 0, 0];
+        data.extend_from_slice(&0xdead_beef_u32.to_le_bytes());
+        data.extend_from_slice(&[0u8; 8 + 16]);
+        assert!(classify(&secret, &public, &c, &table, &data).is_none());
+        assert_eq!(c.snapshot().drop_unknown_peer, 2);
     }
 }

@@ -31,14 +31,23 @@ pub fn create(cfg: &TunConfig, addresses: &[IpAddr], routes: &[IpPrefix]) -> any
     config.tun_name(&cfg.name).mtu(cfg.mtu).up();
     let device = ::tun::create_as_async(&config)
         .with_context(|| format!("creating TUN device {} (needs root or CAP_NET_ADMIN)", cfg.name))?;
+    // IPv6 may be disabled on the host: the mesh still works over IPv4.
+    let v6_optional = |r: anyhow::Result<()>, is_v4: bool| match r {
+        Err(e) if !is_v4 => {
+            tracing::warn!(error = %e, "IPv6 overlay unavailable");
+            Ok(())
+        }
+        other => other,
+    };
     for addr in addresses {
         let host = IpPrefix::host(*addr).to_string();
         let family = if addr.is_ipv4() { "-4" } else { "-6" };
-        ip(&[family, "addr", "add", &host, "dev", &cfg.name])?;
+        v6_optional(ip(&[family, "addr", "add", &host, "dev", &cfg.name]), addr.is_ipv4())?;
     }
     for route in routes {
         let family = if route.addr.is_ipv4() { "-4" } else { "-6" };
-        ip(&[family, "route", "replace", &route.network().to_string(), "dev", &cfg.name])?;
+        let net = route.network().to_string();
+        v6_optional(ip(&[family, "route", "replace", &net, "dev", &cfg.name]), route.addr.is_ipv4())?;
     }
     Ok(device)
 }
