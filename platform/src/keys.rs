@@ -57,6 +57,42 @@ macro_rules! serde_via_text {
     };
 }
 
+/// Text form, `Debug` and serde of a public key type with `as_bytes()`,
+/// and `Debug` + `FromStr` of its private counterpart.
+macro_rules! key_text {
+    ($public:ident, $private:ident, $pub_prefix:literal, $priv_prefix:literal) => {
+        impl $public {
+            /// First eight hex digits: enough to tell keys apart in logs.
+            pub fn short(&self) -> String {
+                hex::encode(&self.as_bytes()[..4])
+            }
+        }
+        impl fmt::Display for $public {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}:{}", $pub_prefix, hex::encode(self.as_bytes()))
+            }
+        }
+        impl fmt::Debug for $public {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}:{}…", $pub_prefix, self.short())
+            }
+        }
+        serde_via_text!($public);
+
+        impl fmt::Debug for $private {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}(public {:?})", stringify!($private), self.public())
+            }
+        }
+        impl FromStr for $private {
+            type Err = KeyParseError;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                parse_prefixed(s, $priv_prefix).map(Self::from_bytes)
+            }
+        }
+    };
+}
+
 /// An X25519 key pair family (node key, disco key).
 macro_rules! x25519_keys {
     ($public:ident, $private:ident, $pub_prefix:literal, $priv_prefix:literal, $what:literal) => {
@@ -73,10 +109,6 @@ macro_rules! x25519_keys {
             pub fn as_bytes(&self) -> &[u8; 32] {
                 &self.0
             }
-            /// First eight hex digits: enough to tell keys apart in logs.
-            pub fn short(&self) -> String {
-                hex::encode(&self.0[..4])
-            }
             /// The key as `x25519_dalek` wants it.
             pub fn to_dalek(&self) -> x25519_dalek::PublicKey {
                 x25519_dalek::PublicKey::from(self.0)
@@ -92,23 +124,12 @@ macro_rules! x25519_keys {
             }
         }
 
-        impl fmt::Display for $public {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                write!(f, "{}:{}", $pub_prefix, hex::encode(self.0))
-            }
-        }
-        impl fmt::Debug for $public {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                write!(f, "{}:{}…", $pub_prefix, self.short())
-            }
-        }
         impl FromStr for $public {
             type Err = KeyParseError;
             fn from_str(s: &str) -> Result<Self, Self::Err> {
                 parse_prefixed(s, $pub_prefix).map(Self)
             }
         }
-        serde_via_text!($public);
 
         #[doc = concat!("Private ", $what, " (X25519). `Debug` shows only the public half.")]
         #[derive(Clone)]
@@ -140,17 +161,7 @@ macro_rules! x25519_keys {
                 Ok(Self::from_bytes(bytes))
             }
         }
-        impl fmt::Debug for $private {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                write!(f, "{}(public {:?})", stringify!($private), self.public())
-            }
-        }
-        impl FromStr for $private {
-            type Err = KeyParseError;
-            fn from_str(s: &str) -> Result<Self, Self::Err> {
-                parse_prefixed(s, $priv_prefix).map(Self::from_bytes)
-            }
-        }
+        key_text!($public, $private, $pub_prefix, $priv_prefix);
     };
 }
 
@@ -175,23 +186,10 @@ macro_rules! ed25519_keys {
             pub fn as_bytes(&self) -> &[u8; 32] {
                 self.0.as_bytes()
             }
-            pub fn short(&self) -> String {
-                hex::encode(&self.0.as_bytes()[..4])
-            }
             /// Checks `signature` over `message` (strict: no malleable signatures).
             pub fn verify(&self, message: &[u8], signature: &[u8; 64]) -> bool {
                 let sig = ed25519_dalek::Signature::from_bytes(signature);
                 self.0.verify_strict(message, &sig).is_ok()
-            }
-        }
-        impl fmt::Display for $public {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                write!(f, "{}:{}", $pub_prefix, hex::encode(self.0.as_bytes()))
-            }
-        }
-        impl fmt::Debug for $public {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                write!(f, "{}:{}…", $pub_prefix, self.short())
             }
         }
         impl FromStr for $public {
@@ -200,7 +198,6 @@ macro_rules! ed25519_keys {
                 Self::from_bytes(parse_prefixed(s, $pub_prefix)?)
             }
         }
-        serde_via_text!($public);
 
         #[doc = concat!("Private ", $what, " (Ed25519). `Debug` shows only the public half.")]
         #[derive(Clone)]
@@ -225,17 +222,7 @@ macro_rules! ed25519_keys {
                 format!("{}:{}", $priv_prefix, hex::encode(self.0.to_bytes()))
             }
         }
-        impl fmt::Debug for $private {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                write!(f, "{}(public {:?})", stringify!($private), self.public())
-            }
-        }
-        impl FromStr for $private {
-            type Err = KeyParseError;
-            fn from_str(s: &str) -> Result<Self, Self::Err> {
-                parse_prefixed(s, $priv_prefix).map(Self::from_bytes)
-            }
-        }
+        key_text!($public, $private, $pub_prefix, $priv_prefix);
     };
 }
 

@@ -476,29 +476,7 @@ impl EngineSlot {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use platform::netmap::{DnsConfig, Node, NodeKind, RelayMap};
-
-    fn netmap_with(me: &NodePrivate, peer: NodePublic) -> NetMap {
-        let node = |key: NodePublic, last: u8| Node {
-            id: i64::from(last),
-            name: format!("n{last}"),
-            kind: NodeKind::Mesh,
-            node_key: key,
-            disco_key: None,
-            addresses: vec![IpAddr::from([100, 64, 0, last])],
-            endpoints: vec![],
-            online: true,
-            os: "linux".into(),
-        };
-        NetMap {
-            network: "t".into(),
-            self_node: node(me.public(), 1),
-            routes: vec![],
-            peers: [(peer, node(peer, 2))].into_iter().collect(),
-            relay_map: RelayMap::default(),
-            dns: DnsConfig::default(),
-        }
-    }
+    use peers::tests::{netmap, node};
 
     /// A handshake initiation from `from` to `to`.
     fn handshake(from: &NodePrivate, to: NodePublic) -> Vec<u8> {
@@ -515,7 +493,7 @@ mod tests {
         let me = NodePrivate::generate();
         let known = NodePrivate::generate();
         let stranger = NodePrivate::generate();
-        let table = PeerTable::build(&PeerTable::default(), &netmap_with(&me, known.public()), &me, &IndexAllocator::new(5));
+        let table = PeerTable::build(&PeerTable::default(), &netmap(&me, vec![node(known.public(), 2, &[])]), &me, &IndexAllocator::new(5));
         let (secret, public) = (me.to_dalek(), me.public().to_dalek());
         let c = Counters::default();
 

@@ -166,12 +166,12 @@ impl PeerTable {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use platform::netmap::{DnsConfig, Node, NodeKind, RelayMap};
     use std::collections::BTreeMap;
 
-    fn node(key: NodePublic, last: u8, eps: &[&str]) -> Node {
+    pub(crate) fn node(key: NodePublic, last: u8, eps: &[&str]) -> Node {
         Node {
             id: i64::from(last),
             name: format!("n{last}"),
@@ -185,7 +185,7 @@ mod tests {
         }
     }
 
-    fn netmap(me: &NodePrivate, peers: Vec<Node>) -> NetMap {
+    pub(crate) fn netmap(me: &NodePrivate, peers: Vec<Node>) -> NetMap {
         NetMap {
             network: "t".into(),
             self_node: node(me.public(), 1, &[]),
