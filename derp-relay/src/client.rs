@@ -1,0 +1,174 @@
+//! Relay client, used by meshd: keeps one connection to one relay open
+//! (reconnecting with backoff), sends packets to node keys through it and
+//! reports what arrives.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use x25519_dalek::StaticSecret;
+
+use crate::io::{write_frame, FrameReader};
+use crate::proto::frame::{Frame, GoneReason, Key, MAX_FRAME_PAYLOAD};
+use crate::proto::handshake;
+use crate::server::http::UPGRADE_PROTOCOL;
+
+/// Packets waiting to go to the relay before new ones are dropped.
+const SEND_QUEUE: usize = 1024;
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// Longest HTTP response head accepted during the upgrade.
+const MAX_RESPONSE_HEAD: usize = 8 * 1024;
+
+#[derive(Debug)]
+pub enum RelayEvent {
+    Connected,
+    Disconnected { reason: String },
+    Packet { src: Key, data: Vec<u8> },
+    PeerGone { key: Key, reason: GoneReason },
+}
+
+/// A live link to one relay; dropping it closes the connection.
+pub struct RelayClient {
+    tx: mpsc::Sender<(Key, Vec<u8>)>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for RelayClient {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl RelayClient {
+    /// Starts connecting to the relay at `url` (`http://host:port/derp`).
+    /// `tag` comes back with every event, to tell relays apart.
+    pub fn spawn<T: Clone + Send + Sync + 'static>(url: String, node: StaticSecret, tag: T, events: mpsc::Sender<(T, RelayEvent)>) -> Self {
+        let (tx, rx) = mpsc::channel(SEND_QUEUE);
+        let task = tokio::spawn(run(url, node, tag, events, rx));
+        RelayClient { tx, task }
+    }
+
+    /// Queues a packet for `dst`; false when the queue is full or the link
+    /// is gone (the packet is dropped).
+    pub fn send(&self, dst: Key, data: &[u8]) -> bool {
+        data.len() + 32 <= MAX_FRAME_PAYLOAD && self.tx.try_send((dst, data.to_vec())).is_ok()
+    }
+}
+
+async fn run<T: Clone + Send + Sync + 'static>(
+    url: String,
+    node: StaticSecret,
+    tag: T,
+    events: mpsc::Sender<(T, RelayEvent)>,
+    mut outgoing: mpsc::Receiver<(Key, Vec<u8>)>,
+) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let reason = match session(&url, &node, &tag, &events, &mut outgoing).await {
+            Ok(()) => "closed".to_owned(),
+            Err(e) => format!("{e:#}"),
+        };
+        if events.send((tag.clone(), RelayEvent::Disconnected { reason })).await.is_err() {
+            return;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// `http://host:port/path` → (`host:port`, `/path`).
+fn split_url(url: &str) -> anyhow::Result<(String, String)> {
+    let rest = url.strip_prefix("http://").context("relay URL must start with http://")?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/derp"),
+    };
+    Ok((authority.to_owned(), path.to_owned()))
+}
+
+async fn connect(url: &str) -> anyhow::Result<TcpStream> {
+    let (authority, path) = split_url(url)?;
+    let mut stream = TcpStream::connect(&authority).await.with_context(|| format!("connecting to {authority}"))?;
+    stream.set_nodelay(true)?;
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: Upgrade\r\nUpgrade: {UPGRADE_PROTOCOL}\r\n\r\n"
+    );
+    stream.write_all(req.as_bytes()).await?;
+    // Read the response head byte by byte so no frame byte is consumed.
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        if head.len() > MAX_RESPONSE_HEAD {
+            bail!("relay response head too long");
+        }
+        let b = stream.read_u8().await.context("reading the relay's upgrade response")?;
+        head.push(b);
+    }
+    let status = String::from_utf8_lossy(&head);
+    if !status.starts_with("HTTP/1.1 101") {
+        bail!("relay refused the upgrade: {}", status.lines().next().unwrap_or(""));
+    }
+    Ok(stream)
+}
+
+async fn session<T: Clone + Send + Sync>(
+    url: &str,
+    node: &StaticSecret,
+    tag: &T,
+    events: &mpsc::Sender<(T, RelayEvent)>,
+    outgoing: &mut mpsc::Receiver<(Key, Vec<u8>)>,
+) -> anyhow::Result<()> {
+    let stream = connect(url).await?;
+    let (read, mut write) = stream.into_split();
+    let mut reader = FrameReader::new(read);
+    let mut scratch = Vec::new();
+    let (relay_key, challenge) = match reader.next().await? {
+        Some(Frame::ServerKey { key, challenge }) => (key, challenge),
+        other => bail!("expected the relay's key, got {other:?}"),
+    };
+    write_frame(&mut write, &handshake::seal(node, &relay_key, &challenge, None)?, &mut scratch).await?;
+    match reader.next().await? {
+        Some(Frame::ServerInfo) => {}
+        Some(Frame::Close { reason }) => bail!("relay refused us: {reason}"),
+        other => bail!("expected admission, got {other:?}"),
+    }
+    events.send((tag.clone(), RelayEvent::Connected)).await.ok();
+    loop {
+        tokio::select! {
+            out = outgoing.recv() => {
+                let Some((dst, data)) = out else { return Ok(()) };
+                write_frame(&mut write, &Frame::SendPacket { dst, data }, &mut scratch).await?;
+            }
+            frame = reader.next() => {
+                let event = match frame? {
+                    None => return Ok(()),
+                    Some(Frame::RecvPacket { src, data }) => RelayEvent::Packet { src, data },
+                    Some(Frame::PeerGone { key, reason }) => RelayEvent::PeerGone { key, reason },
+                    Some(Frame::Ping(d)) => {
+                        write_frame(&mut write, &Frame::Pong(d), &mut scratch).await?;
+                        continue;
+                    }
+                    Some(Frame::Close { reason }) => bail!("relay closed the connection: {reason}"),
+                    Some(_) => continue,
+                };
+                if events.send((tag.clone(), event)).await.is_err() {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        assert_eq!(split_url("http://10.0.0.1:3340/derp").unwrap(), ("10.0.0.1:3340".into(), "/derp".into()));
+        assert_eq!(split_url("http://relay:80").unwrap(), ("relay:80".into(), "/derp".into()));
+        assert!(split_url("ftp://x").is_err());
+    }
+}

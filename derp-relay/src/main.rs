@@ -1,0 +1,99 @@
+//! `derp-relay`: the relay server.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Parser;
+use derp_relay::server::admission::Admission;
+use derp_relay::server::{http, Relay, RelayConfig};
+use x25519_dalek::StaticSecret;
+
+/// Crank Mesh relay.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    /// HTTP listen address (relay connections, /healthz, /metrics).
+    #[arg(long, env = "DERP_LISTEN", default_value = "0.0.0.0:3340")]
+    listen: SocketAddr,
+    /// STUN listen address (UDP).
+    #[arg(long, env = "DERP_STUN_LISTEN", default_value = "0.0.0.0:3478")]
+    stun_listen: SocketAddr,
+    /// Coordinator asked which devices may connect.
+    #[arg(long, env = "DERP_COORDINATOR", required_unless_present = "open")]
+    coordinator: Option<String>,
+    /// File holding the relay token (`coordinator relay-token create`).
+    #[arg(long, env = "DERP_TOKEN_FILE", required_unless_present = "open")]
+    token_file: Option<PathBuf>,
+    /// Admit every client that proves a key, without asking a coordinator
+    /// (closed test networks only).
+    #[arg(long)]
+    open: bool,
+    /// The relay's private key; generated on first start.
+    #[arg(long, env = "DERP_KEY_FILE", default_value = "/var/lib/derp-relay/key")]
+    key_file: PathBuf,
+    /// Bytes per second one client may send.
+    #[arg(long, default_value_t = 125_000_000)]
+    rate_limit: u64,
+    /// Burst above the rate, in bytes.
+    #[arg(long, default_value_t = 4 * 1024 * 1024)]
+    burst: u64,
+}
+
+fn load_or_create_key(path: &Path) -> anyhow::Result<StaticSecret> {
+    if path.exists() {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let mut bytes = [0u8; 32];
+        hex::decode_to_slice(text.trim(), &mut bytes).with_context(|| format!("{} is not a hex key", path.display()))?;
+        return Ok(StaticSecret::from(bytes));
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let key = StaticSecret::random_from_rng(rand_core::OsRng);
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    std::io::Write::write_all(&mut f, hex::encode(key.to_bytes()).as_bytes())?;
+    Ok(key)
+}
+
+async fn try_main(cli: Cli) -> anyhow::Result<()> {
+    let private = load_or_create_key(&cli.key_file)?;
+    let admission = match (cli.open, cli.coordinator, cli.token_file) {
+        (true, _, _) => Admission::Open,
+        (false, Some(url), Some(file)) => {
+            let token = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+            Admission::coordinator(&url, token.trim().to_owned())
+        }
+        _ => anyhow::bail!("--coordinator and --token-file are required unless --open"),
+    };
+    let relay = Relay::new(RelayConfig { private, admission, rate_limit: cli.rate_limit, burst: cli.burst });
+    let stun = tokio::net::UdpSocket::bind(cli.stun_listen).await.with_context(|| format!("binding STUN {}", cli.stun_listen))?;
+    tokio::spawn(http::serve_stun(stun));
+    let listener = tokio::net::TcpListener::bind(cli.listen).await.with_context(|| format!("binding {}", cli.listen))?;
+    tracing::info!(addr = %cli.listen, stun = %cli.stun_listen, key = %hex::encode(relay.public_key()), "relay listening");
+    axum::serve(listener, http::router(relay)).await.context("serving")
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(try_main(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

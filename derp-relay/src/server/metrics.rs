@@ -1,0 +1,85 @@
+//! Counters exported on `/metrics` in the Prometheus text format.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+/// Why a packet or a connection was dropped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Drop {
+    RateLimited,
+    QueueFull,
+    NoSuchPeer,
+    Malformed,
+    Oversized,
+    Unauthenticated,
+    AdmissionDenied,
+    AdmissionUnavailable,
+    UnexpectedFrame,
+}
+
+impl Drop {
+    const ALL: [Drop; 9] = [
+        Drop::RateLimited,
+        Drop::QueueFull,
+        Drop::NoSuchPeer,
+        Drop::Malformed,
+        Drop::Oversized,
+        Drop::Unauthenticated,
+        Drop::AdmissionDenied,
+        Drop::AdmissionUnavailable,
+        Drop::UnexpectedFrame,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Drop::RateLimited => "rate_limited",
+            Drop::QueueFull => "queue_full",
+            Drop::NoSuchPeer => "no_such_peer",
+            Drop::Malformed => "malformed",
+            Drop::Oversized => "oversized",
+            Drop::Unauthenticated => "unauthenticated",
+            Drop::AdmissionDenied => "admission_denied",
+            Drop::AdmissionUnavailable => "admission_unavailable",
+            Drop::UnexpectedFrame => "unexpected_frame",
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    pub clients: AtomicI64,
+    pub accepted: AtomicU64,
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+    pub packets_in: AtomicU64,
+    pub packets_out: AtomicU64,
+    drops: [AtomicU64; 9],
+}
+
+impl Metrics {
+    pub fn drop(&self, why: Drop) {
+        let i = Drop::ALL.iter().position(|d| *d == why).expect("listed");
+        self.drops[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn drops(&self, why: Drop) -> u64 {
+        let i = Drop::ALL.iter().position(|d| *d == why).expect("listed");
+        self.drops[i].load(Ordering::Relaxed)
+    }
+
+    pub fn render(&self) -> String {
+        let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let mut out = String::new();
+        let _ = writeln!(out, "# TYPE derp_clients gauge\nderp_clients {}", self.clients.load(Ordering::Relaxed));
+        let _ = writeln!(out, "# TYPE derp_accepted_total counter\nderp_accepted_total {}", l(&self.accepted));
+        let _ = writeln!(out, "# TYPE derp_bytes_received_total counter\nderp_bytes_received_total {}", l(&self.bytes_in));
+        let _ = writeln!(out, "# TYPE derp_bytes_sent_total counter\nderp_bytes_sent_total {}", l(&self.bytes_out));
+        let _ = writeln!(out, "# TYPE derp_packets_received_total counter\nderp_packets_received_total {}", l(&self.packets_in));
+        let _ = writeln!(out, "# TYPE derp_packets_sent_total counter\nderp_packets_sent_total {}", l(&self.packets_out));
+        let _ = writeln!(out, "# TYPE derp_drops_total counter");
+        for (d, c) in Drop::ALL.iter().zip(&self.drops) {
+            let _ = writeln!(out, "derp_drops_total{{reason=\"{}\"}} {}", d.label(), l(c));
+        }
+        out
+    }
+}

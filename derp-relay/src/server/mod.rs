@@ -1,0 +1,258 @@
+//! The relay server: authenticated clients, each with a bounded bulk queue
+//! and a separate path-discovery queue, forwarding by destination node key.
+//!
+//! A slow reader only fills its own queues (later packets for it are dropped
+//! and counted); nobody else waits on it.
+
+pub mod admission;
+pub mod http;
+pub mod metrics;
+pub mod ratelimit;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use platform::keys::NodePublic;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
+use tokio::sync::mpsc;
+use x25519_dalek::{PublicKey, StaticSecret};
+
+use crate::io::{write_frame, FrameReader, ReadError};
+use crate::proto::frame::{Frame, FrameError, GoneReason, Key};
+use crate::proto::handshake;
+use admission::{Admission, Verdict};
+use metrics::{Drop, Metrics};
+use ratelimit::TokenBucket;
+
+/// Packets queued per client before drops begin.
+pub const BULK_QUEUE: usize = 512;
+/// Path-discovery packets queued per client (kept apart so bulk cannot starve them).
+pub const DISCO_QUEUE: usize = 64;
+/// Time a client has to prove its key.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A keepalive goes to every client this often.
+const KEEPALIVE: Duration = Duration::from_secs(30);
+
+pub struct RelayConfig {
+    pub private: StaticSecret,
+    pub admission: Admission,
+    /// Bytes per second a client may send, and the burst above it.
+    pub rate_limit: u64,
+    pub burst: u64,
+}
+
+/// Frames queued for one client.
+type Outbox = mpsc::Sender<Vec<u8>>;
+
+struct Client {
+    conn_id: u64,
+    bulk: Outbox,
+    disco: Outbox,
+    /// Who has sent to this client: they hear when it goes away.
+    senders: Mutex<HashSet<Key>>,
+}
+
+pub struct Relay {
+    cfg: RelayConfig,
+    public: Key,
+    clients: Mutex<HashMap<Key, Arc<Client>>>,
+    next_conn: AtomicU64,
+    pub metrics: Metrics,
+}
+
+fn encoded(frame: &Frame) -> Vec<u8> {
+    let mut v = Vec::new();
+    // Frames built here are always within limits.
+    let _ = frame.encode(&mut v);
+    v
+}
+
+impl Relay {
+    pub fn new(cfg: RelayConfig) -> Arc<Self> {
+        let public = PublicKey::from(&cfg.private).to_bytes();
+        Arc::new(Relay { cfg, public, clients: Mutex::new(HashMap::new()), next_conn: AtomicU64::new(1), metrics: Metrics::default() })
+    }
+
+    pub fn public_key(&self) -> Key {
+        self.public
+    }
+
+    fn clients(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Arc<Client>>> {
+        self.clients.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn client_count(&self) -> usize {
+        self.clients().len()
+    }
+
+    /// Serves one client connection (after the HTTP upgrade) to its end.
+    pub async fn serve_conn<S>(self: Arc<Self>, stream: S)
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let (read, mut write) = tokio::io::split(stream);
+        let mut reader = FrameReader::new(read);
+        let mut scratch = Vec::new();
+        let challenge = handshake::challenge();
+        if write_frame(&mut write, &Frame::ServerKey { key: self.public, challenge }, &mut scratch).await.is_err() {
+            return;
+        }
+        let key = match self.authenticate(&mut reader, &challenge).await {
+            Ok(k) => k,
+            Err(why) => {
+                self.metrics.drop(why);
+                let reason = why.label().to_owned();
+                let _ = write_frame(&mut write, &Frame::Close { reason }, &mut scratch).await;
+                let _ = write.shutdown().await;
+                return;
+            }
+        };
+        let node = NodePublic::from_bytes(key);
+        let (bulk_tx, bulk_rx) = mpsc::channel(BULK_QUEUE);
+        let (disco_tx, disco_rx) = mpsc::channel(DISCO_QUEUE);
+        let conn_id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let client = Arc::new(Client { conn_id, bulk: bulk_tx, disco: disco_tx, senders: Mutex::new(HashSet::new()) });
+        // A newer connection with the same key replaces the older one, whose
+        // queues close and whose writer ends.
+        if self.clients().insert(key, client.clone()).is_none() {
+            self.metrics.clients.fetch_add(1, Ordering::Relaxed);
+        }
+        self.metrics.accepted.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(node = %node.short(), "client admitted");
+        let _ = client.bulk.try_send(encoded(&Frame::ServerInfo));
+        let writer = tokio::spawn(write_loop(self.clone(), write, bulk_rx, disco_rx));
+        let outcome = self.read_loop(&mut reader, key, &client).await;
+        if let Err(why) = outcome {
+            self.metrics.drop(why);
+            tracing::debug!(node = %node.short(), reason = why.label(), "closing client");
+        }
+        self.depart(key, &client);
+        writer.abort();
+    }
+
+    async fn authenticate<R: AsyncRead + Unpin>(&self, reader: &mut FrameReader<R>, challenge: &[u8; 16]) -> Result<Key, Drop> {
+        let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.next()).await.map_err(|_| Drop::Unauthenticated)?;
+        let (node_key, nonce, sealed) = match first {
+            Ok(Some(Frame::ClientInfo { node_key, nonce, sealed })) => (node_key, nonce, sealed),
+            Ok(_) => return Err(Drop::Unauthenticated),
+            Err(ReadError::Frame(FrameError::TooLong(_))) => return Err(Drop::Oversized),
+            Err(_) => return Err(Drop::Malformed),
+        };
+        handshake::open(&self.cfg.private, challenge, &node_key, &nonce, &sealed).map_err(|_| Drop::Unauthenticated)?;
+        match self.cfg.admission.check(NodePublic::from_bytes(node_key)).await {
+            Verdict::Admit => Ok(node_key),
+            Verdict::Deny => Err(Drop::AdmissionDenied),
+            Verdict::Unavailable => Err(Drop::AdmissionUnavailable),
+        }
+    }
+
+    async fn read_loop<R: AsyncRead + Unpin>(&self, reader: &mut FrameReader<R>, me: Key, client: &Client) -> Result<(), Drop> {
+        let mut bucket = TokenBucket::new(self.cfg.rate_limit, self.cfg.burst, Instant::now());
+        let mut sent_to: HashSet<Key> = HashSet::new();
+        loop {
+            let frame = match reader.next().await {
+                Ok(Some(f)) => f,
+                Ok(None) => return Ok(()),
+                Err(ReadError::Frame(FrameError::TooLong(_))) => return Err(Drop::Oversized),
+                Err(ReadError::Frame(_)) => return Err(Drop::Malformed),
+                Err(ReadError::Io(_)) => return Ok(()),
+            };
+            match frame {
+                Frame::SendPacket { dst, data } => {
+                    self.metrics.packets_in.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.bytes_in.fetch_add(data.len() as u64, Ordering::Relaxed);
+                    if !bucket.take(data.len(), Instant::now()) {
+                        self.metrics.drop(Drop::RateLimited);
+                        continue;
+                    }
+                    self.forward(me, dst, &data, client, &mut sent_to);
+                }
+                Frame::Ping(d) => {
+                    let _ = client.disco.try_send(encoded(&Frame::Pong(d)));
+                }
+                Frame::KeepAlive | Frame::Pong(_) | Frame::Unknown { .. } => {}
+                Frame::Close { .. } => return Ok(()),
+                Frame::ServerKey { .. } | Frame::ClientInfo { .. } | Frame::ServerInfo | Frame::RecvPacket { .. } | Frame::PeerGone { .. } => {
+                    return Err(Drop::UnexpectedFrame)
+                }
+            }
+        }
+    }
+
+    fn forward(&self, me: Key, dst: Key, data: &[u8], sender: &Client, sent_to: &mut HashSet<Key>) {
+        let target = self.clients().get(&dst).cloned();
+        let Some(target) = target else {
+            self.metrics.drop(Drop::NoSuchPeer);
+            let _ = sender.disco.try_send(encoded(&Frame::PeerGone { key: dst, reason: GoneReason::NotHere }));
+            return;
+        };
+        if sent_to.insert(dst) {
+            target.senders.lock().unwrap_or_else(|p| p.into_inner()).insert(me);
+        }
+        let mut frame = Vec::with_capacity(5 + 32 + data.len());
+        Frame::encode_recv_packet(&me, data, &mut frame);
+        let queue = if platform::disco::is_disco(data) { &target.disco } else { &target.bulk };
+        if queue.try_send(frame).is_err() {
+            self.metrics.drop(Drop::QueueFull);
+        }
+    }
+
+    /// Removes a client that went away and tells those who sent to it.
+    fn depart(&self, key: Key, client: &Client) {
+        let removed = {
+            let mut clients = self.clients();
+            match clients.get(&key) {
+                Some(c) if c.conn_id == client.conn_id => clients.remove(&key),
+                _ => None,
+            }
+        };
+        if removed.is_none() {
+            return;
+        }
+        self.metrics.clients.fetch_sub(1, Ordering::Relaxed);
+        let senders: Vec<Key> = client.senders.lock().unwrap_or_else(|p| p.into_inner()).drain().collect();
+        let gone = encoded(&Frame::PeerGone { key, reason: GoneReason::Disconnected });
+        let clients = self.clients();
+        for s in senders {
+            if let Some(c) = clients.get(&s) {
+                let _ = c.disco.try_send(gone.clone());
+            }
+        }
+    }
+}
+
+/// Writes queued frames, path discovery first, with a keepalive when idle.
+async fn write_loop<W: AsyncWrite + Unpin>(
+    relay: Arc<Relay>,
+    mut write: W,
+    mut bulk: mpsc::Receiver<Vec<u8>>,
+    mut disco: mpsc::Receiver<Vec<u8>>,
+) {
+    let mut keepalive = tokio::time::interval(KEEPALIVE);
+    keepalive.tick().await;
+    let mut scratch = Vec::new();
+    loop {
+        let frame = tokio::select! {
+            biased;
+            f = disco.recv() => f,
+            f = bulk.recv() => f,
+            _ = keepalive.tick() => {
+                if write_frame(&mut write, &Frame::KeepAlive, &mut scratch).await.is_err() || write.flush().await.is_err() {
+                    return;
+                }
+                continue;
+            }
+        };
+        let Some(frame) = frame else { return };
+        relay.metrics.packets_out.fetch_add(1, Ordering::Relaxed);
+        relay.metrics.bytes_out.fetch_add(frame.len() as u64, Ordering::Relaxed);
+        if write.write_all(&frame).await.is_err() || write.flush().await.is_err() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

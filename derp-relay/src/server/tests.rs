@@ -1,0 +1,305 @@
+//! The relay on loopback with real clients.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand_core::OsRng;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use x25519_dalek::{PublicKey, StaticSecret};
+
+use super::admission::Admission;
+use super::metrics::Drop;
+use super::{http, Relay, RelayConfig};
+use crate::client::{RelayClient, RelayEvent};
+use crate::proto::frame::{Frame, GoneReason, Key};
+
+async fn start(admission: Admission, rate_limit: u64) -> (Arc<Relay>, String) {
+    let relay = Relay::new(RelayConfig {
+        private: StaticSecret::random_from_rng(OsRng),
+        admission,
+        rate_limit,
+        burst: rate_limit.min(1 << 20),
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = http::router(relay.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (relay, format!("http://{addr}/derp"))
+}
+
+struct Peer {
+    key: Key,
+    client: RelayClient,
+    events: mpsc::Receiver<((), RelayEvent)>,
+}
+
+impl Peer {
+    async fn connect(url: &str) -> Peer {
+        let secret = StaticSecret::random_from_rng(OsRng);
+        let key = PublicKey::from(&secret).to_bytes();
+        let (tx, events) = mpsc::channel(1024);
+        let client = RelayClient::spawn(url.to_owned(), secret, (), tx);
+        let mut p = Peer { key, client, events };
+        match p.next().await {
+            RelayEvent::Connected => p,
+            other => panic!("not connected: {other:?}"),
+        }
+    }
+
+    async fn next(&mut self) -> RelayEvent {
+        tokio::time::timeout(Duration::from_secs(5), self.events.recv()).await.expect("event in time").expect("open").1
+    }
+
+    async fn next_packet(&mut self) -> (Key, Vec<u8>) {
+        loop {
+            match self.next().await {
+                RelayEvent::Packet { src, data } => return (src, data),
+                RelayEvent::PeerGone { .. } => continue,
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+}
+
+async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    for _ in 0..200 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[tokio::test]
+async fn forwards_between_clients_and_reports_departures() {
+    let (relay, url) = start(Admission::Open, 1 << 30).await;
+    let mut a = Peer::connect(&url).await;
+    let mut b = Peer::connect(&url).await;
+    assert_eq!(relay.client_count(), 2);
+
+    assert!(a.client.send(b.key, b"hello b"));
+    assert_eq!(b.next_packet().await, (a.key, b"hello b".to_vec()));
+    assert!(b.client.send(a.key, b"hello a"));
+    assert_eq!(a.next_packet().await, (b.key, b"hello a".to_vec()));
+
+    // To a key that is not here: a notice back, counted.
+    let nobody = [9u8; 32];
+    assert!(a.client.send(nobody, b"?"));
+    match a.next().await {
+        RelayEvent::PeerGone { key, reason } => assert_eq!((key, reason), (nobody, GoneReason::NotHere)),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(relay.metrics.drops(Drop::NoSuchPeer), 1);
+
+    // b leaves: a, who sent to it, hears.
+    drop(b.client);
+    match a.next().await {
+        RelayEvent::PeerGone { key, reason } => assert_eq!((key, reason), (b.key, GoneReason::Disconnected)),
+        other => panic!("{other:?}"),
+    }
+    wait_for("b removed", || relay.client_count() == 1).await;
+    assert!(relay.metrics.render().contains("derp_clients 1"));
+}
+
+/// Opens a raw upgraded connection and returns it after the server's key frame.
+async fn raw(url: &str) -> (TcpStream, Key, [u8; 16]) {
+    let addr: SocketAddr = url.trim_start_matches("http://").trim_end_matches("/derp").parse().unwrap();
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET /derp HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: crank-derp\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(s.read_u8().await.unwrap());
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    let mut frame = [0u8; 5 + 48];
+    s.read_exact(&mut frame).await.unwrap();
+    let Some((Frame::ServerKey { key, challenge }, _)) = Frame::decode(&frame).unwrap() else { panic!() };
+    (s, key, challenge)
+}
+
+/// Reads until the server closes, returning what it sent.
+async fn drain(mut s: TcpStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await.expect("server closes");
+    out
+}
+
+#[tokio::test]
+async fn bad_clients_are_closed_with_a_counted_reason_and_others_carry_on() {
+    let (relay, url) = start(Admission::Open, 1 << 30).await;
+    let a = Peer::connect(&url).await;
+    let mut b = Peer::connect(&url).await;
+
+    // Unauthenticated: a packet before any proof.
+    let (mut s, _, _) = raw(&url).await;
+    let mut f = Vec::new();
+    Frame::SendPacket { dst: a.key, data: b"sneaky".to_vec() }.encode(&mut f).unwrap();
+    s.write_all(&f).await.unwrap();
+    let reply = drain(s).await;
+    assert!(String::from_utf8_lossy(&reply).contains("unauthenticated"));
+    assert_eq!(relay.metrics.drops(Drop::Unauthenticated), 1);
+
+    // A key it cannot prove: sealed with another secret.
+    let (mut s, relay_key, challenge) = raw(&url).await;
+    let mut sealed = crate::proto::handshake::seal(&StaticSecret::random_from_rng(OsRng), &relay_key, &challenge, None).unwrap();
+    if let Frame::ClientInfo { node_key, .. } = &mut sealed {
+        *node_key = a.key;
+    }
+    let mut f = Vec::new();
+    sealed.encode(&mut f).unwrap();
+    s.write_all(&f).await.unwrap();
+    drain(s).await;
+    assert_eq!(relay.metrics.drops(Drop::Unauthenticated), 2);
+
+    // Oversized frame header.
+    let (mut s, _, _) = raw(&url).await;
+    s.write_all(&[0x04, 0xff, 0xff, 0xff, 0xff]).await.unwrap();
+    drain(s).await;
+    assert_eq!(relay.metrics.drops(Drop::Oversized), 1);
+
+    // Malformed after authenticating: a frame only servers send.
+    let secret = StaticSecret::random_from_rng(OsRng);
+    let (mut s, relay_key, challenge) = raw(&url).await;
+    let mut f = Vec::new();
+    crate::proto::handshake::seal(&secret, &relay_key, &challenge, None).unwrap().encode(&mut f).unwrap();
+    Frame::RecvPacket { src: a.key, data: vec![1] }.encode(&mut f).unwrap();
+    s.write_all(&f).await.unwrap();
+    drain(s).await;
+    assert_eq!(relay.metrics.drops(Drop::UnexpectedFrame), 1);
+
+    // The good clients never noticed.
+    assert!(a.client.send(b.key, b"still here"));
+    assert_eq!(b.next_packet().await, (a.key, b"still here".to_vec()));
+    assert_eq!(relay.client_count(), 2);
+}
+
+#[tokio::test]
+async fn a_slow_reader_does_not_stall_others_and_disco_gets_through() {
+    let (relay, url) = start(Admission::Open, 1 << 30).await;
+    let a = Peer::connect(&url).await;
+    let mut b = Peer::connect(&url).await;
+    let mut c = Peer::connect(&url).await;
+
+    // A client that proves its key, then never reads.
+    let secret = StaticSecret::random_from_rng(OsRng);
+    let stuck_key = PublicKey::from(&secret).to_bytes();
+    let (mut stuck, relay_key, challenge) = raw(&url).await;
+    let mut f = Vec::new();
+    crate::proto::handshake::seal(&secret, &relay_key, &challenge, None).unwrap().encode(&mut f).unwrap();
+    stuck.write_all(&f).await.unwrap();
+    wait_for("stuck admitted", || relay.client_count() == 4).await;
+
+    // Flood it far past what its socket and queue hold.
+    let payload = vec![0x04u8; 1200];
+    for _ in 0..20_000 {
+        while !a.client.send(stuck_key, &payload) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    wait_for("queue-full drops", || relay.metrics.drops(Drop::QueueFull) > 0).await;
+
+    // Meanwhile b and c talk normally.
+    for i in 0..50u8 {
+        assert!(b.client.send(c.key, &[i]));
+        assert_eq!(c.next_packet().await, (b.key, vec![i]));
+    }
+    let mut disco = platform::disco::MAGIC.to_vec();
+    disco.extend_from_slice(b"ping");
+    assert!(c.client.send(b.key, &disco));
+    assert_eq!(b.next_packet().await, (c.key, disco));
+    drop(stuck);
+}
+
+#[tokio::test]
+async fn rate_limit_drops_excess() {
+    let (relay, url) = start(Admission::Open, 10_000).await;
+    let a = Peer::connect(&url).await;
+    let mut b = Peer::connect(&url).await;
+    for _ in 0..100 {
+        assert!(a.client.send(b.key, &[0u8; 1000]));
+    }
+    // The burst (10 kB) passes, the rest is dropped.
+    wait_for("rate-limited drops", || relay.metrics.drops(Drop::RateLimited) >= 80).await;
+    let mut got = 0;
+    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(300), b.events.recv()).await {
+        got += 1;
+    }
+    assert!((5..=20).contains(&got), "{got} packets passed");
+}
+
+/// A coordinator stand-in answering admission checks for one known key.
+async fn fake_coordinator(known: Key) -> String {
+    use axum::extract::Path;
+    use axum::http::StatusCode;
+    let known = platform::keys::NodePublic::from_bytes(known).to_string();
+    let app = axum::Router::new().route(
+        "/api/v1/relay/admit/{key}",
+        axum::routing::get(move |Path(key): Path<String>| {
+            let known = known.clone();
+            async move { if key == known { StatusCode::OK } else { StatusCode::NOT_FOUND } }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}")
+}
+
+#[tokio::test]
+async fn admission_asks_the_coordinator() {
+    let secret = StaticSecret::random_from_rng(OsRng);
+    let known = PublicKey::from(&secret).to_bytes();
+    let coord = fake_coordinator(known).await;
+    let (relay, url) = start(Admission::coordinator(&coord, "t".into()), 1 << 30).await;
+
+    let (tx, mut events) = mpsc::channel(16);
+    let _ok = RelayClient::spawn(url.clone(), secret, (), tx);
+    assert!(matches!(events.recv().await.unwrap().1, RelayEvent::Connected));
+
+    let (tx, mut events) = mpsc::channel(16);
+    let _stranger = RelayClient::spawn(url.clone(), StaticSecret::random_from_rng(OsRng), (), tx);
+    match events.recv().await.unwrap().1 {
+        RelayEvent::Disconnected { reason } => assert!(reason.contains("admission_denied"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(relay.metrics.drops(Drop::AdmissionDenied) >= 1);
+
+    // Coordinator unreachable: unknown keys are refused.
+    let (relay, url) = start(Admission::coordinator("http://127.0.0.1:1", "t".into()), 1 << 30).await;
+    let (tx, mut events) = mpsc::channel(16);
+    let _c = RelayClient::spawn(url, StaticSecret::random_from_rng(OsRng), (), tx);
+    match events.recv().await.unwrap().1 {
+        RelayEvent::Disconnected { reason } => assert!(reason.contains("admission_unavailable"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(relay.metrics.drops(Drop::AdmissionUnavailable), 1);
+}
+
+#[tokio::test]
+async fn stun_tells_the_client_its_address() {
+    let server = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = server.local_addr().unwrap();
+    tokio::spawn(http::serve_stun(server));
+    let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    client.send_to(b"not stun", addr).await.unwrap();
+    let tx = [7u8; 12];
+    client.send_to(&crate::proto::stun::request(&tx), addr).await.unwrap();
+    let mut buf = [0u8; 200];
+    let (n, _) = tokio::time::timeout(Duration::from_secs(2), client.recv_from(&mut buf)).await.unwrap().unwrap();
+    assert_eq!(crate::proto::stun::parse_response(&buf[..n], &tx), Some(client.local_addr().unwrap()));
+}
+
+#[tokio::test]
+async fn plain_http_to_the_relay_endpoint_gets_a_json_error() {
+    let (_relay, url) = start(Admission::Open, 1 << 30).await;
+    let resp = reqwest::get(&url).await.unwrap();
+    assert_eq!(resp.status(), reqwest::StatusCode::UPGRADE_REQUIRED);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "upgrade_required");
+}
