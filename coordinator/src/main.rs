@@ -39,7 +39,13 @@ enum Command {
         dir: StateDir,
         #[arg(long, env = "COORDINATOR_LISTEN", default_value = "0.0.0.0:8080")]
         listen: SocketAddr,
+        /// Relay regions (JSON: {"regions":[{"id","code","urls":[…],"stun":[…]}]}).
+        #[arg(long, env = "COORDINATOR_RELAY_MAP")]
+        relay_map: Option<PathBuf>,
     },
+    /// Relay tokens.
+    #[command(subcommand, name = "relay-token")]
+    RelayToken(RelayTokenCmd),
     /// Networks.
     #[command(subcommand)]
     Network(NetworkCmd),
@@ -100,6 +106,17 @@ enum PreauthCmd {
 }
 
 #[derive(Subcommand)]
+enum RelayTokenCmd {
+    /// Create a token for a relay's admission checks and print it (shown once).
+    Create {
+        #[arg(long)]
+        name: String,
+        #[command(flatten)]
+        dir: StateDir,
+    },
+}
+
+#[derive(Subcommand)]
 enum DeviceCmd {
     List {
         #[arg(long)]
@@ -130,7 +147,16 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
             eprintln!("coordinator initialised in {}; admin API token (shown once):", dir.state_dir.display());
             println!("{token}");
         }
-        Command::Serve { dir, listen } => coordinator::serve(&dir.state_dir, listen).await?,
+        Command::Serve { dir, listen, relay_map } => {
+            let relay_map = match relay_map {
+                Some(path) => coordinator::load_relay_map(&path)?,
+                None => Default::default(),
+            };
+            coordinator::serve(&dir.state_dir, listen, relay_map).await?
+        }
+        Command::RelayToken(RelayTokenCmd::Create { name, dir }) => {
+            println!("{}", open(&dir).await?.create_relay_token(&name, unix_now()).await?);
+        }
         Command::Network(NetworkCmd::Create { name, dir }) => {
             print_json(&open(&dir).await?.create_network(&name, unix_now()).await?)?
         }

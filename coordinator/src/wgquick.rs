@@ -64,6 +64,7 @@ mod tests {
             endpoints: endpoint.into_iter().map(|e| e.parse().unwrap()).collect(),
             online: true,
             os: "linux".into(),
+            home_region: None,
         }
     }
 

@@ -51,6 +51,7 @@ fn node(id: i64, key: NodePublic, addresses: Vec<IpAddr>, endpoints: Vec<SocketA
         endpoints,
         online: true,
         os: String::new(),
+        home_region: None,
     }
 }
 

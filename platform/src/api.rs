@@ -89,6 +89,8 @@ pub enum ClientMessage {
     /// The device's direct endpoints changed.
     Endpoints { endpoints: Vec<SocketAddr> },
     Heartbeat { capabilities: Option<Capabilities> },
+    /// The relay region the device listens on (lowest latency).
+    HomeRegion { region: u32 },
 }
 
 /// Coordinator → device on the map stream.
@@ -221,6 +223,7 @@ mod tests {
         fn client_messages_round_trip(port in any::<u16>(), ip in any::<[u8; 4]>()) {
             round_trip(&ClientMessage::Endpoints { endpoints: vec![SocketAddr::from((ip, port))] });
             round_trip(&ClientMessage::Heartbeat { capabilities: None });
+            round_trip(&ClientMessage::HomeRegion { region: u32::from(port) });
         }
 
         #[test]

@@ -39,6 +39,9 @@ pub struct Node {
     pub endpoints: Vec<SocketAddr>,
     pub online: bool,
     pub os: String,
+    /// Relay region where the device can be reached when no direct path works.
+    #[serde(default)]
+    pub home_region: Option<u32>,
 }
 
 /// Relays by region; delivered empty until relays are configured.
@@ -51,7 +54,12 @@ pub struct RelayMap {
 pub struct RelayRegion {
     pub id: u32,
     pub code: String,
+    /// Relay endpoints, `http://host:port/derp`; several relays of one
+    /// region are alternatives.
     pub urls: Vec<String>,
+    /// STUN servers of the region, `host:port`.
+    #[serde(default)]
+    pub stun: Vec<String>,
 }
 
 /// Name resolution settings for MagicDNS.
@@ -223,6 +231,7 @@ pub(crate) mod tests {
                     .collect(),
                 online,
                 os: "linux".into(),
+                home_region: None,
             })
     }
 

@@ -12,7 +12,7 @@ use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::response::{IntoResponse as _, Response};
 use platform::addr::OVERLAY_V4;
 use platform::api::{ClientMessage, MapHello, ServerMessage};
-use platform::netmap::{coalesce, DnsConfig, NetMap, NodeKind, PeerChange, RelayMap};
+use platform::netmap::{coalesce, DnsConfig, NetMap, NodeKind, PeerChange};
 use platform::signed::DOMAIN_MAP;
 use platform::unix_now;
 use tokio::sync::mpsc;
@@ -109,7 +109,7 @@ async fn full_netmap(s: &SharedState, me: &DeviceRow) -> Result<NetMap, AppError
         self_node,
         routes: vec![OVERLAY_V4, s.store.ula_prefix().await?.prefix()],
         peers,
-        relay_map: RelayMap::default(),
+        relay_map: s.relay_map.clone(),
         dns: DnsConfig::default(),
     })
 }
@@ -187,6 +187,14 @@ async fn handle_client_message(s: &SharedState, me: &DeviceRow, conn_id: u64, te
             endpoints.dedup();
             s.store.set_endpoints(me.id, &endpoints).await?;
             s.hub.broadcast(me.network_id, me.id, PeerChange::Endpoints { node_key: me.node_key()?, endpoints });
+        }
+        ClientMessage::HomeRegion { region } => {
+            if !s.relay_map.regions.iter().any(|r| r.id == region) {
+                return Err(AppError::BadRequest(format!("no relay region {region}")));
+            }
+            s.store.set_home_region(me.id, region).await?;
+            let row = s.store.device(&me.network, me.id).await?;
+            s.hub.broadcast(me.network_id, me.id, PeerChange::Upsert { node: row.to_node(true)? });
         }
     }
     Ok(())

@@ -3,6 +3,7 @@
 mod admin;
 mod map;
 mod register;
+mod relay;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,7 +12,7 @@ use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::routing::{delete, get, post};
 use axum::Router;
-use platform::netmap::PeerChange;
+use platform::netmap::{PeerChange, RelayMap};
 use serde::de::DeserializeOwned;
 
 use crate::error::AppError;
@@ -26,6 +27,8 @@ pub struct AppState {
     pub hub: Hub,
     /// How long map-stream batches collect changes before sending.
     pub batch_window: Duration,
+    /// Relays, delivered in every netmap.
+    pub relay_map: RelayMap,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -45,6 +48,7 @@ pub fn router(state: SharedState) -> Router {
         .route("/api/v1/networks/{network}/devices/{id}/wg-quick", get(admin::wg_quick_config))
         .route("/api/v1/networks/{network}/wireguard-peers", post(admin::create_wireguard_peer))
         .route("/api/v1/register", post(register::register))
+        .route("/api/v1/relay/admit/{node_key}", get(relay::admit))
         .route("/api/v1/map", get(map::map_stream))
         .fallback(|| async { AppError::NotFound("no such endpoint".into()) })
         .method_not_allowed_fallback(|| async { AppError::MethodNotAllowed })
@@ -69,6 +73,20 @@ pub async fn run_sweeper(state: SharedState) {
     }
 }
 
+/// The bearer token of a request.
+fn bearer<'a>(parts: &'a Parts, what: &str) -> Result<&'a str, AppError> {
+    let header = parts
+        .headers
+        .get(axum::http::header::AUTHORIZATION)
+        .ok_or_else(|| AppError::Unauthorized(format!("missing Authorization: Bearer <{what}>")))?;
+    header
+        .to_str()
+        .ok()
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .map(str::trim)
+        .ok_or_else(|| AppError::Unauthorized(format!("Authorization must be `Bearer <{what}>`")))
+}
+
 /// A request authenticated with an admin API token (`Authorization: Bearer`).
 pub struct Admin;
 
@@ -76,19 +94,25 @@ impl FromRequestParts<SharedState> for Admin {
     type Rejection = AppError;
 
     async fn from_request_parts(parts: &mut Parts, state: &SharedState) -> Result<Self, AppError> {
-        let header = parts
-            .headers
-            .get(axum::http::header::AUTHORIZATION)
-            .ok_or_else(|| AppError::Unauthorized("missing Authorization: Bearer <admin token>".into()))?;
-        let token = header
-            .to_str()
-            .ok()
-            .and_then(|h| h.strip_prefix("Bearer "))
-            .ok_or_else(|| AppError::Unauthorized("Authorization must be `Bearer <admin token>`".into()))?;
-        if state.store.admin_token_valid(token.trim()).await? {
+        if state.store.admin_token_valid(bearer(parts, "admin token")?).await? {
             Ok(Admin)
         } else {
             Err(AppError::Unauthorized("invalid admin token".into()))
+        }
+    }
+}
+
+/// A request from a relay, authenticated with a relay token.
+pub struct RelayAuth;
+
+impl FromRequestParts<SharedState> for RelayAuth {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &SharedState) -> Result<Self, AppError> {
+        if state.store.relay_token_valid(bearer(parts, "relay token")?).await? {
+            Ok(RelayAuth)
+        } else {
+            Err(AppError::Unauthorized("invalid relay token".into()))
         }
     }
 }

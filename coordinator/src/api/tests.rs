@@ -37,6 +37,7 @@ impl Harness {
             store,
             hub: Hub::new(Duration::from_secs(20)),
             batch_window: Duration::from_millis(10),
+            relay_map: platform::netmap::RelayMap::default(),
         });
         Harness { state, token, _dir: dir }
     }
@@ -295,4 +296,29 @@ async fn map_stream_refuses_unknown_devices_and_garbage() {
     ws.send(Message::text("{\"type\":\"heartbeat\"")).await.unwrap();
     let ServerMessage::Error { error } = next_msg(&mut ws).await else { panic!("error expected") };
     assert_eq!(error.code, "bad_request");
+}
+
+#[tokio::test]
+async fn relays_ask_whether_a_node_key_may_connect() {
+    let h = Harness::new().await;
+    let key = h.network_and_key(json!({"reusable": true})).await;
+    let relay_token = h.state.store.create_relay_token("r1", unix_now()).await.unwrap();
+    let node = NodePrivate::generate();
+    let (s, _) = h.call("POST", "/api/v1/register", Some(register_body(&DevicePrivate::generate(), &node, &key, "a", unix_now())), false).await;
+    assert_eq!(s, StatusCode::OK);
+
+    let ask = |k: String, token: Option<String>| {
+        let mut req = Request::builder().uri(format!("/api/v1/relay/admit/{k}"));
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        let req = req.body(HttpBody::empty()).unwrap();
+        let app = router(h.state.clone());
+        async move { app.oneshot(req).await.unwrap().status() }
+    };
+    assert_eq!(ask(node.public().to_string(), Some(relay_token.clone())).await, StatusCode::OK);
+    assert_eq!(ask(NodePrivate::generate().public().to_string(), Some(relay_token.clone())).await, StatusCode::NOT_FOUND);
+    assert_eq!(ask("nodekey:zz".into(), Some(relay_token)).await, StatusCode::BAD_REQUEST);
+    assert_eq!(ask(node.public().to_string(), None).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(ask(node.public().to_string(), Some(h.token.clone())).await, StatusCode::UNAUTHORIZED, "admin tokens are not relay tokens");
 }

@@ -30,11 +30,12 @@ pub struct DeviceRow {
     pub created_at: i64,
     pub last_seen: Option<i64>,
     pub preauth_key_id: Option<i64>,
+    pub home_region: Option<i64>,
 }
 
 const SELECT_DEVICE: &str = "SELECT d.id, d.network_id, n.name AS network, d.kind, d.device_key, \
      d.node_key, d.disco_key, d.hostname, d.name, d.os, d.ipv4, d.ipv6, d.endpoints, d.ephemeral, \
-     d.created_at, d.last_seen, d.preauth_key_id FROM devices d JOIN networks n ON n.id = d.network_id";
+     d.created_at, d.last_seen, d.preauth_key_id, d.home_region FROM devices d JOIN networks n ON n.id = d.network_id";
 
 fn corrupt(what: &str, e: impl std::fmt::Display) -> AppError {
     AppError::Internal(anyhow::anyhow!("stored {what} is invalid: {e}"))
@@ -77,6 +78,7 @@ impl DeviceRow {
             endpoints: self.endpoints()?,
             online,
             os: self.os.clone(),
+            home_region: self.home_region.and_then(|r| u32::try_from(r).ok()),
         })
     }
 
@@ -316,6 +318,22 @@ impl Store {
             .execute(self.pool())
             .await?;
         Ok(())
+    }
+
+    pub async fn set_home_region(&self, id: i64, region: u32) -> Result<(), AppError> {
+        sqlx::query("UPDATE devices SET home_region = ? WHERE id = ?")
+            .bind(i64::from(region))
+            .bind(id)
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
+    pub async fn device_by_node_key(&self, key: &NodePublic) -> Result<Option<DeviceRow>, AppError> {
+        Ok(sqlx::query_as(&format!("{SELECT_DEVICE} WHERE d.node_key = ?"))
+            .bind(key.to_string())
+            .fetch_optional(self.pool())
+            .await?)
     }
 
     pub async fn touch(&self, id: i64, now: u64) -> Result<(), AppError> {

@@ -118,6 +118,26 @@ impl Store {
         Ok(row.is_some())
     }
 
+    /// A token a relay presents for admission checks; returned once.
+    pub async fn create_relay_token(&self, name: &str, now: u64) -> Result<String, AppError> {
+        let token = random_secret("meshrelay");
+        sqlx::query("INSERT INTO relay_tokens (name, token_hash, created_at) VALUES (?, ?, ?)")
+            .bind(name)
+            .bind(secret_hash(&token))
+            .bind(now as i64)
+            .execute(&self.pool)
+            .await?;
+        Ok(token)
+    }
+
+    pub async fn relay_token_valid(&self, token: &str) -> Result<bool, AppError> {
+        let row: Option<(i64,)> = sqlx::query_as("SELECT id FROM relay_tokens WHERE token_hash = ?")
+            .bind(secret_hash(token))
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.is_some())
+    }
+
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
     }
@@ -149,5 +169,9 @@ mod tests {
         assert!(!store.admin_token_valid("meshadm-nope").await.unwrap());
         assert!(matches!(store.init(2).await, Err(AppError::Conflict(_))));
         assert!(store.ula_prefix().await.is_ok());
+        let relay = store.create_relay_token("r1", 3).await.unwrap();
+        assert!(store.relay_token_valid(&relay).await.unwrap());
+        assert!(!store.admin_token_valid(&relay).await.unwrap(), "relay tokens are not admin tokens");
+        assert!(!store.relay_token_valid(&token).await.unwrap());
     }
 }

@@ -182,6 +182,7 @@ pub(super) mod tests {
             endpoints: eps.iter().map(|e| e.parse().unwrap()).collect(),
             online: true,
             os: "linux".into(),
+            home_region: None,
         }
     }
 
