@@ -20,6 +20,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::endpoints::local_endpoints;
 use crate::engine::EngineSlot;
+use crate::netcheck;
 use crate::state::Keys;
 
 /// How often local addresses are checked for changes.
@@ -149,7 +150,28 @@ async fn map_session(coordinator: &str, keys: &Keys, engine: &EngineSlot, state:
             _ = heartbeat.tick() => send(&mut ws, &ClientMessage::Heartbeat { capabilities: None }).await?,
             _ = endpoint_check.tick() => {
                 let (Some(map), Some(e)) = (&netmap, engine.get()) else { continue };
-                let now = local_endpoints(e.udp_port(), &map.routes, e.tun_name());
+                if e.home_region().is_none() && !map.relay_map.regions.is_empty() {
+                    let latencies = netcheck::relay_latencies(&map.relay_map).await;
+                    if let Some(region) = netcheck::pick_home(&latencies) {
+                        tracing::info!(region, "home relay region chosen");
+                        e.set_home_region(region);
+                        send(&mut ws, &ClientMessage::HomeRegion { region }).await?;
+                    }
+                }
+                let mut now = local_endpoints(e.udp_port(), &map.routes, e.tun_name());
+                if let Some(public) = e.public_endpoint() {
+                    now.push(public);
+                    now.sort();
+                    now.dedup();
+                }
+                let stun = netcheck::stun_servers(&map.relay_map).await;
+                if !stun.is_empty() {
+                    e.probe_stun(&stun).await;
+                    if e.public_endpoint().is_none() {
+                        // Report the answer soon rather than in a full period.
+                        endpoint_check.reset_after(Duration::from_secs(1));
+                    }
+                }
                 if now != reported {
                     tracing::debug!(endpoints = ?now, "reporting endpoints");
                     send(&mut ws, &ClientMessage::Endpoints { endpoints: now.clone() }).await?;

@@ -5,12 +5,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use platform::netmap::NodeKind;
+use platform::netmap::{NetMap, NodeKind};
 use tokio::sync::{watch, Mutex};
 use tokio::task::JoinHandle;
 
 use crate::control::{self, MapState};
-use crate::engine::{EngineSlot, TunConfig};
+use crate::engine::{EngineSlot, PeerStats, TunConfig};
 use crate::localapi::{BackendState, PeerStatus, Request, Response, SelfStatus, Status};
 use crate::state::{Keys, Prefs, StateDir};
 
@@ -44,6 +44,11 @@ pub struct Daemon {
     state: StateDir,
     keys: Arc<Keys>,
     session: Mutex<Option<Session>>,
+}
+
+/// A relay region's short name, for people.
+fn region_code(netmap: &NetMap, region: u32) -> String {
+    netmap.relay_map.regions.iter().find(|r| r.id == region).map_or_else(|| region.to_string(), |r| r.code.clone())
 }
 
 fn system_hostname() -> String {
@@ -148,12 +153,21 @@ impl Daemon {
             addresses: netmap.self_node.addresses.clone(),
             tun: engine.tun_name().to_owned(),
             udp_port: engine.udp_port(),
+            home_region: engine.home_region().map(|r| region_code(netmap, r)),
+            home_relay_connected: engine.home_region().is_some_and(|r| engine.relay_up(r)),
+            public_endpoint: engine.public_endpoint(),
         });
         status.peers = netmap
             .peers
             .values()
             .map(|p| {
                 let stats = engine.peer_stats(&p.node_key);
+                let path = match stats.as_ref() {
+                    Some(PeerStats { endpoint: Some(ep), direct: true, .. }) => format!("direct {ep}"),
+                    Some(PeerStats { relay: Some(r), .. }) => format!("relay {}", region_code(netmap, *r)),
+                    Some(PeerStats { endpoint: Some(ep), .. }) => format!("trying {ep}"),
+                    _ => "none".to_owned(),
+                };
                 PeerStatus {
                     name: p.name.clone(),
                     kind: match p.kind {
@@ -163,6 +177,7 @@ impl Daemon {
                     node_key: p.node_key.to_string(),
                     addresses: p.addresses.clone(),
                     online: p.online,
+                    path,
                     endpoint: stats.as_ref().and_then(|s| s.endpoint),
                     last_handshake_secs_ago: stats.as_ref().and_then(|s| s.last_handshake_secs_ago),
                     rx_bytes: stats.as_ref().map_or(0, |s| s.rx_bytes),

@@ -47,6 +47,11 @@ pub struct SelfStatus {
     pub addresses: Vec<IpAddr>,
     pub tun: String,
     pub udp_port: u16,
+    /// Relay region where peers can always reach this device.
+    pub home_region: Option<String>,
+    pub home_relay_connected: bool,
+    /// This device's address as STUN servers see it.
+    pub public_endpoint: Option<SocketAddr>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,6 +61,8 @@ pub struct PeerStatus {
     pub node_key: String,
     pub addresses: Vec<IpAddr>,
     pub online: bool,
+    /// `direct IP:PORT`, `relay CODE`, `trying IP:PORT` or `none`.
+    pub path: String,
     pub endpoint: Option<SocketAddr>,
     pub last_handshake_secs_ago: Option<u64>,
     pub rx_bytes: u64,

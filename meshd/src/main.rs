@@ -6,6 +6,7 @@ mod daemon;
 mod endpoints;
 mod engine;
 mod localapi;
+mod netcheck;
 mod state;
 mod static_tunnel;
 mod status_text;

@@ -35,20 +35,30 @@ pub fn render(s: &Status) -> String {
             let _ = writeln!(out, "{:<28} {:<16} {} (this device, network {})", addrs(&me.addresses), me.name, me.tun, me.network);
         }
     }
+    if let Some(me) = &s.self_ {
+        match (&me.home_region, me.home_relay_connected) {
+            (Some(r), true) => {
+                let _ = writeln!(out, "# home relay: {r}");
+            }
+            (Some(r), false) => {
+                let _ = writeln!(out, "# home relay: {r} (not connected)");
+            }
+            (None, _) => {}
+        }
+    }
     if !s.coordinator_connected {
         let _ = writeln!(out, "# coordinator unreachable; using the last netmap");
     }
     for p in &s.peers {
         let handshake = p.last_handshake_secs_ago.map_or("never".to_owned(), |t| format!("{t}s ago"));
-        let endpoint = p.endpoint.map_or("-".to_owned(), |e| e.to_string());
         let _ = writeln!(
             out,
-            "{:<28} {:<16} {:<9} {:<8} endpoint {:<22} handshake {:<9} rx {} tx {}",
+            "{:<28} {:<16} {:<9} {:<8} {:<28} handshake {:<9} rx {} tx {}",
             addrs(&p.addresses),
             p.name,
             p.kind,
             if p.online { "online" } else { "offline" },
-            endpoint,
+            p.path,
             handshake,
             bytes(p.rx_bytes),
             bytes(p.tx_bytes),

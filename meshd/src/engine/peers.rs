@@ -24,29 +24,61 @@ const HANDSHAKE_INIT: u8 = 1;
 
 pub struct PeerState {
     pub tunn: Tunn,
-    /// Where the peer was last heard from (roaming follows it).
+    /// Where the peer was last heard from directly (roaming follows it).
     confirmed: Option<SocketAddr>,
     last_rx: Option<Instant>,
     /// Endpoints from the netmap, tried in turn until one answers.
     candidates: Vec<SocketAddr>,
     next_candidate: usize,
+    /// The relay region where the peer listens.
+    home_region: Option<u32>,
+}
+
+/// Where one packet goes: directly, through a relay, or both.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Targets {
+    pub direct: Option<SocketAddr>,
+    pub relay: Option<u32>,
+}
+
+/// The path a peer's traffic takes now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Path {
+    Direct(SocketAddr),
+    /// A direct endpoint being tried, not yet answered.
+    Trying(SocketAddr),
+    Relay(u32),
+    None,
 }
 
 impl PeerState {
-    /// Where to send `packet`. Handshake initiations to a peer whose
-    /// endpoint is not confirmed go to the next candidate in turn, so an
-    /// unreachable address does not block the others.
-    pub fn target_for(&mut self, packet: &[u8]) -> Option<SocketAddr> {
+    /// Where to send `packet`. With a confirmed direct endpoint, there. Else
+    /// through the peer's home relay when it has one, while handshake
+    /// initiations also try its direct endpoints in turn (an answer over UDP
+    /// confirms one and moves the traffic there). Without a relay, every
+    /// packet tries the current candidate.
+    pub fn targets_for(&mut self, packet: &[u8]) -> Targets {
         if let Some(ep) = self.confirmed {
-            return Some(ep);
+            return Targets { direct: Some(ep), relay: None };
         }
-        if self.candidates.is_empty() {
-            return None;
-        }
-        if packet.first() == Some(&HANDSHAKE_INIT) {
+        let handshake = packet.first() == Some(&HANDSHAKE_INIT);
+        if handshake && !self.candidates.is_empty() {
             self.next_candidate = (self.next_candidate + 1) % self.candidates.len();
         }
-        Some(self.candidates[self.next_candidate % self.candidates.len()])
+        let candidate = self.candidates.get(self.next_candidate % self.candidates.len().max(1)).copied();
+        match self.home_region {
+            Some(region) => Targets { direct: candidate.filter(|_| handshake), relay: Some(region) },
+            None => Targets { direct: candidate, relay: None },
+        }
+    }
+
+    pub fn path(&self) -> Path {
+        match (self.confirmed, self.home_region, self.candidates.get(self.next_candidate % self.candidates.len().max(1))) {
+            (Some(ep), _, _) => Path::Direct(ep),
+            (None, Some(region), _) => Path::Relay(region),
+            (None, None, Some(c)) => Path::Trying(*c),
+            (None, None, None) => Path::None,
+        }
     }
 
     /// A packet from `from` authenticated as this peer.
@@ -60,10 +92,6 @@ impl PeerState {
         if self.last_rx.is_some_and(|t| now.duration_since(t) > ENDPOINT_STALE_AFTER) {
             self.confirmed = None;
         }
-    }
-
-    pub fn endpoint_in_use(&self) -> Option<SocketAddr> {
-        self.confirmed.or_else(|| self.candidates.get(self.next_candidate % self.candidates.len().max(1)).copied())
     }
 
     fn set_candidates(&mut self, candidates: Vec<SocketAddr>) {
@@ -82,6 +110,7 @@ impl PeerState {
 }
 
 pub struct Peer {
+    pub node_key: NodePublic,
     /// Overlay addresses this peer may send from (and is routed to).
     pub allowed: Vec<IpAddr>,
     /// Session index; receivers see it in the top 24 bits.
@@ -133,7 +162,10 @@ impl PeerTable {
             let candidates = node.endpoints.clone();
             let peer = match old.by_key.get(&node.node_key) {
                 Some(existing) if existing.allowed == node.addresses && existing.disco_key == node.disco_key => {
-                    existing.lock().set_candidates(candidates);
+                    let mut st = existing.lock();
+                    st.set_candidates(candidates);
+                    st.home_region = node.home_region;
+                    drop(st);
                     existing.clone()
                 }
                 _ => {
@@ -146,8 +178,16 @@ impl PeerTable {
                         index,
                         None,
                     );
-                    let state = PeerState { tunn, confirmed: None, last_rx: None, candidates, next_candidate: 0 };
+                    let state = PeerState {
+                        tunn,
+                        confirmed: None,
+                        last_rx: None,
+                        candidates,
+                        next_candidate: 0,
+                        home_region: node.home_region,
+                    };
                     Arc::new(Peer {
+                        node_key: node.node_key,
                         allowed: node.addresses.clone(),
                         index,
                         disco_key: node.disco_key,
@@ -226,15 +266,40 @@ pub(super) mod tests {
         let t = PeerTable::build(&PeerTable::default(), &netmap(&me, vec![node(a, 2, &["10.0.0.1:1", "10.0.0.2:1"])]), &me, &idx);
         let mut st = t.by_key[&a].lock();
         let init = [HANDSHAKE_INIT, 0, 0, 0];
-        let first = st.target_for(&init).unwrap();
-        let second = st.target_for(&init).unwrap();
+        let data = [4, 0, 0, 0];
+        let first = st.targets_for(&init).direct.unwrap();
+        let second = st.targets_for(&init).direct.unwrap();
         assert_ne!(first, second);
-        assert_eq!(st.target_for(&[4, 0, 0, 0]), Some(second), "data follows the last try");
+        assert_eq!(st.targets_for(&data), Targets { direct: Some(second), relay: None }, "data follows the last try");
+        assert_eq!(st.path(), Path::Trying(second));
         let roamed: SocketAddr = "192.168.1.9:5".parse().unwrap();
         let now = Instant::now();
         st.heard_from(roamed, now);
-        assert_eq!(st.target_for(&init), Some(roamed));
+        assert_eq!(st.targets_for(&init).direct, Some(roamed));
+        assert_eq!(st.path(), Path::Direct(roamed));
         st.expire_endpoint(now + Duration::from_secs(16));
-        assert_ne!(st.target_for(&init), Some(roamed));
+        assert_ne!(st.targets_for(&init).direct, Some(roamed));
+    }
+
+    #[test]
+    fn relay_carries_traffic_until_a_direct_path_answers() {
+        let me = NodePrivate::generate();
+        let a = NodePrivate::generate().public();
+        let mut n = node(a, 2, &["10.0.0.1:1"]);
+        n.home_region = Some(7);
+        let t = PeerTable::build(&PeerTable::default(), &netmap(&me, vec![n]), &me, &IndexAllocator::new(1));
+        let mut st = t.by_key[&a].lock();
+        let init = [HANDSHAKE_INIT, 0, 0, 0];
+        let data = [4, 0, 0, 0];
+        let direct: SocketAddr = "10.0.0.1:1".parse().unwrap();
+        assert_eq!(st.targets_for(&init), Targets { direct: Some(direct), relay: Some(7) }, "handshakes try both");
+        assert_eq!(st.targets_for(&data), Targets { direct: None, relay: Some(7) }, "data goes relayed");
+        assert_eq!(st.path(), Path::Relay(7));
+        let now = Instant::now();
+        st.heard_from(direct, now);
+        assert_eq!(st.targets_for(&data), Targets { direct: Some(direct), relay: None });
+        // The direct path goes silent: back to the relay.
+        st.expire_endpoint(now + Duration::from_secs(16));
+        assert_eq!(st.targets_for(&data), Targets { direct: None, relay: Some(7) });
     }
 }

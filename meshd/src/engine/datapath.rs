@@ -1,0 +1,337 @@
+//! The packet loops: TUN → peers (encrypt), UDP and relays → TUN (decrypt),
+//! and the timer tick. Each loop owns its buffers.
+
+use std::net::{IpAddr, SocketAddr};
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Instant;
+
+use boringtun::noise::errors::WireGuardError;
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::{Packet, Tunn, TunnResult};
+use derp_relay::client::RelayEvent;
+use platform::keys::NodePublic;
+use tokio::sync::mpsc;
+
+use super::peers::{Peer, PeerTable, Targets};
+use super::{bump, Counters, Shared, BUF_SIZE, TIMER_TICK};
+
+/// Where a result landed in the output buffer (boringtun hands back a slice of it).
+fn range_in(base: usize, part: &[u8]) -> Range<usize> {
+    let start = part.as_ptr() as usize - base;
+    start..start + part.len()
+}
+
+/// How a datagram arrived, and so how to answer it.
+#[derive(Clone, Copy, Debug)]
+enum Via {
+    Udp(SocketAddr),
+    Relay(u32),
+}
+
+/// Encrypts packets read from the TUN device and sends them to their peer.
+pub(super) async fn tun_to_peers(shared: Arc<Shared>) {
+    let mut inbuf = vec![0u8; BUF_SIZE];
+    let mut outbuf = vec![0u8; BUF_SIZE];
+    let out_base = outbuf.as_ptr() as usize;
+    loop {
+        let n = match shared.tun.recv(&mut inbuf).await {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::error!(error = %e, "reading TUN device; engine stops");
+                return;
+            }
+        };
+        let packet = &inbuf[..n];
+        let Some(dst) = Tunn::dst_address(packet) else {
+            bump(&shared.counters.drop_malformed);
+            continue;
+        };
+        let table = shared.peers.load();
+        let Some(peer) = table.by_ip.get(&dst) else {
+            bump(&shared.counters.drop_no_route);
+            continue;
+        };
+        let (range, targets) = {
+            let mut st = peer.lock();
+            match st.tunn.encapsulate(packet, &mut outbuf) {
+                TunnResult::WriteToNetwork(out) => {
+                    let range = range_in(out_base, out);
+                    (range.clone(), st.targets_for(&outbuf[range]))
+                }
+                TunnResult::Err(e) => {
+                    tracing::trace!(error = ?e, "encapsulate");
+                    continue;
+                }
+                // Queued until the handshake completes.
+                _ => continue,
+            }
+        };
+        send_to_peer(&shared, &peer.node_key, &outbuf[range], targets).await;
+        bump(&shared.counters.tx_packets);
+    }
+}
+
+/// Sends a datagram the ways `targets` says.
+async fn send_to_peer(shared: &Shared, key: &NodePublic, datagram: &[u8], targets: Targets) {
+    if targets.direct.is_none() && targets.relay.is_none() {
+        bump(&shared.counters.drop_no_endpoint);
+        return;
+    }
+    if let Some(target) = targets.direct {
+        if let Err(e) = shared.udp.send_to(datagram, target).await {
+            tracing::trace!(error = %e, %target, "send");
+            bump(&shared.counters.drop_send_failed);
+        }
+    }
+    if let Some(region) = targets.relay {
+        if shared.relays.send(region, key, datagram) {
+            bump(&shared.counters.tx_relayed);
+        } else {
+            bump(&shared.counters.drop_send_failed);
+        }
+    }
+}
+
+/// Finds the peer a datagram is for, or counts why there is none.
+pub(super) fn classify(
+    secret: &boringtun::x25519::StaticSecret,
+    public: &boringtun::x25519::PublicKey,
+    counters: &Counters,
+    table: &PeerTable,
+    datagram: &[u8],
+) -> Option<Arc<Peer>> {
+    let index = match Tunn::parse_incoming_packet(datagram) {
+        Err(_) => {
+            bump(&counters.drop_malformed);
+            return None;
+        }
+        Ok(Packet::HandshakeInit(init)) => {
+            let Ok(half) = parse_handshake_anon(secret, public, &init) else {
+                bump(&counters.drop_bad_handshake);
+                return None;
+            };
+            let key = NodePublic::from_bytes(half.peer_static_public);
+            let found = table.by_key.get(&key).cloned();
+            if found.is_none() {
+                bump(&counters.drop_unknown_peer);
+            }
+            return found;
+        }
+        Ok(Packet::HandshakeResponse(p)) => p.receiver_idx,
+        Ok(Packet::PacketCookieReply(p)) => p.receiver_idx,
+        Ok(Packet::PacketData(p)) => p.receiver_idx,
+    };
+    let found = table.by_index.get(&(index >> 8)).cloned();
+    if found.is_none() {
+        bump(&counters.drop_unknown_peer);
+    }
+    found
+}
+
+enum Decapsulated {
+    Network(Range<usize>),
+    Tunnel(Range<usize>, IpAddr),
+    Done,
+}
+
+/// Decrypts one datagram from `peer` and delivers what comes out: packets to
+/// the TUN device, protocol replies back the way the datagram came.
+async fn receive(shared: &Shared, peer: &Peer, datagram: &[u8], via: Via, outbuf: &mut [u8]) {
+    let out_base = outbuf.as_ptr() as usize;
+    let src_ip = match via {
+        Via::Udp(addr) => Some(addr.ip()),
+        Via::Relay(_) => None,
+    };
+    let mut datagram = datagram;
+    // The first call decrypts; repeated calls with an empty datagram flush
+    // packets queued while the handshake was in flight.
+    loop {
+        let outcome = {
+            let mut st = peer.lock();
+            let outcome = match st.tunn.decapsulate(src_ip, datagram, outbuf) {
+                TunnResult::Done => Decapsulated::Done,
+                TunnResult::WriteToNetwork(out) => Decapsulated::Network(range_in(out_base, out)),
+                TunnResult::WriteToTunnelV4(out, src) => Decapsulated::Tunnel(range_in(out_base, out), src.into()),
+                TunnResult::WriteToTunnelV6(out, src) => Decapsulated::Tunnel(range_in(out_base, out), src.into()),
+                TunnResult::Err(e) => {
+                    count_decap_error(&shared.counters, &e);
+                    Decapsulated::Done
+                }
+            };
+            if let (Via::Udp(from), false) = (via, datagram.is_empty() || matches!(outcome, Decapsulated::Done)) {
+                st.heard_from(from, Instant::now());
+            }
+            outcome
+        };
+        match outcome {
+            Decapsulated::Done => return,
+            Decapsulated::Network(range) => {
+                let targets = match via {
+                    Via::Udp(from) => Targets { direct: Some(from), relay: None },
+                    Via::Relay(region) => Targets { direct: None, relay: Some(region) },
+                };
+                send_to_peer(shared, &peer.node_key, &outbuf[range], targets).await;
+                datagram = &[];
+            }
+            Decapsulated::Tunnel(range, src) => {
+                if range.is_empty() {
+                    return; // keepalive
+                }
+                if !peer.allowed.contains(&src) {
+                    bump(&shared.counters.drop_source_not_allowed);
+                    return;
+                }
+                if let Err(e) = shared.tun.send(&outbuf[range]).await {
+                    tracing::debug!(error = %e, "TUN write");
+                }
+                bump(&shared.counters.rx_packets);
+                return;
+            }
+        }
+    }
+}
+
+/// Decrypts datagrams from the UDP socket (and picks out STUN answers).
+pub(super) async fn udp_to_tun(shared: Arc<Shared>) {
+    let mut inbuf = vec![0u8; BUF_SIZE];
+    let mut outbuf = vec![0u8; BUF_SIZE];
+    loop {
+        let (n, from) = match shared.udp.recv_from(&mut inbuf).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(error = %e, "UDP receive");
+                continue;
+            }
+        };
+        let datagram = &inbuf[..n];
+        if shared.stun.take_response(datagram) {
+            continue;
+        }
+        let table = shared.peers.load();
+        let Some(peer) = classify(&shared.secret, &shared.public, &shared.counters, &table, datagram) else { continue };
+        receive(&shared, &peer, datagram, Via::Udp(from), &mut outbuf).await;
+    }
+}
+
+/// Handles what the relay links report.
+pub(super) async fn relay_to_tun(shared: Arc<Shared>, mut events: mpsc::Receiver<(u32, RelayEvent)>) {
+    let mut outbuf = vec![0u8; BUF_SIZE];
+    while let Some((region, event)) = events.recv().await {
+        match event {
+            RelayEvent::Packet { src, data } => {
+                let key = NodePublic::from_bytes(src);
+                let table = shared.peers.load();
+                // The relay vouches for the sender's key; the WireGuard
+                // session still authenticates every packet.
+                let Some(peer) = table.by_key.get(&key).cloned() else {
+                    bump(&shared.counters.drop_unknown_peer);
+                    continue;
+                };
+                bump(&shared.counters.rx_relayed);
+                receive(&shared, &peer, &data, Via::Relay(region), &mut outbuf).await;
+            }
+            RelayEvent::Connected => {
+                tracing::info!(region, "relay connected");
+                shared.relays.mark(region, true);
+            }
+            RelayEvent::Disconnected { reason } => {
+                tracing::warn!(region, %reason, "relay link down");
+                shared.relays.mark(region, false);
+            }
+            RelayEvent::PeerGone { key, reason } => {
+                tracing::debug!(region, peer = %NodePublic::from_bytes(key).short(), ?reason, "peer not at relay");
+            }
+        }
+    }
+}
+
+fn count_decap_error(c: &Counters, e: &WireGuardError) {
+    match e {
+        WireGuardError::InvalidMac | WireGuardError::WrongKey | WireGuardError::InvalidTai64nTimestamp
+        | WireGuardError::WrongTai64nTimestamp => bump(&c.drop_bad_handshake),
+        WireGuardError::InvalidPacket | WireGuardError::IncorrectPacketLength | WireGuardError::WrongPacketType => {
+            bump(&c.drop_malformed)
+        }
+        _ => bump(&c.drop_decrypt),
+    }
+    tracing::trace!(error = ?e, "decapsulate");
+}
+
+/// Drives handshake retries, rekeys and keepalives for every peer.
+pub(super) async fn timers(shared: Arc<Shared>) {
+    let mut buf = vec![0u8; BUF_SIZE];
+    let base = buf.as_ptr() as usize;
+    let mut tick = tokio::time::interval(TIMER_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let table = shared.peers.load_full();
+        let now = Instant::now();
+        for peer in table.by_key.values() {
+            let (range, targets) = {
+                let mut st = peer.lock();
+                st.expire_endpoint(now);
+                match st.tunn.update_timers(&mut buf) {
+                    TunnResult::WriteToNetwork(out) => {
+                        let range = range_in(base, out);
+                        (range.clone(), st.targets_for(&buf[range]))
+                    }
+                    _ => continue,
+                }
+            };
+            send_to_peer(&shared, &peer.node_key, &buf[range], targets).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::peers::tests::{netmap, node};
+    use crate::engine::peers::IndexAllocator;
+    use platform::keys::NodePrivate;
+
+    /// A handshake initiation from `from` to `to`.
+    fn handshake(from: &NodePrivate, to: NodePublic) -> Vec<u8> {
+        let mut t = Tunn::new(from.to_dalek(), to.to_dalek(), None, None, 1, None);
+        let mut buf = vec![0u8; 256];
+        match t.format_handshake_initiation(&mut buf, false) {
+            TunnResult::WriteToNetwork(p) => p.to_vec(),
+            _ => panic!("no handshake"),
+        }
+    }
+
+    #[test]
+    fn receive_path_sorts_datagrams_and_counts_drops() {
+        let me = NodePrivate::generate();
+        let known = NodePrivate::generate();
+        let stranger = NodePrivate::generate();
+        let table = PeerTable::build(&PeerTable::default(), &netmap(&me, vec![node(known.public(), 2, &[])]), &me, &IndexAllocator::new(5));
+        let (secret, public) = (me.to_dalek(), me.public().to_dalek());
+        let c = Counters::default();
+
+        let found = classify(&secret, &public, &c, &table, &handshake(&known, me.public()));
+        assert!(found.is_some(), "handshake from a known peer finds it");
+
+        assert!(classify(&secret, &public, &c, &table, &handshake(&stranger, me.public())).is_none());
+        assert_eq!(c.snapshot().drop_unknown_peer, 1);
+
+        // Meant for someone else: does not decrypt with our key.
+        let other = NodePrivate::generate().public();
+        assert!(classify(&secret, &public, &c, &table, &handshake(&known, other)).is_none());
+        assert_eq!(c.snapshot().drop_bad_handshake, 1);
+
+        for garbage in [&b""[..], b"x", b"garbage that is no wireguard", &[4u8, 0, 0, 0, 1, 2]] {
+            assert!(classify(&secret, &public, &c, &table, garbage).is_none());
+        }
+        assert_eq!(c.snapshot().drop_malformed, 4);
+
+        // A well-formed data packet for an index nobody holds.
+        let mut data = vec![4u8, 0, 0, 0];
+        data.extend_from_slice(&0xdead_beef_u32.to_le_bytes());
+        data.extend_from_slice(&[0u8; 8 + 16]);
+        assert!(classify(&secret, &public, &c, &table, &data).is_none());
+        assert_eq!(c.snapshot().drop_unknown_peer, 2);
+    }
+}

@@ -1,0 +1,94 @@
+//! Links to relays: always one to this device's home region (where peers
+//! reach it), and on demand one to each region where a peer we talk to
+//! listens. The packet path reads the set of links without a lock.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use derp_relay::client::{RelayClient, RelayEvent};
+use platform::keys::NodePublic;
+use platform::netmap::RelayMap;
+use tokio::sync::mpsc;
+
+/// Relay events waiting for the engine.
+pub const EVENT_QUEUE: usize = 1024;
+
+pub struct Relays {
+    node: boringtun::x25519::StaticSecret,
+    map: ArcSwap<RelayMap>,
+    links: ArcSwap<HashMap<u32, Arc<RelayClient>>>,
+    /// Serialises changes to `links` (reads stay lock-free).
+    changing: Mutex<()>,
+    up: Mutex<HashSet<u32>>,
+    home: Mutex<Option<u32>>,
+    events: mpsc::Sender<(u32, RelayEvent)>,
+}
+
+impl Relays {
+    pub fn new(node: boringtun::x25519::StaticSecret, events: mpsc::Sender<(u32, RelayEvent)>) -> Self {
+        Relays {
+            node,
+            map: ArcSwap::from_pointee(RelayMap::default()),
+            links: ArcSwap::from_pointee(HashMap::new()),
+            changing: Mutex::new(()),
+            up: Mutex::new(HashSet::new()),
+            home: Mutex::new(None),
+            events,
+        }
+    }
+
+    pub fn set_map(&self, map: &RelayMap) {
+        if **self.map.load() != *map {
+            self.map.store(Arc::new(map.clone()));
+        }
+    }
+
+    pub fn home(&self) -> Option<u32> {
+        *self.home.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Makes `region` home and connects to it.
+    pub fn set_home(&self, region: u32) {
+        *self.home.lock().unwrap_or_else(|p| p.into_inner()) = Some(region);
+        self.link(region);
+    }
+
+    pub fn is_up(&self, region: u32) -> bool {
+        self.up.lock().unwrap_or_else(|p| p.into_inner()).contains(&region)
+    }
+
+    /// Records a link coming up or going down (from the event stream).
+    pub fn mark(&self, region: u32, up: bool) {
+        let mut set = self.up.lock().unwrap_or_else(|p| p.into_inner());
+        if up {
+            set.insert(region);
+        } else {
+            set.remove(&region);
+        }
+    }
+
+    /// The link to `region`, opened if needed (`None` for an unknown region).
+    fn link(&self, region: u32) -> Option<Arc<RelayClient>> {
+        if let Some(l) = self.links.load().get(&region) {
+            return Some(l.clone());
+        }
+        let _guard = self.changing.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(l) = self.links.load().get(&region) {
+            return Some(l.clone());
+        }
+        let url = self.map.load().regions.iter().find(|r| r.id == region)?.urls.first()?.clone();
+        tracing::info!(region, %url, "connecting to relay");
+        let client = Arc::new(RelayClient::spawn(url, self.node.clone(), region, self.events.clone()));
+        let mut links = (**self.links.load()).clone();
+        links.insert(region, client.clone());
+        self.links.store(Arc::new(links));
+        Some(client)
+    }
+
+    /// Sends a packet to `dst` through the relay of `region`; false when it
+    /// was dropped (no such region, link down, queue full).
+    pub fn send(&self, region: u32, dst: &NodePublic, data: &[u8]) -> bool {
+        self.link(region).is_some_and(|l| l.send(*dst.as_bytes(), data))
+    }
+}

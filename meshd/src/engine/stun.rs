@@ -1,0 +1,82 @@
+//! The public address of the engine's UDP socket as STUN servers see it.
+
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use derp_relay::proto::stun;
+use rand_core::{OsRng, RngCore};
+
+/// Unanswered requests are forgotten after this long.
+const REQUEST_LIFETIME: Duration = Duration::from_secs(5);
+const MAX_PENDING: usize = 16;
+
+#[derive(Default)]
+struct Inner {
+    pending: Vec<(stun::TransactionId, Instant)>,
+    seen: Option<SocketAddr>,
+}
+
+#[derive(Default)]
+pub struct StunProbe {
+    inner: Mutex<Inner>,
+}
+
+impl StunProbe {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A new binding request to send.
+    pub fn request(&self, now: Instant) -> Vec<u8> {
+        let mut tx = [0u8; 12];
+        OsRng.fill_bytes(&mut tx);
+        let mut inner = self.lock();
+        inner.pending.retain(|(_, at)| now.saturating_duration_since(*at) < REQUEST_LIFETIME);
+        if inner.pending.len() >= MAX_PENDING {
+            inner.pending.remove(0);
+        }
+        inner.pending.push((tx, now));
+        stun::request(&tx)
+    }
+
+    /// Consumes `datagram` if it answers one of our requests.
+    pub fn take_response(&self, datagram: &[u8]) -> bool {
+        // STUN success responses start 0x0101; WireGuard messages never do.
+        if datagram.len() < 20 || datagram[0] != 0x01 || datagram[1] != 0x01 {
+            return false;
+        }
+        let mut inner = self.lock();
+        let found = inner.pending.iter().enumerate().find_map(|(i, (tx, _))| stun::parse_response(datagram, tx).map(|a| (i, a)));
+        match found {
+            Some((i, addr)) => {
+                inner.pending.remove(i);
+                inner.seen = Some(SocketAddr::new(addr.ip().to_canonical(), addr.port()));
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn seen(&self) -> Option<SocketAddr> {
+        self.lock().seen
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_answers_to_our_requests_count() {
+        let probe = StunProbe::default();
+        let req = probe.request(Instant::now());
+        let tx: stun::TransactionId = req[8..20].try_into().unwrap();
+        let addr: SocketAddr = "203.0.113.7:41641".parse().unwrap();
+        assert!(!probe.take_response(&stun::response(&[1; 12], addr)), "unknown transaction");
+        assert!(!probe.take_response(&[1, 0, 0, 0, 5, 5]), "WireGuard handshake");
+        assert!(probe.take_response(&stun::response(&tx, addr)));
+        assert_eq!(probe.seen(), Some(addr));
+        assert!(!probe.take_response(&stun::response(&tx, addr)), "answered once");
+    }
+}
