@@ -234,10 +234,16 @@ pub struct Coordinator {
     pub auth_key: String,
     pub network: String,
     pub pid: u32,
+    state: String,
 }
 
 impl Coordinator {
     pub fn start(lab: &mut Lab, host: Host, network: &str) -> anyhow::Result<Coordinator> {
+        Self::start_with_relays(lab, host, network, None)
+    }
+
+    /// Like [`Coordinator::start`], delivering `relay_map` (JSON) in netmaps.
+    pub fn start_with_relays(lab: &mut Lab, host: Host, network: &str, relay_map: Option<&str>) -> anyhow::Result<Coordinator> {
         let state = lab.dir.join("coordinator");
         let state = state.to_str().context("utf-8 path")?.to_owned();
         let coord = bin("coordinator");
@@ -247,9 +253,25 @@ impl Coordinator {
         let auth_key =
             host.run(c, &["preauth-key", "create", "--network", network, "--reusable", "--state-dir", &state])?.trim().to_owned();
         let listen = format!("{}:{COORDINATOR_PORT}", host.addr);
-        let pid = lab.spawn(&host, &coord, &["serve", "--state-dir", &state, "--listen", &listen], "coordinator.log")?;
+        let mut args = vec!["serve".to_owned(), "--state-dir".to_owned(), state.clone(), "--listen".to_owned(), listen.clone()];
+        if let Some(map) = relay_map {
+            let path = lab.dir.join("relay-map.json");
+            std::fs::write(&path, map)?;
+            args.extend(["--relay-map".to_owned(), path.to_str().context("utf-8")?.to_owned()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let pid = lab.spawn(&host, &coord, &args, "coordinator.log")?;
         host.wait_tcp(&host.addr.to_string(), COORDINATOR_PORT, Duration::from_secs(10))?;
-        Ok(Coordinator { url: format!("http://{listen}"), host, admin_token, auth_key, network: network.to_owned(), pid })
+        Ok(Coordinator { url: format!("http://{listen}"), host, admin_token, auth_key, network: network.to_owned(), pid, state })
+    }
+
+    /// A relay token, written to a file in the lab.
+    pub fn relay_token_file(&self, lab: &Lab, name: &str) -> anyhow::Result<PathBuf> {
+        let coord = bin("coordinator");
+        let token = self.host.run(coord.to_str().context("utf-8")?, &["relay-token", "create", "--name", name, "--state-dir", &self.state])?;
+        let path = lab.dir.join(format!("{name}.token"));
+        std::fs::write(&path, token.trim())?;
+        Ok(path)
     }
 
     /// Calls the admin API with curl from the coordinator's namespace.
@@ -329,5 +351,45 @@ impl Device {
     pub fn peer(&self, name: &str) -> anyhow::Result<Option<Value>> {
         let st = self.status()?;
         Ok(st["peers"].as_array().and_then(|ps| ps.iter().find(|p| p["name"] == name).cloned()))
+    }
+}
+
+/// A relay (derp-relay) in its own namespace, admitting the coordinator's devices.
+pub struct Relay {
+    pub host: Host,
+    pub url: String,
+    pub pid: u32,
+}
+
+/// Port of the relay's HTTP listener and of its STUN responder.
+pub const RELAY_PORT: u16 = 3340;
+pub const STUN_PORT: u16 = 3478;
+
+impl Relay {
+    /// The relay map naming one region ("lab", id 1) served by a relay at `addr`.
+    pub fn map_json(addr: Ipv4Addr) -> String {
+        format!(r#"{{"regions":[{{"id":1,"code":"lab","urls":["http://{addr}:{RELAY_PORT}/derp"],"stun":["{addr}:{STUN_PORT}"]}}]}}"#)
+    }
+
+    pub fn start(lab: &mut Lab, host: Host, coord: &Coordinator) -> anyhow::Result<Relay> {
+        let token = coord.relay_token_file(lab, &host.name)?;
+        let key = lab.dir.join(format!("{}.key", host.name));
+        let listen = format!("{}:{RELAY_PORT}", host.addr);
+        let stun = format!("{}:{STUN_PORT}", host.addr);
+        let args = [
+            "--listen", &listen,
+            "--stun-listen", &stun,
+            "--coordinator", &coord.url,
+            "--token-file", token.to_str().context("utf-8")?,
+            "--key-file", key.to_str().context("utf-8")?,
+        ];
+        let pid = lab.spawn(&host, &bin("derp-relay"), &args, &format!("relay-{}.log", host.name))?;
+        host.wait_tcp(&host.addr.to_string(), RELAY_PORT, Duration::from_secs(10))?;
+        Ok(Relay { url: format!("http://{listen}"), host, pid })
+    }
+
+    /// The relay's Prometheus metrics.
+    pub fn metrics(&self) -> anyhow::Result<String> {
+        self.host.run("curl", &["-sS", "--max-time", "5", &format!("{}/metrics", self.url)])
     }
 }

@@ -19,7 +19,7 @@ pub fn parse_request(packet: &[u8]) -> Option<TransactionId> {
     let kind = u16::from_be_bytes([packet[0], packet[1]]);
     let len = u16::from_be_bytes([packet[2], packet[3]]) as usize;
     let cookie = u32::from_be_bytes([packet[4], packet[5], packet[6], packet[7]]);
-    if kind != BINDING_REQUEST || cookie != MAGIC_COOKIE || len % 4 != 0 || HEADER_LEN + len != packet.len() {
+    if kind != BINDING_REQUEST || cookie != MAGIC_COOKIE || !len.is_multiple_of(4) || HEADER_LEN + len != packet.len() {
         return None;
     }
     let mut tx = [0u8; 12];

@@ -1,0 +1,91 @@
+//! Relay fallback in network namespaces: a coordinator, a relay, and two
+//! devices whose direct UDP is blocked. Needs root; run serially.
+
+use std::time::Duration;
+
+use crank_e2e::{bin, is_root, wait_until, Coordinator, Device, Host, Lab, Relay};
+
+#[test]
+fn devices_without_direct_udp_talk_through_the_relay() {
+    assert!(is_root(), "network-namespace tests need root (run the README's test command)");
+    let mut lab = Lab::new().unwrap();
+    let result = scenario(&mut lab);
+    if let Err(e) = &result {
+        eprintln!("{}", lab.logs());
+        panic!("{e:#}");
+    }
+}
+
+/// Drops all UDP between `host` and `peer` (both directions) with nftables.
+fn block_udp(host: &Host, peer: &Host) -> anyhow::Result<()> {
+    let rules = format!(
+        "table inet crank_block {{\n\
+           chain out {{ type filter hook output priority 0; ip daddr {p} meta l4proto udp drop; }}\n\
+           chain in {{ type filter hook input priority 0; ip saddr {p} meta l4proto udp drop; }}\n\
+         }}\n",
+        p = peer.addr
+    );
+    host.run("bash", &["-c", &format!("printf '%s' '{rules}' | nft -f -")])?;
+    Ok(())
+}
+
+fn transfer(lab: &Lab, from: &Host, url_base: &str, n: usize) -> anyhow::Result<()> {
+    let file = lab.dir.join(format!("download-{}", from.name));
+    let file = file.to_str().unwrap_or_default();
+    let script = format!(
+        "curl -sS --max-time 60 -D - -o {file} {url_base}/bytes/{n} | tr -d '\\r' | sed -n 's/^x-sha256: //p'; sha256sum {file} | cut -d' ' -f1"
+    );
+    let out = from.run("bash", &["-c", &script])?;
+    let lines: Vec<&str> = out.lines().collect();
+    anyhow::ensure!(lines.len() == 2 && lines[0] == lines[1] && lines[0].len() == 64, "transfer from {url_base} corrupt: {out}");
+    anyhow::ensure!(std::fs::metadata(file)?.len() == n as u64, "short transfer from {url_base}");
+    Ok(())
+}
+
+fn scenario(lab: &mut Lab) -> anyhow::Result<()> {
+    let coord_host = lab.host("coord", 1)?;
+    let relay_host = lab.host("relay", 2)?;
+    let map = Relay::map_json(relay_host.addr);
+    let coord = Coordinator::start_with_relays(lab, coord_host, "home", Some(&map))?;
+    let relay = Relay::start(lab, relay_host, &coord)?;
+
+    let alpha_host = lab.host("alpha", 11)?;
+    let beta_host = lab.host("beta", 12)?;
+    block_udp(&alpha_host, &beta_host)?;
+    let alpha = Device::start(lab, alpha_host)?;
+    let beta = Device::start(lab, beta_host)?;
+    alpha.up(&coord)?;
+    beta.up(&coord)?;
+    for d in [&alpha, &beta] {
+        wait_until(Duration::from_secs(15), &format!("{} on its home relay", d.host.name), || {
+            d.status().is_ok_and(|s| s["self"]["home_region"] == "lab" && s["self"]["home_relay_connected"] == true)
+        })?;
+    }
+    let (a4, a6) = alpha.overlay()?;
+    let (b4, _) = beta.overlay()?;
+
+    // Both directions, both families, over the relay only.
+    wait_until(Duration::from_secs(15), "alpha → beta", || alpha.host.ping(&b4))?;
+    wait_until(Duration::from_secs(10), "beta → alpha", || beta.host.ping(&a4))?;
+    wait_until(Duration::from_secs(10), "beta → alpha v6", || beta.host.ping(&a6))?;
+    for (d, peer) in [(&alpha, "beta"), (&beta, "alpha")] {
+        let p = d.peer(peer)?.ok_or_else(|| anyhow::anyhow!("{peer} missing"))?;
+        anyhow::ensure!(p["path"] == "relay lab", "{} reaches {peer} by {}", d.host.name, p["path"]);
+    }
+
+    // TCP both ways through the relay, checked end to end.
+    let httpd = bin("overlay-httpd");
+    lab.spawn(&alpha.host, &httpd, &[&format!("{a4}:8000"), "alpha"], "httpd-alpha.log")?;
+    lab.spawn(&beta.host, &httpd, &[&format!("{b4}:8000"), "beta"], "httpd-beta.log")?;
+    alpha.host.wait_tcp(&a4, 8000, Duration::from_secs(5))?;
+    beta.host.wait_tcp(&b4, 8000, Duration::from_secs(5))?;
+    transfer(lab, &beta.host, &format!("http://{a4}:8000"), 2 << 20)?;
+    transfer(lab, &alpha.host, &format!("http://{b4}:8000"), 2 << 20)?;
+
+    let counters = &alpha.status()?["counters"];
+    anyhow::ensure!(counters["tx_relayed"].as_u64().unwrap_or(0) > 1000, "alpha relayed little: {counters}");
+    anyhow::ensure!(counters["rx_relayed"].as_u64().unwrap_or(0) > 1000, "alpha received little via relay: {counters}");
+    let metrics = relay.metrics()?;
+    anyhow::ensure!(metrics.contains("derp_clients 2"), "relay metrics:\n{metrics}");
+    Ok(())
+}
