@@ -12,7 +12,11 @@ pub enum ReadError {
     Io(#[from] std::io::Error),
 }
 
-/// Reads frames; the buffer is reused, so steady-state reads do not grow it.
+/// First size of a reader's buffer; it grows to the largest frame seen.
+const INITIAL_BUFFER: usize = 4 * 1024;
+
+/// Reads frames; the buffer is reused, so steady-state reads do not grow it,
+/// and an idle connection holds only a small one.
 pub struct FrameReader<R> {
     inner: R,
     buf: Vec<u8>,
@@ -22,7 +26,7 @@ pub struct FrameReader<R> {
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub fn new(inner: R) -> Self {
-        FrameReader { inner, buf: vec![0; 2 * (HEADER_LEN + MAX_FRAME_PAYLOAD)], start: 0, end: 0 }
+        FrameReader { inner, buf: vec![0; INITIAL_BUFFER], start: 0, end: 0 }
     }
 
     /// The next frame, or `None` at a clean end of stream.
@@ -36,6 +40,16 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 self.buf.copy_within(self.start..self.end, 0);
                 self.end -= self.start;
                 self.start = 0;
+            }
+            if self.end == self.buf.len() {
+                // A frame larger than the buffer (its length is within the
+                // limit, or decode would have failed): make room for it.
+                let need = if self.end >= HEADER_LEN {
+                    HEADER_LEN + u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize
+                } else {
+                    HEADER_LEN
+                };
+                self.buf.resize(need.max(self.buf.len() * 2).min(HEADER_LEN + MAX_FRAME_PAYLOAD), 0);
             }
             let n = self.inner.read(&mut self.buf[self.end..]).await?;
             if n == 0 {
@@ -54,4 +68,37 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, frame: &Frame, scratc
     scratch.clear();
     frame.encode(scratch).map_err(std::io::Error::other)?;
     w.write_all(scratch).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn reads_frames_of_every_size_through_a_small_buffer() {
+        let mut bytes = Vec::new();
+        let sizes = [0usize, 1, 100, INITIAL_BUFFER, 40_000, MAX_FRAME_PAYLOAD - 32, 5];
+        for (i, n) in sizes.iter().enumerate() {
+            Frame::SendPacket { dst: [i as u8; 32], data: vec![i as u8; *n] }.encode(&mut bytes).unwrap();
+        }
+        // Delivered in small pieces, as a socket would.
+        let (mut tx, rx) = tokio::io::duplex(4096);
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt as _;
+            for chunk in bytes.chunks(3000) {
+                tx.write_all(chunk).await.unwrap();
+            }
+        });
+        let mut reader = FrameReader::new(rx);
+        for (i, n) in sizes.iter().enumerate() {
+            match reader.next().await.unwrap() {
+                Some(Frame::SendPacket { dst, data }) => {
+                    assert_eq!(dst, [i as u8; 32]);
+                    assert_eq!(data.len(), *n);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(reader.next().await.unwrap().is_none());
+    }
 }
