@@ -197,6 +197,18 @@ impl Host {
             .is_ok_and(|s| s.success())
     }
 
+    /// Drops all UDP between this host and `peer`, both directions (nftables).
+    pub fn block_udp_with(&self, peer: &Host) -> anyhow::Result<()> {
+        let rules = format!(
+            "table inet crank_block {{\n\
+               chain out {{ type filter hook output priority 0; ip daddr {p} meta l4proto udp drop; }}\n\
+               chain in {{ type filter hook input priority 0; ip saddr {p} meta l4proto udp drop; }}\n\
+             }}\n",
+            p = peer.addr
+        );
+        self.run("bash", &["-c", &format!("printf '%s' '{rules}' | nft -f -")]).map(drop)
+    }
+
     /// One ping to `target` with a one-second wait.
     pub fn ping(&self, target: &str) -> bool {
         self.succeeds("ping", &["-c", "1", "-W", "1", target])

@@ -16,19 +16,6 @@ fn devices_without_direct_udp_talk_through_the_relay() {
     }
 }
 
-/// Drops all UDP between `host` and `peer` (both directions) with nftables.
-fn block_udp(host: &Host, peer: &Host) -> anyhow::Result<()> {
-    let rules = format!(
-        "table inet crank_block {{\n\
-           chain out {{ type filter hook output priority 0; ip daddr {p} meta l4proto udp drop; }}\n\
-           chain in {{ type filter hook input priority 0; ip saddr {p} meta l4proto udp drop; }}\n\
-         }}\n",
-        p = peer.addr
-    );
-    host.run("bash", &["-c", &format!("printf '%s' '{rules}' | nft -f -")])?;
-    Ok(())
-}
-
 fn transfer(lab: &Lab, from: &Host, url_base: &str, n: usize) -> anyhow::Result<()> {
     let file = lab.dir.join(format!("download-{}", from.name));
     let file = file.to_str().unwrap_or_default();
@@ -51,7 +38,7 @@ fn scenario(lab: &mut Lab) -> anyhow::Result<()> {
 
     let alpha_host = lab.host("alpha", 11)?;
     let beta_host = lab.host("beta", 12)?;
-    block_udp(&alpha_host, &beta_host)?;
+    alpha_host.block_udp_with(&beta_host)?;
     let alpha = Device::start(lab, alpha_host)?;
     let beta = Device::start(lab, beta_host)?;
     alpha.up(&coord)?;
