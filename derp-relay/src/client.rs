@@ -18,7 +18,8 @@ use crate::server::http::UPGRADE_PROTOCOL;
 
 /// Packets waiting to go to the relay before new ones are dropped.
 const SEND_QUEUE: usize = 1024;
-const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// Reconnects are quick: a restarted relay is back in use within seconds.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// Longest HTTP response head accepted during the upgrade.
 const MAX_RESPONSE_HEAD: usize = 8 * 1024;
 

@@ -18,9 +18,10 @@ struct Cli {
     /// HTTP listen address (relay connections, /healthz, /metrics).
     #[arg(long, env = "DERP_LISTEN", default_value = "0.0.0.0:3340")]
     listen: SocketAddr,
-    /// STUN listen address (UDP).
-    #[arg(long, env = "DERP_STUN_LISTEN", default_value = "0.0.0.0:3478")]
-    stun_listen: SocketAddr,
+    /// STUN listen address (UDP); repeat to answer on several ports, which
+    /// lets devices tell whether their NAT maps per destination.
+    #[arg(long = "stun-listen", env = "DERP_STUN_LISTEN", default_value = "0.0.0.0:3478")]
+    stun_listen: Vec<SocketAddr>,
     /// Coordinator asked which devices may connect.
     #[arg(long, env = "DERP_COORDINATOR", required_unless_present = "open")]
     coordinator: Option<String>,
@@ -69,10 +70,12 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
         _ => anyhow::bail!("--coordinator and --token-file are required unless --open"),
     };
     let relay = Relay::new(RelayConfig { private, admission, rate_limit: cli.rate_limit, burst: cli.burst });
-    let stun = tokio::net::UdpSocket::bind(cli.stun_listen).await.with_context(|| format!("binding STUN {}", cli.stun_listen))?;
-    tokio::spawn(http::serve_stun(stun));
+    for addr in &cli.stun_listen {
+        let stun = tokio::net::UdpSocket::bind(addr).await.with_context(|| format!("binding STUN {addr}"))?;
+        tokio::spawn(http::serve_stun(stun));
+    }
     let listener = tokio::net::TcpListener::bind(cli.listen).await.with_context(|| format!("binding {}", cli.listen))?;
-    tracing::info!(addr = %cli.listen, stun = %cli.stun_listen, key = %hex::encode(relay.public_key()), "relay listening");
+    tracing::info!(addr = %cli.listen, stun = ?cli.stun_listen, key = %hex::encode(relay.public_key()), "relay listening");
     axum::serve(listener, http::router(relay)).await.context("serving")
 }
 

@@ -172,6 +172,7 @@ async fn map_session(coordinator: &str, keys: &Keys, engine: &EngineSlot, state:
                         endpoint_check.reset_after(Duration::from_secs(1));
                     }
                 }
+                e.set_own_endpoints(now.clone());
                 if now != reported {
                     tracing::debug!(endpoints = ?now, "reporting endpoints");
                     send(&mut ws, &ClientMessage::Endpoints { endpoints: now.clone() }).await?;

@@ -1,6 +1,7 @@
 //! The daemon: owns the keys, the session with the coordinator and the
 //! engine, and answers the local API.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,12 +11,20 @@ use tokio::sync::{watch, Mutex};
 use tokio::task::JoinHandle;
 
 use crate::control::{self, MapState};
-use crate::engine::{EngineSlot, PeerStats, TunConfig};
-use crate::localapi::{BackendState, PeerStatus, Request, Response, SelfStatus, Status};
+use crate::engine::{Engine, EngineSlot, PeerStats, PingPath, PingReply, TunConfig};
+use crate::localapi::{
+    BackendState, NetcheckReport, PeerStatus, PingReport, RelayLatency, Request, Response, SelfStatus, Status, StunResult,
+};
+use crate::netcheck;
 use crate::state::{Keys, Prefs, StateDir};
 
 /// How long `meshd up` waits for the first netmap.
 const UP_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long one `meshd ping` waits for its answer, and the gap between pings.
+const PING_TIMEOUT: Duration = Duration::from_secs(2);
+const PING_SPACING: Duration = Duration::from_millis(200);
+/// How long netcheck waits for STUN answers.
+const STUN_WAIT: Duration = Duration::from_millis(1500);
 
 pub struct DaemonConfig {
     pub state_dir: PathBuf,
@@ -73,7 +82,7 @@ impl Daemon {
     }
 
     fn start_session(&self, coordinator: String) -> Session {
-        let engine = Arc::new(EngineSlot::new(self.keys.node.clone(), self.cfg.tun.clone(), self.cfg.udp_port));
+        let engine = Arc::new(EngineSlot::new(self.keys.node.clone(), self.keys.disco.clone(), self.cfg.tun.clone(), self.cfg.udp_port));
         let (tx, rx) = watch::channel(MapState::default());
         let task = tokio::spawn(control::run_map_stream(coordinator.clone(), self.keys.clone(), engine.clone(), tx));
         Session { coordinator, engine, map: rx, task }
@@ -84,11 +93,81 @@ impl Daemon {
             Request::Up { coordinator, auth_key, hostname } => self.up(coordinator, auth_key, hostname).await,
             Request::Down => self.down().await,
             Request::Status => Ok(()),
+            Request::Ping { peer, count } => {
+                return self.ping(&peer, count).await.map_or_else(|e| Response::Error(format!("{e:#}")), Response::Ping)
+            }
+            Request::Netcheck => {
+                return self.netcheck().await.map_or_else(|e| Response::Error(format!("{e:#}")), Response::Netcheck)
+            }
         };
         match result {
             Ok(()) => Response::Ok(Box::new(self.status().await)),
             Err(e) => Response::Error(format!("{e:#}")),
         }
+    }
+
+    /// The running engine and the netmap it works from.
+    async fn running(&self) -> anyhow::Result<(Arc<Engine>, NetMap)> {
+        let session = self.session.lock().await;
+        let s = session.as_ref().ok_or_else(|| anyhow::anyhow!("not up: run `meshd up` first"))?;
+        let netmap = s.map.borrow().netmap.clone();
+        match (s.engine.get(), netmap) {
+            (Some(e), Some(m)) => Ok((e, m)),
+            _ => anyhow::bail!("still starting: no netmap from the coordinator yet"),
+        }
+    }
+
+    async fn ping(&self, peer: &str, count: u32) -> anyhow::Result<PingReport> {
+        let (engine, netmap) = self.running().await?;
+        let target: Option<std::net::IpAddr> = peer.parse().ok();
+        let node = netmap
+            .peers
+            .values()
+            .find(|n| n.name == peer || target.is_some_and(|ip| n.addresses.contains(&ip)))
+            .ok_or_else(|| anyhow::anyhow!("no peer {peer:?} in network {}", netmap.network))?;
+        let mut replies = Vec::new();
+        for i in 0..count.max(1) {
+            if i > 0 {
+                tokio::time::sleep(PING_SPACING).await;
+            }
+            let reply = engine.ping(&node.node_key, PING_TIMEOUT).await?;
+            let direct = matches!(reply, Some(PingReply { path: PingPath::Direct { .. }, .. }));
+            replies.push(reply);
+            if direct {
+                break;
+            }
+        }
+        Ok(PingReport {
+            peer: node.name.clone(),
+            address: node.addresses.first().copied(),
+            replies,
+            regions: netmap.relay_map.regions.iter().map(|r| (r.id, r.code.clone())).collect(),
+        })
+    }
+
+    async fn netcheck(&self) -> anyhow::Result<NetcheckReport> {
+        let (engine, netmap) = self.running().await?;
+        let servers = netcheck::stun_servers(&netmap.relay_map).await;
+        let stun = engine.stun_report(&servers, STUN_WAIT).await;
+        let mapped: Vec<SocketAddr> = stun.iter().filter_map(|(_, m)| *m).collect();
+        let mapping_varies_by_destination = (mapped.len() >= 2).then(|| mapped.iter().any(|m| *m != mapped[0]));
+        let relays = netcheck::relay_latencies(&netmap.relay_map)
+            .await
+            .into_iter()
+            .map(|(region, rtt)| RelayLatency {
+                region,
+                code: region_code(&netmap, region),
+                latency_ms: rtt.map(|d| d.as_secs_f64() * 1000.0),
+            })
+            .collect();
+        Ok(NetcheckReport {
+            udp: !mapped.is_empty(),
+            public_endpoint: mapped.first().copied(),
+            mapping_varies_by_destination,
+            stun: stun.into_iter().map(|(server, mapped)| StunResult { server, mapped }).collect(),
+            relays,
+            home_region: engine.home_region().map(|r| region_code(&netmap, r)),
+        })
     }
 
     async fn up(&self, coordinator: String, auth_key: String, hostname: Option<String>) -> anyhow::Result<()> {

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::engine::CounterSnapshot;
+use crate::engine::{CounterSnapshot, PingReply};
 
 /// Longest request line accepted.
 const MAX_REQUEST: u64 = 64 * 1024;
@@ -20,13 +20,55 @@ pub enum Request {
     Up { coordinator: String, auth_key: String, hostname: Option<String> },
     Down,
     Status,
+    /// Disco pings to a peer (by name or overlay address).
+    Ping { peer: String, count: u32 },
+    Netcheck,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Response {
     Ok(Box<Status>),
+    Ping(PingReport),
+    Netcheck(NetcheckReport),
     Error(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PingReport {
+    pub peer: String,
+    pub address: Option<IpAddr>,
+    /// One entry per ping sent; `None` where no answer came in time.
+    pub replies: Vec<Option<PingReply>>,
+    /// Relay region codes by id, to name relayed paths.
+    pub regions: Vec<(u32, String)>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StunResult {
+    pub server: SocketAddr,
+    /// Our address as that server saw it.
+    pub mapped: Option<SocketAddr>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RelayLatency {
+    pub region: u32,
+    pub code: String,
+    pub latency_ms: Option<f64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NetcheckReport {
+    /// Some STUN server answered over UDP.
+    pub udp: bool,
+    pub public_endpoint: Option<SocketAddr>,
+    /// Different servers saw different addresses (a NAT that maps per
+    /// destination); unknown with fewer than two answers.
+    pub mapping_varies_by_destination: Option<bool>,
+    pub stun: Vec<StunResult>,
+    pub relays: Vec<RelayLatency>,
+    pub home_region: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -80,8 +122,17 @@ pub struct Status {
     pub counters: CounterSnapshot,
 }
 
-/// Sends one request to the daemon at `socket`.
+/// Sends a request whose answer is the daemon's status.
 pub async fn call(socket: &Path, req: &Request) -> anyhow::Result<Status> {
+    match exchange(socket, req).await? {
+        Response::Ok(status) => Ok(*status),
+        Response::Error(msg) => anyhow::bail!("{msg}"),
+        other => anyhow::bail!("unexpected reply from the daemon: {other:?}"),
+    }
+}
+
+/// Sends one request to the daemon at `socket` and returns its reply.
+pub async fn exchange(socket: &Path, req: &Request) -> anyhow::Result<Response> {
     let stream = UnixStream::connect(socket)
         .await
         .with_context(|| format!("connecting to meshd at {} (is `meshd daemon` running?)", socket.display()))?;
@@ -92,10 +143,7 @@ pub async fn call(socket: &Path, req: &Request) -> anyhow::Result<Status> {
     write.shutdown().await?;
     let mut reply = String::new();
     BufReader::new(read).read_line(&mut reply).await?;
-    match serde_json::from_str(&reply).context("reading the daemon's reply")? {
-        Response::Ok(status) => Ok(*status),
-        Response::Error(msg) => anyhow::bail!("{msg}"),
-    }
+    serde_json::from_str(&reply).context("reading the daemon's reply")
 }
 
 /// Answers requests on `listener` with `handle`, one task per connection.

@@ -7,6 +7,7 @@ mod endpoints;
 mod engine;
 mod localapi;
 mod netcheck;
+mod paths;
 mod state;
 mod static_tunnel;
 mod status_text;
@@ -64,6 +65,21 @@ enum Command {
     Down,
     /// Show this device, its peers and their tunnels.
     Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ping a peer over the mesh; each reply says which path it took.
+    Ping {
+        /// Peer name or overlay address.
+        peer: String,
+        /// Pings to send at most (stops early once a direct path answers).
+        #[arg(long, short = 'c', default_value_t = 10)]
+        count: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Report UDP reachability, the public endpoint, NAT behaviour and relay latencies.
+    Netcheck {
         #[arg(long)]
         json: bool,
     },
@@ -133,6 +149,31 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
             print!("{}", status_text::render(&status));
             Ok(())
         }
+        Command::Ping { peer, count, json } => match localapi::exchange(&cli.socket, &Request::Ping { peer, count }).await? {
+            localapi::Response::Ping(report) => {
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                } else {
+                    print!("{}", status_text::render_ping(&report));
+                }
+                anyhow::ensure!(report.replies.iter().any(Option::is_some), "no reply from {}", report.peer);
+                Ok(())
+            }
+            localapi::Response::Error(e) => anyhow::bail!("{e}"),
+            other => anyhow::bail!("unexpected reply: {other:?}"),
+        },
+        Command::Netcheck { json } => match localapi::exchange(&cli.socket, &Request::Netcheck).await? {
+            localapi::Response::Netcheck(report) => {
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                } else {
+                    print!("{}", status_text::render_netcheck(&report));
+                }
+                Ok(())
+            }
+            localapi::Response::Error(e) => anyhow::bail!("{e}"),
+            other => anyhow::bail!("unexpected reply: {other:?}"),
+        },
         Command::Down => {
             localapi::call(&cli.socket, &Request::Down).await?;
             println!("tunnel down");

@@ -72,7 +72,8 @@ pub async fn run(private_key_file: &std::path::Path, tun: TunConfig, port: u16, 
         relay_map: RelayMap::default(),
         dns: DnsConfig::default(),
     };
-    let engine = Engine::start(private, &tun, &netmap.self_node.addresses, &netmap.routes, port)?;
+    // Static peers are plain WireGuard: the disco key is never used.
+    let engine = Engine::start(private, platform::keys::DiscoPrivate::generate(), &tun, &netmap.self_node.addresses, &netmap.routes, port)?;
     engine.set_netmap(&netmap);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {

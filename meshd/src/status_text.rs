@@ -3,7 +3,8 @@
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
-use crate::localapi::{BackendState, Status};
+use crate::engine::PingPath;
+use crate::localapi::{BackendState, NetcheckReport, PingReport, Status};
 
 fn bytes(n: u64) -> String {
     const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
@@ -63,6 +64,50 @@ pub fn render(s: &Status) -> String {
             bytes(p.rx_bytes),
             bytes(p.tx_bytes),
         );
+    }
+    out
+}
+
+/// `meshd ping` output: one line per ping.
+pub fn render_ping(r: &PingReport) -> String {
+    let mut out = String::new();
+    let who = r.address.map_or(r.peer.clone(), |a| format!("{} ({a})", r.peer));
+    for reply in &r.replies {
+        match reply {
+            None => {
+                let _ = writeln!(out, "timeout waiting for {who}");
+            }
+            Some(p) => {
+                let via = match &p.path {
+                    PingPath::Direct { endpoint } => format!("via {endpoint}"),
+                    PingPath::Relay { region } => {
+                        let code = r.regions.iter().find(|(id, _)| id == region).map_or(region.to_string(), |(_, c)| c.clone());
+                        format!("via relay {code}")
+                    }
+                };
+                let _ = writeln!(out, "pong from {who} {via} in {:.2} ms", p.rtt_us as f64 / 1000.0);
+            }
+        }
+    }
+    out
+}
+
+/// `meshd netcheck` output.
+pub fn render_netcheck(r: &NetcheckReport) -> String {
+    let mut out = String::new();
+    let yes_no = |b: bool| if b { "yes" } else { "no" };
+    let _ = writeln!(out, "UDP: {}", yes_no(r.udp));
+    let _ = writeln!(out, "public endpoint: {}", r.public_endpoint.map_or("unknown".to_owned(), |e| e.to_string()));
+    let varies = r.mapping_varies_by_destination.map_or("unknown (fewer than two STUN answers)", |v| yes_no(v));
+    let _ = writeln!(out, "mapping varies by destination: {varies}");
+    for s in &r.stun {
+        let seen = s.mapped.map_or("no answer".to_owned(), |m| format!("saw {m}"));
+        let _ = writeln!(out, "  STUN {}: {seen}", s.server);
+    }
+    let _ = writeln!(out, "home relay: {}", r.home_region.as_deref().unwrap_or("none"));
+    for l in &r.relays {
+        let lat = l.latency_ms.map_or("unreachable".to_owned(), |ms| format!("{ms:.2} ms"));
+        let _ = writeln!(out, "  relay {} ({}): {lat}", l.code, l.region);
     }
     out
 }

@@ -1,7 +1,7 @@
 //! The packet loops: TUN → peers (encrypt), UDP and relays → TUN (decrypt),
 //! and the timer tick. Each loop owns its buffers.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::Instant;
@@ -13,8 +13,10 @@ use derp_relay::client::RelayEvent;
 use platform::keys::NodePublic;
 use tokio::sync::mpsc;
 
+use super::disco::{self, Via};
 use super::peers::{Peer, PeerTable, Targets};
 use super::{bump, Counters, Shared, BUF_SIZE, TIMER_TICK};
+use crate::paths::Out;
 
 /// Where a result landed in the output buffer (boringtun hands back a slice of it).
 fn range_in(base: usize, part: &[u8]) -> Range<usize> {
@@ -22,18 +24,12 @@ fn range_in(base: usize, part: &[u8]) -> Range<usize> {
     start..start + part.len()
 }
 
-/// How a datagram arrived, and so how to answer it.
-#[derive(Clone, Copy, Debug)]
-enum Via {
-    Udp(SocketAddr),
-    Relay(u32),
-}
-
 /// Encrypts packets read from the TUN device and sends them to their peer.
 pub(super) async fn tun_to_peers(shared: Arc<Shared>) {
     let mut inbuf = vec![0u8; BUF_SIZE];
     let mut outbuf = vec![0u8; BUF_SIZE];
     let out_base = outbuf.as_ptr() as usize;
+    let mut outs: Vec<Out> = Vec::new();
     loop {
         let n = match shared.tun.recv(&mut inbuf).await {
             Ok(n) => n,
@@ -52,21 +48,36 @@ pub(super) async fn tun_to_peers(shared: Arc<Shared>) {
             bump(&shared.counters.drop_no_route);
             continue;
         };
-        let (range, targets) = {
+        let now = Instant::now();
+        outs.clear();
+        let (range, targets, home) = {
             let mut st = peer.lock();
+            if peer.disco_key.is_some() {
+                st.paths.note_activity(now);
+                if st.direct(now).is_none() {
+                    // Look for a direct path now, not at the next tick.
+                    let has_relay = st.home_region().is_some();
+                    st.paths.poll(now, has_relay, &mut outs);
+                }
+            }
+            let home = st.home_region();
             match st.tunn.encapsulate(packet, &mut outbuf) {
                 TunnResult::WriteToNetwork(out) => {
                     let range = range_in(out_base, out);
-                    (range.clone(), st.targets_for(&outbuf[range]))
+                    (Some(range.clone()), st.targets_for(&outbuf[range], now), home)
                 }
                 TunnResult::Err(e) => {
                     tracing::trace!(error = ?e, "encapsulate");
-                    continue;
+                    (None, Targets::default(), home)
                 }
                 // Queued until the handshake completes.
-                _ => continue,
+                _ => (None, Targets::default(), home),
             }
         };
+        if !outs.is_empty() {
+            disco::send_outs(&shared, peer, &outs, home).await;
+        }
+        let Some(range) = range else { continue };
         send_to_peer(&shared, &peer.node_key, &outbuf[range], targets).await;
         bump(&shared.counters.tx_packets);
     }
@@ -182,6 +193,7 @@ async fn receive(shared: &Shared, peer: &Peer, datagram: &[u8], via: Via, outbuf
                     bump(&shared.counters.drop_source_not_allowed);
                     return;
                 }
+                peer.lock().paths.note_activity(Instant::now());
                 if let Err(e) = shared.tun.send(&outbuf[range]).await {
                     tracing::debug!(error = %e, "TUN write");
                 }
@@ -209,6 +221,10 @@ pub(super) async fn udp_to_tun(shared: Arc<Shared>) {
             continue;
         }
         let table = shared.peers.load();
+        if platform::disco::is_disco(datagram) {
+            disco::handle(&shared, &table, datagram, Via::Udp(from), None).await;
+            continue;
+        }
         let Some(peer) = classify(&shared.secret, &shared.public, &shared.counters, &table, datagram) else { continue };
         receive(&shared, &peer, datagram, Via::Udp(from), &mut outbuf).await;
     }
@@ -222,6 +238,10 @@ pub(super) async fn relay_to_tun(shared: Arc<Shared>, mut events: mpsc::Receiver
             RelayEvent::Packet { src, data } => {
                 let key = NodePublic::from_bytes(src);
                 let table = shared.peers.load();
+                if platform::disco::is_disco(&data) {
+                    disco::handle(&shared, &table, &data, Via::Relay(region), Some(key)).await;
+                    continue;
+                }
                 // The relay vouches for the sender's key; the WireGuard
                 // session still authenticates every packet.
                 let Some(peer) = table.by_key.get(&key).cloned() else {
@@ -264,23 +284,34 @@ pub(super) async fn timers(shared: Arc<Shared>) {
     let base = buf.as_ptr() as usize;
     let mut tick = tokio::time::interval(TIMER_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut outs: Vec<Out> = Vec::new();
     loop {
         tick.tick().await;
         let table = shared.peers.load_full();
         let now = Instant::now();
         for peer in table.by_key.values() {
-            let (range, targets) = {
+            outs.clear();
+            let (range, targets, home) = {
                 let mut st = peer.lock();
                 st.expire_endpoint(now);
+                let home = st.home_region();
+                if peer.disco_key.is_some() {
+                    st.paths.poll(now, home.is_some(), &mut outs);
+                }
                 match st.tunn.update_timers(&mut buf) {
                     TunnResult::WriteToNetwork(out) => {
                         let range = range_in(base, out);
-                        (range.clone(), st.targets_for(&buf[range]))
+                        (Some(range.clone()), st.targets_for(&buf[range], now), home)
                     }
-                    _ => continue,
+                    _ => (None, Targets::default(), home),
                 }
             };
-            send_to_peer(&shared, &peer.node_key, &buf[range], targets).await;
+            if !outs.is_empty() {
+                disco::send_outs(&shared, peer, &outs, home).await;
+            }
+            if let Some(range) = range {
+                send_to_peer(&shared, &peer.node_key, &buf[range], targets).await;
+            }
         }
     }
 }

@@ -7,6 +7,7 @@
 //! way out of `send_to_peer`.
 
 mod datapath;
+mod disco;
 mod peers;
 mod relays;
 mod stun;
@@ -19,11 +20,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use platform::keys::{NodePrivate, NodePublic};
+use platform::keys::{DiscoPrivate, NodePrivate, NodePublic};
 use platform::netmap::NetMap;
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 
+pub use disco::{PingPath, PingReply};
 pub use peers::PeerTable;
 use peers::{IndexAllocator, Path};
 pub use tun_device::{TunConfig, DEFAULT_MTU};
@@ -48,6 +50,7 @@ pub struct Counters {
     pub drop_send_failed: AtomicU64,
     pub tx_relayed: AtomicU64,
     pub rx_relayed: AtomicU64,
+    pub rx_disco: AtomicU64,
 }
 
 /// A snapshot of [`Counters`].
@@ -65,6 +68,7 @@ pub struct CounterSnapshot {
     pub drop_send_failed: u64,
     pub tx_relayed: u64,
     pub rx_relayed: u64,
+    pub rx_disco: u64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -87,6 +91,7 @@ impl Counters {
             drop_send_failed: l(&self.drop_send_failed),
             tx_relayed: l(&self.tx_relayed),
             rx_relayed: l(&self.rx_relayed),
+            rx_disco: l(&self.rx_disco),
         }
     }
 }
@@ -116,6 +121,7 @@ struct Shared {
     counters: Counters,
     relays: relays::Relays,
     stun: stun::StunProbe,
+    disco: disco::Disco,
 }
 
 pub struct Engine {
@@ -131,6 +137,7 @@ impl Engine {
     /// Must run inside a tokio runtime.
     pub fn start(
         private: NodePrivate,
+        disco_private: DiscoPrivate,
         tun: &TunConfig,
         addresses: &[IpAddr],
         routes: &[platform::addr::IpPrefix],
@@ -147,6 +154,7 @@ impl Engine {
         let shared = Arc::new(Shared {
             relays: relays::Relays::new(secret.clone(), relay_tx),
             stun: stun::StunProbe::default(),
+            disco: disco::Disco::new(disco_private, private.public()),
             private,
             public,
             secret,
@@ -218,13 +226,63 @@ impl Engine {
     }
 
     /// Asks `servers` what address this engine's socket has from outside.
-    pub async fn probe_stun(&self, servers: &[SocketAddr]) {
+    pub async fn probe_stun(&self, servers: &[SocketAddr]) -> Vec<derp_relay::proto::stun::TransactionId> {
+        let mut txs = Vec::with_capacity(servers.len());
         for server in servers {
-            let req = self.shared.stun.request(Instant::now());
+            let (tx, req) = self.shared.stun.request(Instant::now());
             if let Err(e) = self.shared.udp.send_to(&req, *server).await {
                 tracing::debug!(error = %e, %server, "STUN request");
             }
+            txs.push(tx);
         }
+        txs
+    }
+
+    /// Asks each STUN server in turn and waits up to `wait` for the answers:
+    /// what each saw as this socket's address.
+    pub async fn stun_report(&self, servers: &[SocketAddr], wait: std::time::Duration) -> Vec<(SocketAddr, Option<SocketAddr>)> {
+        let txs = self.probe_stun(servers).await;
+        let deadline = Instant::now() + wait;
+        while Instant::now() < deadline && txs.iter().any(|t| self.shared.stun.answer(t).is_none()) {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        servers.iter().zip(&txs).map(|(s, t)| (*s, self.shared.stun.answer(t))).collect()
+    }
+
+    /// This device's direct endpoints, offered to peers in call-me-maybe.
+    pub fn set_own_endpoints(&self, endpoints: Vec<SocketAddr>) {
+        self.shared.disco.own_endpoints.store(Arc::new(endpoints));
+    }
+
+    /// Sends a disco ping to `key` on every path it may take (the direct
+    /// path if there is one, else every candidate and the relay) and waits
+    /// for the first answer.
+    pub async fn ping(&self, key: &NodePublic, timeout: std::time::Duration) -> anyhow::Result<Option<PingReply>> {
+        let table = self.shared.peers.load_full();
+        let peer = table.by_key.get(key).ok_or_else(|| anyhow::anyhow!("no such peer"))?;
+        anyhow::ensure!(peer.disco_key.is_some(), "peer does not run meshd (stock WireGuard): it cannot answer pings");
+        let now = Instant::now();
+        let tx = platform::disco::new_tx_id();
+        let reply = self.shared.disco.expect(tx, now);
+        let (direct, candidates, home) = {
+            let st = peer.lock();
+            (st.direct(now), st.candidates().to_vec(), st.home_region())
+        };
+        let msg = platform::disco::Message::Ping { tx, node_key: self.shared.disco.node_key };
+        match direct {
+            Some(ep) => disco::send(&self.shared, peer, &msg, disco::Via::Udp(ep)).await,
+            None => {
+                for c in candidates {
+                    disco::send(&self.shared, peer, &msg, disco::Via::Udp(c)).await;
+                }
+                if let Some(region) = home {
+                    disco::send(&self.shared, peer, &msg, disco::Via::Relay(region)).await;
+                }
+            }
+        }
+        // Traffic to ping counts as use: discovery runs meanwhile.
+        peer.lock().paths.note_activity(now);
+        Ok(tokio::time::timeout(timeout, reply).await.ok().and_then(Result::ok))
     }
 
     /// The last address STUN reported for this engine's socket.
@@ -241,7 +299,7 @@ impl Engine {
         let peer = table.by_key.get(key)?;
         let st = peer.lock();
         let (since, tx, rx, _, _) = st.tunn.stats();
-        let (endpoint, direct, relay) = match st.path() {
+        let (endpoint, direct, relay) = match st.path(Instant::now()) {
             Path::Direct(ep) => (Some(ep), true, None),
             Path::Trying(ep) => (Some(ep), false, None),
             Path::Relay(region) => (None, false, Some(region)),
@@ -270,14 +328,15 @@ impl Drop for Engine {
 /// addresses it has (and restarted if they ever change).
 pub struct EngineSlot {
     private: NodePrivate,
+    disco: DiscoPrivate,
     tun: TunConfig,
     udp_port: u16,
     engine: std::sync::Mutex<Option<Arc<Engine>>>,
 }
 
 impl EngineSlot {
-    pub fn new(private: NodePrivate, tun: TunConfig, udp_port: u16) -> Self {
-        EngineSlot { private, tun, udp_port, engine: std::sync::Mutex::new(None) }
+    pub fn new(private: NodePrivate, disco: DiscoPrivate, tun: TunConfig, udp_port: u16) -> Self {
+        EngineSlot { private, disco, tun, udp_port, engine: std::sync::Mutex::new(None) }
     }
 
     pub fn get(&self) -> Option<Arc<Engine>> {
@@ -298,6 +357,7 @@ impl EngineSlot {
                 }
                 let e = Arc::new(Engine::start(
                     self.private.clone(),
+                    self.disco.clone(),
                     &self.tun,
                     &netmap.self_node.addresses,
                     &netmap.routes,

@@ -15,6 +15,8 @@ use boringtun::noise::Tunn;
 use platform::keys::{DiscoPublic, NodePrivate, NodePublic};
 use platform::netmap::NetMap;
 
+use crate::paths::PathState;
+
 /// A peer we have not heard from for this long may have moved: try all of
 /// its endpoints again.
 const ENDPOINT_STALE_AFTER: Duration = Duration::from_secs(15);
@@ -32,6 +34,8 @@ pub struct PeerState {
     next_candidate: usize,
     /// The relay region where the peer listens.
     home_region: Option<u32>,
+    /// Direct-path discovery (peers running meshd).
+    pub paths: PathState,
 }
 
 /// Where one packet goes: directly, through a relay, or both.
@@ -57,8 +61,8 @@ impl PeerState {
     /// initiations also try its direct endpoints in turn (an answer over UDP
     /// confirms one and moves the traffic there). Without a relay, every
     /// packet tries the current candidate.
-    pub fn targets_for(&mut self, packet: &[u8]) -> Targets {
-        if let Some(ep) = self.confirmed {
+    pub fn targets_for(&mut self, packet: &[u8], now: Instant) -> Targets {
+        if let Some(ep) = self.direct(now) {
             return Targets { direct: Some(ep), relay: None };
         }
         let handshake = packet.first() == Some(&HANDSHAKE_INIT);
@@ -72,8 +76,22 @@ impl PeerState {
         }
     }
 
-    pub fn path(&self) -> Path {
-        match (self.confirmed, self.home_region, self.candidates.get(self.next_candidate % self.candidates.len().max(1))) {
+    /// A direct endpoint known to work: found by disco, or the source of
+    /// authenticated WireGuard packets.
+    pub fn direct(&self, now: Instant) -> Option<SocketAddr> {
+        self.paths.direct(now).or(self.confirmed)
+    }
+
+    pub fn home_region(&self) -> Option<u32> {
+        self.home_region
+    }
+
+    pub fn candidates(&self) -> &[SocketAddr] {
+        &self.candidates
+    }
+
+    pub fn path(&self, now: Instant) -> Path {
+        match (self.direct(now), self.home_region, self.candidates.get(self.next_candidate % self.candidates.len().max(1))) {
             (Some(ep), _, _) => Path::Direct(ep),
             (None, Some(region), _) => Path::Relay(region),
             (None, None, Some(c)) => Path::Trying(*c),
@@ -116,7 +134,7 @@ pub struct Peer {
     /// Session index; receivers see it in the top 24 bits.
     pub index: u32,
     /// The peer's instance: a new disco key means it restarted.
-    disco_key: Option<DiscoPublic>,
+    pub disco_key: Option<DiscoPublic>,
     state: Mutex<PeerState>,
 }
 
@@ -133,6 +151,7 @@ pub struct PeerTable {
     pub by_key: HashMap<NodePublic, Arc<Peer>>,
     pub by_ip: HashMap<IpAddr, Arc<Peer>>,
     pub by_index: HashMap<u32, Arc<Peer>>,
+    pub by_disco: HashMap<DiscoPublic, Arc<Peer>>,
 }
 
 /// Hands out WireGuard session indices (24 bits; boringtun keeps the low 8).
@@ -163,6 +182,7 @@ impl PeerTable {
             let peer = match old.by_key.get(&node.node_key) {
                 Some(existing) if existing.allowed == node.addresses && existing.disco_key == node.disco_key => {
                     let mut st = existing.lock();
+                    st.paths.set_candidates(&candidates);
                     st.set_candidates(candidates);
                     st.home_region = node.home_region;
                     drop(st);
@@ -178,7 +198,10 @@ impl PeerTable {
                         index,
                         None,
                     );
+                    let mut paths = PathState::default();
+                    paths.set_candidates(&candidates);
                     let state = PeerState {
+                        paths,
                         tunn,
                         confirmed: None,
                         last_rx: None,
@@ -196,6 +219,9 @@ impl PeerTable {
                 }
             };
             table.by_index.insert(peer.index, peer.clone());
+            if let Some(d) = peer.disco_key {
+                table.by_disco.insert(d, peer.clone());
+            }
             for ip in &peer.allowed {
                 table.by_ip.insert(*ip, peer.clone());
             }
@@ -265,20 +291,20 @@ pub(super) mod tests {
         let idx = IndexAllocator::new(1);
         let t = PeerTable::build(&PeerTable::default(), &netmap(&me, vec![node(a, 2, &["10.0.0.1:1", "10.0.0.2:1"])]), &me, &idx);
         let mut st = t.by_key[&a].lock();
+        let now = Instant::now();
         let init = [HANDSHAKE_INIT, 0, 0, 0];
         let data = [4, 0, 0, 0];
-        let first = st.targets_for(&init).direct.unwrap();
-        let second = st.targets_for(&init).direct.unwrap();
+        let first = st.targets_for(&init, now).direct.unwrap();
+        let second = st.targets_for(&init, now).direct.unwrap();
         assert_ne!(first, second);
-        assert_eq!(st.targets_for(&data), Targets { direct: Some(second), relay: None }, "data follows the last try");
-        assert_eq!(st.path(), Path::Trying(second));
+        assert_eq!(st.targets_for(&data, now), Targets { direct: Some(second), relay: None }, "data follows the last try");
+        assert_eq!(st.path(now), Path::Trying(second));
         let roamed: SocketAddr = "192.168.1.9:5".parse().unwrap();
-        let now = Instant::now();
         st.heard_from(roamed, now);
-        assert_eq!(st.targets_for(&init).direct, Some(roamed));
-        assert_eq!(st.path(), Path::Direct(roamed));
+        assert_eq!(st.targets_for(&init, now).direct, Some(roamed));
+        assert_eq!(st.path(now), Path::Direct(roamed));
         st.expire_endpoint(now + Duration::from_secs(16));
-        assert_ne!(st.targets_for(&init).direct, Some(roamed));
+        assert_ne!(st.targets_for(&init, now).direct, Some(roamed));
     }
 
     #[test]
@@ -289,17 +315,17 @@ pub(super) mod tests {
         n.home_region = Some(7);
         let t = PeerTable::build(&PeerTable::default(), &netmap(&me, vec![n]), &me, &IndexAllocator::new(1));
         let mut st = t.by_key[&a].lock();
+        let now = Instant::now();
         let init = [HANDSHAKE_INIT, 0, 0, 0];
         let data = [4, 0, 0, 0];
         let direct: SocketAddr = "10.0.0.1:1".parse().unwrap();
-        assert_eq!(st.targets_for(&init), Targets { direct: Some(direct), relay: Some(7) }, "handshakes try both");
-        assert_eq!(st.targets_for(&data), Targets { direct: None, relay: Some(7) }, "data goes relayed");
-        assert_eq!(st.path(), Path::Relay(7));
-        let now = Instant::now();
+        assert_eq!(st.targets_for(&init, now), Targets { direct: Some(direct), relay: Some(7) }, "handshakes try both");
+        assert_eq!(st.targets_for(&data, now), Targets { direct: None, relay: Some(7) }, "data goes relayed");
+        assert_eq!(st.path(now), Path::Relay(7));
         st.heard_from(direct, now);
-        assert_eq!(st.targets_for(&data), Targets { direct: Some(direct), relay: None });
+        assert_eq!(st.targets_for(&data, now), Targets { direct: Some(direct), relay: None });
         // The direct path goes silent: back to the relay.
         st.expire_endpoint(now + Duration::from_secs(16));
-        assert_eq!(st.targets_for(&data), Targets { direct: None, relay: Some(7) });
+        assert_eq!(st.targets_for(&data, now), Targets { direct: None, relay: Some(7) });
     }
 }

@@ -15,6 +15,8 @@ const MAX_PENDING: usize = 16;
 struct Inner {
     pending: Vec<(stun::TransactionId, Instant)>,
     seen: Option<SocketAddr>,
+    /// Recent answers by transaction, for netcheck.
+    answers: Vec<(stun::TransactionId, SocketAddr)>,
 }
 
 #[derive(Default)]
@@ -27,8 +29,8 @@ impl StunProbe {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A new binding request to send.
-    pub fn request(&self, now: Instant) -> Vec<u8> {
+    /// A new binding request to send, and its transaction id.
+    pub fn request(&self, now: Instant) -> (stun::TransactionId, Vec<u8>) {
         let mut tx = [0u8; 12];
         OsRng.fill_bytes(&mut tx);
         let mut inner = self.lock();
@@ -37,7 +39,12 @@ impl StunProbe {
             inner.pending.remove(0);
         }
         inner.pending.push((tx, now));
-        stun::request(&tx)
+        (tx, stun::request(&tx))
+    }
+
+    /// The mapped address reported in answer to `tx`, once it came.
+    pub fn answer(&self, tx: &stun::TransactionId) -> Option<SocketAddr> {
+        self.lock().answers.iter().find(|(t, _)| t == tx).map(|(_, a)| *a)
     }
 
     /// Consumes `datagram` if it answers one of our requests.
@@ -50,8 +57,13 @@ impl StunProbe {
         let found = inner.pending.iter().enumerate().find_map(|(i, (tx, _))| stun::parse_response(datagram, tx).map(|a| (i, a)));
         match found {
             Some((i, addr)) => {
-                inner.pending.remove(i);
-                inner.seen = Some(SocketAddr::new(addr.ip().to_canonical(), addr.port()));
+                let (tx, _) = inner.pending.remove(i);
+                let addr = SocketAddr::new(addr.ip().to_canonical(), addr.port());
+                inner.seen = Some(addr);
+                if inner.answers.len() >= MAX_PENDING {
+                    inner.answers.remove(0);
+                }
+                inner.answers.push((tx, addr));
                 true
             }
             None => false,
@@ -70,13 +82,14 @@ mod tests {
     #[test]
     fn only_answers_to_our_requests_count() {
         let probe = StunProbe::default();
-        let req = probe.request(Instant::now());
-        let tx: stun::TransactionId = req[8..20].try_into().unwrap();
+        let (tx, req) = probe.request(Instant::now());
+        assert_eq!(&req[8..20], &tx);
         let addr: SocketAddr = "203.0.113.7:41641".parse().unwrap();
         assert!(!probe.take_response(&stun::response(&[1; 12], addr)), "unknown transaction");
         assert!(!probe.take_response(&[1, 0, 0, 0, 5, 5]), "WireGuard handshake");
         assert!(probe.take_response(&stun::response(&tx, addr)));
         assert_eq!(probe.seen(), Some(addr));
+        assert_eq!(probe.answer(&tx), Some(addr));
         assert!(!probe.take_response(&stun::response(&tx, addr)), "answered once");
     }
 }
