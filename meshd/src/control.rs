@@ -26,6 +26,8 @@ use crate::state::Keys;
 /// How often local addresses are checked for changes.
 const ENDPOINT_CHECK: Duration = Duration::from_secs(10);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How long an endpoint check waits for STUN answers.
+const STUN_WAIT: Duration = Duration::from_millis(500);
 
 fn base_url(coordinator: &str) -> String {
     coordinator.trim_end_matches('/').to_owned()
@@ -158,19 +160,19 @@ async fn map_session(coordinator: &str, keys: &Keys, engine: &EngineSlot, state:
                         send(&mut ws, &ClientMessage::HomeRegion { region }).await?;
                     }
                 }
+                let stun = netcheck::stun_servers(&map.relay_map).await;
+                if !stun.is_empty() {
+                    // Short wait: the answers usually take a round trip.
+                    e.stun_report(&stun, STUN_WAIT).await;
+                    if e.public_endpoint().is_none() {
+                        endpoint_check.reset_after(Duration::from_secs(1));
+                    }
+                }
                 let mut now = local_endpoints(e.udp_port(), &map.routes, e.tun_name());
                 if let Some(public) = e.public_endpoint() {
                     now.push(public);
                     now.sort();
                     now.dedup();
-                }
-                let stun = netcheck::stun_servers(&map.relay_map).await;
-                if !stun.is_empty() {
-                    e.probe_stun(&stun).await;
-                    if e.public_endpoint().is_none() {
-                        // Report the answer soon rather than in a full period.
-                        endpoint_check.reset_after(Duration::from_secs(1));
-                    }
                 }
                 e.set_own_endpoints(now.clone());
                 if now != reported {

@@ -158,9 +158,13 @@ impl PathState {
         Some(latency)
     }
 
-    /// The peer pinged us from `from`: it may be reachable there.
-    pub fn on_ping(&mut self, from: SocketAddr) {
+    /// The peer pinged us from `from`: it may be reachable there. Without a
+    /// direct path, ping back at once: its ping just opened its NAT for us.
+    pub fn on_ping(&mut self, from: SocketAddr, now: Instant, out: &mut Vec<Out>) {
         self.learn(from);
+        if self.direct(now).is_none() {
+            self.ping(from, now, out);
+        }
     }
 
     /// The peer asked us to ping it at `endpoints` (through the relay).
@@ -337,8 +341,16 @@ mod tests {
                         if side.filtered && !side.opened.contains(&from) {
                             continue; // dropped by the NAT
                         }
-                        side.paths.on_ping(from);
+                        let mut back = Vec::new();
+                        side.paths.on_ping(from, now, &mut back);
                         side.opened.push(from);
+                        for o in back {
+                            if let Out::Ping { tx, to: dst } = o {
+                                if dst == publics[&(1 - to)] {
+                                    in_flight.push((now + latency, 1 - to, Msg::Ping(tx, publics[&to])));
+                                }
+                            }
+                        }
                         in_flight.push((now + latency, 1 - to, Msg::Pong(tx)));
                     }
                     Msg::Pong(tx) => {

@@ -91,6 +91,40 @@ impl Lab {
         Ok(Host { ns, addr, name: name.to_owned() })
     }
 
+    /// Adds a NAT router on the bridge at 10.99.0.`last` and a host behind it
+    /// on its own LAN (192.168.`last`.2/24), masqueraded to the router's
+    /// address. `nat` picks the mapping behaviour. Like a home router, it
+    /// drops unsolicited packets from outside (before they leave conntrack
+    /// entries that would change later mappings).
+    pub fn host_behind_nat(&mut self, name: &str, last: u8, nat: Nat) -> anyhow::Result<(Host, Host)> {
+        let router = self.host(&format!("{name}-nat"), last)?;
+        let ns = format!("{}-{name}", self.prefix);
+        ip(&["netns", "add", &ns])?;
+        self.hosts.push(ns.clone());
+        ip(&["-n", &router.ns, "link", "add", "lan0", "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
+        let lan = |h: u8| format!("192.168.{last}.{h}");
+        ip(&["-n", &router.ns, "addr", "add", &format!("{}/24", lan(1)), "dev", "lan0"])?;
+        ip(&["-n", &router.ns, "link", "set", "lan0", "up"])?;
+        ip(&["-n", &ns, "addr", "add", &format!("{}/24", lan(2)), "dev", "eth0"])?;
+        ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+        ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+        ip(&["-n", &ns, "route", "add", "default", "via", &lan(1)])?;
+        router.run("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+        let flags = match nat {
+            Nat::EndpointIndependent => "",
+            Nat::Symmetric => " fully-random",
+        };
+        let rules = format!(
+            "table ip crank_nat {{\n\
+               chain post {{ type nat hook postrouting priority 100; oifname \"eth0\" masquerade{flags}; }}\n\
+               chain wan {{ type filter hook prerouting priority -150; iifname \"eth0\" ct state new drop; }}\n\
+             }}\n"
+        );
+        router.run("bash", &["-c", &format!("printf '%s' '{rules}' | nft -f -")])?;
+        let host = Host { ns, addr: Ipv4Addr::new(192, 168, last, 2), name: name.to_owned() };
+        Ok((router, host))
+    }
+
     /// Starts a long-running process in `host`; it is killed with the lab.
     pub fn spawn(&mut self, host: &Host, program: &Path, args: &[&str], log: &str) -> anyhow::Result<u32> {
         let log_file = std::fs::File::create(self.dir.join(log))?;
@@ -168,6 +202,16 @@ impl Drop for Lab {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+/// How a lab NAT maps a host's UDP flows.
+#[derive(Clone, Copy, Debug)]
+pub enum Nat {
+    /// One public port per host port, whatever the destination (Linux
+    /// masquerade keeps the source port); replies only from where it sent.
+    EndpointIndependent,
+    /// A fresh random port per destination.
+    Symmetric,
 }
 
 /// A namespace in the lab.
@@ -373,14 +417,17 @@ pub struct Relay {
     pub pid: u32,
 }
 
-/// Port of the relay's HTTP listener and of its STUN responder.
+/// Port of the relay's HTTP listener and of its two STUN responders.
 pub const RELAY_PORT: u16 = 3340;
 pub const STUN_PORT: u16 = 3478;
+pub const STUN_PORT_2: u16 = 3479;
 
 impl Relay {
     /// The relay map naming one region ("lab", id 1) served by a relay at `addr`.
     pub fn map_json(addr: Ipv4Addr) -> String {
-        format!(r#"{{"regions":[{{"id":1,"code":"lab","urls":["http://{addr}:{RELAY_PORT}/derp"],"stun":["{addr}:{STUN_PORT}"]}}]}}"#)
+        format!(
+            r#"{{"regions":[{{"id":1,"code":"lab","urls":["http://{addr}:{RELAY_PORT}/derp"],"stun":["{addr}:{STUN_PORT}","{addr}:{STUN_PORT_2}"]}}]}}"#
+        )
     }
 
     pub fn start(lab: &mut Lab, host: Host, coord: &Coordinator) -> anyhow::Result<Relay> {
@@ -388,9 +435,11 @@ impl Relay {
         let key = lab.dir.join(format!("{}.key", host.name));
         let listen = format!("{}:{RELAY_PORT}", host.addr);
         let stun = format!("{}:{STUN_PORT}", host.addr);
+        let stun2 = format!("{}:{STUN_PORT_2}", host.addr);
         let args = [
             "--listen", &listen,
             "--stun-listen", &stun,
+            "--stun-listen", &stun2,
             "--coordinator", &coord.url,
             "--token-file", token.to_str().context("utf-8")?,
             "--key-file", key.to_str().context("utf-8")?,
@@ -404,4 +453,27 @@ impl Relay {
     pub fn metrics(&self) -> anyhow::Result<String> {
         self.host.run("curl", &["-sS", "--max-time", "5", &format!("{}/metrics", self.url)])
     }
+}
+
+/// Downloads `/bytes/N` from an `overlay-httpd` at `url_base`, inside
+/// `from`, and checks the body against the server's SHA-256 header.
+pub fn transfer(lab: &Lab, from: &Host, url_base: &str, n: usize) -> anyhow::Result<()> {
+    let file = lab.dir.join(format!("download-{}", from.name));
+    let file = file.to_str().context("utf-8 path")?;
+    let script = format!(
+        "curl -sS --max-time 60 -D - -o {file} {url_base}/bytes/{n} | tr -d '\\r' | sed -n 's/^x-sha256: //p'; sha256sum {file} | cut -d' ' -f1"
+    );
+    let out = from.run("bash", &["-c", &script])?;
+    let lines: Vec<&str> = out.lines().collect();
+    anyhow::ensure!(lines.len() == 2 && lines[0] == lines[1] && lines[0].len() == 64, "transfer from {url_base} corrupt: {out}");
+    let size = std::fs::metadata(file)?.len();
+    anyhow::ensure!(size == n as u64, "transfer from {url_base}: {size} of {n} bytes");
+    Ok(())
+}
+
+/// Serves `overlay-httpd` on `addr:8000` in `host` and waits until it answers.
+pub fn serve_http(lab: &mut Lab, host: &Host, addr: &str) -> anyhow::Result<String> {
+    lab.spawn(host, &bin("overlay-httpd"), &[&format!("{addr}:8000"), &host.name], &format!("httpd-{}.log", host.name))?;
+    host.wait_tcp(addr, 8000, Duration::from_secs(5))?;
+    Ok(format!("http://{addr}:8000"))
 }

@@ -19,22 +19,6 @@ fn meshd_and_wireguard_go_interoperate() {
     }
 }
 
-/// Downloads `/bytes/N` from `url_base` inside `host` and checks the body
-/// against the server's SHA-256 header.
-fn transfer(lab: &Lab, host: &Host, url_base: &str, n: usize) -> anyhow::Result<()> {
-    let file = lab.dir.join(format!("download-{}", host.name));
-    let file = file.to_str().unwrap_or_default();
-    let script = format!(
-        "curl -sS --max-time 60 -D - -o {file} {url_base}/bytes/{n} | tr -d '\\r' | sed -n 's/^x-sha256: //p'; sha256sum {file} | cut -d' ' -f1"
-    );
-    let out = host.run("bash", &["-c", &script])?;
-    let lines: Vec<&str> = out.lines().collect();
-    anyhow::ensure!(lines.len() == 2 && lines[0] == lines[1] && lines[0].len() == 64, "transfer from {url_base} corrupt: {out}");
-    let size = std::fs::metadata(file)?.len();
-    anyhow::ensure!(size == n as u64, "transfer from {url_base}: {size} of {n} bytes");
-    Ok(())
-}
-
 fn scenario(lab: &mut Lab) -> anyhow::Result<()> {
     let coord_host = lab.host("coord", 1)?;
     let coord = Coordinator::start(lab, coord_host, "home")?;
@@ -105,8 +89,8 @@ fn scenario(lab: &mut Lab) -> anyhow::Result<()> {
     lab.spawn(&wg, &httpd, &[&format!("{w4}:8000"), "wgpeer"], "httpd-wg.log")?;
     alpha.host.wait_tcp(&a4, 8000, Duration::from_secs(5))?;
     wg.wait_tcp(&w4, 8000, Duration::from_secs(5))?;
-    transfer(lab, &wg, &format!("http://{a4}:8000"), 4 << 20)?;
-    transfer(lab, &alpha.host, &format!("http://{w4}:8000"), 4 << 20)?;
+    crank_e2e::transfer(lab, &wg, &format!("http://{a4}:8000"), 4 << 20)?;
+    crank_e2e::transfer(lab, &alpha.host, &format!("http://{w4}:8000"), 4 << 20)?;
 
     let peer = alpha.peer("wgpeer")?.ok_or_else(|| anyhow::anyhow!("alpha does not list wgpeer"))?;
     anyhow::ensure!(peer["kind"] == "wireguard", "{peer}");

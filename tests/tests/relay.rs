@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crank_e2e::{bin, is_root, wait_until, Coordinator, Device, Host, Lab, Relay};
+use crank_e2e::{bin, is_root, wait_until, Coordinator, Device, Lab, Relay};
 
 #[test]
 fn devices_without_direct_udp_talk_through_the_relay() {
@@ -14,19 +14,6 @@ fn devices_without_direct_udp_talk_through_the_relay() {
         eprintln!("{}", lab.logs());
         panic!("{e:#}");
     }
-}
-
-fn transfer(lab: &Lab, from: &Host, url_base: &str, n: usize) -> anyhow::Result<()> {
-    let file = lab.dir.join(format!("download-{}", from.name));
-    let file = file.to_str().unwrap_or_default();
-    let script = format!(
-        "curl -sS --max-time 60 -D - -o {file} {url_base}/bytes/{n} | tr -d '\\r' | sed -n 's/^x-sha256: //p'; sha256sum {file} | cut -d' ' -f1"
-    );
-    let out = from.run("bash", &["-c", &script])?;
-    let lines: Vec<&str> = out.lines().collect();
-    anyhow::ensure!(lines.len() == 2 && lines[0] == lines[1] && lines[0].len() == 64, "transfer from {url_base} corrupt: {out}");
-    anyhow::ensure!(std::fs::metadata(file)?.len() == n as u64, "short transfer from {url_base}");
-    Ok(())
 }
 
 fn scenario(lab: &mut Lab) -> anyhow::Result<()> {
@@ -66,8 +53,8 @@ fn scenario(lab: &mut Lab) -> anyhow::Result<()> {
     lab.spawn(&beta.host, &httpd, &[&format!("{b4}:8000"), "beta"], "httpd-beta.log")?;
     alpha.host.wait_tcp(&a4, 8000, Duration::from_secs(5))?;
     beta.host.wait_tcp(&b4, 8000, Duration::from_secs(5))?;
-    transfer(lab, &beta.host, &format!("http://{a4}:8000"), 2 << 20)?;
-    transfer(lab, &alpha.host, &format!("http://{b4}:8000"), 2 << 20)?;
+    crank_e2e::transfer(lab, &beta.host, &format!("http://{a4}:8000"), 2 << 20)?;
+    crank_e2e::transfer(lab, &alpha.host, &format!("http://{b4}:8000"), 2 << 20)?;
 
     let counters = &alpha.status()?["counters"];
     anyhow::ensure!(counters["tx_relayed"].as_u64().unwrap_or(0) > 1000, "alpha relayed little: {counters}");

@@ -45,6 +45,7 @@ pub(super) async fn tun_to_peers(shared: Arc<Shared>) {
         };
         let table = shared.peers.load();
         let Some(peer) = table.by_ip.get(&dst) else {
+            tracing::trace!(%dst, "no peer has this address");
             bump(&shared.counters.drop_no_route);
             continue;
         };

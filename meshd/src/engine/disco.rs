@@ -131,14 +131,17 @@ pub(super) async fn handle(shared: &Shared, table: &PeerTable, packet: &[u8], vi
                 bump(&shared.counters.drop_unknown_peer);
                 return;
             }
-            let src = match via {
+            let mut outs = Vec::new();
+            let (src, home) = match via {
                 Via::Udp(from) => {
-                    peer.lock().paths.on_ping(from);
-                    from
+                    let mut st = peer.lock();
+                    st.paths.on_ping(from, now, &mut outs);
+                    (from, st.home_region())
                 }
-                Via::Relay(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+                Via::Relay(_) => (SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)), None),
             };
             send(shared, &peer, &Message::Pong { tx, src }, via).await;
+            send_outs(shared, &peer, &outs, home).await;
         }
         Message::Pong { tx, .. } => {
             let waiter = shared.disco.waiters().remove(&tx);

@@ -1,0 +1,186 @@
+//! NAT traversal and relay failure in network namespaces: NAT routers with
+//! nftables masquerade, a relay, and meshd devices. Needs root; run serially.
+
+use std::time::{Duration, Instant};
+
+use crank_e2e::{bin, is_root, serve_http, transfer, wait_until, Coordinator, Device, Lab, Nat, Relay};
+use serde_json::Value;
+
+fn run(test: impl FnOnce(&mut Lab) -> anyhow::Result<()>) {
+    assert!(is_root(), "network-namespace tests need root (run the README's test command)");
+    let mut lab = Lab::new().unwrap();
+    if let Err(e) = test(&mut lab) {
+        eprintln!("{}", lab.logs());
+        panic!("{e:#}");
+    }
+}
+
+fn path_to(d: &Device, peer: &str) -> String {
+    d.peer(peer).ok().flatten().and_then(|p| p["path"].as_str().map(str::to_owned)).unwrap_or_default()
+}
+
+fn on_home_relay(d: &Device) -> anyhow::Result<()> {
+    wait_until(Duration::from_secs(15), &format!("{} on its home relay", d.host.name), || {
+        d.status().is_ok_and(|s| s["self"]["home_relay_connected"] == true && s["self"]["public_endpoint"].is_string())
+    })
+}
+
+/// A coordinator and a relay on the bridge.
+fn control_plane(lab: &mut Lab) -> anyhow::Result<(Coordinator, Relay)> {
+    let coord_host = lab.host("coord", 1)?;
+    let relay_host = lab.host("relay", 2)?;
+    let map = Relay::map_json(relay_host.addr);
+    let coord = Coordinator::start_with_relays(lab, coord_host, "home", Some(&map))?;
+    let relay = Relay::start(lab, relay_host, &coord)?;
+    Ok((coord, relay))
+}
+
+#[test]
+fn both_behind_nat_relay_first_then_direct_within_two_seconds() {
+    run(|lab| {
+        let (coord, _relay) = control_plane(lab)?;
+        let (_ra, a) = lab.host_behind_nat("alpha", 21, Nat::EndpointIndependent)?;
+        let (_rb, b) = lab.host_behind_nat("beta", 22, Nat::EndpointIndependent)?;
+        let alpha = Device::start(lab, a)?;
+        let beta = Device::start(lab, b)?;
+        alpha.up(&coord)?;
+        beta.up(&coord)?;
+        on_home_relay(&alpha)?;
+        on_home_relay(&beta)?;
+        let (b4, _) = beta.overlay()?;
+
+        // The first traffic gets through at once (relayed)…
+        // Both know each other, and where to find each other on the relay.
+        wait_until(Duration::from_secs(5), "peers in each other's netmap", || {
+            path_to(&alpha, "beta") == "relay lab" && path_to(&beta, "alpha") == "relay lab"
+        })?;
+        let start = Instant::now();
+        anyhow::ensure!(alpha.host.succeeds("ping", &["-c", "1", "-W", "2", &b4]), "the first ping did not get through");
+        let first = start.elapsed();
+        let relayed = alpha.status()?["counters"]["tx_relayed"].as_u64().unwrap_or(0);
+        anyhow::ensure!(relayed > 0, "the first packets did not go through the relay");
+        // …and moves to a direct path through both NATs within 2 s.
+        wait_until(Duration::from_secs(2), "direct path", || {
+            alpha.host.succeeds("ping", &["-c", "1", "-W", "1", &b4]);
+            path_to(&alpha, "beta").starts_with("direct 10.99.0.22:") && path_to(&beta, "alpha").starts_with("direct 10.99.0.21:")
+        })?;
+        eprintln!("first ping after {first:?}, direct after {:?}", start.elapsed());
+        // A TCP transfer over the punched path.
+        let url = serve_http(lab, &beta.host, &b4)?;
+        transfer(lab, &alpha.host, &url, 2 << 20)?;
+        anyhow::ensure!(path_to(&alpha, "beta").starts_with("direct"), "fell off the direct path");
+        Ok(())
+    });
+}
+
+#[test]
+fn symmetric_nat_to_a_public_peer_works_and_ping_tells_the_path() {
+    run(|lab| {
+        let (coord, _relay) = control_plane(lab)?;
+        let (_r, a) = lab.host_behind_nat("alpha", 21, Nat::Symmetric)?;
+        let b = lab.host("beta", 12)?;
+        let alpha = Device::start(lab, a)?;
+        let beta = Device::start(lab, b)?;
+        alpha.up(&coord)?;
+        beta.up(&coord)?;
+        on_home_relay(&alpha)?;
+        on_home_relay(&beta)?;
+
+        // netcheck sees the mapping change per destination behind this NAT,
+        // and not on the public host.
+        let nc: Value = serde_json::from_str(&alpha.meshd(&["netcheck", "--json"])?)?;
+        anyhow::ensure!(nc["udp"] == true && nc["mapping_varies_by_destination"] == true, "alpha netcheck: {nc}");
+        let nc: Value = serde_json::from_str(&beta.meshd(&["netcheck", "--json"])?)?;
+        anyhow::ensure!(nc["mapping_varies_by_destination"] == false, "beta netcheck: {nc}");
+        anyhow::ensure!(nc["relays"][0]["latency_ms"].is_f64(), "relay latency: {nc}");
+
+        let (b4, _) = beta.overlay()?;
+        wait_until(Duration::from_secs(5), "ping over the overlay", || alpha.host.ping(&b4))?;
+        // meshd ping: every answer names its path, and a direct one names
+        // beta's real endpoint.
+        let report: Value = serde_json::from_str(&alpha.meshd(&["ping", "beta", "--count", "10", "--json"])?)?;
+        let replies = report["replies"].as_array().cloned().unwrap_or_default();
+        anyhow::ensure!(replies.iter().any(|r| !r.is_null()), "no pong: {report}");
+        for r in replies.iter().filter(|r| !r.is_null()) {
+            match r["path"]["via"].as_str() {
+                Some("direct") => anyhow::ensure!(r["path"]["endpoint"] == "10.99.0.12:41641", "direct via {r}"),
+                Some("relay") => anyhow::ensure!(r["path"]["region"] == 1, "relay {r}"),
+                _ => anyhow::bail!("reply without a path: {r}"),
+            }
+        }
+        let last = replies.last().cloned().unwrap_or_default();
+        anyhow::ensure!(last["path"]["via"] == "direct", "a public peer is reachable directly from behind a symmetric NAT: {report}");
+        let text = alpha.meshd(&["ping", "beta", "--count", "1"])?;
+        anyhow::ensure!(text.contains("via 10.99.0.12:41641"), "human output: {text}");
+        Ok(())
+    });
+}
+
+#[test]
+fn relay_failure_spares_direct_paths_and_relayed_peers_recover() {
+    run(|lab| {
+        let (coord, relay) = control_plane(lab)?;
+        let a = lab.host("alpha", 11)?;
+        let b = lab.host("beta", 12)?;
+        let g = lab.host("gamma", 13)?;
+        // gamma reaches alpha only through the relay.
+        g.block_udp_with(&a)?;
+        let alpha = Device::start(lab, a)?;
+        let beta = Device::start(lab, b)?;
+        let gamma = Device::start(lab, g)?;
+        for d in [&alpha, &beta, &gamma] {
+            d.up(&coord)?;
+            on_home_relay(d)?;
+        }
+        let (b4, _) = beta.overlay()?;
+        let (g4, _) = gamma.overlay()?;
+        wait_until(Duration::from_secs(5), "alpha → beta direct", || {
+            alpha.host.ping(&b4);
+            path_to(&alpha, "beta").starts_with("direct")
+        })?;
+        wait_until(Duration::from_secs(10), "alpha → gamma relayed", || alpha.host.ping(&g4))?;
+        anyhow::ensure!(path_to(&alpha, "gamma") == "relay lab", "gamma path: {}", path_to(&alpha, "gamma"));
+
+        // The relay dies while a transfer and pings run on the direct path.
+        let url = serve_http(lab, &beta.host, &b4)?;
+        let pinger = std::thread::spawn({
+            let host = alpha.host.clone();
+            let target = b4.clone();
+            move || host.run("ping", &["-c", "30", "-i", "0.1", "-q", &target])
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        lab.stop(relay.pid);
+        transfer(lab, &alpha.host, &url, 8 << 20)?;
+        let summary = pinger.join().map_err(|_| anyhow::anyhow!("pinger panicked"))??;
+        anyhow::ensure!(summary.contains(" 0% packet loss"), "direct path lost packets while the relay died:\n{summary}");
+        anyhow::ensure!(path_to(&alpha, "beta").starts_with("direct"), "left the direct path");
+
+        // The relay comes back: relayed-only peers recover within 5 s.
+        let relay_host = relay.host.clone();
+        let restarted = Instant::now();
+        let _relay = Relay::start(lab, relay_host, &coord)?;
+        wait_until(Duration::from_secs(5), "alpha → gamma through the restarted relay", || alpha.host.ping(&g4))?;
+        eprintln!("relayed path back {:?} after the relay restarted", restarted.elapsed());
+        Ok(())
+    });
+}
+
+#[test]
+fn the_relay_refuses_devices_the_coordinator_does_not_know() {
+    run(|lab| {
+        let (_coord, relay) = control_plane(lab)?;
+        let client = lab.host("stranger", 40)?;
+        // Two clients with fresh keys that no coordinator has registered.
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &client.ns])
+            .arg(bin("derp-load"))
+            .args(["--url", &format!("{}/derp", relay.url), "--clients", "2", "--seconds", "1"])
+            .output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        anyhow::ensure!(!out.status.success() && stderr.contains("admission_denied"), "stranger was served: {stderr}");
+        let metrics = relay.metrics()?;
+        anyhow::ensure!(metrics.contains("derp_drops_total{reason=\"admission_denied\"}"), "{metrics}");
+        anyhow::ensure!(metrics.contains("derp_clients 0"), "{metrics}");
+        Ok(())
+    });
+}
