@@ -323,7 +323,7 @@ mod tests {
                         Out::Ping { tx, to } => {
                             side.opened.push(to);
                             sent += 1;
-                            if to == publics[&other] && (loss_every == 0 || sent % loss_every != 0) {
+                            if to == publics[&other] && (loss_every == 0 || !sent.is_multiple_of(loss_every)) {
                                 in_flight.push((now + latency, other, Msg::Ping(tx, publics[&i])));
                             }
                         }
