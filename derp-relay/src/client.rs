@@ -90,7 +90,7 @@ fn split_url(url: &str) -> anyhow::Result<(String, String)> {
     Ok((authority.to_owned(), path.to_owned()))
 }
 
-async fn connect(url: &str) -> anyhow::Result<TcpStream> {
+pub(crate) async fn connect(url: &str) -> anyhow::Result<TcpStream> {
     let (authority, path) = split_url(url)?;
     let mut stream = TcpStream::connect(&authority).await.with_context(|| format!("connecting to {authority}"))?;
     stream.set_nodelay(true)?;

@@ -41,6 +41,12 @@ struct Cli {
     /// Burst above the rate, in bytes.
     #[arg(long, default_value_t = 4 * 1024 * 1024)]
     burst: u64,
+    /// File holding the pre-shared key of this region's relay mesh.
+    #[arg(long, env = "DERP_MESH_PSK_FILE")]
+    mesh_psk_file: Option<PathBuf>,
+    /// Another relay of the region (`http://host:port/derp`); repeat for each.
+    #[arg(long = "mesh-with", requires = "mesh_psk_file")]
+    mesh_with: Vec<String>,
 }
 
 fn load_or_create_key(path: &Path) -> anyhow::Result<StaticSecret> {
@@ -69,7 +75,18 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
         }
         _ => anyhow::bail!("--coordinator and --token-file are required unless --open"),
     };
-    let relay = Relay::new(RelayConfig { private, admission, rate_limit: cli.rate_limit, burst: cli.burst });
+    let mesh_key = match &cli.mesh_psk_file {
+        Some(f) => {
+            let key = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?.trim().to_owned();
+            anyhow::ensure!(key.len() >= 16, "the mesh key in {} is too short (16 characters at least)", f.display());
+            Some(key)
+        }
+        None => None,
+    };
+    let relay = Relay::new(RelayConfig { private, admission, rate_limit: cli.rate_limit, burst: cli.burst, mesh_key });
+    for url in cli.mesh_with {
+        tokio::spawn(derp_relay::server::mesh::run_link(relay.clone(), url));
+    }
     for addr in &cli.stun_listen {
         let stun = tokio::net::UdpSocket::bind(addr).await.with_context(|| format!("binding STUN {addr}"))?;
         tokio::spawn(http::serve_stun(stun));

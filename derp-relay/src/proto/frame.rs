@@ -25,6 +25,8 @@ mod kind {
     pub const PING: u8 = 0x08;
     pub const PONG: u8 = 0x09;
     pub const CLOSE: u8 = 0x0a;
+    pub const PEER_PRESENT: u8 = 0x0b;
+    pub const FORWARD_PACKET: u8 = 0x0c;
 }
 
 /// Why a peer is unreachable through this relay.
@@ -53,6 +55,10 @@ pub enum Frame {
     Pong([u8; 8]),
     /// Either side is closing the connection, with a reason for the log.
     Close { reason: String },
+    /// Relay → mesh peer: this client is connected here.
+    PeerPresent { key: Key },
+    /// Relay → mesh peer: deliver to your client `dst` (never forwarded again).
+    ForwardPacket { src: Key, dst: Key, data: Vec<u8> },
     /// A type this version does not know; skipped.
     Unknown { kind: u8 },
 }
@@ -149,6 +155,18 @@ impl Frame {
                 }
             }
             kind::CLOSE => Frame::Close { reason: String::from_utf8_lossy(p).into_owned() },
+            kind::PEER_PRESENT => {
+                if len != 32 {
+                    return Err(bad());
+                }
+                Frame::PeerPresent { key: key_at(p, 0) }
+            }
+            kind::FORWARD_PACKET => {
+                if len < 64 {
+                    return Err(bad());
+                }
+                Frame::ForwardPacket { src: key_at(p, 0), dst: key_at(p, 32), data: p[64..].to_vec() }
+            }
             other => Frame::Unknown { kind: other },
         };
         Ok(Some((frame, HEADER_LEN + len)))
@@ -166,6 +184,8 @@ impl Frame {
             Frame::Ping(_) => (kind::PING, 8),
             Frame::Pong(_) => (kind::PONG, 8),
             Frame::Close { reason } => (kind::CLOSE, reason.len()),
+            Frame::PeerPresent { .. } => (kind::PEER_PRESENT, 32),
+            Frame::ForwardPacket { data, .. } => (kind::FORWARD_PACKET, 64 + data.len()),
             Frame::Unknown { kind } => (*kind, 0),
         }
     }
@@ -199,6 +219,12 @@ impl Frame {
             }
             Frame::Ping(d) | Frame::Pong(d) => out.extend_from_slice(d),
             Frame::Close { reason } => out.extend_from_slice(reason.as_bytes()),
+            Frame::PeerPresent { key } => out.extend_from_slice(key),
+            Frame::ForwardPacket { src, dst, data } => {
+                out.extend_from_slice(src);
+                out.extend_from_slice(dst);
+                out.extend_from_slice(data);
+            }
             Frame::ServerInfo | Frame::KeepAlive | Frame::Unknown { .. } => {}
         }
         Ok(())
@@ -236,6 +262,8 @@ mod tests {
             any::<[u8; 8]>().prop_map(Frame::Ping),
             any::<[u8; 8]>().prop_map(Frame::Pong),
             "[a-z ]{0,40}".prop_map(|reason| Frame::Close { reason }),
+            key.prop_map(|key| Frame::PeerPresent { key }),
+            (key, key, vec(any::<u8>(), 0..500)).prop_map(|(src, dst, data)| Frame::ForwardPacket { src, dst, data }),
         ]
     }
 

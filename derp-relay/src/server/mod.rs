@@ -6,6 +6,7 @@
 
 pub mod admission;
 pub mod http;
+pub mod mesh;
 pub mod metrics;
 pub mod ratelimit;
 
@@ -41,6 +42,8 @@ pub struct RelayConfig {
     /// Bytes per second a client may send, and the burst above it.
     pub rate_limit: u64,
     pub burst: u64,
+    /// Pre-shared key of this relay's mesh (relays of one region).
+    pub mesh_key: Option<String>,
 }
 
 /// Frames queued for one client.
@@ -60,6 +63,10 @@ pub struct Relay {
     clients: Mutex<HashMap<Key, Arc<Client>>>,
     next_conn: AtomicU64,
     pub metrics: Metrics,
+    /// Clients of mesh peers: client key → the relay it is connected to.
+    remote: Mutex<HashMap<Key, Key>>,
+    /// Links this relay opened to its mesh peers, by their relay key.
+    mesh_links: Mutex<HashMap<Key, (u64, Outbox)>>,
 }
 
 fn encoded(frame: &Frame) -> Vec<u8> {
@@ -72,7 +79,15 @@ fn encoded(frame: &Frame) -> Vec<u8> {
 impl Relay {
     pub fn new(cfg: RelayConfig) -> Arc<Self> {
         let public = PublicKey::from(&cfg.private).to_bytes();
-        Arc::new(Relay { cfg, public, clients: Mutex::new(HashMap::new()), next_conn: AtomicU64::new(1), metrics: Metrics::default() })
+        Arc::new(Relay {
+            cfg,
+            public,
+            clients: Mutex::new(HashMap::new()),
+            next_conn: AtomicU64::new(1),
+            metrics: Metrics::default(),
+            remote: Mutex::new(HashMap::new()),
+            mesh_links: Mutex::new(HashMap::new()),
+        })
     }
 
     pub fn public_key(&self) -> Key {
@@ -87,6 +102,22 @@ impl Relay {
         self.clients().len()
     }
 
+    fn remote(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Key>> {
+        self.remote.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn mesh_links(&self) -> std::sync::MutexGuard<'_, HashMap<Key, (u64, Outbox)>> {
+        self.mesh_links.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Tells every mesh peer about a change among this relay's clients.
+    fn announce(&self, frame: &Frame) {
+        let bytes = encoded(frame);
+        for (_, link) in self.mesh_links().values() {
+            let _ = link.try_send(bytes.clone());
+        }
+    }
+
     /// Serves one client connection (after the HTTP upgrade) to its end.
     pub async fn serve_conn<S>(self: Arc<Self>, stream: S)
     where
@@ -99,7 +130,7 @@ impl Relay {
         if write_frame(&mut write, &Frame::ServerKey { key: self.public, challenge }, &mut scratch).await.is_err() {
             return;
         }
-        let key = match self.authenticate(&mut reader, &challenge).await {
+        let (key, is_mesh) = match self.authenticate(&mut reader, &challenge).await {
             Ok(k) => k,
             Err(why) => {
                 self.metrics.drop(why);
@@ -109,6 +140,15 @@ impl Relay {
                 return;
             }
         };
+        if is_mesh {
+            let (tx, rx) = mpsc::channel(DISCO_QUEUE);
+            let _ = tx.try_send(encoded(&Frame::ServerInfo));
+            let (_, idle) = mpsc::channel(1);
+            let writer = tokio::spawn(write_loop(self.clone(), write, idle, rx));
+            self.serve_mesh_peer(&mut reader, key).await;
+            writer.abort();
+            return;
+        }
         let node = NodePublic::from_bytes(key);
         let (bulk_tx, bulk_rx) = mpsc::channel(BULK_QUEUE);
         let (disco_tx, disco_rx) = mpsc::channel(DISCO_QUEUE);
@@ -120,6 +160,7 @@ impl Relay {
             self.metrics.clients.fetch_add(1, Ordering::Relaxed);
         }
         self.metrics.accepted.fetch_add(1, Ordering::Relaxed);
+        self.announce(&Frame::PeerPresent { key });
         tracing::debug!(node = %node.short(), "client admitted");
         let _ = client.bulk.try_send(encoded(&Frame::ServerInfo));
         let writer = tokio::spawn(write_loop(self.clone(), write, bulk_rx, disco_rx));
@@ -132,7 +173,9 @@ impl Relay {
         writer.abort();
     }
 
-    async fn authenticate<R: AsyncRead + Unpin>(&self, reader: &mut FrameReader<R>, challenge: &[u8; 16]) -> Result<Key, Drop> {
+    /// Checks the client's proof; returns its key and whether it is a mesh
+    /// peer (another relay holding the mesh key).
+    async fn authenticate<R: AsyncRead + Unpin>(&self, reader: &mut FrameReader<R>, challenge: &[u8; 16]) -> Result<(Key, bool), Drop> {
         let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.next()).await.map_err(|_| Drop::Unauthenticated)?;
         let (node_key, nonce, sealed) = match first {
             Ok(Some(Frame::ClientInfo { node_key, nonce, sealed })) => (node_key, nonce, sealed),
@@ -140,9 +183,15 @@ impl Relay {
             Err(ReadError::Frame(FrameError::TooLong(_))) => return Err(Drop::Oversized),
             Err(_) => return Err(Drop::Malformed),
         };
-        handshake::open(&self.cfg.private, challenge, &node_key, &nonce, &sealed).map_err(|_| Drop::Unauthenticated)?;
+        let info = handshake::open(&self.cfg.private, challenge, &node_key, &nonce, &sealed).map_err(|_| Drop::Unauthenticated)?;
+        if let Some(offered) = info.mesh_key {
+            return match &self.cfg.mesh_key {
+                Some(ours) if mesh::keys_match(ours, &offered) => Ok((node_key, true)),
+                _ => Err(Drop::Unauthenticated),
+            };
+        }
         match self.cfg.admission.check(NodePublic::from_bytes(node_key)).await {
-            Verdict::Admit => Ok(node_key),
+            Verdict::Admit => Ok((node_key, false)),
             Verdict::Deny => Err(Drop::AdmissionDenied),
             Verdict::Unavailable => Err(Drop::AdmissionUnavailable),
         }
@@ -174,7 +223,13 @@ impl Relay {
                 }
                 Frame::KeepAlive | Frame::Pong(_) | Frame::Unknown { .. } => {}
                 Frame::Close { .. } => return Ok(()),
-                Frame::ServerKey { .. } | Frame::ClientInfo { .. } | Frame::ServerInfo | Frame::RecvPacket { .. } | Frame::PeerGone { .. } => {
+                Frame::ServerKey { .. }
+                | Frame::ClientInfo { .. }
+                | Frame::ServerInfo
+                | Frame::RecvPacket { .. }
+                | Frame::PeerGone { .. }
+                | Frame::PeerPresent { .. }
+                | Frame::ForwardPacket { .. } => {
                     return Err(Drop::UnexpectedFrame)
                 }
             }
@@ -183,20 +238,66 @@ impl Relay {
 
     fn forward(&self, me: Key, dst: Key, data: &[u8], sender: &Client, sent_to: &mut HashSet<Key>) {
         let target = self.clients().get(&dst).cloned();
-        let Some(target) = target else {
-            self.metrics.drop(Drop::NoSuchPeer);
-            let _ = sender.disco.try_send(encoded(&Frame::PeerGone { key: dst, reason: GoneReason::NotHere }));
+        if let Some(target) = target {
+            if sent_to.insert(dst) {
+                target.senders.lock().unwrap_or_else(|p| p.into_inner()).insert(me);
+            }
+            self.deliver(&target, me, data);
             return;
-        };
-        if sent_to.insert(dst) {
-            target.senders.lock().unwrap_or_else(|p| p.into_inner()).insert(me);
         }
+        // Connected to a mesh peer? One hop there.
+        let via = self.remote().get(&dst).copied();
+        let link = via.and_then(|relay| self.mesh_links().get(&relay).map(|(_, l)| l.clone()));
+        if let Some(link) = link {
+            if link.try_send(encoded(&Frame::ForwardPacket { src: me, dst, data: data.to_vec() })).is_err() {
+                self.metrics.drop(Drop::QueueFull);
+            }
+            return;
+        }
+        self.metrics.drop(Drop::NoSuchPeer);
+        let _ = sender.disco.try_send(encoded(&Frame::PeerGone { key: dst, reason: GoneReason::NotHere }));
+    }
+
+    /// Queues a packet from `src` for a local client.
+    fn deliver(&self, target: &Client, src: Key, data: &[u8]) {
         let mut frame = Vec::with_capacity(5 + 32 + data.len());
-        Frame::encode_recv_packet(&me, data, &mut frame);
+        Frame::encode_recv_packet(&src, data, &mut frame);
         let queue = if platform::disco::is_disco(data) { &target.disco } else { &target.bulk };
         if queue.try_send(frame).is_err() {
             self.metrics.drop(Drop::QueueFull);
         }
+    }
+
+    /// Reads what a mesh peer tells this relay: its clients coming and
+    /// going, and packets for this relay's clients.
+    async fn serve_mesh_peer<R: AsyncRead + Unpin>(&self, reader: &mut FrameReader<R>, relay: Key) {
+        tracing::info!(relay = %hex::encode(&relay[..4]), "mesh peer connected");
+        loop {
+            match reader.next().await {
+                Ok(Some(Frame::PeerPresent { key })) => {
+                    self.remote().insert(key, relay);
+                }
+                Ok(Some(Frame::PeerGone { key, .. })) => {
+                    let mut remote = self.remote();
+                    if remote.get(&key) == Some(&relay) {
+                        remote.remove(&key);
+                    }
+                }
+                Ok(Some(Frame::ForwardPacket { src, dst, data })) => {
+                    self.metrics.packets_in.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.bytes_in.fetch_add(data.len() as u64, Ordering::Relaxed);
+                    let target = self.clients().get(&dst).cloned();
+                    match target {
+                        Some(t) => self.deliver(&t, src, &data),
+                        None => self.metrics.drop(Drop::NoSuchPeer),
+                    }
+                }
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => break,
+            }
+        }
+        self.remote().retain(|_, r| *r != relay);
+        tracing::info!(relay = %hex::encode(&relay[..4]), "mesh peer gone");
     }
 
     /// Removes a client that went away and tells those who sent to it.
@@ -212,6 +313,7 @@ impl Relay {
             return;
         }
         self.metrics.clients.fetch_sub(1, Ordering::Relaxed);
+        self.announce(&Frame::PeerGone { key, reason: GoneReason::Disconnected });
         let senders: Vec<Key> = client.senders.lock().unwrap_or_else(|p| p.into_inner()).drain().collect();
         let gone = encoded(&Frame::PeerGone { key, reason: GoneReason::Disconnected });
         let clients = self.clients();

@@ -17,11 +17,16 @@ use crate::client::{RelayClient, RelayEvent};
 use crate::proto::frame::{Frame, GoneReason, Key};
 
 async fn start(admission: Admission, rate_limit: u64) -> (Arc<Relay>, String) {
+    start_meshed(admission, rate_limit, None).await
+}
+
+async fn start_meshed(admission: Admission, rate_limit: u64, mesh_key: Option<&str>) -> (Arc<Relay>, String) {
     let relay = Relay::new(RelayConfig {
         private: StaticSecret::random_from_rng(OsRng),
         admission,
         rate_limit,
         burst: rate_limit.min(1 << 20),
+        mesh_key: mesh_key.map(str::to_owned),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -302,4 +307,36 @@ async fn plain_http_to_the_relay_endpoint_gets_a_json_error() {
     assert_eq!(resp.status(), reqwest::StatusCode::UPGRADE_REQUIRED);
     let body: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(body["error"]["code"], "upgrade_required");
+}
+
+#[tokio::test]
+async fn meshed_relays_forward_one_hop_between_their_clients() {
+    let psk = "region-psk-0123456789";
+    let (r1, url1) = start_meshed(Admission::Open, 1 << 30, Some(psk)).await;
+    let (r2, url2) = start_meshed(Admission::Open, 1 << 30, Some(psk)).await;
+    tokio::spawn(super::mesh::run_link(r1.clone(), url2.clone()));
+    tokio::spawn(super::mesh::run_link(r2.clone(), url1.clone()));
+
+    let mut a = Peer::connect(&url1).await;
+    let mut b = Peer::connect(&url2).await;
+    // Presence travels over the mesh; then packets do, both ways.
+    let mut delivered = false;
+    for _ in 0..100 {
+        assert!(a.client.send(b.key, b"across"));
+        if let Ok(Some((_, RelayEvent::Packet { src, data }))) = tokio::time::timeout(Duration::from_millis(50), b.events.recv()).await {
+            assert_eq!((src, data), (a.key, b"across".to_vec()));
+            delivered = true;
+            break;
+        }
+    }
+    assert!(delivered, "no packet crossed the mesh");
+    assert!(b.client.send(a.key, b"and back"));
+    assert_eq!(a.next_packet().await, (b.key, b"and back".to_vec()));
+    assert_eq!(r1.client_count(), 1, "mesh links are not clients");
+    assert_eq!(r2.client_count(), 1);
+
+    // A relay with the wrong key is refused.
+    let (r3, _) = start_meshed(Admission::Open, 1 << 30, Some("another-psk-0123456")).await;
+    tokio::spawn(super::mesh::run_link(r3, url1.clone()));
+    wait_for("wrong mesh key refused", || r1.metrics.drops(Drop::Unauthenticated) >= 1).await;
 }

@@ -77,7 +77,12 @@ impl Relays {
         if let Some(l) = self.links.load().get(&region) {
             return Some(l.clone());
         }
-        let url = self.map.load().regions.iter().find(|r| r.id == region)?.urls.first()?.clone();
+        // A region's relays mesh with each other: devices spread over them
+        // by key, and the relays forward between their clients.
+        let map = self.map.load();
+        let urls = &map.regions.iter().find(|r| r.id == region)?.urls;
+        let spread = usize::from(boringtun::x25519::PublicKey::from(&self.node).as_bytes()[0]);
+        let url = urls.get(spread % urls.len().max(1))?.clone();
         tracing::info!(region, %url, "connecting to relay");
         let client = Arc::new(RelayClient::spawn(url, self.node.clone(), region, self.events.clone()));
         let mut links = (**self.links.load()).clone();
