@@ -184,3 +184,45 @@ fn the_relay_refuses_devices_the_coordinator_does_not_know() {
         Ok(())
     });
 }
+
+#[test]
+fn a_device_that_changes_address_keeps_its_sessions() {
+    run(|lab| {
+        let (coord, _relay) = control_plane(lab)?;
+        let a = lab.host("alpha", 11)?;
+        let b = lab.host("beta", 12)?;
+        let alpha = Device::start(lab, a)?;
+        let beta = Device::start(lab, b)?;
+        alpha.up(&coord)?;
+        beta.up(&coord)?;
+        let (b4, _) = beta.overlay()?;
+        wait_until(Duration::from_secs(5), "direct path", || {
+            alpha.host.ping(&b4);
+            path_to(&beta, "alpha") == "direct 10.99.0.11:41641"
+        })?;
+        let url = serve_http(lab, &beta.host, &b4)?;
+        // A slow transfer (about 4 s) across the address change.
+        let downloader = std::thread::spawn({
+            let host = alpha.host.clone();
+            let dir = lab.dir.clone();
+            move || {
+                let file = dir.join("roaming-download");
+                let file = file.to_str().unwrap_or_default().to_owned();
+                host.run("bash", &["-c", &format!(
+                    "curl -sS --max-time 60 --limit-rate 2M -D - -o {file} {url}/bytes/{n} | tr -d '\\r' | sed -n 's/^x-sha256: //p'; sha256sum {file} | cut -d' ' -f1",
+                    n = 8 << 20
+                )])
+            }
+        });
+        std::thread::sleep(Duration::from_secs(1));
+        alpha.host.run("ip", &["addr", "flush", "dev", "eth0"])?;
+        alpha.host.run("ip", &["addr", "add", "10.99.0.31/24", "dev", "eth0"])?;
+        let out = downloader.join().map_err(|_| anyhow::anyhow!("downloader panicked"))??;
+        let lines: Vec<&str> = out.lines().collect();
+        anyhow::ensure!(lines.len() == 2 && lines[0] == lines[1], "transfer across the address change failed: {out}");
+        wait_until(Duration::from_secs(5), "beta follows alpha's new address", || {
+            path_to(&beta, "alpha") == "direct 10.99.0.31:41641"
+        })?;
+        Ok(())
+    });
+}

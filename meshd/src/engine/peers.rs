@@ -76,10 +76,15 @@ impl PeerState {
         }
     }
 
-    /// A direct endpoint known to work: found by disco, or the source of
-    /// authenticated WireGuard packets.
+    /// A direct endpoint known to work: the source of the peer's latest
+    /// authenticated WireGuard packets (it follows a peer that roams), else
+    /// the path disco found.
     pub fn direct(&self, now: Instant) -> Option<SocketAddr> {
-        self.paths.direct(now).or(self.confirmed)
+        let fresh = self.last_rx.is_some_and(|t| now.saturating_duration_since(t) < crate::paths::TRUST);
+        match self.confirmed {
+            Some(ep) if fresh => Some(ep),
+            _ => self.paths.direct(now).or(self.confirmed),
+        }
     }
 
     pub fn home_region(&self) -> Option<u32> {
