@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -31,6 +31,26 @@ pub enum RelayEvent {
     PeerGone { key: Key, reason: GoneReason },
 }
 
+/// A byte stream to a relay: plain TCP or TLS.
+pub trait Conn: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Conn for T {}
+
+/// Where and how to reach a relay.
+#[derive(Clone)]
+pub struct RelayTarget {
+    /// `http://host:port/derp`, or `https://…` for TLS.
+    pub url: String,
+    /// A private CA the relay's certificate chains to (PEM), trusted beside
+    /// the public roots.
+    pub ca_pem: Option<String>,
+}
+
+impl From<String> for RelayTarget {
+    fn from(url: String) -> Self {
+        RelayTarget { url, ca_pem: None }
+    }
+}
+
 /// A live link to one relay; dropping it closes the connection.
 pub struct RelayClient {
     tx: mpsc::Sender<(Key, Vec<u8>)>,
@@ -46,9 +66,14 @@ impl Drop for RelayClient {
 impl RelayClient {
     /// Starts connecting to the relay at `url` (`http://host:port/derp`).
     /// `tag` comes back with every event, to tell relays apart.
-    pub fn spawn<T: Clone + Send + Sync + 'static>(url: String, node: StaticSecret, tag: T, events: mpsc::Sender<(T, RelayEvent)>) -> Self {
+    pub fn spawn<T: Clone + Send + Sync + 'static>(
+        target: impl Into<RelayTarget>,
+        node: StaticSecret,
+        tag: T,
+        events: mpsc::Sender<(T, RelayEvent)>,
+    ) -> Self {
         let (tx, rx) = mpsc::channel(SEND_QUEUE);
-        let task = tokio::spawn(run(url, node, tag, events, rx));
+        let task = tokio::spawn(run(target.into(), node, tag, events, rx));
         RelayClient { tx, task }
     }
 
@@ -60,7 +85,7 @@ impl RelayClient {
 }
 
 async fn run<T: Clone + Send + Sync + 'static>(
-    url: String,
+    target: RelayTarget,
     node: StaticSecret,
     tag: T,
     events: mpsc::Sender<(T, RelayEvent)>,
@@ -68,7 +93,7 @@ async fn run<T: Clone + Send + Sync + 'static>(
 ) {
     let mut backoff = Duration::from_millis(200);
     loop {
-        let reason = match session(&url, &node, &tag, &events, &mut outgoing).await {
+        let reason = match session(&target, &node, &tag, &events, &mut outgoing).await {
             Ok(()) => "closed".to_owned(),
             Err(e) => format!("{e:#}"),
         };
@@ -80,20 +105,42 @@ async fn run<T: Clone + Send + Sync + 'static>(
     }
 }
 
-/// `http://host:port/path` → (`host:port`, `/path`).
-fn split_url(url: &str) -> anyhow::Result<(String, String)> {
-    let rest = url.strip_prefix("http://").context("relay URL must start with http://")?;
+/// The `host:port` a relay URL connects to.
+pub fn relay_authority(url: &str) -> anyhow::Result<String> {
+    split_url(url).map(|(_, authority, _)| authority)
+}
+
+/// `http[s]://host:port/path` → (TLS?, `host:port`, `/path`).
+fn split_url(url: &str) -> anyhow::Result<(bool, String, String)> {
+    let (tls, rest) = match (url.strip_prefix("https://"), url.strip_prefix("http://")) {
+        (Some(rest), _) => (true, rest),
+        (None, Some(rest)) => (false, rest),
+        _ => bail!("relay URL must start with http:// or https://"),
+    };
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/derp"),
     };
-    Ok((authority.to_owned(), path.to_owned()))
+    let authority = if authority.contains(':') || authority.ends_with(']') {
+        authority.to_owned()
+    } else {
+        format!("{authority}:{}", if tls { 443 } else { 80 })
+    };
+    Ok((tls, authority, path.to_owned()))
 }
 
-pub(crate) async fn connect(url: &str) -> anyhow::Result<TcpStream> {
-    let (authority, path) = split_url(url)?;
-    let mut stream = TcpStream::connect(&authority).await.with_context(|| format!("connecting to {authority}"))?;
-    stream.set_nodelay(true)?;
+pub(crate) async fn connect(target: &RelayTarget) -> anyhow::Result<Box<dyn Conn>> {
+    let (tls, authority, path) = split_url(&target.url)?;
+    let tcp = TcpStream::connect(&authority).await.with_context(|| format!("connecting to {authority}"))?;
+    tcp.set_nodelay(true)?;
+    let mut stream: Box<dyn Conn> = if tls {
+        let host = authority.rsplit_once(':').map_or(authority.as_str(), |(h, _)| h).trim_start_matches('[').trim_end_matches(']');
+        let name = rustls_pki_types::ServerName::try_from(host.to_owned()).context("relay host name")?;
+        let connector = tokio_rustls::TlsConnector::from(crate::tls::client_config(target.ca_pem.as_deref())?);
+        Box::new(connector.connect(name, tcp).await.with_context(|| format!("TLS with {authority}"))?)
+    } else {
+        Box::new(tcp)
+    };
     let req = format!(
         "GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: Upgrade\r\nUpgrade: {UPGRADE_PROTOCOL}\r\n\r\n"
     );
@@ -115,14 +162,14 @@ pub(crate) async fn connect(url: &str) -> anyhow::Result<TcpStream> {
 }
 
 async fn session<T: Clone + Send + Sync>(
-    url: &str,
+    target: &RelayTarget,
     node: &StaticSecret,
     tag: &T,
     events: &mpsc::Sender<(T, RelayEvent)>,
     outgoing: &mut mpsc::Receiver<(Key, Vec<u8>)>,
 ) -> anyhow::Result<()> {
-    let stream = connect(url).await?;
-    let (read, mut write) = stream.into_split();
+    let stream = connect(target).await?;
+    let (read, mut write) = tokio::io::split(stream);
     let mut reader = FrameReader::new(read);
     let mut scratch = Vec::new();
     let (relay_key, challenge) = match reader.next().await? {
@@ -168,8 +215,9 @@ mod tests {
 
     #[test]
     fn urls() {
-        assert_eq!(split_url("http://10.0.0.1:3340/derp").unwrap(), ("10.0.0.1:3340".into(), "/derp".into()));
-        assert_eq!(split_url("http://relay:80").unwrap(), ("relay:80".into(), "/derp".into()));
+        assert_eq!(split_url("http://10.0.0.1:3340/derp").unwrap(), (false, "10.0.0.1:3340".into(), "/derp".into()));
+        assert_eq!(split_url("http://relay").unwrap(), (false, "relay:80".into(), "/derp".into()));
+        assert_eq!(split_url("https://relay.example/derp").unwrap(), (true, "relay.example:443".into(), "/derp".into()));
         assert!(split_url("ftp://x").is_err());
     }
 }

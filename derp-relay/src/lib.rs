@@ -8,3 +8,4 @@ pub mod client;
 pub mod io;
 pub mod proto;
 pub mod server;
+pub mod tls;

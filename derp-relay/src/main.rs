@@ -44,9 +44,18 @@ struct Cli {
     /// File holding the pre-shared key of this region's relay mesh.
     #[arg(long, env = "DERP_MESH_PSK_FILE")]
     mesh_psk_file: Option<PathBuf>,
-    /// Another relay of the region (`http://host:port/derp`); repeat for each.
+    /// Another relay of the region (`http[s]://host:port/derp`); repeat for each.
     #[arg(long = "mesh-with", requires = "mesh_psk_file")]
     mesh_with: Vec<String>,
+    /// A private CA (PEM) the other relays' certificates chain to.
+    #[arg(long)]
+    mesh_ca_file: Option<PathBuf>,
+    /// Serve TLS with this certificate chain (PEM); plain TCP without it.
+    #[arg(long, env = "DERP_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, env = "DERP_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 fn load_or_create_key(path: &Path) -> anyhow::Result<StaticSecret> {
@@ -84,16 +93,28 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
         None => None,
     };
     let relay = Relay::new(RelayConfig { private, admission, rate_limit: cli.rate_limit, burst: cli.burst, mesh_key });
+    let mesh_ca = match &cli.mesh_ca_file {
+        Some(f) => Some(std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?),
+        None => None,
+    };
     for url in cli.mesh_with {
-        tokio::spawn(derp_relay::server::mesh::run_link(relay.clone(), url));
+        let target = derp_relay::client::RelayTarget { url, ca_pem: mesh_ca.clone() };
+        tokio::spawn(derp_relay::server::mesh::run_link(relay.clone(), target));
     }
     for addr in &cli.stun_listen {
         let stun = tokio::net::UdpSocket::bind(addr).await.with_context(|| format!("binding STUN {addr}"))?;
         tokio::spawn(http::serve_stun(stun));
     }
     let listener = tokio::net::TcpListener::bind(cli.listen).await.with_context(|| format!("binding {}", cli.listen))?;
-    tracing::info!(addr = %cli.listen, stun = ?cli.stun_listen, key = %hex::encode(relay.public_key()), "relay listening");
-    axum::serve(listener, http::router(relay)).await.context("serving")
+    let tls = match (&cli.tls_cert, &cli.tls_key) {
+        (Some(cert), Some(key)) => Some(derp_relay::tls::server_config(cert, key)?),
+        _ => None,
+    };
+    tracing::info!(addr = %cli.listen, tls = tls.is_some(), stun = ?cli.stun_listen, key = %hex::encode(relay.public_key()), "relay listening");
+    match tls {
+        Some(config) => http::serve_tls(listener, http::router(relay), config).await,
+        None => axum::serve(listener, http::router(relay)).await.context("serving"),
+    }
 }
 
 fn main() -> ExitCode {

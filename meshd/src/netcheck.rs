@@ -7,22 +7,16 @@ use platform::netmap::RelayMap;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// `http://host:port/path` → `host:port`.
-fn authority(url: &str) -> Option<&str> {
-    let rest = url.strip_prefix("http://")?;
-    Some(rest.split('/').next().unwrap_or(rest))
-}
-
 /// TCP connect time to each region's first relay (`None`: unreachable).
 pub async fn relay_latencies(map: &RelayMap) -> Vec<(u32, Option<Duration>)> {
     let mut out = Vec::with_capacity(map.regions.len());
     for region in &map.regions {
-        let Some(addr) = region.urls.first().and_then(|u| authority(u)) else {
+        let Some(addr) = region.urls.first().and_then(|u| derp_relay::client::relay_authority(u).ok()) else {
             out.push((region.id, None));
             continue;
         };
         let start = Instant::now();
-        let rtt = match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr)).await {
+        let rtt = match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(&addr)).await {
             Ok(Ok(_)) => Some(start.elapsed()),
             _ => None,
         };
@@ -56,6 +50,6 @@ mod tests {
         let ms = |n| Some(Duration::from_millis(n));
         assert_eq!(pick_home(&[(1, ms(30)), (2, ms(10)), (3, None)]), Some(2));
         assert_eq!(pick_home(&[(1, None)]), None);
-        assert_eq!(authority("http://10.0.0.1:3340/derp"), Some("10.0.0.1:3340"));
+
     }
 }

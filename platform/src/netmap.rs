@@ -60,6 +60,10 @@ pub struct RelayRegion {
     /// STUN servers of the region, `host:port`.
     #[serde(default)]
     pub stun: Vec<String>,
+    /// For `https` relays with private certificates: the CA (PEM) they
+    /// chain to, trusted beside the public roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_pem: Option<String>,
 }
 
 /// Name resolution settings for MagicDNS.

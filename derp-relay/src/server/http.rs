@@ -57,6 +57,40 @@ async fn upgrade(State(relay): State<Arc<Relay>>, mut req: Request) -> Response 
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
+/// Serves `app` over TLS on `listener`, HTTP/1.1 with upgrades, forever.
+pub async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    config: Arc<tokio_rustls::rustls::ServerConfig>,
+) -> anyhow::Result<()> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept");
+                continue;
+            }
+        };
+        let acceptor = acceptor.clone();
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let _ = tcp.set_nodelay(true);
+            let tls = match acceptor.accept(tcp).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+            };
+            let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), service).with_upgrades();
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "connection ended");
+            }
+        });
+    }
+}
+
 /// Answers STUN binding requests on `socket` forever; anything else is ignored.
 pub async fn serve_stun(socket: UdpSocket) {
     let mut buf = [0u8; 1500];

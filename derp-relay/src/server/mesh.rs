@@ -25,19 +25,19 @@ pub fn keys_match(a: &str, b: &str) -> bool {
 }
 
 /// Keeps a link to the relay at `url` open for as long as the task lives.
-pub async fn run_link(relay: Arc<Relay>, url: String) {
+pub async fn run_link(relay: Arc<Relay>, target: crate::client::RelayTarget) {
     loop {
-        if let Err(e) = link(&relay, &url).await {
-            tracing::warn!(%url, error = format!("{e:#}"), "mesh link down");
+        if let Err(e) = link(&relay, &target).await {
+            tracing::warn!(url = %target.url, error = format!("{e:#}"), "mesh link down");
         }
         tokio::time::sleep(RETRY).await;
     }
 }
 
-async fn link(relay: &Arc<Relay>, url: &str) -> anyhow::Result<()> {
+async fn link(relay: &Arc<Relay>, target: &crate::client::RelayTarget) -> anyhow::Result<()> {
     let Some(mesh_key) = relay.cfg.mesh_key.clone() else { bail!("no mesh key configured") };
-    let stream = crate::client::connect(url).await?;
-    let (read, mut write) = stream.into_split();
+    let stream = crate::client::connect(target).await?;
+    let (read, mut write) = tokio::io::split(stream);
     let mut reader = FrameReader::new(read);
     let mut scratch = Vec::new();
     let (peer, challenge) = match reader.next().await? {
@@ -58,7 +58,7 @@ async fn link(relay: &Arc<Relay>, url: &str) -> anyhow::Result<()> {
         let _ = tx.try_send(encoded(&Frame::PeerPresent { key }));
     }
     relay.mesh_links().insert(peer, (id, tx));
-    tracing::info!(%url, "mesh link up");
+    tracing::info!(url = %target.url, "mesh link up");
     let result = async {
         loop {
             tokio::select! {

@@ -314,8 +314,8 @@ async fn meshed_relays_forward_one_hop_between_their_clients() {
     let psk = "region-psk-0123456789";
     let (r1, url1) = start_meshed(Admission::Open, 1 << 30, Some(psk)).await;
     let (r2, url2) = start_meshed(Admission::Open, 1 << 30, Some(psk)).await;
-    tokio::spawn(super::mesh::run_link(r1.clone(), url2.clone()));
-    tokio::spawn(super::mesh::run_link(r2.clone(), url1.clone()));
+    tokio::spawn(super::mesh::run_link(r1.clone(), url2.clone().into()));
+    tokio::spawn(super::mesh::run_link(r2.clone(), url1.clone().into()));
 
     let mut a = Peer::connect(&url1).await;
     let mut b = Peer::connect(&url2).await;
@@ -337,6 +337,63 @@ async fn meshed_relays_forward_one_hop_between_their_clients() {
 
     // A relay with the wrong key is refused.
     let (r3, _) = start_meshed(Admission::Open, 1 << 30, Some("another-psk-0123456")).await;
-    tokio::spawn(super::mesh::run_link(r3, url1.clone()));
+    tokio::spawn(super::mesh::run_link(r3, url1.clone().into()));
     wait_for("wrong mesh key refused", || r1.metrics.drops(Drop::Unauthenticated) >= 1).await;
+}
+
+/// A private CA and a certificate for 127.0.0.1 signed by it (PEM files in `dir`).
+fn private_ca(dir: &std::path::Path) -> (String, std::path::PathBuf, std::path::PathBuf) {
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap()).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap().signed_by(&key, &ca).unwrap();
+    let (cert_path, key_path) = (dir.join("relay.crt"), dir.join("relay.key"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    (ca.pem(), cert_path, key_path)
+}
+
+#[tokio::test]
+async fn clients_reach_a_tls_relay_that_chains_to_their_ca() {
+    let dir = std::env::temp_dir().join(format!("derp-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (ca_pem, cert, key) = private_ca(&dir);
+    let config = crate::tls::server_config(&cert, &key).unwrap();
+    let relay = Relay::new(RelayConfig {
+        private: StaticSecret::random_from_rng(OsRng),
+        admission: Admission::Open,
+        rate_limit: 1 << 30,
+        burst: 1 << 20,
+        mesh_key: None,
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://{}/derp", listener.local_addr().unwrap());
+    tokio::spawn(http::serve_tls(listener, http::router(relay.clone()), config));
+
+    let target = crate::client::RelayTarget { url: url.clone(), ca_pem: Some(ca_pem) };
+    let mut peers = Vec::new();
+    for _ in 0..2 {
+        let secret = StaticSecret::random_from_rng(OsRng);
+        let key = PublicKey::from(&secret).to_bytes();
+        let (tx, mut events) = mpsc::channel(16);
+        let client = RelayClient::spawn(target.clone(), secret, (), tx);
+        match events.recv().await.unwrap().1 {
+            RelayEvent::Connected => {}
+            other => panic!("{other:?}"),
+        }
+        peers.push(Peer { key, client, events });
+    }
+    assert!(peers[0].client.send(peers[1].key, b"over tls"));
+    let from = peers[0].key;
+    assert_eq!(peers[1].next_packet().await, (from, b"over tls".to_vec()));
+
+    // Without the CA the certificate is not trusted.
+    let (tx, mut events) = mpsc::channel(16);
+    let _c = RelayClient::spawn(url, StaticSecret::random_from_rng(OsRng), (), tx);
+    match events.recv().await.unwrap().1 {
+        RelayEvent::Disconnected { reason } => assert!(reason.contains("TLS"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
-use derp_relay::client::{RelayClient, RelayEvent};
+use derp_relay::client::{RelayClient, RelayEvent, RelayTarget};
 use platform::keys::NodePublic;
 use platform::netmap::RelayMap;
 use tokio::sync::mpsc;
@@ -80,11 +80,12 @@ impl Relays {
         // A region's relays mesh with each other: devices spread over them
         // by key, and the relays forward between their clients.
         let map = self.map.load();
-        let urls = &map.regions.iter().find(|r| r.id == region)?.urls;
+        let info = map.regions.iter().find(|r| r.id == region)?;
         let spread = usize::from(boringtun::x25519::PublicKey::from(&self.node).as_bytes()[0]);
-        let url = urls.get(spread % urls.len().max(1))?.clone();
+        let url = info.urls.get(spread % info.urls.len().max(1))?.clone();
         tracing::info!(region, %url, "connecting to relay");
-        let client = Arc::new(RelayClient::spawn(url, self.node.clone(), region, self.events.clone()));
+        let target = RelayTarget { url, ca_pem: info.ca_pem.clone() };
+        let client = Arc::new(RelayClient::spawn(target, self.node.clone(), region, self.events.clone()));
         let mut links = (**self.links.load()).clone();
         links.insert(region, client.clone());
         self.links.store(Arc::new(links));
