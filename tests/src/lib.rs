@@ -31,6 +31,17 @@ pub fn bin(name: &str) -> PathBuf {
     panic!("binary {name} not found near {}: build the workspace first (cargo build --workspace --bins)", exe.display())
 }
 
+/// Runs a network-namespace test in a fresh lab: needs root; prints the
+/// lab's logs and fails on error; the lab is removed either way.
+pub fn run_lab(test: impl FnOnce(&mut Lab) -> anyhow::Result<()>) {
+    assert!(is_root(), "network-namespace tests need root (run the README's test command)");
+    let mut lab = Lab::new().expect("creating the lab");
+    if let Err(e) = test(&mut lab) {
+        eprintln!("{}", lab.logs());
+        panic!("{e:#}");
+    }
+}
+
 pub fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .map(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))

@@ -4,19 +4,13 @@
 
 use std::time::Duration;
 
-use crank_e2e::{bin, is_root, wait_until, Coordinator, Device, Host, Lab};
+use crank_e2e::{bin, run_lab, wait_until, Coordinator, Device, Host, Lab};
 
 const WG_PORT: u16 = 51820;
 
 #[test]
 fn meshd_and_wireguard_go_interoperate() {
-    assert!(is_root(), "network-namespace tests need root (run the README's test command)");
-    let mut lab = Lab::new().unwrap();
-    let result = scenario(&mut lab);
-    if let Err(e) = &result {
-        eprintln!("{}", lab.logs());
-        panic!("{e:#}");
-    }
+    run_lab(scenario);
 }
 
 fn scenario(lab: &mut Lab) -> anyhow::Result<()> {

@@ -3,11 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use crank_e2e::{bin, is_root, wait_until, Coordinator, Device, Lab};
-
-fn require_root() {
-    assert!(is_root(), "network-namespace tests need root (run the README's test command)");
-}
+use crank_e2e::{bin, run_lab, wait_until, Coordinator, Device, Lab};
 
 /// Pings `target` from `from` until it answers or `timeout` passes.
 fn reaches(from: &Device, target: &str, timeout: Duration) -> bool {
@@ -16,13 +12,7 @@ fn reaches(from: &Device, target: &str, timeout: Duration) -> bool {
 
 #[test]
 fn mesh_of_devices_in_namespaces() {
-    require_root();
-    let mut lab = Lab::new().unwrap();
-    let result = scenario(&mut lab);
-    if let Err(e) = &result {
-        eprintln!("{}", lab.logs());
-        panic!("{e:#}");
-    }
+    run_lab(scenario);
 }
 
 fn scenario(lab: &mut Lab) -> anyhow::Result<()> {

@@ -3,17 +3,8 @@
 
 use std::time::{Duration, Instant};
 
-use crank_e2e::{bin, is_root, serve_http, transfer, wait_until, Coordinator, Device, Lab, Nat, Relay};
+use crank_e2e::{bin, run_lab, serve_http, transfer, wait_until, Coordinator, Device, Lab, Nat, Relay};
 use serde_json::Value;
-
-fn run(test: impl FnOnce(&mut Lab) -> anyhow::Result<()>) {
-    assert!(is_root(), "network-namespace tests need root (run the README's test command)");
-    let mut lab = Lab::new().unwrap();
-    if let Err(e) = test(&mut lab) {
-        eprintln!("{}", lab.logs());
-        panic!("{e:#}");
-    }
-}
 
 fn path_to(d: &Device, peer: &str) -> String {
     d.peer(peer).ok().flatten().and_then(|p| p["path"].as_str().map(str::to_owned)).unwrap_or_default()
@@ -37,7 +28,7 @@ fn control_plane(lab: &mut Lab) -> anyhow::Result<(Coordinator, Relay)> {
 
 #[test]
 fn both_behind_nat_relay_first_then_direct_within_two_seconds() {
-    run(|lab| {
+    run_lab(|lab| {
         let (coord, _relay) = control_plane(lab)?;
         let (_ra, a) = lab.host_behind_nat("alpha", 21, Nat::EndpointIndependent)?;
         let (_rb, b) = lab.host_behind_nat("beta", 22, Nat::EndpointIndependent)?;
@@ -75,7 +66,7 @@ fn both_behind_nat_relay_first_then_direct_within_two_seconds() {
 
 #[test]
 fn symmetric_nat_to_a_public_peer_works_and_ping_tells_the_path() {
-    run(|lab| {
+    run_lab(|lab| {
         let (coord, _relay) = control_plane(lab)?;
         let (_r, a) = lab.host_behind_nat("alpha", 21, Nat::Symmetric)?;
         let b = lab.host("beta", 12)?;
@@ -118,7 +109,7 @@ fn symmetric_nat_to_a_public_peer_works_and_ping_tells_the_path() {
 
 #[test]
 fn relay_failure_spares_direct_paths_and_relayed_peers_recover() {
-    run(|lab| {
+    run_lab(|lab| {
         let (coord, relay) = control_plane(lab)?;
         let a = lab.host("alpha", 11)?;
         let b = lab.host("beta", 12)?;
@@ -167,7 +158,7 @@ fn relay_failure_spares_direct_paths_and_relayed_peers_recover() {
 
 #[test]
 fn the_relay_refuses_devices_the_coordinator_does_not_know() {
-    run(|lab| {
+    run_lab(|lab| {
         let (_coord, relay) = control_plane(lab)?;
         let client = lab.host("stranger", 40)?;
         // Two clients with fresh keys that no coordinator has registered.
@@ -187,7 +178,7 @@ fn the_relay_refuses_devices_the_coordinator_does_not_know() {
 
 #[test]
 fn a_device_that_changes_address_keeps_its_sessions() {
-    run(|lab| {
+    run_lab(|lab| {
         let (coord, _relay) = control_plane(lab)?;
         let a = lab.host("alpha", 11)?;
         let b = lab.host("beta", 12)?;

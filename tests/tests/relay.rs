@@ -3,17 +3,11 @@
 
 use std::time::Duration;
 
-use crank_e2e::{bin, is_root, wait_until, Coordinator, Device, Lab, Relay};
+use crank_e2e::{bin, run_lab, wait_until, Coordinator, Device, Lab, Relay};
 
 #[test]
 fn devices_without_direct_udp_talk_through_the_relay() {
-    assert!(is_root(), "network-namespace tests need root (run the README's test command)");
-    let mut lab = Lab::new().unwrap();
-    let result = scenario(&mut lab);
-    if let Err(e) = &result {
-        eprintln!("{}", lab.logs());
-        panic!("{e:#}");
-    }
+    run_lab(scenario);
 }
 
 fn scenario(lab: &mut Lab) -> anyhow::Result<()> {
