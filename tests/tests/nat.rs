@@ -212,8 +212,10 @@ fn a_device_that_changes_address_keeps_its_sessions() {
         let lines: Vec<&str> = out.lines().collect();
         anyhow::ensure!(lines.len() == 2 && lines[0] == lines[1], "transfer across the address change failed: {out}");
         wait_until(Duration::from_secs(5), "beta follows alpha's new address", || {
+            alpha.host.ping(&b4);
             path_to(&beta, "alpha") == "direct 10.99.0.31:41641"
-        })?;
+        })
+        .map_err(|e| anyhow::anyhow!("{e}: beta's path to alpha is {:?}", path_to(&beta, "alpha")))?;
         Ok(())
     });
 }

@@ -171,8 +171,13 @@ async fn receive(shared: &Shared, peer: &Peer, datagram: &[u8], via: Via, outbuf
                     Decapsulated::Done
                 }
             };
+            let now = Instant::now();
             if let (Via::Udp(from), false) = (via, datagram.is_empty() || matches!(outcome, Decapsulated::Done)) {
-                st.heard_from(from, Instant::now());
+                st.heard_from(from, now);
+            }
+            if matches!(&outcome, Decapsulated::Tunnel(range, _) if !range.is_empty()) {
+                // Real traffic (not a keepalive): keep looking after the path.
+                st.paths.note_activity(now);
             }
             outcome
         };
@@ -194,7 +199,6 @@ async fn receive(shared: &Shared, peer: &Peer, datagram: &[u8], via: Via, outbuf
                     bump(&shared.counters.drop_source_not_allowed);
                     return;
                 }
-                peer.lock().paths.note_activity(Instant::now());
                 if let Err(e) = shared.tun.send(&outbuf[range]).await {
                     tracing::debug!(error = %e, "TUN write");
                 }
