@@ -132,18 +132,29 @@ fn relay_failure_spares_direct_paths_and_relayed_peers_recover() {
         wait_until(Duration::from_secs(10), "alpha → gamma relayed", || alpha.host.ping(&g4))?;
         anyhow::ensure!(path_to(&alpha, "gamma") == "relay lab", "gamma path: {}", path_to(&alpha, "gamma"));
 
-        // The relay dies while a transfer and pings run on the direct path.
-        let url = serve_http(lab, &beta.host, &b4)?;
+        // The relay dies while a steady TCP stream and pings run on the
+        // direct path.
+        lab.spawn(&beta.host, std::path::Path::new("iperf3"), &["-s", "-B", &b4], "iperf3.log")?;
+        beta.host.wait_tcp(&b4, 5201, Duration::from_secs(5))?;
+        let stream = std::thread::spawn({
+            let host = alpha.host.clone();
+            let target = b4.clone();
+            move || host.run("iperf3", &["-c", &target, "-t", "3", "-b", "50M", "-J"])
+        });
         let pinger = std::thread::spawn({
             let host = alpha.host.clone();
             let target = b4.clone();
             move || host.run("ping", &["-c", "30", "-i", "0.1", "-q", &target])
         });
-        std::thread::sleep(Duration::from_millis(500));
+        std::thread::sleep(Duration::from_millis(700));
         lab.stop(relay.pid);
-        transfer(lab, &alpha.host, &url, 8 << 20)?;
         let summary = pinger.join().map_err(|_| anyhow::anyhow!("pinger panicked"))??;
         anyhow::ensure!(summary.contains(" 0% packet loss"), "direct path lost packets while the relay died:\n{summary}");
+        let report: Value = serde_json::from_str(&stream.join().map_err(|_| anyhow::anyhow!("iperf3 thread panicked"))??)?;
+        let retransmits = report["end"]["sum_sent"]["retransmits"].as_u64().unwrap_or(u64::MAX);
+        let received = report["end"]["sum_received"]["bytes"].as_f64().unwrap_or(0.0);
+        anyhow::ensure!(received >= 0.8 * 50e6 * 3.0 / 8.0, "the stream stalled when the relay died: {received} bytes");
+        eprintln!("TCP across the relay's death: {received} bytes, {retransmits} retransmits");
         anyhow::ensure!(path_to(&alpha, "beta").starts_with("direct"), "left the direct path");
 
         // The relay comes back: relayed-only peers recover within 5 s.
@@ -191,26 +202,24 @@ fn a_device_that_changes_address_keeps_its_sessions() {
             alpha.host.ping(&b4);
             path_to(&beta, "alpha") == "direct 10.99.0.11:41641"
         })?;
-        let url = serve_http(lab, &beta.host, &b4)?;
-        // A slow transfer (about 4 s) across the address change.
-        let downloader = std::thread::spawn({
+        // A steady TCP stream (iperf3, 20 Mbit/s for 4 s) across the change:
+        // a receiver's buffers cannot swallow it early.
+        lab.spawn(&beta.host, std::path::Path::new("iperf3"), &["-s", "-B", &b4], "iperf3.log")?;
+        beta.host.wait_tcp(&b4, 5201, Duration::from_secs(5))?;
+        let client = std::thread::spawn({
             let host = alpha.host.clone();
-            let dir = lab.dir.clone();
-            move || {
-                let file = dir.join("roaming-download");
-                let file = file.to_str().unwrap_or_default().to_owned();
-                host.run("bash", &["-c", &format!(
-                    "curl -sS --max-time 60 --limit-rate 2M -D - -o {file} {url}/bytes/{n} | tr -d '\\r' | sed -n 's/^x-sha256: //p'; sha256sum {file} | cut -d' ' -f1",
-                    n = 8 << 20
-                )])
-            }
+            let target = b4.clone();
+            move || host.run("iperf3", &["-c", &target, "-t", "4", "-b", "20M", "-J"])
         });
-        std::thread::sleep(Duration::from_secs(1));
+        std::thread::sleep(Duration::from_millis(1500));
         alpha.host.run("ip", &["addr", "flush", "dev", "eth0"])?;
         alpha.host.run("ip", &["addr", "add", "10.99.0.31/24", "dev", "eth0"])?;
-        let out = downloader.join().map_err(|_| anyhow::anyhow!("downloader panicked"))??;
-        let lines: Vec<&str> = out.lines().collect();
-        anyhow::ensure!(lines.len() == 2 && lines[0] == lines[1], "transfer across the address change failed: {out}");
+        let report: Value = serde_json::from_str(&client.join().map_err(|_| anyhow::anyhow!("iperf3 thread panicked"))??)?;
+        let received = report["end"]["sum_received"]["bytes"].as_f64().unwrap_or(0.0);
+        anyhow::ensure!(received >= 0.8 * 20e6 * 4.0 / 8.0, "the stream lost its way at the address change: {received} bytes");
+        let intervals = report["intervals"].as_array().cloned().unwrap_or_default();
+        let last = intervals.last().map_or(0.0, |i| i["sum"]["bits_per_second"].as_f64().unwrap_or(0.0));
+        anyhow::ensure!(last > 10e6, "nothing flowed at the end: {last} bit/s");
         wait_until(Duration::from_secs(5), "beta follows alpha's new address", || {
             alpha.host.ping(&b4);
             path_to(&beta, "alpha") == "direct 10.99.0.31:41641"
