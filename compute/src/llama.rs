@@ -1,0 +1,291 @@
+//! llama.cpp through `llama-cpp-2`: one model loaded once and shared, a
+//! context per job. Embeddings come back L2-normalised (llama.cpp returns
+//! mean-pooled, unnormalised vectors); completions sample greedily, token by
+//! token.
+
+use std::num::NonZeroU32;
+use std::path::Path;
+use std::sync::OnceLock;
+
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
+use llama_cpp_2::sampling::LlamaSampler;
+
+/// Why a job could not run. Input errors are the caller's (4xx); the rest
+/// are the engine's.
+#[derive(Debug, thiserror::Error)]
+pub enum ComputeError {
+    #[error("input is empty")]
+    EmptyInput,
+    #[error("input {index} has {tokens} tokens; this model takes at most {limit}")]
+    InputTooLong { index: usize, tokens: usize, limit: usize },
+    #[error("prompt of {prompt} tokens plus {max_tokens} to generate exceeds the context of {context}")]
+    ContextExceeded { prompt: usize, max_tokens: usize, context: usize },
+    #[error("loading model {path}: {message}")]
+    Load { path: String, message: String },
+    #[error("llama.cpp: {0}")]
+    Engine(String),
+}
+
+impl ComputeError {
+    /// True when the request, not the engine, is at fault.
+    pub fn is_client_error(&self) -> bool {
+        matches!(self, ComputeError::EmptyInput | ComputeError::InputTooLong { .. } | ComputeError::ContextExceeded { .. })
+    }
+}
+
+fn engine(e: impl std::fmt::Display) -> ComputeError {
+    ComputeError::Engine(e.to_string())
+}
+
+/// The llama.cpp backend, initialised once per process with its logging off.
+fn backend() -> Result<&'static LlamaBackend, ComputeError> {
+    static BACKEND: OnceLock<LlamaBackend> = OnceLock::new();
+    if let Some(b) = BACKEND.get() {
+        return Ok(b);
+    }
+    let mut b = LlamaBackend::init().map_err(engine)?;
+    b.void_logs();
+    // A racing initialiser may have won; either backend is the same global.
+    Ok(BACKEND.get_or_init(|| b))
+}
+
+fn load(path: &Path) -> Result<LlamaModel, ComputeError> {
+    LlamaModel::load_from_file(backend()?, path, &LlamaModelParams::default())
+        .map_err(|e| ComputeError::Load { path: path.display().to_string(), message: e.to_string() })
+}
+
+fn threads() -> i32 {
+    std::thread::available_parallelism().map_or(1, |n| n.get() as i32)
+}
+
+/// L2-normalises `v` (a zero vector stays zero).
+pub fn normalize(v: &mut [f32]) {
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if norm > 0.0 {
+        v.iter_mut().for_each(|x| *x /= norm);
+    }
+}
+
+/// Vectors for a batch of inputs, and the tokens they used.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Embeddings {
+    pub vectors: Vec<Vec<f32>>,
+    pub prompt_tokens: usize,
+}
+
+pub struct Embedder {
+    model: LlamaModel,
+    /// Most tokens one input may have (the model's trained context).
+    max_tokens: usize,
+}
+
+
+impl Embedder {
+    pub fn load(path: &Path) -> Result<Self, ComputeError> {
+        let model = load(path)?;
+        let max_tokens = model.n_ctx_train() as usize;
+        Ok(Embedder { model, max_tokens })
+    }
+
+    pub fn dimensions(&self) -> usize {
+        self.model.n_embd() as usize
+    }
+
+    pub fn max_tokens(&self) -> usize {
+        self.max_tokens
+    }
+
+    /// Embeds `inputs`, one sequence per decode on one context. (Several
+    /// sequences in one decode abort in this llama.cpp version's mean
+    /// pooling, `GGML_ASSERT(ggml_can_mul_mat(a, b))`, so batching waits.)
+    pub fn embed(&self, inputs: &[String]) -> Result<Embeddings, ComputeError> {
+        if inputs.is_empty() || inputs.iter().any(|s| s.trim().is_empty()) {
+            return Err(ComputeError::EmptyInput);
+        }
+        let vocab = self.model.vocab();
+        let tokenized: Vec<_> = inputs.iter().map(|s| vocab.tokenize(s.as_bytes(), true, false)).collect();
+        for (index, t) in tokenized.iter().enumerate() {
+            if t.len() > self.max_tokens {
+                return Err(ComputeError::InputTooLong { index, tokens: t.len(), limit: self.max_tokens });
+            }
+        }
+        // Encoder models need a whole sequence in one micro-batch.
+        let n = u32::try_from(self.max_tokens.next_multiple_of(256)).map_err(engine)?;
+        let params = LlamaContextParams::default()
+            .with_embeddings(true)
+            .with_n_ctx(NonZeroU32::new(n))
+            .with_n_batch(n)
+            .with_n_ubatch(n)
+            .with_n_threads(threads())
+            .with_n_threads_batch(threads());
+        let mut ctx = self.model.new_context(backend()?, params).map_err(engine)?;
+        let mut batch = LlamaBatch::new(self.max_tokens, 1);
+        let mut vectors = Vec::with_capacity(inputs.len());
+        for tokens in &tokenized {
+            batch.clear();
+            batch.add_sequence(tokens, 0, true).map_err(engine)?;
+            ctx.clear_kv_cache();
+            ctx.decode(&mut batch).map_err(engine)?;
+            let mut v = ctx.embeddings_seq_ith(0).map_err(engine)?.to_vec();
+            normalize(&mut v);
+            vectors.push(v);
+        }
+        Ok(Embeddings { vectors, prompt_tokens: tokenized.iter().map(Vec::len).sum() })
+    }
+}
+
+/// Why generation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// The model ended its turn.
+    Stop,
+    /// `max_tokens` reached.
+    Length,
+    /// The receiver of the tokens went away.
+    Cancelled,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    pub text: String,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub finish: FinishReason,
+}
+
+pub struct Generator {
+    model: LlamaModel,
+    context: u32,
+}
+
+impl Generator {
+    /// Loads a chat model; each job gets a context of `context` tokens.
+    pub fn load(path: &Path, context: u32) -> Result<Self, ComputeError> {
+        let model = load(path)?;
+        let context = context.min(model.n_ctx_train().max(1));
+        Ok(Generator { model, context })
+    }
+
+    /// Renders chat messages (role, content) into a prompt. The built-in
+    /// "gemma" template is used: the small models shipped carry none.
+    pub fn chat_prompt(&self, messages: &[(String, String)]) -> Result<String, ComputeError> {
+        if messages.is_empty() {
+            return Err(ComputeError::EmptyInput);
+        }
+        let msgs = messages
+            .iter()
+            .map(|(role, content)| LlamaChatMessage::new(role.clone(), content.clone()).map_err(engine))
+            .collect::<Result<Vec<_>, _>>()?;
+        let template = match self.model.chat_template(None) {
+            Ok(t) => t,
+            Err(_) => LlamaChatTemplate::new("gemma").map_err(engine)?,
+        };
+        self.model.apply_chat_template(&template, &msgs, true).map_err(engine)
+    }
+
+    /// Generates up to `max_tokens` after `prompt`, greedily, handing each
+    /// piece of text to `on_text` as it comes; `on_text` returning false stops.
+    pub fn complete(&self, prompt: &str, max_tokens: usize, mut on_text: impl FnMut(&str) -> bool) -> Result<Completion, ComputeError> {
+        if prompt.is_empty() {
+            return Err(ComputeError::EmptyInput);
+        }
+        let vocab = self.model.vocab();
+        let tokens = vocab.tokenize(prompt.as_bytes(), true, true);
+        let context = self.context as usize;
+        if tokens.len() + max_tokens > context {
+            return Err(ComputeError::ContextExceeded { prompt: tokens.len(), max_tokens, context });
+        }
+        let params = LlamaContextParams::default()
+            .with_n_ctx(NonZeroU32::new(self.context))
+            .with_n_batch(self.context)
+            .with_n_threads(threads())
+            .with_n_threads_batch(threads());
+        let mut ctx = self.model.new_context(backend()?, params).map_err(engine)?;
+        let mut batch = LlamaBatch::new(context, 1);
+        batch.add_sequence(&tokens, 0, false).map_err(engine)?;
+        ctx.decode(&mut batch).map_err(engine)?;
+        let mut sampler = LlamaSampler::greedy();
+        let mut decoder = utf8_pieces::Utf8Pieces::default();
+        let mut text = String::new();
+        let mut produced = 0;
+        let mut pos = tokens.len() as i32;
+        let finish = loop {
+            if produced == max_tokens {
+                break FinishReason::Length;
+            }
+            let token = sampler.sample(&ctx, batch.n_tokens() - 1);
+            sampler.accept(token);
+            if vocab.is_eog(token) {
+                break FinishReason::Stop;
+            }
+            produced += 1;
+            let piece = vocab.token_to_piece(token, false, None);
+            let chunk = decoder.push(&piece);
+            if !chunk.is_empty() {
+                text.push_str(&chunk);
+                if !on_text(&chunk) {
+                    break FinishReason::Cancelled;
+                }
+            }
+            batch.clear();
+            batch.add(token, pos, &[0], true).map_err(engine)?;
+            pos += 1;
+            ctx.decode(&mut batch).map_err(engine)?;
+        };
+        Ok(Completion { text, prompt_tokens: tokens.len(), completion_tokens: produced, finish })
+    }
+}
+
+/// Turns a stream of byte pieces into valid UTF-8 text, holding back a
+/// character split across pieces until it is whole.
+mod utf8_pieces {
+    #[derive(Default)]
+    pub struct Utf8Pieces {
+        pending: Vec<u8>,
+    }
+
+    impl Utf8Pieces {
+        pub fn push(&mut self, bytes: &[u8]) -> String {
+            self.pending.extend_from_slice(bytes);
+            match std::str::from_utf8(&self.pending) {
+                Ok(s) => {
+                    let out = s.to_owned();
+                    self.pending.clear();
+                    out
+                }
+                Err(e) if e.error_len().is_none() => {
+                    // An incomplete character at the end: keep it for later.
+                    let valid = e.valid_up_to();
+                    let out = String::from_utf8_lossy(&self.pending[..valid]).into_owned();
+                    self.pending.drain(..valid);
+                    out
+                }
+                Err(_) => {
+                    let out = String::from_utf8_lossy(&self.pending).into_owned();
+                    self.pending.clear();
+                    out
+                }
+            }
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn characters_split_across_pieces_come_out_whole() {
+            let mut d = Utf8Pieces::default();
+            let euro = "€".as_bytes();
+            assert_eq!(d.push(&euro[..1]), "");
+            assert_eq!(d.push(&euro[1..]), "€");
+            assert_eq!(d.push(b"ok"), "ok");
+            assert_eq!(d.push(&[0xff]), "\u{fffd}");
+        }
+    }
+}
