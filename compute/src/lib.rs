@@ -5,6 +5,7 @@
 pub mod fetch;
 pub mod llama;
 pub mod manifest;
+pub mod server;
 
 pub use llama::{Completion, ComputeError, Embedder, Embeddings, FinishReason, Generator};
 pub use manifest::{ModelKind, ModelSpec, MANIFEST};

@@ -1,0 +1,455 @@
+//! The OpenAI-compatible HTTP API: `/v1/models`, `/v1/embeddings`,
+//! `/v1/chat/completions` (plain and SSE streaming), `/healthz`, `/metrics`.
+//!
+//! Jobs run on blocking threads, at most `slots` at once; up to `queue` more
+//! wait; beyond that the answer is 429 with `Retry-After`. Errors are JSON in
+//! OpenAI's shape. The caller is named by a lookup of its source address
+//! (whois), the device serving in every answer.
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequest, Request, State};
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::stream::Stream;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+
+use crate::llama::{ComputeError, Embedder, FinishReason, Generator};
+
+/// Largest request body accepted.
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+/// Completion length when the request names none.
+const DEFAULT_MAX_TOKENS: usize = 128;
+
+/// Who a source address belongs to.
+pub type Whois = Arc<dyn Fn(IpAddr) -> Option<String> + Send + Sync>;
+
+pub struct Models {
+    /// (name, engine)
+    pub embedder: Option<(String, Arc<Embedder>)>,
+    pub generator: Option<(String, Arc<Generator>)>,
+}
+
+#[derive(Default)]
+struct Metrics {
+    requests: AtomicU64,
+    rejected_busy: AtomicU64,
+    client_errors: AtomicU64,
+    prompt_tokens: AtomicU64,
+    completion_tokens: AtomicU64,
+    /// Latency histogram buckets (seconds), cumulative at render time.
+    latency: [AtomicU64; 8],
+    latency_sum_us: AtomicU64,
+}
+
+const BUCKETS: [f64; 8] = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, f64::INFINITY];
+
+impl Metrics {
+    fn observe(&self, secs: f64) {
+        let i = BUCKETS.iter().position(|b| secs <= *b).unwrap_or(BUCKETS.len() - 1);
+        self.latency[i].fetch_add(1, Ordering::Relaxed);
+        self.latency_sum_us.fetch_add((secs * 1e6) as u64, Ordering::Relaxed);
+    }
+}
+
+pub struct ComputeServer {
+    models: Models,
+    device: String,
+    whois: Whois,
+    slots: Arc<Semaphore>,
+    /// Jobs admitted (running or waiting).
+    admitted: AtomicUsize,
+    capacity: usize,
+    metrics: Metrics,
+}
+
+/// An OpenAI-shaped error answer.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    kind: &'static str,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, kind: &'static str, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError { status, kind, code, message: message.into() }
+    }
+    fn bad(code: &'static str, message: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", code, message)
+    }
+}
+
+impl From<ComputeError> for ApiError {
+    fn from(e: ComputeError) -> Self {
+        match e {
+            ComputeError::EmptyInput => ApiError::bad("empty_input", e.to_string()),
+            ComputeError::InputTooLong { .. } | ComputeError::ContextExceeded { .. } => {
+                ApiError::bad("context_length_exceeded", e.to_string())
+            }
+            _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "engine_error", e.to_string()),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": {"message": self.message, "type": self.kind, "code": self.code}});
+        let mut resp = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::TOO_MANY_REQUESTS {
+            resp.headers_mut().insert("retry-after", HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}
+
+/// A JSON body whose failures are OpenAI-shaped 4xx answers.
+pub struct Body<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let bytes = axum::body::Bytes::from_request(req, state).await.map_err(|e| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", "body_too_large", format!("body over {MAX_BODY_BYTES} bytes"))
+            } else {
+                ApiError::bad("unreadable_body", e.to_string())
+            }
+        })?;
+        serde_json::from_slice(&bytes).map(Body).map_err(|e| ApiError::bad("invalid_json", format!("invalid JSON body: {e}")))
+    }
+}
+
+/// A place in line: a running or waiting job. Dropped, it frees the place.
+struct Admission {
+    server: Arc<ComputeServer>,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.server.admitted.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl ComputeServer {
+    /// `slots` jobs run at once; `queue` more may wait.
+    pub fn new(models: Models, device: String, whois: Whois, slots: usize, queue: usize) -> Arc<Self> {
+        Arc::new(ComputeServer {
+            models,
+            device,
+            whois,
+            slots: Arc::new(Semaphore::new(slots.max(1))),
+            admitted: AtomicUsize::new(0),
+            capacity: slots.max(1) + queue,
+            metrics: Metrics::default(),
+        })
+    }
+
+    fn admit(self: &Arc<Self>) -> Result<Admission, ApiError> {
+        let prior = self.admitted.fetch_add(1, Ordering::AcqRel);
+        let admission = Admission { server: self.clone() };
+        if prior >= self.capacity {
+            self.metrics.rejected_busy.fetch_add(1, Ordering::Relaxed);
+            return Err(ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "overloaded", "all slots and the queue are full; retry shortly"));
+        }
+        Ok(admission)
+    }
+
+    async fn slot(&self) -> OwnedSemaphorePermit {
+        self.slots.clone().acquire_owned().await.expect("the semaphore is never closed")
+    }
+
+    pub fn router(self: &Arc<Self>) -> Router {
+        Router::new()
+            .route("/healthz", get(|| async { "ok" }))
+            .route("/metrics", get(metrics))
+            .route("/v1/models", get(list_models))
+            .route("/v1/embeddings", post(embeddings))
+            .route("/v1/chat/completions", post(chat))
+            .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", "not_found", "no such endpoint") })
+            .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+            .with_state(self.clone())
+    }
+
+    fn caller(&self, addr: SocketAddr) -> String {
+        (self.whois)(addr.ip().to_canonical()).unwrap_or_else(|| addr.ip().to_string())
+    }
+}
+
+fn identify(mut resp: Response, server: &ComputeServer, caller: &str) -> Response {
+    if let Ok(v) = HeaderValue::from_str(&server.device) {
+        resp.headers_mut().insert("x-crank-served-by", v);
+    }
+    if let Ok(v) = HeaderValue::from_str(caller) {
+        resp.headers_mut().insert("x-crank-caller", v);
+    }
+    resp
+}
+
+async fn metrics(State(s): State<Arc<ComputeServer>>) -> String {
+    let m = &s.metrics;
+    let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    let mut out = String::new();
+    out += &format!("# TYPE compute_requests_total counter\ncompute_requests_total {}\n", l(&m.requests));
+    out += &format!("# TYPE compute_rejected_busy_total counter\ncompute_rejected_busy_total {}\n", l(&m.rejected_busy));
+    out += &format!("# TYPE compute_client_errors_total counter\ncompute_client_errors_total {}\n", l(&m.client_errors));
+    out += &format!("# TYPE compute_tokens_total counter\ncompute_tokens_total{{kind=\"prompt\"}} {}\n", l(&m.prompt_tokens));
+    out += &format!("compute_tokens_total{{kind=\"completion\"}} {}\n", l(&m.completion_tokens));
+    out += &format!("# TYPE compute_queue_depth gauge\ncompute_queue_depth {}\n", s.admitted.load(Ordering::Relaxed));
+    out += "# TYPE compute_request_seconds histogram\n";
+    let mut cumulative = 0;
+    for (b, c) in BUCKETS.iter().zip(&m.latency) {
+        cumulative += l(c);
+        let le = if b.is_infinite() { "+Inf".to_owned() } else { b.to_string() };
+        out += &format!("compute_request_seconds_bucket{{le=\"{le}\"}} {cumulative}\n");
+    }
+    out += &format!("compute_request_seconds_sum {}\ncompute_request_seconds_count {cumulative}\n", l(&m.latency_sum_us) as f64 / 1e6);
+    out
+}
+
+async fn list_models(State(s): State<Arc<ComputeServer>>) -> Json<serde_json::Value> {
+    let data: Vec<_> = s
+        .models
+        .embedder
+        .iter()
+        .map(|(n, _)| n)
+        .chain(s.models.generator.iter().map(|(n, _)| n))
+        .map(|n| json!({"id": n, "object": "model", "created": 0, "owned_by": s.device}))
+        .collect();
+    Json(json!({"object": "list", "data": data}))
+}
+
+/// `input`: a string or a list of strings.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Input {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+struct EmbeddingsRequest {
+    model: String,
+    input: Input,
+    #[serde(default)]
+    encoding_format: Option<String>,
+}
+
+async fn embeddings(
+    State(s): State<Arc<ComputeServer>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Body(req): Body<EmbeddingsRequest>,
+) -> Result<Response, ApiError> {
+    s.metrics.requests.fetch_add(1, Ordering::Relaxed);
+    let caller = s.caller(peer);
+    let result = async {
+        let (name, engine) = match &s.models.embedder {
+            Some((n, e)) if *n == req.model => (n.clone(), e.clone()),
+            _ => return Err(ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", "model_not_found", format!("no embedding model {:?} here", req.model))),
+        };
+        if req.encoding_format.as_deref().is_some_and(|f| f != "float") {
+            return Err(ApiError::bad("unsupported_encoding", "encoding_format must be \"float\""));
+        }
+        let inputs = match req.input {
+            Input::One(s) => vec![s],
+            Input::Many(v) => v,
+        };
+        let _admission = s.admit()?;
+        let _slot = s.slot().await;
+        let started = Instant::now();
+        let out = tokio::task::spawn_blocking(move || engine.embed(&inputs)).await.map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "panic", e.to_string()))??;
+        s.metrics.observe(started.elapsed().as_secs_f64());
+        s.metrics.prompt_tokens.fetch_add(out.prompt_tokens as u64, Ordering::Relaxed);
+        let data: Vec<_> = out
+            .vectors
+            .iter()
+            .enumerate()
+            .map(|(i, v)| json!({"object": "embedding", "index": i, "embedding": v}))
+            .collect();
+        Ok(Json(json!({
+            "object": "list",
+            "data": data,
+            "model": name,
+            "usage": {"prompt_tokens": out.prompt_tokens, "total_tokens": out.prompt_tokens},
+            "served_by": s.device,
+            "caller": caller,
+        }))
+        .into_response())
+    }
+    .await;
+    finish(&s, result, &caller)
+}
+
+fn finish(s: &ComputeServer, result: Result<Response, ApiError>, caller: &str) -> Result<Response, ApiError> {
+    match result {
+        Ok(r) => Ok(identify(r, s, caller)),
+        Err(e) => {
+            if e.status.is_client_error() && e.status != StatusCode::TOO_MANY_REQUESTS {
+                s.metrics.client_errors.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(identify(e.into_response(), s, caller))
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct ChatMessage {
+    role: String,
+    content: String,
+}
+
+#[derive(Deserialize)]
+struct ChatRequest {
+    model: String,
+    messages: Vec<ChatMessage>,
+    #[serde(default)]
+    stream: bool,
+    #[serde(default)]
+    max_tokens: Option<usize>,
+    #[serde(default)]
+    max_completion_tokens: Option<usize>,
+}
+
+#[derive(Serialize)]
+struct Usage {
+    prompt_tokens: usize,
+    completion_tokens: usize,
+    total_tokens: usize,
+}
+
+fn finish_reason(f: FinishReason) -> &'static str {
+    match f {
+        FinishReason::Stop => "stop",
+        FinishReason::Length | FinishReason::Cancelled => "length",
+    }
+}
+
+fn completion_id() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    format!("chatcmpl-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+async fn chat(
+    State(s): State<Arc<ComputeServer>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Body(req): Body<ChatRequest>,
+) -> Result<Response, ApiError> {
+    s.metrics.requests.fetch_add(1, Ordering::Relaxed);
+    let caller = s.caller(peer);
+    let result = async {
+        let (name, engine) = match &s.models.generator {
+            Some((n, g)) if *n == req.model => (n.clone(), g.clone()),
+            _ => return Err(ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", "model_not_found", format!("no chat model {:?} here", req.model))),
+        };
+        let max_tokens = req.max_completion_tokens.or(req.max_tokens).unwrap_or(DEFAULT_MAX_TOKENS);
+        if max_tokens == 0 {
+            return Err(ApiError::bad("invalid_max_tokens", "max_tokens must be at least 1"));
+        }
+        let messages: Vec<(String, String)> = req.messages.into_iter().map(|m| (m.role, m.content)).collect();
+        let prompt = engine.chat_prompt(&messages)?;
+        let admission = s.admit()?;
+        let slot = s.slot().await;
+        let id = completion_id();
+        if !req.stream {
+            let started = Instant::now();
+            let out = tokio::task::spawn_blocking(move || engine.complete(&prompt, max_tokens, |_| true))
+                .await
+                .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "panic", e.to_string()))??;
+            drop((slot, admission));
+            s.metrics.observe(started.elapsed().as_secs_f64());
+            s.metrics.prompt_tokens.fetch_add(out.prompt_tokens as u64, Ordering::Relaxed);
+            s.metrics.completion_tokens.fetch_add(out.completion_tokens as u64, Ordering::Relaxed);
+            let usage = Usage { prompt_tokens: out.prompt_tokens, completion_tokens: out.completion_tokens, total_tokens: out.prompt_tokens + out.completion_tokens };
+            return Ok(Json(json!({
+                "id": id,
+                "object": "chat.completion",
+                "created": unix_now(),
+                "model": name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text}, "finish_reason": finish_reason(out.finish)}],
+                "usage": usage,
+                "served_by": s.device,
+                "caller": caller,
+            }))
+            .into_response());
+        }
+        Ok(stream_chat(s.clone(), engine, prompt, max_tokens, id, name, caller.clone(), (slot, admission)).into_response())
+    }
+    .await;
+    finish(&s, result, &caller)
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Streams chunks as server-sent events; ends with a usage chunk and
+/// `[DONE]`. A client that goes away stops the generation.
+#[allow(clippy::too_many_arguments)]
+fn stream_chat(
+    s: Arc<ComputeServer>,
+    engine: Arc<Generator>,
+    prompt: String,
+    max_tokens: usize,
+    id: String,
+    model: String,
+    caller: String,
+    held: (OwnedSemaphorePermit, Admission),
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let (tx, rx) = mpsc::channel::<Event>(64);
+    let created = unix_now();
+    let chunk = {
+        let (id, model, device, caller) = (id.clone(), model.clone(), s.device.clone(), caller.clone());
+        move |delta: serde_json::Value, finish: Option<&str>| {
+            json!({
+                "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                "served_by": device, "caller": caller,
+            })
+        }
+    };
+    tokio::task::spawn_blocking(move || {
+        let _held = held;
+        let started = Instant::now();
+        let first = Event::default().data(chunk(json!({"role": "assistant", "content": ""}), None).to_string());
+        if tx.blocking_send(first).is_err() {
+            return;
+        }
+        let result = engine.complete(&prompt, max_tokens, |piece| {
+            tx.blocking_send(Event::default().data(chunk(json!({"content": piece}), None).to_string())).is_ok()
+        });
+        s.metrics.observe(started.elapsed().as_secs_f64());
+        match result {
+            Ok(out) => {
+                s.metrics.prompt_tokens.fetch_add(out.prompt_tokens as u64, Ordering::Relaxed);
+                s.metrics.completion_tokens.fetch_add(out.completion_tokens as u64, Ordering::Relaxed);
+                if out.finish == FinishReason::Cancelled {
+                    return;
+                }
+                let mut last = chunk(json!({}), Some(finish_reason(out.finish)));
+                last["usage"] = json!(Usage {
+                    prompt_tokens: out.prompt_tokens,
+                    completion_tokens: out.completion_tokens,
+                    total_tokens: out.prompt_tokens + out.completion_tokens,
+                });
+                let _ = tx.blocking_send(Event::default().data(last.to_string()));
+            }
+            Err(e) => {
+                let _ = tx.blocking_send(Event::default().data(json!({"error": {"message": e.to_string(), "type": "server_error"}}).to_string()));
+            }
+        }
+        let _ = tx.blocking_send(Event::default().data("[DONE]"));
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (Ok(e), rx)) });
+    Sse::new(stream)
+}
