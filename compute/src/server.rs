@@ -23,6 +23,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
+use base64::Engine as _;
+
 use crate::llama::{ComputeError, Embedder, FinishReason, Generator};
 
 /// Largest request body accepted.
@@ -258,9 +260,14 @@ async fn embeddings(
             Some((n, e)) if *n == req.model => (n.clone(), e.clone()),
             _ => return Err(ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", "model_not_found", format!("no embedding model {:?} here", req.model))),
         };
-        if req.encoding_format.as_deref().is_some_and(|f| f != "float") {
-            return Err(ApiError::bad("unsupported_encoding", "encoding_format must be \"float\""));
-        }
+        let base64 = match req.encoding_format.as_deref() {
+            None | Some("float") => false,
+            // Little-endian f32s, as the OpenAI clients ask for by default.
+            Some("base64") => true,
+            Some(other) => {
+                return Err(ApiError::bad("unsupported_encoding", format!("encoding_format {other:?}: use \"float\" or \"base64\"")))
+            }
+        };
         let inputs = match req.input {
             Input::One(s) => vec![s],
             Input::Many(v) => v,
@@ -275,7 +282,15 @@ async fn embeddings(
             .vectors
             .iter()
             .enumerate()
-            .map(|(i, v)| json!({"object": "embedding", "index": i, "embedding": v}))
+            .map(|(i, v)| {
+                let embedding = if base64 {
+                    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                    json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+                } else {
+                    json!(v)
+                };
+                json!({"object": "embedding", "index": i, "embedding": embedding})
+            })
             .collect();
         Ok(Json(json!({
             "object": "list",

@@ -72,6 +72,14 @@ async fn embeddings_and_chat_answer_like_openai_and_name_both_ends() {
     assert_eq!(headers["x-crank-served-by"], "beta");
     let (status, _, v) = post(&base, "/v1/embeddings", json!({"model": "all-minilm-l6-v2", "input": "one string"}).to_string()).await;
     assert_eq!((status, v["data"].as_array().map(Vec::len)), (200, Some(1)));
+    // base64: the same vector as little-endian f32s.
+    let (status, _, b) = post(&base, "/v1/embeddings", json!({"model": "all-minilm-l6-v2", "input": "one string", "encoding_format": "base64"}).to_string()).await;
+    assert_eq!(status, 200);
+    let bytes = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b["data"][0]["embedding"].as_str().unwrap()).unwrap();
+    let floats: Vec<f64> = bytes.chunks(4).map(|c| f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]]))).collect();
+    let plain: Vec<f64> = v["data"][0]["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+    assert_eq!(floats.len(), 384);
+    assert!(floats.iter().zip(&plain).all(|(a, b)| (a - b).abs() < 1e-6));
 
     let chat = json!({"model": "gemma-3-270m", "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 16});
     let (status, _, v) = post(&base, "/v1/chat/completions", chat.to_string()).await;

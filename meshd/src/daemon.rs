@@ -16,6 +16,7 @@ use crate::localapi::{
     BackendState, NetcheckReport, PeerStatus, PingReport, RelayLatency, Request, Response, SelfStatus, Status, StunResult,
 };
 use crate::netcheck;
+use crate::serve_compute;
 use crate::state::{Keys, Prefs, StateDir};
 
 /// How long `meshd up` waits for the first netmap.
@@ -30,6 +31,15 @@ pub struct DaemonConfig {
     pub state_dir: PathBuf,
     pub tun: TunConfig,
     pub udp_port: u16,
+    /// Serve compute with these models on the overlay addresses.
+    pub compute: Option<ComputeConfig>,
+}
+
+pub struct ComputeConfig {
+    pub models_dir: PathBuf,
+    /// Jobs run at once, and jobs that may wait beyond them.
+    pub slots: usize,
+    pub queue: usize,
 }
 
 /// A joined network: the map stream and the engine it feeds.
@@ -38,10 +48,14 @@ struct Session {
     engine: Arc<EngineSlot>,
     map: watch::Receiver<MapState>,
     task: JoinHandle<()>,
+    compute: Option<JoinHandle<()>>,
 }
 
 impl Session {
     async fn stop(self) {
+        if let Some(c) = &self.compute {
+            c.abort();
+        }
         self.task.abort();
         let _ = self.task.await;
         self.engine.stop().await;
@@ -53,6 +67,8 @@ pub struct Daemon {
     state: StateDir,
     keys: Arc<Keys>,
     session: Mutex<Option<Session>>,
+    /// Models loaded once, served in every session.
+    models: Option<Arc<serve_compute::Loaded>>,
 }
 
 /// A relay region's short name, for people.
@@ -68,7 +84,11 @@ impl Daemon {
     pub fn new(cfg: DaemonConfig) -> anyhow::Result<Arc<Self>> {
         let state = StateDir::open(&cfg.state_dir)?;
         let keys = Arc::new(state.keys()?);
-        Ok(Arc::new(Daemon { cfg, state, keys, session: Mutex::new(None) }))
+        let models = match &cfg.compute {
+            Some(c) => Some(Arc::new(serve_compute::load(&c.models_dir)?)),
+            None => None,
+        };
+        Ok(Arc::new(Daemon { cfg, state, keys, session: Mutex::new(None), models }))
     }
 
     /// Rejoins the network the device was last up in.
@@ -85,7 +105,18 @@ impl Daemon {
         let engine = Arc::new(EngineSlot::new(self.keys.node.clone(), self.keys.disco.clone(), self.cfg.tun.clone(), self.cfg.udp_port));
         let (tx, rx) = watch::channel(MapState::default());
         let task = tokio::spawn(control::run_map_stream(coordinator.clone(), self.keys.clone(), engine.clone(), tx));
-        Session { coordinator, engine, map: rx, task }
+        let compute = match (&self.models, &self.cfg.compute) {
+            (Some(models), Some(c)) => {
+                let (models, map, slots, queue) = (models.clone(), rx.clone(), c.slots, c.queue);
+                Some(tokio::spawn(async move {
+                    if let Err(e) = serve_compute::serve(models, map, slots, queue).await {
+                        tracing::error!(error = format!("{e:#}"), "compute API stopped");
+                    }
+                }))
+            }
+            _ => None,
+        };
+        Session { coordinator, engine, map: rx, task, compute }
     }
 
     pub async fn handle(&self, req: Request) -> Response {

@@ -8,6 +8,7 @@ mod engine;
 mod localapi;
 mod netcheck;
 mod paths;
+mod serve_compute;
 mod state;
 mod static_tunnel;
 mod status_text;
@@ -48,6 +49,18 @@ enum Command {
         /// UDP port for WireGuard (0 picks a free one).
         #[arg(long, env = "MESHD_PORT", default_value_t = 41641)]
         port: u16,
+        /// Serve chat and embeddings to the network (port 8421 on the
+        /// overlay addresses only) with the models in --models-dir.
+        #[arg(long, env = "MESHD_COMPUTE")]
+        compute: bool,
+        #[arg(long, env = "MESHD_MODELS_DIR", default_value = "/var/lib/meshd/models")]
+        models_dir: PathBuf,
+        /// Compute jobs run at once.
+        #[arg(long, default_value_t = 1)]
+        slots: usize,
+        /// Compute jobs that may wait for a slot; beyond them callers get 429.
+        #[arg(long, default_value_t = 16)]
+        queue: usize,
     },
     /// Join a network and bring the tunnel up.
     Up {
@@ -121,11 +134,12 @@ enum ModelsCmd {
     },
 }
 
-async fn run_daemon(socket: PathBuf, state_dir: PathBuf, tun: String, port: u16) -> anyhow::Result<()> {
+async fn run_daemon(socket: PathBuf, state_dir: PathBuf, tun: String, port: u16, compute: Option<daemon::ComputeConfig>) -> anyhow::Result<()> {
     let daemon = Daemon::new(DaemonConfig {
         state_dir,
         tun: TunConfig { name: tun, mtu: engine::DEFAULT_MTU },
         udp_port: port,
+        compute,
     })?;
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -158,7 +172,10 @@ async fn run_daemon(socket: PathBuf, state_dir: PathBuf, tun: String, port: u16)
 
 async fn try_main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Daemon { state_dir, tun, port } => run_daemon(cli.socket, state_dir, tun, port).await,
+        Command::Daemon { state_dir, tun, port, compute, models_dir, slots, queue } => {
+            let compute = compute.then_some(daemon::ComputeConfig { models_dir, slots, queue });
+            run_daemon(cli.socket, state_dir, tun, port, compute).await
+        }
         Command::Tunnel { tun, private_key_file, port, address, mtu, peers } => {
             static_tunnel::run(&private_key_file, TunConfig { name: tun, mtu }, port, address, peers).await
         }

@@ -11,5 +11,12 @@ cargo build --workspace --bins --tests
 # The real small models the compute tests run on (idempotent, sha256-checked).
 export CRANK_MODELS_DIR=${CRANK_MODELS_DIR:-$HOME/.cache/crank-mesh/models}
 "$CARGO_TARGET_DIR/debug/meshd" models fetch --dir "$CRANK_MODELS_DIR"
+# The official OpenAI Python client, for the compute end-to-end test.
+export CRANK_OPENAI_PYTHON=${CRANK_OPENAI_PYTHON:-$HOME/.cache/crank-mesh/openai-venv/bin/python}
+if ! "$CRANK_OPENAI_PYTHON" -c "import openai" 2>/dev/null; then
+  venv_dir=$(dirname "$(dirname "$CRANK_OPENAI_PYTHON")")
+  python3 -m venv "$venv_dir"
+  "$venv_dir/bin/pip" install -q "openai>=1.40,<3"
+fi
 cargo test --workspace --exclude crank-e2e
 cargo test -p crank-e2e -- --test-threads=1

@@ -361,19 +361,27 @@ pub struct Device {
     pub socket: String,
     pub state_dir: String,
     pub pid: u32,
+    extra: Vec<String>,
 }
 
 impl Device {
     pub fn start(lab: &mut Lab, host: Host) -> anyhow::Result<Device> {
-        let state_dir = lab.dir.join(format!("{}-state", host.name)).to_str().context("utf-8")?.to_owned();
-        let socket = lab.dir.join(format!("{}.sock", host.name)).to_str().context("utf-8")?.to_owned();
-        let pid = Self::spawn_daemon(lab, &host, &state_dir, &socket)?;
-        Ok(Device { host, socket, state_dir, pid })
+        Self::start_with(lab, host, &[])
     }
 
-    fn spawn_daemon(lab: &mut Lab, host: &Host, state_dir: &str, socket: &str) -> anyhow::Result<u32> {
+    /// Like [`Device::start`], with extra `meshd daemon` flags.
+    pub fn start_with(lab: &mut Lab, host: Host, extra: &[&str]) -> anyhow::Result<Device> {
+        let state_dir = lab.dir.join(format!("{}-state", host.name)).to_str().context("utf-8")?.to_owned();
+        let socket = lab.dir.join(format!("{}.sock", host.name)).to_str().context("utf-8")?.to_owned();
+        let pid = Self::spawn_daemon(lab, &host, &state_dir, &socket, extra)?;
+        Ok(Device { host, socket, state_dir, pid, extra: extra.iter().map(|s| s.to_string()).collect() })
+    }
+
+    fn spawn_daemon(lab: &mut Lab, host: &Host, state_dir: &str, socket: &str, extra: &[&str]) -> anyhow::Result<u32> {
         let log = format!("meshd-{}.log", host.name);
-        let pid = lab.spawn(host, &bin("meshd"), &["--socket", socket, "daemon", "--state-dir", state_dir], &log)?;
+        let mut args = vec!["--socket", socket, "daemon", "--state-dir", state_dir];
+        args.extend_from_slice(extra);
+        let pid = lab.spawn(host, &bin("meshd"), &args, &log)?;
         wait_until(Duration::from_secs(10), "meshd socket", || Path::new(socket).exists())?;
         Ok(pid)
     }
@@ -387,7 +395,8 @@ impl Device {
     pub fn restart(&mut self, lab: &mut Lab) -> anyhow::Result<()> {
         lab.stop(self.pid);
         let _ = std::fs::remove_file(&self.socket);
-        self.pid = Self::spawn_daemon(lab, &self.host, &self.state_dir, &self.socket)?;
+        let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
+        self.pid = Self::spawn_daemon(lab, &self.host, &self.state_dir, &self.socket, &extra)?;
         Ok(())
     }
 
