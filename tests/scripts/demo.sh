@@ -6,4 +6,6 @@ root=$(cd "$(dirname "$0")/../.." && pwd)
 bash "$root/tests/scripts/setup.sh"
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/crank-mesh/target}
 cargo build --manifest-path "$root/Cargo.toml" --workspace --bins
+export CRANK_MODELS_DIR=${CRANK_MODELS_DIR:-$HOME/.cache/crank-mesh/models}
+"$CARGO_TARGET_DIR/debug/meshd" models fetch --dir "$CRANK_MODELS_DIR"
 exec "$CARGO_TARGET_DIR/debug/crank-demo"

@@ -1,12 +1,18 @@
 //! The main job on one machine: a coordinator and three devices, each in its
 //! own network namespace, joined into one mesh. They ping each other over
 //! IPv4 and IPv6 overlay addresses, one fetches a page from another over the
-//! overlay, and each prints its `meshd status`. Everything is removed at exit.
+//! overlay, alpha asks beta (which serves compute) for an embedding and a
+//! streamed chat completion over the overlay, and each device prints its
+//! `meshd status`. Everything is removed at exit.
 
 use std::process::ExitCode;
 use std::time::Duration;
 
 use crank_e2e::{bin, is_root, wait_until, Coordinator, Device, Lab};
+
+fn models_dir() -> String {
+    std::env::var("CRANK_MODELS_DIR").unwrap_or_else(|_| format!("{}/.cache/crank-mesh/models", std::env::var("HOME").unwrap_or_default()))
+}
 
 fn try_main() -> anyhow::Result<()> {
     anyhow::ensure!(is_root(), "the demo creates network namespaces: run it as root");
@@ -26,7 +32,12 @@ fn demo(lab: &mut Lab) -> anyhow::Result<()> {
     let mut devices = Vec::new();
     for (i, name) in ["alpha", "beta", "gamma"].iter().enumerate() {
         let host = lab.host(name, 11 + i as u8)?;
-        let dev = Device::start(lab, host)?;
+        // beta offers compute with the models fetched by `meshd models fetch`.
+        let dev = if *name == "beta" {
+            Device::start_with(lab, host, &["--compute", "--models-dir", &models_dir()])?
+        } else {
+            Device::start(lab, host)?
+        };
         dev.up(&coord)?;
         let (v4, v6) = dev.overlay()?;
         println!("{name:<6} joined: underlay {} overlay {v4} {v6}", dev.host.addr);
@@ -55,6 +66,36 @@ fn demo(lab: &mut Lab) -> anyhow::Result<()> {
     devices[2].host.wait_tcp(g4, 8000, Duration::from_secs(5))?;
     let page = devices[0].host.run("curl", &["-sS", "--max-time", "10", &format!("http://{listen}/")])?;
     println!("\nalpha fetched http://{listen}/ over the overlay:\n  {}", page.trim());
+
+    let (b4, _) = &overlay[1];
+    let base = format!("http://{b4}:8421");
+    wait_until(Duration::from_secs(20), "beta's compute API", || {
+        devices[0].host.succeeds("curl", &["-sf", "--max-time", "2", &format!("{base}/healthz")])
+    })?;
+    let body = serde_json::json!({"model": "all-minilm-l6-v2", "input": "a private mesh of my own devices"}).to_string();
+    let out = devices[0].host.run("curl", &["-sS", "--max-time", "30", "-H", "content-type: application/json", "-d", &body, &format!("{base}/v1/embeddings")])?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    let dims = v["data"][0]["embedding"].as_array().map_or(0, Vec::len);
+    let head: Vec<String> = v["data"][0]["embedding"].as_array().into_iter().flatten().take(4).map(|x| format!("{:.4}", x.as_f64().unwrap_or(0.0))).collect();
+    println!(
+        "\nalpha → {base}/v1/embeddings: {dims} dimensions [{} …], served by {}, caller {}",
+        head.join(", "),
+        v["served_by"],
+        v["caller"]
+    );
+    let body = serde_json::json!({"model": "gemma-3-270m", "messages": [{"role": "user", "content": "Write one sentence about sharing computers."}], "max_tokens": 40, "stream": true}).to_string();
+    let out = devices[0].host.run("curl", &["-sSN", "--max-time", "60", "-H", "content-type: application/json", "-d", &body, &format!("{base}/v1/chat/completions")])?;
+    let mut text = String::new();
+    let mut chunks = 0;
+    for data in out.lines().filter_map(|l| l.strip_prefix("data: ")).filter(|d| *d != "[DONE]") {
+        let c: serde_json::Value = serde_json::from_str(data)?;
+        if let Some(piece) = c["choices"][0]["delta"]["content"].as_str() {
+            text.push_str(piece);
+            chunks += 1;
+        }
+    }
+    anyhow::ensure!(out.trim_end().ends_with("[DONE]"), "the chat stream did not finish: {out}");
+    println!("alpha → {base}/v1/chat/completions (stream, {chunks} chunks): {}", text.trim().replace('\n', " / "));
 
     for dev in &devices {
         println!("\n$ meshd status   # on {}", dev.host.name);
