@@ -497,3 +497,24 @@ pub fn serve_http(lab: &mut Lab, host: &Host, addr: &str) -> anyhow::Result<Stri
     host.wait_tcp(addr, 8000, Duration::from_secs(5))?;
     Ok(format!("http://{addr}:8000"))
 }
+
+/// An iperf3 TCP stream from `from` to an iperf3 server started in `server`
+/// on `server_ip`, running in the background: join the handle for iperf3's
+/// JSON report. `rate` limits the sender (e.g. `20M`), so the stream spans
+/// its whole duration instead of filling the receiver's buffers at once.
+pub fn iperf_stream(
+    lab: &mut Lab,
+    from: &Host,
+    server: &Host,
+    server_ip: &str,
+    secs: u32,
+    rate: &str,
+) -> anyhow::Result<std::thread::JoinHandle<anyhow::Result<Value>>> {
+    lab.spawn(server, Path::new("iperf3"), &["-s", "-B", server_ip], &format!("iperf3-{}.log", server.name))?;
+    server.wait_tcp(server_ip, 5201, Duration::from_secs(5))?;
+    let (host, target, secs, rate) = (from.clone(), server_ip.to_owned(), secs.to_string(), rate.to_owned());
+    Ok(std::thread::spawn(move || {
+        let out = host.run("iperf3", &["-c", &target, "-t", &secs, "-b", &rate, "-J"])?;
+        Ok(serde_json::from_str(&out)?)
+    }))
+}

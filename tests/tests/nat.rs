@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use crank_e2e::{bin, run_lab, serve_http, transfer, wait_until, Coordinator, Device, Lab, Nat, Relay};
+use crank_e2e::{bin, iperf_stream, run_lab, serve_http, transfer, wait_until, Coordinator, Device, Lab, Nat, Relay};
 use serde_json::Value;
 
 fn path_to(d: &Device, peer: &str) -> String {
@@ -134,13 +134,7 @@ fn relay_failure_spares_direct_paths_and_relayed_peers_recover() {
 
         // The relay dies while a steady TCP stream and pings run on the
         // direct path.
-        lab.spawn(&beta.host, std::path::Path::new("iperf3"), &["-s", "-B", &b4], "iperf3.log")?;
-        beta.host.wait_tcp(&b4, 5201, Duration::from_secs(5))?;
-        let stream = std::thread::spawn({
-            let host = alpha.host.clone();
-            let target = b4.clone();
-            move || host.run("iperf3", &["-c", &target, "-t", "3", "-b", "50M", "-J"])
-        });
+        let stream = iperf_stream(lab, &alpha.host, &beta.host, &b4, 3, "50M")?;
         let pinger = std::thread::spawn({
             let host = alpha.host.clone();
             let target = b4.clone();
@@ -150,7 +144,7 @@ fn relay_failure_spares_direct_paths_and_relayed_peers_recover() {
         lab.stop(relay.pid);
         let summary = pinger.join().map_err(|_| anyhow::anyhow!("pinger panicked"))??;
         anyhow::ensure!(summary.contains(" 0% packet loss"), "direct path lost packets while the relay died:\n{summary}");
-        let report: Value = serde_json::from_str(&stream.join().map_err(|_| anyhow::anyhow!("iperf3 thread panicked"))??)?;
+        let report = stream.join().map_err(|_| anyhow::anyhow!("iperf3 thread panicked"))??;
         let retransmits = report["end"]["sum_sent"]["retransmits"].as_u64().unwrap_or(u64::MAX);
         let received = report["end"]["sum_received"]["bytes"].as_f64().unwrap_or(0.0);
         anyhow::ensure!(received >= 0.8 * 50e6 * 3.0 / 8.0, "the stream stalled when the relay died: {received} bytes");
@@ -204,17 +198,11 @@ fn a_device_that_changes_address_keeps_its_sessions() {
         })?;
         // A steady TCP stream (iperf3, 20 Mbit/s for 4 s) across the change:
         // a receiver's buffers cannot swallow it early.
-        lab.spawn(&beta.host, std::path::Path::new("iperf3"), &["-s", "-B", &b4], "iperf3.log")?;
-        beta.host.wait_tcp(&b4, 5201, Duration::from_secs(5))?;
-        let client = std::thread::spawn({
-            let host = alpha.host.clone();
-            let target = b4.clone();
-            move || host.run("iperf3", &["-c", &target, "-t", "4", "-b", "20M", "-J"])
-        });
+        let client = iperf_stream(lab, &alpha.host, &beta.host, &b4, 4, "20M")?;
         std::thread::sleep(Duration::from_millis(1500));
         alpha.host.run("ip", &["addr", "flush", "dev", "eth0"])?;
         alpha.host.run("ip", &["addr", "add", "10.99.0.31/24", "dev", "eth0"])?;
-        let report: Value = serde_json::from_str(&client.join().map_err(|_| anyhow::anyhow!("iperf3 thread panicked"))??)?;
+        let report = client.join().map_err(|_| anyhow::anyhow!("iperf3 thread panicked"))??;
         let received = report["end"]["sum_received"]["bytes"].as_f64().unwrap_or(0.0);
         anyhow::ensure!(received >= 0.8 * 20e6 * 4.0 / 8.0, "the stream lost its way at the address change: {received} bytes");
         let intervals = report["intervals"].as_array().cloned().unwrap_or_default();
