@@ -1,0 +1,69 @@
+//! Compute through the overlay against in-process, in one run: beta serves
+//! the models over the mesh and alpha loads it with `compute-load`; then the
+//! same load runs in-process on the same models. Also beta's peak memory.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use crank_e2e::{bin, is_root, wait_until, Coordinator, Device, Lab};
+use serde_json::Value;
+
+fn models_dir() -> String {
+    std::env::var("CRANK_MODELS_DIR").unwrap_or_else(|_| format!("{}/.cache/crank-mesh/models", std::env::var("HOME").unwrap_or_default()))
+}
+
+fn bench(lab: &mut Lab) -> anyhow::Result<()> {
+    let coord_host = lab.host("coord", 1)?;
+    let coord = Coordinator::start(lab, coord_host, "bench")?;
+    let a = lab.host("alpha", 11)?;
+    let b = lab.host("beta", 12)?;
+    let alpha = Device::start(lab, a)?;
+    let models = models_dir();
+    let beta = Device::start_with(lab, b, &["--compute", "--models-dir", &models])?;
+    alpha.up(&coord)?;
+    beta.up(&coord)?;
+    let (b4, _) = beta.overlay()?;
+    let url = format!("http://{b4}:8421");
+    wait_until(Duration::from_secs(20), "compute API", || alpha.host.succeeds("curl", &["-sf", &format!("{url}/healthz")]))?;
+    let load = bin("compute-load");
+    let load = load.to_str().unwrap_or_default();
+    let overlay: Value = serde_json::from_str(&alpha.host.run(load, &["--url", &url])?)?;
+    let status = std::fs::read_to_string(format!("/proc/{}/status", beta.pid))?;
+    let hwm = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap_or("VmHWM: ?").to_owned();
+    let local: Value = serde_json::from_str(&String::from_utf8(std::process::Command::new(load).args(["--in-process", &models]).output()?.stdout)?)?;
+    println!("| path | embeddings/s | p50 ms | p99 ms | chat tokens/s | p50 ms | p99 ms |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    for (name, r) in [("overlay (alpha → beta)", &overlay), ("in-process", &local)] {
+        let (e, c) = (&r["embeddings"], &r["chat"]);
+        let f = |v: &Value| v.as_f64().unwrap_or(0.0);
+        println!(
+            "| {name} | {:.1} | {:.2} | {:.2} | {:.1} | {:.0} | {:.0} |",
+            f(&e["per_second"]), f(&e["p50_ms"]), f(&e["p99_ms"]), f(&c["per_second"]), f(&c["p50_ms"]), f(&c["p99_ms"])
+        );
+    }
+    let ratio = |k: &str| overlay[k]["per_second"].as_f64().unwrap_or(0.0) / local[k]["per_second"].as_f64().unwrap_or(1.0);
+    println!("overlay / in-process: embeddings {:.2}, chat tokens {:.2}", ratio("embeddings"), ratio("chat"));
+    println!("meshd (beta, both models loaded) peak memory: {}", hwm.trim_start_matches("VmHWM:").trim());
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    if !is_root() {
+        eprintln!("run as root: the benchmark creates network namespaces");
+        return ExitCode::FAILURE;
+    }
+    let mut lab = match Lab::new() {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("{e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match bench(&mut lab) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{}\nbenchmark failed: {e:#}", lab.logs());
+            ExitCode::FAILURE
+        }
+    }
+}
