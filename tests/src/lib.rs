@@ -42,6 +42,29 @@ pub fn run_lab(test: impl FnOnce(&mut Lab) -> anyhow::Result<()>) {
     }
 }
 
+/// `main` of a lab program (demo, benchmarks): needs root, runs `job` in a
+/// fresh lab, prints the lab's logs on failure; the lab is removed either way.
+pub fn lab_main(what: &str, job: impl FnOnce(&mut Lab) -> anyhow::Result<()>) -> std::process::ExitCode {
+    if !is_root() {
+        eprintln!("run the {what} as root: it creates network namespaces");
+        return std::process::ExitCode::FAILURE;
+    }
+    let result = Lab::new().and_then(|mut lab| {
+        let r = job(&mut lab);
+        if r.is_err() {
+            eprintln!("{}", lab.logs());
+        }
+        r
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{what} failed: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 pub fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .map(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))

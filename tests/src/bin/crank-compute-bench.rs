@@ -5,7 +5,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use crank_e2e::{bin, is_root, wait_until, Coordinator, Device, Lab};
+use crank_e2e::{bin, lab_main, wait_until, Coordinator, Device, Lab};
 use serde_json::Value;
 
 fn models_dir() -> String {
@@ -48,22 +48,5 @@ fn bench(lab: &mut Lab) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    if !is_root() {
-        eprintln!("run as root: the benchmark creates network namespaces");
-        return ExitCode::FAILURE;
-    }
-    let mut lab = match Lab::new() {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("{e:#}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match bench(&mut lab) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("{}\nbenchmark failed: {e:#}", lab.logs());
-            ExitCode::FAILURE
-        }
-    }
+    lab_main("benchmark", bench)
 }

@@ -8,20 +8,10 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use crank_e2e::{bin, is_root, wait_until, Coordinator, Device, Lab};
+use crank_e2e::{bin, lab_main, wait_until, Coordinator, Device, Lab};
 
 fn models_dir() -> String {
     std::env::var("CRANK_MODELS_DIR").unwrap_or_else(|_| format!("{}/.cache/crank-mesh/models", std::env::var("HOME").unwrap_or_default()))
-}
-
-fn try_main() -> anyhow::Result<()> {
-    anyhow::ensure!(is_root(), "the demo creates network namespaces: run it as root");
-    let mut lab = Lab::new()?;
-    let result = demo(&mut lab);
-    if result.is_err() {
-        eprintln!("{}", lab.logs());
-    }
-    result
 }
 
 fn demo(lab: &mut Lab) -> anyhow::Result<()> {
@@ -105,14 +95,9 @@ fn demo(lab: &mut Lab) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    match try_main() {
-        Ok(()) => {
-            println!("\ndemo finished; namespaces removed");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("demo failed: {e:#}");
-            ExitCode::FAILURE
-        }
+    let code = lab_main("demo", demo);
+    if code == ExitCode::SUCCESS {
+        println!("\ndemo finished; namespaces removed");
     }
+    code
 }

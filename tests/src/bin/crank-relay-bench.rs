@@ -6,7 +6,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use crank_e2e::{is_root, wait_until, Coordinator, Device, Host, Lab, Relay};
+use crank_e2e::{lab_main, wait_until, Coordinator, Device, Host, Lab, Relay};
 
 const SECONDS: &str = "5";
 
@@ -66,22 +66,5 @@ fn bench(lab: &mut Lab) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    if !is_root() {
-        eprintln!("run as root: the benchmark creates network namespaces");
-        return ExitCode::FAILURE;
-    }
-    let mut lab = match Lab::new() {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("{e:#}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match bench(&mut lab) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("{}\nbenchmark failed: {e:#}", lab.logs());
-            ExitCode::FAILURE
-        }
-    }
+    lab_main("benchmark", bench)
 }
