@@ -58,8 +58,13 @@ fn load(path: &Path) -> Result<LlamaModel, ComputeError> {
         .map_err(|e| ComputeError::Load { path: path.display().to_string(), message: e.to_string() })
 }
 
+/// Threads llama.cpp uses per job: `CRANK_LLAMA_THREADS`, else one per core.
 fn threads() -> i32 {
-    std::thread::available_parallelism().map_or(1, |n| n.get() as i32)
+    std::env::var("CRANK_LLAMA_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<i32>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as i32))
 }
 
 /// L2-normalises `v` (a zero vector stays zero).
