@@ -35,6 +35,9 @@ const DEFAULT_MAX_TOKENS: usize = 128;
 /// Who a source address belongs to.
 pub type Whois = Arc<dyn Fn(IpAddr) -> Option<String> + Send + Sync>;
 
+/// The engines a server offers, by the name clients ask for. Cheap to
+/// clone: the models themselves are shared.
+#[derive(Clone)]
 pub struct Models {
     /// (name, engine)
     pub embedder: Option<(String, Arc<Embedder>)>,
@@ -189,6 +192,14 @@ impl ComputeServer {
     }
 }
 
+/// The engine serving `wanted`, if this server has it.
+fn pick<E>(offered: &Option<(String, Arc<E>)>, wanted: &str, what: &str) -> Result<(String, Arc<E>), ApiError> {
+    match offered {
+        Some((name, engine)) if name == wanted => Ok((name.clone(), engine.clone())),
+        _ => Err(ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", "model_not_found", format!("no {what} model {wanted:?} here"))),
+    }
+}
+
 fn identify(mut resp: Response, server: &ComputeServer, caller: &str) -> Response {
     if let Ok(v) = HeaderValue::from_str(&server.device) {
         resp.headers_mut().insert("x-crank-served-by", v);
@@ -256,10 +267,7 @@ async fn embeddings(
     s.metrics.requests.fetch_add(1, Ordering::Relaxed);
     let caller = s.caller(peer);
     let result = async {
-        let (name, engine) = match &s.models.embedder {
-            Some((n, e)) if *n == req.model => (n.clone(), e.clone()),
-            _ => return Err(ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", "model_not_found", format!("no embedding model {:?} here", req.model))),
-        };
+        let (name, engine) = pick(&s.models.embedder, &req.model, "embedding")?;
         let base64 = match req.encoding_format.as_deref() {
             None | Some("float") => false,
             // Little-endian f32s, as the OpenAI clients ask for by default.
@@ -363,10 +371,7 @@ async fn chat(
     s.metrics.requests.fetch_add(1, Ordering::Relaxed);
     let caller = s.caller(peer);
     let result = async {
-        let (name, engine) = match &s.models.generator {
-            Some((n, g)) if *n == req.model => (n.clone(), g.clone()),
-            _ => return Err(ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", "model_not_found", format!("no chat model {:?} here", req.model))),
-        };
+        let (name, engine) = pick(&s.models.generator, &req.model, "chat")?;
         let max_tokens = req.max_completion_tokens.or(req.max_tokens).unwrap_or(DEFAULT_MAX_TOKENS);
         if max_tokens == 0 {
             return Err(ApiError::bad("invalid_max_tokens", "max_tokens must be at least 1"));

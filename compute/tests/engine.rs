@@ -1,22 +1,12 @@
 //! The engine on the real small models (fetched by `meshd models fetch`
 //! into `$CRANK_MODELS_DIR`, default `~/.cache/crank-mesh/models`).
 
-use std::path::PathBuf;
+mod common;
+
 use std::sync::OnceLock;
 
-use compute::manifest::{spec, verified_path};
+use common::model;
 use compute::{ComputeError, Embedder, FinishReason, Generator};
-
-fn models_dir() -> PathBuf {
-    std::env::var_os("CRANK_MODELS_DIR").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/crank-mesh/models")
-    })
-}
-
-fn model(name: &str) -> PathBuf {
-    let spec = spec(name).expect("in the manifest");
-    verified_path(&models_dir(), spec).unwrap_or_else(|e| panic!("{e}; the test command fetches the models first"))
-}
 
 fn embedder() -> &'static Embedder {
     static E: OnceLock<Embedder> = OnceLock::new();

@@ -1,21 +1,15 @@
 //! The OpenAI-compatible API on loopback, on the real small models.
 
+mod common;
+
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use compute::manifest::{spec, verified_path};
+use common::model;
 use compute::server::{ComputeServer, Models};
 use compute::{Embedder, Generator};
 use serde_json::{json, Value};
-
-fn model(name: &str) -> PathBuf {
-    let dir = std::env::var_os("CRANK_MODELS_DIR").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/crank-mesh/models")
-    });
-    verified_path(&dir, spec(name).expect("in the manifest")).unwrap_or_else(|e| panic!("{e}"))
-}
 
 fn engines() -> &'static (Arc<Embedder>, Arc<Generator>) {
     static E: OnceLock<(Arc<Embedder>, Arc<Generator>)> = OnceLock::new();

@@ -68,7 +68,7 @@ pub struct Daemon {
     keys: Arc<Keys>,
     session: Mutex<Option<Session>>,
     /// Models loaded once, served in every session.
-    models: Option<Arc<serve_compute::Loaded>>,
+    models: Option<compute::server::Models>,
 }
 
 /// A relay region's short name, for people.
@@ -85,7 +85,7 @@ impl Daemon {
         let state = StateDir::open(&cfg.state_dir)?;
         let keys = Arc::new(state.keys()?);
         let models = match &cfg.compute {
-            Some(c) => Some(Arc::new(serve_compute::load(&c.models_dir)?)),
+            Some(c) => Some(serve_compute::load(&c.models_dir)?),
             None => None,
         };
         Ok(Arc::new(Daemon { cfg, state, keys, session: Mutex::new(None), models }))

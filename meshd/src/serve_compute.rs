@@ -20,16 +20,10 @@ pub const COMPUTE_PORT: u16 = 8421;
 /// Context of a chat job, in tokens.
 const CHAT_CONTEXT: u32 = 2048;
 
-/// The loaded models, shared by every session of the daemon.
-pub struct Loaded {
-    pub embedder: Option<(String, Arc<Embedder>)>,
-    pub generator: Option<(String, Arc<Generator>)>,
-}
-
 /// Loads every manifest model present and intact in `dir` (others are
 /// skipped with a warning: a device serves what it has).
-pub fn load(dir: &Path) -> anyhow::Result<Loaded> {
-    let mut loaded = Loaded { embedder: None, generator: None };
+pub fn load(dir: &Path) -> anyhow::Result<Models> {
+    let mut loaded = Models { embedder: None, generator: None };
     for spec in &MANIFEST {
         let path = match verified_path(dir, spec) {
             Ok(p) => p,
@@ -58,11 +52,10 @@ fn whois(netmap: &NetMap, ip: IpAddr) -> Option<String> {
 
 /// Waits for the first netmap, then serves on each overlay address until
 /// the task is dropped.
-pub async fn serve(loaded: Arc<Loaded>, mut map: watch::Receiver<MapState>, slots: usize, queue: usize) -> anyhow::Result<()> {
+pub async fn serve(models: Models, mut map: watch::Receiver<MapState>, slots: usize, queue: usize) -> anyhow::Result<()> {
     let netmap = map.wait_for(|m| m.netmap.is_some()).await.context("session ended")?.netmap.clone().context("netmap")?;
     let lookup = map.clone();
     let whois = Arc::new(move |ip: IpAddr| lookup.borrow().netmap.as_ref().and_then(|n| whois(n, ip)));
-    let models = Models { embedder: loaded.embedder.clone(), generator: loaded.generator.clone() };
     let server = ComputeServer::new(models, netmap.self_node.name.clone(), whois, slots, queue);
     let mut tasks = Vec::new();
     for addr in &netmap.self_node.addresses {

@@ -521,6 +521,13 @@ pub fn serve_http(lab: &mut Lab, host: &Host, addr: &str) -> anyhow::Result<Stri
     Ok(format!("http://{addr}:8000"))
 }
 
+/// Where the test command and the demo keep the models (`$CRANK_MODELS_DIR`,
+/// default `~/.cache/crank-mesh/models`).
+pub fn models_dir() -> String {
+    std::env::var("CRANK_MODELS_DIR")
+        .unwrap_or_else(|_| format!("{}/.cache/crank-mesh/models", std::env::var("HOME").unwrap_or_default()))
+}
+
 /// An iperf3 TCP stream from `from` to an iperf3 server started in `server`
 /// on `server_ip`, running in the background: join the handle for iperf3's
 /// JSON report. `rate` limits the sender (e.g. `20M`), so the stream spans

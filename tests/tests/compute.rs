@@ -6,12 +6,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crank_e2e::{run_lab, wait_until, Coordinator, Device};
+use crank_e2e::{models_dir, run_lab, wait_until, Coordinator, Device};
 use serde_json::{json, Value};
-
-fn models_dir() -> String {
-    std::env::var("CRANK_MODELS_DIR").unwrap_or_else(|_| format!("{}/.cache/crank-mesh/models", std::env::var("HOME").unwrap_or_default()))
-}
 
 fn openai_python() -> PathBuf {
     std::env::var_os("CRANK_OPENAI_PYTHON").map(PathBuf::from).unwrap_or_else(|| {

@@ -5,12 +5,8 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use crank_e2e::{bin, lab_main, wait_until, Coordinator, Device, Lab};
+use crank_e2e::{models_dir, bin, lab_main, wait_until, Coordinator, Device, Lab};
 use serde_json::Value;
-
-fn models_dir() -> String {
-    std::env::var("CRANK_MODELS_DIR").unwrap_or_else(|_| format!("{}/.cache/crank-mesh/models", std::env::var("HOME").unwrap_or_default()))
-}
 
 fn bench(lab: &mut Lab) -> anyhow::Result<()> {
     let coord_host = lab.host("coord", 1)?;
