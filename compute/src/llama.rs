@@ -8,11 +8,13 @@ use std::path::Path;
 use std::sync::OnceLock;
 
 use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
 use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::LlamaToken;
 
 /// Why a job could not run. Input errors are the caller's (4xx); the rest
 /// are the engine's.
@@ -21,9 +23,19 @@ pub enum ComputeError {
     #[error("input is empty")]
     EmptyInput,
     #[error("input {index} has {tokens} tokens; this model takes at most {limit}")]
-    InputTooLong { index: usize, tokens: usize, limit: usize },
-    #[error("prompt of {prompt} tokens plus {max_tokens} to generate exceeds the context of {context}")]
-    ContextExceeded { prompt: usize, max_tokens: usize, context: usize },
+    InputTooLong {
+        index: usize,
+        tokens: usize,
+        limit: usize,
+    },
+    #[error(
+        "prompt of {prompt} tokens plus {max_tokens} to generate exceeds the context of {context}"
+    )]
+    ContextExceeded {
+        prompt: usize,
+        max_tokens: usize,
+        context: usize,
+    },
     #[error("loading model {path}: {message}")]
     Load { path: String, message: String },
     #[error("llama.cpp: {0}")]
@@ -33,7 +45,12 @@ pub enum ComputeError {
 impl ComputeError {
     /// True when the request, not the engine, is at fault.
     pub fn is_client_error(&self) -> bool {
-        matches!(self, ComputeError::EmptyInput | ComputeError::InputTooLong { .. } | ComputeError::ContextExceeded { .. })
+        matches!(
+            self,
+            ComputeError::EmptyInput
+                | ComputeError::InputTooLong { .. }
+                | ComputeError::ContextExceeded { .. }
+        )
     }
 }
 
@@ -54,8 +71,12 @@ fn backend() -> Result<&'static LlamaBackend, ComputeError> {
 }
 
 fn load(path: &Path) -> Result<LlamaModel, ComputeError> {
-    LlamaModel::load_from_file(backend()?, path, &LlamaModelParams::default())
-        .map_err(|e| ComputeError::Load { path: path.display().to_string(), message: e.to_string() })
+    LlamaModel::load_from_file(backend()?, path, &LlamaModelParams::default()).map_err(|e| {
+        ComputeError::Load {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        }
+    })
 }
 
 /// Threads llama.cpp uses per job: `CRANK_LLAMA_THREADS`, else one per core.
@@ -86,14 +107,26 @@ pub struct Embedder {
     model: LlamaModel,
     /// Most tokens one input may have (the model's trained context).
     max_tokens: usize,
+    /// Most tokens one decode takes, over all its sequences.
+    batch_tokens: usize,
 }
 
+/// Most inputs embedded in one decode. A power of two: llama.cpp reserves
+/// its graph for `batch_tokens / MAX_SEQS` tokens per sequence and must not
+/// round.
+pub const MAX_SEQS: usize = 32;
 
 impl Embedder {
     pub fn load(path: &Path) -> Result<Self, ComputeError> {
         let model = load(path)?;
         let max_tokens = model.n_ctx_train() as usize;
-        Ok(Embedder { model, max_tokens })
+        // Encoder models need every sequence whole in one micro-batch.
+        let batch_tokens = max_tokens.next_multiple_of(256);
+        Ok(Embedder {
+            model,
+            max_tokens,
+            batch_tokens,
+        })
     }
 
     pub fn dimensions(&self) -> usize {
@@ -104,42 +137,95 @@ impl Embedder {
         self.max_tokens
     }
 
-    /// Embeds `inputs`, one sequence per decode on one context. (Several
-    /// sequences in one decode abort in this llama.cpp version's mean
-    /// pooling, `GGML_ASSERT(ggml_can_mul_mat(a, b))`, so batching waits.)
-    pub fn embed(&self, inputs: &[String]) -> Result<Embeddings, ComputeError> {
+    /// Most tokens one decode takes, over all its inputs.
+    pub fn batch_tokens(&self) -> usize {
+        self.batch_tokens
+    }
+
+    /// Tokenises `inputs`, refusing empty ones and ones too long.
+    pub fn tokenize(&self, inputs: &[String]) -> Result<Vec<Vec<LlamaToken>>, ComputeError> {
         if inputs.is_empty() || inputs.iter().any(|s| s.trim().is_empty()) {
             return Err(ComputeError::EmptyInput);
         }
         let vocab = self.model.vocab();
-        let tokenized: Vec<_> = inputs.iter().map(|s| vocab.tokenize(s.as_bytes(), true, false)).collect();
+        let tokenized: Vec<_> = inputs
+            .iter()
+            .map(|s| vocab.tokenize(s.as_bytes(), true, false))
+            .collect();
         for (index, t) in tokenized.iter().enumerate() {
             if t.len() > self.max_tokens {
-                return Err(ComputeError::InputTooLong { index, tokens: t.len(), limit: self.max_tokens });
+                return Err(ComputeError::InputTooLong {
+                    index,
+                    tokens: t.len(),
+                    limit: self.max_tokens,
+                });
             }
         }
-        // Encoder models need a whole sequence in one micro-batch.
-        let n = u32::try_from(self.max_tokens.next_multiple_of(256)).map_err(engine)?;
+        Ok(tokenized)
+    }
+
+    /// A context for [`Embedder::decode`]; keep it for the next call.
+    pub fn context(&self) -> Result<LlamaContext<'_>, ComputeError> {
+        let n = u32::try_from(self.batch_tokens).map_err(engine)?;
         let params = LlamaContextParams::default()
             .with_embeddings(true)
             .with_n_ctx(NonZeroU32::new(n))
             .with_n_batch(n)
             .with_n_ubatch(n)
+            .with_n_seq_max(MAX_SEQS as u32)
             .with_n_threads(threads())
             .with_n_threads_batch(threads());
-        let mut ctx = self.model.new_context(backend()?, params).map_err(engine)?;
-        let mut batch = LlamaBatch::new(self.max_tokens, 1);
-        let mut vectors = Vec::with_capacity(inputs.len());
-        for tokens in &tokenized {
+        self.model.new_context(backend()?, params).map_err(engine)
+    }
+
+    /// Unit vectors for tokenised inputs, as many sequences per decode as
+    /// fit in the batch.
+    pub fn decode(
+        &self,
+        ctx: &mut LlamaContext<'_>,
+        seqs: &[&[LlamaToken]],
+    ) -> Result<Vec<Vec<f32>>, ComputeError> {
+        let mut vectors = Vec::with_capacity(seqs.len());
+        let mut batch = LlamaBatch::new(self.batch_tokens, MAX_SEQS as i32);
+        let mut rest = seqs;
+        while !rest.is_empty() {
+            let mut taken = 0;
+            let mut tokens = 0;
+            while taken < rest.len()
+                && taken < MAX_SEQS
+                && tokens + rest[taken].len() <= self.batch_tokens
+            {
+                tokens += rest[taken].len();
+                taken += 1;
+            }
+            let (now, later) = rest.split_at(taken.max(1));
             batch.clear();
-            batch.add_sequence(tokens, 0, true).map_err(engine)?;
+            for (i, t) in now.iter().enumerate() {
+                batch.add_sequence(t, i as i32, true).map_err(engine)?;
+            }
             ctx.clear_kv_cache();
             ctx.decode(&mut batch).map_err(engine)?;
-            let mut v = ctx.embeddings_seq_ith(0).map_err(engine)?.to_vec();
-            normalize(&mut v);
-            vectors.push(v);
+            for i in 0..now.len() {
+                let mut v = ctx.embeddings_seq_ith(i as i32).map_err(engine)?.to_vec();
+                normalize(&mut v);
+                vectors.push(v);
+            }
+            rest = later;
         }
-        Ok(Embeddings { vectors, prompt_tokens: tokenized.iter().map(Vec::len).sum() })
+        Ok(vectors)
+    }
+
+    /// Embeds `inputs` on a fresh context (the server batches concurrent
+    /// requests on one kept context instead: [`crate::EmbedBatcher`]).
+    pub fn embed(&self, inputs: &[String]) -> Result<Embeddings, ComputeError> {
+        let tokenized = self.tokenize(inputs)?;
+        let mut ctx = self.context()?;
+        let seqs: Vec<&[LlamaToken]> = tokenized.iter().map(Vec::as_slice).collect();
+        let vectors = self.decode(&mut ctx, &seqs)?;
+        Ok(Embeddings {
+            vectors,
+            prompt_tokens: tokenized.iter().map(Vec::len).sum(),
+        })
     }
 }
 
@@ -184,18 +270,27 @@ impl Generator {
         }
         let msgs = messages
             .iter()
-            .map(|(role, content)| LlamaChatMessage::new(role.clone(), content.clone()).map_err(engine))
+            .map(|(role, content)| {
+                LlamaChatMessage::new(role.clone(), content.clone()).map_err(engine)
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let template = match self.model.chat_template(None) {
             Ok(t) => t,
             Err(_) => LlamaChatTemplate::new("gemma").map_err(engine)?,
         };
-        self.model.apply_chat_template(&template, &msgs, true).map_err(engine)
+        self.model
+            .apply_chat_template(&template, &msgs, true)
+            .map_err(engine)
     }
 
     /// Generates up to `max_tokens` after `prompt`, greedily, handing each
     /// piece of text to `on_text` as it comes; `on_text` returning false stops.
-    pub fn complete(&self, prompt: &str, max_tokens: usize, mut on_text: impl FnMut(&str) -> bool) -> Result<Completion, ComputeError> {
+    pub fn complete(
+        &self,
+        prompt: &str,
+        max_tokens: usize,
+        mut on_text: impl FnMut(&str) -> bool,
+    ) -> Result<Completion, ComputeError> {
         if prompt.is_empty() {
             return Err(ComputeError::EmptyInput);
         }
@@ -203,7 +298,11 @@ impl Generator {
         let tokens = vocab.tokenize(prompt.as_bytes(), true, true);
         let context = self.context as usize;
         if tokens.len() + max_tokens > context {
-            return Err(ComputeError::ContextExceeded { prompt: tokens.len(), max_tokens, context });
+            return Err(ComputeError::ContextExceeded {
+                prompt: tokens.len(),
+                max_tokens,
+                context,
+            });
         }
         let params = LlamaContextParams::default()
             .with_n_ctx(NonZeroU32::new(self.context))
@@ -242,7 +341,12 @@ impl Generator {
             pos += 1;
             ctx.decode(&mut batch).map_err(engine)?;
         };
-        Ok(Completion { text, prompt_tokens: tokens.len(), completion_tokens: produced, finish })
+        Ok(Completion {
+            text,
+            prompt_tokens: tokens.len(),
+            completion_tokens: produced,
+            finish,
+        })
     }
 }
 

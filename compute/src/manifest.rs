@@ -50,9 +50,16 @@ pub enum VerifyError {
     #[error("{path}: not found (run `meshd models fetch`)")]
     Missing { path: PathBuf },
     #[error("{path}: sha256 {got} does not match the manifest ({expected})")]
-    Mismatch { path: PathBuf, got: String, expected: &'static str },
+    Mismatch {
+        path: PathBuf,
+        got: String,
+        expected: &'static str,
+    },
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 pub fn sha256_file(path: &Path) -> std::io::Result<String> {
@@ -74,9 +81,16 @@ pub fn verified_path(dir: &Path, spec: &ModelSpec) -> Result<PathBuf, VerifyErro
     if !path.is_file() {
         return Err(VerifyError::Missing { path });
     }
-    let got = sha256_file(&path).map_err(|source| VerifyError::Io { path: path.clone(), source })?;
+    let got = sha256_file(&path).map_err(|source| VerifyError::Io {
+        path: path.clone(),
+        source,
+    })?;
     if got != spec.sha256 {
-        return Err(VerifyError::Mismatch { path, got, expected: spec.sha256 });
+        return Err(VerifyError::Mismatch {
+            path,
+            got,
+            expected: spec.sha256,
+        });
     }
     Ok(path)
 }
@@ -90,9 +104,15 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("crank-manifest-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let minilm = &MANIFEST[1];
-        assert!(matches!(verified_path(&dir, minilm), Err(VerifyError::Missing { .. })));
+        assert!(matches!(
+            verified_path(&dir, minilm),
+            Err(VerifyError::Missing { .. })
+        ));
         std::fs::write(dir.join(minilm.file), b"not a model").unwrap();
-        assert!(matches!(verified_path(&dir, minilm), Err(VerifyError::Mismatch { .. })));
+        assert!(matches!(
+            verified_path(&dir, minilm),
+            Err(VerifyError::Mismatch { .. })
+        ));
         let _ = std::fs::remove_dir_all(&dir);
         assert_eq!(spec("gemma-3-270m").map(|m| m.kind), Some(ModelKind::Chat));
         assert!(spec("nope").is_none());

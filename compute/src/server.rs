@@ -25,7 +25,8 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use base64::Engine as _;
 
-use crate::llama::{ComputeError, Embedder, FinishReason, Generator};
+use crate::batch::EmbedBatcher;
+use crate::llama::{ComputeError, FinishReason, Generator};
 
 /// Largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 1 << 20;
@@ -40,7 +41,7 @@ pub type Whois = Arc<dyn Fn(IpAddr) -> Option<String> + Send + Sync>;
 #[derive(Clone)]
 pub struct Models {
     /// (name, engine)
-    pub embedder: Option<(String, Arc<Embedder>)>,
+    pub embedder: Option<(String, Arc<EmbedBatcher>)>,
     pub generator: Option<(String, Arc<Generator>)>,
 }
 
@@ -60,9 +61,13 @@ const BUCKETS: [f64; 8] = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, f64::INFINITY];
 
 impl Metrics {
     fn observe(&self, secs: f64) {
-        let i = BUCKETS.iter().position(|b| secs <= *b).unwrap_or(BUCKETS.len() - 1);
+        let i = BUCKETS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(BUCKETS.len() - 1);
         self.latency[i].fetch_add(1, Ordering::Relaxed);
-        self.latency_sum_us.fetch_add((secs * 1e6) as u64, Ordering::Relaxed);
+        self.latency_sum_us
+            .fetch_add((secs * 1e6) as u64, Ordering::Relaxed);
     }
 }
 
@@ -87,11 +92,26 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, kind: &'static str, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError { status, kind, code, message: message.into() }
+    fn new(
+        status: StatusCode,
+        kind: &'static str,
+        code: &'static str,
+        message: impl Into<String>,
+    ) -> Self {
+        ApiError {
+            status,
+            kind,
+            code,
+            message: message.into(),
+        }
     }
     fn bad(code: &'static str, message: impl Into<String>) -> Self {
-        ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", code, message)
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            code,
+            message,
+        )
     }
 }
 
@@ -102,17 +122,24 @@ impl From<ComputeError> for ApiError {
             ComputeError::InputTooLong { .. } | ComputeError::ContextExceeded { .. } => {
                 ApiError::bad("context_length_exceeded", e.to_string())
             }
-            _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "engine_error", e.to_string()),
+            _ => ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "engine_error",
+                e.to_string(),
+            ),
         }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({"error": {"message": self.message, "type": self.kind, "code": self.code}});
+        let body =
+            json!({"error": {"message": self.message, "type": self.kind, "code": self.code}});
         let mut resp = (self.status, Json(body)).into_response();
         if self.status == StatusCode::TOO_MANY_REQUESTS {
-            resp.headers_mut().insert("retry-after", HeaderValue::from_static("1"));
+            resp.headers_mut()
+                .insert("retry-after", HeaderValue::from_static("1"));
         }
         resp
     }
@@ -125,14 +152,23 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> 
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        let bytes = axum::body::Bytes::from_request(req, state).await.map_err(|e| {
-            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", "body_too_large", format!("body over {MAX_BODY_BYTES} bytes"))
-            } else {
-                ApiError::bad("unreadable_body", e.to_string())
-            }
-        })?;
-        serde_json::from_slice(&bytes).map(Body).map_err(|e| ApiError::bad("invalid_json", format!("invalid JSON body: {e}")))
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|e| {
+                if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "invalid_request_error",
+                        "body_too_large",
+                        format!("body over {MAX_BODY_BYTES} bytes"),
+                    )
+                } else {
+                    ApiError::bad("unreadable_body", e.to_string())
+                }
+            })?;
+        serde_json::from_slice(&bytes)
+            .map(Body)
+            .map_err(|e| ApiError::bad("invalid_json", format!("invalid JSON body: {e}")))
     }
 }
 
@@ -149,7 +185,13 @@ impl Drop for Admission {
 
 impl ComputeServer {
     /// `slots` jobs run at once; `queue` more may wait.
-    pub fn new(models: Models, device: String, whois: Whois, slots: usize, queue: usize) -> Arc<Self> {
+    pub fn new(
+        models: Models,
+        device: String,
+        whois: Whois,
+        slots: usize,
+        queue: usize,
+    ) -> Arc<Self> {
         Arc::new(ComputeServer {
             models,
             device,
@@ -163,16 +205,27 @@ impl ComputeServer {
 
     fn admit(self: &Arc<Self>) -> Result<Admission, ApiError> {
         let prior = self.admitted.fetch_add(1, Ordering::AcqRel);
-        let admission = Admission { server: self.clone() };
+        let admission = Admission {
+            server: self.clone(),
+        };
         if prior >= self.capacity {
             self.metrics.rejected_busy.fetch_add(1, Ordering::Relaxed);
-            return Err(ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "overloaded", "all slots and the queue are full; retry shortly"));
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                "overloaded",
+                "all slots and the queue are full; retry shortly",
+            ));
         }
         Ok(admission)
     }
 
     async fn slot(&self) -> OwnedSemaphorePermit {
-        self.slots.clone().acquire_owned().await.expect("the semaphore is never closed")
+        self.slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed")
     }
 
     pub fn router(self: &Arc<Self>) -> Router {
@@ -182,7 +235,14 @@ impl ComputeServer {
             .route("/v1/models", get(list_models))
             .route("/v1/embeddings", post(embeddings))
             .route("/v1/chat/completions", post(chat))
-            .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", "not_found", "no such endpoint") })
+            .fallback(|| async {
+                ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "invalid_request_error",
+                    "not_found",
+                    "no such endpoint",
+                )
+            })
             .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
             .with_state(self.clone())
     }
@@ -193,10 +253,19 @@ impl ComputeServer {
 }
 
 /// The engine serving `wanted`, if this server has it.
-fn pick<E>(offered: &Option<(String, Arc<E>)>, wanted: &str, what: &str) -> Result<(String, Arc<E>), ApiError> {
+fn pick<E>(
+    offered: &Option<(String, Arc<E>)>,
+    wanted: &str,
+    what: &str,
+) -> Result<(String, Arc<E>), ApiError> {
     match offered {
         Some((name, engine)) if name == wanted => Ok((name.clone(), engine.clone())),
-        _ => Err(ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", "model_not_found", format!("no {what} model {wanted:?} here"))),
+        _ => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "model_not_found",
+            format!("no {what} model {wanted:?} here"),
+        )),
     }
 }
 
@@ -214,20 +283,51 @@ async fn metrics(State(s): State<Arc<ComputeServer>>) -> String {
     let m = &s.metrics;
     let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
     let mut out = String::new();
-    out += &format!("# TYPE compute_requests_total counter\ncompute_requests_total {}\n", l(&m.requests));
-    out += &format!("# TYPE compute_rejected_busy_total counter\ncompute_rejected_busy_total {}\n", l(&m.rejected_busy));
-    out += &format!("# TYPE compute_client_errors_total counter\ncompute_client_errors_total {}\n", l(&m.client_errors));
-    out += &format!("# TYPE compute_tokens_total counter\ncompute_tokens_total{{kind=\"prompt\"}} {}\n", l(&m.prompt_tokens));
-    out += &format!("compute_tokens_total{{kind=\"completion\"}} {}\n", l(&m.completion_tokens));
-    out += &format!("# TYPE compute_queue_depth gauge\ncompute_queue_depth {}\n", s.admitted.load(Ordering::Relaxed));
+    out += &format!(
+        "# TYPE compute_requests_total counter\ncompute_requests_total {}\n",
+        l(&m.requests)
+    );
+    out += &format!(
+        "# TYPE compute_rejected_busy_total counter\ncompute_rejected_busy_total {}\n",
+        l(&m.rejected_busy)
+    );
+    out += &format!(
+        "# TYPE compute_client_errors_total counter\ncompute_client_errors_total {}\n",
+        l(&m.client_errors)
+    );
+    out += &format!(
+        "# TYPE compute_tokens_total counter\ncompute_tokens_total{{kind=\"prompt\"}} {}\n",
+        l(&m.prompt_tokens)
+    );
+    out += &format!(
+        "compute_tokens_total{{kind=\"completion\"}} {}\n",
+        l(&m.completion_tokens)
+    );
+    if let Some((_, b)) = &s.models.embedder {
+        out += &format!(
+            "# TYPE compute_embedding_batches_total counter\ncompute_embedding_batches_total {}\n",
+            b.decodes()
+        );
+    }
+    out += &format!(
+        "# TYPE compute_queue_depth gauge\ncompute_queue_depth {}\n",
+        s.admitted.load(Ordering::Relaxed)
+    );
     out += "# TYPE compute_request_seconds histogram\n";
     let mut cumulative = 0;
     for (b, c) in BUCKETS.iter().zip(&m.latency) {
         cumulative += l(c);
-        let le = if b.is_infinite() { "+Inf".to_owned() } else { b.to_string() };
+        let le = if b.is_infinite() {
+            "+Inf".to_owned()
+        } else {
+            b.to_string()
+        };
         out += &format!("compute_request_seconds_bucket{{le=\"{le}\"}} {cumulative}\n");
     }
-    out += &format!("compute_request_seconds_sum {}\ncompute_request_seconds_count {cumulative}\n", l(&m.latency_sum_us) as f64 / 1e6);
+    out += &format!(
+        "compute_request_seconds_sum {}\ncompute_request_seconds_count {cumulative}\n",
+        l(&m.latency_sum_us) as f64 / 1e6
+    );
     out
 }
 
@@ -273,19 +373,24 @@ async fn embeddings(
             // Little-endian f32s, as the OpenAI clients ask for by default.
             Some("base64") => true,
             Some(other) => {
-                return Err(ApiError::bad("unsupported_encoding", format!("encoding_format {other:?}: use \"float\" or \"base64\"")))
+                return Err(ApiError::bad(
+                    "unsupported_encoding",
+                    format!("encoding_format {other:?}: use \"float\" or \"base64\""),
+                ))
             }
         };
         let inputs = match req.input {
             Input::One(s) => vec![s],
             Input::Many(v) => v,
         };
+        // Embeddings take no chat slot: one worker batches them all.
         let _admission = s.admit()?;
-        let _slot = s.slot().await;
         let started = Instant::now();
-        let out = tokio::task::spawn_blocking(move || engine.embed(&inputs)).await.map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "panic", e.to_string()))??;
+        let out = engine.embed(&inputs).await?;
         s.metrics.observe(started.elapsed().as_secs_f64());
-        s.metrics.prompt_tokens.fetch_add(out.prompt_tokens as u64, Ordering::Relaxed);
+        s.metrics
+            .prompt_tokens
+            .fetch_add(out.prompt_tokens as u64, Ordering::Relaxed);
         let data: Vec<_> = out
             .vectors
             .iter()
@@ -314,7 +419,11 @@ async fn embeddings(
     finish(&s, result, &caller)
 }
 
-fn finish(s: &ComputeServer, result: Result<Response, ApiError>, caller: &str) -> Result<Response, ApiError> {
+fn finish(
+    s: &ComputeServer,
+    result: Result<Response, ApiError>,
+    caller: &str,
+) -> Result<Response, ApiError> {
     match result {
         Ok(r) => Ok(identify(r, s, caller)),
         Err(e) => {
@@ -360,7 +469,11 @@ fn finish_reason(f: FinishReason) -> &'static str {
 
 fn completion_id() -> String {
     static NEXT: AtomicU64 = AtomicU64::new(1);
-    format!("chatcmpl-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "chatcmpl-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 async fn chat(
@@ -410,7 +523,9 @@ async fn chat(
 }
 
 fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// Streams chunks as server-sent events; ends with a usage chunk and
@@ -429,7 +544,8 @@ fn stream_chat(
     let (tx, rx) = mpsc::channel::<Event>(64);
     let created = unix_now();
     let chunk = {
-        let (id, model, device, caller) = (id.clone(), model.clone(), s.device.clone(), caller.clone());
+        let (id, model, device, caller) =
+            (id.clone(), model.clone(), s.device.clone(), caller.clone());
         move |delta: serde_json::Value, finish: Option<&str>| {
             json!({
                 "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
@@ -441,18 +557,26 @@ fn stream_chat(
     tokio::task::spawn_blocking(move || {
         let _held = held;
         let started = Instant::now();
-        let first = Event::default().data(chunk(json!({"role": "assistant", "content": ""}), None).to_string());
+        let first = Event::default()
+            .data(chunk(json!({"role": "assistant", "content": ""}), None).to_string());
         if tx.blocking_send(first).is_err() {
             return;
         }
         let result = engine.complete(&prompt, max_tokens, |piece| {
-            tx.blocking_send(Event::default().data(chunk(json!({"content": piece}), None).to_string())).is_ok()
+            tx.blocking_send(
+                Event::default().data(chunk(json!({"content": piece}), None).to_string()),
+            )
+            .is_ok()
         });
         s.metrics.observe(started.elapsed().as_secs_f64());
         match result {
             Ok(out) => {
-                s.metrics.prompt_tokens.fetch_add(out.prompt_tokens as u64, Ordering::Relaxed);
-                s.metrics.completion_tokens.fetch_add(out.completion_tokens as u64, Ordering::Relaxed);
+                s.metrics
+                    .prompt_tokens
+                    .fetch_add(out.prompt_tokens as u64, Ordering::Relaxed);
+                s.metrics
+                    .completion_tokens
+                    .fetch_add(out.completion_tokens as u64, Ordering::Relaxed);
                 if out.finish == FinishReason::Cancelled {
                     return;
                 }
@@ -465,11 +589,20 @@ fn stream_chat(
                 let _ = tx.blocking_send(Event::default().data(last.to_string()));
             }
             Err(e) => {
-                let _ = tx.blocking_send(Event::default().data(json!({"error": {"message": e.to_string(), "type": "server_error"}}).to_string()));
+                let _ = tx.blocking_send(
+                    Event::default().data(
+                        json!({"error": {"message": e.to_string(), "type": "server_error"}})
+                            .to_string(),
+                    ),
+                );
             }
         }
         let _ = tx.blocking_send(Event::default().data("[DONE]"));
     });
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (Ok(e), rx)) });
+    let stream =
+        futures_util::stream::unfold(
+            rx,
+            |mut rx| async move { rx.recv().await.map(|e| (Ok(e), rx)) },
+        );
     Sse::new(stream)
 }

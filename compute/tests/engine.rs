@@ -26,8 +26,12 @@ fn cosine(a: &[f32], b: &[f32]) -> f32 {
 fn embeddings_are_unit_vectors_that_rank_similar_sentences_higher() {
     let e = embedder();
     assert_eq!(e.dimensions(), 384);
-    let inputs = ["A cat sits on the mat.", "There is a cat sitting on a rug.", "Stock markets fell sharply on Monday."]
-        .map(String::from);
+    let inputs = [
+        "A cat sits on the mat.",
+        "There is a cat sitting on a rug.",
+        "Stock markets fell sharply on Monday.",
+    ]
+    .map(String::from);
     let out = e.embed(&inputs).unwrap();
     assert_eq!(out.vectors.len(), 3);
     for v in &out.vectors {
@@ -37,7 +41,10 @@ fn embeddings_are_unit_vectors_that_rank_similar_sentences_higher() {
     }
     let similar = cosine(&out.vectors[0], &out.vectors[1]);
     let unrelated = cosine(&out.vectors[0], &out.vectors[2]);
-    assert!(similar > unrelated + 0.2, "similar {similar} vs unrelated {unrelated}");
+    assert!(
+        similar > unrelated + 0.2,
+        "similar {similar} vs unrelated {unrelated}"
+    );
     assert!(out.prompt_tokens > 10);
 
     // Batched and one-by-one agree.
@@ -49,10 +56,16 @@ fn embeddings_are_unit_vectors_that_rank_similar_sentences_higher() {
 fn bad_embedding_input_is_refused_not_crashed() {
     let e = embedder();
     assert!(matches!(e.embed(&[]), Err(ComputeError::EmptyInput)));
-    assert!(matches!(e.embed(&["  ".into()]), Err(ComputeError::EmptyInput)));
+    assert!(matches!(
+        e.embed(&["  ".into()]),
+        Err(ComputeError::EmptyInput)
+    ));
     let long = "word ".repeat(e.max_tokens() + 10);
     let err = e.embed(&["fine".into(), long]).unwrap_err();
-    assert!(matches!(err, ComputeError::InputTooLong { index: 1, .. }), "{err}");
+    assert!(
+        matches!(err, ComputeError::InputTooLong { index: 1, .. }),
+        "{err}"
+    );
     assert!(err.is_client_error());
     // Still serving afterwards.
     assert_eq!(e.embed(&["still here".into()]).unwrap().vectors.len(), 1);
@@ -61,7 +74,9 @@ fn bad_embedding_input_is_refused_not_crashed() {
 #[test]
 fn greedy_completion_is_deterministic_and_streams() {
     let g = generator();
-    let prompt = g.chat_prompt(&[("user".into(), "Name three colours.".into())]).unwrap();
+    let prompt = g
+        .chat_prompt(&[("user".into(), "Name three colours.".into())])
+        .unwrap();
     assert!(prompt.contains("Name three colours."));
     let mut streamed = String::new();
     let first = g
@@ -71,7 +86,10 @@ fn greedy_completion_is_deterministic_and_streams() {
         })
         .unwrap();
     assert!(first.completion_tokens > 0 && first.completion_tokens <= 24);
-    assert!(matches!(first.finish, FinishReason::Stop | FinishReason::Length));
+    assert!(matches!(
+        first.finish,
+        FinishReason::Stop | FinishReason::Length
+    ));
     assert_eq!(streamed, first.text, "the stream is the text");
     assert!(first.prompt_tokens > 5);
     let second = g.complete(&prompt, 24, |_| true).unwrap();
@@ -86,5 +104,57 @@ fn greedy_completion_is_deterministic_and_streams() {
     let huge = "word ".repeat(2000);
     let err = g.complete(&huge, 10, |_| true).unwrap_err();
     assert!(matches!(err, ComputeError::ContextExceeded { .. }), "{err}");
-    assert!(matches!(g.complete("", 10, |_| true), Err(ComputeError::EmptyInput)));
+    assert!(matches!(
+        g.complete("", 10, |_| true),
+        Err(ComputeError::EmptyInput)
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_requests_share_decodes_and_get_their_own_vectors() {
+    let batcher = std::sync::Arc::new(
+        compute::EmbedBatcher::start(std::sync::Arc::new(
+            Embedder::load(&model("all-minilm-l6-v2")).unwrap(),
+        ))
+        .unwrap(),
+    );
+    let sentences: Vec<String> = (0..24)
+        .map(|i| format!("sentence number {i} about topic {}", i % 5))
+        .collect();
+    let alone = embedder().embed(&sentences).unwrap();
+    let tasks: Vec<_> = sentences
+        .iter()
+        .map(|s| {
+            let (b, s) = (batcher.clone(), s.clone());
+            tokio::spawn(async move { b.embed(std::slice::from_ref(&s)).await })
+        })
+        .collect();
+    for (i, t) in tasks.into_iter().enumerate() {
+        let out = t.await.unwrap().unwrap();
+        assert_eq!(out.vectors.len(), 1);
+        let c = cosine(&out.vectors[0], &alone.vectors[i]);
+        assert!(
+            c > 0.9999,
+            "request {i} got someone else's vector (cosine {c})"
+        );
+    }
+    let decodes = batcher.decodes();
+    assert!(
+        decodes < 24,
+        "24 concurrent requests took {decodes} decodes: no batching"
+    );
+    // Errors stay with their request.
+    assert!(matches!(
+        batcher.embed(&[" ".into()]).await,
+        Err(ComputeError::EmptyInput)
+    ));
+    assert_eq!(
+        batcher
+            .embed(&["still serving".into()])
+            .await
+            .unwrap()
+            .vectors
+            .len(),
+        1
+    );
 }

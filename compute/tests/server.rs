@@ -8,14 +8,19 @@ use std::time::Duration;
 
 use common::model;
 use compute::server::{ComputeServer, Models};
-use compute::{Embedder, Generator};
+use compute::{EmbedBatcher, Embedder, Generator};
 use serde_json::{json, Value};
 
-fn engines() -> &'static (Arc<Embedder>, Arc<Generator>) {
-    static E: OnceLock<(Arc<Embedder>, Arc<Generator>)> = OnceLock::new();
+fn engines() -> &'static (Arc<EmbedBatcher>, Arc<Generator>) {
+    static E: OnceLock<(Arc<EmbedBatcher>, Arc<Generator>)> = OnceLock::new();
     E.get_or_init(|| {
         (
-            Arc::new(Embedder::load(&model("all-minilm-l6-v2")).unwrap()),
+            Arc::new(
+                EmbedBatcher::start(Arc::new(
+                    Embedder::load(&model("all-minilm-l6-v2")).unwrap(),
+                ))
+                .unwrap(),
+            ),
             Arc::new(Generator::load(&model("gemma-3-270m"), 1024).unwrap()),
         )
     })
@@ -31,7 +36,9 @@ async fn start(slots: usize, queue: usize) -> String {
     let server = ComputeServer::new(models, "beta".into(), whois, slots, queue);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let app = server.router().into_make_service_with_connect_info::<SocketAddr>();
+    let app = server
+        .router()
+        .into_make_service_with_connect_info::<SocketAddr>();
     tokio::spawn(async move { axum::serve(listener, app).await });
     format!("http://{addr}")
 }
@@ -47,31 +54,71 @@ async fn post(base: &str, path: &str, body: String) -> (u16, reqwest::header::He
     let status = r.status().as_u16();
     let headers = r.headers().clone();
     let text = r.text().await.unwrap();
-    (status, headers, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    (
+        status,
+        headers,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
 }
 
 #[tokio::test]
 async fn embeddings_and_chat_answer_like_openai_and_name_both_ends() {
     let base = start(2, 8).await;
-    let models: Value = reqwest::get(format!("{base}/v1/models")).await.unwrap().json().await.unwrap();
+    let models: Value = reqwest::get(format!("{base}/v1/models"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(models["data"].as_array().unwrap().len(), 2);
 
-    let (status, headers, v) = post(&base, "/v1/embeddings", json!({"model": "all-minilm-l6-v2", "input": ["a cat", "a dog"]}).to_string()).await;
+    let (status, headers, v) = post(
+        &base,
+        "/v1/embeddings",
+        json!({"model": "all-minilm-l6-v2", "input": ["a cat", "a dog"]}).to_string(),
+    )
+    .await;
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["data"].as_array().unwrap().len(), 2);
     assert_eq!(v["data"][1]["index"], 1);
     assert_eq!(v["data"][0]["embedding"].as_array().unwrap().len(), 384);
     assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() > 0);
-    assert_eq!((v["served_by"].as_str(), v["caller"].as_str()), (Some("beta"), Some("tester")));
+    assert_eq!(
+        (v["served_by"].as_str(), v["caller"].as_str()),
+        (Some("beta"), Some("tester"))
+    );
     assert_eq!(headers["x-crank-served-by"], "beta");
-    let (status, _, v) = post(&base, "/v1/embeddings", json!({"model": "all-minilm-l6-v2", "input": "one string"}).to_string()).await;
+    let (status, _, v) = post(
+        &base,
+        "/v1/embeddings",
+        json!({"model": "all-minilm-l6-v2", "input": "one string"}).to_string(),
+    )
+    .await;
     assert_eq!((status, v["data"].as_array().map(Vec::len)), (200, Some(1)));
     // base64: the same vector as little-endian f32s.
-    let (status, _, b) = post(&base, "/v1/embeddings", json!({"model": "all-minilm-l6-v2", "input": "one string", "encoding_format": "base64"}).to_string()).await;
+    let (status, _, b) = post(
+        &base,
+        "/v1/embeddings",
+        json!({"model": "all-minilm-l6-v2", "input": "one string", "encoding_format": "base64"})
+            .to_string(),
+    )
+    .await;
     assert_eq!(status, 200);
-    let bytes = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b["data"][0]["embedding"].as_str().unwrap()).unwrap();
-    let floats: Vec<f64> = bytes.chunks(4).map(|c| f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]]))).collect();
-    let plain: Vec<f64> = v["data"][0]["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+    let bytes = base64::Engine::decode(
+        &base64::engine::general_purpose::STANDARD,
+        b["data"][0]["embedding"].as_str().unwrap(),
+    )
+    .unwrap();
+    let floats: Vec<f64> = bytes
+        .chunks(4)
+        .map(|c| f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+        .collect();
+    let plain: Vec<f64> = v["data"][0]["embedding"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
     assert_eq!(floats.len(), 384);
     assert!(floats.iter().zip(&plain).all(|(a, b)| (a - b).abs() < 1e-6));
 
@@ -81,47 +128,117 @@ async fn embeddings_and_chat_answer_like_openai_and_name_both_ends() {
     assert_eq!(v["object"], "chat.completion");
     assert_eq!(v["choices"][0]["message"]["role"], "assistant");
     let usage = &v["usage"];
-    assert_eq!(usage["total_tokens"].as_u64(), Some(usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap()));
+    assert_eq!(
+        usage["total_tokens"].as_u64(),
+        Some(
+            usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap()
+        )
+    );
 
     // Streaming: chunks, a usage chunk, then [DONE]; the text matches the plain answer.
     let mut streamed = chat.clone();
     streamed["stream"] = json!(true);
-    let mut r = reqwest::Client::new().post(format!("{base}/v1/chat/completions")).json(&streamed).send().await.unwrap();
+    let mut r = reqwest::Client::new()
+        .post(format!("{base}/v1/chat/completions"))
+        .json(&streamed)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
-    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
     let mut raw = String::new();
     while let Some(bytes) = r.chunk().await.unwrap() {
         raw.push_str(&String::from_utf8_lossy(&bytes));
     }
-    let events: Vec<&str> = raw.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+    let events: Vec<&str> = raw
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
     assert_eq!(events.last(), Some(&"[DONE]"), "{raw}");
-    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
-    let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
-    assert_eq!(text, v["choices"][0]["message"]["content"].as_str().unwrap(), "greedy: same text streamed or not");
-    assert!(chunks.last().unwrap()["usage"]["completion_tokens"].as_u64().unwrap() > 0);
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(
+        text,
+        v["choices"][0]["message"]["content"].as_str().unwrap(),
+        "greedy: same text streamed or not"
+    );
+    assert!(
+        chunks.last().unwrap()["usage"]["completion_tokens"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
 }
 
 #[tokio::test]
 async fn bad_requests_get_precise_errors_and_the_server_keeps_serving() {
     let base = start(2, 8).await;
     let cases = [
-        (json!({"model": "all-minilm-l6-v2", "input": ""}).to_string(), 400, "empty_input"),
-        (json!({"model": "nope", "input": "x"}).to_string(), 404, "model_not_found"),
+        (
+            json!({"model": "all-minilm-l6-v2", "input": ""}).to_string(),
+            400,
+            "empty_input",
+        ),
+        (
+            json!({"model": "nope", "input": "x"}).to_string(),
+            404,
+            "model_not_found",
+        ),
         ("{not json".to_owned(), 400, "invalid_json"),
-        (json!({"model": "all-minilm-l6-v2", "input": 5}).to_string(), 400, "invalid_json"),
-        (json!({"model": "all-minilm-l6-v2", "input": "word ".repeat(2000)}).to_string(), 400, "context_length_exceeded"),
-        (json!({"model": "all-minilm-l6-v2", "input": "x".repeat(2 << 20)}).to_string(), 413, "body_too_large"),
+        (
+            json!({"model": "all-minilm-l6-v2", "input": 5}).to_string(),
+            400,
+            "invalid_json",
+        ),
+        (
+            json!({"model": "all-minilm-l6-v2", "input": "word ".repeat(2000)}).to_string(),
+            400,
+            "context_length_exceeded",
+        ),
+        (
+            json!({"model": "all-minilm-l6-v2", "input": "x".repeat(2 << 20)}).to_string(),
+            413,
+            "body_too_large",
+        ),
     ];
     for (body, status, code) in cases {
         let (got, _, v) = post(&base, "/v1/embeddings", body).await;
-        assert_eq!((got, v["error"]["code"].as_str()), (status, Some(code)), "{v}");
-        assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+        assert_eq!(
+            (got, v["error"]["code"].as_str()),
+            (status, Some(code)),
+            "{v}"
+        );
+        assert!(v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()));
     }
-    let (got, _, v) = post(&base, "/v1/chat/completions", json!({"model": "gemma-3-270m", "messages": []}).to_string()).await;
-    assert_eq!((got, v["error"]["code"].as_str()), (400, Some("empty_input")));
+    let (got, _, v) = post(
+        &base,
+        "/v1/chat/completions",
+        json!({"model": "gemma-3-270m", "messages": []}).to_string(),
+    )
+    .await;
+    assert_eq!(
+        (got, v["error"]["code"].as_str()),
+        (400, Some("empty_input"))
+    );
     let (got, _, _) = post(&base, "/v1/nothing", "{}".into()).await;
     assert_eq!(got, 404);
-    let (got, _, _) = post(&base, "/v1/embeddings", json!({"model": "all-minilm-l6-v2", "input": "fine"}).to_string()).await;
+    let (got, _, _) = post(
+        &base,
+        "/v1/embeddings",
+        json!({"model": "all-minilm-l6-v2", "input": "fine"}).to_string(),
+    )
+    .await;
     assert_eq!(got, 200);
 }
 
@@ -129,10 +246,12 @@ async fn bad_requests_get_precise_errors_and_the_server_keeps_serving() {
 async fn overload_gets_429_and_nothing_is_lost() {
     let base = start(1, 1).await;
     let body = json!({"model": "gemma-3-270m", "messages": [{"role": "user", "content": "Count to ten."}], "max_tokens": 48}).to_string();
-    let tasks: Vec<_> = (0..6).map(|_| {
-        let (base, body) = (base.clone(), body.clone());
-        tokio::spawn(async move { post(&base, "/v1/chat/completions", body).await })
-    }).collect();
+    let tasks: Vec<_> = (0..6)
+        .map(|_| {
+            let (base, body) = (base.clone(), body.clone());
+            tokio::spawn(async move { post(&base, "/v1/chat/completions", body).await })
+        })
+        .collect();
     let mut ok = 0;
     let mut busy = 0;
     for t in tasks {
@@ -149,22 +268,40 @@ async fn overload_gets_429_and_nothing_is_lost() {
     }
     assert_eq!(ok + busy, 6);
     assert!(ok >= 2 && busy >= 1, "ok {ok} busy {busy}");
-    let metrics = reqwest::get(format!("{base}/metrics")).await.unwrap().text().await.unwrap();
-    assert!(metrics.contains(&format!("compute_rejected_busy_total {busy}")), "{metrics}");
+    let metrics = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(&format!("compute_rejected_busy_total {busy}")),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
 async fn a_client_leaving_mid_stream_frees_its_slot() {
     let base = start(1, 0).await;
     let body = json!({"model": "gemma-3-270m", "messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 200, "stream": true});
-    let mut r = reqwest::Client::new().post(format!("{base}/v1/chat/completions")).json(&body).send().await.unwrap();
+    let mut r = reqwest::Client::new()
+        .post(format!("{base}/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let _ = r.chunk().await.unwrap();
     drop(r);
     // The only slot comes back once generation notices the client is gone.
     let mut served = false;
     for _ in 0..50 {
-        let (status, _, _) = post(&base, "/v1/embeddings", json!({"model": "all-minilm-l6-v2", "input": "after"}).to_string()).await;
+        let (status, _, _) = post(
+            &base,
+            "/v1/embeddings",
+            json!({"model": "all-minilm-l6-v2", "input": "after"}).to_string(),
+        )
+        .await;
         if status == 200 {
             served = true;
             break;

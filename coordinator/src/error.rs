@@ -60,7 +60,10 @@ impl AppError {
     }
 
     pub fn body(&self) -> ApiErrorBody {
-        ApiErrorBody { code: self.code().to_owned(), message: self.to_string() }
+        ApiErrorBody {
+            code: self.code().to_owned(),
+            message: self.to_string(),
+        }
     }
 }
 

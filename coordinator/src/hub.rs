@@ -66,7 +66,10 @@ impl Inner {
 
 impl Hub {
     pub fn new(grace: Duration) -> Self {
-        Hub { inner: Mutex::new(Inner::default()), grace }
+        Hub {
+            inner: Mutex::new(Inner::default()),
+            grace,
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -75,25 +78,55 @@ impl Hub {
 
     /// Registers a live stream for a device, replacing an older one (whose
     /// queue closes, ending that connection). Tells its peers it is online.
-    pub fn connect(&self, network_id: i64, device_id: i64, node_key: NodePublic, now: Instant) -> Subscription {
+    pub fn connect(
+        &self,
+        network_id: i64,
+        device_id: i64,
+        node_key: NodePublic,
+        now: Instant,
+    ) -> Subscription {
         let mut inner = self.lock();
         inner.next_conn += 1;
         let conn_id = inner.next_conn;
         inner.departed_ephemeral.remove(&device_id);
         let (tx, rx) = mpsc::unbounded_channel();
-        let session = Session { conn_id, node_key, tx, last_heard: now, stale: false };
-        let previous = inner.networks.entry(network_id).or_default().insert(device_id, session);
+        let session = Session {
+            conn_id,
+            node_key,
+            tx,
+            last_heard: now,
+            stale: false,
+        };
+        let previous = inner
+            .networks
+            .entry(network_id)
+            .or_default()
+            .insert(device_id, session);
         let was_online = previous.is_some_and(|p| !p.stale);
         if !was_online {
-            inner.broadcast(network_id, device_id, &PeerChange::Online { node_key, online: true });
+            inner.broadcast(
+                network_id,
+                device_id,
+                &PeerChange::Online {
+                    node_key,
+                    online: true,
+                },
+            );
         }
-        Subscription { conn_id, changes: rx }
+        Subscription {
+            conn_id,
+            changes: rx,
+        }
     }
 
     /// The device spoke on its stream.
     pub fn heard(&self, network_id: i64, device_id: i64, conn_id: u64, now: Instant) {
         let mut inner = self.lock();
-        let Some(s) = inner.networks.get_mut(&network_id).and_then(|n| n.get_mut(&device_id)) else {
+        let Some(s) = inner
+            .networks
+            .get_mut(&network_id)
+            .and_then(|n| n.get_mut(&device_id))
+        else {
             return;
         };
         if s.conn_id != conn_id {
@@ -103,15 +136,31 @@ impl Hub {
         if s.stale {
             s.stale = false;
             let node_key = s.node_key;
-            inner.broadcast(network_id, device_id, &PeerChange::Online { node_key, online: true });
+            inner.broadcast(
+                network_id,
+                device_id,
+                &PeerChange::Online {
+                    node_key,
+                    online: true,
+                },
+            );
         }
     }
 
     /// The stream of `conn_id` ended. Returns true when it was the device's
     /// current stream (so the device is now offline).
-    pub fn disconnect(&self, network_id: i64, device_id: i64, conn_id: u64, ephemeral: bool, now: Instant) -> bool {
+    pub fn disconnect(
+        &self,
+        network_id: i64,
+        device_id: i64,
+        conn_id: u64,
+        ephemeral: bool,
+        now: Instant,
+    ) -> bool {
         let mut inner = self.lock();
-        let Some(sessions) = inner.networks.get_mut(&network_id) else { return false };
+        let Some(sessions) = inner.networks.get_mut(&network_id) else {
+            return false;
+        };
         if sessions.get(&device_id).map(|s| s.conn_id) != Some(conn_id) {
             return false;
         }
@@ -120,10 +169,19 @@ impl Hub {
             inner.networks.remove(&network_id);
         }
         if !s.stale {
-            inner.broadcast(network_id, device_id, &PeerChange::Online { node_key: s.node_key, online: false });
+            inner.broadcast(
+                network_id,
+                device_id,
+                &PeerChange::Online {
+                    node_key: s.node_key,
+                    online: false,
+                },
+            );
         }
         if ephemeral {
-            inner.departed_ephemeral.insert(device_id, (network_id, s.node_key, now));
+            inner
+                .departed_ephemeral
+                .insert(device_id, (network_id, s.node_key, now));
         }
         true
     }
@@ -155,17 +213,30 @@ impl Hub {
             }
         }
         for (network_id, device_id, node_key) in went_silent {
-            inner.broadcast(network_id, device_id, &PeerChange::Online { node_key, online: false });
+            inner.broadcast(
+                network_id,
+                device_id,
+                &PeerChange::Online {
+                    node_key,
+                    online: false,
+                },
+            );
         }
         let grace = self.grace;
         let mut expired = Vec::new();
-        inner.departed_ephemeral.retain(|device_id, (network_id, node_key, since)| {
-            let keep = now.saturating_duration_since(*since) <= grace;
-            if !keep {
-                expired.push(Expired { network_id: *network_id, device_id: *device_id, node_key: *node_key });
-            }
-            keep
-        });
+        inner
+            .departed_ephemeral
+            .retain(|device_id, (network_id, node_key, since)| {
+                let keep = now.saturating_duration_since(*since) <= grace;
+                if !keep {
+                    expired.push(Expired {
+                        network_id: *network_id,
+                        device_id: *device_id,
+                        node_key: *node_key,
+                    });
+                }
+                keep
+            });
         expired
     }
 }
@@ -193,24 +264,51 @@ mod tests {
         let mut a = hub.connect(1, 10, key(1), t0);
         let b = hub.connect(1, 11, key(2), t0);
         let mut other_net = hub.connect(2, 20, key(3), t0);
-        assert_eq!(drain(&mut a.changes), vec![PeerChange::Online { node_key: key(2), online: true }]);
-        assert!(drain(&mut other_net.changes).is_empty(), "changes never cross networks");
+        assert_eq!(
+            drain(&mut a.changes),
+            vec![PeerChange::Online {
+                node_key: key(2),
+                online: true
+            }]
+        );
+        assert!(
+            drain(&mut other_net.changes).is_empty(),
+            "changes never cross networks"
+        );
 
         // b goes silent: offline after the grace period, back when heard.
         hub.heard(1, 10, a.conn_id, t0 + Duration::from_secs(15));
         assert!(hub.sweep(t0 + Duration::from_secs(19)).is_empty());
         assert!(drain(&mut a.changes).is_empty());
         hub.sweep(t0 + Duration::from_secs(21));
-        assert_eq!(drain(&mut a.changes), vec![PeerChange::Online { node_key: key(2), online: false }]);
+        assert_eq!(
+            drain(&mut a.changes),
+            vec![PeerChange::Online {
+                node_key: key(2),
+                online: false
+            }]
+        );
         assert!(!hub.is_online(1, 11));
         assert!(hub.is_online(1, 10));
         hub.heard(1, 11, b.conn_id, t0 + Duration::from_secs(22));
-        assert_eq!(drain(&mut a.changes), vec![PeerChange::Online { node_key: key(2), online: true }]);
+        assert_eq!(
+            drain(&mut a.changes),
+            vec![PeerChange::Online {
+                node_key: key(2),
+                online: true
+            }]
+        );
 
         // A stale connection id does not take the device down.
         assert!(!hub.disconnect(1, 11, b.conn_id + 100, false, t0));
         assert!(hub.disconnect(1, 11, b.conn_id, false, t0));
-        assert_eq!(drain(&mut a.changes), vec![PeerChange::Online { node_key: key(2), online: false }]);
+        assert_eq!(
+            drain(&mut a.changes),
+            vec![PeerChange::Online {
+                node_key: key(2),
+                online: false
+            }]
+        );
     }
 
     #[test]
@@ -221,9 +319,15 @@ mod tests {
         let mut first = hub.connect(1, 2, key(2), t0);
         drain(&mut watcher.changes);
         let _second = hub.connect(1, 2, key(2), t0);
-        assert!(drain(&mut watcher.changes).is_empty(), "still online, no flap");
+        assert!(
+            drain(&mut watcher.changes).is_empty(),
+            "still online, no flap"
+        );
         assert!(first.changes.try_recv().is_err());
-        assert!(!hub.disconnect(1, 2, first.conn_id, false, t0), "old stream ending is not a departure");
+        assert!(
+            !hub.disconnect(1, 2, first.conn_id, false, t0),
+            "old stream ending is not a departure"
+        );
         assert!(hub.is_online(1, 2));
     }
 
@@ -236,7 +340,11 @@ mod tests {
         assert!(hub.sweep(t0 + Duration::from_secs(10)).is_empty());
         assert_eq!(
             hub.sweep(t0 + Duration::from_secs(21)),
-            vec![Expired { network_id: 1, device_id: 5, node_key: key(5) }]
+            vec![Expired {
+                network_id: 1,
+                device_id: 5,
+                node_key: key(5)
+            }]
         );
         assert!(hub.sweep(t0 + Duration::from_secs(40)).is_empty());
     }

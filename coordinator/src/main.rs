@@ -25,7 +25,11 @@ struct Cli {
 #[derive(Args)]
 struct StateDir {
     /// Where the database lives.
-    #[arg(long, env = "COORDINATOR_STATE_DIR", default_value = "/var/lib/crank-coordinator")]
+    #[arg(
+        long,
+        env = "COORDINATOR_STATE_DIR",
+        default_value = "/var/lib/crank-coordinator"
+    )]
     state_dir: PathBuf,
 }
 
@@ -134,7 +138,10 @@ fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
 async fn open(dir: &StateDir) -> anyhow::Result<Store> {
     let store = Store::open(&dir.state_dir).await?;
     if !store.is_initialized().await? {
-        anyhow::bail!("{} is not initialised: run `coordinator init` first", dir.state_dir.display());
+        anyhow::bail!(
+            "{} is not initialised: run `coordinator init` first",
+            dir.state_dir.display()
+        );
     }
     Ok(store)
 }
@@ -144,10 +151,17 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
         Command::Init(dir) => {
             let store = Store::open(&dir.state_dir).await?;
             let token = store.init(unix_now()).await?;
-            eprintln!("coordinator initialised in {}; admin API token (shown once):", dir.state_dir.display());
+            eprintln!(
+                "coordinator initialised in {}; admin API token (shown once):",
+                dir.state_dir.display()
+            );
             println!("{token}");
         }
-        Command::Serve { dir, listen, relay_map } => {
+        Command::Serve {
+            dir,
+            listen,
+            relay_map,
+        } => {
             let relay_map = match relay_map {
                 Some(path) => coordinator::load_relay_map(&path)?,
                 None => Default::default(),
@@ -155,16 +169,39 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
             coordinator::serve(&dir.state_dir, listen, relay_map).await?
         }
         Command::RelayToken(RelayTokenCmd::Create { name, dir }) => {
-            println!("{}", open(&dir).await?.create_relay_token(&name, unix_now()).await?);
+            println!(
+                "{}",
+                open(&dir)
+                    .await?
+                    .create_relay_token(&name, unix_now())
+                    .await?
+            );
         }
         Command::Network(NetworkCmd::Create { name, dir }) => {
             print_json(&open(&dir).await?.create_network(&name, unix_now()).await?)?
         }
-        Command::Network(NetworkCmd::List(dir)) => print_json(&open(&dir).await?.list_networks().await?)?,
-        Command::Network(NetworkCmd::Show { name, dir }) => print_json(&open(&dir).await?.network(&name).await?)?,
-        Command::PreauthKey(PreauthCmd::Create { network, reusable, ephemeral, expiry, dir }) => {
-            let req = CreatePreauthKey { reusable, ephemeral, expiry_secs: expiry.map(|d| d.as_secs().max(1)) };
-            let created = open(&dir).await?.create_preauth_key(&network, &req, unix_now()).await?;
+        Command::Network(NetworkCmd::List(dir)) => {
+            print_json(&open(&dir).await?.list_networks().await?)?
+        }
+        Command::Network(NetworkCmd::Show { name, dir }) => {
+            print_json(&open(&dir).await?.network(&name).await?)?
+        }
+        Command::PreauthKey(PreauthCmd::Create {
+            network,
+            reusable,
+            ephemeral,
+            expiry,
+            dir,
+        }) => {
+            let req = CreatePreauthKey {
+                reusable,
+                ephemeral,
+                expiry_secs: expiry.map(|d| d.as_secs().max(1)),
+            };
+            let created = open(&dir)
+                .await?
+                .create_preauth_key(&network, &req, unix_now())
+                .await?;
             println!("{}", created.key);
         }
         Command::PreauthKey(PreauthCmd::List { network, dir }) => {
@@ -191,7 +228,9 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();

@@ -26,7 +26,11 @@ fn join_hosts(addrs: &[IpAddr]) -> String {
 /// Renders the config of `device`, with one `[Peer]` per other node.
 pub fn render(network: &str, device: &Node, listen_port: Option<u16>, peers: &[Node]) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "# Crank Mesh network {network:?}, device {:?}", device.name);
+    let _ = writeln!(
+        out,
+        "# Crank Mesh network {network:?}, device {:?}",
+        device.name
+    );
     let _ = writeln!(out, "[Interface]");
     let _ = writeln!(out, "PrivateKey = {PRIVATE_KEY_PLACEHOLDER}");
     let _ = writeln!(out, "Address = {}", join_hosts(&device.addresses));
@@ -60,7 +64,10 @@ mod tests {
             kind: NodeKind::Mesh,
             node_key: NodePublic::from_bytes([b; 32]),
             disco_key: None,
-            addresses: vec![format!("100.64.0.{b}").parse().unwrap(), format!("fd00::{b}").parse().unwrap()],
+            addresses: vec![
+                format!("100.64.0.{b}").parse().unwrap(),
+                format!("fd00::{b}").parse().unwrap(),
+            ],
             endpoints: endpoint.into_iter().map(|e| e.parse().unwrap()).collect(),
             online: true,
             os: "linux".into(),
@@ -71,13 +78,25 @@ mod tests {
     #[test]
     fn renders_interface_and_peers() {
         let me = node(9, "router", None);
-        let peers = [node(1, "alpha", Some("10.0.0.1:41641")), node(2, "beta", None), me.clone()];
+        let peers = [
+            node(1, "alpha", Some("10.0.0.1:41641")),
+            node(2, "beta", None),
+            me.clone(),
+        ];
         let cfg = render("home", &me, Some(51820), &peers);
-        assert!(cfg.contains("Address = 100.64.0.9/32, fd00::9/128\n"), "{cfg}");
+        assert!(
+            cfg.contains("Address = 100.64.0.9/32, fd00::9/128\n"),
+            "{cfg}"
+        );
         assert!(cfg.contains("ListenPort = 51820\n"));
         assert_eq!(cfg.matches("[Peer]").count(), 2, "no peer entry for itself");
-        assert!(cfg.contains(&format!("PublicKey = {}\n", NodePublic::from_bytes([1; 32]).to_base64())));
-        assert!(cfg.contains("AllowedIPs = 100.64.0.1/32, fd00::1/128\nEndpoint = 10.0.0.1:41641\n"));
+        assert!(cfg.contains(&format!(
+            "PublicKey = {}\n",
+            NodePublic::from_bytes([1; 32]).to_base64()
+        )));
+        assert!(
+            cfg.contains("AllowedIPs = 100.64.0.1/32, fd00::1/128\nEndpoint = 10.0.0.1:41641\n")
+        );
         let beta = cfg.split("# beta").nth(1).unwrap();
         assert!(!beta.contains("Endpoint"), "no endpoint known for beta");
     }

@@ -97,7 +97,11 @@ async fn run<T: Clone + Send + Sync + 'static>(
             Ok(()) => "closed".to_owned(),
             Err(e) => format!("{e:#}"),
         };
-        if events.send((tag.clone(), RelayEvent::Disconnected { reason })).await.is_err() {
+        if events
+            .send((tag.clone(), RelayEvent::Disconnected { reason }))
+            .await
+            .is_err()
+        {
             return;
         }
         tokio::time::sleep(backoff).await;
@@ -131,13 +135,26 @@ fn split_url(url: &str) -> anyhow::Result<(bool, String, String)> {
 
 pub(crate) async fn connect(target: &RelayTarget) -> anyhow::Result<Box<dyn Conn>> {
     let (tls, authority, path) = split_url(&target.url)?;
-    let tcp = TcpStream::connect(&authority).await.with_context(|| format!("connecting to {authority}"))?;
+    let tcp = TcpStream::connect(&authority)
+        .await
+        .with_context(|| format!("connecting to {authority}"))?;
     tcp.set_nodelay(true)?;
     let mut stream: Box<dyn Conn> = if tls {
-        let host = authority.rsplit_once(':').map_or(authority.as_str(), |(h, _)| h).trim_start_matches('[').trim_end_matches(']');
-        let name = rustls_pki_types::ServerName::try_from(host.to_owned()).context("relay host name")?;
-        let connector = tokio_rustls::TlsConnector::from(crate::tls::client_config(target.ca_pem.as_deref())?);
-        Box::new(connector.connect(name, tcp).await.with_context(|| format!("TLS with {authority}"))?)
+        let host = authority
+            .rsplit_once(':')
+            .map_or(authority.as_str(), |(h, _)| h)
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let name =
+            rustls_pki_types::ServerName::try_from(host.to_owned()).context("relay host name")?;
+        let connector =
+            tokio_rustls::TlsConnector::from(crate::tls::client_config(target.ca_pem.as_deref())?);
+        Box::new(
+            connector
+                .connect(name, tcp)
+                .await
+                .with_context(|| format!("TLS with {authority}"))?,
+        )
     } else {
         Box::new(tcp)
     };
@@ -151,12 +168,18 @@ pub(crate) async fn connect(target: &RelayTarget) -> anyhow::Result<Box<dyn Conn
         if head.len() > MAX_RESPONSE_HEAD {
             bail!("relay response head too long");
         }
-        let b = stream.read_u8().await.context("reading the relay's upgrade response")?;
+        let b = stream
+            .read_u8()
+            .await
+            .context("reading the relay's upgrade response")?;
         head.push(b);
     }
     let status = String::from_utf8_lossy(&head);
     if !status.starts_with("HTTP/1.1 101") {
-        bail!("relay refused the upgrade: {}", status.lines().next().unwrap_or(""));
+        bail!(
+            "relay refused the upgrade: {}",
+            status.lines().next().unwrap_or("")
+        );
     }
     Ok(stream)
 }
@@ -176,7 +199,12 @@ async fn session<T: Clone + Send + Sync>(
         Some(Frame::ServerKey { key, challenge }) => (key, challenge),
         other => bail!("expected the relay's key, got {other:?}"),
     };
-    write_frame(&mut write, &handshake::seal(node, &relay_key, &challenge, None)?, &mut scratch).await?;
+    write_frame(
+        &mut write,
+        &handshake::seal(node, &relay_key, &challenge, None)?,
+        &mut scratch,
+    )
+    .await?;
     match reader.next().await? {
         Some(Frame::ServerInfo) => {}
         Some(Frame::Close { reason }) => bail!("relay refused us: {reason}"),
@@ -215,9 +243,18 @@ mod tests {
 
     #[test]
     fn urls() {
-        assert_eq!(split_url("http://10.0.0.1:3340/derp").unwrap(), (false, "10.0.0.1:3340".into(), "/derp".into()));
-        assert_eq!(split_url("http://relay").unwrap(), (false, "relay:80".into(), "/derp".into()));
-        assert_eq!(split_url("https://relay.example/derp").unwrap(), (true, "relay.example:443".into(), "/derp".into()));
+        assert_eq!(
+            split_url("http://10.0.0.1:3340/derp").unwrap(),
+            (false, "10.0.0.1:3340".into(), "/derp".into())
+        );
+        assert_eq!(
+            split_url("http://relay").unwrap(),
+            (false, "relay:80".into(), "/derp".into())
+        );
+        assert_eq!(
+            split_url("https://relay.example/derp").unwrap(),
+            (true, "relay.example:443".into(), "/derp".into())
+        );
         assert!(split_url("ftp://x").is_err());
     }
 }

@@ -26,7 +26,12 @@ pub struct FrameReader<R> {
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub fn new(inner: R) -> Self {
-        FrameReader { inner, buf: vec![0; INITIAL_BUFFER], start: 0, end: 0 }
+        FrameReader {
+            inner,
+            buf: vec![0; INITIAL_BUFFER],
+            start: 0,
+            end: 0,
+        }
     }
 
     /// The next frame, or `None` at a clean end of stream.
@@ -45,11 +50,17 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 // A frame larger than the buffer (its length is within the
                 // limit, or decode would have failed): make room for it.
                 let need = if self.end >= HEADER_LEN {
-                    HEADER_LEN + u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize
+                    HEADER_LEN
+                        + u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]])
+                            as usize
                 } else {
                     HEADER_LEN
                 };
-                self.buf.resize(need.max(self.buf.len() * 2).min(HEADER_LEN + MAX_FRAME_PAYLOAD), 0);
+                self.buf.resize(
+                    need.max(self.buf.len() * 2)
+                        .min(HEADER_LEN + MAX_FRAME_PAYLOAD),
+                    0,
+                );
             }
             let n = self.inner.read(&mut self.buf[self.end..]).await?;
             if n == 0 {
@@ -64,7 +75,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 }
 
 /// Encodes and writes one frame.
-pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, frame: &Frame, scratch: &mut Vec<u8>) -> std::io::Result<()> {
+pub async fn write_frame<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    frame: &Frame,
+    scratch: &mut Vec<u8>,
+) -> std::io::Result<()> {
     scratch.clear();
     frame.encode(scratch).map_err(std::io::Error::other)?;
     w.write_all(scratch).await
@@ -77,9 +92,22 @@ mod tests {
     #[tokio::test]
     async fn reads_frames_of_every_size_through_a_small_buffer() {
         let mut bytes = Vec::new();
-        let sizes = [0usize, 1, 100, INITIAL_BUFFER, 40_000, MAX_FRAME_PAYLOAD - 32, 5];
+        let sizes = [
+            0usize,
+            1,
+            100,
+            INITIAL_BUFFER,
+            40_000,
+            MAX_FRAME_PAYLOAD - 32,
+            5,
+        ];
         for (i, n) in sizes.iter().enumerate() {
-            Frame::SendPacket { dst: [i as u8; 32], data: vec![i as u8; *n] }.encode(&mut bytes).unwrap();
+            Frame::SendPacket {
+                dst: [i as u8; 32],
+                data: vec![i as u8; *n],
+            }
+            .encode(&mut bytes)
+            .unwrap();
         }
         // Delivered in small pieces, as a socket would.
         let (mut tx, rx) = tokio::io::duplex(4096);

@@ -20,7 +20,11 @@ struct Cli {
     listen: SocketAddr,
     /// STUN listen address (UDP); repeat to answer on several ports, which
     /// lets devices tell whether their NAT maps per destination.
-    #[arg(long = "stun-listen", env = "DERP_STUN_LISTEN", default_value = "0.0.0.0:3478")]
+    #[arg(
+        long = "stun-listen",
+        env = "DERP_STUN_LISTEN",
+        default_value = "0.0.0.0:3478"
+    )]
     stun_listen: Vec<SocketAddr>,
     /// Coordinator asked which devices may connect.
     #[arg(long, env = "DERP_COORDINATOR", required_unless_present = "open")]
@@ -60,16 +64,22 @@ struct Cli {
 
 fn load_or_create_key(path: &Path) -> anyhow::Result<StaticSecret> {
     if path.exists() {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let mut bytes = [0u8; 32];
-        hex::decode_to_slice(text.trim(), &mut bytes).with_context(|| format!("{} is not a hex key", path.display()))?;
+        hex::decode_to_slice(text.trim(), &mut bytes)
+            .with_context(|| format!("{} is not a hex key", path.display()))?;
         return Ok(StaticSecret::from(bytes));
     }
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
     let key = StaticSecret::random_from_rng(rand_core::OsRng);
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
     std::io::Write::write_all(&mut f, hex::encode(key.to_bytes()).as_bytes())?;
     Ok(key)
 }
@@ -79,33 +89,56 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
     let admission = match (cli.open, cli.coordinator, cli.token_file) {
         (true, _, _) => Admission::Open,
         (false, Some(url), Some(file)) => {
-            let token = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+            let token = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
             Admission::coordinator(&url, token.trim().to_owned())
         }
         _ => anyhow::bail!("--coordinator and --token-file are required unless --open"),
     };
     let mesh_key = match &cli.mesh_psk_file {
         Some(f) => {
-            let key = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?.trim().to_owned();
-            anyhow::ensure!(key.len() >= 16, "the mesh key in {} is too short (16 characters at least)", f.display());
+            let key = std::fs::read_to_string(f)
+                .with_context(|| format!("reading {}", f.display()))?
+                .trim()
+                .to_owned();
+            anyhow::ensure!(
+                key.len() >= 16,
+                "the mesh key in {} is too short (16 characters at least)",
+                f.display()
+            );
             Some(key)
         }
         None => None,
     };
-    let relay = Relay::new(RelayConfig { private, admission, rate_limit: cli.rate_limit, burst: cli.burst, mesh_key });
+    let relay = Relay::new(RelayConfig {
+        private,
+        admission,
+        rate_limit: cli.rate_limit,
+        burst: cli.burst,
+        mesh_key,
+    });
     let mesh_ca = match &cli.mesh_ca_file {
-        Some(f) => Some(std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?),
+        Some(f) => {
+            Some(std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?)
+        }
         None => None,
     };
     for url in cli.mesh_with {
-        let target = derp_relay::client::RelayTarget { url, ca_pem: mesh_ca.clone() };
+        let target = derp_relay::client::RelayTarget {
+            url,
+            ca_pem: mesh_ca.clone(),
+        };
         tokio::spawn(derp_relay::server::mesh::run_link(relay.clone(), target));
     }
     for addr in &cli.stun_listen {
-        let stun = tokio::net::UdpSocket::bind(addr).await.with_context(|| format!("binding STUN {addr}"))?;
+        let stun = tokio::net::UdpSocket::bind(addr)
+            .await
+            .with_context(|| format!("binding STUN {addr}"))?;
         tokio::spawn(http::serve_stun(stun));
     }
-    let listener = tokio::net::TcpListener::bind(cli.listen).await.with_context(|| format!("binding {}", cli.listen))?;
+    let listener = tokio::net::TcpListener::bind(cli.listen)
+        .await
+        .with_context(|| format!("binding {}", cli.listen))?;
     let tls = match (&cli.tls_cert, &cli.tls_key) {
         (Some(cert), Some(key)) => Some(derp_relay::tls::server_config(cert, key)?),
         _ => None,
@@ -113,13 +146,17 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
     tracing::info!(addr = %cli.listen, tls = tls.is_some(), stun = ?cli.stun_listen, key = %hex::encode(relay.public_key()), "relay listening");
     match tls {
         Some(config) => http::serve_tls(listener, http::router(relay), config).await,
-        None => axum::serve(listener, http::router(relay)).await.context("serving"),
+        None => axum::serve(listener, http::router(relay))
+            .await
+            .context("serving"),
     }
 }
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();

@@ -21,7 +21,8 @@ pub fn server_config(cert: &Path, key: &Path) -> anyhow::Result<Arc<rustls::Serv
         .collect::<Result<_, _>>()
         .with_context(|| format!("parsing certificates in {}", cert.display()))?;
     anyhow::ensure!(!chain.is_empty(), "no certificate in {}", cert.display());
-    let key = PrivateKeyDer::from_pem_file(key).with_context(|| format!("reading the private key {}", key.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key)
+        .with_context(|| format!("reading the private key {}", key.display()))?;
     let config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
@@ -37,7 +38,9 @@ pub fn client_config(extra_ca_pem: Option<&str>) -> anyhow::Result<Arc<rustls::C
     if let Some(pem) = extra_ca_pem {
         let mut added = 0;
         for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
-            roots.add(cert.context("parsing the relay CA certificate")?).context("adding the relay CA certificate")?;
+            roots
+                .add(cert.context("parsing the relay CA certificate")?)
+                .context("adding the relay CA certificate")?;
             added += 1;
         }
         anyhow::ensure!(added > 0, "the relay CA PEM holds no certificate");

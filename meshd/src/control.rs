@@ -9,8 +9,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use futures_util::{SinkExt as _, StreamExt as _};
 use platform::api::{
-    ApiError, Capabilities, ClientMessage, MapHello, RegisterRequest, RegisterResponse, ServerMessage,
-    HEARTBEAT_INTERVAL_SECS,
+    ApiError, Capabilities, ClientMessage, MapHello, RegisterRequest, RegisterResponse,
+    ServerMessage, HEARTBEAT_INTERVAL_SECS,
 };
 use platform::netmap::NetMap;
 use platform::signed::{Signed, DOMAIN_MAP, DOMAIN_REGISTER};
@@ -50,7 +50,12 @@ pub fn capabilities() -> Capabilities {
 }
 
 /// Registers this device with the coordinator.
-pub async fn register(coordinator: &str, keys: &Keys, auth_key: &str, hostname: &str) -> anyhow::Result<RegisterResponse> {
+pub async fn register(
+    coordinator: &str,
+    keys: &Keys,
+    auth_key: &str,
+    hostname: &str,
+) -> anyhow::Result<RegisterResponse> {
     let req = RegisterRequest {
         timestamp: unix_now(),
         auth_key: auth_key.to_owned(),
@@ -75,7 +80,10 @@ pub async fn register(coordinator: &str, keys: &Keys, auth_key: &str, hostname: 
     }
     let text = resp.text().await.unwrap_or_default();
     match serde_json::from_str::<ApiError>(&text) {
-        Ok(e) => anyhow::bail!("coordinator refused registration ({status}): {}", e.error.message),
+        Ok(e) => anyhow::bail!(
+            "coordinator refused registration ({status}): {}",
+            e.error.message
+        ),
         Err(_) => anyhow::bail!("coordinator refused registration ({status}): {text}"),
     }
 }
@@ -90,7 +98,12 @@ pub struct MapState {
 }
 
 /// Keeps a map stream open for as long as the task lives.
-pub async fn run_map_stream(coordinator: String, keys: Arc<Keys>, engine: Arc<EngineSlot>, state: watch::Sender<MapState>) {
+pub async fn run_map_stream(
+    coordinator: String,
+    keys: Arc<Keys>,
+    engine: Arc<EngineSlot>,
+    state: watch::Sender<MapState>,
+) {
     let mut backoff = Duration::from_millis(500);
     loop {
         match map_session(&coordinator, &keys, &engine, &state).await {
@@ -107,10 +120,28 @@ pub async fn run_map_stream(coordinator: String, keys: Arc<Keys>, engine: Arc<En
     }
 }
 
-async fn map_session(coordinator: &str, keys: &Keys, engine: &EngineSlot, state: &watch::Sender<MapState>) -> anyhow::Result<()> {
-    let url = format!("{}/api/v1/map", base_url(coordinator).replacen("http", "ws", 1));
-    let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.with_context(|| format!("connecting to {url}"))?;
-    let hello = Signed::sign(&keys.device, DOMAIN_MAP, &MapHello { timestamp: unix_now(), node_key: keys.node.public(), disco_key: keys.disco.public() });
+async fn map_session(
+    coordinator: &str,
+    keys: &Keys,
+    engine: &EngineSlot,
+    state: &watch::Sender<MapState>,
+) -> anyhow::Result<()> {
+    let url = format!(
+        "{}/api/v1/map",
+        base_url(coordinator).replacen("http", "ws", 1)
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(&url)
+        .await
+        .with_context(|| format!("connecting to {url}"))?;
+    let hello = Signed::sign(
+        &keys.device,
+        DOMAIN_MAP,
+        &MapHello {
+            timestamp: unix_now(),
+            node_key: keys.node.public(),
+            disco_key: keys.disco.public(),
+        },
+    );
     send(&mut ws, &ClientMessage::Hello { hello }).await?;
 
     let mut netmap: Option<NetMap> = None;
@@ -185,8 +216,11 @@ async fn map_session(coordinator: &str, keys: &Keys, engine: &EngineSlot, state:
     }
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn send(ws: &mut Ws, msg: &ClientMessage) -> anyhow::Result<()> {
-    ws.send(Message::text(serde_json::to_string(msg)?)).await.context("writing to the map stream")
+    ws.send(Message::text(serde_json::to_string(msg)?))
+        .await
+        .context("writing to the map stream")
 }

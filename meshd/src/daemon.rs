@@ -13,7 +13,8 @@ use tokio::task::JoinHandle;
 use crate::control::{self, MapState};
 use crate::engine::{Engine, EngineSlot, PeerStats, PingPath, PingReply, TunConfig};
 use crate::localapi::{
-    BackendState, NetcheckReport, PeerStatus, PingReport, RelayLatency, Request, Response, SelfStatus, Status, StunResult,
+    BackendState, NetcheckReport, PeerStatus, PingReport, RelayLatency, Request, Response,
+    SelfStatus, Status, StunResult,
 };
 use crate::netcheck;
 use crate::serve_compute;
@@ -73,11 +74,18 @@ pub struct Daemon {
 
 /// A relay region's short name, for people.
 fn region_code(netmap: &NetMap, region: u32) -> String {
-    netmap.relay_map.regions.iter().find(|r| r.id == region).map_or_else(|| region.to_string(), |r| r.code.clone())
+    netmap
+        .relay_map
+        .regions
+        .iter()
+        .find(|r| r.id == region)
+        .map_or_else(|| region.to_string(), |r| r.code.clone())
 }
 
 fn system_hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_else(|_| "device".into())
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "device".into())
 }
 
 impl Daemon {
@@ -88,7 +96,13 @@ impl Daemon {
             Some(c) => Some(serve_compute::load(&c.models_dir)?),
             None => None,
         };
-        Ok(Arc::new(Daemon { cfg, state, keys, session: Mutex::new(None), models }))
+        Ok(Arc::new(Daemon {
+            cfg,
+            state,
+            keys,
+            session: Mutex::new(None),
+            models,
+        }))
     }
 
     /// Rejoins the network the device was last up in.
@@ -102,9 +116,19 @@ impl Daemon {
     }
 
     fn start_session(&self, coordinator: String) -> Session {
-        let engine = Arc::new(EngineSlot::new(self.keys.node.clone(), self.keys.disco.clone(), self.cfg.tun.clone(), self.cfg.udp_port));
+        let engine = Arc::new(EngineSlot::new(
+            self.keys.node.clone(),
+            self.keys.disco.clone(),
+            self.cfg.tun.clone(),
+            self.cfg.udp_port,
+        ));
         let (tx, rx) = watch::channel(MapState::default());
-        let task = tokio::spawn(control::run_map_stream(coordinator.clone(), self.keys.clone(), engine.clone(), tx));
+        let task = tokio::spawn(control::run_map_stream(
+            coordinator.clone(),
+            self.keys.clone(),
+            engine.clone(),
+            tx,
+        ));
         let compute = match (&self.models, &self.cfg.compute) {
             (Some(models), Some(c)) => {
                 let (models, map, slots, queue) = (models.clone(), rx.clone(), c.slots, c.queue);
@@ -116,19 +140,35 @@ impl Daemon {
             }
             _ => None,
         };
-        Session { coordinator, engine, map: rx, task, compute }
+        Session {
+            coordinator,
+            engine,
+            map: rx,
+            task,
+            compute,
+        }
     }
 
     pub async fn handle(&self, req: Request) -> Response {
         let result = match req {
-            Request::Up { coordinator, auth_key, hostname } => self.up(coordinator, auth_key, hostname).await,
+            Request::Up {
+                coordinator,
+                auth_key,
+                hostname,
+            } => self.up(coordinator, auth_key, hostname).await,
             Request::Down => self.down().await,
             Request::Status => Ok(()),
             Request::Ping { peer, count } => {
-                return self.ping(&peer, count).await.map_or_else(|e| Response::Error(format!("{e:#}")), Response::Ping)
+                return self
+                    .ping(&peer, count)
+                    .await
+                    .map_or_else(|e| Response::Error(format!("{e:#}")), Response::Ping)
             }
             Request::Netcheck => {
-                return self.netcheck().await.map_or_else(|e| Response::Error(format!("{e:#}")), Response::Netcheck)
+                return self
+                    .netcheck()
+                    .await
+                    .map_or_else(|e| Response::Error(format!("{e:#}")), Response::Netcheck)
             }
         };
         match result {
@@ -140,7 +180,9 @@ impl Daemon {
     /// The running engine and the netmap it works from.
     async fn running(&self) -> anyhow::Result<(Arc<Engine>, NetMap)> {
         let session = self.session.lock().await;
-        let s = session.as_ref().ok_or_else(|| anyhow::anyhow!("not up: run `meshd up` first"))?;
+        let s = session
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("not up: run `meshd up` first"))?;
         let netmap = s.map.borrow().netmap.clone();
         match (s.engine.get(), netmap) {
             (Some(e), Some(m)) => Ok((e, m)),
@@ -162,7 +204,13 @@ impl Daemon {
                 tokio::time::sleep(PING_SPACING).await;
             }
             let reply = engine.ping(&node.node_key, PING_TIMEOUT).await?;
-            let direct = matches!(reply, Some(PingReply { path: PingPath::Direct { .. }, .. }));
+            let direct = matches!(
+                reply,
+                Some(PingReply {
+                    path: PingPath::Direct { .. },
+                    ..
+                })
+            );
             replies.push(reply);
             if direct {
                 break;
@@ -172,7 +220,12 @@ impl Daemon {
             peer: node.name.clone(),
             address: node.addresses.first().copied(),
             replies,
-            regions: netmap.relay_map.regions.iter().map(|r| (r.id, r.code.clone())).collect(),
+            regions: netmap
+                .relay_map
+                .regions
+                .iter()
+                .map(|r| (r.id, r.code.clone()))
+                .collect(),
         })
     }
 
@@ -181,7 +234,8 @@ impl Daemon {
         let servers = netcheck::stun_servers(&netmap.relay_map).await;
         let stun = engine.stun_report(&servers, STUN_WAIT).await;
         let mapped: Vec<SocketAddr> = stun.iter().filter_map(|(_, m)| *m).collect();
-        let mapping_varies_by_destination = (mapped.len() >= 2).then(|| mapped.iter().any(|m| *m != mapped[0]));
+        let mapping_varies_by_destination =
+            (mapped.len() >= 2).then(|| mapped.iter().any(|m| *m != mapped[0]));
         let relays = netcheck::relay_latencies(&netmap.relay_map)
             .await
             .into_iter()
@@ -195,13 +249,21 @@ impl Daemon {
             udp: !mapped.is_empty(),
             public_endpoint: mapped.first().copied(),
             mapping_varies_by_destination,
-            stun: stun.into_iter().map(|(server, mapped)| StunResult { server, mapped }).collect(),
+            stun: stun
+                .into_iter()
+                .map(|(server, mapped)| StunResult { server, mapped })
+                .collect(),
             relays,
             home_region: engine.home_region().map(|r| region_code(&netmap, r)),
         })
     }
 
-    async fn up(&self, coordinator: String, auth_key: String, hostname: Option<String>) -> anyhow::Result<()> {
+    async fn up(
+        &self,
+        coordinator: String,
+        auth_key: String,
+        hostname: Option<String>,
+    ) -> anyhow::Result<()> {
         let mut session = self.session.lock().await;
         if let Some(old) = session.take() {
             old.stop().await;
@@ -210,12 +272,20 @@ impl Daemon {
         let hostname = hostname.or(prefs.hostname).unwrap_or_else(system_hostname);
         let reg = control::register(&coordinator, &self.keys, &auth_key, &hostname).await?;
         tracing::info!(name = %reg.name, network = %reg.network, addresses = ?reg.addresses, "registered");
-        self.state.save_prefs(&Prefs { coordinator: Some(coordinator.clone()), hostname: Some(hostname), wants_up: true })?;
+        self.state.save_prefs(&Prefs {
+            coordinator: Some(coordinator.clone()),
+            hostname: Some(hostname),
+            wants_up: true,
+        })?;
         let new = self.start_session(coordinator);
         let mut map = new.map.clone();
         *session = Some(new);
         drop(session);
-        let ready = tokio::time::timeout(UP_TIMEOUT, map.wait_for(|m| m.netmap.is_some() || m.last_error.is_some())).await;
+        let ready = tokio::time::timeout(
+            UP_TIMEOUT,
+            map.wait_for(|m| m.netmap.is_some() || m.last_error.is_some()),
+        )
+        .await;
         match ready {
             Err(_) => anyhow::bail!("registered, but no netmap from the coordinator within {UP_TIMEOUT:?}; still trying"),
             Ok(Err(_)) => anyhow::bail!("map stream stopped"),
@@ -245,7 +315,9 @@ impl Daemon {
             peers: Vec::new(),
             counters: Default::default(),
         };
-        let Some(s) = session.as_ref() else { return status };
+        let Some(s) = session.as_ref() else {
+            return status;
+        };
         status.coordinator = Some(s.coordinator.clone());
         let map = s.map.borrow();
         status.coordinator_connected = map.connected;
@@ -273,9 +345,17 @@ impl Daemon {
             .map(|p| {
                 let stats = engine.peer_stats(&p.node_key);
                 let path = match stats.as_ref() {
-                    Some(PeerStats { endpoint: Some(ep), direct: true, .. }) => format!("direct {ep}"),
-                    Some(PeerStats { relay: Some(r), .. }) => format!("relay {}", region_code(netmap, *r)),
-                    Some(PeerStats { endpoint: Some(ep), .. }) => format!("trying {ep}"),
+                    Some(PeerStats {
+                        endpoint: Some(ep),
+                        direct: true,
+                        ..
+                    }) => format!("direct {ep}"),
+                    Some(PeerStats { relay: Some(r), .. }) => {
+                        format!("relay {}", region_code(netmap, *r))
+                    }
+                    Some(PeerStats {
+                        endpoint: Some(ep), ..
+                    }) => format!("trying {ep}"),
                     _ => "none".to_owned(),
                 };
                 PeerStatus {

@@ -20,7 +20,9 @@ pub fn usable(ip: IpAddr, overlay: &[IpPrefix]) -> bool {
 
 /// The endpoints to report, sorted, for a socket on `port`.
 pub fn local_endpoints(port: u16, overlay: &[IpPrefix], tun_name: &str) -> Vec<SocketAddr> {
-    let Ok(ifaces) = if_addrs::get_if_addrs() else { return Vec::new() };
+    let Ok(ifaces) = if_addrs::get_if_addrs() else {
+        return Vec::new();
+    };
     let mut out: Vec<SocketAddr> = ifaces
         .into_iter()
         .filter(|i| i.name != tun_name)

@@ -17,11 +17,18 @@ const MAX_REQUEST: u64 = 64 * 1024;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Request {
-    Up { coordinator: String, auth_key: String, hostname: Option<String> },
+    Up {
+        coordinator: String,
+        auth_key: String,
+        hostname: Option<String>,
+    },
     Down,
     Status,
     /// Disco pings to a peer (by name or overlay address).
-    Ping { peer: String, count: u32 },
+    Ping {
+        peer: String,
+        count: u32,
+    },
     Netcheck,
 }
 
@@ -133,9 +140,12 @@ pub async fn call(socket: &Path, req: &Request) -> anyhow::Result<Status> {
 
 /// Sends one request to the daemon at `socket` and returns its reply.
 pub async fn exchange(socket: &Path, req: &Request) -> anyhow::Result<Response> {
-    let stream = UnixStream::connect(socket)
-        .await
-        .with_context(|| format!("connecting to meshd at {} (is `meshd daemon` running?)", socket.display()))?;
+    let stream = UnixStream::connect(socket).await.with_context(|| {
+        format!(
+            "connecting to meshd at {} (is `meshd daemon` running?)",
+            socket.display()
+        )
+    })?;
     let (read, mut write) = stream.into_split();
     let mut line = serde_json::to_string(req)?;
     line.push('\n');
@@ -172,7 +182,8 @@ where
                     Ok(req) => handle(req).await,
                 },
             };
-            let mut out = serde_json::to_string(&response).unwrap_or_else(|_| "{\"error\":\"encoding\"}".into());
+            let mut out = serde_json::to_string(&response)
+                .unwrap_or_else(|_| "{\"error\":\"encoding\"}".into());
             out.push('\n');
             let _ = write.write_all(out.as_bytes()).await;
         });
@@ -214,7 +225,9 @@ mod tests {
         raw.write_all(b"{nonsense\n").await.unwrap();
         let mut reply = String::new();
         BufReader::new(raw).read_line(&mut reply).await.unwrap();
-        assert!(matches!(serde_json::from_str(&reply).unwrap(), Response::Error(m) if m.contains("invalid request")));
+        assert!(
+            matches!(serde_json::from_str(&reply).unwrap(), Response::Error(m) if m.contains("invalid request"))
+        );
         assert!(call(&path, &Request::Status).await.is_ok());
     }
 }

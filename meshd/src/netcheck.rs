@@ -11,12 +11,18 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 pub async fn relay_latencies(map: &RelayMap) -> Vec<(u32, Option<Duration>)> {
     let mut out = Vec::with_capacity(map.regions.len());
     for region in &map.regions {
-        let Some(addr) = region.urls.first().and_then(|u| derp_relay::client::relay_authority(u).ok()) else {
+        let Some(addr) = region
+            .urls
+            .first()
+            .and_then(|u| derp_relay::client::relay_authority(u).ok())
+        else {
             out.push((region.id, None));
             continue;
         };
         let start = Instant::now();
-        let rtt = match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(&addr)).await {
+        let rtt = match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(&addr))
+            .await
+        {
             Ok(Ok(_)) => Some(start.elapsed()),
             _ => None,
         };
@@ -27,7 +33,11 @@ pub async fn relay_latencies(map: &RelayMap) -> Vec<(u32, Option<Duration>)> {
 
 /// The region with the lowest latency.
 pub fn pick_home(latencies: &[(u32, Option<Duration>)]) -> Option<u32> {
-    latencies.iter().filter_map(|(id, rtt)| rtt.map(|r| (r, *id))).min().map(|(_, id)| id)
+    latencies
+        .iter()
+        .filter_map(|(id, rtt)| rtt.map(|r| (r, *id)))
+        .min()
+        .map(|(_, id)| id)
 }
 
 /// The STUN servers of every region, resolved.
@@ -50,6 +60,5 @@ mod tests {
         let ms = |n| Some(Duration::from_millis(n));
         assert_eq!(pick_home(&[(1, ms(30)), (2, ms(10)), (3, None)]), Some(2));
         assert_eq!(pick_home(&[(1, None)]), None);
-
     }
 }

@@ -91,7 +91,9 @@ impl PathState {
 
     /// The direct path, while trusted.
     pub fn direct(&self, now: Instant) -> Option<SocketAddr> {
-        self.best.filter(|b| now.saturating_duration_since(b.last_pong) < TRUST).map(|b| b.addr)
+        self.best
+            .filter(|b| now.saturating_duration_since(b.last_pong) < TRUST)
+            .map(|b| b.addr)
     }
 
     fn ping(&mut self, to: SocketAddr, now: Instant, out: &mut Vec<Out>) {
@@ -113,7 +115,8 @@ impl PathState {
     /// What to send now. Call on every timer tick and whenever traffic to
     /// the peer has no direct path.
     pub fn poll(&mut self, now: Instant, has_relay: bool, out: &mut Vec<Out>) {
-        self.pending.retain(|(_, _, sent)| now.saturating_duration_since(*sent) < PING_TIMEOUT);
+        self.pending
+            .retain(|(_, _, sent)| now.saturating_duration_since(*sent) < PING_TIMEOUT);
         if !self.active(now) {
             return;
         }
@@ -122,7 +125,9 @@ impl PathState {
                 if since(now, self.last_round).is_none_or(|d| d >= DISCOVERY) {
                     self.ping_all(now, out);
                 }
-                if has_relay && since(now, self.last_call_me_maybe).is_none_or(|d| d >= CALL_ME_MAYBE) {
+                if has_relay
+                    && since(now, self.last_call_me_maybe).is_none_or(|d| d >= CALL_ME_MAYBE)
+                {
                     self.last_call_me_maybe = Some(now);
                     out.push(Out::CallMeMaybe);
                 }
@@ -143,7 +148,10 @@ impl PathState {
     /// A pong arrived over UDP from `from`. Returns its round-trip time if
     /// it answered one of our pings.
     pub fn on_pong(&mut self, tx: &TxId, from: SocketAddr, now: Instant) -> Option<Duration> {
-        let i = self.pending.iter().position(|(t, addr, _)| t == tx && *addr == from)?;
+        let i = self
+            .pending
+            .iter()
+            .position(|(t, addr, _)| t == tx && *addr == from)?;
         let (_, addr, sent) = self.pending.remove(i);
         let latency = now.saturating_duration_since(sent);
         let replace = match self.best {
@@ -153,7 +161,12 @@ impl PathState {
             Some(b) => latency.as_secs_f64() < b.latency.as_secs_f64() * BETTER_BY,
         };
         if replace {
-            self.best = Some(Best { addr, latency, last_pong: now, last_ping: now });
+            self.best = Some(Best {
+                addr,
+                latency,
+                last_pong: now,
+                last_ping: now,
+            });
         }
         Some(latency)
     }
@@ -191,7 +204,15 @@ mod tests {
     }
 
     fn pings(out: &[Out]) -> Vec<SocketAddr> {
-        out.iter().filter_map(|o| if let Out::Ping { to, .. } = o { Some(*to) } else { None }).collect()
+        out.iter()
+            .filter_map(|o| {
+                if let Out::Ping { to, .. } = o {
+                    Some(*to)
+                } else {
+                    None
+                }
+            })
+            .collect()
     }
 
     #[test]
@@ -213,8 +234,13 @@ mod tests {
         p.poll(t0, true, &mut out);
         assert_eq!(pings(&out).len(), 2);
         assert!(out.contains(&Out::CallMeMaybe));
-        let Out::Ping { tx, to } = out[1].clone() else { panic!() };
-        assert_eq!(p.on_pong(&tx, to, t0 + Duration::from_millis(3)), Some(Duration::from_millis(3)));
+        let Out::Ping { tx, to } = out[1].clone() else {
+            panic!()
+        };
+        assert_eq!(
+            p.on_pong(&tx, to, t0 + Duration::from_millis(3)),
+            Some(Duration::from_millis(3))
+        );
         assert_eq!(p.direct(t0 + Duration::from_millis(3)), Some(to));
         // A pong for a ping we never sent, or from elsewhere, counts for nothing.
         assert_eq!(p.on_pong(&[9; 12], to, t0), None);
@@ -232,7 +258,9 @@ mod tests {
         p.note_activity(now);
         let mut out = Vec::new();
         p.poll(now, false, &mut out);
-        let Out::Ping { tx, .. } = out[0].clone() else { panic!() };
+        let Out::Ping { tx, .. } = out[0].clone() else {
+            panic!()
+        };
         p.on_pong(&tx, a, now);
         // Thirty seconds of traffic, ticks every 250 ms, every pong answered.
         for _ in 0..120 {
@@ -259,15 +287,21 @@ mod tests {
         let mut out = Vec::new();
         p.poll(t0, true, &mut out);
         let tx_of = |out: &[Out], a: SocketAddr| {
-            out.iter().find_map(|o| match o {
-                Out::Ping { tx, to } if *to == a => Some(*tx),
-                _ => None,
-            }).unwrap()
+            out.iter()
+                .find_map(|o| match o {
+                    Out::Ping { tx, to } if *to == a => Some(*tx),
+                    _ => None,
+                })
+                .unwrap()
         };
         p.on_pong(&tx_of(&out, slow), slow, t0 + Duration::from_millis(20));
         assert_eq!(p.direct(t0 + Duration::from_millis(20)), Some(slow));
         p.on_pong(&tx_of(&out, fast), fast, t0 + Duration::from_millis(21));
-        assert_eq!(p.direct(t0 + Duration::from_millis(21)), Some(slow), "not faster: sent at the same time");
+        assert_eq!(
+            p.direct(t0 + Duration::from_millis(21)),
+            Some(slow),
+            "not faster: sent at the same time"
+        );
         // The upgrade round finds fast clearly quicker.
         let t1 = t0 + UPGRADE + Duration::from_millis(1);
         p.note_activity(t1);
@@ -294,12 +328,26 @@ mod tests {
     fn punch(a_nat: bool, b_nat: bool, loss_every: usize, limit: Duration) -> Option<Duration> {
         let t0 = Instant::now();
         let mut sides = [
-            Side { paths: PathState::default(), public: addr("198.51.100.1:40000"), filtered: a_nat, opened: vec![] },
-            Side { paths: PathState::default(), public: addr("198.51.100.2:40000"), filtered: b_nat, opened: vec![] },
+            Side {
+                paths: PathState::default(),
+                public: addr("198.51.100.1:40000"),
+                filtered: a_nat,
+                opened: vec![],
+            },
+            Side {
+                paths: PathState::default(),
+                public: addr("198.51.100.2:40000"),
+                filtered: b_nat,
+                opened: vec![],
+            },
         ];
         // Each knows the other's public (STUN) endpoint and a useless private one.
-        sides[0].paths.set_candidates(&[addr("192.168.1.2:41641"), sides[1].public]);
-        sides[1].paths.set_candidates(&[addr("192.168.7.9:41641"), sides[0].public]);
+        sides[0]
+            .paths
+            .set_candidates(&[addr("192.168.1.2:41641"), sides[1].public]);
+        sides[1]
+            .paths
+            .set_candidates(&[addr("192.168.7.9:41641"), sides[0].public]);
         let latency = Duration::from_millis(15);
         let mut in_flight: Vec<(Instant, usize, Msg)> = Vec::new();
         #[derive(Clone)]
@@ -310,7 +358,8 @@ mod tests {
         }
         let mut sent = 0usize;
         let mut now = t0;
-        let publics: HashMap<usize, SocketAddr> = [(0, sides[0].public), (1, sides[1].public)].into();
+        let publics: HashMap<usize, SocketAddr> =
+            [(0, sides[0].public), (1, sides[1].public)].into();
         while now - t0 < limit {
             // Traffic flows both ways (over the relay at first).
             for (i, side) in sides.iter_mut().enumerate() {
@@ -323,15 +372,22 @@ mod tests {
                         Out::Ping { tx, to } => {
                             side.opened.push(to);
                             sent += 1;
-                            if to == publics[&other] && (loss_every == 0 || !sent.is_multiple_of(loss_every)) {
+                            if to == publics[&other]
+                                && (loss_every == 0 || !sent.is_multiple_of(loss_every))
+                            {
                                 in_flight.push((now + latency, other, Msg::Ping(tx, publics[&i])));
                             }
                         }
-                        Out::CallMeMaybe => in_flight.push((now + latency * 3, other, Msg::CallMeMaybe(vec![publics[&i]]))),
+                        Out::CallMeMaybe => in_flight.push((
+                            now + latency * 3,
+                            other,
+                            Msg::CallMeMaybe(vec![publics[&i]]),
+                        )),
                     }
                 }
             }
-            let (due, later): (Vec<_>, Vec<_>) = in_flight.into_iter().partition(|(t, _, _)| *t <= now);
+            let (due, later): (Vec<_>, Vec<_>) =
+                in_flight.into_iter().partition(|(t, _, _)| *t <= now);
             in_flight = later;
             for (_, to, msg) in due {
                 let from_other = publics[&(1 - to)];
@@ -347,7 +403,11 @@ mod tests {
                         for o in back {
                             if let Out::Ping { tx, to: dst } = o {
                                 if dst == publics[&(1 - to)] {
-                                    in_flight.push((now + latency, 1 - to, Msg::Ping(tx, publics[&to])));
+                                    in_flight.push((
+                                        now + latency,
+                                        1 - to,
+                                        Msg::Ping(tx, publics[&to]),
+                                    ));
                                 }
                             }
                         }
@@ -363,7 +423,11 @@ mod tests {
                             if let Out::Ping { tx, to: dst } = o {
                                 sides[to].opened.push(dst);
                                 if dst == publics[&(1 - to)] {
-                                    in_flight.push((now + latency, 1 - to, Msg::Ping(tx, publics[&to])));
+                                    in_flight.push((
+                                        now + latency,
+                                        1 - to,
+                                        Msg::Ping(tx, publics[&to]),
+                                    ));
                                 }
                             }
                         }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use compute::manifest::{verified_path, ModelKind, MANIFEST};
 use compute::server::{ComputeServer, Models};
-use compute::{Embedder, Generator};
+use compute::{EmbedBatcher, Embedder, Generator};
 use platform::netmap::NetMap;
 use tokio::sync::watch;
 
@@ -23,7 +23,10 @@ const CHAT_CONTEXT: u32 = 2048;
 /// Loads every manifest model present and intact in `dir` (others are
 /// skipped with a warning: a device serves what it has).
 pub fn load(dir: &Path) -> anyhow::Result<Models> {
-    let mut loaded = Models { embedder: None, generator: None };
+    let mut loaded = Models {
+        embedder: None,
+        generator: None,
+    };
     for spec in &MANIFEST {
         let path = match verified_path(dir, spec) {
             Ok(p) => p,
@@ -33,12 +36,27 @@ pub fn load(dir: &Path) -> anyhow::Result<Models> {
             }
         };
         match spec.kind {
-            ModelKind::Embedding => loaded.embedder = Some((spec.name.to_owned(), Arc::new(Embedder::load(&path)?))),
-            ModelKind::Chat => loaded.generator = Some((spec.name.to_owned(), Arc::new(Generator::load(&path, CHAT_CONTEXT)?))),
+            ModelKind::Embedding => {
+                let embedder = Arc::new(Embedder::load(&path)?);
+                loaded.embedder = Some((
+                    spec.name.to_owned(),
+                    Arc::new(EmbedBatcher::start(embedder)?),
+                ));
+            }
+            ModelKind::Chat => {
+                loaded.generator = Some((
+                    spec.name.to_owned(),
+                    Arc::new(Generator::load(&path, CHAT_CONTEXT)?),
+                ))
+            }
         }
         tracing::info!(model = spec.name, "model loaded");
     }
-    anyhow::ensure!(loaded.embedder.is_some() || loaded.generator.is_some(), "no model to serve in {} (run `meshd models fetch`)", dir.display());
+    anyhow::ensure!(
+        loaded.embedder.is_some() || loaded.generator.is_some(),
+        "no model to serve in {} (run `meshd models fetch`)",
+        dir.display()
+    );
     Ok(loaded)
 }
 
@@ -47,15 +65,31 @@ fn whois(netmap: &NetMap, ip: IpAddr) -> Option<String> {
     if netmap.self_node.addresses.contains(&ip) {
         return Some(netmap.self_node.name.clone());
     }
-    netmap.peers.values().find(|p| p.addresses.contains(&ip)).map(|p| p.name.clone())
+    netmap
+        .peers
+        .values()
+        .find(|p| p.addresses.contains(&ip))
+        .map(|p| p.name.clone())
 }
 
 /// Waits for the first netmap, then serves on each overlay address until
 /// the task is dropped.
-pub async fn serve(models: Models, mut map: watch::Receiver<MapState>, slots: usize, queue: usize) -> anyhow::Result<()> {
-    let netmap = map.wait_for(|m| m.netmap.is_some()).await.context("session ended")?.netmap.clone().context("netmap")?;
+pub async fn serve(
+    models: Models,
+    mut map: watch::Receiver<MapState>,
+    slots: usize,
+    queue: usize,
+) -> anyhow::Result<()> {
+    let netmap = map
+        .wait_for(|m| m.netmap.is_some())
+        .await
+        .context("session ended")?
+        .netmap
+        .clone()
+        .context("netmap")?;
     let lookup = map.clone();
-    let whois = Arc::new(move |ip: IpAddr| lookup.borrow().netmap.as_ref().and_then(|n| whois(n, ip)));
+    let whois =
+        Arc::new(move |ip: IpAddr| lookup.borrow().netmap.as_ref().and_then(|n| whois(n, ip)));
     let server = ComputeServer::new(models, netmap.self_node.name.clone(), whois, slots, queue);
     let mut tasks = Vec::new();
     for addr in &netmap.self_node.addresses {
@@ -68,10 +102,17 @@ pub async fn serve(models: Models, mut map: watch::Receiver<MapState>, slots: us
             }
         };
         tracing::info!(%bind, "compute API listening");
-        let app = server.router().into_make_service_with_connect_info::<SocketAddr>();
-        tasks.push(tokio::spawn(async move { axum::serve(listener, app).await }));
+        let app = server
+            .router()
+            .into_make_service_with_connect_info::<SocketAddr>();
+        tasks.push(tokio::spawn(
+            async move { axum::serve(listener, app).await },
+        ));
     }
-    anyhow::ensure!(!tasks.is_empty(), "could not bind the compute API on any overlay address");
+    anyhow::ensure!(
+        !tasks.is_empty(),
+        "could not bind the compute API on any overlay address"
+    );
     for t in tasks {
         t.await??;
     }
@@ -110,8 +151,14 @@ mod tests {
             relay_map: RelayMap::default(),
             dns: DnsConfig::default(),
         };
-        assert_eq!(whois(&map, IpAddr::from([100, 64, 0, 2])).as_deref(), Some("alpha"));
-        assert_eq!(whois(&map, IpAddr::from([100, 64, 0, 1])).as_deref(), Some("beta"));
+        assert_eq!(
+            whois(&map, IpAddr::from([100, 64, 0, 2])).as_deref(),
+            Some("alpha")
+        );
+        assert_eq!(
+            whois(&map, IpAddr::from([100, 64, 0, 1])).as_deref(),
+            Some("beta")
+        );
         assert_eq!(whois(&map, IpAddr::from([10, 0, 0, 9])), None);
     }
 }

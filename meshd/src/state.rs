@@ -58,7 +58,8 @@ pub struct StateDir(PathBuf);
 
 impl StateDir {
     pub fn open(path: &Path) -> anyhow::Result<Self> {
-        fs::create_dir_all(path).with_context(|| format!("creating state dir {}", path.display()))?;
+        fs::create_dir_all(path)
+            .with_context(|| format!("creating state dir {}", path.display()))?;
         fs::set_permissions(path, fs::Permissions::from_mode(0o700))?;
         Ok(StateDir(path.to_owned()))
     }
@@ -67,8 +68,10 @@ impl StateDir {
     pub fn keys(&self) -> anyhow::Result<Keys> {
         let path = self.0.join(KEYS_FILE);
         if path.exists() {
-            let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-            let f: KeysFile = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+            let text =
+                fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+            let f: KeysFile = serde_json::from_str(&text)
+                .with_context(|| format!("parsing {}", path.display()))?;
             let bad = |what: &str| format!("{} holds an invalid {what} key", path.display());
             return Ok(Keys {
                 node: f.node.parse().with_context(|| bad("node"))?,
@@ -76,7 +79,11 @@ impl StateDir {
                 device: f.device.parse().with_context(|| bad("device"))?,
             });
         }
-        let keys = Keys { node: NodePrivate::generate(), disco: DiscoPrivate::generate(), device: DevicePrivate::generate() };
+        let keys = Keys {
+            node: NodePrivate::generate(),
+            disco: DiscoPrivate::generate(),
+            device: DevicePrivate::generate(),
+        };
         let f = KeysFile {
             node: keys.node.to_secret_text(),
             device: keys.device.to_secret_text(),
@@ -96,7 +103,11 @@ impl StateDir {
     }
 
     pub fn save_prefs(&self, prefs: &Prefs) -> anyhow::Result<()> {
-        write_private(&self.0.join(PREFS_FILE), serde_json::to_string_pretty(prefs)?.as_bytes(), 0o600)
+        write_private(
+            &self.0.join(PREFS_FILE),
+            serde_json::to_string_pretty(prefs)?.as_bytes(),
+            0o600,
+        )
     }
 }
 
@@ -112,8 +123,15 @@ mod tests {
         let again = state.keys().unwrap();
         assert_eq!(first.node.public(), again.node.public());
         assert_eq!(first.device.public(), again.device.public());
-        assert_ne!(first.disco.public(), again.disco.public(), "disco key is per start");
-        let mode = fs::metadata(dir.path().join(KEYS_FILE)).unwrap().permissions().mode();
+        assert_ne!(
+            first.disco.public(),
+            again.disco.public(),
+            "disco key is per start"
+        );
+        let mode = fs::metadata(dir.path().join(KEYS_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
     }
 
@@ -122,7 +140,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let state = StateDir::open(dir.path()).unwrap();
         assert_eq!(state.prefs().unwrap(), Prefs::default());
-        let p = Prefs { coordinator: Some("http://c:8080".into()), hostname: None, wants_up: true };
+        let p = Prefs {
+            coordinator: Some("http://c:8080".into()),
+            hostname: None,
+            wants_up: true,
+        };
         state.save_prefs(&p).unwrap();
         assert_eq!(state.prefs().unwrap(), p);
     }

@@ -34,9 +34,16 @@ impl FromStr for StaticPeer {
             .next()
             .context("peer: missing allowed IPs")?
             .split('+')
-            .map(|ip| ip.parse::<IpAddr>().with_context(|| format!("peer: allowed IP {ip:?}")))
+            .map(|ip| {
+                ip.parse::<IpAddr>()
+                    .with_context(|| format!("peer: allowed IP {ip:?}"))
+            })
             .collect::<anyhow::Result<Vec<_>>>()?;
-        Ok(StaticPeer { public_key, endpoint, allowed })
+        Ok(StaticPeer {
+            public_key,
+            endpoint,
+            allowed,
+        })
     }
 }
 
@@ -56,12 +63,25 @@ fn node(id: i64, key: NodePublic, addresses: Vec<IpAddr>, endpoints: Vec<SocketA
 }
 
 /// Runs until SIGTERM or Ctrl-C.
-pub async fn run(private_key_file: &std::path::Path, tun: TunConfig, port: u16, address: IpPrefix, peers: Vec<StaticPeer>) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(private_key_file).with_context(|| format!("reading {}", private_key_file.display()))?;
-    let private = NodePrivate::from_base64(&text).context("private key file must hold a base64 key (wg genkey)")?;
+pub async fn run(
+    private_key_file: &std::path::Path,
+    tun: TunConfig,
+    port: u16,
+    address: IpPrefix,
+    peers: Vec<StaticPeer>,
+) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(private_key_file)
+        .with_context(|| format!("reading {}", private_key_file.display()))?;
+    let private = NodePrivate::from_base64(&text)
+        .context("private key file must hold a base64 key (wg genkey)")?;
     let mut peer_map = std::collections::BTreeMap::new();
     for (i, p) in peers.iter().enumerate() {
-        let n = node(i as i64 + 1, p.public_key, p.allowed.clone(), p.endpoint.into_iter().collect());
+        let n = node(
+            i as i64 + 1,
+            p.public_key,
+            p.allowed.clone(),
+            p.endpoint.into_iter().collect(),
+        );
         peer_map.insert(p.public_key, n);
     }
     let netmap = NetMap {
@@ -73,7 +93,14 @@ pub async fn run(private_key_file: &std::path::Path, tun: TunConfig, port: u16, 
         dns: DnsConfig::default(),
     };
     // Static peers are plain WireGuard: the disco key is never used.
-    let engine = Engine::start(private, platform::keys::DiscoPrivate::generate(), &tun, &netmap.self_node.addresses, &netmap.routes, port)?;
+    let engine = Engine::start(
+        private,
+        platform::keys::DiscoPrivate::generate(),
+        &tun,
+        &netmap.self_node.addresses,
+        &netmap.routes,
+        port,
+    )?;
     engine.set_netmap(&netmap);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
@@ -91,12 +118,16 @@ mod tests {
     #[test]
     fn parses_peer_specs() {
         let key = NodePrivate::generate().public().to_base64();
-        let p: StaticPeer = format!("{key},10.0.0.2:51820,100.64.3.2+fd00::2").parse().unwrap();
+        let p: StaticPeer = format!("{key},10.0.0.2:51820,100.64.3.2+fd00::2")
+            .parse()
+            .unwrap();
         assert_eq!(p.endpoint, Some("10.0.0.2:51820".parse().unwrap()));
         assert_eq!(p.allowed.len(), 2);
         let p: StaticPeer = format!("{key},,100.64.3.2").parse().unwrap();
         assert_eq!(p.endpoint, None);
-        assert!(format!("{key},nope,100.64.3.2").parse::<StaticPeer>().is_err());
+        assert!(format!("{key},nope,100.64.3.2")
+            .parse::<StaticPeer>()
+            .is_err());
         assert!("short,,1.2.3.4".parse::<StaticPeer>().is_err());
     }
 }

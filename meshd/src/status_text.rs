@@ -14,11 +14,18 @@ fn bytes(n: u64) -> String {
         v /= 1024.0;
         unit += 1;
     }
-    if unit == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[unit]) }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
 }
 
 fn addrs(a: &[IpAddr]) -> String {
-    a.iter().map(ToString::to_string).collect::<Vec<_>>().join(" ")
+    a.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 pub fn render(s: &Status) -> String {
@@ -29,11 +36,22 @@ pub fn render(s: &Status) -> String {
             return out;
         }
         (BackendState::Starting, _) | (_, None) => {
-            let _ = writeln!(out, "starting: waiting for the coordinator at {}", s.coordinator.as_deref().unwrap_or("?"));
+            let _ = writeln!(
+                out,
+                "starting: waiting for the coordinator at {}",
+                s.coordinator.as_deref().unwrap_or("?")
+            );
             return out;
         }
         (BackendState::Running, Some(me)) => {
-            let _ = writeln!(out, "{:<28} {:<16} {} (this device, network {})", addrs(&me.addresses), me.name, me.tun, me.network);
+            let _ = writeln!(
+                out,
+                "{:<28} {:<16} {} (this device, network {})",
+                addrs(&me.addresses),
+                me.name,
+                me.tun,
+                me.network
+            );
         }
     }
     if let Some(me) = &s.self_ {
@@ -51,7 +69,9 @@ pub fn render(s: &Status) -> String {
         let _ = writeln!(out, "# coordinator unreachable; using the last netmap");
     }
     for p in &s.peers {
-        let handshake = p.last_handshake_secs_ago.map_or("never".to_owned(), |t| format!("{t}s ago"));
+        let handshake = p
+            .last_handshake_secs_ago
+            .map_or("never".to_owned(), |t| format!("{t}s ago"));
         let _ = writeln!(
             out,
             "{:<28} {:<16} {:<9} {:<8} {:<28} handshake {:<9} rx {} tx {}",
@@ -71,7 +91,9 @@ pub fn render(s: &Status) -> String {
 /// `meshd ping` output: one line per ping.
 pub fn render_ping(r: &PingReport) -> String {
     let mut out = String::new();
-    let who = r.address.map_or(r.peer.clone(), |a| format!("{} ({a})", r.peer));
+    let who = r
+        .address
+        .map_or(r.peer.clone(), |a| format!("{} ({a})", r.peer));
     for reply in &r.replies {
         match reply {
             None => {
@@ -81,11 +103,19 @@ pub fn render_ping(r: &PingReport) -> String {
                 let via = match &p.path {
                     PingPath::Direct { endpoint } => format!("via {endpoint}"),
                     PingPath::Relay { region } => {
-                        let code = r.regions.iter().find(|(id, _)| id == region).map_or(region.to_string(), |(_, c)| c.clone());
+                        let code = r
+                            .regions
+                            .iter()
+                            .find(|(id, _)| id == region)
+                            .map_or(region.to_string(), |(_, c)| c.clone());
                         format!("via relay {code}")
                     }
                 };
-                let _ = writeln!(out, "pong from {who} {via} in {:.2} ms", p.rtt_us as f64 / 1000.0);
+                let _ = writeln!(
+                    out,
+                    "pong from {who} {via} in {:.2} ms",
+                    p.rtt_us as f64 / 1000.0
+                );
             }
         }
     }
@@ -97,16 +127,31 @@ pub fn render_netcheck(r: &NetcheckReport) -> String {
     let mut out = String::new();
     let yes_no = |b: bool| if b { "yes" } else { "no" };
     let _ = writeln!(out, "UDP: {}", yes_no(r.udp));
-    let _ = writeln!(out, "public endpoint: {}", r.public_endpoint.map_or("unknown".to_owned(), |e| e.to_string()));
-    let varies = r.mapping_varies_by_destination.map_or("unknown (fewer than two STUN answers)", |v| yes_no(v));
+    let _ = writeln!(
+        out,
+        "public endpoint: {}",
+        r.public_endpoint
+            .map_or("unknown".to_owned(), |e| e.to_string())
+    );
+    let varies = r
+        .mapping_varies_by_destination
+        .map_or("unknown (fewer than two STUN answers)", |v| yes_no(v));
     let _ = writeln!(out, "mapping varies by destination: {varies}");
     for s in &r.stun {
-        let seen = s.mapped.map_or("no answer".to_owned(), |m| format!("saw {m}"));
+        let seen = s
+            .mapped
+            .map_or("no answer".to_owned(), |m| format!("saw {m}"));
         let _ = writeln!(out, "  STUN {}: {seen}", s.server);
     }
-    let _ = writeln!(out, "home relay: {}", r.home_region.as_deref().unwrap_or("none"));
+    let _ = writeln!(
+        out,
+        "home relay: {}",
+        r.home_region.as_deref().unwrap_or("none")
+    );
     for l in &r.relays {
-        let lat = l.latency_ms.map_or("unreachable".to_owned(), |ms| format!("{ms:.2} ms"));
+        let lat = l
+            .latency_ms
+            .map_or("unreachable".to_owned(), |ms| format!("{ms:.2} ms"));
         let _ = writeln!(out, "  relay {} ({}): {lat}", l.code, l.region);
     }
     out

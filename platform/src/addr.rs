@@ -57,11 +57,16 @@ impl IpPrefix {
                 IpAddr::V4(Ipv4Addr::from(u32::from(v4) & mask))
             }
             IpAddr::V6(v6) => {
-                let mask = u128::MAX.checked_shl(128 - u32::from(self.len)).unwrap_or(0);
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.len))
+                    .unwrap_or(0);
                 IpAddr::V6(Ipv6Addr::from(u128::from(v6) & mask))
             }
         };
-        IpPrefix { addr, len: self.len }
+        IpPrefix {
+            addr,
+            len: self.len,
+        }
     }
 
     pub fn contains(&self, ip: IpAddr) -> bool {
@@ -71,7 +76,9 @@ impl IpPrefix {
                 u32::from(net) & mask == u32::from(ip) & mask
             }
             (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX.checked_shl(128 - u32::from(self.len)).unwrap_or(0);
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.len))
+                    .unwrap_or(0);
                 u128::from(net) & mask == u128::from(ip) & mask
             }
             _ => false,
@@ -89,7 +96,9 @@ impl FromStr for IpPrefix {
     type Err = PrefixParseError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let (a, l) = s.split_once('/').ok_or(PrefixParseError::MissingSlash)?;
-        let addr: IpAddr = a.parse().map_err(|_| PrefixParseError::BadAddress(a.to_owned()))?;
+        let addr: IpAddr = a
+            .parse()
+            .map_err(|_| PrefixParseError::BadAddress(a.to_owned()))?;
         let len: u8 = l.parse().map_err(|_| PrefixParseError::BadLength)?;
         Self::new(addr, len)
     }
@@ -120,7 +129,10 @@ impl UlaPrefix {
     pub fn prefix(&self) -> IpPrefix {
         let mut b = [0u8; 16];
         b[..6].copy_from_slice(&self.0);
-        IpPrefix { addr: IpAddr::V6(Ipv6Addr::from(b)), len: 48 }
+        IpPrefix {
+            addr: IpAddr::V6(Ipv6Addr::from(b)),
+            len: 48,
+        }
     }
 
     /// The device address for a sequence number: the number in the low bits.
@@ -221,7 +233,14 @@ mod tests {
         assert_eq!(p.network().to_string(), "100.64.3.0/24");
         let p: IpPrefix = "fd01:203:405::7/48".parse().unwrap();
         assert_eq!(p.network().to_string(), "fd01:203:405::/48");
-        assert_eq!("1.2.3.4/0".parse::<IpPrefix>().unwrap().network().to_string(), "0.0.0.0/0");
+        assert_eq!(
+            "1.2.3.4/0"
+                .parse::<IpPrefix>()
+                .unwrap()
+                .network()
+                .to_string(),
+            "0.0.0.0/0"
+        );
     }
 
     proptest! {

@@ -85,12 +85,20 @@ impl Timestamped for MapHello {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ClientMessage {
     /// First message: proves the device key ([`MapHello`] inside).
-    Hello { hello: Signed },
+    Hello {
+        hello: Signed,
+    },
     /// The device's direct endpoints changed.
-    Endpoints { endpoints: Vec<SocketAddr> },
-    Heartbeat { capabilities: Option<Capabilities> },
+    Endpoints {
+        endpoints: Vec<SocketAddr>,
+    },
+    Heartbeat {
+        capabilities: Option<Capabilities>,
+    },
     /// The relay region the device listens on (lowest latency).
-    HomeRegion { region: u32 },
+    HomeRegion {
+        region: u32,
+    },
 }
 
 /// Coordinator → device on the map stream.
@@ -98,10 +106,16 @@ pub enum ClientMessage {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerMessage {
     /// Sent once, first.
-    Full { netmap: Box<NetMap> },
-    Delta { changes: Vec<PeerChange> },
+    Full {
+        netmap: Box<NetMap>,
+    },
+    Delta {
+        changes: Vec<PeerChange>,
+    },
     /// The stream is closing for this reason.
-    Error { error: ApiErrorBody },
+    Error {
+        error: ApiErrorBody,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -235,8 +249,17 @@ mod tests {
 
     #[test]
     fn rest_bodies_round_trip() {
-        round_trip(&ApiError { error: ApiErrorBody { code: "bad_request".into(), message: "x".into() } });
-        round_trip(&CreatePreauthKey { reusable: true, ephemeral: false, expiry_secs: Some(3600) });
+        round_trip(&ApiError {
+            error: ApiErrorBody {
+                code: "bad_request".into(),
+                message: "x".into(),
+            },
+        });
+        round_trip(&CreatePreauthKey {
+            reusable: true,
+            ephemeral: false,
+            expiry_secs: Some(3600),
+        });
         let defaults: CreatePreauthKey = serde_json::from_str("{}").unwrap();
         assert_eq!(defaults, CreatePreauthKey::default());
         round_trip(&CreateWireguardPeer {

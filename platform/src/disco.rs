@@ -61,7 +61,9 @@ pub enum DiscoError {
 }
 
 fn cipher(mine: &DiscoPrivate, theirs: &DiscoPublic) -> ChaCha20Poly1305 {
-    let shared = mine.to_dalek().diffie_hellman(&x25519_dalek::PublicKey::from(*theirs.as_bytes()));
+    let shared = mine
+        .to_dalek()
+        .diffie_hellman(&x25519_dalek::PublicKey::from(*theirs.as_bytes()));
     let mut h = Sha256::new();
     h.update(DOMAIN);
     h.update(shared.as_bytes());
@@ -138,11 +140,21 @@ impl Message {
                 let tx: TxId = rest[..12].try_into().map_err(|_| DiscoError::Malformed)?;
                 rest = &rest[12..];
                 if kind == 1 {
-                    let key: [u8; 32] = rest.get(..32).ok_or(DiscoError::Malformed)?.try_into().map_err(|_| DiscoError::Malformed)?;
+                    let key: [u8; 32] = rest
+                        .get(..32)
+                        .ok_or(DiscoError::Malformed)?
+                        .try_into()
+                        .map_err(|_| DiscoError::Malformed)?;
                     rest = &rest[32..];
-                    Message::Ping { tx, node_key: NodePublic::from_bytes(key) }
+                    Message::Ping {
+                        tx,
+                        node_key: NodePublic::from_bytes(key),
+                    }
                 } else {
-                    Message::Pong { tx, src: take_addr(&mut rest)? }
+                    Message::Pong {
+                        tx,
+                        src: take_addr(&mut rest)?,
+                    }
                 }
             }
             3 => {
@@ -186,20 +198,30 @@ pub fn sender(packet: &[u8]) -> Result<DiscoPublic, DiscoError> {
     if !is_disco(packet) {
         return Err(DiscoError::NotDisco);
     }
-    let key: [u8; 32] = packet.get(6..38).ok_or(DiscoError::Short)?.try_into().map_err(|_| DiscoError::Short)?;
+    let key: [u8; 32] = packet
+        .get(6..38)
+        .ok_or(DiscoError::Short)?
+        .try_into()
+        .map_err(|_| DiscoError::Short)?;
     Ok(DiscoPublic::from_bytes(key))
 }
 
 /// Opens a message sent to `me` by the holder of `from`.
 pub fn open(packet: &[u8], me: &DiscoPrivate, from: &DiscoPublic) -> Result<Message, DiscoError> {
     if packet.len() < HEADER + 16 {
-        return Err(if is_disco(packet) { DiscoError::Short } else { DiscoError::NotDisco });
+        return Err(if is_disco(packet) {
+            DiscoError::Short
+        } else {
+            DiscoError::NotDisco
+        });
     }
     if sender(packet)? != *from {
         return Err(DiscoError::BadSeal);
     }
     let nonce = &packet[38..50];
-    let plain = cipher(me, from).decrypt(Nonce::from_slice(nonce), &packet[HEADER..]).map_err(|_| DiscoError::BadSeal)?;
+    let plain = cipher(me, from)
+        .decrypt(Nonce::from_slice(nonce), &packet[HEADER..])
+        .map_err(|_| DiscoError::BadSeal)?;
     Message::parse(&plain)
 }
 
@@ -227,9 +249,13 @@ mod tests {
 
     fn arb_message() -> impl Strategy<Value = Message> {
         prop_oneof![
-            (any::<[u8; 12]>(), any::<[u8; 32]>()).prop_map(|(tx, k)| Message::Ping { tx, node_key: NodePublic::from_bytes(k) }),
+            (any::<[u8; 12]>(), any::<[u8; 32]>()).prop_map(|(tx, k)| Message::Ping {
+                tx,
+                node_key: NodePublic::from_bytes(k)
+            }),
             (any::<[u8; 12]>(), arb_addr()).prop_map(|(tx, src)| Message::Pong { tx, src }),
-            proptest::collection::vec(arb_addr(), 0..MAX_ENDPOINTS).prop_map(|endpoints| Message::CallMeMaybe { endpoints }),
+            proptest::collection::vec(arb_addr(), 0..MAX_ENDPOINTS)
+                .prop_map(|endpoints| Message::CallMeMaybe { endpoints }),
         ]
     }
 
@@ -262,7 +288,10 @@ mod tests {
     #[test]
     fn tampering_is_detected() {
         let (a, b) = (DiscoPrivate::generate(), DiscoPrivate::generate());
-        let mut sealed = Message::CallMeMaybe { endpoints: vec!["10.0.0.1:5".parse().unwrap()] }.seal(&a, &b.public());
+        let mut sealed = Message::CallMeMaybe {
+            endpoints: vec!["10.0.0.1:5".parse().unwrap()],
+        }
+        .seal(&a, &b.public());
         let last = sealed.len() - 1;
         sealed[last] ^= 1;
         assert_eq!(open(&sealed, &b, &a.public()), Err(DiscoError::BadSeal));

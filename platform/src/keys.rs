@@ -118,7 +118,9 @@ macro_rules! x25519_keys {
                 BASE64.encode(self.0)
             }
             pub fn from_base64(s: &str) -> Result<Self, KeyParseError> {
-                let v = BASE64.decode(s.trim()).map_err(|_| KeyParseError::BadBase64)?;
+                let v = BASE64
+                    .decode(s.trim())
+                    .map_err(|_| KeyParseError::BadBase64)?;
                 let bytes: [u8; 32] = v.try_into().map_err(|_| KeyParseError::BadBase64)?;
                 Ok(Self(bytes))
             }
@@ -156,7 +158,9 @@ macro_rules! x25519_keys {
             }
             /// Reads a private key as `wg genkey` writes it.
             pub fn from_base64(s: &str) -> Result<Self, KeyParseError> {
-                let v = BASE64.decode(s.trim()).map_err(|_| KeyParseError::BadBase64)?;
+                let v = BASE64
+                    .decode(s.trim())
+                    .map_err(|_| KeyParseError::BadBase64)?;
                 let bytes: [u8; 32] = v.try_into().map_err(|_| KeyParseError::BadBase64)?;
                 Ok(Self::from_bytes(bytes))
             }
@@ -166,7 +170,13 @@ macro_rules! x25519_keys {
 }
 
 x25519_keys!(NodePublic, NodePrivate, "nodekey", "privkey", "node key");
-x25519_keys!(DiscoPublic, DiscoPrivate, "discokey", "discopriv", "disco key");
+x25519_keys!(
+    DiscoPublic,
+    DiscoPrivate,
+    "discokey",
+    "discopriv",
+    "disco key"
+);
 
 /// An Ed25519 key pair family (device key, coordinator key).
 macro_rules! ed25519_keys {
@@ -226,8 +236,20 @@ macro_rules! ed25519_keys {
     };
 }
 
-ed25519_keys!(DevicePublic, DevicePrivate, "devkey", "devpriv", "device key");
-ed25519_keys!(CoordinatorPublic, CoordinatorPrivate, "coordkey", "coordpriv", "coordinator key");
+ed25519_keys!(
+    DevicePublic,
+    DevicePrivate,
+    "devkey",
+    "devpriv",
+    "device key"
+);
+ed25519_keys!(
+    CoordinatorPublic,
+    CoordinatorPrivate,
+    "coordkey",
+    "coordpriv",
+    "coordinator key"
+);
 
 #[cfg(test)]
 mod tests {
@@ -255,9 +277,14 @@ mod tests {
         let as_disco = k.replacen("nodekey", "discokey", 1);
         assert_eq!(
             as_disco.parse::<NodePublic>(),
-            Err(KeyParseError::WrongPrefix { expected: "nodekey" })
+            Err(KeyParseError::WrongPrefix {
+                expected: "nodekey"
+            })
         );
-        assert_eq!("nodekey:zz".parse::<NodePublic>(), Err(KeyParseError::BadHex));
+        assert_eq!(
+            "nodekey:zz".parse::<NodePublic>(),
+            Err(KeyParseError::BadHex)
+        );
         assert!("nodekey".parse::<NodePublic>().is_err());
     }
 

@@ -91,10 +91,20 @@ pub struct NetMap {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum PeerChange {
     /// A peer appeared, or its record changed as a whole (re-registration).
-    Upsert { node: Node },
-    Removed { node_key: NodePublic },
-    Endpoints { node_key: NodePublic, endpoints: Vec<SocketAddr> },
-    Online { node_key: NodePublic, online: bool },
+    Upsert {
+        node: Node,
+    },
+    Removed {
+        node_key: NodePublic,
+    },
+    Endpoints {
+        node_key: NodePublic,
+        endpoints: Vec<SocketAddr>,
+    },
+    Online {
+        node_key: NodePublic,
+        online: bool,
+    },
 }
 
 impl PeerChange {
@@ -124,7 +134,10 @@ impl NetMap {
                 PeerChange::Removed { node_key } => {
                     self.peers.remove(node_key);
                 }
-                PeerChange::Endpoints { node_key, endpoints } => {
+                PeerChange::Endpoints {
+                    node_key,
+                    endpoints,
+                } => {
                     if let Some(p) = self.peers.get_mut(node_key) {
                         p.endpoints.clone_from(endpoints);
                     }
@@ -165,7 +178,10 @@ impl NetMap {
                         });
                     }
                     if old.online != new.online {
-                        out.push(PeerChange::Online { node_key: *key, online: new.online });
+                        out.push(PeerChange::Online {
+                            node_key: *key,
+                            online: new.online,
+                        });
                     }
                 }
             }
@@ -225,7 +241,11 @@ pub(crate) mod tests {
             .prop_map(move |(id, name, wg, eps, online, v4)| Node {
                 id,
                 name,
-                kind: if wg { NodeKind::Wireguard } else { NodeKind::Mesh },
+                kind: if wg {
+                    NodeKind::Wireguard
+                } else {
+                    NodeKind::Mesh
+                },
                 node_key: NodePublic::from_bytes([key; 32]),
                 disco_key: (!wg).then(|| crate::keys::DiscoPublic::from_bytes([key ^ 0xff; 32])),
                 addresses: vec![IpAddr::V4(Ipv4Addr::from(v4))],
@@ -312,8 +332,27 @@ pub(crate) mod tests {
     #[test]
     fn coalesce_keeps_last_endpoint_update() {
         let k = NodePublic::from_bytes([3; 32]);
-        let e = |p| PeerChange::Endpoints { node_key: k, endpoints: vec![SocketAddr::from(([1, 1, 1, 1], p))] };
-        let out = coalesce(vec![e(1), PeerChange::Online { node_key: k, online: true }, e(2)]);
-        assert_eq!(out, vec![PeerChange::Online { node_key: k, online: true }, e(2)]);
+        let e = |p| PeerChange::Endpoints {
+            node_key: k,
+            endpoints: vec![SocketAddr::from(([1, 1, 1, 1], p))],
+        };
+        let out = coalesce(vec![
+            e(1),
+            PeerChange::Online {
+                node_key: k,
+                online: true,
+            },
+            e(2),
+        ]);
+        assert_eq!(
+            out,
+            vec![
+                PeerChange::Online {
+                    node_key: k,
+                    online: true
+                },
+                e(2)
+            ]
+        );
     }
 }

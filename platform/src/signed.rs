@@ -57,7 +57,11 @@ impl Signed {
     pub fn sign<T: Serialize>(key: &DevicePrivate, domain: &str, payload: &T) -> Self {
         let payload = serde_json::to_string(payload).expect("payload types serialize");
         let signature = hex::encode(key.sign(&message(domain, &payload)));
-        Signed { device_key: key.public(), payload, signature }
+        Signed {
+            device_key: key.public(),
+            payload,
+            signature,
+        }
     }
 
     /// Checks the signature for `domain`, then the payload's shape and age.
@@ -67,12 +71,16 @@ impl Signed {
         now_unix: u64,
     ) -> Result<T, SignedError> {
         let mut sig = [0u8; 64];
-        hex::decode_to_slice(&self.signature, &mut sig).map_err(|_| SignedError::MalformedSignature)?;
-        if !self.device_key.verify(&message(domain, &self.payload), &sig) {
+        hex::decode_to_slice(&self.signature, &mut sig)
+            .map_err(|_| SignedError::MalformedSignature)?;
+        if !self
+            .device_key
+            .verify(&message(domain, &self.payload), &sig)
+        {
             return Err(SignedError::BadSignature);
         }
-        let value: T =
-            serde_json::from_str(&self.payload).map_err(|e| SignedError::BadPayload(e.to_string()))?;
+        let value: T = serde_json::from_str(&self.payload)
+            .map_err(|e| SignedError::BadPayload(e.to_string()))?;
         let skew = now_unix.abs_diff(value.timestamp());
         if skew > MAX_CLOCK_SKEW_SECS {
             return Err(SignedError::Stale(skew));
@@ -100,24 +108,60 @@ mod tests {
     #[test]
     fn domain_separation() {
         let k = DevicePrivate::generate();
-        let s = Signed::sign(&k, DOMAIN_REGISTER, &Ping { timestamp: 100, text: "x".into() });
+        let s = Signed::sign(
+            &k,
+            DOMAIN_REGISTER,
+            &Ping {
+                timestamp: 100,
+                text: "x".into(),
+            },
+        );
         assert!(s.verify::<Ping>(DOMAIN_REGISTER, 100).is_ok());
-        assert_eq!(s.verify::<Ping>(DOMAIN_MAP, 100), Err(SignedError::BadSignature));
+        assert_eq!(
+            s.verify::<Ping>(DOMAIN_MAP, 100),
+            Err(SignedError::BadSignature)
+        );
     }
 
     #[test]
     fn tampering_and_staleness() {
         let k = DevicePrivate::generate();
-        let mut s = Signed::sign(&k, DOMAIN_MAP, &Ping { timestamp: 1000, text: "x".into() });
-        assert_eq!(s.verify::<Ping>(DOMAIN_MAP, 2000), Err(SignedError::Stale(1000)));
+        let mut s = Signed::sign(
+            &k,
+            DOMAIN_MAP,
+            &Ping {
+                timestamp: 1000,
+                text: "x".into(),
+            },
+        );
+        assert_eq!(
+            s.verify::<Ping>(DOMAIN_MAP, 2000),
+            Err(SignedError::Stale(1000))
+        );
         s.payload = s.payload.replace("\"x\"", "\"y\"");
-        assert_eq!(s.verify::<Ping>(DOMAIN_MAP, 1000), Err(SignedError::BadSignature));
+        assert_eq!(
+            s.verify::<Ping>(DOMAIN_MAP, 1000),
+            Err(SignedError::BadSignature)
+        );
         s.signature = "abc".into();
-        assert_eq!(s.verify::<Ping>(DOMAIN_MAP, 1000), Err(SignedError::MalformedSignature));
+        assert_eq!(
+            s.verify::<Ping>(DOMAIN_MAP, 1000),
+            Err(SignedError::MalformedSignature)
+        );
         let other = DevicePrivate::generate();
-        let mut s = Signed::sign(&k, DOMAIN_MAP, &Ping { timestamp: 1000, text: "x".into() });
+        let mut s = Signed::sign(
+            &k,
+            DOMAIN_MAP,
+            &Ping {
+                timestamp: 1000,
+                text: "x".into(),
+            },
+        );
         s.device_key = other.public();
-        assert_eq!(s.verify::<Ping>(DOMAIN_MAP, 1000), Err(SignedError::BadSignature));
+        assert_eq!(
+            s.verify::<Ping>(DOMAIN_MAP, 1000),
+            Err(SignedError::BadSignature)
+        );
     }
 
     proptest! {

@@ -34,7 +34,10 @@ pub fn bin(name: &str) -> PathBuf {
 /// Runs a network-namespace test in a fresh lab: needs root; prints the
 /// lab's logs and fails on error; the lab is removed either way.
 pub fn run_lab(test: impl FnOnce(&mut Lab) -> anyhow::Result<()>) {
-    assert!(is_root(), "network-namespace tests need root (run the README's test command)");
+    assert!(
+        is_root(),
+        "network-namespace tests need root (run the README's test command)"
+    );
     let mut lab = Lab::new().expect("creating the lab");
     if let Err(e) = test(&mut lab) {
         eprintln!("{}", lab.logs());
@@ -44,7 +47,10 @@ pub fn run_lab(test: impl FnOnce(&mut Lab) -> anyhow::Result<()>) {
 
 /// `main` of a lab program (demo, benchmarks): needs root, runs `job` in a
 /// fresh lab, prints the lab's logs on failure; the lab is removed either way.
-pub fn lab_main(what: &str, job: impl FnOnce(&mut Lab) -> anyhow::Result<()>) -> std::process::ExitCode {
+pub fn lab_main(
+    what: &str,
+    job: impl FnOnce(&mut Lab) -> anyhow::Result<()>,
+) -> std::process::ExitCode {
     if !is_root() {
         eprintln!("run the {what} as root: it creates network namespaces");
         return std::process::ExitCode::FAILURE;
@@ -67,14 +73,21 @@ pub fn lab_main(what: &str, job: impl FnOnce(&mut Lab) -> anyhow::Result<()>) ->
 
 pub fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
-        .map(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+        })
         .unwrap_or(false)
 }
 
 fn run(cmd: &mut Command) -> anyhow::Result<Output> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
-        bail!("{cmd:?} failed: {}{}", String::from_utf8_lossy(&out.stderr), String::from_utf8_lossy(&out.stdout));
+        bail!(
+            "{cmd:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
     }
     Ok(out)
 }
@@ -102,7 +115,13 @@ impl Lab {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
         let switch = format!("{prefix}-sw");
-        let lab = Lab { prefix, switch: switch.clone(), hosts: Vec::new(), children: Vec::new(), dir };
+        let lab = Lab {
+            prefix,
+            switch: switch.clone(),
+            hosts: Vec::new(),
+            children: Vec::new(),
+            dir,
+        };
         ip(&["netns", "add", &switch])?;
         ip(&["-n", &switch, "link", "add", "br0", "type", "bridge"])?;
         ip(&["-n", &switch, "link", "set", "br0", "up"])?;
@@ -116,13 +135,47 @@ impl Lab {
         ip(&["netns", "add", &ns])?;
         self.hosts.push(ns.clone());
         let port = format!("p{last}");
-        ip(&["-n", &self.switch, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
-        ip(&["-n", &self.switch, "link", "set", &port, "master", "br0", "up"])?;
+        ip(&[
+            "-n",
+            &self.switch,
+            "link",
+            "add",
+            &port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &ns,
+        ])?;
+        ip(&[
+            "-n",
+            &self.switch,
+            "link",
+            "set",
+            &port,
+            "master",
+            "br0",
+            "up",
+        ])?;
         let addr = Ipv4Addr::new(10, 99, 0, last);
-        ip(&["-n", &ns, "addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{addr}/24"),
+            "dev",
+            "eth0",
+        ])?;
         ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
         ip(&["-n", &ns, "link", "set", "lo", "up"])?;
-        Ok(Host { ns, addr, name: name.to_owned() })
+        Ok(Host {
+            ns,
+            addr,
+            name: name.to_owned(),
+        })
     }
 
     /// Adds a NAT router on the bridge at 10.99.0.`last` and a host behind it
@@ -130,16 +183,40 @@ impl Lab {
     /// address. `nat` picks the mapping behaviour. Like a home router, it
     /// drops unsolicited packets from outside (before they leave conntrack
     /// entries that would change later mappings).
-    pub fn host_behind_nat(&mut self, name: &str, last: u8, nat: Nat) -> anyhow::Result<(Host, Host)> {
+    pub fn host_behind_nat(
+        &mut self,
+        name: &str,
+        last: u8,
+        nat: Nat,
+    ) -> anyhow::Result<(Host, Host)> {
         let router = self.host(&format!("{name}-nat"), last)?;
         let ns = format!("{}-{name}", self.prefix);
         ip(&["netns", "add", &ns])?;
         self.hosts.push(ns.clone());
-        ip(&["-n", &router.ns, "link", "add", "lan0", "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
+        ip(&[
+            "-n", &router.ns, "link", "add", "lan0", "type", "veth", "peer", "name", "eth0",
+            "netns", &ns,
+        ])?;
         let lan = |h: u8| format!("192.168.{last}.{h}");
-        ip(&["-n", &router.ns, "addr", "add", &format!("{}/24", lan(1)), "dev", "lan0"])?;
+        ip(&[
+            "-n",
+            &router.ns,
+            "addr",
+            "add",
+            &format!("{}/24", lan(1)),
+            "dev",
+            "lan0",
+        ])?;
         ip(&["-n", &router.ns, "link", "set", "lan0", "up"])?;
-        ip(&["-n", &ns, "addr", "add", &format!("{}/24", lan(2)), "dev", "eth0"])?;
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{}/24", lan(2)),
+            "dev",
+            "eth0",
+        ])?;
         ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
         ip(&["-n", &ns, "link", "set", "lo", "up"])?;
         ip(&["-n", &ns, "route", "add", "default", "via", &lan(1)])?;
@@ -154,19 +231,35 @@ impl Lab {
                chain wan {{ type filter hook prerouting priority -150; iifname \"eth0\" ct state new drop; }}\n\
              }}\n"
         );
-        router.run("bash", &["-c", &format!("printf '%s' '{rules}' | nft -f -")])?;
-        let host = Host { ns, addr: Ipv4Addr::new(192, 168, last, 2), name: name.to_owned() };
+        router.run(
+            "bash",
+            &["-c", &format!("printf '%s' '{rules}' | nft -f -")],
+        )?;
+        let host = Host {
+            ns,
+            addr: Ipv4Addr::new(192, 168, last, 2),
+            name: name.to_owned(),
+        };
         Ok((router, host))
     }
 
     /// Starts a long-running process in `host`; it is killed with the lab.
-    pub fn spawn(&mut self, host: &Host, program: &Path, args: &[&str], log: &str) -> anyhow::Result<u32> {
+    pub fn spawn(
+        &mut self,
+        host: &Host,
+        program: &Path,
+        args: &[&str],
+        log: &str,
+    ) -> anyhow::Result<u32> {
         let log_file = std::fs::File::create(self.dir.join(log))?;
         let child = Command::new("ip")
             .args(["netns", "exec", &host.ns])
             .arg(program)
             .args(args)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file)
@@ -206,7 +299,10 @@ impl Lab {
 }
 
 fn terminate(child: &mut Child) {
-    let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline {
         if let Ok(Some(_)) = child.try_wait() {
@@ -260,7 +356,9 @@ impl Host {
     /// Runs a command inside the namespace and returns its output, failing
     /// on a non-zero exit.
     pub fn run(&self, program: &str, args: &[&str]) -> anyhow::Result<String> {
-        let out = run(Command::new("ip").args(["netns", "exec", &self.ns, program]).args(args))?;
+        let out = run(Command::new("ip")
+            .args(["netns", "exec", &self.ns, program])
+            .args(args))?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
@@ -284,7 +382,11 @@ impl Host {
              }}\n",
             p = peer.addr
         );
-        self.run("bash", &["-c", &format!("printf '%s' '{rules}' | nft -f -")]).map(drop)
+        self.run(
+            "bash",
+            &["-c", &format!("printf '%s' '{rules}' | nft -f -")],
+        )
+        .map(drop)
     }
 
     /// One ping to `target` with a one-second wait.
@@ -295,14 +397,20 @@ impl Host {
     /// Waits until something accepts TCP connections on `addr:port`.
     pub fn wait_tcp(&self, addr: &str, port: u16, timeout: Duration) -> anyhow::Result<()> {
         let script = format!("exec 3<>/dev/tcp/{addr}/{port}");
-        wait_until(timeout, &format!("{addr}:{port} accepting in {}", self.name), || {
-            self.succeeds("bash", &["-c", &script])
-        })
+        wait_until(
+            timeout,
+            &format!("{addr}:{port} accepting in {}", self.name),
+            || self.succeeds("bash", &["-c", &script]),
+        )
     }
 }
 
 /// Polls `cond` every 50 ms until it holds or `timeout` passes.
-pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) -> anyhow::Result<()> {
+pub fn wait_until(
+    timeout: Duration,
+    what: &str,
+    mut cond: impl FnMut() -> bool,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
         if cond() {
@@ -333,32 +441,84 @@ impl Coordinator {
     }
 
     /// Like [`Coordinator::start`], delivering `relay_map` (JSON) in netmaps.
-    pub fn start_with_relays(lab: &mut Lab, host: Host, network: &str, relay_map: Option<&str>) -> anyhow::Result<Coordinator> {
+    pub fn start_with_relays(
+        lab: &mut Lab,
+        host: Host,
+        network: &str,
+        relay_map: Option<&str>,
+    ) -> anyhow::Result<Coordinator> {
         let state = lab.dir.join("coordinator");
         let state = state.to_str().context("utf-8 path")?.to_owned();
         let coord = bin("coordinator");
         let c = coord.to_str().context("utf-8 path")?;
-        let admin_token = host.run(c, &["init", "--state-dir", &state])?.trim().to_owned();
+        let admin_token = host
+            .run(c, &["init", "--state-dir", &state])?
+            .trim()
+            .to_owned();
         host.run(c, &["network", "create", network, "--state-dir", &state])?;
-        let auth_key =
-            host.run(c, &["preauth-key", "create", "--network", network, "--reusable", "--state-dir", &state])?.trim().to_owned();
+        let auth_key = host
+            .run(
+                c,
+                &[
+                    "preauth-key",
+                    "create",
+                    "--network",
+                    network,
+                    "--reusable",
+                    "--state-dir",
+                    &state,
+                ],
+            )?
+            .trim()
+            .to_owned();
         let listen = format!("{}:{COORDINATOR_PORT}", host.addr);
-        let mut args = vec!["serve".to_owned(), "--state-dir".to_owned(), state.clone(), "--listen".to_owned(), listen.clone()];
+        let mut args = vec![
+            "serve".to_owned(),
+            "--state-dir".to_owned(),
+            state.clone(),
+            "--listen".to_owned(),
+            listen.clone(),
+        ];
         if let Some(map) = relay_map {
             let path = lab.dir.join("relay-map.json");
             std::fs::write(&path, map)?;
-            args.extend(["--relay-map".to_owned(), path.to_str().context("utf-8")?.to_owned()]);
+            args.extend([
+                "--relay-map".to_owned(),
+                path.to_str().context("utf-8")?.to_owned(),
+            ]);
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let pid = lab.spawn(&host, &coord, &args, "coordinator.log")?;
-        host.wait_tcp(&host.addr.to_string(), COORDINATOR_PORT, Duration::from_secs(10))?;
-        Ok(Coordinator { url: format!("http://{listen}"), host, admin_token, auth_key, network: network.to_owned(), pid, state })
+        host.wait_tcp(
+            &host.addr.to_string(),
+            COORDINATOR_PORT,
+            Duration::from_secs(10),
+        )?;
+        Ok(Coordinator {
+            url: format!("http://{listen}"),
+            host,
+            admin_token,
+            auth_key,
+            network: network.to_owned(),
+            pid,
+            state,
+        })
     }
 
     /// A relay token, written to a file in the lab.
     pub fn relay_token_file(&self, lab: &Lab, name: &str) -> anyhow::Result<PathBuf> {
         let coord = bin("coordinator");
-        let token = self.host.run(coord.to_str().context("utf-8")?, &["relay-token", "create", "--name", name, "--state-dir", &self.state])?;
+        let token = self.host.run(
+            coord.to_str().context("utf-8")?,
+            &[
+                "relay-token",
+                "create",
+                "--name",
+                name,
+                "--state-dir",
+                &self.state,
+            ],
+        )?;
         let path = lab.dir.join(format!("{name}.token"));
         std::fs::write(&path, token.trim())?;
         Ok(path)
@@ -368,7 +528,16 @@ impl Coordinator {
     pub fn api(&self, method: &str, path: &str, body: Option<&str>) -> anyhow::Result<Value> {
         let url = format!("{}{path}", self.url);
         let auth = format!("authorization: Bearer {}", self.admin_token);
-        let mut args = vec!["-sS", "--fail-with-body", "-X", method, "-H", &auth, "-H", "content-type: application/json"];
+        let mut args = vec![
+            "-sS",
+            "--fail-with-body",
+            "-X",
+            method,
+            "-H",
+            &auth,
+            "-H",
+            "content-type: application/json",
+        ];
         if let Some(b) = body {
             args.extend(["--data", b]);
         }
@@ -394,18 +563,42 @@ impl Device {
 
     /// Like [`Device::start`], with extra `meshd daemon` flags.
     pub fn start_with(lab: &mut Lab, host: Host, extra: &[&str]) -> anyhow::Result<Device> {
-        let state_dir = lab.dir.join(format!("{}-state", host.name)).to_str().context("utf-8")?.to_owned();
-        let socket = lab.dir.join(format!("{}.sock", host.name)).to_str().context("utf-8")?.to_owned();
+        let state_dir = lab
+            .dir
+            .join(format!("{}-state", host.name))
+            .to_str()
+            .context("utf-8")?
+            .to_owned();
+        let socket = lab
+            .dir
+            .join(format!("{}.sock", host.name))
+            .to_str()
+            .context("utf-8")?
+            .to_owned();
         let pid = Self::spawn_daemon(lab, &host, &state_dir, &socket, extra)?;
-        Ok(Device { host, socket, state_dir, pid, extra: extra.iter().map(|s| s.to_string()).collect() })
+        Ok(Device {
+            host,
+            socket,
+            state_dir,
+            pid,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        })
     }
 
-    fn spawn_daemon(lab: &mut Lab, host: &Host, state_dir: &str, socket: &str, extra: &[&str]) -> anyhow::Result<u32> {
+    fn spawn_daemon(
+        lab: &mut Lab,
+        host: &Host,
+        state_dir: &str,
+        socket: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<u32> {
         let log = format!("meshd-{}.log", host.name);
         let mut args = vec!["--socket", socket, "daemon", "--state-dir", state_dir];
         args.extend_from_slice(extra);
         let pid = lab.spawn(host, &bin("meshd"), &args, &log)?;
-        wait_until(Duration::from_secs(10), "meshd socket", || Path::new(socket).exists())?;
+        wait_until(Duration::from_secs(10), "meshd socket", || {
+            Path::new(socket).exists()
+        })?;
         Ok(pid)
     }
 
@@ -431,7 +624,15 @@ impl Device {
     }
 
     pub fn up(&self, coord: &Coordinator) -> anyhow::Result<String> {
-        self.meshd(&["up", "--coordinator", &coord.url, "--auth-key", &coord.auth_key, "--hostname", &self.host.name])
+        self.meshd(&[
+            "up",
+            "--coordinator",
+            &coord.url,
+            "--auth-key",
+            &coord.auth_key,
+            "--hostname",
+            &self.host.name,
+        ])
     }
 
     pub fn status(&self) -> anyhow::Result<Value> {
@@ -441,15 +642,25 @@ impl Device {
     /// This device's overlay addresses (IPv4, IPv6) from its status.
     pub fn overlay(&self) -> anyhow::Result<(String, String)> {
         let st = self.status()?;
-        let addrs = st["self"]["addresses"].as_array().context("no self addresses in status")?;
-        let get = |i: usize| addrs.get(i).and_then(Value::as_str).map(str::to_owned).context("address missing");
+        let addrs = st["self"]["addresses"]
+            .as_array()
+            .context("no self addresses in status")?;
+        let get = |i: usize| {
+            addrs
+                .get(i)
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+                .context("address missing")
+        };
         Ok((get(0)?, get(1)?))
     }
 
     /// The status entry of the peer called `name`.
     pub fn peer(&self, name: &str) -> anyhow::Result<Option<Value>> {
         let st = self.status()?;
-        Ok(st["peers"].as_array().and_then(|ps| ps.iter().find(|p| p["name"] == name).cloned()))
+        Ok(st["peers"]
+            .as_array()
+            .and_then(|ps| ps.iter().find(|p| p["name"] == name).cloned()))
     }
 }
 
@@ -480,21 +691,39 @@ impl Relay {
         let stun = format!("{}:{STUN_PORT}", host.addr);
         let stun2 = format!("{}:{STUN_PORT_2}", host.addr);
         let args = [
-            "--listen", &listen,
-            "--stun-listen", &stun,
-            "--stun-listen", &stun2,
-            "--coordinator", &coord.url,
-            "--token-file", token.to_str().context("utf-8")?,
-            "--key-file", key.to_str().context("utf-8")?,
+            "--listen",
+            &listen,
+            "--stun-listen",
+            &stun,
+            "--stun-listen",
+            &stun2,
+            "--coordinator",
+            &coord.url,
+            "--token-file",
+            token.to_str().context("utf-8")?,
+            "--key-file",
+            key.to_str().context("utf-8")?,
         ];
-        let pid = lab.spawn(&host, &bin("derp-relay"), &args, &format!("relay-{}.log", host.name))?;
+        let pid = lab.spawn(
+            &host,
+            &bin("derp-relay"),
+            &args,
+            &format!("relay-{}.log", host.name),
+        )?;
         host.wait_tcp(&host.addr.to_string(), RELAY_PORT, Duration::from_secs(10))?;
-        Ok(Relay { url: format!("http://{listen}"), host, pid })
+        Ok(Relay {
+            url: format!("http://{listen}"),
+            host,
+            pid,
+        })
     }
 
     /// The relay's Prometheus metrics.
     pub fn metrics(&self) -> anyhow::Result<String> {
-        self.host.run("curl", &["-sS", "--max-time", "5", &format!("{}/metrics", self.url)])
+        self.host.run(
+            "curl",
+            &["-sS", "--max-time", "5", &format!("{}/metrics", self.url)],
+        )
     }
 }
 
@@ -508,15 +737,26 @@ pub fn transfer(lab: &Lab, from: &Host, url_base: &str, n: usize) -> anyhow::Res
     );
     let out = from.run("bash", &["-c", &script])?;
     let lines: Vec<&str> = out.lines().collect();
-    anyhow::ensure!(lines.len() == 2 && lines[0] == lines[1] && lines[0].len() == 64, "transfer from {url_base} corrupt: {out}");
+    anyhow::ensure!(
+        lines.len() == 2 && lines[0] == lines[1] && lines[0].len() == 64,
+        "transfer from {url_base} corrupt: {out}"
+    );
     let size = std::fs::metadata(file)?.len();
-    anyhow::ensure!(size == n as u64, "transfer from {url_base}: {size} of {n} bytes");
+    anyhow::ensure!(
+        size == n as u64,
+        "transfer from {url_base}: {size} of {n} bytes"
+    );
     Ok(())
 }
 
 /// Serves `overlay-httpd` on `addr:8000` in `host` and waits until it answers.
 pub fn serve_http(lab: &mut Lab, host: &Host, addr: &str) -> anyhow::Result<String> {
-    lab.spawn(host, &bin("overlay-httpd"), &[&format!("{addr}:8000"), &host.name], &format!("httpd-{}.log", host.name))?;
+    lab.spawn(
+        host,
+        &bin("overlay-httpd"),
+        &[&format!("{addr}:8000"), &host.name],
+        &format!("httpd-{}.log", host.name),
+    )?;
     host.wait_tcp(addr, 8000, Duration::from_secs(5))?;
     Ok(format!("http://{addr}:8000"))
 }
@@ -524,8 +764,12 @@ pub fn serve_http(lab: &mut Lab, host: &Host, addr: &str) -> anyhow::Result<Stri
 /// Where the test command and the demo keep the models (`$CRANK_MODELS_DIR`,
 /// default `~/.cache/crank-mesh/models`).
 pub fn models_dir() -> String {
-    std::env::var("CRANK_MODELS_DIR")
-        .unwrap_or_else(|_| format!("{}/.cache/crank-mesh/models", std::env::var("HOME").unwrap_or_default()))
+    std::env::var("CRANK_MODELS_DIR").unwrap_or_else(|_| {
+        format!(
+            "{}/.cache/crank-mesh/models",
+            std::env::var("HOME").unwrap_or_default()
+        )
+    })
 }
 
 /// An iperf3 TCP stream from `from` to an iperf3 server started in `server`
@@ -540,9 +784,19 @@ pub fn iperf_stream(
     secs: u32,
     rate: &str,
 ) -> anyhow::Result<std::thread::JoinHandle<anyhow::Result<Value>>> {
-    lab.spawn(server, Path::new("iperf3"), &["-s", "-B", server_ip], &format!("iperf3-{}.log", server.name))?;
+    lab.spawn(
+        server,
+        Path::new("iperf3"),
+        &["-s", "-B", server_ip],
+        &format!("iperf3-{}.log", server.name),
+    )?;
     server.wait_tcp(server_ip, 5201, Duration::from_secs(5))?;
-    let (host, target, secs, rate) = (from.clone(), server_ip.to_owned(), secs.to_string(), rate.to_owned());
+    let (host, target, secs, rate) = (
+        from.clone(),
+        server_ip.to_owned(),
+        secs.to_string(),
+        rate.to_owned(),
+    );
     Ok(std::thread::spawn(move || {
         let out = host.run("iperf3", &["-c", &target, "-t", &secs, "-b", &rate, "-J"])?;
         Ok(serde_json::from_str(&out)?)

@@ -26,7 +26,10 @@ fn scenario(lab: &mut Lab) -> anyhow::Result<()> {
         dev.up(&coord)?;
         devices.push(dev);
     }
-    let addrs: Vec<(String, String)> = devices.iter().map(Device::overlay).collect::<anyhow::Result<_>>()?;
+    let addrs: Vec<(String, String)> = devices
+        .iter()
+        .map(Device::overlay)
+        .collect::<anyhow::Result<_>>()?;
 
     // Every pair, both address families.
     for (i, from) in devices.iter().enumerate() {
@@ -34,25 +37,57 @@ fn scenario(lab: &mut Lab) -> anyhow::Result<()> {
             if i == j {
                 continue;
             }
-            anyhow::ensure!(reaches(from, v4, Duration::from_secs(10)), "{} cannot ping {v4}", from.host.name);
-            anyhow::ensure!(reaches(from, v6, Duration::from_secs(10)), "{} cannot ping {v6}", from.host.name);
+            anyhow::ensure!(
+                reaches(from, v4, Duration::from_secs(10)),
+                "{} cannot ping {v4}",
+                from.host.name
+            );
+            anyhow::ensure!(
+                reaches(from, v6, Duration::from_secs(10)),
+                "{} cannot ping {v6}",
+                from.host.name
+            );
         }
     }
 
     // HTTP over the overlay: gamma serves on its overlay address only.
     let httpd = bin("overlay-httpd");
     let listen = format!("{}:8000", addrs[2].0);
-    lab.spawn(&devices[2].host, &httpd, &[&listen, "gamma"], "httpd-gamma.log")?;
-    devices[2].host.wait_tcp(&addrs[2].0, 8000, Duration::from_secs(5))?;
-    let page = devices[0].host.run("curl", &["-sS", "--max-time", "10", &format!("http://{listen}/")])?;
+    lab.spawn(
+        &devices[2].host,
+        &httpd,
+        &[&listen, "gamma"],
+        "httpd-gamma.log",
+    )?;
+    devices[2]
+        .host
+        .wait_tcp(&addrs[2].0, 8000, Duration::from_secs(5))?;
+    let page = devices[0].host.run(
+        "curl",
+        &["-sS", "--max-time", "10", &format!("http://{listen}/")],
+    )?;
     anyhow::ensure!(page.contains("hello from gamma"), "unexpected page: {page}");
-    anyhow::ensure!(page.contains(&format!("you are {}", addrs[0].0)), "caller address not preserved: {page}");
+    anyhow::ensure!(
+        page.contains(&format!("you are {}", addrs[0].0)),
+        "caller address not preserved: {page}"
+    );
 
     // Status shows handshakes and traffic.
-    let beta = devices[0].peer("beta")?.ok_or_else(|| anyhow::anyhow!("alpha does not list beta"))?;
-    anyhow::ensure!(beta["online"] == true, "beta not online in alpha's status: {beta}");
-    anyhow::ensure!(beta["last_handshake_secs_ago"].is_u64(), "no handshake with beta: {beta}");
-    anyhow::ensure!(beta["rx_bytes"].as_u64().unwrap_or(0) > 0, "no bytes from beta: {beta}");
+    let beta = devices[0]
+        .peer("beta")?
+        .ok_or_else(|| anyhow::anyhow!("alpha does not list beta"))?;
+    anyhow::ensure!(
+        beta["online"] == true,
+        "beta not online in alpha's status: {beta}"
+    );
+    anyhow::ensure!(
+        beta["last_handshake_secs_ago"].is_u64(),
+        "no handshake with beta: {beta}"
+    );
+    anyhow::ensure!(
+        beta["rx_bytes"].as_u64().unwrap_or(0) > 0,
+        "no bytes from beta: {beta}"
+    );
     anyhow::ensure!(beta["endpoint"] == "10.99.0.12:41641", "endpoint: {beta}");
 
     // A fourth device joins later: the others reach it within 2 s of its `up`.
@@ -62,38 +97,79 @@ fn scenario(lab: &mut Lab) -> anyhow::Result<()> {
     let joined = Instant::now();
     let (d4, d6) = delta.overlay()?;
     for from in &devices {
-        let left = Duration::from_secs(2).saturating_sub(joined.elapsed()).max(Duration::from_millis(200));
-        anyhow::ensure!(reaches(from, &d4, left), "{} did not reach the new device within 2 s", from.host.name);
+        let left = Duration::from_secs(2)
+            .saturating_sub(joined.elapsed())
+            .max(Duration::from_millis(200));
+        anyhow::ensure!(
+            reaches(from, &d4, left),
+            "{} did not reach the new device within 2 s",
+            from.host.name
+        );
     }
-    anyhow::ensure!(reaches(&devices[1], &d6, Duration::from_secs(2)), "beta cannot reach delta over IPv6");
+    anyhow::ensure!(
+        reaches(&devices[1], &d6, Duration::from_secs(2)),
+        "beta cannot reach delta over IPv6"
+    );
 
     // Garbage sent at a device's WireGuard port is dropped and counted.
     let target = format!("/dev/udp/{}/41641", devices[0].host.addr);
-    delta.host.run("bash", &["-c", &format!("for i in 1 2 3; do printf 'garbage%.0s' {{1..20}} > {target}; done")])?;
+    delta.host.run(
+        "bash",
+        &[
+            "-c",
+            &format!("for i in 1 2 3; do printf 'garbage%.0s' {{1..20}} > {target}; done"),
+        ],
+    )?;
     wait_until(Duration::from_secs(5), "malformed packets counted", || {
-        devices[0].status().is_ok_and(|s| s["counters"]["drop_malformed"].as_u64().unwrap_or(0) >= 3)
+        devices[0]
+            .status()
+            .is_ok_and(|s| s["counters"]["drop_malformed"].as_u64().unwrap_or(0) >= 3)
     })?;
-    anyhow::ensure!(reaches(&devices[0], &addrs[1].0, Duration::from_secs(5)), "garbage disturbed the tunnel");
+    anyhow::ensure!(
+        reaches(&devices[0], &addrs[1].0, Duration::from_secs(5)),
+        "garbage disturbed the tunnel"
+    );
 
     // A stopped device shows offline in the others' status within the grace period.
     delta.stop(lab);
     let stopped = Instant::now();
-    wait_until(Duration::from_secs(25), "delta offline in alpha's status", || {
-        devices[0].peer("delta").ok().flatten().is_some_and(|p| p["online"] == false)
-    })?;
+    wait_until(
+        Duration::from_secs(25),
+        "delta offline in alpha's status",
+        || {
+            devices[0]
+                .peer("delta")
+                .ok()
+                .flatten()
+                .is_some_and(|p| p["online"] == false)
+        },
+    )?;
     eprintln!("delta offline after {:?}", stopped.elapsed());
 
     // Re-registering (restart + up again) keeps its addresses.
     delta.restart(lab)?;
     delta.up(&coord)?;
-    anyhow::ensure!(delta.overlay()? == (d4.clone(), d6), "addresses changed on re-registration");
+    anyhow::ensure!(
+        delta.overlay()? == (d4.clone(), d6),
+        "addresses changed on re-registration"
+    );
     wait_until(Duration::from_secs(10), "delta online again", || {
-        devices[0].peer("delta").ok().flatten().is_some_and(|p| p["online"] == true)
+        devices[0]
+            .peer("delta")
+            .ok()
+            .flatten()
+            .is_some_and(|p| p["online"] == true)
     })?;
-    anyhow::ensure!(reaches(&devices[0], &d4, Duration::from_secs(5)), "alpha cannot reach delta after its restart");
+    anyhow::ensure!(
+        reaches(&devices[0], &d4, Duration::from_secs(5)),
+        "alpha cannot reach delta after its restart"
+    );
 
     // The coordinator lists all four.
     let listed = coord.api("GET", "/api/v1/networks/home/devices", None)?;
-    anyhow::ensure!(listed.as_array().map(Vec::len) == Some(4), "device list: {listed}");
+    anyhow::ensure!(
+        listed.as_array().map(Vec::len) == Some(4),
+        "device list: {listed}"
+    );
     Ok(())
 }

@@ -21,10 +21,16 @@ pub async fn create_network(
     State(s): State<SharedState>,
     Body(req): Body<CreateNetwork>,
 ) -> Result<(StatusCode, Json<Network>), AppError> {
-    Ok((StatusCode::CREATED, Json(s.store.create_network(&req.name, unix_now()).await?)))
+    Ok((
+        StatusCode::CREATED,
+        Json(s.store.create_network(&req.name, unix_now()).await?),
+    ))
 }
 
-pub async fn list_networks(_: Admin, State(s): State<SharedState>) -> Result<Json<Vec<Network>>, AppError> {
+pub async fn list_networks(
+    _: Admin,
+    State(s): State<SharedState>,
+) -> Result<Json<Vec<Network>>, AppError> {
     Ok(Json(s.store.list_networks().await?))
 }
 
@@ -42,7 +48,14 @@ pub async fn create_preauth_key(
     ApiPath(network): ApiPath<String>,
     Body(req): Body<CreatePreauthKey>,
 ) -> Result<(StatusCode, Json<CreatedPreauthKey>), AppError> {
-    Ok((StatusCode::CREATED, Json(s.store.create_preauth_key(&network, &req, unix_now()).await?)))
+    Ok((
+        StatusCode::CREATED,
+        Json(
+            s.store
+                .create_preauth_key(&network, &req, unix_now())
+                .await?,
+        ),
+    ))
 }
 
 pub async fn list_preauth_keys(
@@ -72,7 +85,11 @@ pub async fn list_devices(
 ) -> Result<Json<Vec<DeviceInfo>>, AppError> {
     let net = s.store.network(&network).await?;
     let rows = s.store.network_devices(net.id).await?;
-    Ok(Json(rows.iter().map(|r| device_info(&s, r)).collect::<Result<_, _>>()?))
+    Ok(Json(
+        rows.iter()
+            .map(|r| device_info(&s, r))
+            .collect::<Result<_, _>>()?,
+    ))
 }
 
 pub async fn remove_device(
@@ -83,7 +100,13 @@ pub async fn remove_device(
     let row = s.store.device(&network, id).await?;
     let info = device_info(&s, &row)?;
     s.store.delete_device(row.id).await?;
-    s.hub.broadcast(row.network_id, row.id, PeerChange::Removed { node_key: row.node_key()? });
+    s.hub.broadcast(
+        row.network_id,
+        row.id,
+        PeerChange::Removed {
+            node_key: row.node_key()?,
+        },
+    );
     Ok(Json(info))
 }
 
@@ -108,11 +131,30 @@ pub async fn create_wireguard_peer(
 ) -> Result<(StatusCode, Json<WireguardPeerCreated>), AppError> {
     let node_key = NodePublic::from_base64(&req.public_key)
         .map_err(|e| AppError::BadRequest(format!("public_key: {e}")))?;
-    let peer = NewWireguardPeer { name: req.name, node_key, endpoint: req.endpoint };
-    let row = s.store.add_wireguard_peer(&network, &peer, unix_now()).await?;
-    s.hub.broadcast(row.network_id, row.id, PeerChange::Upsert { node: row.to_node(true)? });
+    let peer = NewWireguardPeer {
+        name: req.name,
+        node_key,
+        endpoint: req.endpoint,
+    };
+    let row = s
+        .store
+        .add_wireguard_peer(&network, &peer, unix_now())
+        .await?;
+    s.hub.broadcast(
+        row.network_id,
+        row.id,
+        PeerChange::Upsert {
+            node: row.to_node(true)?,
+        },
+    );
     let wg_quick_config = render_wg_quick(&s, &row).await?;
-    Ok((StatusCode::CREATED, Json(WireguardPeerCreated { device: device_info(&s, &row)?, wg_quick_config })))
+    Ok((
+        StatusCode::CREATED,
+        Json(WireguardPeerCreated {
+            device: device_info(&s, &row)?,
+            wg_quick_config,
+        }),
+    ))
 }
 
 pub async fn wg_quick_config(
@@ -122,7 +164,9 @@ pub async fn wg_quick_config(
 ) -> Result<String, AppError> {
     let row = s.store.device(&network, id).await?;
     if row.kind() != NodeKind::Wireguard {
-        return Err(AppError::BadRequest(format!("device {id} runs meshd; wg-quick configs are for stock WireGuard devices")));
+        return Err(AppError::BadRequest(format!(
+            "device {id} runs meshd; wg-quick configs are for stock WireGuard devices"
+        )));
     }
     render_wg_quick(&s, &row).await
 }

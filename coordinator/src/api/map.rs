@@ -6,9 +6,9 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
-use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::response::{IntoResponse as _, Response};
 use platform::addr::OVERLAY_V4;
 use platform::api::{ClientMessage, MapHello, ServerMessage};
@@ -36,14 +36,19 @@ pub async fn map_stream(
     let ws = match ws {
         Ok(ws) => ws,
         Err(e) => {
-            return AppError::BadRequest(format!("the map stream is a WebSocket: {}", e.body_text())).into_response()
+            return AppError::BadRequest(format!(
+                "the map stream is a WebSocket: {}",
+                e.body_text()
+            ))
+            .into_response()
         }
     };
-    ws.max_message_size(MAX_MESSAGE_BYTES).on_upgrade(move |socket| async move {
-        if let Err(e) = serve(s, socket).await {
-            tracing::debug!(error = %e, "map stream ended");
-        }
-    })
+    ws.max_message_size(MAX_MESSAGE_BYTES)
+        .on_upgrade(move |socket| async move {
+            if let Err(e) = serve(s, socket).await {
+                tracing::debug!(error = %e, "map stream ended");
+            }
+        })
 }
 
 async fn send(socket: &mut WebSocket, msg: &ServerMessage) -> anyhow::Result<()> {
@@ -67,10 +72,12 @@ async fn authenticate(s: &SharedState, socket: &mut WebSocket) -> Result<DeviceR
         Some(Ok(Message::Text(t))) => t,
         _ => return Err(AppError::BadRequest("expected a text hello message".into())),
     };
-    let msg: ClientMessage =
-        serde_json::from_str(&text).map_err(|e| AppError::BadRequest(format!("invalid message: {e}")))?;
+    let msg: ClientMessage = serde_json::from_str(&text)
+        .map_err(|e| AppError::BadRequest(format!("invalid message: {e}")))?;
     let ClientMessage::Hello { hello } = msg else {
-        return Err(AppError::BadRequest("the first message must be a hello".into()));
+        return Err(AppError::BadRequest(
+            "the first message must be a hello".into(),
+        ));
     };
     let payload: MapHello = hello.verify(DOMAIN_MAP, unix_now()).map_err(signed_error)?;
     let row = s
@@ -79,12 +86,20 @@ async fn authenticate(s: &SharedState, socket: &mut WebSocket) -> Result<DeviceR
         .await?
         .ok_or_else(|| AppError::Unauthorized("device is not registered".into()))?;
     if row.node_key()? != payload.node_key {
-        return Err(AppError::Unauthorized("node key does not match the registered one; register again".into()));
+        return Err(AppError::Unauthorized(
+            "node key does not match the registered one; register again".into(),
+        ));
     }
     if row.disco_key.as_deref() != Some(payload.disco_key.to_string().as_str()) {
         s.store.set_disco_key(row.id, &payload.disco_key).await?;
         let row = s.store.device(&row.network, row.id).await?;
-        s.hub.broadcast(row.network_id, row.id, PeerChange::Upsert { node: row.to_node(true)? });
+        s.hub.broadcast(
+            row.network_id,
+            row.id,
+            PeerChange::Upsert {
+                node: row.to_node(true)?,
+            },
+        );
         return Ok(row);
     }
     Ok(row)
@@ -121,9 +136,17 @@ async fn serve(s: SharedState, mut socket: WebSocket) -> anyhow::Result<()> {
     };
     let node_key = me.node_key()?;
     // Subscribe before reading the map, so no change falls in between.
-    let mut sub = s.hub.connect(me.network_id, me.id, node_key, Instant::now());
+    let mut sub = s
+        .hub
+        .connect(me.network_id, me.id, node_key, Instant::now());
     let result = stream(&s, &me, &mut socket, sub.conn_id, &mut sub.changes).await;
-    s.hub.disconnect(me.network_id, me.id, sub.conn_id, me.ephemeral, Instant::now());
+    s.hub.disconnect(
+        me.network_id,
+        me.id,
+        sub.conn_id,
+        me.ephemeral,
+        Instant::now(),
+    );
     let _ = s.store.touch(me.id, unix_now()).await;
     tracing::info!(device = me.id, name = %me.name, "map stream closed");
     result
@@ -140,7 +163,13 @@ async fn stream(
         Ok(m) => m,
         Err(e) => return refuse(socket, e).await,
     };
-    send(socket, &ServerMessage::Full { netmap: Box::new(netmap) }).await?;
+    send(
+        socket,
+        &ServerMessage::Full {
+            netmap: Box::new(netmap),
+        },
+    )
+    .await?;
     s.store.touch(me.id, unix_now()).await?;
     tracing::info!(device = me.id, name = %me.name, "map stream open");
     loop {
@@ -172,21 +201,37 @@ async fn stream(
     }
 }
 
-async fn handle_client_message(s: &SharedState, me: &DeviceRow, conn_id: u64, text: &str) -> Result<(), AppError> {
-    let msg: ClientMessage =
-        serde_json::from_str(text).map_err(|e| AppError::BadRequest(format!("invalid message: {e}")))?;
+async fn handle_client_message(
+    s: &SharedState,
+    me: &DeviceRow,
+    conn_id: u64,
+    text: &str,
+) -> Result<(), AppError> {
+    let msg: ClientMessage = serde_json::from_str(text)
+        .map_err(|e| AppError::BadRequest(format!("invalid message: {e}")))?;
     s.hub.heard(me.network_id, me.id, conn_id, Instant::now());
     match msg {
-        ClientMessage::Hello { .. } => return Err(AppError::BadRequest("hello was already sent".into())),
+        ClientMessage::Hello { .. } => {
+            return Err(AppError::BadRequest("hello was already sent".into()))
+        }
         ClientMessage::Heartbeat { .. } => {}
         ClientMessage::Endpoints { mut endpoints } => {
             if endpoints.len() > MAX_ENDPOINTS {
-                return Err(AppError::BadRequest(format!("at most {MAX_ENDPOINTS} endpoints")));
+                return Err(AppError::BadRequest(format!(
+                    "at most {MAX_ENDPOINTS} endpoints"
+                )));
             }
             endpoints.sort();
             endpoints.dedup();
             s.store.set_endpoints(me.id, &endpoints).await?;
-            s.hub.broadcast(me.network_id, me.id, PeerChange::Endpoints { node_key: me.node_key()?, endpoints });
+            s.hub.broadcast(
+                me.network_id,
+                me.id,
+                PeerChange::Endpoints {
+                    node_key: me.node_key()?,
+                    endpoints,
+                },
+            );
         }
         ClientMessage::HomeRegion { region } => {
             if !s.relay_map.regions.iter().any(|r| r.id == region) {
@@ -194,7 +239,13 @@ async fn handle_client_message(s: &SharedState, me: &DeviceRow, conn_id: u64, te
             }
             s.store.set_home_region(me.id, region).await?;
             let row = s.store.device(&me.network, me.id).await?;
-            s.hub.broadcast(me.network_id, me.id, PeerChange::Upsert { node: row.to_node(true)? });
+            s.hub.broadcast(
+                me.network_id,
+                me.id,
+                PeerChange::Upsert {
+                    node: row.to_node(true)?,
+                },
+            );
         }
     }
     Ok(())

@@ -36,17 +36,35 @@ pub type SharedState = Arc<AppState>;
 pub fn router(state: SharedState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
-        .route("/api/v1/networks", post(admin::create_network).get(admin::list_networks))
+        .route(
+            "/api/v1/networks",
+            post(admin::create_network).get(admin::list_networks),
+        )
         .route("/api/v1/networks/{network}", get(admin::show_network))
         .route(
             "/api/v1/networks/{network}/preauth-keys",
             post(admin::create_preauth_key).get(admin::list_preauth_keys),
         )
-        .route("/api/v1/networks/{network}/preauth-keys/{id}", delete(admin::revoke_preauth_key))
-        .route("/api/v1/networks/{network}/devices", get(admin::list_devices))
-        .route("/api/v1/networks/{network}/devices/{id}", delete(admin::remove_device))
-        .route("/api/v1/networks/{network}/devices/{id}/wg-quick", get(admin::wg_quick_config))
-        .route("/api/v1/networks/{network}/wireguard-peers", post(admin::create_wireguard_peer))
+        .route(
+            "/api/v1/networks/{network}/preauth-keys/{id}",
+            delete(admin::revoke_preauth_key),
+        )
+        .route(
+            "/api/v1/networks/{network}/devices",
+            get(admin::list_devices),
+        )
+        .route(
+            "/api/v1/networks/{network}/devices/{id}",
+            delete(admin::remove_device),
+        )
+        .route(
+            "/api/v1/networks/{network}/devices/{id}/wg-quick",
+            get(admin::wg_quick_config),
+        )
+        .route(
+            "/api/v1/networks/{network}/wireguard-peers",
+            post(admin::create_wireguard_peer),
+        )
         .route("/api/v1/register", post(register::register))
         .route("/api/v1/relay/admit/{node_key}", get(relay::admit))
         .route("/api/v1/map", get(map::map_stream))
@@ -65,7 +83,13 @@ pub async fn run_sweeper(state: SharedState) {
             match state.store.delete_device(gone.device_id).await {
                 Ok(()) => {
                     tracing::info!(device = gone.device_id, "ephemeral device removed");
-                    state.hub.broadcast(gone.network_id, gone.device_id, PeerChange::Removed { node_key: gone.node_key });
+                    state.hub.broadcast(
+                        gone.network_id,
+                        gone.device_id,
+                        PeerChange::Removed {
+                            node_key: gone.node_key,
+                        },
+                    );
                 }
                 Err(e) => tracing::warn!(error = %e, "removing ephemeral device"),
             }
@@ -94,7 +118,11 @@ impl FromRequestParts<SharedState> for Admin {
     type Rejection = AppError;
 
     async fn from_request_parts(parts: &mut Parts, state: &SharedState) -> Result<Self, AppError> {
-        if state.store.admin_token_valid(bearer(parts, "admin token")?).await? {
+        if state
+            .store
+            .admin_token_valid(bearer(parts, "admin token")?)
+            .await?
+        {
             Ok(Admin)
         } else {
             Err(AppError::Unauthorized("invalid admin token".into()))
@@ -109,7 +137,11 @@ impl FromRequestParts<SharedState> for RelayAuth {
     type Rejection = AppError;
 
     async fn from_request_parts(parts: &mut Parts, state: &SharedState) -> Result<Self, AppError> {
-        if state.store.relay_token_valid(bearer(parts, "relay token")?).await? {
+        if state
+            .store
+            .relay_token_valid(bearer(parts, "relay token")?)
+            .await?
+        {
             Ok(RelayAuth)
         } else {
             Err(AppError::Unauthorized("invalid relay token".into()))
@@ -142,13 +174,17 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
     type Rejection = AppError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, AppError> {
-        let bytes = axum::body::Bytes::from_request(req, state).await.map_err(|e| {
-            if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-                AppError::PayloadTooLarge(format!("request body is larger than {MAX_BODY_BYTES} bytes"))
-            } else {
-                AppError::BadRequest(format!("could not read body: {e}"))
-            }
-        })?;
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|e| {
+                if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                    AppError::PayloadTooLarge(format!(
+                        "request body is larger than {MAX_BODY_BYTES} bytes"
+                    ))
+                } else {
+                    AppError::BadRequest(format!("could not read body: {e}"))
+                }
+            })?;
         serde_json::from_slice(&bytes)
             .map(Body)
             .map_err(|e| AppError::BadRequest(format!("invalid JSON body: {e}")))

@@ -25,11 +25,20 @@ pub async fn register(
 ) -> Result<Json<RegisterResponse>, AppError> {
     let now = unix_now();
     let request: RegisterRequest = signed.verify(DOMAIN_REGISTER, now).map_err(signed_error)?;
-    let reg = Registration { device_key: signed.device_key, request };
+    let reg = Registration {
+        device_key: signed.device_key,
+        request,
+    };
     let (row, created) = s.store.register(&reg, now).await?;
     tracing::info!(device = row.id, network = %row.network, name = %row.name, created, "device registered");
     let online = s.hub.is_online(row.network_id, row.id);
-    s.hub.broadcast(row.network_id, row.id, PeerChange::Upsert { node: row.to_node(online)? });
+    s.hub.broadcast(
+        row.network_id,
+        row.id,
+        PeerChange::Upsert {
+            node: row.to_node(online)?,
+        },
+    );
     Ok(Json(RegisterResponse {
         device_id: row.id,
         network: row.network.clone(),

@@ -21,11 +21,16 @@ pub async fn admit(
     State(s): State<SharedState>,
     ApiPath(node_key): ApiPath<String>,
 ) -> Result<Json<Admitted>, AppError> {
-    let key: NodePublic = node_key.parse().map_err(|e| AppError::BadRequest(format!("node key: {e}")))?;
+    let key: NodePublic = node_key
+        .parse()
+        .map_err(|e| AppError::BadRequest(format!("node key: {e}")))?;
     let row = s
         .store
         .device_by_node_key(&key)
         .await?
         .ok_or_else(|| AppError::NotFound("no device has this node key".into()))?;
-    Ok(Json(Admitted { network: row.network, name: row.name }))
+    Ok(Json(Admitted {
+        network: row.network,
+        name: row.name,
+    }))
 }

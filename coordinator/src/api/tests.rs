@@ -8,8 +8,8 @@ use axum::http::{Request, StatusCode};
 use futures_util::{SinkExt, StreamExt};
 use http_body_util::BodyExt;
 use platform::api::{
-    ApiError, Capabilities, ClientMessage, CreatedPreauthKey, MapHello, RegisterRequest, RegisterResponse,
-    ServerMessage, WireguardPeerCreated,
+    ApiError, Capabilities, ClientMessage, CreatedPreauthKey, MapHello, RegisterRequest,
+    RegisterResponse, ServerMessage, WireguardPeerCreated,
 };
 use platform::keys::{DevicePrivate, DiscoPrivate, NodePrivate};
 use platform::netmap::PeerChange;
@@ -39,10 +39,20 @@ impl Harness {
             batch_window: Duration::from_millis(10),
             relay_map: platform::netmap::RelayMap::default(),
         });
-        Harness { state, token, _dir: dir }
+        Harness {
+            state,
+            token,
+            _dir: dir,
+        }
     }
 
-    async fn call(&self, method: &str, path: &str, body: Option<String>, admin: bool) -> (StatusCode, Value) {
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<String>,
+        admin: bool,
+    ) -> (StatusCode, Value) {
         let mut req = Request::builder().method(method).uri(path);
         if admin {
             req = req.header("authorization", format!("Bearer {}", self.token));
@@ -54,7 +64,8 @@ impl Harness {
         let resp = router(self.state.clone()).oneshot(req).await.unwrap();
         let status = resp.status();
         let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-        let value = serde_json::from_slice(&bytes).unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into()));
+        let value = serde_json::from_slice(&bytes)
+            .unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into()));
         (status, value)
     }
 
@@ -63,14 +74,23 @@ impl Harness {
     }
 
     async fn network_and_key(&self, key_opts: Value) -> String {
-        self.admin("POST", "/api/v1/networks", json!({"name": "home"})).await;
-        let (status, v) = self.admin("POST", "/api/v1/networks/home/preauth-keys", key_opts).await;
+        self.admin("POST", "/api/v1/networks", json!({"name": "home"}))
+            .await;
+        let (status, v) = self
+            .admin("POST", "/api/v1/networks/home/preauth-keys", key_opts)
+            .await;
         assert_eq!(status, StatusCode::CREATED, "{v}");
         serde_json::from_value::<CreatedPreauthKey>(v).unwrap().key
     }
 }
 
-fn register_body(dev: &DevicePrivate, node: &NodePrivate, auth_key: &str, host: &str, ts: u64) -> String {
+fn register_body(
+    dev: &DevicePrivate,
+    node: &NodePrivate,
+    auth_key: &str,
+    host: &str,
+    ts: u64,
+) -> String {
     let req = RegisterRequest {
         timestamp: ts,
         auth_key: auth_key.into(),
@@ -78,7 +98,11 @@ fn register_body(dev: &DevicePrivate, node: &NodePrivate, auth_key: &str, host: 
         disco_key: DiscoPrivate::generate().public(),
         hostname: host.into(),
         os: "linux".into(),
-        capabilities: Capabilities { cpu_cores: 2, arch: "x86_64".into(), ram_bytes: 1 << 30 },
+        capabilities: Capabilities {
+            cpu_cores: 2,
+            arch: "x86_64".into(),
+            ram_bytes: 1 << 30,
+        },
     };
     serde_json::to_string(&Signed::sign(dev, DOMAIN_REGISTER, &req)).unwrap()
 }
@@ -93,7 +117,14 @@ async fn registration_happy_path() {
     let key = h.network_and_key(json!({"reusable": true})).await;
     let dev = DevicePrivate::generate();
     let node = NodePrivate::generate();
-    let (status, v) = h.call("POST", "/api/v1/register", Some(register_body(&dev, &node, &key, "Laptop", unix_now())), false).await;
+    let (status, v) = h
+        .call(
+            "POST",
+            "/api/v1/register",
+            Some(register_body(&dev, &node, &key, "Laptop", unix_now())),
+            false,
+        )
+        .await;
     assert_eq!(status, StatusCode::OK, "{v}");
     let resp: RegisterResponse = serde_json::from_value(v).unwrap();
     assert_eq!(resp.name, "laptop");
@@ -102,14 +133,44 @@ async fn registration_happy_path() {
     assert!(resp.addresses[1].to_string().starts_with("fd"));
 
     // Re-registering keeps the addresses; a clash gets a suffix.
-    let (_, again) = h.call("POST", "/api/v1/register", Some(register_body(&dev, &node, &key, "Laptop", unix_now())), false).await;
-    assert_eq!(serde_json::from_value::<RegisterResponse>(again).unwrap().addresses, resp.addresses);
-    let (_, other) = h
-        .call("POST", "/api/v1/register", Some(register_body(&DevicePrivate::generate(), &NodePrivate::generate(), &key, "laptop", unix_now())), false)
+    let (_, again) = h
+        .call(
+            "POST",
+            "/api/v1/register",
+            Some(register_body(&dev, &node, &key, "Laptop", unix_now())),
+            false,
+        )
         .await;
-    assert_eq!(serde_json::from_value::<RegisterResponse>(other).unwrap().name, "laptop-2");
+    assert_eq!(
+        serde_json::from_value::<RegisterResponse>(again)
+            .unwrap()
+            .addresses,
+        resp.addresses
+    );
+    let (_, other) = h
+        .call(
+            "POST",
+            "/api/v1/register",
+            Some(register_body(
+                &DevicePrivate::generate(),
+                &NodePrivate::generate(),
+                &key,
+                "laptop",
+                unix_now(),
+            )),
+            false,
+        )
+        .await;
+    assert_eq!(
+        serde_json::from_value::<RegisterResponse>(other)
+            .unwrap()
+            .name,
+        "laptop-2"
+    );
 
-    let (status, devices) = h.admin("GET", "/api/v1/networks/home/devices", json!(null)).await;
+    let (status, devices) = h
+        .admin("GET", "/api/v1/networks/home/devices", json!(null))
+        .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(devices.as_array().unwrap().len(), 2);
 }
@@ -122,47 +183,128 @@ async fn registration_rejections_are_precise() {
     let node = NodePrivate::generate();
 
     // Bad signature: body signed by one key, claiming another.
-    let mut forged: Value = serde_json::from_str(&register_body(&dev, &node, &one_off, "a", unix_now())).unwrap();
+    let mut forged: Value =
+        serde_json::from_str(&register_body(&dev, &node, &one_off, "a", unix_now())).unwrap();
     forged["device_key"] = json!(DevicePrivate::generate().public().to_string());
-    let (status, v) = h.call("POST", "/api/v1/register", Some(forged.to_string()), false).await;
+    let (status, v) = h
+        .call("POST", "/api/v1/register", Some(forged.to_string()), false)
+        .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert_eq!(error_of(&v).error.code, "unauthorized");
     assert!(error_of(&v).error.message.contains("signature"), "{v}");
 
     // Stale timestamp.
-    let (status, v) = h.call("POST", "/api/v1/register", Some(register_body(&dev, &node, &one_off, "a", 1000)), false).await;
+    let (status, v) = h
+        .call(
+            "POST",
+            "/api/v1/register",
+            Some(register_body(&dev, &node, &one_off, "a", 1000)),
+            false,
+        )
+        .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{v}");
 
     // Unknown key.
-    let (status, v) = h.call("POST", "/api/v1/register", Some(register_body(&dev, &node, "meshkey-nope", "a", unix_now())), false).await;
-    assert_eq!((status, error_of(&v).error.message.as_str()), (StatusCode::UNAUTHORIZED, "unknown auth key"));
+    let (status, v) = h
+        .call(
+            "POST",
+            "/api/v1/register",
+            Some(register_body(&dev, &node, "meshkey-nope", "a", unix_now())),
+            false,
+        )
+        .await;
+    assert_eq!(
+        (status, error_of(&v).error.message.as_str()),
+        (StatusCode::UNAUTHORIZED, "unknown auth key")
+    );
 
     // One-off key: first use works, a second device is refused.
-    let (status, _) = h.call("POST", "/api/v1/register", Some(register_body(&dev, &node, &one_off, "a", unix_now())), false).await;
+    let (status, _) = h
+        .call(
+            "POST",
+            "/api/v1/register",
+            Some(register_body(&dev, &node, &one_off, "a", unix_now())),
+            false,
+        )
+        .await;
     assert_eq!(status, StatusCode::OK);
     let (status, v) = h
-        .call("POST", "/api/v1/register", Some(register_body(&DevicePrivate::generate(), &NodePrivate::generate(), &one_off, "b", unix_now())), false)
+        .call(
+            "POST",
+            "/api/v1/register",
+            Some(register_body(
+                &DevicePrivate::generate(),
+                &NodePrivate::generate(),
+                &one_off,
+                "b",
+                unix_now(),
+            )),
+            false,
+        )
         .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
-    assert!(error_of(&v).error.message.contains("already been used"), "{v}");
+    assert!(
+        error_of(&v).error.message.contains("already been used"),
+        "{v}"
+    );
 
     // Revoked key.
-    let (_, created) = h.admin("POST", "/api/v1/networks/home/preauth-keys", json!({"reusable": true})).await;
+    let (_, created) = h
+        .admin(
+            "POST",
+            "/api/v1/networks/home/preauth-keys",
+            json!({"reusable": true}),
+        )
+        .await;
     let created: CreatedPreauthKey = serde_json::from_value(created).unwrap();
-    let (status, _) = h.admin("DELETE", &format!("/api/v1/networks/home/preauth-keys/{}", created.info.id), json!(null)).await;
+    let (status, _) = h
+        .admin(
+            "DELETE",
+            &format!("/api/v1/networks/home/preauth-keys/{}", created.info.id),
+            json!(null),
+        )
+        .await;
     assert_eq!(status, StatusCode::OK);
     let (status, v) = h
-        .call("POST", "/api/v1/register", Some(register_body(&DevicePrivate::generate(), &NodePrivate::generate(), &created.key, "c", unix_now())), false)
+        .call(
+            "POST",
+            "/api/v1/register",
+            Some(register_body(
+                &DevicePrivate::generate(),
+                &NodePrivate::generate(),
+                &created.key,
+                "c",
+                unix_now(),
+            )),
+            false,
+        )
         .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
     assert!(error_of(&v).error.message.contains("revoked"), "{v}");
 
     // Expired key: expiry in the past relative to the registration time.
-    let (_, created) = h.admin("POST", "/api/v1/networks/home/preauth-keys", json!({"expiry_secs": 1})).await;
+    let (_, created) = h
+        .admin(
+            "POST",
+            "/api/v1/networks/home/preauth-keys",
+            json!({"expiry_secs": 1}),
+        )
+        .await;
     let created: CreatedPreauthKey = serde_json::from_value(created).unwrap();
     tokio::time::sleep(Duration::from_millis(2100)).await;
     let (status, v) = h
-        .call("POST", "/api/v1/register", Some(register_body(&DevicePrivate::generate(), &NodePrivate::generate(), &created.key, "d", unix_now())), false)
+        .call(
+            "POST",
+            "/api/v1/register",
+            Some(register_body(
+                &DevicePrivate::generate(),
+                &NodePrivate::generate(),
+                &created.key,
+                "d",
+                unix_now(),
+            )),
+            false,
+        )
         .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
     assert!(error_of(&v).error.message.contains("expired"), "{v}");
@@ -171,14 +313,32 @@ async fn registration_rejections_are_precise() {
 #[tokio::test]
 async fn malformed_requests_get_json_errors() {
     let h = Harness::new().await;
-    let (status, v) = h.call("POST", "/api/v1/register", Some("{not json".into()), false).await;
+    let (status, v) = h
+        .call("POST", "/api/v1/register", Some("{not json".into()), false)
+        .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(error_of(&v).error.code, "bad_request");
-    let (status, v) = h.call("POST", "/api/v1/register", Some(json!({"device_key": 5}).to_string()), false).await;
+    let (status, v) = h
+        .call(
+            "POST",
+            "/api/v1/register",
+            Some(json!({"device_key": 5}).to_string()),
+            false,
+        )
+        .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
-    let (status, v) = h.admin("POST", "/api/v1/networks", json!({"name": 7})).await;
+    let (status, v) = h
+        .admin("POST", "/api/v1/networks", json!({"name": 7}))
+        .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
-    let (status, v) = h.call("POST", "/api/v1/networks", Some(json!({"name": "x"}).to_string()), false).await;
+    let (status, v) = h
+        .call(
+            "POST",
+            "/api/v1/networks",
+            Some(json!({"name": "x"}).to_string()),
+            false,
+        )
+        .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert_eq!(error_of(&v).error.code, "unauthorized");
     let (status, v) = h.admin("GET", "/api/v1/nowhere", json!(null)).await;
@@ -187,39 +347,79 @@ async fn malformed_requests_get_json_errors() {
     let (status, v) = h.admin("PUT", "/api/v1/networks", json!(null)).await;
     assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
     error_of(&v);
-    let (status, v) = h.admin("DELETE", "/api/v1/networks/home/preauth-keys/abc", json!(null)).await;
+    let (status, v) = h
+        .admin(
+            "DELETE",
+            "/api/v1/networks/home/preauth-keys/abc",
+            json!(null),
+        )
+        .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
     error_of(&v);
     let (status, v) = h.call("GET", "/api/v1/map", None, false).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
     error_of(&v);
-    let huge = format!("{{\"name\":\"{}\"}}", "a".repeat(super::MAX_BODY_BYTES + 10));
+    let huge = format!(
+        "{{\"name\":\"{}\"}}",
+        "a".repeat(super::MAX_BODY_BYTES + 10)
+    );
     let (status, v) = h.call("POST", "/api/v1/networks", Some(huge), true).await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{v}");
     error_of(&v);
-    let (status, v) = h.admin("POST", "/api/v1/networks/ghost/preauth-keys", json!({})).await;
+    let (status, v) = h
+        .admin("POST", "/api/v1/networks/ghost/preauth-keys", json!({}))
+        .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     error_of(&v);
-    let (status, v) = h.admin("POST", "/api/v1/networks", json!({"name": "home"})).await;
+    let (status, v) = h
+        .admin("POST", "/api/v1/networks", json!({"name": "home"}))
+        .await;
     assert_eq!(status, StatusCode::CREATED, "{v}");
-    let (status, v) = h.admin("POST", "/api/v1/networks", json!({"name": "home"})).await;
+    let (status, v) = h
+        .admin("POST", "/api/v1/networks", json!({"name": "home"}))
+        .await;
     assert_eq!(status, StatusCode::CONFLICT, "{v}");
-    let (status, v) = h.admin("POST", "/api/v1/networks/home/wireguard-peers", json!({"name": "r", "public_key": "short"})).await;
+    let (status, v) = h
+        .admin(
+            "POST",
+            "/api/v1/networks/home/wireguard-peers",
+            json!({"name": "r", "public_key": "short"}),
+        )
+        .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn open_stream(addr: std::net::SocketAddr, dev: &DevicePrivate, node: &NodePrivate) -> Ws {
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/api/v1/map")).await.unwrap();
-    let hello = Signed::sign(dev, DOMAIN_MAP, &MapHello { timestamp: unix_now(), node_key: node.public(), disco_key: DiscoPrivate::generate().public() });
-    ws.send(Message::text(serde_json::to_string(&ClientMessage::Hello { hello }).unwrap())).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/api/v1/map"))
+        .await
+        .unwrap();
+    let hello = Signed::sign(
+        dev,
+        DOMAIN_MAP,
+        &MapHello {
+            timestamp: unix_now(),
+            node_key: node.public(),
+            disco_key: DiscoPrivate::generate().public(),
+        },
+    );
+    ws.send(Message::text(
+        serde_json::to_string(&ClientMessage::Hello { hello }).unwrap(),
+    ))
+    .await
+    .unwrap();
     ws
 }
 
 async fn next_msg(ws: &mut Ws) -> ServerMessage {
     loop {
-        let msg = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.expect("message in time").unwrap().unwrap();
+        let msg = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("message in time")
+            .unwrap()
+            .unwrap();
         if let Message::Text(t) = msg {
             return serde_json::from_str(&t).unwrap();
         }
@@ -238,12 +438,21 @@ async fn map_stream_sends_full_map_then_deltas() {
     let (a_dev, a_node) = (DevicePrivate::generate(), NodePrivate::generate());
     let (b_dev, b_node) = (DevicePrivate::generate(), NodePrivate::generate());
     for (d, n, host) in [(&a_dev, &a_node, "a"), (&b_dev, &b_node, "b")] {
-        let (s, v) = h.call("POST", "/api/v1/register", Some(register_body(d, n, &key, host, unix_now())), false).await;
+        let (s, v) = h
+            .call(
+                "POST",
+                "/api/v1/register",
+                Some(register_body(d, n, &key, host, unix_now())),
+                false,
+            )
+            .await;
         assert_eq!(s, StatusCode::OK, "{v}");
     }
 
     let mut a = open_stream(addr, &a_dev, &a_node).await;
-    let ServerMessage::Full { netmap } = next_msg(&mut a).await else { panic!("full map first") };
+    let ServerMessage::Full { netmap } = next_msg(&mut a).await else {
+        panic!("full map first")
+    };
     assert_eq!(netmap.self_node.name, "a");
     assert_eq!(netmap.peers.len(), 1);
     assert!(!netmap.peers[&b_node.public()].online);
@@ -251,33 +460,77 @@ async fn map_stream_sends_full_map_then_deltas() {
 
     // b comes online and reports endpoints: a hears both as deltas.
     let mut b = open_stream(addr, &b_dev, &b_node).await;
-    let ServerMessage::Full { .. } = next_msg(&mut b).await else { panic!() };
+    let ServerMessage::Full { .. } = next_msg(&mut b).await else {
+        panic!()
+    };
     let ep: std::net::SocketAddr = "10.1.2.3:41641".parse().unwrap();
-    b.send(Message::text(serde_json::to_string(&ClientMessage::Endpoints { endpoints: vec![ep] }).unwrap())).await.unwrap();
+    b.send(Message::text(
+        serde_json::to_string(&ClientMessage::Endpoints {
+            endpoints: vec![ep],
+        })
+        .unwrap(),
+    ))
+    .await
+    .unwrap();
     let mut seen = Vec::new();
     while seen.len() < 2 {
-        let ServerMessage::Delta { changes } = next_msg(&mut a).await else { panic!("delta expected") };
+        let ServerMessage::Delta { changes } = next_msg(&mut a).await else {
+            panic!("delta expected")
+        };
         seen.extend(changes);
     }
-    assert!(seen.contains(&PeerChange::Online { node_key: b_node.public(), online: true }), "{seen:?}");
-    assert!(seen.contains(&PeerChange::Endpoints { node_key: b_node.public(), endpoints: vec![ep] }), "{seen:?}");
+    assert!(
+        seen.contains(&PeerChange::Online {
+            node_key: b_node.public(),
+            online: true
+        }),
+        "{seen:?}"
+    );
+    assert!(
+        seen.contains(&PeerChange::Endpoints {
+            node_key: b_node.public(),
+            endpoints: vec![ep]
+        }),
+        "{seen:?}"
+    );
 
     // A stock WireGuard peer added by the admin appears as an upsert.
     let wg_key = NodePrivate::generate().public();
     let (s, v) = h
-        .admin("POST", "/api/v1/networks/home/wireguard-peers", json!({"name": "router", "public_key": wg_key.to_base64()}))
+        .admin(
+            "POST",
+            "/api/v1/networks/home/wireguard-peers",
+            json!({"name": "router", "public_key": wg_key.to_base64()}),
+        )
         .await;
     assert_eq!(s, StatusCode::CREATED, "{v}");
     let created: WireguardPeerCreated = serde_json::from_value(v).unwrap();
-    assert!(created.wg_quick_config.contains(&format!("PublicKey = {}", a_node.public().to_base64())));
-    assert!(created.wg_quick_config.contains("Endpoint = 10.1.2.3:41641"));
-    let ServerMessage::Delta { changes } = next_msg(&mut a).await else { panic!() };
-    assert!(matches!(&changes[0], PeerChange::Upsert { node } if node.node_key == wg_key), "{changes:?}");
+    assert!(created
+        .wg_quick_config
+        .contains(&format!("PublicKey = {}", a_node.public().to_base64())));
+    assert!(created
+        .wg_quick_config
+        .contains("Endpoint = 10.1.2.3:41641"));
+    let ServerMessage::Delta { changes } = next_msg(&mut a).await else {
+        panic!()
+    };
+    assert!(
+        matches!(&changes[0], PeerChange::Upsert { node } if node.node_key == wg_key),
+        "{changes:?}"
+    );
 
     // b goes away: a sees it offline.
     b.close(None).await.unwrap();
-    let ServerMessage::Delta { changes } = next_msg(&mut a).await else { panic!() };
-    assert_eq!(changes, vec![PeerChange::Online { node_key: b_node.public(), online: false }]);
+    let ServerMessage::Delta { changes } = next_msg(&mut a).await else {
+        panic!()
+    };
+    assert_eq!(
+        changes,
+        vec![PeerChange::Online {
+            node_key: b_node.public(),
+            online: false
+        }]
+    );
 }
 
 #[tokio::test]
@@ -289,12 +542,20 @@ async fn map_stream_refuses_unknown_devices_and_garbage() {
     tokio::spawn(async move { axum::serve(listener, app).await });
 
     let mut ws = open_stream(addr, &DevicePrivate::generate(), &NodePrivate::generate()).await;
-    let ServerMessage::Error { error } = next_msg(&mut ws).await else { panic!("error expected") };
+    let ServerMessage::Error { error } = next_msg(&mut ws).await else {
+        panic!("error expected")
+    };
     assert_eq!(error.code, "unauthorized");
 
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/api/v1/map")).await.unwrap();
-    ws.send(Message::text("{\"type\":\"heartbeat\"")).await.unwrap();
-    let ServerMessage::Error { error } = next_msg(&mut ws).await else { panic!("error expected") };
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/api/v1/map"))
+        .await
+        .unwrap();
+    ws.send(Message::text("{\"type\":\"heartbeat\""))
+        .await
+        .unwrap();
+    let ServerMessage::Error { error } = next_msg(&mut ws).await else {
+        panic!("error expected")
+    };
     assert_eq!(error.code, "bad_request");
 }
 
@@ -302,9 +563,27 @@ async fn map_stream_refuses_unknown_devices_and_garbage() {
 async fn relays_ask_whether_a_node_key_may_connect() {
     let h = Harness::new().await;
     let key = h.network_and_key(json!({"reusable": true})).await;
-    let relay_token = h.state.store.create_relay_token("r1", unix_now()).await.unwrap();
+    let relay_token = h
+        .state
+        .store
+        .create_relay_token("r1", unix_now())
+        .await
+        .unwrap();
     let node = NodePrivate::generate();
-    let (s, _) = h.call("POST", "/api/v1/register", Some(register_body(&DevicePrivate::generate(), &node, &key, "a", unix_now())), false).await;
+    let (s, _) = h
+        .call(
+            "POST",
+            "/api/v1/register",
+            Some(register_body(
+                &DevicePrivate::generate(),
+                &node,
+                &key,
+                "a",
+                unix_now(),
+            )),
+            false,
+        )
+        .await;
     assert_eq!(s, StatusCode::OK);
 
     let ask = |k: String, token: Option<String>| {
@@ -316,9 +595,29 @@ async fn relays_ask_whether_a_node_key_may_connect() {
         let app = router(h.state.clone());
         async move { app.oneshot(req).await.unwrap().status() }
     };
-    assert_eq!(ask(node.public().to_string(), Some(relay_token.clone())).await, StatusCode::OK);
-    assert_eq!(ask(NodePrivate::generate().public().to_string(), Some(relay_token.clone())).await, StatusCode::NOT_FOUND);
-    assert_eq!(ask("nodekey:zz".into(), Some(relay_token)).await, StatusCode::BAD_REQUEST);
-    assert_eq!(ask(node.public().to_string(), None).await, StatusCode::UNAUTHORIZED);
-    assert_eq!(ask(node.public().to_string(), Some(h.token.clone())).await, StatusCode::UNAUTHORIZED, "admin tokens are not relay tokens");
+    assert_eq!(
+        ask(node.public().to_string(), Some(relay_token.clone())).await,
+        StatusCode::OK
+    );
+    assert_eq!(
+        ask(
+            NodePrivate::generate().public().to_string(),
+            Some(relay_token.clone())
+        )
+        .await,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        ask("nodekey:zz".into(), Some(relay_token)).await,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        ask(node.public().to_string(), None).await,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        ask(node.public().to_string(), Some(h.token.clone())).await,
+        StatusCode::UNAUTHORIZED,
+        "admin tokens are not relay tokens"
+    );
 }

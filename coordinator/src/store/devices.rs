@@ -121,7 +121,11 @@ const MAX_OS: usize = 64;
 impl Store {
     /// Registers a device (or re-registers a known one, keeping its id, name
     /// and addresses). Returns the row and whether it is new.
-    pub async fn register(&self, reg: &Registration, now: u64) -> Result<(DeviceRow, bool), AppError> {
+    pub async fn register(
+        &self,
+        reg: &Registration,
+        now: u64,
+    ) -> Result<(DeviceRow, bool), AppError> {
         let req = &reg.request;
         if req.hostname.len() > MAX_HOSTNAME || req.os.len() > MAX_OS {
             return Err(AppError::BadRequest("hostname or os is too long".into()));
@@ -137,13 +141,18 @@ impl Store {
         if key.expires_at.is_some_and(|t| t as u64 <= now) {
             return Err(AppError::Forbidden("auth key has expired".into()));
         }
-        let existing: Option<DeviceRow> = sqlx::query_as(&format!("{SELECT_DEVICE} WHERE d.device_key = ?"))
-            .bind(&device_key)
-            .fetch_optional(&mut *tx)
-            .await?;
-        let same_device_reuse = existing.as_ref().is_some_and(|d| d.preauth_key_id == Some(key.id));
+        let existing: Option<DeviceRow> =
+            sqlx::query_as(&format!("{SELECT_DEVICE} WHERE d.device_key = ?"))
+                .bind(&device_key)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let same_device_reuse = existing
+            .as_ref()
+            .is_some_and(|d| d.preauth_key_id == Some(key.id));
         if !key.reusable && key.used_count > 0 && !same_device_reuse {
-            return Err(AppError::Forbidden("auth key is single-use and has already been used".into()));
+            return Err(AppError::Forbidden(
+                "auth key is single-use and has already been used".into(),
+            ));
         }
         let caps = serde_json::to_string(&req.capabilities).map_err(anyhow::Error::from)?;
 
@@ -174,7 +183,8 @@ impl Store {
                 dev.id
             }
             None => {
-                let name = Self::free_name(&mut tx, key.network_id, &dns_label(&req.hostname)).await?;
+                let name =
+                    Self::free_name(&mut tx, key.network_id, &dns_label(&req.hostname)).await?;
                 let (seq, v4, v6) = self.next_addresses(&mut tx).await?;
                 let res = sqlx::query(
                     "INSERT INTO devices (network_id, kind, device_key, node_key, disco_key, hostname, name, os, \
@@ -255,22 +265,27 @@ impl Store {
         network_id: i64,
         base: &str,
     ) -> Result<String, AppError> {
-        let taken: Vec<(String,)> =
-            sqlx::query_as("SELECT name FROM devices WHERE network_id = ? AND (name = ? OR name LIKE ? || '-%')")
-                .bind(network_id)
-                .bind(base)
-                .bind(base)
-                .fetch_all(conn)
-                .await?;
+        let taken: Vec<(String,)> = sqlx::query_as(
+            "SELECT name FROM devices WHERE network_id = ? AND (name = ? OR name LIKE ? || '-%')",
+        )
+        .bind(network_id)
+        .bind(base)
+        .bind(base)
+        .fetch_all(conn)
+        .await?;
         Ok(unique_name(base, |n| taken.iter().any(|(t,)| t == n)))
     }
 
-    async fn next_addresses(&self, conn: &mut sqlx::SqliteConnection) -> Result<(i64, Ipv4Addr, Ipv6Addr), AppError> {
+    async fn next_addresses(
+        &self,
+        conn: &mut sqlx::SqliteConnection,
+    ) -> Result<(i64, Ipv4Addr, Ipv6Addr), AppError> {
         let (max,): (Option<i64>,) = sqlx::query_as("SELECT MAX(addr_seq) FROM devices")
             .fetch_one(&mut *conn)
             .await?;
         let last = u32::try_from(max.unwrap_or(0)).map_err(|e| corrupt("addr_seq", e))?;
-        let seq = next_seq(last).ok_or_else(|| AppError::Conflict("overlay address space is exhausted".into()))?;
+        let seq = next_seq(last)
+            .ok_or_else(|| AppError::Conflict("overlay address space is exhausted".into()))?;
         let v4 = ipv4_for_seq(seq).expect("next_seq yields usable slots");
         let ula: (String,) = sqlx::query_as("SELECT value FROM settings WHERE key = 'ula_prefix'")
             .fetch_one(&mut *conn)
@@ -279,11 +294,16 @@ impl Store {
         Ok((i64::from(seq), v4, ula.address(seq)))
     }
 
-    pub async fn device_by_device_key(&self, key: &DevicePublic) -> Result<Option<DeviceRow>, AppError> {
-        Ok(sqlx::query_as(&format!("{SELECT_DEVICE} WHERE d.device_key = ?"))
-            .bind(key.to_string())
-            .fetch_optional(self.pool())
-            .await?)
+    pub async fn device_by_device_key(
+        &self,
+        key: &DevicePublic,
+    ) -> Result<Option<DeviceRow>, AppError> {
+        Ok(
+            sqlx::query_as(&format!("{SELECT_DEVICE} WHERE d.device_key = ?"))
+                .bind(key.to_string())
+                .fetch_optional(self.pool())
+                .await?,
+        )
     }
 
     pub async fn device(&self, network: &str, id: i64) -> Result<DeviceRow, AppError> {
@@ -296,10 +316,12 @@ impl Store {
     }
 
     pub async fn network_devices(&self, network_id: i64) -> Result<Vec<DeviceRow>, AppError> {
-        Ok(sqlx::query_as(&format!("{SELECT_DEVICE} WHERE d.network_id = ? ORDER BY d.id"))
-            .bind(network_id)
-            .fetch_all(self.pool())
-            .await?)
+        Ok(sqlx::query_as(&format!(
+            "{SELECT_DEVICE} WHERE d.network_id = ? ORDER BY d.id"
+        ))
+        .bind(network_id)
+        .fetch_all(self.pool())
+        .await?)
     }
 
     pub async fn set_endpoints(&self, id: i64, endpoints: &[SocketAddr]) -> Result<(), AppError> {
@@ -311,7 +333,11 @@ impl Store {
         Ok(())
     }
 
-    pub async fn set_disco_key(&self, id: i64, key: &platform::keys::DiscoPublic) -> Result<(), AppError> {
+    pub async fn set_disco_key(
+        &self,
+        id: i64,
+        key: &platform::keys::DiscoPublic,
+    ) -> Result<(), AppError> {
         sqlx::query("UPDATE devices SET disco_key = ? WHERE id = ?")
             .bind(key.to_string())
             .bind(id)
@@ -329,11 +355,16 @@ impl Store {
         Ok(())
     }
 
-    pub async fn device_by_node_key(&self, key: &NodePublic) -> Result<Option<DeviceRow>, AppError> {
-        Ok(sqlx::query_as(&format!("{SELECT_DEVICE} WHERE d.node_key = ?"))
-            .bind(key.to_string())
-            .fetch_optional(self.pool())
-            .await?)
+    pub async fn device_by_node_key(
+        &self,
+        key: &NodePublic,
+    ) -> Result<Option<DeviceRow>, AppError> {
+        Ok(
+            sqlx::query_as(&format!("{SELECT_DEVICE} WHERE d.node_key = ?"))
+                .bind(key.to_string())
+                .fetch_optional(self.pool())
+                .await?,
+        )
     }
 
     pub async fn touch(&self, id: i64, now: u64) -> Result<(), AppError> {
@@ -346,7 +377,10 @@ impl Store {
     }
 
     pub async fn delete_device(&self, id: i64) -> Result<(), AppError> {
-        sqlx::query("DELETE FROM devices WHERE id = ?").bind(id).execute(self.pool()).await?;
+        sqlx::query("DELETE FROM devices WHERE id = ?")
+            .bind(id)
+            .execute(self.pool())
+            .await?;
         Ok(())
     }
 }
@@ -355,9 +389,9 @@ fn node_key_clash(
     res: Result<sqlx::sqlite::SqliteQueryResult, sqlx::Error>,
 ) -> Result<sqlx::sqlite::SqliteQueryResult, AppError> {
     match res {
-        Err(e) if is_unique_violation(&e) => {
-            Err(AppError::Conflict("this node key is already used by another device".into()))
-        }
+        Err(e) if is_unique_violation(&e) => Err(AppError::Conflict(
+            "this node key is already used by another device".into(),
+        )),
         other => Ok(other?),
     }
 }
@@ -390,21 +424,43 @@ mod tests {
         store.init(0).await.unwrap();
         store.create_network("home", 0).await.unwrap();
         let key = store
-            .create_preauth_key("home", &CreatePreauthKey { reusable: true, ..Default::default() }, 0)
+            .create_preauth_key(
+                "home",
+                &CreatePreauthKey {
+                    reusable: true,
+                    ..Default::default()
+                },
+                0,
+            )
             .await
             .unwrap()
             .key;
         let a = DevicePrivate::generate();
-        let (first, new) = store.register(&registration(&a, &key, "box"), 1).await.unwrap();
+        let (first, new) = store
+            .register(&registration(&a, &key, "box"), 1)
+            .await
+            .unwrap();
         assert!(new);
         assert_eq!(first.ipv4, "100.64.0.1");
-        let (b, _) = store.register(&registration(&DevicePrivate::generate(), &key, "box"), 2).await.unwrap();
+        let (b, _) = store
+            .register(&registration(&DevicePrivate::generate(), &key, "box"), 2)
+            .await
+            .unwrap();
         assert_eq!(b.name, "box-2");
         assert_eq!(b.ipv4, "100.64.0.2");
-        let (again, new) = store.register(&registration(&a, &key, "renamed"), 3).await.unwrap();
+        let (again, new) = store
+            .register(&registration(&a, &key, "renamed"), 3)
+            .await
+            .unwrap();
         assert!(!new);
-        assert_eq!((again.id, &again.name, &again.ipv4, &again.ipv6), (first.id, &first.name, &first.ipv4, &first.ipv6));
-        assert_ne!(again.node_key, first.node_key, "node key rotates on re-registration");
+        assert_eq!(
+            (again.id, &again.name, &again.ipv4, &again.ipv6),
+            (first.id, &first.name, &first.ipv4, &first.ipv6)
+        );
+        assert_ne!(
+            again.node_key, first.node_key,
+            "node key rotates on re-registration"
+        );
     }
 
     #[tokio::test]
@@ -412,13 +468,26 @@ mod tests {
         let (store, _d) = test_store().await;
         store.init(0).await.unwrap();
         store.create_network("home", 0).await.unwrap();
-        let key = store.create_preauth_key("home", &CreatePreauthKey::default(), 0).await.unwrap().key;
+        let key = store
+            .create_preauth_key("home", &CreatePreauthKey::default(), 0)
+            .await
+            .unwrap()
+            .key;
         let a = DevicePrivate::generate();
-        store.register(&registration(&a, &key, "a"), 1).await.unwrap();
+        store
+            .register(&registration(&a, &key, "a"), 1)
+            .await
+            .unwrap();
         // The same device may come back with its own key…
-        store.register(&registration(&a, &key, "a"), 2).await.unwrap();
+        store
+            .register(&registration(&a, &key, "a"), 2)
+            .await
+            .unwrap();
         // …another may not use it.
-        let err = store.register(&registration(&DevicePrivate::generate(), &key, "b"), 3).await.unwrap_err();
+        let err = store
+            .register(&registration(&DevicePrivate::generate(), &key, "b"), 3)
+            .await
+            .unwrap_err();
         assert!(matches!(err, AppError::Forbidden(_)), "{err:?}");
     }
 }

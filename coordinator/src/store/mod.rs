@@ -57,7 +57,10 @@ impl Store {
             .connect_with(opts)
             .await
             .with_context(|| format!("opening {}", path.display()))?;
-        sqlx::migrate!("./migrations").run(&pool).await.context("running migrations")?;
+        sqlx::migrate!("./migrations")
+            .run(&pool)
+            .await
+            .context("running migrations")?;
         Ok(Store { pool })
     }
 
@@ -74,7 +77,9 @@ impl Store {
                 .fetch_optional(&mut *tx)
                 .await?;
         if exists.is_some() {
-            return Err(AppError::Conflict("coordinator is already initialised".into()));
+            return Err(AppError::Conflict(
+                "coordinator is already initialised".into(),
+            ));
         }
         let mut id = [0u8; 5];
         OsRng.fill_bytes(&mut id);
@@ -84,11 +89,13 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         let token = random_secret("meshadm");
-        sqlx::query("INSERT INTO admin_tokens (name, token_hash, created_at) VALUES ('admin', ?, ?)")
-            .bind(secret_hash(&token))
-            .bind(now as i64)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "INSERT INTO admin_tokens (name, token_hash, created_at) VALUES ('admin', ?, ?)",
+        )
+        .bind(secret_hash(&token))
+        .bind(now as i64)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(token)
     }
@@ -102,19 +109,19 @@ impl Store {
     }
 
     pub async fn ula_prefix(&self) -> Result<UlaPrefix, AppError> {
-        let text = self
-            .setting("ula_prefix")
-            .await?
-            .ok_or_else(|| anyhow::anyhow!("coordinator is not initialised: run `coordinator init`"))?;
+        let text = self.setting("ula_prefix").await?.ok_or_else(|| {
+            anyhow::anyhow!("coordinator is not initialised: run `coordinator init`")
+        })?;
         text.parse()
             .map_err(|e| AppError::Internal(anyhow::anyhow!("stored ULA prefix {text:?}: {e}")))
     }
 
     pub async fn admin_token_valid(&self, token: &str) -> Result<bool, AppError> {
-        let row: Option<(i64,)> = sqlx::query_as("SELECT id FROM admin_tokens WHERE token_hash = ?")
-            .bind(secret_hash(token))
-            .fetch_optional(&self.pool)
-            .await?;
+        let row: Option<(i64,)> =
+            sqlx::query_as("SELECT id FROM admin_tokens WHERE token_hash = ?")
+                .bind(secret_hash(token))
+                .fetch_optional(&self.pool)
+                .await?;
         Ok(row.is_some())
     }
 
@@ -131,10 +138,11 @@ impl Store {
     }
 
     pub async fn relay_token_valid(&self, token: &str) -> Result<bool, AppError> {
-        let row: Option<(i64,)> = sqlx::query_as("SELECT id FROM relay_tokens WHERE token_hash = ?")
-            .bind(secret_hash(token))
-            .fetch_optional(&self.pool)
-            .await?;
+        let row: Option<(i64,)> =
+            sqlx::query_as("SELECT id FROM relay_tokens WHERE token_hash = ?")
+                .bind(secret_hash(token))
+                .fetch_optional(&self.pool)
+                .await?;
         Ok(row.is_some())
     }
 
@@ -171,7 +179,10 @@ mod tests {
         assert!(store.ula_prefix().await.is_ok());
         let relay = store.create_relay_token("r1", 3).await.unwrap();
         assert!(store.relay_token_valid(&relay).await.unwrap());
-        assert!(!store.admin_token_valid(&relay).await.unwrap(), "relay tokens are not admin tokens");
+        assert!(
+            !store.admin_token_valid(&relay).await.unwrap(),
+            "relay tokens are not admin tokens"
+        );
         assert!(!store.relay_token_valid(&token).await.unwrap());
     }
 }

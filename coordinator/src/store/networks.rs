@@ -9,7 +9,9 @@ use crate::error::AppError;
 pub fn validate_network_name(name: &str) -> Result<(), AppError> {
     let ok = !name.is_empty()
         && name.len() <= 63
-        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
         && !name.starts_with('-')
         && !name.ends_with('-');
     if ok {
@@ -27,7 +29,12 @@ const SELECT_NETWORK: &str = "SELECT n.id, n.name, n.created_at, \
      (SELECT COUNT(*) FROM devices d WHERE d.network_id = n.id) FROM networks n";
 
 fn to_network((id, name, created_at, device_count): NetworkRow) -> Network {
-    Network { id, name, created_at: created_at as u64, device_count }
+    Network {
+        id,
+        name,
+        created_at: created_at as u64,
+        device_count,
+    }
 }
 
 impl Store {
@@ -39,10 +46,15 @@ impl Store {
             .execute(self.pool())
             .await;
         match res {
-            Ok(r) => Ok(Network { id: r.last_insert_rowid(), name: name.to_owned(), created_at: now, device_count: 0 }),
-            Err(e) if is_unique_violation(&e) => {
-                Err(AppError::Conflict(format!("network {name:?} already exists")))
-            }
+            Ok(r) => Ok(Network {
+                id: r.last_insert_rowid(),
+                name: name.to_owned(),
+                created_at: now,
+                device_count: 0,
+            }),
+            Err(e) if is_unique_violation(&e) => Err(AppError::Conflict(format!(
+                "network {name:?} already exists"
+            ))),
             Err(e) => Err(e.into()),
         }
     }
@@ -74,11 +86,26 @@ mod tests {
         let (store, _d) = test_store().await;
         store.create_network("home", 5).await.unwrap();
         store.create_network("lab", 6).await.unwrap();
-        assert!(matches!(store.create_network("home", 7).await, Err(AppError::Conflict(_))));
-        assert!(matches!(store.create_network("Bad Name", 7).await, Err(AppError::BadRequest(_))));
-        let names: Vec<_> = store.list_networks().await.unwrap().into_iter().map(|n| n.name).collect();
+        assert!(matches!(
+            store.create_network("home", 7).await,
+            Err(AppError::Conflict(_))
+        ));
+        assert!(matches!(
+            store.create_network("Bad Name", 7).await,
+            Err(AppError::BadRequest(_))
+        ));
+        let names: Vec<_> = store
+            .list_networks()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|n| n.name)
+            .collect();
         assert_eq!(names, ["home", "lab"]);
         assert_eq!(store.network("lab").await.unwrap().created_at, 6);
-        assert!(matches!(store.network("nope").await, Err(AppError::NotFound(_))));
+        assert!(matches!(
+            store.network("nope").await,
+            Err(AppError::NotFound(_))
+        ));
     }
 }

@@ -49,13 +49,17 @@ impl Store {
     ) -> Result<CreatedPreauthKey, AppError> {
         let net = self.network(network).await?;
         if req.expiry_secs == Some(0) {
-            return Err(AppError::BadRequest("expiry must be more than 0 seconds".into()));
+            return Err(AppError::BadRequest(
+                "expiry must be more than 0 seconds".into(),
+            ));
         }
         let expires_at = match req.expiry_secs {
             Some(s) => Some(
                 now.checked_add(s)
                     .filter(|t| *t <= i64::MAX as u64)
-                    .ok_or_else(|| AppError::BadRequest("expiry is too far in the future".into()))?,
+                    .ok_or_else(|| {
+                        AppError::BadRequest("expiry is too far in the future".into())
+                    })?,
             ),
             None => None,
         };
@@ -91,22 +95,31 @@ impl Store {
 
     pub async fn list_preauth_keys(&self, network: &str) -> Result<Vec<PreauthKeyInfo>, AppError> {
         let net = self.network(network).await?;
-        let rows: Vec<PreauthRow> = sqlx::query_as(&format!("{SELECT_KEY} WHERE k.network_id = ? ORDER BY k.id"))
-            .bind(net.id)
-            .fetch_all(self.pool())
-            .await?;
+        let rows: Vec<PreauthRow> = sqlx::query_as(&format!(
+            "{SELECT_KEY} WHERE k.network_id = ? ORDER BY k.id"
+        ))
+        .bind(net.id)
+        .fetch_all(self.pool())
+        .await?;
         Ok(rows.iter().map(PreauthRow::info).collect())
     }
 
-    pub async fn revoke_preauth_key(&self, network: &str, id: i64) -> Result<PreauthKeyInfo, AppError> {
+    pub async fn revoke_preauth_key(
+        &self,
+        network: &str,
+        id: i64,
+    ) -> Result<PreauthKeyInfo, AppError> {
         let net = self.network(network).await?;
-        let done = sqlx::query("UPDATE preauth_keys SET revoked = 1 WHERE id = ? AND network_id = ?")
-            .bind(id)
-            .bind(net.id)
-            .execute(self.pool())
-            .await?;
+        let done =
+            sqlx::query("UPDATE preauth_keys SET revoked = 1 WHERE id = ? AND network_id = ?")
+                .bind(id)
+                .bind(net.id)
+                .execute(self.pool())
+                .await?;
         if done.rows_affected() == 0 {
-            return Err(AppError::NotFound(format!("no pre-auth key {id} in network {network:?}")));
+            return Err(AppError::NotFound(format!(
+                "no pre-auth key {id} in network {network:?}"
+            )));
         }
         self.preauth_by_id(id).await
     }
@@ -123,10 +136,12 @@ impl Store {
         conn: &mut sqlx::SqliteConnection,
         secret: &str,
     ) -> Result<Option<PreauthRow>, AppError> {
-        Ok(sqlx::query_as(&format!("{SELECT_KEY} WHERE k.key_hash = ?"))
-            .bind(secret_hash(secret))
-            .fetch_optional(conn)
-            .await?)
+        Ok(
+            sqlx::query_as(&format!("{SELECT_KEY} WHERE k.key_hash = ?"))
+                .bind(secret_hash(secret))
+                .fetch_optional(conn)
+                .await?,
+        )
     }
 }
 
@@ -140,7 +155,15 @@ mod tests {
         let (store, _d) = test_store().await;
         store.create_network("home", 1).await.unwrap();
         let k = store
-            .create_preauth_key("home", &CreatePreauthKey { reusable: true, ephemeral: false, expiry_secs: Some(60) }, 100)
+            .create_preauth_key(
+                "home",
+                &CreatePreauthKey {
+                    reusable: true,
+                    ephemeral: false,
+                    expiry_secs: Some(60),
+                },
+                100,
+            )
             .await
             .unwrap();
         assert!(k.key.starts_with(&k.info.prefix));
@@ -149,13 +172,27 @@ mod tests {
         assert_eq!(listed, vec![k.info.clone()]);
         let revoked = store.revoke_preauth_key("home", k.info.id).await.unwrap();
         assert!(revoked.revoked);
-        assert!(matches!(store.revoke_preauth_key("home", 999).await, Err(AppError::NotFound(_))));
         assert!(matches!(
-            store.create_preauth_key("nope", &CreatePreauthKey::default(), 1).await,
+            store.revoke_preauth_key("home", 999).await,
             Err(AppError::NotFound(_))
         ));
         assert!(matches!(
-            store.create_preauth_key("home", &CreatePreauthKey { expiry_secs: Some(u64::MAX), ..Default::default() }, 1).await,
+            store
+                .create_preauth_key("nope", &CreatePreauthKey::default(), 1)
+                .await,
+            Err(AppError::NotFound(_))
+        ));
+        assert!(matches!(
+            store
+                .create_preauth_key(
+                    "home",
+                    &CreatePreauthKey {
+                        expiry_secs: Some(u64::MAX),
+                        ..Default::default()
+                    },
+                    1
+                )
+                .await,
             Err(AppError::BadRequest(_))
         ));
     }

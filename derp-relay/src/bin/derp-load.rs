@@ -38,7 +38,10 @@ struct Args {
 
 fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 #[tokio::main]
@@ -53,15 +56,23 @@ async fn main() -> anyhow::Result<()> {
     for i in 0..args.clients {
         let secret = StaticSecret::random_from_rng(OsRng);
         let key = PublicKey::from(&secret).to_bytes();
-        clients.push((key, RelayClient::spawn(args.url.clone(), secret, i, tx.clone())));
+        clients.push((
+            key,
+            RelayClient::spawn(args.url.clone(), secret, i, tx.clone()),
+        ));
     }
     drop(tx);
     let mut connected = 0;
     let received = Arc::new(AtomicU64::new(0));
     while connected < args.clients {
-        match tokio::time::timeout(Duration::from_secs(30), events.recv()).await.context("clients stopped connecting")? {
+        match tokio::time::timeout(Duration::from_secs(30), events.recv())
+            .await
+            .context("clients stopped connecting")?
+        {
             Some((_, RelayEvent::Connected)) => connected += 1,
-            Some((i, RelayEvent::Disconnected { reason })) => anyhow::bail!("client {i} failed: {reason}"),
+            Some((i, RelayEvent::Disconnected { reason })) => {
+                anyhow::bail!("client {i} failed: {reason}")
+            }
             Some(_) => {}
             None => anyhow::bail!("event stream ended"),
         }
@@ -105,12 +116,25 @@ async fn main() -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let elapsed = send_start.elapsed().as_secs_f64();
     let got = received.load(Ordering::Relaxed);
-    println!("clients connected:     {connected} in {:.2} s", connect_time.as_secs_f64());
+    println!(
+        "clients connected:     {connected} in {:.2} s",
+        connect_time.as_secs_f64()
+    );
     if let (Some(b), Some(a)) = (rss_before, rss_after) {
         println!("relay RSS:             {b} KiB before, {a} KiB with all clients ({:.1} KiB per client)", (a.saturating_sub(b)) as f64 / connected as f64);
     }
-    println!("sending pairs:         {senders} ({} B packets, {:.1} s)", size, elapsed);
-    println!("offered:               {:.0} Mbit/s", sent as f64 * 8.0 / elapsed / 1e6);
-    println!("forwarded (received):  {:.0} Mbit/s, {:.0} packets/s", got as f64 * 8.0 / elapsed / 1e6, got as f64 / size as f64 / elapsed);
+    println!(
+        "sending pairs:         {senders} ({} B packets, {:.1} s)",
+        size, elapsed
+    );
+    println!(
+        "offered:               {:.0} Mbit/s",
+        sent as f64 * 8.0 / elapsed / 1e6
+    );
+    println!(
+        "forwarded (received):  {:.0} Mbit/s, {:.0} packets/s",
+        got as f64 * 8.0 / elapsed / 1e6,
+        got as f64 / size as f64 / elapsed
+    );
     Ok(())
 }

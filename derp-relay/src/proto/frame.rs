@@ -42,25 +42,51 @@ pub enum GoneReason {
 pub enum Frame {
     /// Server → client, first frame: the relay's public key and a fresh
     /// challenge the client's sealed info must include.
-    ServerKey { key: Key, challenge: [u8; 16] },
+    ServerKey {
+        key: Key,
+        challenge: [u8; 16],
+    },
     /// Client → server: its node key and a box sealed to the relay's key.
-    ClientInfo { node_key: Key, nonce: [u8; 12], sealed: Vec<u8> },
+    ClientInfo {
+        node_key: Key,
+        nonce: [u8; 12],
+        sealed: Vec<u8>,
+    },
     /// Server → client: admitted.
     ServerInfo,
-    SendPacket { dst: Key, data: Vec<u8> },
-    RecvPacket { src: Key, data: Vec<u8> },
+    SendPacket {
+        dst: Key,
+        data: Vec<u8>,
+    },
+    RecvPacket {
+        src: Key,
+        data: Vec<u8>,
+    },
     KeepAlive,
-    PeerGone { key: Key, reason: GoneReason },
+    PeerGone {
+        key: Key,
+        reason: GoneReason,
+    },
     Ping([u8; 8]),
     Pong([u8; 8]),
     /// Either side is closing the connection, with a reason for the log.
-    Close { reason: String },
+    Close {
+        reason: String,
+    },
     /// Relay → mesh peer: this client is connected here.
-    PeerPresent { key: Key },
+    PeerPresent {
+        key: Key,
+    },
     /// Relay → mesh peer: deliver to your client `dst` (never forwarded again).
-    ForwardPacket { src: Key, dst: Key, data: Vec<u8> },
+    ForwardPacket {
+        src: Key,
+        dst: Key,
+        data: Vec<u8>,
+    },
     /// A type this version does not know; skipped.
-    Unknown { kind: u8 },
+    Unknown {
+        kind: u8,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -101,7 +127,10 @@ impl Frame {
                 }
                 let mut challenge = [0u8; 16];
                 challenge.copy_from_slice(&p[32..48]);
-                Frame::ServerKey { key: key_at(p, 0), challenge }
+                Frame::ServerKey {
+                    key: key_at(p, 0),
+                    challenge,
+                }
             }
             kind::CLIENT_INFO => {
                 if len < 44 {
@@ -109,7 +138,11 @@ impl Frame {
                 }
                 let mut nonce = [0u8; 12];
                 nonce.copy_from_slice(&p[32..44]);
-                Frame::ClientInfo { node_key: key_at(p, 0), nonce, sealed: p[44..].to_vec() }
+                Frame::ClientInfo {
+                    node_key: key_at(p, 0),
+                    nonce,
+                    sealed: p[44..].to_vec(),
+                }
             }
             kind::SERVER_INFO => {
                 if len != 0 {
@@ -144,7 +177,10 @@ impl Frame {
                     1 => GoneReason::NotHere,
                     _ => return Err(bad()),
                 };
-                Frame::PeerGone { key: key_at(p, 0), reason }
+                Frame::PeerGone {
+                    key: key_at(p, 0),
+                    reason,
+                }
             }
             kind::PING | kind::PONG => {
                 let data: [u8; 8] = p.try_into().map_err(|_| bad())?;
@@ -154,7 +190,9 @@ impl Frame {
                     Frame::Pong(data)
                 }
             }
-            kind::CLOSE => Frame::Close { reason: String::from_utf8_lossy(p).into_owned() },
+            kind::CLOSE => Frame::Close {
+                reason: String::from_utf8_lossy(p).into_owned(),
+            },
             kind::PEER_PRESENT => {
                 if len != 32 {
                     return Err(bad());
@@ -165,7 +203,11 @@ impl Frame {
                 if len < 64 {
                     return Err(bad());
                 }
-                Frame::ForwardPacket { src: key_at(p, 0), dst: key_at(p, 32), data: p[64..].to_vec() }
+                Frame::ForwardPacket {
+                    src: key_at(p, 0),
+                    dst: key_at(p, 32),
+                    data: p[64..].to_vec(),
+                }
             }
             other => Frame::Unknown { kind: other },
         };
@@ -204,7 +246,11 @@ impl Frame {
                 out.extend_from_slice(key);
                 out.extend_from_slice(challenge);
             }
-            Frame::ClientInfo { node_key, nonce, sealed } => {
+            Frame::ClientInfo {
+                node_key,
+                nonce,
+                sealed,
+            } => {
                 out.extend_from_slice(node_key);
                 out.extend_from_slice(nonce);
                 out.extend_from_slice(sealed);
@@ -249,21 +295,33 @@ mod tests {
         let key = any::<[u8; 32]>();
         let data = vec(any::<u8>(), 0..2000);
         prop_oneof![
-            (key, any::<[u8; 16]>()).prop_map(|(key, challenge)| Frame::ServerKey { key, challenge }),
-            (key, any::<[u8; 12]>(), data.clone()).prop_map(|(node_key, nonce, sealed)| Frame::ClientInfo { node_key, nonce, sealed }),
+            (key, any::<[u8; 16]>())
+                .prop_map(|(key, challenge)| Frame::ServerKey { key, challenge }),
+            (key, any::<[u8; 12]>(), data.clone()).prop_map(|(node_key, nonce, sealed)| {
+                Frame::ClientInfo {
+                    node_key,
+                    nonce,
+                    sealed,
+                }
+            }),
             Just(Frame::ServerInfo),
             (key, data.clone()).prop_map(|(dst, data)| Frame::SendPacket { dst, data }),
             (key, data).prop_map(|(src, data)| Frame::RecvPacket { src, data }),
             Just(Frame::KeepAlive),
             (key, any::<bool>()).prop_map(|(key, b)| Frame::PeerGone {
                 key,
-                reason: if b { GoneReason::Disconnected } else { GoneReason::NotHere }
+                reason: if b {
+                    GoneReason::Disconnected
+                } else {
+                    GoneReason::NotHere
+                }
             }),
             any::<[u8; 8]>().prop_map(Frame::Ping),
             any::<[u8; 8]>().prop_map(Frame::Pong),
             "[a-z ]{0,40}".prop_map(|reason| Frame::Close { reason }),
             key.prop_map(|key| Frame::PeerPresent { key }),
-            (key, key, vec(any::<u8>(), 0..500)).prop_map(|(src, dst, data)| Frame::ForwardPacket { src, dst, data }),
+            (key, key, vec(any::<u8>(), 0..500))
+                .prop_map(|(src, dst, data)| Frame::ForwardPacket { src, dst, data }),
         ]
     }
 
@@ -304,17 +362,29 @@ mod tests {
     fn rejects_bad_lengths_and_skips_unknown_types() {
         let mut too_long = vec![kind::SEND_PACKET];
         too_long.extend_from_slice(&((MAX_FRAME_PAYLOAD + 1) as u32).to_be_bytes());
-        assert_eq!(Frame::decode(&too_long), Err(FrameError::TooLong(MAX_FRAME_PAYLOAD + 1)));
+        assert_eq!(
+            Frame::decode(&too_long),
+            Err(FrameError::TooLong(MAX_FRAME_PAYLOAD + 1))
+        );
         let short_send = [kind::SEND_PACKET, 0, 0, 0, 3, 1, 2, 3];
-        assert!(matches!(Frame::decode(&short_send), Err(FrameError::Malformed { .. })));
+        assert!(matches!(
+            Frame::decode(&short_send),
+            Err(FrameError::Malformed { .. })
+        ));
         let bad_gone = {
             let mut v = vec![kind::PEER_GONE, 0, 0, 0, 33];
             v.extend_from_slice(&[0; 32]);
             v.push(9);
             v
         };
-        assert!(matches!(Frame::decode(&bad_gone), Err(FrameError::Malformed { .. })));
+        assert!(matches!(
+            Frame::decode(&bad_gone),
+            Err(FrameError::Malformed { .. })
+        ));
         let unknown = [0x7f, 0, 0, 0, 2, 0xaa, 0xbb];
-        assert_eq!(Frame::decode(&unknown), Ok(Some((Frame::Unknown { kind: 0x7f }, 7))));
+        assert_eq!(
+            Frame::decode(&unknown),
+            Ok(Some((Frame::Unknown { kind: 0x7f }, 7)))
+        );
     }
 }

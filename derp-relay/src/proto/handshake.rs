@@ -49,7 +49,11 @@ pub enum HandshakeError {
     TooLarge,
 }
 
-fn cipher(shared: &x25519_dalek::SharedSecret, client: &Key, relay: &Key) -> Result<ChaCha20Poly1305, HandshakeError> {
+fn cipher(
+    shared: &x25519_dalek::SharedSecret,
+    client: &Key,
+    relay: &Key,
+) -> Result<ChaCha20Poly1305, HandshakeError> {
     if !shared.was_contributory() {
         return Err(HandshakeError::WeakKey);
     }
@@ -78,12 +82,22 @@ pub fn seal(
     let node_key = PublicKey::from(node_private).to_bytes();
     let shared = node_private.diffie_hellman(&PublicKey::from(*relay));
     let cipher = cipher(&shared, &node_key, relay)?;
-    let info = ClientInfo { version: PROTOCOL_VERSION, challenge: hex::encode(challenge), mesh_key };
+    let info = ClientInfo {
+        version: PROTOCOL_VERSION,
+        challenge: hex::encode(challenge),
+        mesh_key,
+    };
     let plain = serde_json::to_vec(&info).map_err(|e| HandshakeError::BadInfo(e.to_string()))?;
     let mut nonce = [0u8; 12];
     OsRng.fill_bytes(&mut nonce);
-    let sealed = cipher.encrypt(Nonce::from_slice(&nonce), plain.as_slice()).map_err(|_| HandshakeError::BadSeal)?;
-    Ok(Frame::ClientInfo { node_key, nonce, sealed })
+    let sealed = cipher
+        .encrypt(Nonce::from_slice(&nonce), plain.as_slice())
+        .map_err(|_| HandshakeError::BadSeal)?;
+    Ok(Frame::ClientInfo {
+        node_key,
+        nonce,
+        sealed,
+    })
 }
 
 /// Relay side: opens a client's sealed info and checks it.
@@ -100,8 +114,11 @@ pub fn open(
     let relay = PublicKey::from(relay_private).to_bytes();
     let shared = relay_private.diffie_hellman(&PublicKey::from(*node_key));
     let cipher = cipher(&shared, node_key, &relay)?;
-    let plain = cipher.decrypt(Nonce::from_slice(nonce), sealed).map_err(|_| HandshakeError::BadSeal)?;
-    let info: ClientInfo = serde_json::from_slice(&plain).map_err(|e| HandshakeError::BadInfo(e.to_string()))?;
+    let plain = cipher
+        .decrypt(Nonce::from_slice(nonce), sealed)
+        .map_err(|_| HandshakeError::BadSeal)?;
+    let info: ClientInfo =
+        serde_json::from_slice(&plain).map_err(|e| HandshakeError::BadInfo(e.to_string()))?;
     if info.version != PROTOCOL_VERSION {
         return Err(HandshakeError::Version(info.version));
     }
@@ -117,12 +134,19 @@ mod tests {
     use proptest::prelude::*;
 
     fn keys() -> (StaticSecret, StaticSecret) {
-        (StaticSecret::random_from_rng(OsRng), StaticSecret::random_from_rng(OsRng))
+        (
+            StaticSecret::random_from_rng(OsRng),
+            StaticSecret::random_from_rng(OsRng),
+        )
     }
 
     fn unpack(f: Frame) -> (Key, [u8; 12], Vec<u8>) {
         match f {
-            Frame::ClientInfo { node_key, nonce, sealed } => (node_key, nonce, sealed),
+            Frame::ClientInfo {
+                node_key,
+                nonce,
+                sealed,
+            } => (node_key, nonce, sealed),
             other => panic!("{other:?}"),
         }
     }
@@ -132,21 +156,34 @@ mod tests {
         let (client, relay) = keys();
         let relay_pub = PublicKey::from(&relay).to_bytes();
         let ch = challenge();
-        let (node_key, nonce, sealed) = unpack(seal(&client, &relay_pub, &ch, Some("psk".into())).unwrap());
+        let (node_key, nonce, sealed) =
+            unpack(seal(&client, &relay_pub, &ch, Some("psk".into())).unwrap());
         let info = open(&relay, &ch, &node_key, &nonce, &sealed).unwrap();
         assert_eq!(info.mesh_key.as_deref(), Some("psk"));
 
         // Replayed on a connection with another challenge.
-        assert_eq!(open(&relay, &challenge(), &node_key, &nonce, &sealed), Err(HandshakeError::WrongChallenge));
+        assert_eq!(
+            open(&relay, &challenge(), &node_key, &nonce, &sealed),
+            Err(HandshakeError::WrongChallenge)
+        );
         // Claiming someone else's key.
         let (other, _) = keys();
         let claimed = PublicKey::from(&other).to_bytes();
-        assert_eq!(open(&relay, &ch, &claimed, &nonce, &sealed), Err(HandshakeError::BadSeal));
+        assert_eq!(
+            open(&relay, &ch, &claimed, &nonce, &sealed),
+            Err(HandshakeError::BadSeal)
+        );
         // Sealed to another relay.
         let (_, relay2) = keys();
-        assert_eq!(open(&relay2, &ch, &node_key, &nonce, &sealed), Err(HandshakeError::BadSeal));
+        assert_eq!(
+            open(&relay2, &ch, &node_key, &nonce, &sealed),
+            Err(HandshakeError::BadSeal)
+        );
         // A low-order key gives no secret.
-        assert_eq!(open(&relay, &ch, &[0u8; 32], &nonce, &sealed), Err(HandshakeError::WeakKey));
+        assert_eq!(
+            open(&relay, &ch, &[0u8; 32], &nonce, &sealed),
+            Err(HandshakeError::WeakKey)
+        );
     }
 
     proptest! {

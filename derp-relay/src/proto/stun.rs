@@ -19,7 +19,11 @@ pub fn parse_request(packet: &[u8]) -> Option<TransactionId> {
     let kind = u16::from_be_bytes([packet[0], packet[1]]);
     let len = u16::from_be_bytes([packet[2], packet[3]]) as usize;
     let cookie = u32::from_be_bytes([packet[4], packet[5], packet[6], packet[7]]);
-    if kind != BINDING_REQUEST || cookie != MAGIC_COOKIE || !len.is_multiple_of(4) || HEADER_LEN + len != packet.len() {
+    if kind != BINDING_REQUEST
+        || cookie != MAGIC_COOKIE
+        || !len.is_multiple_of(4)
+        || HEADER_LEN + len != packet.len()
+    {
         return None;
     }
     let mut tx = [0u8; 12];
@@ -45,7 +49,10 @@ pub fn response(tx: &TransactionId, seen: SocketAddr) -> Vec<u8> {
             let mut mask = [0u8; 16];
             mask[..4].copy_from_slice(&MAGIC_COOKIE.to_be_bytes());
             mask[4..].copy_from_slice(tx);
-            (2, v6.octets().iter().zip(mask).map(|(a, m)| a ^ m).collect())
+            (
+                2,
+                v6.octets().iter().zip(mask).map(|(a, m)| a ^ m).collect(),
+            )
         }
     };
     let attr_len = 4 + addr.len();
@@ -82,7 +89,8 @@ pub fn parse_response(packet: &[u8], tx: &TransactionId) -> Option<SocketAddr> {
             let port = u16::from_be_bytes([value[2], value[3]]) ^ (MAGIC_COOKIE >> 16) as u16;
             return match (value[1], alen) {
                 (1, 8) => {
-                    let raw = u32::from_be_bytes([value[4], value[5], value[6], value[7]]) ^ MAGIC_COOKIE;
+                    let raw =
+                        u32::from_be_bytes([value[4], value[5], value[6], value[7]]) ^ MAGIC_COOKIE;
                     Some(SocketAddr::new(Ipv4Addr::from(raw).into(), port))
                 }
                 (2, 20) => {

@@ -43,7 +43,11 @@ impl Cache {
     pub fn fresh(&self, key: &NodePublic, now: Instant) -> Option<Verdict> {
         let (allowed, at) = self.entries.get(key)?;
         let ttl = if *allowed { ALLOW_TTL } else { DENY_TTL };
-        (now.saturating_duration_since(*at) < ttl).then_some(if *allowed { Verdict::Admit } else { Verdict::Deny })
+        (now.saturating_duration_since(*at) < ttl).then_some(if *allowed {
+            Verdict::Admit
+        } else {
+            Verdict::Deny
+        })
     }
 
     /// Folds the coordinator's answer in and decides.
@@ -58,7 +62,9 @@ impl Cache {
                 Verdict::Deny
             }
             Answer::NoAnswer => match self.entries.get(&key) {
-                Some((true, at)) if now.saturating_duration_since(*at) < STALE_ALLOW_LIMIT => Verdict::Admit,
+                Some((true, at)) if now.saturating_duration_since(*at) < STALE_ALLOW_LIMIT => {
+                    Verdict::Admit
+                }
                 _ => Verdict::Unavailable,
             },
         }
@@ -68,17 +74,38 @@ impl Cache {
 pub enum Admission {
     /// Everyone with a valid handshake (only for tests and closed labs).
     Open,
-    Coordinator { url: String, token: String, http: reqwest::Client, cache: Mutex<Cache> },
+    Coordinator {
+        url: String,
+        token: String,
+        http: reqwest::Client,
+        cache: Mutex<Cache>,
+    },
 }
 
 impl Admission {
     pub fn coordinator(url: &str, token: String) -> Self {
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(3)).build().unwrap_or_default();
-        Admission::Coordinator { url: url.trim_end_matches('/').to_owned(), token, http, cache: Mutex::new(Cache::default()) }
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(3))
+            .build()
+            .unwrap_or_default();
+        Admission::Coordinator {
+            url: url.trim_end_matches('/').to_owned(),
+            token,
+            http,
+            cache: Mutex::new(Cache::default()),
+        }
     }
 
     pub async fn check(&self, key: NodePublic) -> Verdict {
-        let Admission::Coordinator { url, token, http, cache } = self else { return Verdict::Admit };
+        let Admission::Coordinator {
+            url,
+            token,
+            http,
+            cache,
+        } = self
+        else {
+            return Verdict::Admit;
+        };
         let lock = || cache.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(v) = lock().fresh(&key, Instant::now()) {
             return v;
@@ -116,17 +143,39 @@ mod tests {
         let mut c = Cache::default();
         assert_eq!(c.fresh(&known, t0), None);
         assert_eq!(c.decide(known, Answer::Known, t0), Verdict::Admit);
-        assert_eq!(c.fresh(&known, t0 + Duration::from_secs(30)), Some(Verdict::Admit));
-        assert_eq!(c.fresh(&known, t0 + ALLOW_TTL), None, "re-asked after the TTL");
+        assert_eq!(
+            c.fresh(&known, t0 + Duration::from_secs(30)),
+            Some(Verdict::Admit)
+        );
+        assert_eq!(
+            c.fresh(&known, t0 + ALLOW_TTL),
+            None,
+            "re-asked after the TTL"
+        );
         // Coordinator down: the known key keeps working for a while, then not.
-        assert_eq!(c.decide(known, Answer::NoAnswer, t0 + Duration::from_secs(120)), Verdict::Admit);
-        assert_eq!(c.decide(known, Answer::NoAnswer, t0 + STALE_ALLOW_LIMIT), Verdict::Unavailable);
+        assert_eq!(
+            c.decide(known, Answer::NoAnswer, t0 + Duration::from_secs(120)),
+            Verdict::Admit
+        );
+        assert_eq!(
+            c.decide(known, Answer::NoAnswer, t0 + STALE_ALLOW_LIMIT),
+            Verdict::Unavailable
+        );
         // A key never admitted is refused while the coordinator is down.
-        assert_eq!(c.decide(stranger, Answer::NoAnswer, t0), Verdict::Unavailable);
+        assert_eq!(
+            c.decide(stranger, Answer::NoAnswer, t0),
+            Verdict::Unavailable
+        );
         assert_eq!(c.decide(stranger, Answer::Unknown, t0), Verdict::Deny);
-        assert_eq!(c.fresh(&stranger, t0 + Duration::from_secs(1)), Some(Verdict::Deny));
+        assert_eq!(
+            c.fresh(&stranger, t0 + Duration::from_secs(1)),
+            Some(Verdict::Deny)
+        );
         assert_eq!(c.fresh(&stranger, t0 + DENY_TTL), None);
         // Revoked: the coordinator now says unknown.
-        assert_eq!(c.decide(known, Answer::Unknown, t0 + Duration::from_secs(200)), Verdict::Deny);
+        assert_eq!(
+            c.decide(known, Answer::Unknown, t0 + Duration::from_secs(200)),
+            Verdict::Deny
+        );
     }
 }

@@ -24,7 +24,10 @@ pub fn router(relay: Arc<Relay>) -> Router {
     Router::new()
         .route("/derp", get(upgrade))
         .route("/healthz", get(|| async { "ok" }))
-        .route("/metrics", get(|State(r): State<Arc<Relay>>| async move { r.metrics.render() }))
+        .route(
+            "/metrics",
+            get(|State(r): State<Arc<Relay>>| async move { r.metrics.render() }),
+        )
         .with_state(relay)
 }
 
@@ -40,7 +43,11 @@ async fn upgrade(State(relay): State<Arc<Relay>>, mut req: Request) -> Response 
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.eq_ignore_ascii_case(UPGRADE_PROTOCOL));
     if !wants {
-        return json_error(StatusCode::UPGRADE_REQUIRED, "upgrade_required", "send `Upgrade: crank-derp`");
+        return json_error(
+            StatusCode::UPGRADE_REQUIRED,
+            "upgrade_required",
+            "send `Upgrade: crank-derp`",
+        );
     }
     let on_upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
@@ -83,7 +90,9 @@ pub async fn serve_tls(
                     return;
                 }
             };
-            let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), service).with_upgrades();
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tls), service)
+                .with_upgrades();
             if let Err(e) = conn.await {
                 tracing::debug!(%peer, error = %e, "connection ended");
             }
@@ -95,7 +104,9 @@ pub async fn serve_tls(
 pub async fn serve_stun(socket: UdpSocket) {
     let mut buf = [0u8; 1500];
     loop {
-        let Ok((n, from)) = socket.recv_from(&mut buf).await else { continue };
+        let Ok((n, from)) = socket.recv_from(&mut buf).await else {
+            continue;
+        };
         if let Some(tx) = stun::parse_request(&buf[..n]) {
             let seen = SocketAddr::new(from.ip().to_canonical(), from.port());
             let _ = socket.send_to(&stun::response(&tx, seen), from).await;

@@ -21,7 +21,10 @@ const RETRY: Duration = Duration::from_secs(1);
 /// lengths leak nothing either).
 pub fn keys_match(a: &str, b: &str) -> bool {
     let (ha, hb) = (Sha256::digest(a.as_bytes()), Sha256::digest(b.as_bytes()));
-    ha.iter().zip(hb.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    ha.iter()
+        .zip(hb.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
 }
 
 /// Keeps a link to the relay at `url` open for as long as the task lives.
@@ -35,7 +38,9 @@ pub async fn run_link(relay: Arc<Relay>, target: crate::client::RelayTarget) {
 }
 
 async fn link(relay: &Arc<Relay>, target: &crate::client::RelayTarget) -> anyhow::Result<()> {
-    let Some(mesh_key) = relay.cfg.mesh_key.clone() else { bail!("no mesh key configured") };
+    let Some(mesh_key) = relay.cfg.mesh_key.clone() else {
+        bail!("no mesh key configured")
+    };
     let stream = crate::client::connect(target).await?;
     let (read, mut write) = tokio::io::split(stream);
     let mut reader = FrameReader::new(read);
@@ -44,7 +49,12 @@ async fn link(relay: &Arc<Relay>, target: &crate::client::RelayTarget) -> anyhow
         Some(Frame::ServerKey { key, challenge }) => (key, challenge),
         other => bail!("expected the relay's key, got {other:?}"),
     };
-    write_frame(&mut write, &handshake::seal(&relay.cfg.private, &peer, &challenge, Some(mesh_key))?, &mut scratch).await?;
+    write_frame(
+        &mut write,
+        &handshake::seal(&relay.cfg.private, &peer, &challenge, Some(mesh_key))?,
+        &mut scratch,
+    )
+    .await?;
     match reader.next().await? {
         Some(Frame::ServerInfo) => {}
         Some(Frame::Close { reason }) => bail!("mesh peer refused us: {reason}"),

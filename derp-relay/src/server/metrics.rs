@@ -70,12 +70,36 @@ impl Metrics {
     pub fn render(&self) -> String {
         let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let mut out = String::new();
-        let _ = writeln!(out, "# TYPE derp_clients gauge\nderp_clients {}", self.clients.load(Ordering::Relaxed));
-        let _ = writeln!(out, "# TYPE derp_accepted_total counter\nderp_accepted_total {}", l(&self.accepted));
-        let _ = writeln!(out, "# TYPE derp_bytes_received_total counter\nderp_bytes_received_total {}", l(&self.bytes_in));
-        let _ = writeln!(out, "# TYPE derp_bytes_sent_total counter\nderp_bytes_sent_total {}", l(&self.bytes_out));
-        let _ = writeln!(out, "# TYPE derp_packets_received_total counter\nderp_packets_received_total {}", l(&self.packets_in));
-        let _ = writeln!(out, "# TYPE derp_packets_sent_total counter\nderp_packets_sent_total {}", l(&self.packets_out));
+        let _ = writeln!(
+            out,
+            "# TYPE derp_clients gauge\nderp_clients {}",
+            self.clients.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE derp_accepted_total counter\nderp_accepted_total {}",
+            l(&self.accepted)
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE derp_bytes_received_total counter\nderp_bytes_received_total {}",
+            l(&self.bytes_in)
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE derp_bytes_sent_total counter\nderp_bytes_sent_total {}",
+            l(&self.bytes_out)
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE derp_packets_received_total counter\nderp_packets_received_total {}",
+            l(&self.packets_in)
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE derp_packets_sent_total counter\nderp_packets_sent_total {}",
+            l(&self.packets_out)
+        );
         let _ = writeln!(out, "# TYPE derp_drops_total counter");
         for (d, c) in Drop::ALL.iter().zip(&self.drops) {
             let _ = writeln!(out, "derp_drops_total{{reason=\"{}\"}} {}", d.label(), l(c));

@@ -127,7 +127,17 @@ impl Relay {
         let mut reader = FrameReader::new(read);
         let mut scratch = Vec::new();
         let challenge = handshake::challenge();
-        if write_frame(&mut write, &Frame::ServerKey { key: self.public, challenge }, &mut scratch).await.is_err() {
+        if write_frame(
+            &mut write,
+            &Frame::ServerKey {
+                key: self.public,
+                challenge,
+            },
+            &mut scratch,
+        )
+        .await
+        .is_err()
+        {
             return;
         }
         let (key, is_mesh) = match self.authenticate(&mut reader, &challenge).await {
@@ -153,7 +163,12 @@ impl Relay {
         let (bulk_tx, bulk_rx) = mpsc::channel(BULK_QUEUE);
         let (disco_tx, disco_rx) = mpsc::channel(DISCO_QUEUE);
         let conn_id = self.next_conn.fetch_add(1, Ordering::Relaxed);
-        let client = Arc::new(Client { conn_id, bulk: bulk_tx, disco: disco_tx, senders: Mutex::new(HashSet::new()) });
+        let client = Arc::new(Client {
+            conn_id,
+            bulk: bulk_tx,
+            disco: disco_tx,
+            senders: Mutex::new(HashSet::new()),
+        });
         // A newer connection with the same key replaces the older one, whose
         // queues close and whose writer ends.
         if self.clients().insert(key, client.clone()).is_none() {
@@ -175,29 +190,50 @@ impl Relay {
 
     /// Checks the client's proof; returns its key and whether it is a mesh
     /// peer (another relay holding the mesh key).
-    async fn authenticate<R: AsyncRead + Unpin>(&self, reader: &mut FrameReader<R>, challenge: &[u8; 16]) -> Result<(Key, bool), Drop> {
-        let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.next()).await.map_err(|_| Drop::Unauthenticated)?;
+    async fn authenticate<R: AsyncRead + Unpin>(
+        &self,
+        reader: &mut FrameReader<R>,
+        challenge: &[u8; 16],
+    ) -> Result<(Key, bool), Drop> {
+        let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.next())
+            .await
+            .map_err(|_| Drop::Unauthenticated)?;
         let (node_key, nonce, sealed) = match first {
-            Ok(Some(Frame::ClientInfo { node_key, nonce, sealed })) => (node_key, nonce, sealed),
+            Ok(Some(Frame::ClientInfo {
+                node_key,
+                nonce,
+                sealed,
+            })) => (node_key, nonce, sealed),
             Ok(_) => return Err(Drop::Unauthenticated),
             Err(ReadError::Frame(FrameError::TooLong(_))) => return Err(Drop::Oversized),
             Err(_) => return Err(Drop::Malformed),
         };
-        let info = handshake::open(&self.cfg.private, challenge, &node_key, &nonce, &sealed).map_err(|_| Drop::Unauthenticated)?;
+        let info = handshake::open(&self.cfg.private, challenge, &node_key, &nonce, &sealed)
+            .map_err(|_| Drop::Unauthenticated)?;
         if let Some(offered) = info.mesh_key {
             return match &self.cfg.mesh_key {
                 Some(ours) if mesh::keys_match(ours, &offered) => Ok((node_key, true)),
                 _ => Err(Drop::Unauthenticated),
             };
         }
-        match self.cfg.admission.check(NodePublic::from_bytes(node_key)).await {
+        match self
+            .cfg
+            .admission
+            .check(NodePublic::from_bytes(node_key))
+            .await
+        {
             Verdict::Admit => Ok((node_key, false)),
             Verdict::Deny => Err(Drop::AdmissionDenied),
             Verdict::Unavailable => Err(Drop::AdmissionUnavailable),
         }
     }
 
-    async fn read_loop<R: AsyncRead + Unpin>(&self, reader: &mut FrameReader<R>, me: Key, client: &Client) -> Result<(), Drop> {
+    async fn read_loop<R: AsyncRead + Unpin>(
+        &self,
+        reader: &mut FrameReader<R>,
+        me: Key,
+        client: &Client,
+    ) -> Result<(), Drop> {
         let mut bucket = TokenBucket::new(self.cfg.rate_limit, self.cfg.burst, Instant::now());
         let mut sent_to: HashSet<Key> = HashSet::new();
         loop {
@@ -211,7 +247,9 @@ impl Relay {
             match frame {
                 Frame::SendPacket { dst, data } => {
                     self.metrics.packets_in.fetch_add(1, Ordering::Relaxed);
-                    self.metrics.bytes_in.fetch_add(data.len() as u64, Ordering::Relaxed);
+                    self.metrics
+                        .bytes_in
+                        .fetch_add(data.len() as u64, Ordering::Relaxed);
                     if !bucket.take(data.len(), Instant::now()) {
                         self.metrics.drop(Drop::RateLimited);
                         continue;
@@ -229,9 +267,7 @@ impl Relay {
                 | Frame::RecvPacket { .. }
                 | Frame::PeerGone { .. }
                 | Frame::PeerPresent { .. }
-                | Frame::ForwardPacket { .. } => {
-                    return Err(Drop::UnexpectedFrame)
-                }
+                | Frame::ForwardPacket { .. } => return Err(Drop::UnexpectedFrame),
             }
         }
     }
@@ -240,7 +276,11 @@ impl Relay {
         let target = self.clients().get(&dst).cloned();
         if let Some(target) = target {
             if sent_to.insert(dst) {
-                target.senders.lock().unwrap_or_else(|p| p.into_inner()).insert(me);
+                target
+                    .senders
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(me);
             }
             self.deliver(&target, me, data);
             return;
@@ -249,20 +289,34 @@ impl Relay {
         let via = self.remote().get(&dst).copied();
         let link = via.and_then(|relay| self.mesh_links().get(&relay).map(|(_, l)| l.clone()));
         if let Some(link) = link {
-            if link.try_send(encoded(&Frame::ForwardPacket { src: me, dst, data: data.to_vec() })).is_err() {
+            if link
+                .try_send(encoded(&Frame::ForwardPacket {
+                    src: me,
+                    dst,
+                    data: data.to_vec(),
+                }))
+                .is_err()
+            {
                 self.metrics.drop(Drop::QueueFull);
             }
             return;
         }
         self.metrics.drop(Drop::NoSuchPeer);
-        let _ = sender.disco.try_send(encoded(&Frame::PeerGone { key: dst, reason: GoneReason::NotHere }));
+        let _ = sender.disco.try_send(encoded(&Frame::PeerGone {
+            key: dst,
+            reason: GoneReason::NotHere,
+        }));
     }
 
     /// Queues a packet from `src` for a local client.
     fn deliver(&self, target: &Client, src: Key, data: &[u8]) {
         let mut frame = Vec::with_capacity(5 + 32 + data.len());
         Frame::encode_recv_packet(&src, data, &mut frame);
-        let queue = if platform::disco::is_disco(data) { &target.disco } else { &target.bulk };
+        let queue = if platform::disco::is_disco(data) {
+            &target.disco
+        } else {
+            &target.bulk
+        };
         if queue.try_send(frame).is_err() {
             self.metrics.drop(Drop::QueueFull);
         }
@@ -285,7 +339,9 @@ impl Relay {
                 }
                 Ok(Some(Frame::ForwardPacket { src, dst, data })) => {
                     self.metrics.packets_in.fetch_add(1, Ordering::Relaxed);
-                    self.metrics.bytes_in.fetch_add(data.len() as u64, Ordering::Relaxed);
+                    self.metrics
+                        .bytes_in
+                        .fetch_add(data.len() as u64, Ordering::Relaxed);
                     let target = self.clients().get(&dst).cloned();
                     match target {
                         Some(t) => self.deliver(&t, src, &data),
@@ -313,9 +369,20 @@ impl Relay {
             return;
         }
         self.metrics.clients.fetch_sub(1, Ordering::Relaxed);
-        self.announce(&Frame::PeerGone { key, reason: GoneReason::Disconnected });
-        let senders: Vec<Key> = client.senders.lock().unwrap_or_else(|p| p.into_inner()).drain().collect();
-        let gone = encoded(&Frame::PeerGone { key, reason: GoneReason::Disconnected });
+        self.announce(&Frame::PeerGone {
+            key,
+            reason: GoneReason::Disconnected,
+        });
+        let senders: Vec<Key> = client
+            .senders
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .collect();
+        let gone = encoded(&Frame::PeerGone {
+            key,
+            reason: GoneReason::Disconnected,
+        });
         let clients = self.clients();
         for s in senders {
             if let Some(c) = clients.get(&s) {
@@ -349,7 +416,10 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         };
         let Some(frame) = frame else { return };
         relay.metrics.packets_out.fetch_add(1, Ordering::Relaxed);
-        relay.metrics.bytes_out.fetch_add(frame.len() as u64, Ordering::Relaxed);
+        relay
+            .metrics
+            .bytes_out
+            .fetch_add(frame.len() as u64, Ordering::Relaxed);
         if write.write_all(&frame).await.is_err() || write.flush().await.is_err() {
             return;
         }

@@ -13,7 +13,12 @@ pub struct TokenBucket {
 impl TokenBucket {
     /// `rate` bytes per second, up to `burst` bytes at once.
     pub fn new(rate: u64, burst: u64, now: Instant) -> Self {
-        TokenBucket { rate: rate as f64, burst: burst as f64, tokens: burst as f64, last: now }
+        TokenBucket {
+            rate: rate as f64,
+            burst: burst as f64,
+            tokens: burst as f64,
+            last: now,
+        }
     }
 
     /// Takes `n` bytes if the bucket holds them.

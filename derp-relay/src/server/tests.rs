@@ -20,7 +20,11 @@ async fn start(admission: Admission, rate_limit: u64) -> (Arc<Relay>, String) {
     start_meshed(admission, rate_limit, None).await
 }
 
-async fn start_meshed(admission: Admission, rate_limit: u64, mesh_key: Option<&str>) -> (Arc<Relay>, String) {
+async fn start_meshed(
+    admission: Admission,
+    rate_limit: u64,
+    mesh_key: Option<&str>,
+) -> (Arc<Relay>, String) {
     let relay = Relay::new(RelayConfig {
         private: StaticSecret::random_from_rng(OsRng),
         admission,
@@ -47,7 +51,11 @@ impl Peer {
         let key = PublicKey::from(&secret).to_bytes();
         let (tx, events) = mpsc::channel(1024);
         let client = RelayClient::spawn(url.to_owned(), secret, (), tx);
-        let mut p = Peer { key, client, events };
+        let mut p = Peer {
+            key,
+            client,
+            events,
+        };
         match p.next().await {
             RelayEvent::Connected => p,
             other => panic!("not connected: {other:?}"),
@@ -55,7 +63,11 @@ impl Peer {
     }
 
     async fn next(&mut self) -> RelayEvent {
-        tokio::time::timeout(Duration::from_secs(5), self.events.recv()).await.expect("event in time").expect("open").1
+        tokio::time::timeout(Duration::from_secs(5), self.events.recv())
+            .await
+            .expect("event in time")
+            .expect("open")
+            .1
     }
 
     async fn next_packet(&mut self) -> (Key, Vec<u8>) {
@@ -95,7 +107,9 @@ async fn forwards_between_clients_and_reports_departures() {
     let nobody = [9u8; 32];
     assert!(a.client.send(nobody, b"?"));
     match a.next().await {
-        RelayEvent::PeerGone { key, reason } => assert_eq!((key, reason), (nobody, GoneReason::NotHere)),
+        RelayEvent::PeerGone { key, reason } => {
+            assert_eq!((key, reason), (nobody, GoneReason::NotHere))
+        }
         other => panic!("{other:?}"),
     }
     assert_eq!(relay.metrics.drops(Drop::NoSuchPeer), 1);
@@ -103,7 +117,9 @@ async fn forwards_between_clients_and_reports_departures() {
     // b leaves: a, who sent to it, hears.
     drop(b.client);
     match a.next().await {
-        RelayEvent::PeerGone { key, reason } => assert_eq!((key, reason), (b.key, GoneReason::Disconnected)),
+        RelayEvent::PeerGone { key, reason } => {
+            assert_eq!((key, reason), (b.key, GoneReason::Disconnected))
+        }
         other => panic!("{other:?}"),
     }
     wait_for("b removed", || relay.client_count() == 1).await;
@@ -112,7 +128,11 @@ async fn forwards_between_clients_and_reports_departures() {
 
 /// Opens a raw upgraded connection and returns it after the server's key frame.
 async fn raw(url: &str) -> (TcpStream, Key, [u8; 16]) {
-    let addr: SocketAddr = url.trim_start_matches("http://").trim_end_matches("/derp").parse().unwrap();
+    let addr: SocketAddr = url
+        .trim_start_matches("http://")
+        .trim_end_matches("/derp")
+        .parse()
+        .unwrap();
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(format!("GET /derp HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: crank-derp\r\n\r\n").as_bytes())
         .await
@@ -121,17 +141,25 @@ async fn raw(url: &str) -> (TcpStream, Key, [u8; 16]) {
     while !head.ends_with(b"\r\n\r\n") {
         head.push(s.read_u8().await.unwrap());
     }
-    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
     let mut frame = [0u8; 5 + 48];
     s.read_exact(&mut frame).await.unwrap();
-    let Some((Frame::ServerKey { key, challenge }, _)) = Frame::decode(&frame).unwrap() else { panic!() };
+    let Some((Frame::ServerKey { key, challenge }, _)) = Frame::decode(&frame).unwrap() else {
+        panic!()
+    };
     (s, key, challenge)
 }
 
 /// Reads until the server closes, returning what it sent.
 async fn drain(mut s: TcpStream) -> Vec<u8> {
     let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await.expect("server closes");
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .expect("server closes");
     out
 }
 
@@ -144,7 +172,12 @@ async fn bad_clients_are_closed_with_a_counted_reason_and_others_carry_on() {
     // Unauthenticated: a packet before any proof.
     let (mut s, _, _) = raw(&url).await;
     let mut f = Vec::new();
-    Frame::SendPacket { dst: a.key, data: b"sneaky".to_vec() }.encode(&mut f).unwrap();
+    Frame::SendPacket {
+        dst: a.key,
+        data: b"sneaky".to_vec(),
+    }
+    .encode(&mut f)
+    .unwrap();
     s.write_all(&f).await.unwrap();
     let reply = drain(s).await;
     assert!(String::from_utf8_lossy(&reply).contains("unauthenticated"));
@@ -152,7 +185,13 @@ async fn bad_clients_are_closed_with_a_counted_reason_and_others_carry_on() {
 
     // A key it cannot prove: sealed with another secret.
     let (mut s, relay_key, challenge) = raw(&url).await;
-    let mut sealed = crate::proto::handshake::seal(&StaticSecret::random_from_rng(OsRng), &relay_key, &challenge, None).unwrap();
+    let mut sealed = crate::proto::handshake::seal(
+        &StaticSecret::random_from_rng(OsRng),
+        &relay_key,
+        &challenge,
+        None,
+    )
+    .unwrap();
     if let Frame::ClientInfo { node_key, .. } = &mut sealed {
         *node_key = a.key;
     }
@@ -172,8 +211,16 @@ async fn bad_clients_are_closed_with_a_counted_reason_and_others_carry_on() {
     let secret = StaticSecret::random_from_rng(OsRng);
     let (mut s, relay_key, challenge) = raw(&url).await;
     let mut f = Vec::new();
-    crate::proto::handshake::seal(&secret, &relay_key, &challenge, None).unwrap().encode(&mut f).unwrap();
-    Frame::RecvPacket { src: a.key, data: vec![1] }.encode(&mut f).unwrap();
+    crate::proto::handshake::seal(&secret, &relay_key, &challenge, None)
+        .unwrap()
+        .encode(&mut f)
+        .unwrap();
+    Frame::RecvPacket {
+        src: a.key,
+        data: vec![1],
+    }
+    .encode(&mut f)
+    .unwrap();
     s.write_all(&f).await.unwrap();
     drain(s).await;
     assert_eq!(relay.metrics.drops(Drop::UnexpectedFrame), 1);
@@ -196,7 +243,10 @@ async fn a_slow_reader_does_not_stall_others_and_disco_gets_through() {
     let stuck_key = PublicKey::from(&secret).to_bytes();
     let (mut stuck, relay_key, challenge) = raw(&url).await;
     let mut f = Vec::new();
-    crate::proto::handshake::seal(&secret, &relay_key, &challenge, None).unwrap().encode(&mut f).unwrap();
+    crate::proto::handshake::seal(&secret, &relay_key, &challenge, None)
+        .unwrap()
+        .encode(&mut f)
+        .unwrap();
     stuck.write_all(&f).await.unwrap();
     wait_for("stuck admitted", || relay.client_count() == 4).await;
 
@@ -207,7 +257,10 @@ async fn a_slow_reader_does_not_stall_others_and_disco_gets_through() {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }
-    wait_for("queue-full drops", || relay.metrics.drops(Drop::QueueFull) > 0).await;
+    wait_for("queue-full drops", || {
+        relay.metrics.drops(Drop::QueueFull) > 0
+    })
+    .await;
 
     // Meanwhile b and c talk normally.
     for i in 0..50u8 {
@@ -230,9 +283,13 @@ async fn rate_limit_drops_excess() {
         assert!(a.client.send(b.key, &[0u8; 1000]));
     }
     // The burst (10 kB) passes, the rest is dropped.
-    wait_for("rate-limited drops", || relay.metrics.drops(Drop::RateLimited) >= 80).await;
+    wait_for("rate-limited drops", || {
+        relay.metrics.drops(Drop::RateLimited) >= 80
+    })
+    .await;
     let mut got = 0;
-    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(300), b.events.recv()).await {
+    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(300), b.events.recv()).await
+    {
         got += 1;
     }
     assert!((5..=20).contains(&got), "{got} packets passed");
@@ -247,7 +304,13 @@ async fn fake_coordinator(known: Key) -> String {
         "/api/v1/relay/admit/{key}",
         axum::routing::get(move |Path(key): Path<String>| {
             let known = known.clone();
-            async move { if key == known { StatusCode::OK } else { StatusCode::NOT_FOUND } }
+            async move {
+                if key == known {
+                    StatusCode::OK
+                } else {
+                    StatusCode::NOT_FOUND
+                }
+            }
         }),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -265,22 +328,33 @@ async fn admission_asks_the_coordinator() {
 
     let (tx, mut events) = mpsc::channel(16);
     let _ok = RelayClient::spawn(url.clone(), secret, (), tx);
-    assert!(matches!(events.recv().await.unwrap().1, RelayEvent::Connected));
+    assert!(matches!(
+        events.recv().await.unwrap().1,
+        RelayEvent::Connected
+    ));
 
     let (tx, mut events) = mpsc::channel(16);
     let _stranger = RelayClient::spawn(url.clone(), StaticSecret::random_from_rng(OsRng), (), tx);
     match events.recv().await.unwrap().1 {
-        RelayEvent::Disconnected { reason } => assert!(reason.contains("admission_denied"), "{reason}"),
+        RelayEvent::Disconnected { reason } => {
+            assert!(reason.contains("admission_denied"), "{reason}")
+        }
         other => panic!("{other:?}"),
     }
     assert!(relay.metrics.drops(Drop::AdmissionDenied) >= 1);
 
     // Coordinator unreachable: unknown keys are refused.
-    let (relay, url) = start(Admission::coordinator("http://127.0.0.1:1", "t".into()), 1 << 30).await;
+    let (relay, url) = start(
+        Admission::coordinator("http://127.0.0.1:1", "t".into()),
+        1 << 30,
+    )
+    .await;
     let (tx, mut events) = mpsc::channel(16);
     let _c = RelayClient::spawn(url, StaticSecret::random_from_rng(OsRng), (), tx);
     match events.recv().await.unwrap().1 {
-        RelayEvent::Disconnected { reason } => assert!(reason.contains("admission_unavailable"), "{reason}"),
+        RelayEvent::Disconnected { reason } => {
+            assert!(reason.contains("admission_unavailable"), "{reason}")
+        }
         other => panic!("{other:?}"),
     }
     assert_eq!(relay.metrics.drops(Drop::AdmissionUnavailable), 1);
@@ -294,10 +368,19 @@ async fn stun_tells_the_client_its_address() {
     let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     client.send_to(b"not stun", addr).await.unwrap();
     let tx = [7u8; 12];
-    client.send_to(&crate::proto::stun::request(&tx), addr).await.unwrap();
+    client
+        .send_to(&crate::proto::stun::request(&tx), addr)
+        .await
+        .unwrap();
     let mut buf = [0u8; 200];
-    let (n, _) = tokio::time::timeout(Duration::from_secs(2), client.recv_from(&mut buf)).await.unwrap().unwrap();
-    assert_eq!(crate::proto::stun::parse_response(&buf[..n], &tx), Some(client.local_addr().unwrap()));
+    let (n, _) = tokio::time::timeout(Duration::from_secs(2), client.recv_from(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        crate::proto::stun::parse_response(&buf[..n], &tx),
+        Some(client.local_addr().unwrap())
+    );
 }
 
 #[tokio::test]
@@ -323,7 +406,9 @@ async fn meshed_relays_forward_one_hop_between_their_clients() {
     let mut delivered = false;
     for _ in 0..100 {
         assert!(a.client.send(b.key, b"across"));
-        if let Ok(Some((_, RelayEvent::Packet { src, data }))) = tokio::time::timeout(Duration::from_millis(50), b.events.recv()).await {
+        if let Ok(Some((_, RelayEvent::Packet { src, data }))) =
+            tokio::time::timeout(Duration::from_millis(50), b.events.recv()).await
+        {
             assert_eq!((src, data), (a.key, b"across".to_vec()));
             delivered = true;
             break;
@@ -338,16 +423,23 @@ async fn meshed_relays_forward_one_hop_between_their_clients() {
     // A relay with the wrong key is refused.
     let (r3, _) = start_meshed(Admission::Open, 1 << 30, Some("another-psk-0123456")).await;
     tokio::spawn(super::mesh::run_link(r3, url1.clone().into()));
-    wait_for("wrong mesh key refused", || r1.metrics.drops(Drop::Unauthenticated) >= 1).await;
+    wait_for("wrong mesh key refused", || {
+        r1.metrics.drops(Drop::Unauthenticated) >= 1
+    })
+    .await;
 }
 
 /// A private CA and a certificate for 127.0.0.1 signed by it (PEM files in `dir`).
 fn private_ca(dir: &std::path::Path) -> (String, std::path::PathBuf, std::path::PathBuf) {
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap()).unwrap();
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap())
+        .unwrap();
     let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap().signed_by(&key, &ca).unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
     let (cert_path, key_path) = (dir.join("relay.crt"), dir.join("relay.key"));
     std::fs::write(&cert_path, cert.pem()).unwrap();
     std::fs::write(&key_path, key.serialize_pem()).unwrap();
@@ -369,9 +461,16 @@ async fn clients_reach_a_tls_relay_that_chains_to_their_ca() {
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("https://{}/derp", listener.local_addr().unwrap());
-    tokio::spawn(http::serve_tls(listener, http::router(relay.clone()), config));
+    tokio::spawn(http::serve_tls(
+        listener,
+        http::router(relay.clone()),
+        config,
+    ));
 
-    let target = crate::client::RelayTarget { url: url.clone(), ca_pem: Some(ca_pem) };
+    let target = crate::client::RelayTarget {
+        url: url.clone(),
+        ca_pem: Some(ca_pem),
+    };
     let mut peers = Vec::new();
     for _ in 0..2 {
         let secret = StaticSecret::random_from_rng(OsRng);
@@ -382,7 +481,11 @@ async fn clients_reach_a_tls_relay_that_chains_to_their_ca() {
             RelayEvent::Connected => {}
             other => panic!("{other:?}"),
         }
-        peers.push(Peer { key, client, events });
+        peers.push(Peer {
+            key,
+            client,
+            events,
+        });
     }
     assert!(peers[0].client.send(peers[1].key, b"over tls"));
     let from = peers[0].key;

@@ -65,7 +65,11 @@ pub(super) async fn tun_to_peers(shared: Arc<Shared>) {
             match st.tunn.encapsulate(packet, &mut outbuf) {
                 TunnResult::WriteToNetwork(out) => {
                     let range = range_in(out_base, out);
-                    (Some(range.clone()), st.targets_for(&outbuf[range], now), home)
+                    (
+                        Some(range.clone()),
+                        st.targets_for(&outbuf[range], now),
+                        home,
+                    )
                 }
                 TunnResult::Err(e) => {
                     tracing::trace!(error = ?e, "encapsulate");
@@ -164,15 +168,22 @@ async fn receive(shared: &Shared, peer: &Peer, datagram: &[u8], via: Via, outbuf
             let outcome = match st.tunn.decapsulate(src_ip, datagram, outbuf) {
                 TunnResult::Done => Decapsulated::Done,
                 TunnResult::WriteToNetwork(out) => Decapsulated::Network(range_in(out_base, out)),
-                TunnResult::WriteToTunnelV4(out, src) => Decapsulated::Tunnel(range_in(out_base, out), src.into()),
-                TunnResult::WriteToTunnelV6(out, src) => Decapsulated::Tunnel(range_in(out_base, out), src.into()),
+                TunnResult::WriteToTunnelV4(out, src) => {
+                    Decapsulated::Tunnel(range_in(out_base, out), src.into())
+                }
+                TunnResult::WriteToTunnelV6(out, src) => {
+                    Decapsulated::Tunnel(range_in(out_base, out), src.into())
+                }
                 TunnResult::Err(e) => {
                     count_decap_error(&shared.counters, &e);
                     Decapsulated::Done
                 }
             };
             let now = Instant::now();
-            if let (Via::Udp(from), false) = (via, datagram.is_empty() || matches!(outcome, Decapsulated::Done)) {
+            if let (Via::Udp(from), false) = (
+                via,
+                datagram.is_empty() || matches!(outcome, Decapsulated::Done),
+            ) {
                 st.heard_from(from, now);
             }
             if matches!(&outcome, Decapsulated::Tunnel(range, _) if !range.is_empty()) {
@@ -185,8 +196,14 @@ async fn receive(shared: &Shared, peer: &Peer, datagram: &[u8], via: Via, outbuf
             Decapsulated::Done => return,
             Decapsulated::Network(range) => {
                 let targets = match via {
-                    Via::Udp(from) => Targets { direct: Some(from), relay: None },
-                    Via::Relay(region) => Targets { direct: None, relay: Some(region) },
+                    Via::Udp(from) => Targets {
+                        direct: Some(from),
+                        relay: None,
+                    },
+                    Via::Relay(region) => Targets {
+                        direct: None,
+                        relay: Some(region),
+                    },
                 };
                 send_to_peer(shared, &peer.node_key, &outbuf[range], targets).await;
                 datagram = &[];
@@ -230,13 +247,24 @@ pub(super) async fn udp_to_tun(shared: Arc<Shared>) {
             disco::handle(&shared, &table, datagram, Via::Udp(from), None).await;
             continue;
         }
-        let Some(peer) = classify(&shared.secret, &shared.public, &shared.counters, &table, datagram) else { continue };
+        let Some(peer) = classify(
+            &shared.secret,
+            &shared.public,
+            &shared.counters,
+            &table,
+            datagram,
+        ) else {
+            continue;
+        };
         receive(&shared, &peer, datagram, Via::Udp(from), &mut outbuf).await;
     }
 }
 
 /// Handles what the relay links report.
-pub(super) async fn relay_to_tun(shared: Arc<Shared>, mut events: mpsc::Receiver<(u32, RelayEvent)>) {
+pub(super) async fn relay_to_tun(
+    shared: Arc<Shared>,
+    mut events: mpsc::Receiver<(u32, RelayEvent)>,
+) {
     let mut outbuf = vec![0u8; BUF_SIZE];
     while let Some((region, event)) = events.recv().await {
         match event {
@@ -273,11 +301,13 @@ pub(super) async fn relay_to_tun(shared: Arc<Shared>, mut events: mpsc::Receiver
 
 fn count_decap_error(c: &Counters, e: &WireGuardError) {
     match e {
-        WireGuardError::InvalidMac | WireGuardError::WrongKey | WireGuardError::InvalidTai64nTimestamp
+        WireGuardError::InvalidMac
+        | WireGuardError::WrongKey
+        | WireGuardError::InvalidTai64nTimestamp
         | WireGuardError::WrongTai64nTimestamp => bump(&c.drop_bad_handshake),
-        WireGuardError::InvalidPacket | WireGuardError::IncorrectPacketLength | WireGuardError::WrongPacketType => {
-            bump(&c.drop_malformed)
-        }
+        WireGuardError::InvalidPacket
+        | WireGuardError::IncorrectPacketLength
+        | WireGuardError::WrongPacketType => bump(&c.drop_malformed),
         _ => bump(&c.drop_decrypt),
     }
     tracing::trace!(error = ?e, "decapsulate");
@@ -343,14 +373,32 @@ mod tests {
         let me = NodePrivate::generate();
         let known = NodePrivate::generate();
         let stranger = NodePrivate::generate();
-        let table = PeerTable::build(&PeerTable::default(), &netmap(&me, vec![node(known.public(), 2, &[])]), &me, &IndexAllocator::new(5));
+        let table = PeerTable::build(
+            &PeerTable::default(),
+            &netmap(&me, vec![node(known.public(), 2, &[])]),
+            &me,
+            &IndexAllocator::new(5),
+        );
         let (secret, public) = (me.to_dalek(), me.public().to_dalek());
         let c = Counters::default();
 
-        let found = classify(&secret, &public, &c, &table, &handshake(&known, me.public()));
+        let found = classify(
+            &secret,
+            &public,
+            &c,
+            &table,
+            &handshake(&known, me.public()),
+        );
         assert!(found.is_some(), "handshake from a known peer finds it");
 
-        assert!(classify(&secret, &public, &c, &table, &handshake(&stranger, me.public())).is_none());
+        assert!(classify(
+            &secret,
+            &public,
+            &c,
+            &table,
+            &handshake(&stranger, me.public())
+        )
+        .is_none());
         assert_eq!(c.snapshot().drop_unknown_peer, 1);
 
         // Meant for someone else: does not decrypt with our key.
@@ -358,7 +406,12 @@ mod tests {
         assert!(classify(&secret, &public, &c, &table, &handshake(&known, other)).is_none());
         assert_eq!(c.snapshot().drop_bad_handshake, 1);
 
-        for garbage in [&b""[..], b"x", b"garbage that is no wireguard", &[4u8, 0, 0, 0, 1, 2]] {
+        for garbage in [
+            &b""[..],
+            b"x",
+            b"garbage that is no wireguard",
+            &[4u8, 0, 0, 0, 1, 2],
+        ] {
             assert!(classify(&secret, &public, &c, &table, garbage).is_none());
         }
         assert_eq!(c.snapshot().drop_malformed, 4);

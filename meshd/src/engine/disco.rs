@@ -50,7 +50,12 @@ pub(super) struct Disco {
 
 impl Disco {
     pub fn new(private: DiscoPrivate, node_key: NodePublic) -> Self {
-        Disco { private, node_key, own_endpoints: ArcSwap::from_pointee(Vec::new()), waiters: Mutex::new(HashMap::new()) }
+        Disco {
+            private,
+            node_key,
+            own_endpoints: ArcSwap::from_pointee(Vec::new()),
+            waiters: Mutex::new(HashMap::new()),
+        }
     }
 
     fn waiters(&self) -> std::sync::MutexGuard<'_, HashMap<TxId, Waiter>> {
@@ -61,7 +66,9 @@ impl Disco {
     pub fn expect(&self, tx: TxId, now: Instant) -> oneshot::Receiver<PingReply> {
         let (send, recv) = oneshot::channel();
         let mut w = self.waiters();
-        w.retain(|_, (sent, s)| !s.is_closed() && now.saturating_duration_since(*sent) < Duration::from_secs(30));
+        w.retain(|_, (sent, s)| {
+            !s.is_closed() && now.saturating_duration_since(*sent) < Duration::from_secs(30)
+        });
         w.insert(tx, (now, send));
         recv
     }
@@ -84,16 +91,36 @@ pub(super) async fn send(shared: &Shared, peer: &Peer, msg: &Message, via: Via) 
 }
 
 /// Sends what a peer's path state asked for.
-pub(super) async fn send_outs(shared: &Shared, peer: &Peer, outs: &[Out], home_region: Option<u32>) {
+pub(super) async fn send_outs(
+    shared: &Shared,
+    peer: &Peer,
+    outs: &[Out],
+    home_region: Option<u32>,
+) {
     for o in outs {
         match o {
             Out::Ping { tx, to } => {
-                send(shared, peer, &Message::Ping { tx: *tx, node_key: shared.disco.node_key }, Via::Udp(*to)).await;
+                send(
+                    shared,
+                    peer,
+                    &Message::Ping {
+                        tx: *tx,
+                        node_key: shared.disco.node_key,
+                    },
+                    Via::Udp(*to),
+                )
+                .await;
             }
             Out::CallMeMaybe => {
                 if let Some(region) = home_region {
                     let endpoints = shared.disco.own_endpoints.load().to_vec();
-                    send(shared, peer, &Message::CallMeMaybe { endpoints }, Via::Relay(region)).await;
+                    send(
+                        shared,
+                        peer,
+                        &Message::CallMeMaybe { endpoints },
+                        Via::Relay(region),
+                    )
+                    .await;
                 }
             }
         }
@@ -102,7 +129,13 @@ pub(super) async fn send_outs(shared: &Shared, peer: &Peer, outs: &[Out], home_r
 
 /// Handles one disco message. `relay_src` is the node key the relay says
 /// sent it (for messages that came through a relay).
-pub(super) async fn handle(shared: &Shared, table: &PeerTable, packet: &[u8], via: Via, relay_src: Option<NodePublic>) {
+pub(super) async fn handle(
+    shared: &Shared,
+    table: &PeerTable,
+    packet: &[u8],
+    via: Via,
+    relay_src: Option<NodePublic>,
+) {
     let Ok(sender) = disco::sender(packet) else {
         bump(&shared.counters.drop_malformed);
         return;
@@ -150,7 +183,8 @@ pub(super) async fn handle(shared: &Shared, table: &PeerTable, packet: &[u8], vi
                     Via::Udp(endpoint) => PingPath::Direct { endpoint },
                     Via::Relay(region) => PingPath::Relay { region },
                 };
-                let rtt_us = u64::try_from(now.saturating_duration_since(sent).as_micros()).unwrap_or(u64::MAX);
+                let rtt_us = u64::try_from(now.saturating_duration_since(sent).as_micros())
+                    .unwrap_or(u64::MAX);
                 let _ = reply.send(PingReply { path, rtt_us });
             }
             if let Via::Udp(from) = via {

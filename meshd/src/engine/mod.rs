@@ -226,7 +226,10 @@ impl Engine {
     }
 
     /// Asks `servers` what address this engine's socket has from outside.
-    pub async fn probe_stun(&self, servers: &[SocketAddr]) -> Vec<derp_relay::proto::stun::TransactionId> {
+    pub async fn probe_stun(
+        &self,
+        servers: &[SocketAddr],
+    ) -> Vec<derp_relay::proto::stun::TransactionId> {
         let mut txs = Vec::with_capacity(servers.len());
         for server in servers {
             let (tx, req) = self.shared.stun.request(Instant::now());
@@ -240,13 +243,22 @@ impl Engine {
 
     /// Asks each STUN server in turn and waits up to `wait` for the answers:
     /// what each saw as this socket's address.
-    pub async fn stun_report(&self, servers: &[SocketAddr], wait: std::time::Duration) -> Vec<(SocketAddr, Option<SocketAddr>)> {
+    pub async fn stun_report(
+        &self,
+        servers: &[SocketAddr],
+        wait: std::time::Duration,
+    ) -> Vec<(SocketAddr, Option<SocketAddr>)> {
         let txs = self.probe_stun(servers).await;
         let deadline = Instant::now() + wait;
-        while Instant::now() < deadline && txs.iter().any(|t| self.shared.stun.answer(t).is_none()) {
+        while Instant::now() < deadline && txs.iter().any(|t| self.shared.stun.answer(t).is_none())
+        {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
-        servers.iter().zip(&txs).map(|(s, t)| (*s, self.shared.stun.answer(t))).collect()
+        servers
+            .iter()
+            .zip(&txs)
+            .map(|(s, t)| (*s, self.shared.stun.answer(t)))
+            .collect()
     }
 
     /// This device's direct endpoints, offered to peers in call-me-maybe.
@@ -257,10 +269,20 @@ impl Engine {
     /// Sends a disco ping to `key` on every path it may take (the direct
     /// path if there is one, else every candidate and the relay) and waits
     /// for the first answer.
-    pub async fn ping(&self, key: &NodePublic, timeout: std::time::Duration) -> anyhow::Result<Option<PingReply>> {
+    pub async fn ping(
+        &self,
+        key: &NodePublic,
+        timeout: std::time::Duration,
+    ) -> anyhow::Result<Option<PingReply>> {
         let table = self.shared.peers.load_full();
-        let peer = table.by_key.get(key).ok_or_else(|| anyhow::anyhow!("no such peer"))?;
-        anyhow::ensure!(peer.disco_key.is_some(), "peer does not run meshd (stock WireGuard): it cannot answer pings");
+        let peer = table
+            .by_key
+            .get(key)
+            .ok_or_else(|| anyhow::anyhow!("no such peer"))?;
+        anyhow::ensure!(
+            peer.disco_key.is_some(),
+            "peer does not run meshd (stock WireGuard): it cannot answer pings"
+        );
         let now = Instant::now();
         let tx = platform::disco::new_tx_id();
         let reply = self.shared.disco.expect(tx, now);
@@ -268,7 +290,10 @@ impl Engine {
             let st = peer.lock();
             (st.direct(now), st.candidates().to_vec(), st.home_region())
         };
-        let msg = platform::disco::Message::Ping { tx, node_key: self.shared.disco.node_key };
+        let msg = platform::disco::Message::Ping {
+            tx,
+            node_key: self.shared.disco.node_key,
+        };
         match direct {
             Some(ep) => disco::send(&self.shared, peer, &msg, disco::Via::Udp(ep)).await,
             None => {
@@ -282,7 +307,10 @@ impl Engine {
         }
         // Traffic to ping counts as use: discovery runs meanwhile.
         peer.lock().paths.note_activity(now);
-        Ok(tokio::time::timeout(timeout, reply).await.ok().and_then(Result::ok))
+        Ok(tokio::time::timeout(timeout, reply)
+            .await
+            .ok()
+            .and_then(Result::ok))
     }
 
     /// The last address STUN reported for this engine's socket.
@@ -318,7 +346,12 @@ impl Engine {
 
 impl Drop for Engine {
     fn drop(&mut self) {
-        for t in self.tasks.get_mut().unwrap_or_else(|p| p.into_inner()).iter() {
+        for t in self
+            .tasks
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
             t.abort();
         }
     }
@@ -336,11 +369,20 @@ pub struct EngineSlot {
 
 impl EngineSlot {
     pub fn new(private: NodePrivate, disco: DiscoPrivate, tun: TunConfig, udp_port: u16) -> Self {
-        EngineSlot { private, disco, tun, udp_port, engine: std::sync::Mutex::new(None) }
+        EngineSlot {
+            private,
+            disco,
+            tun,
+            udp_port,
+            engine: std::sync::Mutex::new(None),
+        }
     }
 
     pub fn get(&self) -> Option<Arc<Engine>> {
-        self.engine.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.engine
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Starts the engine for `netmap` if needed and hands it the peers.

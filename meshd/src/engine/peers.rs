@@ -63,16 +63,28 @@ impl PeerState {
     /// packet tries the current candidate.
     pub fn targets_for(&mut self, packet: &[u8], now: Instant) -> Targets {
         if let Some(ep) = self.direct(now) {
-            return Targets { direct: Some(ep), relay: None };
+            return Targets {
+                direct: Some(ep),
+                relay: None,
+            };
         }
         let handshake = packet.first() == Some(&HANDSHAKE_INIT);
         if handshake && !self.candidates.is_empty() {
             self.next_candidate = (self.next_candidate + 1) % self.candidates.len();
         }
-        let candidate = self.candidates.get(self.next_candidate % self.candidates.len().max(1)).copied();
+        let candidate = self
+            .candidates
+            .get(self.next_candidate % self.candidates.len().max(1))
+            .copied();
         match self.home_region {
-            Some(region) => Targets { direct: candidate.filter(|_| handshake), relay: Some(region) },
-            None => Targets { direct: candidate, relay: None },
+            Some(region) => Targets {
+                direct: candidate.filter(|_| handshake),
+                relay: Some(region),
+            },
+            None => Targets {
+                direct: candidate,
+                relay: None,
+            },
         }
     }
 
@@ -80,7 +92,9 @@ impl PeerState {
     /// authenticated WireGuard packets (it follows a peer that roams), else
     /// the path disco found.
     pub fn direct(&self, now: Instant) -> Option<SocketAddr> {
-        let fresh = self.last_rx.is_some_and(|t| now.saturating_duration_since(t) < crate::paths::TRUST);
+        let fresh = self
+            .last_rx
+            .is_some_and(|t| now.saturating_duration_since(t) < crate::paths::TRUST);
         match self.confirmed {
             Some(ep) if fresh => Some(ep),
             _ => self.paths.direct(now).or(self.confirmed),
@@ -96,7 +110,12 @@ impl PeerState {
     }
 
     pub fn path(&self, now: Instant) -> Path {
-        match (self.direct(now), self.home_region, self.candidates.get(self.next_candidate % self.candidates.len().max(1))) {
+        match (
+            self.direct(now),
+            self.home_region,
+            self.candidates
+                .get(self.next_candidate % self.candidates.len().max(1)),
+        ) {
             (Some(ep), _, _) => Path::Direct(ep),
             (None, Some(region), _) => Path::Relay(region),
             (None, None, Some(c)) => Path::Trying(*c),
@@ -112,7 +131,10 @@ impl PeerState {
 
     /// Forgets a confirmed endpoint that has gone quiet.
     pub fn expire_endpoint(&mut self, now: Instant) {
-        if self.last_rx.is_some_and(|t| now.duration_since(t) > ENDPOINT_STALE_AFTER) {
+        if self
+            .last_rx
+            .is_some_and(|t| now.duration_since(t) > ENDPOINT_STALE_AFTER)
+        {
             self.confirmed = None;
         }
     }
@@ -122,7 +144,9 @@ impl PeerState {
             if !candidates.contains(&ep) && !candidates.is_empty() {
                 // Keep following a roaming peer, but let handshakes try the
                 // new addresses if it goes quiet.
-                self.last_rx = self.last_rx.map(|t| t.min(Instant::now() - ENDPOINT_STALE_AFTER));
+                self.last_rx = self
+                    .last_rx
+                    .map(|t| t.min(Instant::now() - ENDPOINT_STALE_AFTER));
             }
         }
         if candidates != self.candidates {
@@ -177,7 +201,12 @@ const PERSISTENT_KEEPALIVE_SECS: u16 = 25;
 impl PeerTable {
     /// Builds the table for `netmap`, keeping the sessions of peers whose key
     /// and addresses are unchanged.
-    pub fn build(old: &PeerTable, netmap: &NetMap, private: &NodePrivate, indices: &IndexAllocator) -> PeerTable {
+    pub fn build(
+        old: &PeerTable,
+        netmap: &NetMap,
+        private: &NodePrivate,
+        indices: &IndexAllocator,
+    ) -> PeerTable {
         let mut table = PeerTable::default();
         for node in netmap.peers.values() {
             if node.node_key == netmap.self_node.node_key {
@@ -185,7 +214,10 @@ impl PeerTable {
             }
             let candidates = node.endpoints.clone();
             let peer = match old.by_key.get(&node.node_key) {
-                Some(existing) if existing.allowed == node.addresses && existing.disco_key == node.disco_key => {
+                Some(existing)
+                    if existing.allowed == node.addresses
+                        && existing.disco_key == node.disco_key =>
+                {
                     let mut st = existing.lock();
                     st.paths.set_candidates(&candidates);
                     st.set_candidates(candidates);
@@ -262,7 +294,10 @@ pub(super) mod tests {
             network: "t".into(),
             self_node: node(me.public(), 1, &[]),
             routes: vec![],
-            peers: peers.into_iter().map(|n| (n.node_key, n)).collect::<BTreeMap<_, _>>(),
+            peers: peers
+                .into_iter()
+                .map(|n| (n.node_key, n))
+                .collect::<BTreeMap<_, _>>(),
             relay_map: RelayMap::default(),
             dns: DnsConfig::default(),
         }
@@ -271,12 +306,25 @@ pub(super) mod tests {
     #[test]
     fn rebuild_keeps_sessions_and_drops_removed_peers() {
         let me = NodePrivate::generate();
-        let (a, b) = (NodePrivate::generate().public(), NodePrivate::generate().public());
+        let (a, b) = (
+            NodePrivate::generate().public(),
+            NodePrivate::generate().public(),
+        );
         let idx = IndexAllocator::new(7);
-        let t1 = PeerTable::build(&PeerTable::default(), &netmap(&me, vec![node(a, 2, &[]), node(b, 3, &[])]), &me, &idx);
+        let t1 = PeerTable::build(
+            &PeerTable::default(),
+            &netmap(&me, vec![node(a, 2, &[]), node(b, 3, &[])]),
+            &me,
+            &idx,
+        );
         assert_eq!(t1.by_key.len(), 2);
         assert!(t1.by_ip.contains_key(&IpAddr::from([100, 64, 0, 3])));
-        let t2 = PeerTable::build(&t1, &netmap(&me, vec![node(a, 2, &["10.0.0.2:1"])]), &me, &idx);
+        let t2 = PeerTable::build(
+            &t1,
+            &netmap(&me, vec![node(a, 2, &["10.0.0.2:1"])]),
+            &me,
+            &idx,
+        );
         assert_eq!(t2.by_key.len(), 1);
         assert!(Arc::ptr_eq(&t1.by_key[&a], &t2.by_key[&a]), "session kept");
         assert!(!t2.by_ip.contains_key(&IpAddr::from([100, 64, 0, 3])));
@@ -286,7 +334,10 @@ pub(super) mod tests {
         let mut restarted = node(a, 2, &["10.0.0.2:1"]);
         restarted.disco_key = Some(platform::keys::DiscoPrivate::generate().public());
         let t3 = PeerTable::build(&t2, &netmap(&me, vec![restarted]), &me, &idx);
-        assert!(!Arc::ptr_eq(&t2.by_key[&a], &t3.by_key[&a]), "session replaced");
+        assert!(
+            !Arc::ptr_eq(&t2.by_key[&a], &t3.by_key[&a]),
+            "session replaced"
+        );
     }
 
     #[test]
@@ -294,7 +345,12 @@ pub(super) mod tests {
         let me = NodePrivate::generate();
         let a = NodePrivate::generate().public();
         let idx = IndexAllocator::new(1);
-        let t = PeerTable::build(&PeerTable::default(), &netmap(&me, vec![node(a, 2, &["10.0.0.1:1", "10.0.0.2:1"])]), &me, &idx);
+        let t = PeerTable::build(
+            &PeerTable::default(),
+            &netmap(&me, vec![node(a, 2, &["10.0.0.1:1", "10.0.0.2:1"])]),
+            &me,
+            &idx,
+        );
         let mut st = t.by_key[&a].lock();
         let now = Instant::now();
         let init = [HANDSHAKE_INIT, 0, 0, 0];
@@ -302,7 +358,14 @@ pub(super) mod tests {
         let first = st.targets_for(&init, now).direct.unwrap();
         let second = st.targets_for(&init, now).direct.unwrap();
         assert_ne!(first, second);
-        assert_eq!(st.targets_for(&data, now), Targets { direct: Some(second), relay: None }, "data follows the last try");
+        assert_eq!(
+            st.targets_for(&data, now),
+            Targets {
+                direct: Some(second),
+                relay: None
+            },
+            "data follows the last try"
+        );
         assert_eq!(st.path(now), Path::Trying(second));
         let roamed: SocketAddr = "192.168.1.9:5".parse().unwrap();
         st.heard_from(roamed, now);
@@ -318,19 +381,50 @@ pub(super) mod tests {
         let a = NodePrivate::generate().public();
         let mut n = node(a, 2, &["10.0.0.1:1"]);
         n.home_region = Some(7);
-        let t = PeerTable::build(&PeerTable::default(), &netmap(&me, vec![n]), &me, &IndexAllocator::new(1));
+        let t = PeerTable::build(
+            &PeerTable::default(),
+            &netmap(&me, vec![n]),
+            &me,
+            &IndexAllocator::new(1),
+        );
         let mut st = t.by_key[&a].lock();
         let now = Instant::now();
         let init = [HANDSHAKE_INIT, 0, 0, 0];
         let data = [4, 0, 0, 0];
         let direct: SocketAddr = "10.0.0.1:1".parse().unwrap();
-        assert_eq!(st.targets_for(&init, now), Targets { direct: Some(direct), relay: Some(7) }, "handshakes try both");
-        assert_eq!(st.targets_for(&data, now), Targets { direct: None, relay: Some(7) }, "data goes relayed");
+        assert_eq!(
+            st.targets_for(&init, now),
+            Targets {
+                direct: Some(direct),
+                relay: Some(7)
+            },
+            "handshakes try both"
+        );
+        assert_eq!(
+            st.targets_for(&data, now),
+            Targets {
+                direct: None,
+                relay: Some(7)
+            },
+            "data goes relayed"
+        );
         assert_eq!(st.path(now), Path::Relay(7));
         st.heard_from(direct, now);
-        assert_eq!(st.targets_for(&data, now), Targets { direct: Some(direct), relay: None });
+        assert_eq!(
+            st.targets_for(&data, now),
+            Targets {
+                direct: Some(direct),
+                relay: None
+            }
+        );
         // The direct path goes silent: back to the relay.
         st.expire_endpoint(now + Duration::from_secs(16));
-        assert_eq!(st.targets_for(&data, now), Targets { direct: None, relay: Some(7) });
+        assert_eq!(
+            st.targets_for(&data, now),
+            Targets {
+                direct: None,
+                relay: Some(7)
+            }
+        );
     }
 }

@@ -26,7 +26,10 @@ pub struct Relays {
 }
 
 impl Relays {
-    pub fn new(node: boringtun::x25519::StaticSecret, events: mpsc::Sender<(u32, RelayEvent)>) -> Self {
+    pub fn new(
+        node: boringtun::x25519::StaticSecret,
+        events: mpsc::Sender<(u32, RelayEvent)>,
+    ) -> Self {
         Relays {
             node,
             map: ArcSwap::from_pointee(RelayMap::default()),
@@ -55,7 +58,10 @@ impl Relays {
     }
 
     pub fn is_up(&self, region: u32) -> bool {
-        self.up.lock().unwrap_or_else(|p| p.into_inner()).contains(&region)
+        self.up
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&region)
     }
 
     /// Records a link coming up or going down (from the event stream).
@@ -84,8 +90,16 @@ impl Relays {
         let spread = usize::from(boringtun::x25519::PublicKey::from(&self.node).as_bytes()[0]);
         let url = info.urls.get(spread % info.urls.len().max(1))?.clone();
         tracing::info!(region, %url, "connecting to relay");
-        let target = RelayTarget { url, ca_pem: info.ca_pem.clone() };
-        let client = Arc::new(RelayClient::spawn(target, self.node.clone(), region, self.events.clone()));
+        let target = RelayTarget {
+            url,
+            ca_pem: info.ca_pem.clone(),
+        };
+        let client = Arc::new(RelayClient::spawn(
+            target,
+            self.node.clone(),
+            region,
+            self.events.clone(),
+        ));
         let mut links = (**self.links.load()).clone();
         links.insert(region, client.clone());
         self.links.store(Arc::new(links));
@@ -95,6 +109,7 @@ impl Relays {
     /// Sends a packet to `dst` through the relay of `region`; false when it
     /// was dropped (no such region, link down, queue full).
     pub fn send(&self, region: u32, dst: &NodePublic, data: &[u8]) -> bool {
-        self.link(region).is_some_and(|l| l.send(*dst.as_bytes(), data))
+        self.link(region)
+            .is_some_and(|l| l.send(*dst.as_bytes(), data))
     }
 }

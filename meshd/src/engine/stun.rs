@@ -34,7 +34,9 @@ impl StunProbe {
         let mut tx = [0u8; 12];
         OsRng.fill_bytes(&mut tx);
         let mut inner = self.lock();
-        inner.pending.retain(|(_, at)| now.saturating_duration_since(*at) < REQUEST_LIFETIME);
+        inner
+            .pending
+            .retain(|(_, at)| now.saturating_duration_since(*at) < REQUEST_LIFETIME);
         if inner.pending.len() >= MAX_PENDING {
             inner.pending.remove(0);
         }
@@ -44,7 +46,11 @@ impl StunProbe {
 
     /// The mapped address reported in answer to `tx`, once it came.
     pub fn answer(&self, tx: &stun::TransactionId) -> Option<SocketAddr> {
-        self.lock().answers.iter().find(|(t, _)| t == tx).map(|(_, a)| *a)
+        self.lock()
+            .answers
+            .iter()
+            .find(|(t, _)| t == tx)
+            .map(|(_, a)| *a)
     }
 
     /// Consumes `datagram` if it answers one of our requests.
@@ -54,7 +60,11 @@ impl StunProbe {
             return false;
         }
         let mut inner = self.lock();
-        let found = inner.pending.iter().enumerate().find_map(|(i, (tx, _))| stun::parse_response(datagram, tx).map(|a| (i, a)));
+        let found = inner
+            .pending
+            .iter()
+            .enumerate()
+            .find_map(|(i, (tx, _))| stun::parse_response(datagram, tx).map(|a| (i, a)));
         match found {
             Some((i, addr)) => {
                 let (tx, _) = inner.pending.remove(i);
@@ -85,11 +95,20 @@ mod tests {
         let (tx, req) = probe.request(Instant::now());
         assert_eq!(&req[8..20], &tx);
         let addr: SocketAddr = "203.0.113.7:41641".parse().unwrap();
-        assert!(!probe.take_response(&stun::response(&[1; 12], addr)), "unknown transaction");
-        assert!(!probe.take_response(&[1, 0, 0, 0, 5, 5]), "WireGuard handshake");
+        assert!(
+            !probe.take_response(&stun::response(&[1; 12], addr)),
+            "unknown transaction"
+        );
+        assert!(
+            !probe.take_response(&[1, 0, 0, 0, 5, 5]),
+            "WireGuard handshake"
+        );
         assert!(probe.take_response(&stun::response(&tx, addr)));
         assert_eq!(probe.seen(), Some(addr));
         assert_eq!(probe.answer(&tx), Some(addr));
-        assert!(!probe.take_response(&stun::response(&tx, addr)), "answered once");
+        assert!(
+            !probe.take_response(&stun::response(&tx, addr)),
+            "answered once"
+        );
     }
 }

@@ -18,19 +18,34 @@ pub struct TunConfig {
 }
 
 fn ip(args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new("ip").args(args).output().context("running `ip` (iproute2)")?;
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running `ip` (iproute2)")?;
     if !out.status.success() {
-        anyhow::bail!("`ip {}` failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        anyhow::bail!(
+            "`ip {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }
 
 /// Creates the device, assigns `addresses` and routes `routes` through it.
-pub fn create(cfg: &TunConfig, addresses: &[IpAddr], routes: &[IpPrefix]) -> anyhow::Result<::tun::AsyncDevice> {
+pub fn create(
+    cfg: &TunConfig,
+    addresses: &[IpAddr],
+    routes: &[IpPrefix],
+) -> anyhow::Result<::tun::AsyncDevice> {
     let mut config = ::tun::Configuration::default();
     config.tun_name(&cfg.name).mtu(cfg.mtu).up();
-    let device = ::tun::create_as_async(&config)
-        .with_context(|| format!("creating TUN device {} (needs root or CAP_NET_ADMIN)", cfg.name))?;
+    let device = ::tun::create_as_async(&config).with_context(|| {
+        format!(
+            "creating TUN device {} (needs root or CAP_NET_ADMIN)",
+            cfg.name
+        )
+    })?;
     // IPv6 may be disabled on the host: the mesh still works over IPv4.
     let v6_optional = |r: anyhow::Result<()>, is_v4: bool| match r {
         Err(e) if !is_v4 => {
@@ -42,12 +57,18 @@ pub fn create(cfg: &TunConfig, addresses: &[IpAddr], routes: &[IpPrefix]) -> any
     for addr in addresses {
         let host = IpPrefix::host(*addr).to_string();
         let family = if addr.is_ipv4() { "-4" } else { "-6" };
-        v6_optional(ip(&[family, "addr", "add", &host, "dev", &cfg.name]), addr.is_ipv4())?;
+        v6_optional(
+            ip(&[family, "addr", "add", &host, "dev", &cfg.name]),
+            addr.is_ipv4(),
+        )?;
     }
     for route in routes {
         let family = if route.addr.is_ipv4() { "-4" } else { "-6" };
         let net = route.network().to_string();
-        v6_optional(ip(&[family, "route", "replace", &net, "dev", &cfg.name]), route.addr.is_ipv4())?;
+        v6_optional(
+            ip(&[family, "route", "replace", &net, "dev", &cfg.name]),
+            route.addr.is_ipv4(),
+        )?;
     }
     Ok(device)
 }

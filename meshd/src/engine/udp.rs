@@ -35,7 +35,10 @@ impl UdpPort {
             Ok(s) => (s, true),
             Err(e) => {
                 tracing::debug!(error = %e, "no IPv6 socket; using IPv4 only");
-                (v4_socket(port).map_err(|e| anyhow::anyhow!("binding UDP port {port}: {e}"))?, false)
+                (
+                    v4_socket(port).map_err(|e| anyhow::anyhow!("binding UDP port {port}: {e}"))?,
+                    false,
+                )
             }
         };
         // Best effort: the kernel caps these at its configured maximum.
@@ -44,7 +47,11 @@ impl UdpPort {
         socket.set_nonblocking(true)?;
         let socket = UdpSocket::from_std(socket.into())?;
         let port = socket.local_addr()?.port();
-        Ok(UdpPort { socket, dual_stack, port })
+        Ok(UdpPort {
+            socket,
+            dual_stack,
+            port,
+        })
     }
 
     pub fn port(&self) -> u16 {

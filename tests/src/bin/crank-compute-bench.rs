@@ -5,7 +5,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use crank_e2e::{models_dir, bin, lab_main, wait_until, Coordinator, Device, Lab};
+use crank_e2e::{bin, lab_main, models_dir, wait_until, Coordinator, Device, Lab};
 use serde_json::Value;
 
 fn bench(lab: &mut Lab) -> anyhow::Result<()> {
@@ -20,13 +20,26 @@ fn bench(lab: &mut Lab) -> anyhow::Result<()> {
     beta.up(&coord)?;
     let (b4, _) = beta.overlay()?;
     let url = format!("http://{b4}:8421");
-    wait_until(Duration::from_secs(20), "compute API", || alpha.host.succeeds("curl", &["-sf", &format!("{url}/healthz")]))?;
+    wait_until(Duration::from_secs(20), "compute API", || {
+        alpha
+            .host
+            .succeeds("curl", &["-sf", &format!("{url}/healthz")])
+    })?;
     let load = bin("compute-load");
     let load = load.to_str().unwrap_or_default();
     let overlay: Value = serde_json::from_str(&alpha.host.run(load, &["--url", &url])?)?;
     let status = std::fs::read_to_string(format!("/proc/{}/status", beta.pid))?;
-    let hwm = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap_or("VmHWM: ?").to_owned();
-    let local: Value = serde_json::from_str(&String::from_utf8(std::process::Command::new(load).args(["--in-process", &models]).output()?.stdout)?)?;
+    let hwm = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .unwrap_or("VmHWM: ?")
+        .to_owned();
+    let local: Value = serde_json::from_str(&String::from_utf8(
+        std::process::Command::new(load)
+            .args(["--in-process", &models])
+            .output()?
+            .stdout,
+    )?)?;
     println!("| path | embeddings/s | p50 ms | p99 ms | chat tokens/s | p50 ms | p99 ms |");
     println!("|---|---:|---:|---:|---:|---:|---:|");
     for (name, r) in [("overlay (alpha → beta)", &overlay), ("in-process", &local)] {
@@ -34,12 +47,27 @@ fn bench(lab: &mut Lab) -> anyhow::Result<()> {
         let f = |v: &Value| v.as_f64().unwrap_or(0.0);
         println!(
             "| {name} | {:.1} | {:.2} | {:.2} | {:.1} | {:.0} | {:.0} |",
-            f(&e["per_second"]), f(&e["p50_ms"]), f(&e["p99_ms"]), f(&c["per_second"]), f(&c["p50_ms"]), f(&c["p99_ms"])
+            f(&e["per_second"]),
+            f(&e["p50_ms"]),
+            f(&e["p99_ms"]),
+            f(&c["per_second"]),
+            f(&c["p50_ms"]),
+            f(&c["p99_ms"])
         );
     }
-    let ratio = |k: &str| overlay[k]["per_second"].as_f64().unwrap_or(0.0) / local[k]["per_second"].as_f64().unwrap_or(1.0);
-    println!("overlay / in-process: embeddings {:.2}, chat tokens {:.2}", ratio("embeddings"), ratio("chat"));
-    println!("meshd (beta, both models loaded) peak memory: {}", hwm.trim_start_matches("VmHWM:").trim());
+    let ratio = |k: &str| {
+        overlay[k]["per_second"].as_f64().unwrap_or(0.0)
+            / local[k]["per_second"].as_f64().unwrap_or(1.0)
+    };
+    println!(
+        "overlay / in-process: embeddings {:.2}, chat tokens {:.2}",
+        ratio("embeddings"),
+        ratio("chat")
+    );
+    println!(
+        "meshd (beta, both models loaded) peak memory: {}",
+        hwm.trim_start_matches("VmHWM:").trim()
+    );
     Ok(())
 }
 

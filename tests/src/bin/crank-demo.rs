@@ -8,12 +8,16 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use crank_e2e::{models_dir, bin, lab_main, wait_until, Coordinator, Device, Lab};
+use crank_e2e::{bin, lab_main, models_dir, wait_until, Coordinator, Device, Lab};
 
 fn demo(lab: &mut Lab) -> anyhow::Result<()> {
     let coord_host = lab.host("coord", 1)?;
     let coord = Coordinator::start(lab, coord_host, "demo")?;
-    println!("coordinator: {} (network \"demo\", SQLite in {})", coord.url, lab.dir.join("coordinator").display());
+    println!(
+        "coordinator: {} (network \"demo\", SQLite in {})",
+        coord.url,
+        lab.dir.join("coordinator").display()
+    );
 
     let mut devices = Vec::new();
     for (i, name) in ["alpha", "beta", "gamma"].iter().enumerate() {
@@ -26,10 +30,16 @@ fn demo(lab: &mut Lab) -> anyhow::Result<()> {
         };
         dev.up(&coord)?;
         let (v4, v6) = dev.overlay()?;
-        println!("{name:<6} joined: underlay {} overlay {v4} {v6}", dev.host.addr);
+        println!(
+            "{name:<6} joined: underlay {} overlay {v4} {v6}",
+            dev.host.addr
+        );
         devices.push(dev);
     }
-    let overlay: Vec<(String, String)> = devices.iter().map(Device::overlay).collect::<anyhow::Result<_>>()?;
+    let overlay: Vec<(String, String)> = devices
+        .iter()
+        .map(Device::overlay)
+        .collect::<anyhow::Result<_>>()?;
 
     println!("\npings over the overlay:");
     for from in &devices {
@@ -38,31 +48,77 @@ fn demo(lab: &mut Lab) -> anyhow::Result<()> {
                 continue;
             }
             for target in [v4, v6] {
-                wait_until(Duration::from_secs(10), &format!("{} → {target}", from.host.name), || from.host.ping(target))?;
-                let out = from.host.run("ping", &["-c", "3", "-i", "0.2", "-q", target])?;
-                let rtt = out.lines().find(|l| l.contains("min/avg/max")).unwrap_or("").trim().to_owned();
-                println!("  {:<6} → {:<6} {target:<24} {rtt}", from.host.name, to.host.name);
+                wait_until(
+                    Duration::from_secs(10),
+                    &format!("{} → {target}", from.host.name),
+                    || from.host.ping(target),
+                )?;
+                let out = from
+                    .host
+                    .run("ping", &["-c", "3", "-i", "0.2", "-q", target])?;
+                let rtt = out
+                    .lines()
+                    .find(|l| l.contains("min/avg/max"))
+                    .unwrap_or("")
+                    .trim()
+                    .to_owned();
+                println!(
+                    "  {:<6} → {:<6} {target:<24} {rtt}",
+                    from.host.name, to.host.name
+                );
             }
         }
     }
 
     let (g4, _) = &overlay[2];
     let listen = format!("{g4}:8000");
-    lab.spawn(&devices[2].host, &bin("overlay-httpd"), &[&listen, "gamma"], "httpd-gamma.log")?;
+    lab.spawn(
+        &devices[2].host,
+        &bin("overlay-httpd"),
+        &[&listen, "gamma"],
+        "httpd-gamma.log",
+    )?;
     devices[2].host.wait_tcp(g4, 8000, Duration::from_secs(5))?;
-    let page = devices[0].host.run("curl", &["-sS", "--max-time", "10", &format!("http://{listen}/")])?;
-    println!("\nalpha fetched http://{listen}/ over the overlay:\n  {}", page.trim());
+    let page = devices[0].host.run(
+        "curl",
+        &["-sS", "--max-time", "10", &format!("http://{listen}/")],
+    )?;
+    println!(
+        "\nalpha fetched http://{listen}/ over the overlay:\n  {}",
+        page.trim()
+    );
 
     let (b4, _) = &overlay[1];
     let base = format!("http://{b4}:8421");
     wait_until(Duration::from_secs(20), "beta's compute API", || {
-        devices[0].host.succeeds("curl", &["-sf", "--max-time", "2", &format!("{base}/healthz")])
+        devices[0].host.succeeds(
+            "curl",
+            &["-sf", "--max-time", "2", &format!("{base}/healthz")],
+        )
     })?;
     let body = serde_json::json!({"model": "all-minilm-l6-v2", "input": "a private mesh of my own devices"}).to_string();
-    let out = devices[0].host.run("curl", &["-sS", "--max-time", "30", "-H", "content-type: application/json", "-d", &body, &format!("{base}/v1/embeddings")])?;
+    let out = devices[0].host.run(
+        "curl",
+        &[
+            "-sS",
+            "--max-time",
+            "30",
+            "-H",
+            "content-type: application/json",
+            "-d",
+            &body,
+            &format!("{base}/v1/embeddings"),
+        ],
+    )?;
     let v: serde_json::Value = serde_json::from_str(&out)?;
     let dims = v["data"][0]["embedding"].as_array().map_or(0, Vec::len);
-    let head: Vec<String> = v["data"][0]["embedding"].as_array().into_iter().flatten().take(4).map(|x| format!("{:.4}", x.as_f64().unwrap_or(0.0))).collect();
+    let head: Vec<String> = v["data"][0]["embedding"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .take(4)
+        .map(|x| format!("{:.4}", x.as_f64().unwrap_or(0.0)))
+        .collect();
     println!(
         "\nalpha → {base}/v1/embeddings: {dims} dimensions [{} …], served by {}, caller {}",
         head.join(", "),
@@ -70,18 +126,40 @@ fn demo(lab: &mut Lab) -> anyhow::Result<()> {
         v["caller"]
     );
     let body = serde_json::json!({"model": "gemma-3-270m", "messages": [{"role": "user", "content": "Write one sentence about sharing computers."}], "max_tokens": 40, "stream": true}).to_string();
-    let out = devices[0].host.run("curl", &["-sSN", "--max-time", "60", "-H", "content-type: application/json", "-d", &body, &format!("{base}/v1/chat/completions")])?;
+    let out = devices[0].host.run(
+        "curl",
+        &[
+            "-sSN",
+            "--max-time",
+            "60",
+            "-H",
+            "content-type: application/json",
+            "-d",
+            &body,
+            &format!("{base}/v1/chat/completions"),
+        ],
+    )?;
     let mut text = String::new();
     let mut chunks = 0;
-    for data in out.lines().filter_map(|l| l.strip_prefix("data: ")).filter(|d| *d != "[DONE]") {
+    for data in out
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+    {
         let c: serde_json::Value = serde_json::from_str(data)?;
         if let Some(piece) = c["choices"][0]["delta"]["content"].as_str() {
             text.push_str(piece);
             chunks += 1;
         }
     }
-    anyhow::ensure!(out.trim_end().ends_with("[DONE]"), "the chat stream did not finish: {out}");
-    println!("alpha → {base}/v1/chat/completions (stream, {chunks} chunks): {}", text.trim().replace('\n', " / "));
+    anyhow::ensure!(
+        out.trim_end().ends_with("[DONE]"),
+        "the chat stream did not finish: {out}"
+    );
+    println!(
+        "alpha → {base}/v1/chat/completions (stream, {chunks} chunks): {}",
+        text.trim().replace('\n', " / ")
+    );
 
     for dev in &devices {
         println!("\n$ meshd status   # on {}", dev.host.name);

@@ -11,21 +11,39 @@ use crank_e2e::{lab_main, wait_until, Coordinator, Device, Host, Lab, Relay};
 const SECONDS: &str = "5";
 
 fn iperf(lab: &mut Lab, client: &Host, server: &Host, server_ip: &str) -> anyhow::Result<f64> {
-    let pid = lab.spawn(server, std::path::Path::new("iperf3"), &["-s", "-B", server_ip], "iperf3.log")?;
+    let pid = lab.spawn(
+        server,
+        std::path::Path::new("iperf3"),
+        &["-s", "-B", server_ip],
+        "iperf3.log",
+    )?;
     server.wait_tcp(server_ip, 5201, Duration::from_secs(5))?;
     let out = client.run("iperf3", &["-c", server_ip, "-t", SECONDS, "-J"])?;
     lab.stop(pid);
     let v: serde_json::Value = serde_json::from_str(&out)?;
-    v["end"]["sum_received"]["bits_per_second"].as_f64().map(|b| b / 1e6).ok_or_else(|| anyhow::anyhow!("no iperf3 result"))
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .map(|b| b / 1e6)
+        .ok_or_else(|| anyhow::anyhow!("no iperf3 result"))
 }
 
 fn rtt(client: &Host, target: &str) -> anyhow::Result<String> {
     let out = client.run("ping", &["-c", "50", "-i", "0.01", "-q", target])?;
-    Ok(out.lines().find(|l| l.contains("min/avg/max")).and_then(|l| l.split('=').nth(1)).unwrap_or("?").trim().to_owned())
+    Ok(out
+        .lines()
+        .find(|l| l.contains("min/avg/max"))
+        .and_then(|l| l.split('=').nth(1))
+        .unwrap_or("?")
+        .trim()
+        .to_owned())
 }
 
 fn path(d: &Device, peer: &str) -> String {
-    d.peer(peer).ok().flatten().map(|p| p["path"].as_str().unwrap_or("?").to_owned()).unwrap_or_default()
+    d.peer(peer)
+        .ok()
+        .flatten()
+        .map(|p| p["path"].as_str().unwrap_or("?").to_owned())
+        .unwrap_or_default()
 }
 
 fn bench(lab: &mut Lab) -> anyhow::Result<()> {
@@ -41,7 +59,9 @@ fn bench(lab: &mut Lab) -> anyhow::Result<()> {
     alpha.up(&coord)?;
     beta.up(&coord)?;
     let (b4, _) = beta.overlay()?;
-    wait_until(Duration::from_secs(15), "direct path", || alpha.host.ping(&b4) && path(&alpha, "beta").starts_with("direct"))?;
+    wait_until(Duration::from_secs(15), "direct path", || {
+        alpha.host.ping(&b4) && path(&alpha, "beta").starts_with("direct")
+    })?;
     let direct_bw = iperf(lab, &alpha.host, &beta.host, &b4)?;
     let direct_rtt = rtt(&alpha.host, &b4)?;
     let direct_path = path(&alpha, "beta");
@@ -53,7 +73,9 @@ fn bench(lab: &mut Lab) -> anyhow::Result<()> {
         alpha.host.ping(&b4);
         path(&alpha, "beta").starts_with("relay") && path(&beta, "alpha").starts_with("relay")
     })?;
-    wait_until(Duration::from_secs(10), "ping over relay", || alpha.host.ping(&b4))?;
+    wait_until(Duration::from_secs(10), "ping over relay", || {
+        alpha.host.ping(&b4)
+    })?;
     let relay_bw = iperf(lab, &alpha.host, &beta.host, &b4)?;
     let relay_rtt = rtt(&alpha.host, &b4)?;
 

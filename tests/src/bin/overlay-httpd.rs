@@ -34,13 +34,25 @@ fn handle(stream: TcpStream, name: &str) -> std::io::Result<()> {
         Some(Ok(n)) if n <= 1 << 30 => {
             let body = body_bytes(n);
             let sum = <sha2::Sha256 as sha2::Digest>::digest(&body);
-            ("200 OK", body, format!("x-sha256: {}\r\n", hex::encode(sum)))
+            (
+                "200 OK",
+                body,
+                format!("x-sha256: {}\r\n", hex::encode(sum)),
+            )
         }
         Some(_) => ("400 Bad Request", b"bad size\n".to_vec(), String::new()),
-        None => ("200 OK", format!("hello from {name}; you are {}\n", peer.ip()).into_bytes(), String::new()),
+        None => (
+            "200 OK",
+            format!("hello from {name}; you are {}\n", peer.ip()).into_bytes(),
+            String::new(),
+        ),
     };
     let mut out = stream;
-    write!(out, "HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n{extra}\r\n", body.len())?;
+    write!(
+        out,
+        "HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n{extra}\r\n",
+        body.len()
+    )?;
     out.write_all(&body)?;
     out.flush()
 }
