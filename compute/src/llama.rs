@@ -5,6 +5,7 @@
 
 use std::num::NonZeroU32;
 use std::path::Path;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::OnceLock;
 
 use llama_cpp_2::context::params::LlamaContextParams;
@@ -79,12 +80,25 @@ fn load(path: &Path) -> Result<LlamaModel, ComputeError> {
     })
 }
 
-/// Threads llama.cpp uses per job: `CRANK_LLAMA_THREADS`, else one per core.
-fn threads() -> i32 {
+static THREADS: AtomicI32 = AtomicI32::new(0);
+
+/// Sets the threads llama.cpp uses for contexts made from now on (the
+/// embedding worker makes its one context when it starts).
+pub fn set_threads(n: usize) {
+    THREADS.store(
+        i32::try_from(n.max(1)).unwrap_or(i32::MAX),
+        Ordering::Relaxed,
+    );
+}
+
+/// Threads llama.cpp uses per job: `CRANK_LLAMA_THREADS`, else what
+/// [`set_threads`] said, else one per core.
+pub fn threads() -> i32 {
     std::env::var("CRANK_LLAMA_THREADS")
         .ok()
         .and_then(|v| v.parse::<i32>().ok())
         .filter(|n| *n > 0)
+        .or_else(|| Some(THREADS.load(Ordering::Relaxed)).filter(|n| *n > 0))
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as i32))
 }
 

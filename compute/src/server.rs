@@ -35,6 +35,9 @@ const DEFAULT_MAX_TOKENS: usize = 128;
 
 /// Who a source address belongs to.
 pub type Whois = Arc<dyn Fn(IpAddr) -> Option<String> + Send + Sync>;
+/// Whether the device contributes now: `Err(reason)` when it does not, and
+/// every endpoint but `/metrics` answers 503 with that reason.
+pub type Gate = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
 /// The engines a server offers, by the name clients ask for. Cheap to
 /// clone: the models themselves are shared.
@@ -75,6 +78,7 @@ pub struct ComputeServer {
     models: Models,
     device: String,
     whois: Whois,
+    gate: Gate,
     slots: Arc<Semaphore>,
     /// Jobs admitted (running or waiting).
     admitted: AtomicUsize,
@@ -137,9 +141,14 @@ impl IntoResponse for ApiError {
         let body =
             json!({"error": {"message": self.message, "type": self.kind, "code": self.code}});
         let mut resp = (self.status, Json(body)).into_response();
-        if self.status == StatusCode::TOO_MANY_REQUESTS {
+        let retry_after = match self.status {
+            StatusCode::TOO_MANY_REQUESTS => Some("1"),
+            StatusCode::SERVICE_UNAVAILABLE => Some("30"),
+            _ => None,
+        };
+        if let Some(secs) = retry_after {
             resp.headers_mut()
-                .insert("retry-after", HeaderValue::from_static("1"));
+                .insert("retry-after", HeaderValue::from_static(secs));
         }
         resp
     }
@@ -189,6 +198,7 @@ impl ComputeServer {
         models: Models,
         device: String,
         whois: Whois,
+        gate: Gate,
         slots: usize,
         queue: usize,
     ) -> Arc<Self> {
@@ -196,10 +206,23 @@ impl ComputeServer {
             models,
             device,
             whois,
+            gate,
             slots: Arc::new(Semaphore::new(slots.max(1))),
             admitted: AtomicUsize::new(0),
             capacity: slots.max(1) + queue,
             metrics: Metrics::default(),
+        })
+    }
+
+    /// 503 with the reason while the device does not contribute.
+    fn open(&self) -> Result<(), ApiError> {
+        (self.gate)().map_err(|reason| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service_unavailable",
+                "not_contributing",
+                reason,
+            )
         })
     }
 
@@ -230,7 +253,7 @@ impl ComputeServer {
 
     pub fn router(self: &Arc<Self>) -> Router {
         Router::new()
-            .route("/healthz", get(|| async { "ok" }))
+            .route("/healthz", get(healthz))
             .route("/metrics", get(metrics))
             .route("/v1/models", get(list_models))
             .route("/v1/embeddings", post(embeddings))
@@ -310,6 +333,10 @@ async fn metrics(State(s): State<Arc<ComputeServer>>) -> String {
         );
     }
     out += &format!(
+        "# TYPE compute_contributing gauge\ncompute_contributing {}\n",
+        u8::from((s.gate)().is_ok())
+    );
+    out += &format!(
         "# TYPE compute_queue_depth gauge\ncompute_queue_depth {}\n",
         s.admitted.load(Ordering::Relaxed)
     );
@@ -331,7 +358,14 @@ async fn metrics(State(s): State<Arc<ComputeServer>>) -> String {
     out
 }
 
-async fn list_models(State(s): State<Arc<ComputeServer>>) -> Json<serde_json::Value> {
+async fn healthz(State(s): State<Arc<ComputeServer>>) -> Result<&'static str, ApiError> {
+    s.open().map(|()| "ok")
+}
+
+async fn list_models(
+    State(s): State<Arc<ComputeServer>>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    s.open()?;
     let data: Vec<_> = s
         .models
         .embedder
@@ -340,7 +374,7 @@ async fn list_models(State(s): State<Arc<ComputeServer>>) -> Json<serde_json::Va
         .chain(s.models.generator.iter().map(|(n, _)| n))
         .map(|n| json!({"id": n, "object": "model", "created": 0, "owned_by": s.device}))
         .collect();
-    Json(json!({"object": "list", "data": data}))
+    Ok(Json(json!({"object": "list", "data": data})))
 }
 
 /// `input`: a string or a list of strings.
@@ -367,6 +401,7 @@ async fn embeddings(
     s.metrics.requests.fetch_add(1, Ordering::Relaxed);
     let caller = s.caller(peer);
     let result = async {
+        s.open()?;
         let (name, engine) = pick(&s.models.embedder, &req.model, "embedding")?;
         let base64 = match req.encoding_format.as_deref() {
             None | Some("float") => false,
@@ -484,6 +519,7 @@ async fn chat(
     s.metrics.requests.fetch_add(1, Ordering::Relaxed);
     let caller = s.caller(peer);
     let result = async {
+        s.open()?;
         let (name, engine) = pick(&s.models.generator, &req.model, "chat")?;
         let max_tokens = req.max_completion_tokens.or(req.max_tokens).unwrap_or(DEFAULT_MAX_TOKENS);
         if max_tokens == 0 {

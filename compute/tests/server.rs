@@ -27,13 +27,17 @@ fn engines() -> &'static (Arc<EmbedBatcher>, Arc<Generator>) {
 }
 
 async fn start(slots: usize, queue: usize) -> String {
+    start_gated(slots, queue, Arc::new(|| Ok(()))).await
+}
+
+async fn start_gated(slots: usize, queue: usize, gate: compute::server::Gate) -> String {
     let (e, g) = engines();
     let models = Models {
         embedder: Some(("all-minilm-l6-v2".into(), e.clone())),
         generator: Some(("gemma-3-270m".into(), g.clone())),
     };
     let whois = Arc::new(|ip: std::net::IpAddr| ip.is_loopback().then(|| "tester".to_owned()));
-    let server = ComputeServer::new(models, "beta".into(), whois, slots, queue);
+    let server = ComputeServer::new(models, "beta".into(), whois, gate, slots, queue);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let app = server
@@ -309,4 +313,47 @@ async fn a_client_leaving_mid_stream_frees_its_slot() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(served, "the slot was never freed");
+}
+
+#[tokio::test]
+async fn a_device_not_contributing_answers_503_with_the_reason() {
+    let state: Arc<std::sync::Mutex<Result<(), String>>> =
+        Arc::new(std::sync::Mutex::new(Err("on battery (40%)".into())));
+    let gate_state = state.clone();
+    let base = start_gated(1, 4, Arc::new(move || gate_state.lock().unwrap().clone())).await;
+    let body = json!({"model": "all-minilm-l6-v2", "input": "hello"}).to_string();
+    let (status, headers, v) = post(&base, "/v1/embeddings", body.clone()).await;
+    assert_eq!(status, 503, "{v}");
+    assert_eq!(v["error"]["code"], "not_contributing");
+    assert_eq!(v["error"]["message"], "on battery (40%)");
+    assert_eq!(headers["retry-after"], "30");
+    let chat = json!({"model": "gemma-3-270m", "messages": [{"role": "user", "content": "hi"}], "stream": true}).to_string();
+    assert_eq!(post(&base, "/v1/chat/completions", chat).await.0, 503);
+    assert_eq!(
+        reqwest::get(format!("{base}/healthz"))
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        503
+    );
+    let metrics = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("compute_contributing 0"), "{metrics}");
+
+    *state.lock().unwrap() = Ok(());
+    let (status, _, v) = post(&base, "/v1/embeddings", body).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        reqwest::get(format!("{base}/healthz"))
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        200
+    );
 }

@@ -72,6 +72,7 @@ mod tests {
             online: true,
             os: "linux".into(),
             home_region: None,
+            capabilities: None,
         }
     }
 

@@ -33,28 +33,13 @@ fn base_url(coordinator: &str) -> String {
     coordinator.trim_end_matches('/').to_owned()
 }
 
-pub fn capabilities() -> Capabilities {
-    let ram_bytes = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find_map(|l| l.strip_prefix("MemTotal:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024);
-    Capabilities {
-        cpu_cores: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
-        arch: std::env::consts::ARCH.to_owned(),
-        ram_bytes,
-    }
-}
-
 /// Registers this device with the coordinator.
 pub async fn register(
     coordinator: &str,
     keys: &Keys,
     auth_key: &str,
     hostname: &str,
+    capabilities: Capabilities,
 ) -> anyhow::Result<RegisterResponse> {
     let req = RegisterRequest {
         timestamp: unix_now(),
@@ -63,7 +48,7 @@ pub async fn register(
         disco_key: keys.disco.public(),
         hostname: hostname.to_owned(),
         os: std::env::consts::OS.to_owned(),
-        capabilities: capabilities(),
+        capabilities,
     };
     let body = Signed::sign(&keys.device, DOMAIN_REGISTER, &req);
     let url = format!("{}/api/v1/register", base_url(coordinator));
@@ -103,10 +88,11 @@ pub async fn run_map_stream(
     keys: Arc<Keys>,
     engine: Arc<EngineSlot>,
     state: watch::Sender<MapState>,
+    mut caps: watch::Receiver<Capabilities>,
 ) {
     let mut backoff = Duration::from_millis(500);
     loop {
-        match map_session(&coordinator, &keys, &engine, &state).await {
+        match map_session(&coordinator, &keys, &engine, &state, &mut caps).await {
             Ok(()) => backoff = Duration::from_millis(500),
             Err(e) => {
                 let msg = format!("{e:#}");
@@ -125,6 +111,7 @@ async fn map_session(
     keys: &Keys,
     engine: &EngineSlot,
     state: &watch::Sender<MapState>,
+    caps: &mut watch::Receiver<Capabilities>,
 ) -> anyhow::Result<()> {
     let url = format!(
         "{}/api/v1/map",
@@ -147,6 +134,7 @@ async fn map_session(
     let mut netmap: Option<NetMap> = None;
     let mut reported: Vec<SocketAddr> = Vec::new();
     let mut heartbeat = tokio::time::interval(Duration::from_secs(HEARTBEAT_INTERVAL_SECS));
+    let mut caps_sent = false;
     let mut endpoint_check = tokio::time::interval(ENDPOINT_CHECK);
     loop {
         tokio::select! {
@@ -180,7 +168,17 @@ async fn map_session(
                     }
                 }
             }
-            _ = heartbeat.tick() => send(&mut ws, &ClientMessage::Heartbeat { capabilities: None }).await?,
+            // Every heartbeat of a new session carries the report once;
+            // after that only changes do, as soon as they happen.
+            _ = heartbeat.tick() => {
+                let report = (!caps_sent).then(|| caps.borrow_and_update().clone());
+                caps_sent = true;
+                send(&mut ws, &ClientMessage::Heartbeat { capabilities: report }).await?;
+            }
+            Ok(()) = caps.changed(), if caps_sent => {
+                let report = caps.borrow_and_update().clone();
+                send(&mut ws, &ClientMessage::Heartbeat { capabilities: Some(report) }).await?;
+            }
             _ = endpoint_check.tick() => {
                 let (Some(map), Some(e)) = (&netmap, engine.get()) else { continue };
                 if e.home_region().is_none() && !map.relay_map.regions.is_empty() {

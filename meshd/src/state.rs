@@ -1,5 +1,6 @@
 //! What the daemon keeps in its state directory: its keys (0600, generated on
-//! first start, never sent anywhere but as public keys) and its preferences.
+//! first start, never sent anywhere but as public keys), its preferences and
+//! its compute settings.
 //! The disco key is not kept: each start makes a new one, which is how peers
 //! learn that this device restarted and its old WireGuard sessions are gone.
 
@@ -12,8 +13,11 @@ use anyhow::Context as _;
 use platform::keys::{DevicePrivate, DiscoPrivate, NodePrivate};
 use serde::{Deserialize, Serialize};
 
+use crate::contribute::ComputeSettings;
+
 const KEYS_FILE: &str = "keys.json";
 const PREFS_FILE: &str = "prefs.json";
+const COMPUTE_FILE: &str = "compute.json";
 
 pub struct Keys {
     pub node: NodePrivate,
@@ -93,21 +97,40 @@ impl StateDir {
         Ok(keys)
     }
 
-    pub fn prefs(&self) -> anyhow::Result<Prefs> {
-        let path = self.0.join(PREFS_FILE);
+    /// A JSON file of the state dir, or its default when there is none.
+    fn load<T: Default + serde::de::DeserializeOwned>(&self, name: &str) -> anyhow::Result<T> {
+        let path = self.0.join(name);
         if !path.exists() {
-            return Ok(Prefs::default());
+            return Ok(T::default());
         }
-        let text = fs::read_to_string(&path)?;
+        let text =
+            fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
         serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
     }
 
-    pub fn save_prefs(&self, prefs: &Prefs) -> anyhow::Result<()> {
+    fn save<T: Serialize>(&self, name: &str, value: &T) -> anyhow::Result<()> {
         write_private(
-            &self.0.join(PREFS_FILE),
-            serde_json::to_string_pretty(prefs)?.as_bytes(),
+            &self.0.join(name),
+            serde_json::to_string_pretty(value)?.as_bytes(),
             0o600,
         )
+    }
+
+    pub fn prefs(&self) -> anyhow::Result<Prefs> {
+        self.load(PREFS_FILE)
+    }
+
+    pub fn save_prefs(&self, prefs: &Prefs) -> anyhow::Result<()> {
+        self.save(PREFS_FILE, prefs)
+    }
+
+    /// The daemon's compute configuration (`compute.json`).
+    pub fn compute_settings(&self) -> anyhow::Result<ComputeSettings> {
+        self.load(COMPUTE_FILE)
+    }
+
+    pub fn save_compute_settings(&self, settings: &ComputeSettings) -> anyhow::Result<()> {
+        self.save(COMPUTE_FILE, settings)
     }
 }
 

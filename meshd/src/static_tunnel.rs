@@ -59,6 +59,7 @@ fn node(id: i64, key: NodePublic, addresses: Vec<IpAddr>, endpoints: Vec<SocketA
         online: true,
         os: String::new(),
         home_region: None,
+        capabilities: None,
     }
 }
 

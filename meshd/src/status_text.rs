@@ -4,7 +4,9 @@ use std::fmt::Write as _;
 use std::net::IpAddr;
 
 use crate::engine::PingPath;
-use crate::localapi::{BackendState, NetcheckReport, PingReport, Status};
+use platform::capability::Capabilities;
+
+use crate::localapi::{BackendState, ComputeStatus, NetcheckReport, PingReport, Status};
 
 fn bytes(n: u64) -> String {
     const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
@@ -65,6 +67,9 @@ pub fn render(s: &Status) -> String {
             (None, _) => {}
         }
     }
+    if let Some(me) = &s.self_ {
+        let _ = writeln!(out, "# {}", describe(&me.capabilities));
+    }
     if !s.coordinator_connected {
         let _ = writeln!(out, "# coordinator unreachable; using the last netmap");
     }
@@ -74,7 +79,7 @@ pub fn render(s: &Status) -> String {
             .map_or("never".to_owned(), |t| format!("{t}s ago"));
         let _ = writeln!(
             out,
-            "{:<28} {:<16} {:<9} {:<8} {:<28} handshake {:<9} rx {} tx {}",
+            "{:<28} {:<16} {:<9} {:<8} {:<28} handshake {:<9} rx {} tx {}{}",
             addrs(&p.addresses),
             p.name,
             p.kind,
@@ -83,7 +88,88 @@ pub fn render(s: &Status) -> String {
             handshake,
             bytes(p.rx_bytes),
             bytes(p.tx_bytes),
+            match (&p.tier, &p.compute) {
+                (Some(t), Some(c)) => format!(" {t} compute {c}"),
+                (Some(t), None) => format!(" {t}"),
+                _ => String::new(),
+            },
         );
+    }
+    out
+}
+
+/// One line on a capability report: tier, hardware, power, heat, compute.
+pub fn describe(c: &Capabilities) -> String {
+    let mut parts = vec![
+        c.tier.to_string(),
+        format!("{} cores {}", c.cpu_cores, c.arch),
+        format!("{} RAM", bytes(c.ram_bytes)),
+    ];
+    parts.extend(
+        c.gpus
+            .iter()
+            .map(|g| format!("{} ({} VRAM)", g.name, bytes(g.vram_bytes))),
+    );
+    if let Some(b) = &c.battery {
+        let state = if b.charging {
+            ", charging"
+        } else if b.on_ac {
+            ", on AC"
+        } else {
+            ""
+        };
+        parts.push(format!("battery {}%{state}", b.percent));
+    }
+    if let Some(t) = &c.thermal {
+        parts.push(format!("{} °C ({})", t.celsius, t.zone));
+    }
+    match &c.compute {
+        Some(o) if o.serving => {
+            let models: Vec<&str> = o.models.iter().map(|m| m.name.as_str()).collect();
+            parts.push(format!(
+                "compute serving {} on port {}",
+                models.join(", "),
+                o.port
+            ));
+        }
+        Some(o) => parts.push(format!(
+            "compute paused: {}",
+            o.reason.as_deref().unwrap_or("unknown")
+        )),
+        None => parts.push("compute off".into()),
+    }
+    parts.join(" · ")
+}
+
+/// `meshd compute status` output.
+pub fn render_compute(s: &ComputeStatus) -> String {
+    let mut out = String::new();
+    let state = match (&s.settings.enabled, s.serving, &s.reason) {
+        (_, true, _) => "serving".to_owned(),
+        (_, false, Some(r)) => format!("not serving: {r}"),
+        _ => "not serving".to_owned(),
+    };
+    let _ = writeln!(out, "compute: {state}");
+    let p = &s.settings.policy;
+    let _ = writeln!(
+        out,
+        "policy: {:?} mode, idle below {}%, stop under {}% battery or at {} °C",
+        p.mode, p.idle_below_percent, p.min_battery_percent, p.max_celsius
+    );
+    let _ = writeln!(
+        out,
+        "{}, {} slots, queue {}, {} llama.cpp threads",
+        s.tier, s.slots, s.queue, s.threads
+    );
+    for m in &s.models {
+        let _ = writeln!(
+            out,
+            "model {:<18} {:<10} sha256 {}",
+            m.name, m.kind, m.sha256
+        );
+    }
+    for u in &s.urls {
+        let _ = writeln!(out, "api {u}");
     }
     out
 }

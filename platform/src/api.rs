@@ -7,6 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::capability::Capabilities;
 use crate::keys::{DiscoPublic, NodePublic};
 use crate::netmap::{NetMap, NodeKind, PeerChange};
 use crate::signed::{Signed, Timestamped};
@@ -27,14 +28,6 @@ pub struct ApiErrorBody {
     /// Stable, machine-readable: `bad_request`, `unauthorized`, …
     pub code: String,
     pub message: String,
-}
-
-/// What a device can offer; grows with the compute layer.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Capabilities {
-    pub cpu_cores: u32,
-    pub arch: String,
-    pub ram_bytes: u64,
 }
 
 /// Signed by the device key (domain [`crate::signed::DOMAIN_REGISTER`]).
@@ -85,20 +78,13 @@ impl Timestamped for MapHello {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ClientMessage {
     /// First message: proves the device key ([`MapHello`] inside).
-    Hello {
-        hello: Signed,
-    },
+    Hello { hello: Signed },
     /// The device's direct endpoints changed.
-    Endpoints {
-        endpoints: Vec<SocketAddr>,
-    },
-    Heartbeat {
-        capabilities: Option<Capabilities>,
-    },
+    Endpoints { endpoints: Vec<SocketAddr> },
+    /// Alive; carries the capability report when it changed.
+    Heartbeat { capabilities: Option<Capabilities> },
     /// The relay region the device listens on (lowest latency).
-    HomeRegion {
-        region: u32,
-    },
+    HomeRegion { region: u32 },
 }
 
 /// Coordinator → device on the map stream.
@@ -178,6 +164,9 @@ pub struct DeviceInfo {
     pub online: bool,
     pub created_at: u64,
     pub last_seen: Option<u64>,
+    /// The device's latest capability report.
+    #[serde(default)]
+    pub capabilities: Option<Capabilities>,
 }
 
 /// Registers a stock WireGuard device by its public key.
@@ -219,7 +208,7 @@ mod tests {
                 disco_key: DiscoPrivate::generate().public(),
                 hostname: host,
                 os: "linux".into(),
-                capabilities: Capabilities { cpu_cores: cores, arch: "x86_64".into(), ram_bytes: 1 << 30 },
+                capabilities: Capabilities { cpu_cores: cores, arch: "x86_64".into(), ram_bytes: 1 << 30, ..Default::default() },
             };
             round_trip(&r);
             let signed = Signed::sign(&DevicePrivate::generate(), crate::signed::DOMAIN_REGISTER, &r);

@@ -5,6 +5,7 @@
 
 pub mod addr;
 pub mod api;
+pub mod capability;
 pub mod disco;
 pub mod keys;
 pub mod netmap;

@@ -11,6 +11,7 @@ use std::net::{IpAddr, SocketAddr};
 use serde::{Deserialize, Serialize};
 
 use crate::addr::IpPrefix;
+use crate::capability::Capabilities;
 use crate::keys::{DiscoPublic, NodePublic};
 
 /// What kind of device a node is.
@@ -42,6 +43,10 @@ pub struct Node {
     /// Relay region where the device can be reached when no direct path works.
     #[serde(default)]
     pub home_region: Option<u32>,
+    /// Its latest capability report (tier, power, models on offer).
+    /// (Boxed: most changes to a node do not touch it.)
+    #[serde(default)]
+    pub capabilities: Option<Box<Capabilities>>,
 }
 
 /// Relays by region; delivered empty until relays are configured.
@@ -256,6 +261,7 @@ pub(crate) mod tests {
                 online,
                 os: "linux".into(),
                 home_region: None,
+                capabilities: None,
             })
     }
 

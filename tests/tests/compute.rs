@@ -138,3 +138,183 @@ fn a_peer_serves_embeddings_and_streamed_chat_over_the_overlay() {
         Ok(())
     });
 }
+
+/// POSTs JSON from `from` and returns (HTTP status, body).
+fn post(from: &Device, url: &str, body: &Value) -> anyhow::Result<(u16, Value)> {
+    let out = from.host.run(
+        "curl",
+        &[
+            "-sS",
+            "--max-time",
+            "30",
+            "-w",
+            "\n%{http_code}",
+            "-H",
+            "content-type: application/json",
+            "-d",
+            &body.to_string(),
+            url,
+        ],
+    )?;
+    let (body, code) = out.trim_end().rsplit_once('\n').unwrap_or(("", out.trim()));
+    Ok((
+        code.parse()?,
+        serde_json::from_str(body).unwrap_or(Value::String(body.to_owned())),
+    ))
+}
+
+/// A laptop's power supplies, as `/sys/class/power_supply` shows them.
+fn write_power(root: &std::path::Path, on_ac: bool) -> anyhow::Result<()> {
+    let ps = root.join("sys/class/power_supply");
+    for (dir, file, value) in [
+        ("AC", "type", "Mains"),
+        ("AC", "online", if on_ac { "1" } else { "0" }),
+        ("BAT0", "type", "Battery"),
+        ("BAT0", "capacity", "80"),
+        (
+            "BAT0",
+            "status",
+            if on_ac { "Charging" } else { "Discharging" },
+        ),
+    ] {
+        std::fs::create_dir_all(ps.join(dir))?;
+        std::fs::write(ps.join(dir).join(file), format!("{value}\n"))?;
+    }
+    Ok(())
+}
+
+#[test]
+fn the_contribution_policy_and_the_owner_decide_when_a_device_serves() {
+    run_lab(|lab| {
+        let coord_host = lab.host("coord", 1)?;
+        let coord = Coordinator::start(lab, coord_host, "home")?;
+        let (a, b) = (lab.host("alpha", 11)?, lab.host("beta", 12)?);
+        let alpha = Device::start(lab, a)?;
+        // beta is a laptop on battery: its power state is read from a tree
+        // laid out like /sys, which the test changes.
+        let sys = lab.dir.join("beta-sys");
+        std::fs::create_dir_all(sys.join("proc"))?;
+        std::fs::copy("/proc/meminfo", sys.join("proc/meminfo"))?;
+        write_power(&sys, false)?;
+        let models = models_dir();
+        let beta = Device::start_with(
+            lab,
+            b,
+            &[
+                "--compute",
+                "--models-dir",
+                &models,
+                "--model",
+                "all-minilm-l6-v2",
+                "--sys-root",
+                sys.to_str().unwrap_or_default(),
+            ],
+        )?;
+        alpha.up(&coord)?;
+        beta.up(&coord)?;
+        let (b4, _) = beta.overlay()?;
+        let url = format!("http://{b4}:8421/v1/embeddings");
+        let body = json!({"model": "all-minilm-l6-v2", "input": "hello"});
+
+        // On battery: 503 with the reason, over the overlay.
+        wait_until(
+            Duration::from_secs(15),
+            "beta's compute API answering",
+            || post(&alpha, &url, &body).is_ok_and(|(s, _)| s != 0),
+        )?;
+        let (status, v) = post(&alpha, &url, &body)?;
+        anyhow::ensure!(
+            status == 503 && v["error"]["code"] == "not_contributing",
+            "{status} {v}"
+        );
+        anyhow::ensure!(
+            v["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("on battery")),
+            "{v}"
+        );
+        // beta's report reaches alpha: tier and why it does not serve.
+        wait_until(
+            Duration::from_secs(10),
+            "beta's capability report at alpha",
+            || {
+                alpha.peer("beta").ok().flatten().is_some_and(|p| {
+                    p["tier"] == "tier2"
+                        && p["compute"]
+                            .as_str()
+                            .is_some_and(|c| c.starts_with("paused: on battery"))
+                })
+            },
+        )?;
+        let me = beta.status()?;
+        anyhow::ensure!(
+            me["self"]["capabilities"]["battery"]["percent"] == 80,
+            "{me}"
+        );
+
+        // Plugged in: serving within a monitor interval.
+        write_power(&sys, true)?;
+        wait_until(
+            Duration::from_secs(15),
+            "beta serving on external power",
+            || post(&alpha, &url, &body).is_ok_and(|(s, _)| s == 200),
+        )?;
+        wait_until(Duration::from_secs(10), "alpha seeing beta serve", || {
+            alpha
+                .peer("beta")
+                .ok()
+                .flatten()
+                .is_some_and(|p| p["compute"] == "serving")
+        })?;
+
+        // The owner's switch, at once.
+        let off: Value = serde_json::from_str(&beta.meshd(&["compute", "disable", "--json"])?)?;
+        anyhow::ensure!(
+            off["serving"] == false && off["settings"]["enabled"] == false,
+            "{off}"
+        );
+        let (status, v) = post(&alpha, &url, &body)?;
+        anyhow::ensure!(
+            status == 503
+                && v["error"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("disabled")),
+            "{status} {v}"
+        );
+        let on: Value =
+            serde_json::from_str(&beta.meshd(&["compute", "enable", "--slots", "2", "--json"])?)?;
+        anyhow::ensure!(on["serving"] == true && on["slots"] == 2, "{on}");
+        anyhow::ensure!(
+            on["models"][0]["name"] == "all-minilm-l6-v2"
+                && on["models"][0]["sha256"]
+                    .as_str()
+                    .is_some_and(|s| s.len() == 64),
+            "{on}"
+        );
+        anyhow::ensure!(on["urls"][0] == format!("http://{b4}:8421/v1"), "{on}");
+        let (status, v) = post(&alpha, &url, &body)?;
+        anyhow::ensure!(status == 200 && v["served_by"] == "beta", "{status} {v}");
+        // Only the configured model is on offer.
+        let chat =
+            json!({"model": "gemma-3-270m", "messages": [{"role": "user", "content": "hi"}]});
+        let (status, v) = post(
+            &alpha,
+            &format!("http://{b4}:8421/v1/chat/completions"),
+            &chat,
+        )?;
+        anyhow::ensure!(
+            status == 404 && v["error"]["code"] == "model_not_found",
+            "{status} {v}"
+        );
+        // The settings survive a restart of the daemon.
+        let settings: Value = serde_json::from_str(&std::fs::read_to_string(format!(
+            "{}/compute.json",
+            beta.state_dir
+        ))?)?;
+        anyhow::ensure!(
+            settings["enabled"] == true && settings["slots"] == 2,
+            "{settings}"
+        );
+        Ok(())
+    });
+}

@@ -214,7 +214,22 @@ async fn handle_client_message(
         ClientMessage::Hello { .. } => {
             return Err(AppError::BadRequest("hello was already sent".into()))
         }
-        ClientMessage::Heartbeat { .. } => {}
+        ClientMessage::Heartbeat { capabilities: None } => {}
+        ClientMessage::Heartbeat {
+            capabilities: Some(caps),
+        } => {
+            caps.check()
+                .map_err(|e| AppError::BadRequest(format!("capabilities: {e}")))?;
+            s.store.set_capabilities(me.id, &caps).await?;
+            let row = s.store.device(&me.network, me.id).await?;
+            s.hub.broadcast(
+                me.network_id,
+                me.id,
+                PeerChange::Upsert {
+                    node: row.to_node(true)?,
+                },
+            );
+        }
         ClientMessage::Endpoints { mut endpoints } => {
             if endpoints.len() > MAX_ENDPOINTS {
                 return Err(AppError::BadRequest(format!(

@@ -102,6 +102,7 @@ fn register_body(
             cpu_cores: 2,
             arch: "x86_64".into(),
             ram_bytes: 1 << 30,
+            ..Default::default()
         },
     };
     serde_json::to_string(&Signed::sign(dev, DOMAIN_REGISTER, &req)).unwrap()
@@ -519,6 +520,37 @@ async fn map_stream_sends_full_map_then_deltas() {
         "{changes:?}"
     );
 
+    // A capability report in b's heartbeat reaches a and the admin API.
+    let mut caps = Capabilities {
+        cpu_cores: 8,
+        arch: "aarch64".into(),
+        ram_bytes: 16 << 30,
+        ..Default::default()
+    };
+    caps.tier = caps.derive_tier("linux");
+    b.send(Message::text(
+        serde_json::to_string(&ClientMessage::Heartbeat {
+            capabilities: Some(caps.clone()),
+        })
+        .unwrap(),
+    ))
+    .await
+    .unwrap();
+    let ServerMessage::Delta { changes } = next_msg(&mut a).await else {
+        panic!()
+    };
+    assert!(
+        matches!(&changes[..], [PeerChange::Upsert { node }] if node.node_key == b_node.public() && node.capabilities.as_deref() == Some(&caps)),
+        "{changes:?}"
+    );
+    let (_, devices) = h
+        .admin("GET", "/api/v1/networks/home/devices", json!(null))
+        .await;
+    let reported: Vec<platform::api::DeviceInfo> = serde_json::from_value(devices).unwrap();
+    assert!(reported.iter().any(|d| d.node_key == b_node.public()
+        && d.capabilities
+            .as_ref()
+            .is_some_and(|c| c.tier.to_string() == "tier2")));
     // b goes away: a sees it offline.
     b.close(None).await.unwrap();
     let ServerMessage::Delta { changes } = next_msg(&mut a).await else {

@@ -3,7 +3,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use platform::addr::{ipv4_for_seq, next_seq};
-use platform::api::{DeviceInfo, RegisterRequest};
+use platform::api::{Capabilities, DeviceInfo, RegisterRequest};
 use platform::keys::{DevicePublic, NodePublic};
 use platform::netmap::{Node, NodeKind};
 
@@ -31,11 +31,13 @@ pub struct DeviceRow {
     pub last_seen: Option<i64>,
     pub preauth_key_id: Option<i64>,
     pub home_region: Option<i64>,
+    /// JSON; `{}` until the device reports.
+    pub capabilities: String,
 }
 
 const SELECT_DEVICE: &str = "SELECT d.id, d.network_id, n.name AS network, d.kind, d.device_key, \
      d.node_key, d.disco_key, d.hostname, d.name, d.os, d.ipv4, d.ipv6, d.endpoints, d.ephemeral, \
-     d.created_at, d.last_seen, d.preauth_key_id, d.home_region FROM devices d JOIN networks n ON n.id = d.network_id";
+     d.created_at, d.last_seen, d.preauth_key_id, d.home_region, d.capabilities FROM devices d JOIN networks n ON n.id = d.network_id";
 
 fn corrupt(what: &str, e: impl std::fmt::Display) -> AppError {
     AppError::Internal(anyhow::anyhow!("stored {what} is invalid: {e}"))
@@ -54,6 +56,15 @@ impl DeviceRow {
 
     pub fn endpoints(&self) -> Result<Vec<SocketAddr>, AppError> {
         serde_json::from_str(&self.endpoints).map_err(|e| corrupt("endpoints", e))
+    }
+
+    pub fn capabilities(&self) -> Result<Option<Capabilities>, AppError> {
+        if self.capabilities == "{}" {
+            return Ok(None);
+        }
+        serde_json::from_str(&self.capabilities)
+            .map(Some)
+            .map_err(|e| corrupt("capabilities", e))
     }
 
     pub fn kind(&self) -> NodeKind {
@@ -79,6 +90,7 @@ impl DeviceRow {
             online,
             os: self.os.clone(),
             home_region: self.home_region.and_then(|r| u32::try_from(r).ok()),
+            capabilities: self.capabilities()?.map(Box::new),
         })
     }
 
@@ -97,6 +109,7 @@ impl DeviceRow {
             online,
             created_at: self.created_at as u64,
             last_seen: self.last_seen.map(|t| t as u64),
+            capabilities: self.capabilities()?,
         })
     }
 }
@@ -130,6 +143,9 @@ impl Store {
         if req.hostname.len() > MAX_HOSTNAME || req.os.len() > MAX_OS {
             return Err(AppError::BadRequest("hostname or os is too long".into()));
         }
+        req.capabilities
+            .check()
+            .map_err(|e| AppError::BadRequest(format!("capabilities: {e}")))?;
         let device_key = reg.device_key.to_string();
         let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
         let key = Self::preauth_by_secret(&mut tx, &req.auth_key)
@@ -340,6 +356,15 @@ impl Store {
     ) -> Result<(), AppError> {
         sqlx::query("UPDATE devices SET disco_key = ? WHERE id = ?")
             .bind(key.to_string())
+            .bind(id)
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
+    pub async fn set_capabilities(&self, id: i64, caps: &Capabilities) -> Result<(), AppError> {
+        sqlx::query("UPDATE devices SET capabilities = ? WHERE id = ?")
+            .bind(serde_json::to_string(caps).map_err(anyhow::Error::from)?)
             .bind(id)
             .execute(self.pool())
             .await?;

@@ -286,6 +286,7 @@ pub(super) mod tests {
             online: true,
             os: "linux".into(),
             home_region: None,
+            capabilities: None,
         }
     }
 
