@@ -6,7 +6,7 @@
 use std::num::NonZeroU32;
 use std::path::Path;
 use std::sync::atomic::{AtomicI32, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::context::LlamaContext;
@@ -62,12 +62,17 @@ fn engine(e: impl std::fmt::Display) -> ComputeError {
 /// The llama.cpp backend, initialised once per process with its logging off.
 fn backend() -> Result<&'static LlamaBackend, ComputeError> {
     static BACKEND: OnceLock<LlamaBackend> = OnceLock::new();
+    static INIT: Mutex<()> = Mutex::new(());
+    if let Some(b) = BACKEND.get() {
+        return Ok(b);
+    }
+    // llama.cpp refuses a second initialisation: one thread at a time here.
+    let _init = INIT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     if let Some(b) = BACKEND.get() {
         return Ok(b);
     }
     let mut b = LlamaBackend::init().map_err(engine)?;
     b.void_logs();
-    // A racing initialiser may have won; either backend is the same global.
     Ok(BACKEND.get_or_init(|| b))
 }
 
