@@ -67,7 +67,9 @@ fn backend() -> Result<&'static LlamaBackend, ComputeError> {
         return Ok(b);
     }
     // llama.cpp refuses a second initialisation: one thread at a time here.
-    let _init = INIT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _init = INIT
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     if let Some(b) = BACKEND.get() {
         return Ok(b);
     }

@@ -88,7 +88,7 @@ pub fn threads(policy: &Policy, cores: u32) -> usize {
     let cores = cores.max(1) as usize;
     match policy.max_utilisation_percent {
         Some(p) => (cores * usize::from(p.min(100)) / 100).max(1),
-        None => (cores - 1).max(1),
+        None => cores.saturating_sub(1).max(1),
     }
 }
 

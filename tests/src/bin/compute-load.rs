@@ -3,8 +3,11 @@
 //! overlay address) or in-process on the same models (`--in-process DIR`).
 //! Prints one JSON object.
 //!
-//! compute-load --url http://100.64.0.2:8421 [--embeddings 200] [--chats 5]
-//! compute-load --in-process ~/.cache/crank-mesh/models
+//! compute-load --url http://100.64.0.2:8421 [--embeddings 200] [--chats 5] [--concurrency 1]
+//! compute-load --in-process ~/.cache/crank-mesh/models [--threads N]
+//!
+//! With `--concurrency N` the embeddings come from N clients at once (the
+//! server batches them); the chats stay one at a time.
 
 use std::time::{Duration, Instant};
 
@@ -74,7 +77,12 @@ fn in_process(dir: &str, n_emb: usize, n_chat: usize) -> anyhow::Result<serde_js
     Ok(json!({"mode": "in-process", "embeddings": emb, "chat": chat}))
 }
 
-async fn over_http(url: &str, n_emb: usize, n_chat: usize) -> anyhow::Result<serde_json::Value> {
+async fn over_http(
+    url: &str,
+    n_emb: usize,
+    n_chat: usize,
+    concurrency: usize,
+) -> anyhow::Result<serde_json::Value> {
     let client = reqwest::Client::new();
     let emb_body = json!({"model": "all-minilm-l6-v2", "input": SENTENCE});
     let post = |path: &str, body: &serde_json::Value| {
@@ -83,15 +91,34 @@ async fn over_http(url: &str, n_emb: usize, n_chat: usize) -> anyhow::Result<ser
     post("/v1/embeddings", &emb_body)
         .await?
         .error_for_status()?; // warm-up
-    let (mut lat, start) = (Vec::new(), Instant::now());
-    for _ in 0..n_emb {
-        let t = Instant::now();
-        post("/v1/embeddings", &emb_body)
-            .await?
-            .error_for_status()?
-            .bytes()
-            .await?;
-        lat.push(t.elapsed());
+    let start = Instant::now();
+    let clients = (0..concurrency.max(1)).map(|c| {
+        let (client, body, url) = (
+            client.clone(),
+            emb_body.clone(),
+            format!("{url}/v1/embeddings"),
+        );
+        let share = n_emb / concurrency.max(1) + usize::from(c < n_emb % concurrency.max(1));
+        async move {
+            let mut lat = Vec::with_capacity(share);
+            for _ in 0..share {
+                let t = Instant::now();
+                client
+                    .post(&url)
+                    .json(&body)
+                    .send()
+                    .await?
+                    .error_for_status()?
+                    .bytes()
+                    .await?;
+                lat.push(t.elapsed());
+            }
+            anyhow::Ok(lat)
+        }
+    });
+    let mut lat = Vec::new();
+    for l in futures_util::future::join_all(clients).await {
+        lat.extend(l?);
     }
     let emb = summary("embeddings", lat, n_emb as f64, start.elapsed());
     let chat_body = json!({"model": "gemma-3-270m", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": CHAT_TOKENS});
@@ -121,10 +148,14 @@ async fn main() -> anyhow::Result<()> {
     };
     let n_emb = flag("--embeddings").map_or(Ok(200), |v| v.parse())?;
     let n_chat = flag("--chats").map_or(Ok(5), |v| v.parse())?;
+    let concurrency = flag("--concurrency").map_or(Ok(1), |v| v.parse())?;
+    if let Some(t) = flag("--threads") {
+        compute::llama::set_threads(t.parse()?);
+    }
     let report = match (flag("--url"), flag("--in-process")) {
-        (Some(url), None) => over_http(&url, n_emb, n_chat).await?,
+        (Some(url), None) => over_http(&url, n_emb, n_chat, concurrency).await?,
         (None, Some(dir)) => in_process(&dir, n_emb, n_chat)?,
-        _ => anyhow::bail!("usage: compute-load (--url URL | --in-process MODELS_DIR) [--embeddings N] [--chats N]"),
+        _ => anyhow::bail!("usage: compute-load (--url URL | --in-process MODELS_DIR) [--embeddings N] [--chats N] [--concurrency N] [--threads N]"),
     };
     println!("{report}");
     Ok(())

@@ -28,6 +28,30 @@ fn bench(lab: &mut Lab) -> anyhow::Result<()> {
     let load = bin("compute-load");
     let load = load.to_str().unwrap_or_default();
     let overlay: Value = serde_json::from_str(&alpha.host.run(load, &["--url", &url])?)?;
+    let batched: Value = serde_json::from_str(&alpha.host.run(
+        load,
+        &[
+            "--url",
+            &url,
+            "--concurrency",
+            "8",
+            "--embeddings",
+            "400",
+            "--chats",
+            "0",
+        ],
+    )?)?;
+    let metrics = alpha
+        .host
+        .run("curl", &["-sf", &format!("{url}/metrics")])?;
+    let batches = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("compute_embedding_batches_total "))
+        .unwrap_or("?")
+        .to_owned();
+    // In-process gets the threads the daemon chose for itself.
+    let compute: Value = serde_json::from_str(&beta.meshd(&["compute", "status", "--json"])?)?;
+    let threads = compute["threads"].as_u64().unwrap_or(1).to_string();
     let status = std::fs::read_to_string(format!("/proc/{}/status", beta.pid))?;
     let hwm = status
         .lines()
@@ -36,7 +60,7 @@ fn bench(lab: &mut Lab) -> anyhow::Result<()> {
         .to_owned();
     let local: Value = serde_json::from_str(&String::from_utf8(
         std::process::Command::new(load)
-            .args(["--in-process", &models])
+            .args(["--in-process", &models, "--threads", &threads])
             .output()?
             .stdout,
     )?)?;
@@ -64,6 +88,15 @@ fn bench(lab: &mut Lab) -> anyhow::Result<()> {
         ratio("embeddings"),
         ratio("chat")
     );
+    let e = &batched["embeddings"];
+    println!(
+        "overlay, 8 concurrent clients: {:.1} embeddings/s (p50 {:.2} ms, p99 {:.2} ms); {batches} decodes for all {} embedding requests of the run",
+        e["per_second"].as_f64().unwrap_or(0.0),
+        e["p50_ms"].as_f64().unwrap_or(0.0),
+        e["p99_ms"].as_f64().unwrap_or(0.0),
+        overlay["embeddings"]["requests"].as_u64().unwrap_or(0) + e["requests"].as_u64().unwrap_or(0) + 2,
+    );
+    println!("llama.cpp threads on both sides: {threads} (the daemon's default for this device)");
     println!(
         "meshd (beta, both models loaded) peak memory: {}",
         hwm.trim_start_matches("VmHWM:").trim()
