@@ -234,6 +234,21 @@ fn whois(netmap: &NetMap, ip: IpAddr) -> Option<String> {
         .map(|p| p.name.clone())
 }
 
+/// Binds `addr`, waiting a moment while a listener of the previous API
+/// (restarted by `meshd compute enable`) is still being dropped.
+async fn bind_soon(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let mut tries = 0;
+    loop {
+        match tokio::net::TcpListener::bind(addr).await {
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tries < 40 => {
+                tries += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Waits for the first netmap, then serves on each overlay address until
 /// the task is dropped.
 pub async fn serve(
@@ -266,7 +281,7 @@ pub async fn serve(
     let mut tasks = tokio::task::JoinSet::new();
     for addr in &netmap.self_node.addresses {
         let bind = SocketAddr::new(*addr, COMPUTE_PORT);
-        let listener = match tokio::net::TcpListener::bind(bind).await {
+        let listener = match bind_soon(bind).await {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(%bind, error = %e, "compute API not served on this address");
