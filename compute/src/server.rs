@@ -209,7 +209,7 @@ impl ComputeServer {
             gate,
             slots: Arc::new(Semaphore::new(slots.max(1))),
             admitted: AtomicUsize::new(0),
-            capacity: slots.max(1) + queue,
+            capacity: slots.max(1).saturating_add(queue),
             metrics: Metrics::default(),
         })
     }
@@ -529,6 +529,8 @@ async fn chat(
         let prompt = engine.chat_prompt(&messages)?;
         let admission = s.admit()?;
         let slot = s.slot().await;
+        // The device may have stopped contributing while the job waited.
+        s.open()?;
         let id = completion_id();
         if !req.stream {
             let started = Instant::now();

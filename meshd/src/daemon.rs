@@ -47,6 +47,8 @@ pub struct ComputeConfig {
     pub enable: Option<ComputeChanges>,
 }
 
+/// Temperature steps of the capability report, in °C.
+const THERMAL_STEP: i32 = 5;
 /// How often power, heat and load are read and the policy applied.
 const MONITOR_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -56,13 +58,37 @@ struct Session {
     engine: Arc<EngineSlot>,
     map: watch::Receiver<MapState>,
     task: JoinHandle<()>,
-    compute: Option<JoinHandle<()>>,
+    compute: Option<ServeTask>,
+}
+
+/// A running compute API.
+struct ServeTask {
+    task: JoinHandle<()>,
+    stop: watch::Sender<bool>,
+}
+
+/// How long a stopping compute API lets its requests finish.
+const SERVE_DRAIN: Duration = Duration::from_secs(5);
+
+impl ServeTask {
+    /// Stops accepting, closes idle connections, lets requests in flight
+    /// finish for a while, then cuts the rest.
+    async fn stop(mut self) {
+        let _ = self.stop.send(true);
+        if tokio::time::timeout(SERVE_DRAIN, &mut self.task)
+            .await
+            .is_err()
+        {
+            self.task.abort();
+            let _ = self.task.await;
+        }
+    }
 }
 
 impl Session {
     async fn stop(self) {
-        if let Some(c) = &self.compute {
-            c.abort();
+        if let Some(c) = self.compute {
+            c.stop().await;
         }
         self.task.abort();
         let _ = self.task.await;
@@ -83,6 +109,7 @@ pub struct Daemon {
     /// Percent of the CPU busy with everything but this daemon, over the
     /// last monitor interval.
     others_busy: std::sync::Mutex<Option<f32>>,
+    refreshing: std::sync::Mutex<()>,
 }
 
 /// A relay region's short name, for people.
@@ -105,7 +132,15 @@ impl Daemon {
     pub fn new(cfg: DaemonConfig) -> anyhow::Result<Arc<Self>> {
         let state = StateDir::open(&cfg.state_dir)?;
         let keys = Arc::new(state.keys()?);
-        let mut settings = state.compute_settings()?;
+        // A compute.json this version cannot read must not take the network
+        // down with it: compute stays off until it is fixed or rewritten.
+        let mut settings = state.compute_settings().unwrap_or_else(|e| {
+            tracing::error!(
+                error = format!("{e:#}"),
+                "compute settings unreadable; compute off"
+            );
+            Default::default()
+        });
         if let Some(changes) = &cfg.compute.enable {
             settings.enabled = true;
             changes.apply(&mut settings);
@@ -117,7 +152,7 @@ impl Daemon {
             cfg.compute.models_dir.clone(),
             settings,
         ));
-        compute::llama::set_threads(compute.threads(&caps));
+        compute::llama::set_threads(compute.threads_per_job(&caps));
         Ok(Arc::new(Daemon {
             cfg,
             state,
@@ -127,6 +162,7 @@ impl Daemon {
             probe,
             caps: watch::channel(caps).0,
             others_busy: std::sync::Mutex::new(None),
+            refreshing: std::sync::Mutex::new(()),
         }))
     }
 
@@ -158,10 +194,16 @@ impl Daemon {
 
     /// Reads the hardware, applies the policy, and publishes the report.
     fn refresh(&self) {
+        // One at a time: a stale reading must not undo a newer decision.
+        let _one = self.refreshing.lock().expect("refresh lock");
         let mut caps = self.probe.capabilities();
         let busy = *self.others_busy.lock().expect("cpu lock");
         let _ = self.compute.decide(&caps, busy);
         caps.compute = self.compute.offer(&caps);
+        // Reported in 5 °C steps: peers need the trend, not every flicker.
+        if let Some(t) = caps.thermal.as_mut() {
+            t.celsius -= t.celsius.rem_euclid(THERMAL_STEP);
+        }
         self.caps.send_if_modified(|c| {
             let changed = *c != caps;
             *c = caps;
@@ -170,16 +212,18 @@ impl Daemon {
     }
 
     /// Serves the loaded models in a session's network.
-    fn spawn_serve(&self, map: watch::Receiver<MapState>) -> Option<JoinHandle<()>> {
+    fn spawn_serve(&self, map: watch::Receiver<MapState>) -> Option<ServeTask> {
         let loaded = self.compute.loaded()?;
         let caps = self.caps.borrow().clone();
         let (models, gate) = (loaded.models.clone(), self.compute.gate());
         let (slots, queue) = (self.compute.slots(&caps), self.compute.queue());
-        Some(tokio::spawn(async move {
-            if let Err(e) = serve_compute::serve(models, gate, map, slots, queue).await {
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(async move {
+            if let Err(e) = serve_compute::serve(models, gate, map, slots, queue, stopped).await {
                 tracing::error!(error = format!("{e:#}"), "compute API stopped");
             }
-        }))
+        });
+        Some(ServeTask { task, stop })
     }
 
     async fn compute_command(&self, action: ComputeAction) -> anyhow::Result<ComputeStatus> {
@@ -202,7 +246,8 @@ impl Daemon {
                 if settings.models != before.models {
                     self.compute.unload();
                 }
-                compute::llama::set_threads(self.compute.threads(&self.caps.borrow()));
+                let caps = self.caps.borrow().clone();
+                compute::llama::set_threads(self.compute.threads_per_job(&caps));
                 let loaded = self.compute.ensure_loaded().await;
                 if loaded.is_ok() && (settings != before || !self.is_serving().await) {
                     self.restart_serving().await;
@@ -219,7 +264,7 @@ impl Daemon {
         session
             .as_ref()
             .and_then(|s| s.compute.as_ref())
-            .is_some_and(|t| !t.is_finished())
+            .is_some_and(|t| !t.task.is_finished())
     }
 
     /// (Re)starts the compute API of the running session, so new models,
@@ -228,8 +273,7 @@ impl Daemon {
         let mut session = self.session.lock().await;
         if let Some(s) = session.as_mut() {
             if let Some(old) = s.compute.take() {
-                old.abort();
-                let _ = old.await;
+                old.stop().await;
             }
             s.compute = self.spawn_serve(s.map.clone());
         }

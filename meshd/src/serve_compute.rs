@@ -11,7 +11,7 @@ use anyhow::Context as _;
 use compute::manifest::{verified_path, ModelKind, MANIFEST};
 use compute::server::{ComputeServer, Gate, Models};
 use compute::{EmbedBatcher, Embedder, Generator};
-use platform::capability::{Capabilities, ComputeOffer, OfferedModel};
+use platform::capability::{Capabilities, ComputeOffer, OfferedModel, MAX_TEXT};
 use platform::netmap::NetMap;
 use tokio::sync::watch;
 
@@ -90,6 +90,19 @@ pub fn load(dir: &Path, wanted: &[String]) -> anyhow::Result<Loaded> {
         dir.display()
     );
     Ok(Loaded { models, offered })
+}
+
+/// `s` cut to at most `max` bytes, on a character boundary.
+fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut end = max.saturating_sub('…'.len_utf8());
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push('…');
+    }
+    s
 }
 
 /// The device's compute service.
@@ -200,8 +213,11 @@ impl ComputeService {
         self.settings().queue.unwrap_or(contribute::DEFAULT_QUEUE)
     }
 
-    pub fn threads(&self, caps: &Capabilities) -> usize {
-        contribute::threads(&self.settings().policy, caps.cpu_cores)
+    /// llama.cpp threads of one job: the policy's share of the cores,
+    /// divided among the slots (the build is CPU-only).
+    pub fn threads_per_job(&self, caps: &Capabilities) -> usize {
+        (contribute::threads(&self.settings().policy, caps.cpu_cores) / self.slots(caps).max(1))
+            .max(1)
     }
 
     /// The capability report's compute part: absent on devices that never
@@ -215,7 +231,8 @@ impl ComputeService {
         Some(ComputeOffer {
             models: loaded.map(|l| l.offered.clone()).unwrap_or_default(),
             serving: decision.is_ok(),
-            reason: decision.err(),
+            // Within what a coordinator accepts, whatever an error said.
+            reason: decision.err().map(|r| truncate(r, MAX_TEXT)),
             slots: u32::try_from(self.slots(caps)).unwrap_or(u32::MAX),
             port: COMPUTE_PORT,
         })
@@ -250,13 +267,14 @@ async fn bind_soon(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener>
 }
 
 /// Waits for the first netmap, then serves on each overlay address until
-/// the task is dropped.
+/// `stop` turns true (requests in flight finish) or the task is dropped.
 pub async fn serve(
     models: Models,
     gate: Gate,
     mut map: watch::Receiver<MapState>,
     slots: usize,
     queue: usize,
+    stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let netmap = map
         .wait_for(|m| m.netmap.is_some())
@@ -292,7 +310,14 @@ pub async fn serve(
         let app = server
             .router()
             .into_make_service_with_connect_info::<SocketAddr>();
-        tasks.spawn(async move { axum::serve(listener, app).await });
+        let mut stop = stop.clone();
+        tasks.spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await
+        });
     }
     anyhow::ensure!(
         !tasks.is_empty(),
@@ -324,6 +349,13 @@ mod tests {
             home_region: None,
             capabilities: None,
         }
+    }
+
+    #[test]
+    fn long_reasons_are_cut_to_what_a_coordinator_takes() {
+        let cut = truncate("é".repeat(300), MAX_TEXT);
+        assert!(cut.len() <= MAX_TEXT && cut.ends_with('…'), "{}", cut.len());
+        assert_eq!(truncate("short".into(), MAX_TEXT), "short");
     }
 
     #[test]

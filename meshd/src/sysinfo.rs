@@ -117,8 +117,12 @@ impl Probe {
                     if read(&s.join("scope")).as_deref() == Some("Device") {
                         continue;
                     }
-                    let percent: u8 =
-                        read_num::<u32>(&s.join("capacity")).map_or(0, |p| p.min(100) as u8);
+                    // No charge reading: report no battery rather than an empty one.
+                    let Some(percent) =
+                        read_num::<u32>(&s.join("capacity")).map(|p| p.min(100) as u8)
+                    else {
+                        continue;
+                    };
                     battery = Some((percent, read(&s.join("status")).unwrap_or_default()));
                 }
                 Some("Mains" | "USB" | "USB_C" | "USB_PD" | "Wireless") => {

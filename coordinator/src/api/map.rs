@@ -220,6 +220,11 @@ async fn handle_client_message(
         } => {
             caps.check()
                 .map_err(|e| AppError::BadRequest(format!("capabilities: {e}")))?;
+            let row = s.store.device(&me.network, me.id).await?;
+            if row.capabilities().ok().flatten().as_ref() == Some(&caps) {
+                // A new session repeating the stored report: nothing changed.
+                return Ok(());
+            }
             s.store.set_capabilities(me.id, &caps).await?;
             let row = s.store.device(&me.network, me.id).await?;
             s.hub.broadcast(

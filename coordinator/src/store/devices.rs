@@ -90,7 +90,9 @@ impl DeviceRow {
             online,
             os: self.os.clone(),
             home_region: self.home_region.and_then(|r| u32::try_from(r).ok()),
-            capabilities: self.capabilities()?.map(Box::new),
+            // A report this version cannot read is left out, not fatal to
+            // the whole netmap.
+            capabilities: self.capabilities().ok().flatten().map(Box::new),
         })
     }
 
@@ -109,7 +111,7 @@ impl DeviceRow {
             online,
             created_at: self.created_at as u64,
             last_seen: self.last_seen.map(|t| t as u64),
-            capabilities: self.capabilities()?,
+            capabilities: self.capabilities().ok().flatten(),
         })
     }
 }
