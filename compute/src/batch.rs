@@ -48,10 +48,6 @@ impl EmbedBatcher {
         })
     }
 
-    pub fn embedder(&self) -> &Embedder {
-        &self.embedder
-    }
-
     /// Decodes run so far; fewer than requests when batching worked.
     pub fn decodes(&self) -> u64 {
         self.decodes.load(Ordering::Relaxed)

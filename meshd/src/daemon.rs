@@ -11,6 +11,7 @@ use platform::netmap::{NetMap, NodeKind};
 use tokio::sync::{watch, Mutex};
 use tokio::task::JoinHandle;
 
+use crate::contribute::ComputeSettings;
 use crate::control::{self, MapState};
 use crate::engine::{Engine, EngineSlot, PeerStats, PingPath, PingReply, TunConfig};
 use crate::localapi::{
@@ -230,19 +231,14 @@ impl Daemon {
         match action {
             ComputeAction::Status => {}
             ComputeAction::Disable => {
-                let mut settings = self.compute.settings();
-                settings.enabled = false;
-                self.state.save_compute_settings(&settings)?;
-                self.compute.set_settings(settings);
+                self.change_settings(|s| s.enabled = false)?;
                 self.refresh();
             }
             ComputeAction::Enable { changes } => {
-                let before = self.compute.settings();
-                let mut settings = before.clone();
-                settings.enabled = true;
-                changes.apply(&mut settings);
-                self.state.save_compute_settings(&settings)?;
-                self.compute.set_settings(settings.clone());
+                let (before, settings) = self.change_settings(|s| {
+                    s.enabled = true;
+                    changes.apply(s);
+                })?;
                 if settings.models != before.models {
                     self.compute.unload();
                 }
@@ -257,6 +253,20 @@ impl Daemon {
             }
         }
         Ok(self.compute_status().await)
+    }
+
+    /// Changes the compute settings, on disk first; returns them before and
+    /// after.
+    fn change_settings(
+        &self,
+        change: impl FnOnce(&mut ComputeSettings),
+    ) -> anyhow::Result<(ComputeSettings, ComputeSettings)> {
+        let before = self.compute.settings();
+        let mut after = before.clone();
+        change(&mut after);
+        self.state.save_compute_settings(&after)?;
+        self.compute.set_settings(after.clone());
+        Ok((before, after))
     }
 
     async fn is_serving(&self) -> bool {

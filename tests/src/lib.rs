@@ -362,6 +362,31 @@ impl Host {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// POSTs `body` as JSON with curl from this host; returns the HTTP status
+    /// and the body (as JSON when it is JSON, else as a string).
+    pub fn post_json(&self, url: &str, body: &Value) -> anyhow::Result<(u16, Value)> {
+        let out = self.run(
+            "curl",
+            &[
+                "-sS",
+                "--max-time",
+                "30",
+                "-w",
+                "\n%{http_code}",
+                "-H",
+                "content-type: application/json",
+                "-d",
+                &body.to_string(),
+                url,
+            ],
+        )?;
+        let (body, code) = out.trim_end().rsplit_once('\n').unwrap_or(("", out.trim()));
+        Ok((
+            code.parse()?,
+            serde_json::from_str(body).unwrap_or_else(|_| Value::String(body.to_owned())),
+        ))
+    }
+
     /// Like [`Host::run`], but only says whether it succeeded.
     pub fn succeeds(&self, program: &str, args: &[&str]) -> bool {
         Command::new("ip")

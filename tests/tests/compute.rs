@@ -78,22 +78,12 @@ fn a_peer_serves_embeddings_and_streamed_chat_over_the_overlay() {
 
         // Embeddings: the answer names beta, and alpha as the caller.
         let body =
-            json!({"model": "all-minilm-l6-v2", "input": ["a cat on a mat", "stock markets"]})
-                .to_string();
-        let out = alpha.host.run(
-            "curl",
-            &[
-                "-sS",
-                "--max-time",
-                "30",
-                "-H",
-                "content-type: application/json",
-                "-d",
-                &body,
-                &format!("{base}/v1/embeddings"),
-            ],
-        )?;
-        let v: Value = serde_json::from_str(&out)?;
+            json!({"model": "all-minilm-l6-v2", "input": ["a cat on a mat", "stock markets"]});
+        let (status, v) = alpha
+            .host
+            .post_json(&format!("{base}/v1/embeddings"), &body)?;
+        anyhow::ensure!(status == 200, "{status} {v}");
+        let out = v.to_string();
         anyhow::ensure!(
             v["served_by"] == "beta" && v["caller"] == "alpha",
             "identity: {out}"
@@ -148,30 +138,6 @@ fn a_peer_serves_embeddings_and_streamed_chat_over_the_overlay() {
         );
         Ok(())
     });
-}
-
-/// POSTs JSON from `from` and returns (HTTP status, body).
-fn post(from: &Device, url: &str, body: &Value) -> anyhow::Result<(u16, Value)> {
-    let out = from.host.run(
-        "curl",
-        &[
-            "-sS",
-            "--max-time",
-            "30",
-            "-w",
-            "\n%{http_code}",
-            "-H",
-            "content-type: application/json",
-            "-d",
-            &body.to_string(),
-            url,
-        ],
-    )?;
-    let (body, code) = out.trim_end().rsplit_once('\n').unwrap_or(("", out.trim()));
-    Ok((
-        code.parse()?,
-        serde_json::from_str(body).unwrap_or(Value::String(body.to_owned())),
-    ))
 }
 
 /// A laptop's power supplies, as `/sys/class/power_supply` shows them.
@@ -231,9 +197,9 @@ fn the_contribution_policy_and_the_owner_decide_when_a_device_serves() {
         wait_until(
             Duration::from_secs(15),
             "beta's compute API answering",
-            || post(&alpha, &url, &body).is_ok_and(|(s, _)| s != 0),
+            || alpha.host.post_json(&url, &body).is_ok_and(|(s, _)| s != 0),
         )?;
-        let (status, v) = post(&alpha, &url, &body)?;
+        let (status, v) = alpha.host.post_json(&url, &body)?;
         anyhow::ensure!(
             status == 503 && v["error"]["code"] == "not_contributing",
             "{status} {v}"
@@ -268,7 +234,12 @@ fn the_contribution_policy_and_the_owner_decide_when_a_device_serves() {
         wait_until(
             Duration::from_secs(15),
             "beta serving on external power",
-            || post(&alpha, &url, &body).is_ok_and(|(s, _)| s == 200),
+            || {
+                alpha
+                    .host
+                    .post_json(&url, &body)
+                    .is_ok_and(|(s, _)| s == 200)
+            },
         )?;
         wait_until(Duration::from_secs(10), "alpha seeing beta serve", || {
             alpha
@@ -284,7 +255,7 @@ fn the_contribution_policy_and_the_owner_decide_when_a_device_serves() {
             off["serving"] == false && off["settings"]["enabled"] == false,
             "{off}"
         );
-        let (status, v) = post(&alpha, &url, &body)?;
+        let (status, v) = alpha.host.post_json(&url, &body)?;
         anyhow::ensure!(
             status == 503
                 && v["error"]["message"]
@@ -305,16 +276,17 @@ fn the_contribution_policy_and_the_owner_decide_when_a_device_serves() {
         anyhow::ensure!(on["urls"][0] == format!("http://{b4}:8421/v1"), "{on}");
         // The API restarted with two slots: served again once it listens.
         wait_until(Duration::from_secs(10), "beta serving after enable", || {
-            post(&alpha, &url, &body).is_ok_and(|(s, v)| s == 200 && v["served_by"] == "beta")
+            alpha
+                .host
+                .post_json(&url, &body)
+                .is_ok_and(|(s, v)| s == 200 && v["served_by"] == "beta")
         })?;
         // Only the configured model is on offer.
         let chat =
             json!({"model": "gemma-3-270m", "messages": [{"role": "user", "content": "hi"}]});
-        let (status, v) = post(
-            &alpha,
-            &format!("http://{b4}:8421/v1/chat/completions"),
-            &chat,
-        )?;
+        let (status, v) = alpha
+            .host
+            .post_json(&format!("http://{b4}:8421/v1/chat/completions"), &chat)?;
         anyhow::ensure!(
             status == 404 && v["error"]["code"] == "model_not_found",
             "{status} {v}"

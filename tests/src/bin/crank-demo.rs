@@ -96,21 +96,11 @@ fn demo(lab: &mut Lab) -> anyhow::Result<()> {
             &["-sf", "--max-time", "2", &format!("{base}/healthz")],
         )
     })?;
-    let body = serde_json::json!({"model": "all-minilm-l6-v2", "input": "a private mesh of my own devices"}).to_string();
-    let out = devices[0].host.run(
-        "curl",
-        &[
-            "-sS",
-            "--max-time",
-            "30",
-            "-H",
-            "content-type: application/json",
-            "-d",
-            &body,
-            &format!("{base}/v1/embeddings"),
-        ],
-    )?;
-    let v: serde_json::Value = serde_json::from_str(&out)?;
+    let body = serde_json::json!({"model": "all-minilm-l6-v2", "input": "a private mesh of my own devices"});
+    let (status, v) = devices[0]
+        .host
+        .post_json(&format!("{base}/v1/embeddings"), &body)?;
+    anyhow::ensure!(status == 200, "embeddings: {status} {v}");
     let dims = v["data"][0]["embedding"].as_array().map_or(0, Vec::len);
     let head: Vec<String> = v["data"][0]["embedding"]
         .as_array()
