@@ -4,19 +4,40 @@
 //! change queue. A change in a network is pushed to the sessions of that
 //! network only: the work is proportional to the peers it touches, and no map
 //! is ever rebuilt. The clock is passed in, so the sweep is testable.
+//!
+//! A device waiting for an admin's approval has a session (it gets its own
+//! netmap) but neither hears about peers nor is announced to them. Revoked
+//! node keys are also published to relays, which drop them at once.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use platform::api::ApiErrorBody;
 use platform::keys::NodePublic;
 use platform::netmap::PeerChange;
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc};
+
+/// What the hub pushes to one map stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Push {
+    Change(PeerChange),
+    /// Renew the node key (an admin rotated the network's keys).
+    RotateKey,
+    /// End the stream with this error (the device was removed or revoked).
+    Close(ApiErrorBody),
+}
+
+/// Revoked node keys kept for relays that fall behind.
+const REVOCATION_BACKLOG: usize = 1024;
 
 struct Session {
     conn_id: u64,
     node_key: NodePublic,
-    tx: mpsc::UnboundedSender<PeerChange>,
+    /// False while the device awaits approval: it hears nothing and is not
+    /// announced.
+    approved: bool,
+    tx: mpsc::UnboundedSender<Push>,
     last_heard: Instant,
     /// Silent past the grace period: shown offline until heard again.
     stale: bool,
@@ -34,12 +55,13 @@ struct Inner {
 pub struct Hub {
     inner: Mutex<Inner>,
     grace: Duration,
+    revocations: broadcast::Sender<NodePublic>,
 }
 
 /// What a connection gets from the hub.
 pub struct Subscription {
     pub conn_id: u64,
-    pub changes: mpsc::UnboundedReceiver<PeerChange>,
+    pub changes: mpsc::UnboundedReceiver<Push>,
 }
 
 /// An ephemeral device gone for longer than the grace period.
@@ -54,10 +76,10 @@ impl Inner {
     fn broadcast(&self, network_id: i64, except_device: i64, change: &PeerChange) {
         if let Some(sessions) = self.networks.get(&network_id) {
             for (id, s) in sessions {
-                if *id != except_device {
+                if *id != except_device && s.approved {
                     // A closed receiver means the connection is ending; it
                     // removes itself.
-                    let _ = s.tx.send(change.clone());
+                    let _ = s.tx.send(Push::Change(change.clone()));
                 }
             }
         }
@@ -69,6 +91,7 @@ impl Hub {
         Hub {
             inner: Mutex::new(Inner::default()),
             grace,
+            revocations: broadcast::channel(REVOCATION_BACKLOG).0,
         }
     }
 
@@ -77,12 +100,14 @@ impl Hub {
     }
 
     /// Registers a live stream for a device, replacing an older one (whose
-    /// queue closes, ending that connection). Tells its peers it is online.
+    /// queue closes, ending that connection). Tells its peers it is online
+    /// (unless it awaits approval).
     pub fn connect(
         &self,
         network_id: i64,
         device_id: i64,
         node_key: NodePublic,
+        approved: bool,
         now: Instant,
     ) -> Subscription {
         let mut inner = self.lock();
@@ -93,6 +118,7 @@ impl Hub {
         let session = Session {
             conn_id,
             node_key,
+            approved,
             tx,
             last_heard: now,
             stale: false,
@@ -102,8 +128,8 @@ impl Hub {
             .entry(network_id)
             .or_default()
             .insert(device_id, session);
-        let was_online = previous.is_some_and(|p| !p.stale);
-        if !was_online {
+        let was_online = previous.is_some_and(|p| !p.stale && p.approved);
+        if !was_online && approved {
             inner.broadcast(
                 network_id,
                 device_id,
@@ -135,6 +161,9 @@ impl Hub {
         s.last_heard = now;
         if s.stale {
             s.stale = false;
+            if !s.approved {
+                return;
+            }
             let node_key = s.node_key;
             inner.broadcast(
                 network_id,
@@ -168,7 +197,7 @@ impl Hub {
         if sessions.is_empty() {
             inner.networks.remove(&network_id);
         }
-        if !s.stale {
+        if !s.stale && s.approved {
             inner.broadcast(
                 network_id,
                 device_id,
@@ -197,6 +226,61 @@ impl Hub {
     /// Sends a change to every live stream of the network except the device's own.
     pub fn broadcast(&self, network_id: i64, except_device: i64, change: PeerChange) {
         self.lock().broadcast(network_id, except_device, &change);
+    }
+
+    /// Sends to one device's stream, if it has one. Returns whether it did.
+    pub fn send_to(&self, network_id: i64, device_id: i64, push: Push) -> bool {
+        self.lock()
+            .networks
+            .get(&network_id)
+            .and_then(|n| n.get(&device_id))
+            .is_some_and(|s| s.tx.send(push).is_ok())
+    }
+
+    /// The device was approved: from now on it hears about its peers and
+    /// they about it (the caller sends both sides their upserts).
+    pub fn approve(&self, network_id: i64, device_id: i64) {
+        if let Some(s) = self
+            .lock()
+            .networks
+            .get_mut(&network_id)
+            .and_then(|n| n.get_mut(&device_id))
+        {
+            s.approved = true;
+        }
+    }
+
+    /// The session's node key changed (rotation) without a new stream.
+    pub fn set_node_key(&self, network_id: i64, device_id: i64, node_key: NodePublic) {
+        if let Some(s) = self
+            .lock()
+            .networks
+            .get_mut(&network_id)
+            .and_then(|n| n.get_mut(&device_id))
+        {
+            s.node_key = node_key;
+        }
+    }
+
+    /// Asks every live device of the network to renew its node key.
+    /// Returns how many were asked.
+    pub fn rotate_all(&self, network_id: i64) -> usize {
+        self.lock().networks.get(&network_id).map_or(0, |n| {
+            n.values()
+                .filter(|s| s.tx.send(Push::RotateKey).is_ok())
+                .count()
+        })
+    }
+
+    /// Tells relays to drop `key` now rather than when their cache expires.
+    pub fn revoke_relay_access(&self, key: NodePublic) {
+        // No relay listening is fine: they ask before admitting anyway.
+        let _ = self.revocations.send(key);
+    }
+
+    /// Revoked node keys from now on (for relays' revocation streams).
+    pub fn revocations(&self) -> broadcast::Receiver<NodePublic> {
+        self.revocations.subscribe()
     }
 
     /// Marks devices silent past the grace period offline, and returns the
@@ -249,10 +333,13 @@ mod tests {
         NodePublic::from_bytes([b; 32])
     }
 
-    fn drain(rx: &mut mpsc::UnboundedReceiver<PeerChange>) -> Vec<PeerChange> {
+    fn drain(rx: &mut mpsc::UnboundedReceiver<Push>) -> Vec<PeerChange> {
         let mut out = Vec::new();
-        while let Ok(c) = rx.try_recv() {
-            out.push(c);
+        while let Ok(p) = rx.try_recv() {
+            match p {
+                Push::Change(c) => out.push(c),
+                other => panic!("unexpected push {other:?}"),
+            }
         }
         out
     }
@@ -261,9 +348,9 @@ mod tests {
     fn presence_follows_connections_and_silence() {
         let hub = Hub::new(Duration::from_secs(20));
         let t0 = Instant::now();
-        let mut a = hub.connect(1, 10, key(1), t0);
-        let b = hub.connect(1, 11, key(2), t0);
-        let mut other_net = hub.connect(2, 20, key(3), t0);
+        let mut a = hub.connect(1, 10, key(1), true, t0);
+        let b = hub.connect(1, 11, key(2), true, t0);
+        let mut other_net = hub.connect(2, 20, key(3), true, t0);
         assert_eq!(
             drain(&mut a.changes),
             vec![PeerChange::Online {
@@ -315,10 +402,10 @@ mod tests {
     fn reconnect_replaces_old_stream() {
         let hub = Hub::new(Duration::from_secs(20));
         let t0 = Instant::now();
-        let mut watcher = hub.connect(1, 1, key(1), t0);
-        let mut first = hub.connect(1, 2, key(2), t0);
+        let mut watcher = hub.connect(1, 1, key(1), true, t0);
+        let mut first = hub.connect(1, 2, key(2), true, t0);
         drain(&mut watcher.changes);
-        let _second = hub.connect(1, 2, key(2), t0);
+        let _second = hub.connect(1, 2, key(2), true, t0);
         assert!(
             drain(&mut watcher.changes).is_empty(),
             "still online, no flap"
@@ -332,10 +419,30 @@ mod tests {
     }
 
     #[test]
+    fn unapproved_devices_hear_nothing_and_are_not_announced() {
+        let hub = Hub::new(Duration::from_secs(20));
+        let t0 = Instant::now();
+        let mut a = hub.connect(1, 1, key(1), true, t0);
+        let mut pending = hub.connect(1, 2, key(2), false, t0);
+        assert!(drain(&mut a.changes).is_empty(), "pending device not announced");
+        hub.broadcast(1, 1, PeerChange::Removed { node_key: key(9) });
+        assert!(drain(&mut pending.changes).is_empty());
+        hub.approve(1, 2);
+        hub.broadcast(1, 1, PeerChange::Removed { node_key: key(9) });
+        assert_eq!(drain(&mut pending.changes).len(), 1);
+        assert!(hub.send_to(1, 2, Push::RotateKey));
+        assert_eq!(pending.changes.try_recv().unwrap(), Push::RotateKey);
+        assert_eq!(hub.rotate_all(1), 2);
+        let mut revoked = hub.revocations();
+        hub.revoke_relay_access(key(2));
+        assert_eq!(revoked.try_recv().unwrap(), key(2));
+    }
+
+    #[test]
     fn ephemeral_devices_expire_after_grace() {
         let hub = Hub::new(Duration::from_secs(20));
         let t0 = Instant::now();
-        let s = hub.connect(1, 5, key(5), t0);
+        let s = hub.connect(1, 5, key(5), true, t0);
         hub.disconnect(1, 5, s.conn_id, true, t0);
         assert!(hub.sweep(t0 + Duration::from_secs(10)).is_empty());
         assert_eq!(

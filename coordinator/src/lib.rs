@@ -4,14 +4,18 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod client;
 pub mod error;
+pub mod fanout;
 pub mod hub;
 pub mod names;
+pub mod remote;
 pub mod store;
+pub mod tls;
 pub mod wgquick;
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,7 +26,12 @@ use platform::netmap::RelayMap;
 pub const BATCH_WINDOW: Duration = Duration::from_millis(50);
 
 /// Builds the shared state of a server on the database in `state_dir`.
-pub async fn app_state(state_dir: &Path, relay_map: RelayMap) -> anyhow::Result<api::SharedState> {
+/// `tls` says whether clients reach it over TLS (for the links it hands out).
+pub async fn app_state(
+    state_dir: &Path,
+    relay_map: RelayMap,
+    tls: bool,
+) -> anyhow::Result<api::SharedState> {
     let store = store::Store::open(state_dir).await?;
     if !store.is_initialized().await? {
         anyhow::bail!(
@@ -37,6 +46,8 @@ pub async fn app_state(state_dir: &Path, relay_map: RelayMap) -> anyhow::Result<
         hub: hub::Hub::new(grace),
         batch_window: BATCH_WINDOW,
         relay_map,
+        tls,
+        public_url: None,
     }))
 }
 
@@ -60,19 +71,60 @@ pub fn load_relay_map(path: &Path) -> anyhow::Result<RelayMap> {
     Ok(map)
 }
 
+/// How [`serve`] speaks to its clients.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// TLS with this certificate chain and private key (PEM files).
+    Tls { cert: PathBuf, key: PathBuf },
+    /// Plain HTTP. Pre-auth keys and admin tokens then cross the network in
+    /// the clear, so it is refused on a non-loopback address unless
+    /// `insecure` says so (`--insecure-http`: behind a TLS-terminating proxy,
+    /// or in a test lab).
+    Http { insecure: bool },
+}
+
 /// Serves the API on `listen` until the process ends.
 pub async fn serve(
     state_dir: &Path,
     listen: SocketAddr,
     relay_map: RelayMap,
+    transport: Transport,
 ) -> anyhow::Result<()> {
-    let state = app_state(state_dir, relay_map).await?;
-    tokio::spawn(api::run_sweeper(state.clone()));
+    // Checked before anything is opened or bound.
+    let tls = match &transport {
+        Transport::Tls { cert, key } => Some(tls::server_config(cert, key)?),
+        Transport::Http { insecure } => {
+            anyhow::ensure!(
+                *insecure || listen.ip().to_canonical().is_loopback(),
+                "refusing to serve plain HTTP on {listen}: pre-auth keys and admin tokens \
+                 would cross the network unencrypted; serve TLS with --tls-cert and \
+                 --tls-key, listen on a loopback address behind a TLS proxy, or pass \
+                 --insecure-http"
+            );
+            None
+        }
+    };
+    let state = app_state(state_dir, relay_map, tls.is_some()).await?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding {listen}"))?;
-    tracing::info!(addr = %listener.local_addr()?, "coordinator listening");
-    axum::serve(listener, api::router(state))
-        .await
-        .context("serving")
+    serve_on(listener, state, tls).await
+}
+
+/// Serves the API on a bound `listener`, over TLS when `tls` is given, until
+/// the process ends. [`serve`] without the checks, for tests.
+pub async fn serve_on(
+    listener: tokio::net::TcpListener,
+    state: api::SharedState,
+    tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+) -> anyhow::Result<()> {
+    tokio::spawn(api::run_sweeper(state.clone()));
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, tls = tls.is_some(), "coordinator listening");
+    let app = api::router(state);
+    match tls {
+        Some(config) => axum::serve(tls::TlsListener::new(listener, config)?, app).await,
+        None => axum::serve(listener, app).await,
+    }
+    .context("serving")
 }

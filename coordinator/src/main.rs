@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use coordinator::remote;
 use coordinator::store::Store;
 use platform::api::CreatePreauthKey;
 use platform::unix_now;
@@ -35,8 +36,14 @@ struct StateDir {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Create the database and a first admin; prints the admin API token.
-    Init(StateDir),
+    /// Create the database and a first user (who owns the networks made
+    /// from the state directory); prints that user's API token.
+    Init {
+        #[command(flatten)]
+        dir: StateDir,
+        #[arg(long, default_value = "admin")]
+        username: String,
+    },
     /// Serve the HTTP API and map streams.
     Serve {
         #[command(flatten)]
@@ -46,6 +53,21 @@ enum Command {
         /// Relay regions (JSON: {"regions":[{"id","code","urls":[…],"stun":[…]}]}).
         #[arg(long, env = "COORDINATOR_RELAY_MAP")]
         relay_map: Option<PathBuf>,
+        /// Serve TLS with this certificate chain (PEM).
+        #[arg(
+            long,
+            env = "COORDINATOR_TLS_CERT",
+            requires = "tls_key",
+            conflicts_with = "insecure_http"
+        )]
+        tls_cert: Option<PathBuf>,
+        /// The certificate's private key (PEM).
+        #[arg(long, env = "COORDINATOR_TLS_KEY", requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// Serve plain HTTP on a non-loopback address (behind a TLS proxy, or
+        /// in a lab). Without it plain HTTP is served on loopback only.
+        #[arg(long, env = "COORDINATOR_INSECURE_HTTP")]
+        insecure_http: bool,
     },
     /// Relay tokens.
     #[command(subcommand, name = "relay-token")]
@@ -59,12 +81,57 @@ enum Command {
     /// Devices.
     #[command(subcommand)]
     Device(DeviceCmd),
+    /// Users (operator commands on the state directory).
+    #[command(subcommand)]
+    User(UserCmd),
+    /// Save the coordinator URL and your token for the commands below.
+    Login {
+        url: String,
+        #[arg(long, env = "COORDINATOR_TOKEN")]
+        token: String,
+        /// A private CA for the coordinator's certificate (PEM).
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
+    },
+    /// Who the saved token belongs to, and their networks.
+    Whoami {
+        #[command(flatten)]
+        out: remote::Output,
+    },
+    /// Members of a network.
+    #[command(subcommand)]
+    Member(remote::MemberCmd),
+    /// Invites.
+    #[command(subcommand)]
+    Invite(remote::InviteCmd),
+    /// A network's rules: device approval, auto-approval, key expiry.
+    #[command(subcommand)]
+    Settings(remote::SettingsCmd),
+    /// The audit log.
+    #[command(subcommand)]
+    Audit(remote::AuditCmd),
+    /// Keys of removed devices, refused until lifted.
+    #[command(subcommand)]
+    Denylist(remote::DenylistCmd),
+}
+
+#[derive(Subcommand)]
+enum UserCmd {
+    /// A new token for a user (shown once), e.g. one who lost theirs.
+    Token {
+        username: String,
+        #[command(flatten)]
+        dir: StateDir,
+    },
 }
 
 #[derive(Subcommand)]
 enum NetworkCmd {
     Create {
         name: String,
+        /// Its owner (default: the user `init` made).
+        #[arg(long)]
+        owner: Option<String>,
         #[command(flatten)]
         dir: StateDir,
     },
@@ -122,12 +189,15 @@ enum RelayTokenCmd {
 
 #[derive(Subcommand)]
 enum DeviceCmd {
+    /// Every device of a network, from the state directory.
     List {
         #[arg(long)]
         network: String,
         #[command(flatten)]
         dir: StateDir,
     },
+    #[command(flatten)]
+    Remote(remote::RemoteDeviceCmd),
 }
 
 fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
@@ -148,11 +218,11 @@ async fn open(dir: &StateDir) -> anyhow::Result<Store> {
 
 async fn try_main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Init(dir) => {
+        Command::Init { dir, username } => {
             let store = Store::open(&dir.state_dir).await?;
-            let token = store.init(unix_now()).await?;
+            let token = store.init_as(&username, unix_now()).await?;
             eprintln!(
-                "coordinator initialised in {}; admin API token (shown once):",
+                "coordinator initialised in {}; API token of {username} (shown once):",
                 dir.state_dir.display()
             );
             println!("{token}");
@@ -161,12 +231,22 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
             dir,
             listen,
             relay_map,
+            tls_cert,
+            tls_key,
+            insecure_http,
         } => {
             let relay_map = match relay_map {
                 Some(path) => coordinator::load_relay_map(&path)?,
                 None => Default::default(),
             };
-            coordinator::serve(&dir.state_dir, listen, relay_map).await?
+            // clap makes the two TLS flags come together or not at all.
+            let transport = match (tls_cert, tls_key) {
+                (Some(cert), Some(key)) => coordinator::Transport::Tls { cert, key },
+                _ => coordinator::Transport::Http {
+                    insecure: insecure_http,
+                },
+            };
+            coordinator::serve(&dir.state_dir, listen, relay_map, transport).await?
         }
         Command::RelayToken(RelayTokenCmd::Create { name, dir }) => {
             println!(
@@ -177,8 +257,16 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
                     .await?
             );
         }
-        Command::Network(NetworkCmd::Create { name, dir }) => {
-            print_json(&open(&dir).await?.create_network(&name, unix_now()).await?)?
+        Command::Network(NetworkCmd::Create { name, owner, dir }) => {
+            let store = open(&dir).await?;
+            let owner = match owner {
+                Some(u) => store
+                    .user_by_name(&u)
+                    .await?
+                    .ok_or_else(|| anyhow::anyhow!("no user named {u:?}"))?,
+                None => store.first_user().await?,
+            };
+            print_json(&store.create_network(&name, &owner, unix_now()).await?)?
         }
         Command::Network(NetworkCmd::List(dir)) => {
             print_json(&open(&dir).await?.list_networks().await?)?
@@ -198,17 +286,29 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
                 ephemeral,
                 expiry_secs: expiry.map(|d| d.as_secs().max(1)),
             };
-            let created = open(&dir)
-                .await?
-                .create_preauth_key(&network, &req, unix_now())
+            // Operator keys are the network owner's: their devices are the owner's.
+            let store = open(&dir).await?;
+            let net = store.network(&network).await?;
+            let owner = store.network_owner(net.id).await?;
+            let created = store
+                .create_preauth_key(net.id, &owner, &req, unix_now())
                 .await?;
             println!("{}", created.key);
         }
         Command::PreauthKey(PreauthCmd::List { network, dir }) => {
-            print_json(&open(&dir).await?.list_preauth_keys(&network).await?)?
+            let store = open(&dir).await?;
+            let net = store.network(&network).await?;
+            print_json(&store.list_preauth_keys(net.id, None).await?)?
         }
         Command::PreauthKey(PreauthCmd::Revoke { network, id, dir }) => {
-            print_json(&open(&dir).await?.revoke_preauth_key(&network, id).await?)?
+            let store = open(&dir).await?;
+            let net = store.network(&network).await?;
+            let who = store.network_owner(net.id).await?.who();
+            print_json(
+                &store
+                    .revoke_preauth_key(&who, net.id, id, None, unix_now())
+                    .await?,
+            )?
         }
         Command::Device(DeviceCmd::List { network, dir }) => {
             let store = open(&dir).await?;
@@ -222,6 +322,27 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
                 .collect::<Result<Vec<_>, _>>()?;
             print_json(&devices)?
         }
+        Command::Device(DeviceCmd::Remote(cmd)) => remote::device(cmd).await?,
+        Command::User(UserCmd::Token { username, dir }) => {
+            println!(
+                "{}",
+                open(&dir)
+                    .await?
+                    .create_user_token(&username, unix_now())
+                    .await?
+            );
+        }
+        Command::Login {
+            url,
+            token,
+            ca_file,
+        } => remote::login(url, token, ca_file).await?,
+        Command::Whoami { out } => remote::whoami(out).await?,
+        Command::Member(cmd) => remote::member(cmd).await?,
+        Command::Invite(cmd) => remote::invite(cmd).await?,
+        Command::Settings(cmd) => remote::settings(cmd).await?,
+        Command::Audit(cmd) => remote::audit(cmd).await?,
+        Command::Denylist(cmd) => remote::denylist(cmd).await?,
     }
     Ok(())
 }

@@ -73,6 +73,8 @@ mod tests {
             os: "linux".into(),
             home_region: None,
             capabilities: None,
+            owner: None,
+            key_expiry: None,
         }
     }
 

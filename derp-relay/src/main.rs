@@ -91,7 +91,7 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
         (false, Some(url), Some(file)) => {
             let token = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading {}", file.display()))?;
-            Admission::coordinator(&url, token.trim().to_owned())
+            Admission::coordinator(&url, token.trim().to_owned())?
         }
         _ => anyhow::bail!("--coordinator and --token-file are required unless --open"),
     };
@@ -130,6 +130,8 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
         };
         tokio::spawn(derp_relay::server::mesh::run_link(relay.clone(), target));
     }
+    // Revoked node keys, pushed by the coordinator (nothing with --open).
+    tokio::spawn(derp_relay::server::revocations::run(relay.clone()));
     for addr in &cli.stun_listen {
         let stun = tokio::net::UdpSocket::bind(addr)
             .await

@@ -3,6 +3,7 @@
 //! updates upstream; reconnects with backoff).
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,14 +13,18 @@ use platform::api::{
     ApiError, Capabilities, ClientMessage, MapHello, RegisterRequest, RegisterResponse,
     ServerMessage, HEARTBEAT_INTERVAL_SECS,
 };
+use platform::keys::NodePublic;
 use platform::netmap::NetMap;
 use platform::signed::{Signed, DOMAIN_MAP, DOMAIN_REGISTER};
 use platform::unix_now;
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::Connector;
 
 use crate::endpoints::local_endpoints;
 use crate::engine::EngineSlot;
+use crate::key_expiry;
+use crate::keyring::KeyRing;
 use crate::netcheck;
 use crate::state::Keys;
 
@@ -28,14 +33,70 @@ const ENDPOINT_CHECK: Duration = Duration::from_secs(10);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// How long an endpoint check waits for STUN answers.
 const STUN_WAIT: Duration = Duration::from_millis(500);
+/// How long the coordinator may take to answer a hello.
+const HELLO_WAIT: Duration = Duration::from_secs(15);
+/// Longest sleep before peer key expiries are looked at again (the wall
+/// clock may jump).
+const EXPIRY_RECHECK: Duration = Duration::from_secs(3600);
 
 fn base_url(coordinator: &str) -> String {
     coordinator.trim_end_matches('/').to_owned()
 }
 
+/// Whom meshd trusts to be the coordinator: the public web roots (compiled
+/// in by `webpki-roots`, so the same on every host, container and phone),
+/// plus the private CA in `ca_file` if given. Read on every connection, so a
+/// replaced CA file takes effect at the next reconnect.
+fn coordinator_tls(
+    ca_file: Option<&Path>,
+) -> anyhow::Result<Arc<platform::tls::rustls::ClientConfig>> {
+    let ca = ca_file
+        .map(|p| std::fs::read(p).with_context(|| format!("reading the CA file {}", p.display())))
+        .transpose()?;
+    platform::tls::client_config(ca.as_deref()).context("the coordinator CA file")
+}
+
+/// The HTTP client for every request meshd makes to the coordinator (TLS
+/// trust as in [`coordinator_tls`]); build each one here.
+pub fn coordinator_http(ca_file: Option<&Path>) -> anyhow::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .use_preconfigured_tls(Arc::unwrap_or_clone(coordinator_tls(ca_file)?))
+        .build()
+        .context("building the coordinator HTTP client")
+}
+
+/// `err`, with what to do about it when it is the coordinator's certificate
+/// that was rejected (unknown issuer, wrong name, expired).
+fn explain_certificate(err: anyhow::Error, ca_file: Option<&Path>) -> anyhow::Error {
+    use platform::tls::rustls;
+    // An io::Error hides the error it wraps from `source()`: look inside.
+    let rejected = err.chain().any(|e| {
+        let inner = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::get_ref)
+            .map_or(e, |inner| inner as &(dyn std::error::Error + 'static));
+        matches!(
+            inner.downcast_ref::<rustls::Error>(),
+            Some(rustls::Error::InvalidCertificate(_))
+        )
+    });
+    match (rejected, ca_file) {
+        (false, _) => err,
+        (true, None) => err.context(
+            "the coordinator's certificate was rejected; if a private CA signed it, \
+             pass that CA with --ca-file",
+        ),
+        (true, Some(ca)) => err.context(format!(
+            "the coordinator's certificate was rejected (trusting the public roots and {})",
+            ca.display()
+        )),
+    }
+}
+
 /// Registers this device with the coordinator.
 pub async fn register(
     coordinator: &str,
+    ca_file: Option<&Path>,
     keys: &Keys,
     auth_key: &str,
     hostname: &str,
@@ -49,28 +110,92 @@ pub async fn register(
         hostname: hostname.to_owned(),
         os: std::env::consts::OS.to_owned(),
         capabilities,
+        network: None,
     };
     let body = Signed::sign(&keys.device, DOMAIN_REGISTER, &req);
-    let url = format!("{}/api/v1/register", base_url(coordinator));
-    let resp = reqwest::Client::new()
+    let http = coordinator_http(ca_file)?;
+    Ok(post_signed(&http, coordinator, "/api/v1/register", &body)
+        .await
+        .map_err(|e| explain_certificate(e.into(), ca_file))
+        .context("registering with the coordinator")?)
+}
+
+/// How long one request to the coordinator may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Why a request to the coordinator failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    /// The coordinator answered with an error (`{"error":{code,message}}`).
+    #[error("coordinator refused ({status}): {message}")]
+    Refused {
+        status: reqwest::StatusCode,
+        code: String,
+        message: String,
+    },
+    /// No answer, or none that could be read: the request may or may not
+    /// have taken effect.
+    #[error("no answer from the coordinator at {url}: {source}")]
+    NoAnswer {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+}
+
+impl CoordinatorError {
+    /// The coordinator surely did not act on the request: it answered 4xx,
+    /// or the connection never opened. (A 5xx may come after a change was
+    /// made; a lost answer says nothing.)
+    pub fn not_acted_on(&self) -> bool {
+        match self {
+            CoordinatorError::Refused { status, .. } => status.is_client_error(),
+            CoordinatorError::NoAnswer { source, .. } => source.is_connect(),
+        }
+    }
+
+    pub fn status(&self) -> Option<reqwest::StatusCode> {
+        match self {
+            CoordinatorError::Refused { status, .. } => Some(*status),
+            CoordinatorError::NoAnswer { .. } => None,
+        }
+    }
+}
+
+/// POSTs a signed body to `path` of the coordinator's API and reads the
+/// JSON answer. `http` comes from [`coordinator_http`].
+pub async fn post_signed<T: serde::de::DeserializeOwned>(
+    http: &reqwest::Client,
+    coordinator: &str,
+    path: &str,
+    body: &Signed,
+) -> Result<T, CoordinatorError> {
+    let url = format!("{}{path}", base_url(coordinator));
+    let no_answer = |source| CoordinatorError::NoAnswer {
+        url: url.clone(),
+        source,
+    };
+    let resp = http
         .post(&url)
-        .json(&body)
-        .timeout(Duration::from_secs(15))
+        .json(body)
+        .timeout(REQUEST_TIMEOUT)
         .send()
         .await
-        .with_context(|| format!("reaching the coordinator at {url}"))?;
+        .map_err(no_answer)?;
     let status = resp.status();
     if status.is_success() {
-        return resp.json().await.context("reading the registration reply");
+        return resp.json().await.map_err(no_answer);
     }
     let text = resp.text().await.unwrap_or_default();
-    match serde_json::from_str::<ApiError>(&text) {
-        Ok(e) => anyhow::bail!(
-            "coordinator refused registration ({status}): {}",
-            e.error.message
-        ),
-        Err(_) => anyhow::bail!("coordinator refused registration ({status}): {text}"),
-    }
+    let (code, message) = match serde_json::from_str::<ApiError>(&text) {
+        Ok(e) => (e.error.code, e.error.message),
+        Err(_) => (String::new(), text),
+    };
+    Err(CoordinatorError::Refused {
+        status,
+        code,
+        message,
+    })
 }
 
 /// What the map stream shares with the daemon.
@@ -80,19 +205,32 @@ pub struct MapState {
     pub connected: bool,
     /// Why the last session ended, if it failed.
     pub last_error: Option<String>,
+    /// How many times the coordinator asked for a new node key (an admin
+    /// rotated the network's keys); the daemon renews when it grows.
+    pub rotate_requests: u64,
 }
 
 /// Keeps a map stream open for as long as the task lives.
 pub async fn run_map_stream(
     coordinator: String,
-    keys: Arc<Keys>,
+    ca_file: Option<PathBuf>,
+    keys: Arc<KeyRing>,
     engine: Arc<EngineSlot>,
     state: watch::Sender<MapState>,
     mut caps: watch::Receiver<Capabilities>,
 ) {
     let mut backoff = Duration::from_millis(500);
     loop {
-        match map_session(&coordinator, &keys, &engine, &state, &mut caps).await {
+        match map_session(
+            &coordinator,
+            ca_file.as_deref(),
+            &keys,
+            &engine,
+            &state,
+            &mut caps,
+        )
+        .await
+        {
             Ok(()) => backoff = Duration::from_millis(500),
             Err(e) => {
                 let msg = format!("{e:#}");
@@ -106,46 +244,130 @@ pub async fn run_map_stream(
     }
 }
 
-async fn map_session(
+/// Opens the map stream: a hello with the current node key, and with the
+/// pending one if the coordinator refuses that (an unsettled rotation, see
+/// `keyring.rs`). Returns the stream and its full netmap.
+async fn open_stream(
     coordinator: &str,
-    keys: &Keys,
-    engine: &EngineSlot,
-    state: &watch::Sender<MapState>,
-    caps: &mut watch::Receiver<Capabilities>,
-) -> anyhow::Result<()> {
+    ca_file: Option<&Path>,
+    keys: &KeyRing,
+) -> anyhow::Result<(Ws, NetMap)> {
     let url = format!(
         "{}/api/v1/map",
         base_url(coordinator).replacen("http", "ws", 1)
     );
-    let (mut ws, _) = tokio_tungstenite::connect_async(&url)
-        .await
-        .with_context(|| format!("connecting to {url}"))?;
-    let hello = Signed::sign(
-        &keys.device,
-        DOMAIN_MAP,
-        &MapHello {
-            timestamp: unix_now(),
-            node_key: keys.node.public(),
-            disco_key: keys.disco.public(),
-        },
-    );
-    send(&mut ws, &ClientMessage::Hello { hello }).await?;
+    let candidates = keys.hello_candidates();
+    let current = keys.current();
+    let mut refusal = String::new();
+    for (i, node) in candidates.iter().enumerate() {
+        if i > 0 {
+            tracing::info!(node = %node.public().short(), error = %refusal, "current node key refused; trying the pending one");
+        }
+        let tls = Connector::Rustls(coordinator_tls(ca_file)?);
+        let (mut ws, _) =
+            tokio_tungstenite::connect_async_tls_with_config(&url, None, false, Some(tls))
+                .await
+                .map_err(|e| explain_certificate(e.into(), ca_file))
+                .with_context(|| format!("connecting to {url}"))?;
+        let hello = Signed::sign(
+            &current.device,
+            DOMAIN_MAP,
+            &MapHello {
+                timestamp: unix_now(),
+                node_key: node.public(),
+                disco_key: current.disco.public(),
+            },
+        );
+        send(&mut ws, &ClientMessage::Hello { hello }).await?;
+        let first = tokio::time::timeout(HELLO_WAIT, next_message(&mut ws))
+            .await
+            .map_err(|_| anyhow::anyhow!("no netmap within {HELLO_WAIT:?}"))??;
+        match first {
+            Some(ServerMessage::Full { netmap }) => {
+                if let Err(e) = keys.settle(&node.public()) {
+                    tracing::warn!(error = format!("{e:#}"), "storing the settled node key");
+                }
+                return Ok((ws, *netmap));
+            }
+            Some(ServerMessage::Error { error }) => refusal = error.message,
+            Some(other) => anyhow::bail!("expected the netmap first, got {other:?}"),
+            None => anyhow::bail!("the coordinator closed the stream before the netmap"),
+        }
+    }
+    anyhow::bail!("coordinator closed the stream: {refusal}")
+}
 
-    let mut netmap: Option<NetMap> = None;
+/// The next message of the stream; `None` when it closed.
+async fn next_message(ws: &mut Ws) -> anyhow::Result<Option<ServerMessage>> {
+    while let Some(msg) = ws.next().await {
+        let text = match msg? {
+            Message::Text(t) => t,
+            Message::Close(_) => return Ok(None),
+            _ => continue,
+        };
+        return serde_json::from_str(&text)
+            .map(Some)
+            .context("coordinator sent an invalid message");
+    }
+    Ok(None)
+}
+
+/// Makes `map` describe this device under `key` after a rotation (the
+/// coordinator does not send a device its own new record); true if it
+/// changed.
+fn patch_self(map: &mut NetMap, key: NodePublic, expiry: Option<Option<u64>>) -> bool {
+    if map.self_node.node_key == key {
+        return false;
+    }
+    map.peers.remove(&key);
+    map.self_node.node_key = key;
+    if let Some(expiry) = expiry {
+        map.self_node.key_expiry = expiry;
+    }
+    true
+}
+
+async fn map_session(
+    coordinator: &str,
+    ca_file: Option<&Path>,
+    keys: &KeyRing,
+    engine: &EngineSlot,
+    state: &watch::Sender<MapState>,
+    caps: &mut watch::Receiver<Capabilities>,
+) -> anyhow::Result<()> {
+    let mut key_changes = keys.subscribe();
+    let (mut ws, full) = open_stream(coordinator, ca_file, keys).await?;
+    key_changes.mark_unchanged();
+    // The key the coordinator accepted (a settled rotation may have changed it).
+    engine.set_node_key(&keys.current().node);
+    tracing::info!(peers = full.peers.len(), network = %full.network, "netmap received");
+    let mut netmap: Option<NetMap> = Some(full);
+    let mut apply_now = true;
+    // When the next peer key expires: the netmap is applied again then.
+    let mut next_expiry: Option<u64> = None;
     let mut reported: Vec<SocketAddr> = Vec::new();
     let mut heartbeat = tokio::time::interval(Duration::from_secs(HEARTBEAT_INTERVAL_SECS));
     let mut caps_sent = false;
     let mut endpoint_check = tokio::time::interval(ENDPOINT_CHECK);
     loop {
+        if apply_now {
+            apply_now = false;
+            if let Some(map) = &netmap {
+                let now = unix_now();
+                let fresh = engine.get().is_none();
+                engine.apply(map, now).await?;
+                next_expiry = key_expiry::next_peer_expiry(map, now);
+                state.send_modify(|s| { s.netmap = Some(map.clone()); s.connected = true; s.last_error = None; });
+                if fresh {
+                    // Report endpoints as soon as there is a socket.
+                    endpoint_check.reset_immediately();
+                }
+            }
+        }
+        let expiry_wait = next_expiry.map(|t| Duration::from_secs(t.saturating_sub(unix_now())).min(EXPIRY_RECHECK));
         tokio::select! {
-            msg = ws.next() => {
-                let Some(msg) = msg else { return Ok(()) };
-                let text = match msg? {
-                    Message::Text(t) => t,
-                    Message::Close(_) => return Ok(()),
-                    _ => continue,
-                };
-                let msg: ServerMessage = serde_json::from_str(&text).context("coordinator sent an invalid message")?;
+            msg = next_message(&mut ws) => {
+                let Some(msg) = msg? else { return Ok(()) };
                 match msg {
                     ServerMessage::Full { netmap: full } => {
                         tracing::info!(peers = full.peers.len(), network = %full.network, "netmap received");
@@ -157,16 +379,32 @@ async fn map_session(
                         map.apply(&changes);
                     }
                     ServerMessage::Error { error } => anyhow::bail!("coordinator closed the stream: {}", error.message),
-                }
-                if let Some(map) = &netmap {
-                    let fresh = engine.get().is_none();
-                    engine.apply(map).await?;
-                    state.send_modify(|s| { s.netmap = Some(map.clone()); s.connected = true; s.last_error = None; });
-                    if fresh {
-                        // Report endpoints as soon as there is a socket.
-                        endpoint_check.reset_immediately();
+                    ServerMessage::RotateKey => {
+                        tracing::info!("the coordinator asks for a new node key");
+                        state.send_modify(|s| s.rotate_requests += 1);
+                        continue;
                     }
                 }
+                apply_now = true;
+            }
+            // A rotation: the engine switches at once. A pending key means
+            // the coordinator's answer was lost: a new hello settles it.
+            Ok(()) = key_changes.changed() => {
+                let current = key_changes.borrow_and_update().clone();
+                if current.pending_node.is_some() {
+                    return Ok(());
+                }
+                let node = current.node.public();
+                engine.set_node_key(&current.node);
+                if let Some(map) = netmap.as_mut() {
+                    if patch_self(map, node, keys.rotated_expiry(&node)) {
+                        apply_now = true;
+                    }
+                }
+            }
+            _ = tokio::time::sleep(expiry_wait.unwrap_or(EXPIRY_RECHECK)), if expiry_wait.is_some() => {
+                tracing::debug!("a peer key expired; applying the netmap again");
+                apply_now = true;
             }
             // Every heartbeat of a new session carries the report once;
             // after that only changes do, as soon as they happen.

@@ -14,13 +14,15 @@ use tokio::task::JoinHandle;
 use crate::contribute::ComputeSettings;
 use crate::control::{self, MapState};
 use crate::engine::{Engine, EngineSlot, PeerStats, PingPath, PingReply, TunConfig};
+use crate::keyring::{self, KeyRing};
 use crate::localapi::{
-    BackendState, ComputeAction, ComputeChanges, ComputeStatus, NetcheckReport, PeerStatus,
-    PingReport, RelayLatency, Request, Response, SelfStatus, Status, StunResult,
+    BackendState, ComputeAction, ComputeChanges, ComputeStatus, NetcheckReport, PairingInfo,
+    PeerStatus, PingReport, RelayLatency, Request, Response, SelfStatus, Status, StunResult,
 };
 use crate::netcheck;
+use crate::pairing::{self, Pairing};
 use crate::serve_compute::{self, ComputeService};
-use crate::state::{Keys, Prefs, StateDir};
+use crate::state::{Prefs, StateDir};
 use crate::sysinfo::Probe;
 
 /// How long `meshd up` waits for the first netmap.
@@ -59,6 +61,8 @@ struct Session {
     engine: Arc<EngineSlot>,
     map: watch::Receiver<MapState>,
     task: JoinHandle<()>,
+    /// Renews the node key when due ([`keyring::keep_renewed`]).
+    renewal: JoinHandle<()>,
     compute: Option<ServeTask>,
 }
 
@@ -91,6 +95,7 @@ impl Session {
         if let Some(c) = self.compute {
             c.stop().await;
         }
+        self.renewal.abort();
         self.task.abort();
         let _ = self.task.await;
         self.engine.stop().await;
@@ -100,8 +105,11 @@ impl Session {
 pub struct Daemon {
     cfg: DaemonConfig,
     state: StateDir,
-    keys: Arc<Keys>,
+    keys: Arc<KeyRing>,
     session: Mutex<Option<Session>>,
+    /// A device-code pairing (`meshd up` without a key), kept after it ends
+    /// so a late `WaitPairing` learns how it went.
+    pairing: std::sync::Mutex<Option<Pairing>>,
     /// Models loaded once, served in every session.
     compute: Arc<ComputeService>,
     probe: Probe,
@@ -132,7 +140,7 @@ fn system_hostname() -> String {
 impl Daemon {
     pub fn new(cfg: DaemonConfig) -> anyhow::Result<Arc<Self>> {
         let state = StateDir::open(&cfg.state_dir)?;
-        let keys = Arc::new(state.keys()?);
+        let keys = Arc::new(KeyRing::new(state.clone(), state.keys()?));
         // A compute.json this version cannot read must not take the network
         // down with it: compute stays off until it is fixed or rewritten.
         let mut settings = state.compute_settings().unwrap_or_else(|e| {
@@ -159,6 +167,7 @@ impl Daemon {
             state,
             keys,
             session: Mutex::new(None),
+            pairing: std::sync::Mutex::new(None),
             compute,
             probe,
             caps: watch::channel(caps).0,
@@ -329,21 +338,29 @@ impl Daemon {
         let prefs = self.state.prefs()?;
         if let (true, Some(coordinator)) = (prefs.wants_up, prefs.coordinator) {
             tracing::info!(%coordinator, "resuming");
-            *self.session.lock().await = Some(self.start_session(coordinator));
+            *self.session.lock().await = Some(self.start_session(coordinator, prefs.ca_file));
         }
         Ok(())
     }
 
-    fn start_session(&self, coordinator: String) -> Session {
+    fn start_session(&self, coordinator: String, ca_file: Option<PathBuf>) -> Session {
+        let keys = self.keys.current();
         let engine = Arc::new(EngineSlot::new(
-            self.keys.node.clone(),
-            self.keys.disco.clone(),
+            keys.node.clone(),
+            keys.disco.clone(),
             self.cfg.tun.clone(),
             self.cfg.udp_port,
         ));
         let (tx, rx) = watch::channel(MapState::default());
+        let renewal = tokio::spawn(keyring::keep_renewed(
+            self.keys.clone(),
+            coordinator.clone(),
+            ca_file.clone(),
+            rx.clone(),
+        ));
         let task = tokio::spawn(control::run_map_stream(
             coordinator.clone(),
+            ca_file,
             self.keys.clone(),
             engine.clone(),
             tx,
@@ -355,18 +372,40 @@ impl Daemon {
             engine,
             map: rx,
             task,
+            renewal,
             compute,
         }
     }
 
-    pub async fn handle(&self, req: Request) -> Response {
+    pub async fn handle(self: &Arc<Self>, req: Request) -> Response {
         let result = match req {
             Request::Up {
                 coordinator,
-                auth_key,
+                ca_file,
+                auth_key: Some(auth_key),
                 hostname,
-            } => self.up(coordinator, auth_key, hostname).await,
-            Request::Down => self.down().await,
+            } => {
+                // An explicit key supersedes a pairing in progress.
+                self.cancel_pairing();
+                self.up(coordinator, ca_file, auth_key, hostname).await
+            }
+            Request::Up {
+                coordinator,
+                ca_file,
+                auth_key: None,
+                hostname,
+            } => {
+                return self
+                    .pair(coordinator, ca_file, hostname)
+                    .await
+                    .map_or_else(|e| Response::Error(format!("{e:#}")), Response::Pairing)
+            }
+            Request::WaitPairing => self.wait_pairing().await,
+            Request::RotateKey => self.rotate_key().await,
+            Request::Down => {
+                self.cancel_pairing();
+                self.down().await
+            }
             Request::Status => Ok(()),
             Request::Ping { peer, count } => {
                 return self
@@ -477,6 +516,7 @@ impl Daemon {
     async fn up(
         &self,
         coordinator: String,
+        ca_file: Option<PathBuf>,
         auth_key: String,
         hostname: Option<String>,
     ) -> anyhow::Result<()> {
@@ -487,14 +527,26 @@ impl Daemon {
         let prefs = self.state.prefs()?;
         let hostname = hostname.or(prefs.hostname).unwrap_or_else(system_hostname);
         let caps = self.caps.borrow().clone();
-        let reg = control::register(&coordinator, &self.keys, &auth_key, &hostname, caps).await?;
+        let reg = control::register(
+            &coordinator,
+            ca_file.as_deref(),
+            &self.keys.current(),
+            &auth_key,
+            &hostname,
+            caps,
+        )
+        .await?;
         tracing::info!(name = %reg.name, network = %reg.network, addresses = ?reg.addresses, "registered");
+        if let Err(e) = self.keys.registered(platform::unix_now()) {
+            tracing::warn!(error = format!("{e:#}"), "noting when the node key was registered");
+        }
         self.state.save_prefs(&Prefs {
             coordinator: Some(coordinator.clone()),
+            ca_file: ca_file.clone(),
             hostname: Some(hostname),
             wants_up: true,
         })?;
-        let new = self.start_session(coordinator);
+        let new = self.start_session(coordinator, ca_file);
         let mut map = new.map.clone();
         *session = Some(new);
         drop(session);
@@ -511,6 +563,67 @@ impl Daemon {
                 _ => Ok(()),
             },
         }
+    }
+
+    /// `meshd up` without a key: starts device-code pairing, or returns the
+    /// one still waiting for the same coordinator and name.
+    async fn pair(
+        self: &Arc<Self>,
+        coordinator: String,
+        ca_file: Option<PathBuf>,
+        hostname: Option<String>,
+    ) -> anyhow::Result<PairingInfo> {
+        let prefs = self.state.prefs()?;
+        let hostname = hostname.or(prefs.hostname).unwrap_or_else(system_hostname);
+        if let Some(p) = self.pairing.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            if p.is_live() && p.info.coordinator == coordinator && p.info.hostname == hostname {
+                return Ok(p.info.clone());
+            }
+        }
+        let http = control::coordinator_http(ca_file.as_deref())?;
+        let (daemon, c, h) = (self.clone(), coordinator.clone(), hostname.clone());
+        let register = move |auth_key| async move { daemon.up(c, ca_file, auth_key, Some(h)).await };
+        let device = self.keys.current().device.clone();
+        let pairing = Pairing::start(http, coordinator, device, hostname, register).await?;
+        let info = pairing.info.clone();
+        // Replacing an older pairing cancels it.
+        *self.pairing.lock().unwrap_or_else(|p| p.into_inner()) = Some(pairing);
+        Ok(info)
+    }
+
+    fn cancel_pairing(&self) {
+        let old = self.pairing.lock().unwrap_or_else(|p| p.into_inner()).take();
+        drop(old);
+    }
+
+    fn live_pairing(&self) -> Option<PairingInfo> {
+        let pairing = self.pairing.lock().unwrap_or_else(|p| p.into_inner());
+        pairing.as_ref().filter(|p| p.is_live()).map(|p| p.info.clone())
+    }
+
+    async fn wait_pairing(&self) -> anyhow::Result<()> {
+        let state = self
+            .pairing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(Pairing::subscribe)
+            .ok_or_else(|| anyhow::anyhow!("no pairing in progress (run `meshd up` without --auth-key)"))?;
+        pairing::wait(state).await
+    }
+
+    /// `meshd rotate-key`: a new node key, now.
+    async fn rotate_key(&self) -> anyhow::Result<()> {
+        let coordinator = self
+            .session
+            .lock()
+            .await
+            .as_ref()
+            .map(|s| s.coordinator.clone())
+            .ok_or_else(|| anyhow::anyhow!("not up: run `meshd up` first"))?;
+        let ca_file = self.state.prefs()?.ca_file;
+        self.keys.rotate_at(&coordinator, ca_file.as_deref()).await?;
+        Ok(())
     }
 
     async fn down(&self) -> anyhow::Result<()> {
@@ -531,6 +644,7 @@ impl Daemon {
             self_: None,
             peers: Vec::new(),
             counters: Default::default(),
+            pairing: self.live_pairing(),
         };
         let Some(s) = session.as_ref() else {
             return status;
@@ -545,10 +659,16 @@ impl Daemon {
         };
         status.backend = BackendState::Running;
         status.counters = engine.counters();
+        let now = platform::unix_now();
+        // The key in use: the netmap may not show a rotation yet.
+        let node_key = self.keys.current().node.public();
         status.self_ = Some(SelfStatus {
             name: netmap.self_node.name.clone(),
             network: netmap.network.clone(),
-            node_key: netmap.self_node.node_key.to_string(),
+            node_key: node_key.to_string(),
+            owner: netmap.self_node.owner.clone(),
+            key_expiry: self.keys.expiry(&map),
+            awaiting_approval: netmap.awaiting_approval,
             addresses: netmap.self_node.addresses.clone(),
             tun: engine.tun_name().to_owned(),
             udp_port: engine.udp_port(),
@@ -599,6 +719,9 @@ impl Daemon {
                             None if o.serving => "serving".to_owned(),
                             reason => format!("paused: {}", reason.as_deref().unwrap_or("unknown")),
                         }),
+                    owner: p.owner.clone(),
+                    key_expiry: p.key_expiry,
+                    key_expired: p.key_expired(now),
                 }
             })
             .collect();

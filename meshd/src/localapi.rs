@@ -2,7 +2,7 @@
 //! one JSON response line per connection. The CLI is its client.
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
@@ -22,9 +22,20 @@ const MAX_REQUEST: u64 = 64 * 1024;
 pub enum Request {
     Up {
         coordinator: String,
-        auth_key: String,
+        /// Private CA (absolute path to a PEM file) for the coordinator's certificate.
+        #[serde(default)]
+        ca_file: Option<PathBuf>,
+        /// Without one the device pairs by code: the answer is
+        /// [`Response::Pairing`], and [`Request::WaitPairing`] waits for it.
+        #[serde(default)]
+        auth_key: Option<String>,
         hostname: Option<String>,
     },
+    /// Waits until the pairing in progress ends: the status once up, an
+    /// error if it expired or failed. Bounded by the code's expiry.
+    WaitPairing,
+    /// Replaces this device's node key now.
+    RotateKey,
     Down,
     Status,
     /// Disco pings to a peer (by name or overlay address).
@@ -115,10 +126,24 @@ pub struct ComputeStatus {
 #[serde(rename_all = "snake_case")]
 pub enum Response {
     Ok(Box<Status>),
+    /// `Up` without a key: the code a member approves.
+    Pairing(PairingInfo),
     Ping(PingReport),
     Netcheck(NetcheckReport),
     Compute(Box<ComputeStatus>),
     Error(String),
+}
+
+/// A device-code pairing waiting for a member's approval.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PairingInfo {
+    pub coordinator: String,
+    pub hostname: String,
+    /// What the member approves: `BCDF-GHJK`.
+    pub code: String,
+    pub verification_url: String,
+    /// Unix seconds; the daemon stops polling then.
+    pub expires_at: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -183,6 +208,16 @@ pub struct SelfStatus {
     pub public_endpoint: Option<SocketAddr>,
     /// The report sent to the coordinator.
     pub capabilities: Capabilities,
+    /// The user this device belongs to.
+    #[serde(default)]
+    pub owner: Option<String>,
+    /// When this device's node key expires (unix seconds); absent: never.
+    #[serde(default)]
+    pub key_expiry: Option<u64>,
+    /// The network requires an admin's approval, and this device has none
+    /// yet: no peers until then.
+    #[serde(default)]
+    pub awaiting_approval: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -201,6 +236,15 @@ pub struct PeerStatus {
     pub tier: Option<Tier>,
     /// `serving`, `paused: REASON`, or absent when the peer offers none.
     pub compute: Option<String>,
+    /// The user the peer belongs to.
+    #[serde(default)]
+    pub owner: Option<String>,
+    /// When the peer's node key expires (unix seconds); absent: never.
+    #[serde(default)]
+    pub key_expiry: Option<u64>,
+    /// Its key has expired: this device no longer talks to it.
+    #[serde(default)]
+    pub key_expired: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -212,6 +256,9 @@ pub struct Status {
     pub self_: Option<SelfStatus>,
     pub peers: Vec<PeerStatus>,
     pub counters: CounterSnapshot,
+    /// A device-code pairing waiting for approval.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pairing: Option<PairingInfo>,
 }
 
 /// Sends a request whose answer is the daemon's status.
@@ -287,6 +334,25 @@ mod tests {
             self_: None,
             peers: vec![],
             counters: CounterSnapshot::default(),
+            pairing: None,
+        }
+    }
+
+    #[test]
+    fn up_without_a_key_pairs() {
+        // Older CLIs always sent a key; a missing one means pairing.
+        let up: Request =
+            serde_json::from_str(r#"{"cmd":"up","coordinator":"http://c","hostname":null}"#)
+                .unwrap();
+        assert!(matches!(up, Request::Up { auth_key: None, .. }));
+        let with: Request = serde_json::from_str(
+            r#"{"cmd":"up","coordinator":"http://c","auth_key":"k","hostname":null}"#,
+        )
+        .unwrap();
+        assert!(matches!(with, Request::Up { auth_key: Some(k), .. } if k == "k"));
+        for req in [Request::WaitPairing, Request::RotateKey] {
+            let json = serde_json::to_string(&req).unwrap();
+            assert_eq!(serde_json::from_str::<Request>(&json).unwrap(), req);
         }
     }
 

@@ -6,8 +6,11 @@ mod control;
 mod daemon;
 mod endpoints;
 mod engine;
+mod key_expiry;
+mod keyring;
 mod localapi;
 mod netcheck;
+mod pairing;
 mod paths;
 mod serve_compute;
 mod state;
@@ -75,15 +78,27 @@ enum Command {
     Compute(ComputeCmd),
     /// Join a network and bring the tunnel up.
     Up {
-        /// Coordinator URL, e.g. http://coordinator.example:8080
+        /// Coordinator URL, e.g. https://coordinator.example
         #[arg(long, env = "MESHD_COORDINATOR")]
         coordinator: String,
-        /// Pre-auth key from the network's admin.
+        /// Private CA (PEM) that signed the coordinator's certificate, when
+        /// the public web roots do not; kept for reconnects after a restart.
+        #[arg(long, env = "MESHD_CA_FILE")]
+        ca_file: Option<PathBuf>,
+        /// Pre-auth key from the network's admin. Without one the device
+        /// pairs by code: it prints a code for a member to approve, and
+        /// comes up once they have.
         #[arg(long, env = "MESHD_AUTH_KEY")]
-        auth_key: String,
+        auth_key: Option<String>,
         /// Name to register under (default: the system hostname).
         #[arg(long)]
         hostname: Option<String>,
+    },
+    /// Replace this device's node key now. (It renews by itself while
+    /// online before it expires.)
+    RotateKey {
+        #[arg(long)]
+        json: bool,
     },
     /// Bring the tunnel down (the device stays registered).
     Down,
@@ -256,19 +271,47 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Up {
             coordinator,
+            ca_file,
             auth_key,
             hostname,
         } => {
-            let status = localapi::call(
-                &cli.socket,
-                &Request::Up {
-                    coordinator,
-                    auth_key,
-                    hostname,
-                },
-            )
-            .await?;
+            // The daemon has its own working directory.
+            let ca_file = ca_file
+                .map(|p| std::path::absolute(&p).with_context(|| format!("the CA file {}", p.display())))
+                .transpose()?;
+            let up = Request::Up {
+                coordinator,
+                ca_file,
+                auth_key,
+                hostname,
+            };
+            let status = match localapi::exchange(&cli.socket, &up).await? {
+                localapi::Response::Ok(status) => *status,
+                localapi::Response::Pairing(info) => {
+                    print!("{}", status_text::render_pairing(&info, platform::unix_now()));
+                    std::io::Write::flush(&mut std::io::stdout())?;
+                    // The daemon polls; this only waits for its outcome, a
+                    // little longer than the code lives.
+                    let wait = std::time::Duration::from_secs(
+                        info.expires_at.saturating_sub(platform::unix_now()) + 60,
+                    );
+                    tokio::time::timeout(wait, localapi::call(&cli.socket, &Request::WaitPairing))
+                        .await
+                        .map_err(|_| anyhow::anyhow!("no approval before the code expired"))??
+                }
+                localapi::Response::Error(e) => anyhow::bail!("{e}"),
+                other => anyhow::bail!("unexpected reply: {other:?}"),
+            };
             print!("{}", status_text::render(&status));
+            Ok(())
+        }
+        Command::RotateKey { json } => {
+            let status = localapi::call(&cli.socket, &Request::RotateKey).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else if let Some(me) = &status.self_ {
+                println!("node key rotated: {}", me.node_key);
+            }
             Ok(())
         }
         Command::Ping { peer, count, json } => {

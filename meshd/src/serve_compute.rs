@@ -348,6 +348,8 @@ mod tests {
             os: "linux".into(),
             home_region: None,
             capabilities: None,
+            owner: None,
+            key_expiry: None,
         }
     }
 
@@ -368,6 +370,7 @@ mod tests {
             peers: [(peer.node_key, peer)].into_iter().collect(),
             relay_map: RelayMap::default(),
             dns: DnsConfig::default(),
+            awaiting_approval: false,
         };
         assert_eq!(
             whois(&map, IpAddr::from([100, 64, 0, 2])).as_deref(),

@@ -19,8 +19,17 @@ const KEYS_FILE: &str = "keys.json";
 const PREFS_FILE: &str = "prefs.json";
 const COMPUTE_FILE: &str = "compute.json";
 
+#[derive(Clone)]
 pub struct Keys {
+    /// The node key the coordinator knows this device by.
     pub node: NodePrivate,
+    /// A newer node key sent to the coordinator in a rotation whose answer
+    /// never arrived: the coordinator holds either this one or `node`, and
+    /// the next map stream hello finds out which (see `keyring.rs`).
+    pub pending_node: Option<NodePrivate>,
+    /// When the coordinator accepted `node` (registration or rotation),
+    /// unix seconds; unknown for keys from before this was kept.
+    pub node_obtained_at: Option<u64>,
     pub disco: DiscoPrivate,
     pub device: DevicePrivate,
 }
@@ -29,6 +38,21 @@ pub struct Keys {
 struct KeysFile {
     node: String,
     device: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pending_node: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    node_obtained_at: Option<u64>,
+}
+
+impl KeysFile {
+    fn of(keys: &Keys) -> Self {
+        KeysFile {
+            node: keys.node.to_secret_text(),
+            device: keys.device.to_secret_text(),
+            pending_node: keys.pending_node.as_ref().map(NodePrivate::to_secret_text),
+            node_obtained_at: keys.node_obtained_at,
+        }
+    }
 }
 
 /// Choices that survive a restart.
@@ -36,6 +60,10 @@ struct KeysFile {
 pub struct Prefs {
     /// Coordinator this device is registered with.
     pub coordinator: Option<String>,
+    /// Private CA (PEM file) the coordinator's certificate chains to, when
+    /// the public web roots do not vouch for it (`meshd up --ca-file`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
     pub hostname: Option<String>,
     /// `meshd up` was the last word (not `down`): reconnect on start.
     pub wants_up: bool,
@@ -58,6 +86,7 @@ fn write_private(path: &Path, contents: &[u8], mode: u32) -> anyhow::Result<()> 
     Ok(())
 }
 
+#[derive(Clone)]
 pub struct StateDir(PathBuf);
 
 impl StateDir {
@@ -79,22 +108,36 @@ impl StateDir {
             let bad = |what: &str| format!("{} holds an invalid {what} key", path.display());
             return Ok(Keys {
                 node: f.node.parse().with_context(|| bad("node"))?,
+                pending_node: f
+                    .pending_node
+                    .map(|k| k.parse())
+                    .transpose()
+                    .with_context(|| bad("pending node"))?,
+                node_obtained_at: f.node_obtained_at,
                 disco: DiscoPrivate::generate(),
                 device: f.device.parse().with_context(|| bad("device"))?,
             });
         }
         let keys = Keys {
             node: NodePrivate::generate(),
+            pending_node: None,
+            node_obtained_at: None,
             disco: DiscoPrivate::generate(),
             device: DevicePrivate::generate(),
         };
-        let f = KeysFile {
-            node: keys.node.to_secret_text(),
-            device: keys.device.to_secret_text(),
-        };
-        write_private(&path, serde_json::to_string_pretty(&f)?.as_bytes(), 0o600)?;
+        self.save_keys(&keys)?;
         tracing::info!(node = %keys.node.public().short(), "generated device keys");
         Ok(keys)
+    }
+
+    /// Replaces `keys.json` atomically (the disco key is not kept).
+    pub fn save_keys(&self, keys: &Keys) -> anyhow::Result<()> {
+        let f = KeysFile::of(keys);
+        write_private(
+            &self.0.join(KEYS_FILE),
+            serde_json::to_string_pretty(&f)?.as_bytes(),
+            0o600,
+        )
     }
 
     /// A JSON file of the state dir, or its default when there is none.
@@ -159,16 +202,48 @@ mod tests {
     }
 
     #[test]
+    fn pending_node_key_and_its_age_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        let mut keys = state.keys().unwrap();
+        assert!(keys.pending_node.is_none() && keys.node_obtained_at.is_none());
+        let pending = NodePrivate::generate();
+        keys.pending_node = Some(pending.clone());
+        keys.node_obtained_at = Some(1_700_000_000);
+        state.save_keys(&keys).unwrap();
+        let back = state.keys().unwrap();
+        assert_eq!(back.node.public(), keys.node.public());
+        assert_eq!(back.pending_node.map(|k| k.public()), Some(pending.public()));
+        assert_eq!(back.node_obtained_at, Some(1_700_000_000));
+        assert_eq!(back.device.public(), keys.device.public());
+    }
+
+    #[test]
     fn prefs_round_trip() {
         let dir = tempfile::tempdir().unwrap();
         let state = StateDir::open(dir.path()).unwrap();
         assert_eq!(state.prefs().unwrap(), Prefs::default());
         let p = Prefs {
             coordinator: Some("http://c:8080".into()),
+            ca_file: Some("/etc/crank/ca.pem".into()),
             hostname: None,
             wants_up: true,
         };
         state.save_prefs(&p).unwrap();
         assert_eq!(state.prefs().unwrap(), p);
+    }
+
+    #[test]
+    fn prefs_written_before_ca_files_still_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        fs::write(
+            dir.path().join(PREFS_FILE),
+            r#"{"coordinator":"http://c:8080","hostname":null,"wants_up":true}"#,
+        )
+        .unwrap();
+        let p = state.prefs().unwrap();
+        assert_eq!(p.ca_file, None);
+        assert_eq!(p.coordinator.as_deref(), Some("http://c:8080"));
     }
 }

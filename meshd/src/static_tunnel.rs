@@ -60,6 +60,8 @@ fn node(id: i64, key: NodePublic, addresses: Vec<IpAddr>, endpoints: Vec<SocketA
         os: String::new(),
         home_region: None,
         capabilities: None,
+        owner: None,
+        key_expiry: None,
     }
 }
 
@@ -92,6 +94,7 @@ pub async fn run(
         peers: peer_map,
         relay_map: RelayMap::default(),
         dns: DnsConfig::default(),
+        awaiting_approval: false,
     };
     // Static peers are plain WireGuard: the disco key is never used.
     let engine = Engine::start(
@@ -102,7 +105,7 @@ pub async fn run(
         &netmap.routes,
         port,
     )?;
-    engine.set_netmap(&netmap);
+    engine.set_netmap(&netmap, platform::unix_now());
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}

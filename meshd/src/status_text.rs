@@ -6,7 +6,12 @@ use std::net::IpAddr;
 use crate::engine::PingPath;
 use platform::capability::Capabilities;
 
-use crate::localapi::{BackendState, ComputeStatus, NetcheckReport, PingReport, Status};
+use crate::localapi::{
+    BackendState, ComputeStatus, NetcheckReport, PairingInfo, PingReport, Status,
+};
+
+/// This device's key is flagged in `meshd status` this long before expiry.
+const EXPIRY_WARNING_SECS: u64 = 14 * 24 * 3600;
 
 fn bytes(n: u64) -> String {
     const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
@@ -30,11 +35,68 @@ fn addrs(a: &[IpAddr]) -> String {
         .join(" ")
 }
 
+/// A stretch of time for people: `3 days`, `1 hour`, `40 minutes`.
+fn span(secs: u64) -> String {
+    const DAY: u64 = 24 * 3600;
+    let (n, unit) = match secs {
+        s if s >= DAY => (s / DAY, "day"),
+        s if s >= 3600 => (s / 3600, "hour"),
+        s if s >= 60 => (s / 60, "minute"),
+        s => (s, "second"),
+    };
+    format!("{n} {unit}{}", if n == 1 { "" } else { "s" })
+}
+
+/// The warning about this device's node key at `now`, if one is due.
+fn key_expiry_warning(expiry: Option<u64>, now: u64) -> Option<String> {
+    let t = expiry?;
+    if t <= now {
+        return Some(format!(
+            "node key expired {} ago: peers no longer accept it; register again with `meshd up`",
+            span(now - t)
+        ));
+    }
+    (t - now <= EXPIRY_WARNING_SECS).then(|| {
+        format!(
+            "node key expires in {}; it renews automatically while online, or run `meshd rotate-key`",
+            span(t - now)
+        )
+    })
+}
+
+/// What `meshd up` without a key prints while it waits.
+pub fn render_pairing(p: &PairingInfo, now: u64) -> String {
+    format!(
+        "To add this device, have a member run:\n\n    coordinator device approve {} --network <network>\n\nor open {}\n\nWaiting for approval; the code expires in {}. (Ctrl-C stops only this wait: the\ndaemon keeps waiting until the code expires, and `meshd down` cancels it.)\n",
+        p.code,
+        p.verification_url,
+        span(p.expires_at.saturating_sub(now))
+    )
+}
+
 pub fn render(s: &Status) -> String {
+    render_at(s, platform::unix_now())
+}
+
+/// [`render`] at `now` (unix seconds), which expiry warnings count from.
+pub fn render_at(s: &Status, now: u64) -> String {
     let mut out = String::new();
     match (&s.backend, &s.self_) {
         (BackendState::Stopped, _) => {
-            let _ = writeln!(out, "stopped (run `meshd up`)");
+            match &s.pairing {
+                Some(p) => {
+                    let _ = writeln!(
+                        out,
+                        "pairing: waiting for a member to approve code {} (expires in {}; or open {})",
+                        p.code,
+                        span(p.expires_at.saturating_sub(now)),
+                        p.verification_url
+                    );
+                }
+                None => {
+                    let _ = writeln!(out, "stopped (run `meshd up`)");
+                }
+            }
             return out;
         }
         (BackendState::Starting, _) | (_, None) => {
@@ -48,12 +110,21 @@ pub fn render(s: &Status) -> String {
         (BackendState::Running, Some(me)) => {
             let _ = writeln!(
                 out,
-                "{:<28} {:<16} {} (this device, network {})",
+                "{:<28} {:<16} {} (this device, network {}{})",
                 addrs(&me.addresses),
                 me.name,
                 me.tun,
-                me.network
+                me.network,
+                me.owner
+                    .as_deref()
+                    .map_or(String::new(), |o| format!(", owner {o}"))
             );
+            if me.awaiting_approval {
+                let _ = writeln!(out, "# waiting for an admin to approve this device");
+            }
+            if let Some(warning) = key_expiry_warning(me.key_expiry, now) {
+                let _ = writeln!(out, "# {warning}");
+            }
         }
     }
     if let Some(me) = &s.self_ {
@@ -83,7 +154,11 @@ pub fn render(s: &Status) -> String {
             addrs(&p.addresses),
             p.name,
             p.kind,
-            if p.online { "online" } else { "offline" },
+            match (p.key_expired, p.online) {
+                (true, _) => "expired",
+                (false, true) => "online",
+                (false, false) => "offline",
+            },
             p.path,
             handshake,
             bytes(p.rx_bytes),
@@ -92,7 +167,7 @@ pub fn render(s: &Status) -> String {
                 (Some(t), Some(c)) => format!(" {t} compute {c}"),
                 (Some(t), None) => format!(" {t}"),
                 _ => String::new(),
-            },
+            } + &p.owner.as_deref().map_or(String::new(), |o| format!(" owner {o}")),
         );
     }
     out
@@ -246,6 +321,124 @@ pub fn render_netcheck(r: &NetcheckReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::localapi::{PeerStatus, SelfStatus};
+
+    const DAY: u64 = 24 * 3600;
+    const NOW: u64 = 1_700_000_000;
+
+    fn running(key_expiry: Option<u64>, awaiting_approval: bool) -> Status {
+        Status {
+            backend: BackendState::Running,
+            coordinator: Some("http://c".into()),
+            coordinator_connected: true,
+            self_: Some(SelfStatus {
+                name: "alpha".into(),
+                network: "home".into(),
+                node_key: "nodekey:00".into(),
+                addresses: vec![IpAddr::from([100, 64, 0, 1])],
+                tun: "mesh0".into(),
+                udp_port: 41641,
+                home_region: None,
+                home_relay_connected: false,
+                public_endpoint: None,
+                capabilities: Capabilities::default(),
+                owner: Some("ann".into()),
+                key_expiry,
+                awaiting_approval,
+            }),
+            peers: vec![PeerStatus {
+                name: "beta".into(),
+                kind: "meshd".into(),
+                node_key: "nodekey:01".into(),
+                addresses: vec![IpAddr::from([100, 64, 0, 2])],
+                online: true,
+                path: "direct 10.0.0.2:41641".into(),
+                endpoint: None,
+                last_handshake_secs_ago: Some(3),
+                rx_bytes: 0,
+                tx_bytes: 0,
+                tier: None,
+                compute: None,
+                owner: Some("bob".into()),
+                key_expiry: Some(NOW + 100 * DAY),
+                key_expired: false,
+            }],
+            counters: Default::default(),
+            pairing: None,
+        }
+    }
+
+    #[test]
+    fn owners_are_shown_for_this_device_and_peers() {
+        let text = render_at(&running(None, false), NOW);
+        let mut lines = text.lines();
+        assert!(lines.next().unwrap().ends_with("(this device, network home, owner ann)"));
+        let peer = text.lines().find(|l| l.contains("beta")).unwrap();
+        assert!(peer.ends_with(" owner bob"), "{peer}");
+        assert!(peer.contains(" online "), "{peer}");
+        assert!(!text.contains("node key"), "no warning for a key that never expires");
+    }
+
+    #[test]
+    fn key_expiry_warnings() {
+        let far = render_at(&running(Some(NOW + 30 * DAY), false), NOW);
+        assert!(!far.contains("node key"), "{far}");
+        let near = render_at(&running(Some(NOW + 3 * DAY + 3600), false), NOW);
+        assert!(
+            near.contains("# node key expires in 3 days; it renews automatically while online, or run `meshd rotate-key`"),
+            "{near}"
+        );
+        let edge = render_at(&running(Some(NOW + 14 * DAY), false), NOW);
+        assert!(edge.contains("node key expires in 14 days"), "{edge}");
+        let soon = render_at(&running(Some(NOW + 90), false), NOW);
+        assert!(soon.contains("expires in 1 minute;"), "{soon}");
+        let gone = render_at(&running(Some(NOW - 2 * 3600), false), NOW);
+        assert!(gone.contains("# node key expired 2 hours ago"), "{gone}");
+    }
+
+    #[test]
+    fn approval_and_expired_peers() {
+        let mut s = running(None, true);
+        s.peers[0].key_expired = true;
+        let text = render_at(&s, NOW);
+        assert!(text.contains("# waiting for an admin to approve this device"), "{text}");
+        let peer = text.lines().find(|l| l.contains("beta")).unwrap();
+        assert!(peer.contains(" expired "), "{peer}");
+    }
+
+    #[test]
+    fn pairing_is_shown_while_it_waits() {
+        let info = PairingInfo {
+            coordinator: "http://c".into(),
+            hostname: "alpha".into(),
+            code: "BCDF-GHJK".into(),
+            verification_url: "http://c/api/v1/device-codes/BCDF-GHJK".into(),
+            expires_at: NOW + 600,
+        };
+        let text = render_pairing(&info, NOW);
+        assert!(text.contains("coordinator device approve BCDF-GHJK --network <network>"), "{text}");
+        assert!(text.contains("or open http://c/api/v1/device-codes/BCDF-GHJK"), "{text}");
+        assert!(text.contains("expires in 10 minutes"), "{text}");
+        let mut s = running(None, false);
+        s.backend = BackendState::Stopped;
+        s.self_ = None;
+        s.pairing = Some(info);
+        let status = render_at(&s, NOW + 60);
+        assert!(status.starts_with("pairing: waiting for a member to approve code BCDF-GHJK (expires in 9 minutes"), "{status}");
+        s.pairing = None;
+        assert_eq!(render_at(&s, NOW), "stopped (run `meshd up`)\n");
+    }
+
+    #[test]
+    fn spans_read_naturally() {
+        assert_eq!(span(0), "0 seconds");
+        assert_eq!(span(1), "1 second");
+        assert_eq!(span(119), "1 minute");
+        assert_eq!(span(7200), "2 hours");
+        assert_eq!(span(DAY), "1 day");
+        assert_eq!(span(20 * DAY), "20 days");
+    }
 
     #[test]
     fn byte_units() {

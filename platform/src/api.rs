@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 pub use crate::capability::Capabilities;
 use crate::keys::{DiscoPublic, NodePublic};
 use crate::netmap::{NetMap, NodeKind, PeerChange};
+use crate::people::DeviceState;
 use crate::signed::{Signed, Timestamped};
 
 /// How often a device says it is alive on the map stream.
@@ -40,6 +41,10 @@ pub struct RegisterRequest {
     pub hostname: String,
     pub os: String,
     pub capabilities: Capabilities,
+    /// Which network, when `auth_key` is a member token and the member
+    /// belongs to more than one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
 }
 
 impl Timestamped for RegisterRequest {
@@ -98,6 +103,8 @@ pub enum ServerMessage {
     Delta {
         changes: Vec<PeerChange>,
     },
+    /// An admin asked every device of the network to renew its node key.
+    RotateKey,
     /// The stream is closing for this reason.
     Error {
         error: ApiErrorBody,
@@ -167,6 +174,13 @@ pub struct DeviceInfo {
     /// The device's latest capability report.
     #[serde(default)]
     pub capabilities: Option<Capabilities>,
+    /// The user it belongs to.
+    #[serde(default)]
+    pub owner: Option<String>,
+    pub state: DeviceState,
+    /// When its node key expires (None: never).
+    #[serde(default)]
+    pub key_expiry: Option<u64>,
 }
 
 /// Registers a stock WireGuard device by its public key.
@@ -184,6 +198,27 @@ pub struct WireguardPeerCreated {
     pub device: DeviceInfo,
     /// A wg-quick config; its `PrivateKey` line is left for the owner to fill.
     pub wg_quick_config: String,
+}
+
+/// How often the coordinator sends a keepalive on a relay's revocation stream;
+/// a relay that hears nothing for three of these reconnects.
+pub const REVOCATION_KEEPALIVE_SECS: u64 = 15;
+
+/// Coordinator → relay on the revocation stream
+/// (`GET /api/v1/relay/revocations`, a WebSocket carrying one JSON message per
+/// frame), so relays drop revoked node keys at once instead of when their
+/// admission cache expires.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum RevocationMessage {
+    /// This node key no longer admits anyone (its device was removed or
+    /// revoked, or it rotated to a new key): refuse it and disconnect it.
+    Revoked { node_key: NodePublic },
+    /// Revocations may have been missed (the stream just opened, or the relay
+    /// fell behind): forget every cached admission.
+    Resync,
+    /// Nothing happened; the stream is alive.
+    KeepAlive,
 }
 
 #[cfg(test)]
@@ -209,6 +244,7 @@ mod tests {
                 hostname: host,
                 os: "linux".into(),
                 capabilities: Capabilities { cpu_cores: cores, arch: "x86_64".into(), ram_bytes: 1 << 30, ..Default::default() },
+                network: None,
             };
             round_trip(&r);
             let signed = Signed::sign(&DevicePrivate::generate(), crate::signed::DOMAIN_REGISTER, &r);
@@ -220,6 +256,7 @@ mod tests {
             round_trip(&ServerMessage::Full { netmap: Box::new(m.clone()) });
             let changes = m.peers.values().map(|n| PeerChange::Upsert { node: n.clone() }).collect();
             round_trip(&ServerMessage::Delta { changes });
+            round_trip(&ServerMessage::RotateKey);
         }
 
         #[test]
@@ -233,7 +270,32 @@ mod tests {
         fn garbage_never_panics(s in ".{0,200}") {
             let _ = serde_json::from_str::<ClientMessage>(&s);
             let _ = serde_json::from_str::<ServerMessage>(&s);
+            let _ = serde_json::from_str::<RevocationMessage>(&s);
         }
+
+        #[test]
+        fn revocation_messages_round_trip(key in any::<[u8; 32]>()) {
+            round_trip(&RevocationMessage::Revoked { node_key: NodePublic::from_bytes(key) });
+            round_trip(&RevocationMessage::Resync);
+            round_trip(&RevocationMessage::KeepAlive);
+        }
+    }
+
+    #[test]
+    fn revocation_messages_have_a_stable_shape() {
+        let key = NodePublic::from_bytes([7; 32]);
+        let json = serde_json::to_value(RevocationMessage::Revoked { node_key: key }).unwrap();
+        assert_eq!(json["type"], "revoked");
+        assert_eq!(json["node_key"], key.to_string());
+        assert_eq!(
+            serde_json::to_string(&RevocationMessage::Resync).unwrap(),
+            r#"{"type":"resync"}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&RevocationMessage::KeepAlive).unwrap(),
+            r#"{"type":"keep_alive"}"#
+        );
+        assert!(serde_json::from_str::<RevocationMessage>(r#"{"type":"revoked"}"#).is_err());
     }
 
     #[test]

@@ -9,7 +9,10 @@ pub mod capability;
 pub mod disco;
 pub mod keys;
 pub mod netmap;
+pub mod people;
 pub mod signed;
+#[cfg(feature = "tls")]
+pub mod tls;
 
 /// Seconds since the Unix epoch (for callers that have a clock).
 pub fn unix_now() -> u64 {

@@ -47,6 +47,21 @@ pub struct Node {
     /// (Boxed: most changes to a node do not touch it.)
     #[serde(default)]
     pub capabilities: Option<Box<Capabilities>>,
+    /// The user the device belongs to (absent for stock WireGuard devices
+    /// added by an admin before owners existed).
+    #[serde(default)]
+    pub owner: Option<String>,
+    /// Unix time at which its node key expires; peers stop talking to it
+    /// then. None: never.
+    #[serde(default)]
+    pub key_expiry: Option<u64>,
+}
+
+impl Node {
+    /// Whether the node key has expired at `now_unix`.
+    pub fn key_expired(&self, now_unix: u64) -> bool {
+        self.key_expiry.is_some_and(|t| t <= now_unix)
+    }
 }
 
 /// Relays by region; delivered empty until relays are configured.
@@ -89,6 +104,10 @@ pub struct NetMap {
     pub peers: BTreeMap<NodePublic, Node>,
     pub relay_map: RelayMap,
     pub dns: DnsConfig,
+    /// The network requires an admin to approve this device, and none has
+    /// yet: it has no peers until then.
+    #[serde(default)]
+    pub awaiting_approval: bool,
 }
 
 /// One change to a device's view of its peers.
@@ -262,6 +281,8 @@ pub(crate) mod tests {
                 os: "linux".into(),
                 home_region: None,
                 capabilities: None,
+                owner: None,
+                key_expiry: None,
             })
     }
 
@@ -280,6 +301,7 @@ pub(crate) mod tests {
             peers,
             relay_map: RelayMap::default(),
             dns: DnsConfig::default(),
+            awaiting_approval: false,
         })
     }
 

@@ -14,6 +14,10 @@ use crate::keys::{DevicePrivate, DevicePublic};
 pub const DOMAIN_REGISTER: &str = "crank-mesh/register/v1";
 /// Domain of the hello that opens a map stream.
 pub const DOMAIN_MAP: &str = "crank-mesh/map/v1";
+/// Domain of device-code pairing requests.
+pub const DOMAIN_DEVICE_CODE: &str = "crank-mesh/device-code/v1";
+/// Domain of a node-key rotation.
+pub const DOMAIN_ROTATE: &str = "crank-mesh/rotate-key/v1";
 
 /// How far a signed timestamp may be from the receiver's clock.
 pub const MAX_CLOCK_SKEW_SECS: u64 = 300;

@@ -453,6 +453,8 @@ pub fn wait_until(
 pub struct Coordinator {
     pub host: Host,
     pub url: String,
+    /// The private CA its certificate chains to, when it serves TLS.
+    pub ca_file: Option<PathBuf>,
     pub admin_token: String,
     pub auth_key: String,
     pub network: String,
@@ -466,11 +468,28 @@ impl Coordinator {
     }
 
     /// Like [`Coordinator::start`], delivering `relay_map` (JSON) in netmaps.
+    /// Plain HTTP (`--insecure-http`), as the lab's underlay is private.
     pub fn start_with_relays(
         lab: &mut Lab,
         host: Host,
         network: &str,
         relay_map: Option<&str>,
+    ) -> anyhow::Result<Coordinator> {
+        Self::start_with(lab, host, network, relay_map, false)
+    }
+
+    /// Like [`Coordinator::start`], serving TLS with a certificate for its
+    /// address from a private CA made in the lab ([`Coordinator::ca_file`]).
+    pub fn start_tls(lab: &mut Lab, host: Host, network: &str) -> anyhow::Result<Coordinator> {
+        Self::start_with(lab, host, network, None, true)
+    }
+
+    fn start_with(
+        lab: &mut Lab,
+        host: Host,
+        network: &str,
+        relay_map: Option<&str>,
+        tls: bool,
     ) -> anyhow::Result<Coordinator> {
         let state = lab.dir.join("coordinator");
         let state = state.to_str().context("utf-8 path")?.to_owned();
@@ -504,6 +523,16 @@ impl Coordinator {
             "--listen".to_owned(),
             listen.clone(),
         ];
+        let ca_file = if tls {
+            let (ca, cert, key) = lab_ca(&lab.dir, host.addr)?;
+            for (flag, path) in [("--tls-cert", cert), ("--tls-key", key)] {
+                args.extend([flag.to_owned(), path.to_str().context("utf-8")?.to_owned()]);
+            }
+            Some(ca)
+        } else {
+            args.push("--insecure-http".to_owned());
+            None
+        };
         if let Some(map) = relay_map {
             let path = lab.dir.join("relay-map.json");
             std::fs::write(&path, map)?;
@@ -520,7 +549,8 @@ impl Coordinator {
             Duration::from_secs(10),
         )?;
         Ok(Coordinator {
-            url: format!("http://{listen}"),
+            url: format!("{}://{listen}", if tls { "https" } else { "http" }),
+            ca_file,
             host,
             admin_token,
             auth_key,
@@ -566,10 +596,35 @@ impl Coordinator {
         if let Some(b) = body {
             args.extend(["--data", b]);
         }
+        if let Some(ca) = &self.ca_file {
+            args.extend(["--cacert", ca.to_str().context("utf-8")?]);
+        }
         args.push(&url);
         let out = self.host.run("curl", &args)?;
         Ok(serde_json::from_str(&out).unwrap_or(Value::String(out)))
     }
+}
+
+/// Writes a private CA and a certificate for `addr` signed by it to `dir`;
+/// returns the paths of the CA, the certificate and its key (PEM).
+fn lab_ca(dir: &Path, addr: Ipv4Addr) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "Crank lab CA");
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate()?)?;
+    let key = rcgen::KeyPair::generate()?;
+    let cert = rcgen::CertificateParams::new(vec![addr.to_string()])?.signed_by(&key, &ca)?;
+    let paths = (
+        dir.join("coordinator-ca.pem"),
+        dir.join("coordinator.crt"),
+        dir.join("coordinator.key"),
+    );
+    std::fs::write(&paths.0, ca.pem())?;
+    std::fs::write(&paths.1, cert.pem())?;
+    std::fs::write(&paths.2, key.serialize_pem())?;
+    Ok(paths)
 }
 
 /// A `meshd` daemon in its own namespace.
@@ -648,8 +703,9 @@ impl Device {
         self.host.run(meshd.to_str().context("utf-8")?, &all)
     }
 
+    /// `meshd up` to `coord`, with its CA file when it serves TLS.
     pub fn up(&self, coord: &Coordinator) -> anyhow::Result<String> {
-        self.meshd(&[
+        let mut args = vec![
             "up",
             "--coordinator",
             &coord.url,
@@ -657,7 +713,11 @@ impl Device {
             &coord.auth_key,
             "--hostname",
             &self.host.name,
-        ])
+        ];
+        if let Some(ca) = &coord.ca_file {
+            args.extend(["--ca-file", ca.to_str().context("utf-8")?]);
+        }
+        self.meshd(&args)
     }
 
     pub fn status(&self) -> anyhow::Result<Value> {

@@ -12,7 +12,8 @@ use axum::extract::State;
 use axum::response::{IntoResponse as _, Response};
 use platform::addr::OVERLAY_V4;
 use platform::api::{ClientMessage, MapHello, ServerMessage};
-use platform::netmap::{coalesce, DnsConfig, NetMap, NodeKind, PeerChange};
+use platform::netmap::{coalesce, DnsConfig, NetMap, PeerChange};
+use platform::people::DeviceState;
 use platform::signed::DOMAIN_MAP;
 use platform::unix_now;
 use tokio::sync::mpsc;
@@ -20,6 +21,8 @@ use tokio::sync::mpsc;
 use super::register::signed_error;
 use super::SharedState;
 use crate::error::AppError;
+use crate::fanout;
+use crate::hub::Push;
 use crate::store::DeviceRow;
 
 /// How long a client has to send its hello.
@@ -79,7 +82,8 @@ async fn authenticate(s: &SharedState, socket: &mut WebSocket) -> Result<DeviceR
             "the first message must be a hello".into(),
         ));
     };
-    let payload: MapHello = hello.verify(DOMAIN_MAP, unix_now()).map_err(signed_error)?;
+    let now = unix_now();
+    let payload: MapHello = hello.verify(DOMAIN_MAP, now).map_err(signed_error)?;
     let row = s
         .store
         .device_by_device_key(&hello.device_key)
@@ -90,16 +94,24 @@ async fn authenticate(s: &SharedState, socket: &mut WebSocket) -> Result<DeviceR
             "node key does not match the registered one; register again".into(),
         ));
     }
+    match row.state(now) {
+        DeviceState::Revoked => {
+            return Err(AppError::Forbidden(format!(
+                "this device was revoked in network {:?}",
+                row.network
+            )))
+        }
+        DeviceState::KeyExpired => {
+            return Err(AppError::Forbidden(
+                "this device's node key has expired: register again with an auth key".into(),
+            ))
+        }
+        DeviceState::Active | DeviceState::AwaitingApproval => {}
+    }
     if row.disco_key.as_deref() != Some(payload.disco_key.to_string().as_str()) {
         s.store.set_disco_key(row.id, &payload.disco_key).await?;
         let row = s.store.device(&row.network, row.id).await?;
-        s.hub.broadcast(
-            row.network_id,
-            row.id,
-            PeerChange::Upsert {
-                node: row.to_node(true)?,
-            },
-        );
+        fanout::device_changed(s, &row)?;
         return Ok(row);
     }
     Ok(row)
@@ -107,14 +119,15 @@ async fn authenticate(s: &SharedState, socket: &mut WebSocket) -> Result<DeviceR
 
 async fn full_netmap(s: &SharedState, me: &DeviceRow) -> Result<NetMap, AppError> {
     let rows = s.store.network_devices(me.network_id).await?;
+    let now = unix_now();
     let mut self_node = None;
     let mut peers = BTreeMap::new();
+    let awaiting_approval = !me.approved;
     for row in &rows {
-        let online = row.kind() == NodeKind::Wireguard || s.hub.is_online(row.network_id, row.id);
-        let node = row.to_node(online)?;
+        let node = row.to_node(fanout::online(s, row))?;
         if row.id == me.id {
             self_node = Some(node);
-        } else {
+        } else if !awaiting_approval && row.is_visible(now) {
             peers.insert(node.node_key, node);
         }
     }
@@ -126,6 +139,7 @@ async fn full_netmap(s: &SharedState, me: &DeviceRow) -> Result<NetMap, AppError
         peers,
         relay_map: s.relay_map.clone(),
         dns: DnsConfig::default(),
+        awaiting_approval,
     })
 }
 
@@ -138,7 +152,7 @@ async fn serve(s: SharedState, mut socket: WebSocket) -> anyhow::Result<()> {
     // Subscribe before reading the map, so no change falls in between.
     let mut sub = s
         .hub
-        .connect(me.network_id, me.id, node_key, Instant::now());
+        .connect(me.network_id, me.id, node_key, me.approved, Instant::now());
     let result = stream(&s, &me, &mut socket, sub.conn_id, &mut sub.changes).await;
     s.hub.disconnect(
         me.network_id,
@@ -157,7 +171,7 @@ async fn stream(
     me: &DeviceRow,
     socket: &mut WebSocket,
     conn_id: u64,
-    changes: &mut mpsc::UnboundedReceiver<PeerChange>,
+    changes: &mut mpsc::UnboundedReceiver<Push>,
 ) -> anyhow::Result<()> {
     let netmap = match full_netmap(s, me).await {
         Ok(m) => m,
@@ -172,6 +186,9 @@ async fn stream(
     .await?;
     s.store.touch(me.id, unix_now()).await?;
     tracing::info!(device = me.id, name = %me.name, "map stream open");
+    if s.store.rotation_due(me.id).await? {
+        send(socket, &ServerMessage::RotateKey).await?;
+    }
     loop {
         tokio::select! {
             incoming = socket.recv() => {
@@ -190,12 +207,33 @@ async fn stream(
             first = changes.recv() => {
                 // None: a newer stream of this device replaced this one.
                 let Some(first) = first else { return Ok(()) };
-                let mut batch = vec![first];
-                tokio::time::sleep(s.batch_window).await;
-                while let Ok(more) = changes.try_recv() {
-                    batch.push(more);
+                let mut batch = Vec::new();
+                let mut then = None;
+                match first {
+                    Push::Change(c) => batch.push(c),
+                    other => then = Some(other),
                 }
-                send(socket, &ServerMessage::Delta { changes: coalesce(batch) }).await?;
+                if then.is_none() {
+                    tokio::time::sleep(s.batch_window).await;
+                    while let Ok(more) = changes.try_recv() {
+                        match more {
+                            Push::Change(c) => batch.push(c),
+                            other => { then = Some(other); break; }
+                        }
+                    }
+                }
+                if !batch.is_empty() {
+                    send(socket, &ServerMessage::Delta { changes: coalesce(batch) }).await?;
+                }
+                match then {
+                    None | Some(Push::Change(_)) => {}
+                    Some(Push::RotateKey) => send(socket, &ServerMessage::RotateKey).await?,
+                    Some(Push::Close(error)) => {
+                        let _ = send(socket, &ServerMessage::Error { error }).await;
+                        let _ = socket.send(Message::Close(None)).await;
+                        return Ok(());
+                    }
+                }
             }
         }
     }
@@ -226,14 +264,7 @@ async fn handle_client_message(
                 return Ok(());
             }
             s.store.set_capabilities(me.id, &caps).await?;
-            let row = s.store.device(&me.network, me.id).await?;
-            s.hub.broadcast(
-                me.network_id,
-                me.id,
-                PeerChange::Upsert {
-                    node: row.to_node(true)?,
-                },
-            );
+            fanout::device_changed(s, &s.store.device(&me.network, me.id).await?)?;
         }
         ClientMessage::Endpoints { mut endpoints } => {
             if endpoints.len() > MAX_ENDPOINTS {
@@ -244,28 +275,25 @@ async fn handle_client_message(
             endpoints.sort();
             endpoints.dedup();
             s.store.set_endpoints(me.id, &endpoints).await?;
-            s.hub.broadcast(
-                me.network_id,
-                me.id,
-                PeerChange::Endpoints {
-                    node_key: me.node_key()?,
-                    endpoints,
-                },
-            );
+            // Read back: the node key may have been rotated since the hello.
+            let row = s.store.device(&me.network, me.id).await?;
+            if row.is_visible(unix_now()) {
+                s.hub.broadcast(
+                    me.network_id,
+                    me.id,
+                    PeerChange::Endpoints {
+                        node_key: row.node_key()?,
+                        endpoints,
+                    },
+                );
+            }
         }
         ClientMessage::HomeRegion { region } => {
             if !s.relay_map.regions.iter().any(|r| r.id == region) {
                 return Err(AppError::BadRequest(format!("no relay region {region}")));
             }
             s.store.set_home_region(me.id, region).await?;
-            let row = s.store.device(&me.network, me.id).await?;
-            s.hub.broadcast(
-                me.network_id,
-                me.id,
-                PeerChange::Upsert {
-                    node: row.to_node(true)?,
-                },
-            );
+            fanout::device_changed(s, &s.store.device(&me.network, me.id).await?)?;
         }
     }
     Ok(())

@@ -1,7 +1,9 @@
 //! The HTTP API under `/api/v1`.
 
-mod admin;
+mod devices;
 mod map;
+mod members;
+mod networks;
 mod register;
 mod relay;
 
@@ -10,14 +12,14 @@ use std::time::{Duration, Instant};
 
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use axum::Router;
 use platform::netmap::{PeerChange, RelayMap};
 use serde::de::DeserializeOwned;
 
 use crate::error::AppError;
 use crate::hub::Hub;
-use crate::store::Store;
+use crate::store::{Store, UserRow};
 
 /// Largest request body accepted anywhere in the API.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -29,44 +31,101 @@ pub struct AppState {
     pub batch_window: Duration,
     /// Relays, delivered in every netmap.
     pub relay_map: RelayMap,
+    /// Clients reach the API over TLS (links it hands out say https).
+    pub tls: bool,
+    /// The URL people reach the API at, for links; else taken from `Host`.
+    pub public_url: Option<String>,
 }
 
 pub type SharedState = Arc<AppState>;
 
 pub fn router(state: SharedState) -> Router {
+    const NET: &str = "/api/v1/networks/{network}";
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
+        .route("/api/v1/me", get(members::whoami))
         .route(
             "/api/v1/networks",
-            post(admin::create_network).get(admin::list_networks),
+            post(networks::create_network).get(networks::list_networks),
         )
-        .route("/api/v1/networks/{network}", get(admin::show_network))
+        .route(NET, get(networks::show_network))
         .route(
-            "/api/v1/networks/{network}/preauth-keys",
-            post(admin::create_preauth_key).get(admin::list_preauth_keys),
-        )
-        .route(
-            "/api/v1/networks/{network}/preauth-keys/{id}",
-            delete(admin::revoke_preauth_key),
+            &format!("{NET}/settings"),
+            get(networks::get_settings).patch(networks::change_settings),
         )
         .route(
-            "/api/v1/networks/{network}/devices",
-            get(admin::list_devices),
+            &format!("{NET}/preauth-keys"),
+            post(networks::create_preauth_key).get(networks::list_preauth_keys),
         )
         .route(
-            "/api/v1/networks/{network}/devices/{id}",
-            delete(admin::remove_device),
+            &format!("{NET}/preauth-keys/{{id}}"),
+            delete(networks::revoke_preauth_key),
+        )
+        .route(&format!("{NET}/audit"), get(networks::audit_log))
+        .route(&format!("{NET}/denylist"), get(networks::list_denylist))
+        .route(
+            &format!("{NET}/denylist/{{id}}"),
+            delete(networks::lift_denylist),
+        )
+        .route(&format!("{NET}/members"), get(members::list_members))
+        .route(
+            &format!("{NET}/members/{{user}}"),
+            delete(members::remove_member),
         )
         .route(
-            "/api/v1/networks/{network}/devices/{id}/wg-quick",
-            get(admin::wg_quick_config),
+            &format!("{NET}/members/{{user}}/role"),
+            put(members::change_role),
         )
         .route(
-            "/api/v1/networks/{network}/wireguard-peers",
-            post(admin::create_wireguard_peer),
+            &format!("{NET}/members/{{user}}/approve"),
+            post(members::approve_member),
+        )
+        .route(
+            &format!("{NET}/invites"),
+            post(members::create_invite).get(members::list_invites),
+        )
+        .route(
+            &format!("{NET}/invites/{{id}}"),
+            delete(members::revoke_invite),
+        )
+        .route("/api/v1/invites/{secret}", get(members::show_invite))
+        .route("/api/v1/invites/{secret}/redeem", post(members::redeem_invite))
+        .route(&format!("{NET}/devices"), get(devices::list_devices))
+        .route(
+            &format!("{NET}/devices/{{id}}"),
+            delete(devices::remove_device),
+        )
+        .route(
+            &format!("{NET}/devices/{{id}}/revoke"),
+            post(devices::revoke_device),
+        )
+        .route(
+            &format!("{NET}/devices/{{id}}/approve"),
+            post(devices::approve_device),
+        )
+        .route(
+            &format!("{NET}/devices/{{id}}/key-expiry"),
+            put(devices::set_key_expiry),
+        )
+        .route(
+            &format!("{NET}/devices/{{id}}/wg-quick"),
+            get(devices::wg_quick_config),
+        )
+        .route(
+            &format!("{NET}/device-codes/{{code}}/approve"),
+            post(devices::approve_device_code),
+        )
+        .route(&format!("{NET}/rotate-keys"), post(devices::rotate_network_keys))
+        .route(
+            &format!("{NET}/wireguard-peers"),
+            post(devices::create_wireguard_peer),
         )
         .route("/api/v1/register", post(register::register))
+        .route("/api/v1/device-codes", post(register::start_device_code))
+        .route("/api/v1/device-codes/poll", post(register::poll_device_code))
+        .route("/api/v1/rotate-key", post(register::rotate_key))
         .route("/api/v1/relay/admit/{node_key}", get(relay::admit))
+        .route("/api/v1/relay/revocations", get(relay::revocations))
         .route("/api/v1/map", get(map::map_stream))
         .fallback(|| async { AppError::NotFound("no such endpoint".into()) })
         .method_not_allowed_fallback(|| async { AppError::MethodNotAllowed })
@@ -74,9 +133,14 @@ pub fn router(state: SharedState) -> Router {
         .with_state(state)
 }
 
-/// Marks devices offline and deletes departed ephemeral devices, forever.
+/// How often the sweeper looks for node keys that expired.
+const EXPIRY_CHECK: Duration = Duration::from_secs(5);
+
+/// Marks devices offline, deletes departed ephemeral devices, and shuts out
+/// devices whose node key expired, forever.
 pub async fn run_sweeper(state: SharedState) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut last_expiry_check = Instant::now() - EXPIRY_CHECK;
     loop {
         tick.tick().await;
         for gone in state.hub.sweep(Instant::now()) {
@@ -94,7 +158,32 @@ pub async fn run_sweeper(state: SharedState) {
                 Err(e) => tracing::warn!(error = %e, "removing ephemeral device"),
             }
         }
+        if last_expiry_check.elapsed() >= EXPIRY_CHECK {
+            last_expiry_check = Instant::now();
+            if let Err(e) = shut_out_expired(&state).await {
+                tracing::warn!(error = %e, "checking node-key expiry");
+            }
+        }
     }
+}
+
+/// Peers stop talking to an expired key on their own (they know its
+/// expiry); the coordinator closes its stream and tells relays.
+async fn shut_out_expired(state: &SharedState) -> Result<(), AppError> {
+    for row in state.store.take_newly_expired(platform::unix_now()).await? {
+        tracing::info!(device = row.id, name = %row.name, "node key expired");
+        let node_key = row.node_key()?;
+        state.hub.send_to(
+            row.network_id,
+            row.id,
+            crate::hub::Push::Close(platform::api::ApiErrorBody {
+                code: "forbidden".into(),
+                message: "this device's node key has expired".into(),
+            }),
+        );
+        state.hub.revoke_relay_access(node_key);
+    }
+    Ok(())
 }
 
 /// The bearer token of a request.
@@ -111,22 +200,36 @@ fn bearer<'a>(parts: &'a Parts, what: &str) -> Result<&'a str, AppError> {
         .ok_or_else(|| AppError::Unauthorized(format!("Authorization must be `Bearer <{what}>`")))
 }
 
-/// A request authenticated with an admin API token (`Authorization: Bearer`).
-pub struct Admin;
+/// A request made by a user, with their token (`Authorization: Bearer`).
+pub struct Caller(pub UserRow);
 
-impl FromRequestParts<SharedState> for Admin {
+impl FromRequestParts<SharedState> for Caller {
     type Rejection = AppError;
 
     async fn from_request_parts(parts: &mut Parts, state: &SharedState) -> Result<Self, AppError> {
-        if state
+        state
             .store
-            .admin_token_valid(bearer(parts, "admin token")?)
+            .user_by_token(bearer(parts, "token")?)
             .await?
-        {
-            Ok(Admin)
-        } else {
-            Err(AppError::Unauthorized("invalid admin token".into()))
+            .map(Caller)
+            .ok_or_else(|| AppError::Unauthorized("invalid token".into()))
+    }
+}
+
+/// A user when the request carries a token; nobody when it carries none.
+/// A token that is present but wrong is still refused.
+pub struct MaybeCaller(pub Option<UserRow>);
+
+impl FromRequestParts<SharedState> for MaybeCaller {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &SharedState) -> Result<Self, AppError> {
+        if parts.headers.get(axum::http::header::AUTHORIZATION).is_none() {
+            return Ok(MaybeCaller(None));
         }
+        Caller::from_request_parts(parts, state)
+            .await
+            .map(|c| MaybeCaller(Some(c.0)))
     }
 }
 
@@ -193,3 +296,5 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod matrix_tests;

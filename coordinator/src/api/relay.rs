@@ -1,9 +1,20 @@
-//! What relays ask: may this node key use the relay?
+//! What relays ask: may this node key use the relay? And what they are told:
+//! which node keys were revoked (pushed, so revoked devices lose the relays
+//! at once rather than when a relay's cache expires).
 
+use std::time::Duration;
+
+use anyhow::Context as _;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
+use axum::response::{IntoResponse as _, Response};
 use axum::Json;
+use platform::api::{RevocationMessage, REVOCATION_KEEPALIVE_SECS};
 use platform::keys::NodePublic;
 use serde::Serialize;
+use tokio::sync::broadcast;
+use tokio::sync::broadcast::error::RecvError;
 
 use super::{ApiPath, RelayAuth, SharedState};
 use crate::error::AppError;
@@ -14,8 +25,9 @@ pub struct Admitted {
     pub name: String,
 }
 
-/// 200 for a registered device, 404 for anything else (removed devices
-/// included: a relay's cache forgets them within a minute).
+/// 200 for a device that may take part now, 404 for anything else:
+/// unknown, removed, revoked, awaiting approval, or with an expired node key
+/// (relays also hear of removals at once on the revocation stream).
 pub async fn admit(
     _: RelayAuth,
     State(s): State<SharedState>,
@@ -28,9 +40,89 @@ pub async fn admit(
         .store
         .device_by_node_key(&key)
         .await?
-        .ok_or_else(|| AppError::NotFound("no device has this node key".into()))?;
+        .filter(|row| row.is_visible(platform::unix_now()))
+        .ok_or_else(|| AppError::NotFound("no admitted device has this node key".into()))?;
     Ok(Json(Admitted {
         network: row.network,
         name: row.name,
     }))
 }
+
+/// Longest a keepalive or revocation may take to go out before the relay is
+/// presumed gone.
+const REVOCATION_SEND_TIMEOUT: Duration = Duration::from_secs(REVOCATION_KEEPALIVE_SECS);
+
+/// `GET /api/v1/relay/revocations`: a WebSocket on which the relay hears every
+/// node key revoked from now on, the moment it is. It opens with `resync` (the
+/// relay flushes what it cached before), and says `resync` again whenever the
+/// relay fell so far behind that revocations were lost.
+pub async fn revocations(
+    _: RelayAuth,
+    State(s): State<SharedState>,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(e) => {
+            return AppError::BadRequest(format!(
+                "the revocation stream is a WebSocket: {}",
+                e.body_text()
+            ))
+            .into_response()
+        }
+    };
+    // Subscribed before the opening `resync`, so whatever the relay's flush
+    // does not cover is delivered.
+    let revoked = s.hub.revocations();
+    ws.on_upgrade(move |socket| async move {
+        tracing::info!("relay revocation stream open");
+        match push_revocations(socket, revoked).await {
+            Ok(()) => tracing::info!("relay revocation stream closed"),
+            Err(e) => tracing::info!(error = format!("{e:#}"), "relay revocation stream ended"),
+        }
+    })
+}
+
+async fn send(socket: &mut WebSocket, msg: &RevocationMessage) -> anyhow::Result<()> {
+    let text = serde_json::to_string(msg)?;
+    tokio::time::timeout(
+        REVOCATION_SEND_TIMEOUT,
+        socket.send(Message::Text(text.into())),
+    )
+    .await
+    .context("relay not reading")??;
+    Ok(())
+}
+
+async fn push_revocations(
+    mut socket: WebSocket,
+    mut revoked: broadcast::Receiver<NodePublic>,
+) -> anyhow::Result<()> {
+    send(&mut socket, &RevocationMessage::Resync).await?;
+    let every = Duration::from_secs(REVOCATION_KEEPALIVE_SECS);
+    let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    loop {
+        let msg = tokio::select! {
+            r = revoked.recv() => match r {
+                Ok(node_key) => RevocationMessage::Revoked { node_key },
+                Err(RecvError::Lagged(missed)) => {
+                    // Which keys were lost is unknown: the relay must forget all.
+                    tracing::warn!(missed, "relay fell behind on revocations; asking it to resync");
+                    RevocationMessage::Resync
+                }
+                Err(RecvError::Closed) => return Ok(()),
+            },
+            _ = keepalive.tick() => RevocationMessage::KeepAlive,
+            incoming = socket.recv() => match incoming {
+                None | Some(Ok(Message::Close(_))) => return Ok(()),
+                Some(Err(e)) => return Err(e.into()),
+                // Relays send nothing else; pings are answered by axum.
+                Some(Ok(_)) => continue,
+            },
+        };
+        send(&mut socket, &msg).await?;
+    }
+}
+
+#[cfg(test)]
+mod relay_tests;

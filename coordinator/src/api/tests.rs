@@ -104,6 +104,7 @@ fn register_body(
             ram_bytes: 1 << 30,
             ..Default::default()
         },
+        network: None,
     };
     serde_json::to_string(&Signed::sign(dev, DOMAIN_REGISTER, &req)).unwrap()
 }

@@ -4,6 +4,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use platform::addr::{ipv4_for_seq, next_seq};
 use platform::api::{Capabilities, DeviceInfo, RegisterRequest};
+use platform::people::DeviceState;
 use platform::keys::{DevicePublic, NodePublic};
 use platform::netmap::{Node, NodeKind};
 
@@ -33,11 +34,21 @@ pub struct DeviceRow {
     pub home_region: Option<i64>,
     /// JSON; `{}` until the device reports.
     pub capabilities: String,
+    pub user_id: Option<i64>,
+    /// The owner's username.
+    pub owner: Option<String>,
+    /// False while the network waits for an admin to approve it.
+    pub approved: bool,
+    pub revoked_at: Option<i64>,
+    pub key_expires_at: Option<i64>,
+    pub key_expiry_override: Option<i64>,
 }
 
-const SELECT_DEVICE: &str = "SELECT d.id, d.network_id, n.name AS network, d.kind, d.device_key, \
+pub(super) const SELECT_DEVICE: &str = "SELECT d.id, d.network_id, n.name AS network, d.kind, d.device_key, \
      d.node_key, d.disco_key, d.hostname, d.name, d.os, d.ipv4, d.ipv6, d.endpoints, d.ephemeral, \
-     d.created_at, d.last_seen, d.preauth_key_id, d.home_region, d.capabilities FROM devices d JOIN networks n ON n.id = d.network_id";
+     d.created_at, d.last_seen, d.preauth_key_id, d.home_region, d.capabilities, d.user_id, \
+     u.username AS owner, d.approved, d.revoked_at, d.key_expires_at, d.key_expiry_override \
+     FROM devices d JOIN networks n ON n.id = d.network_id LEFT JOIN users u ON u.id = d.user_id";
 
 fn corrupt(what: &str, e: impl std::fmt::Display) -> AppError {
     AppError::Internal(anyhow::anyhow!("stored {what} is invalid: {e}"))
@@ -93,7 +104,39 @@ impl DeviceRow {
             // A report this version cannot read is left out, not fatal to
             // the whole netmap.
             capabilities: self.capabilities().ok().flatten().map(Box::new),
+            owner: self.owner.clone(),
+            key_expiry: self.key_expiry(),
         })
+    }
+
+    pub fn key_expiry(&self) -> Option<u64> {
+        self.key_expires_at.map(|t| t.max(0) as u64)
+    }
+
+    pub fn key_expired(&self, now: u64) -> bool {
+        self.key_expiry().is_some_and(|t| t <= now)
+    }
+
+    /// Whether peers may see and reach it.
+    pub fn is_visible(&self, now: u64) -> bool {
+        self.state(now) == DeviceState::Active
+    }
+
+    pub fn state(&self, now: u64) -> DeviceState {
+        if self.revoked_at.is_some() {
+            DeviceState::Revoked
+        } else if !self.approved {
+            DeviceState::AwaitingApproval
+        } else if self.key_expired(now) {
+            DeviceState::KeyExpired
+        } else {
+            DeviceState::Active
+        }
+    }
+
+    /// How audit events name it.
+    pub fn target(&self) -> String {
+        format!("device:{}", self.name)
     }
 
     pub fn to_info(&self, online: bool) -> Result<DeviceInfo, AppError> {
@@ -112,6 +155,9 @@ impl DeviceRow {
             created_at: self.created_at as u64,
             last_seen: self.last_seen.map(|t| t as u64),
             capabilities: self.capabilities().ok().flatten(),
+            owner: self.owner.clone(),
+            state: self.state(platform::unix_now()),
+            key_expiry: self.key_expiry(),
         })
     }
 }
@@ -129,18 +175,41 @@ pub struct NewWireguardPeer {
     pub endpoint: Option<SocketAddr>,
 }
 
+/// Node-key lifetime in seconds for a device (0: never).
+pub(super) fn lifetime(device_override: Option<i64>, network: u64) -> u64 {
+    device_override.map_or(network, |o| o.max(0) as u64)
+}
+
+/// When a key issued `now` with `lifetime` expires (NULL: never).
+pub(super) fn expiry_at(now: u64, lifetime: u64) -> Option<i64> {
+    (lifetime > 0).then(|| now.saturating_add(lifetime).min(i64::MAX as u64) as i64)
+}
+
 /// Limits on what a device may tell us about itself.
 const MAX_HOSTNAME: usize = 255;
 const MAX_OS: usize = 64;
 
+/// What registration did, for the caller to publish.
+pub struct Registered {
+    pub row: DeviceRow,
+    pub created: bool,
+    /// The node key the device had before, when this registration replaced it.
+    pub replaced_node_key: Option<NodePublic>,
+}
+
+/// Who vouches for a registering device: a pre-auth key or a member's token.
+struct Voucher {
+    network_id: i64,
+    user_id: i64,
+    username: String,
+    admin: bool,
+    key: Option<super::preauth::PreauthRow>,
+}
+
 impl Store {
     /// Registers a device (or re-registers a known one, keeping its id, name
-    /// and addresses). Returns the row and whether it is new.
-    pub async fn register(
-        &self,
-        reg: &Registration,
-        now: u64,
-    ) -> Result<(DeviceRow, bool), AppError> {
+    /// and addresses). Refuses denylisted and revoked devices.
+    pub async fn register(&self, reg: &Registration, now: u64) -> Result<Registered, AppError> {
         let req = &reg.request;
         if req.hostname.len() > MAX_HOSTNAME || req.os.len() > MAX_OS {
             return Err(AppError::BadRequest("hostname or os is too long".into()));
@@ -150,66 +219,90 @@ impl Store {
             .map_err(|e| AppError::BadRequest(format!("capabilities: {e}")))?;
         let device_key = reg.device_key.to_string();
         let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
-        let key = Self::preauth_by_secret(&mut tx, &req.auth_key)
-            .await?
-            .ok_or_else(|| AppError::Unauthorized("unknown auth key".into()))?;
-        if key.revoked {
-            return Err(AppError::Forbidden("auth key has been revoked".into()));
-        }
-        if key.expires_at.is_some_and(|t| t as u64 <= now) {
-            return Err(AppError::Forbidden("auth key has expired".into()));
-        }
+        let voucher = Self::voucher(&mut tx, req, now).await?;
         let existing: Option<DeviceRow> =
             sqlx::query_as(&format!("{SELECT_DEVICE} WHERE d.device_key = ?"))
                 .bind(&device_key)
                 .fetch_optional(&mut *tx)
                 .await?;
+        if let Some(dev) = &existing {
+            if dev.network_id != voucher.network_id {
+                return Err(AppError::Conflict(format!(
+                    "this device is registered in network {:?}; remove it there first",
+                    dev.network
+                )));
+            }
+        }
+        let network_name = Self::network_name(&mut tx, voucher.network_id).await?;
+        let denied = Self::denied(&mut tx, voucher.network_id, &[&device_key, &req.node_key.to_string()]).await?;
+        if denied || existing.as_ref().is_some_and(|d| d.revoked_at.is_some()) {
+            return Err(AppError::Forbidden(format!(
+                "this device was removed or revoked in network {network_name:?}; an admin must re-approve it first"
+            )));
+        }
+        let key_id = voucher.key.as_ref().map(|k| k.id);
         let same_device_reuse = existing
             .as_ref()
-            .is_some_and(|d| d.preauth_key_id == Some(key.id));
-        if !key.reusable && key.used_count > 0 && !same_device_reuse {
-            return Err(AppError::Forbidden(
-                "auth key is single-use and has already been used".into(),
-            ));
+            .is_some_and(|d| key_id.is_some() && d.preauth_key_id == key_id);
+        if let Some(key) = &voucher.key {
+            if !key.reusable && key.used_count > 0 && !same_device_reuse {
+                return Err(AppError::Forbidden(
+                    "auth key is single-use and has already been used".into(),
+                ));
+            }
         }
+        let ephemeral = voucher.key.as_ref().is_some_and(|k| k.ephemeral);
         let caps = serde_json::to_string(&req.capabilities).map_err(anyhow::Error::from)?;
+        let rules = Self::settings_in(&mut tx, voucher.network_id).await?;
+        let who = super::audit::Who::user(voucher.user_id, &voucher.username);
 
-        let id = match &existing {
+        let (id, replaced) = match &existing {
             Some(dev) => {
-                if dev.network_id != key.network_id {
-                    return Err(AppError::Conflict(format!(
-                        "this device is registered in network {:?}; remove it there first",
-                        dev.network
-                    )));
-                }
+                let lifetime = lifetime(dev.key_expiry_override, rules.key_expiry_secs);
                 let res = sqlx::query(
                     "UPDATE devices SET node_key = ?, disco_key = ?, hostname = ?, os = ?, capabilities = ?, \
-                     preauth_key_id = ?, ephemeral = ?, last_seen = ? WHERE id = ?",
+                     preauth_key_id = ?, ephemeral = ?, last_seen = ?, user_id = ?, key_expires_at = ?, \
+                     key_expiry_handled = 0, key_issued_at = ? WHERE id = ?",
                 )
                 .bind(req.node_key.to_string())
                 .bind(req.disco_key.to_string())
                 .bind(&req.hostname)
                 .bind(&req.os)
                 .bind(&caps)
-                .bind(key.id)
-                .bind(key.ephemeral)
+                .bind(key_id)
+                .bind(ephemeral)
+                .bind(now as i64)
+                .bind(voucher.user_id)
+                .bind(expiry_at(now, lifetime))
                 .bind(now as i64)
                 .bind(dev.id)
                 .execute(&mut *tx)
                 .await;
                 node_key_clash(res)?;
-                dev.id
+                super::audit::record(
+                    &mut tx,
+                    &who,
+                    super::audit::Change::new(voucher.network_id, "device.reauthenticated", dev.target())
+                        .to(format!("owner {}", voucher.username)),
+                    now,
+                )
+                .await?;
+                let old = dev.node_key()?;
+                (dev.id, (old != req.node_key).then_some(old))
             }
             None => {
                 let name =
-                    Self::free_name(&mut tx, key.network_id, &dns_label(&req.hostname)).await?;
+                    Self::free_name(&mut tx, voucher.network_id, &dns_label(&req.hostname)).await?;
                 let (seq, v4, v6) = self.next_addresses(&mut tx).await?;
+                // An admin's word is approval enough.
+                let approved = !rules.require_device_approval || voucher.admin;
                 let res = sqlx::query(
                     "INSERT INTO devices (network_id, kind, device_key, node_key, disco_key, hostname, name, os, \
-                     capabilities, addr_seq, ipv4, ipv6, ephemeral, preauth_key_id, created_at, last_seen) \
-                     VALUES (?, 'mesh', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                     capabilities, addr_seq, ipv4, ipv6, ephemeral, preauth_key_id, created_at, last_seen, \
+                     user_id, approved, key_expires_at, key_issued_at) \
+                     VALUES (?, 'mesh', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 )
-                .bind(key.network_id)
+                .bind(voucher.network_id)
                 .bind(&device_key)
                 .bind(req.node_key.to_string())
                 .bind(req.disco_key.to_string())
@@ -220,18 +313,31 @@ impl Store {
                 .bind(seq)
                 .bind(v4.to_string())
                 .bind(v6.to_string())
-                .bind(key.ephemeral)
-                .bind(key.id)
+                .bind(ephemeral)
+                .bind(key_id)
                 .bind(now as i64)
+                .bind(now as i64)
+                .bind(voucher.user_id)
+                .bind(approved)
+                .bind(expiry_at(now, rules.key_expiry_secs))
                 .bind(now as i64)
                 .execute(&mut *tx)
                 .await;
-                node_key_clash(res)?.last_insert_rowid()
+                let id = node_key_clash(res)?.last_insert_rowid();
+                super::audit::record(
+                    &mut tx,
+                    &who,
+                    super::audit::Change::new(voucher.network_id, "device.registered", format!("device:{name}"))
+                        .to(if approved { "active" } else { "awaiting approval" }),
+                    now,
+                )
+                .await?;
+                (id, None)
             }
         };
-        if !same_device_reuse {
+        if let (Some(key_id), false) = (key_id, same_device_reuse) {
             sqlx::query("UPDATE preauth_keys SET used_count = used_count + 1 WHERE id = ?")
-                .bind(key.id)
+                .bind(key_id)
                 .execute(&mut *tx)
                 .await?;
         }
@@ -240,25 +346,120 @@ impl Store {
             .fetch_one(&mut *tx)
             .await?;
         tx.commit().await?;
-        Ok((row, existing.is_none()))
+        Ok(Registered {
+            row,
+            created: existing.is_none(),
+            replaced_node_key: replaced,
+        })
     }
 
+    /// Checks the registration's auth key: a pre-auth key, or a member's
+    /// token (with the network named when the member has several).
+    async fn voucher(
+        conn: &mut sqlx::SqliteConnection,
+        req: &RegisterRequest,
+        now: u64,
+    ) -> Result<Voucher, AppError> {
+        let (network_id, user_id, key) = if req
+            .auth_key
+            .starts_with(&format!("{}-", super::people::TOKEN_PREFIX))
+        {
+            let user: Option<(i64,)> = sqlx::query_as(
+                "SELECT user_id FROM user_tokens WHERE token_hash = ?",
+            )
+            .bind(super::secret_hash(&req.auth_key))
+            .fetch_optional(&mut *conn)
+            .await?;
+            let (user_id,) = user.ok_or_else(|| AppError::Unauthorized("unknown auth key".into()))?;
+            let nets: Vec<(i64, String)> = sqlx::query_as(
+                "SELECT n.id, n.name FROM members m JOIN networks n ON n.id = m.network_id \
+                 WHERE m.user_id = ? AND m.status = 'active' AND m.role != 'guest'",
+            )
+            .bind(user_id)
+            .fetch_all(&mut *conn)
+            .await?;
+            let net = match (&req.network, nets.as_slice()) {
+                (Some(want), _) => nets.iter().find(|(_, n)| n == want).ok_or_else(|| {
+                    AppError::NotFound(format!("no network named {want:?} where you may add devices"))
+                })?,
+                (None, [only]) => only,
+                (None, []) => {
+                    return Err(AppError::Forbidden(
+                        "you are not an active member or admin of any network".into(),
+                    ))
+                }
+                (None, _) => {
+                    return Err(AppError::BadRequest(
+                        "you belong to several networks: name one".into(),
+                    ))
+                }
+            };
+            (net.0, user_id, None)
+        } else {
+            let key = Self::preauth_by_secret(conn, &req.auth_key)
+                .await?
+                .ok_or_else(|| AppError::Unauthorized("unknown auth key".into()))?;
+            if key.revoked {
+                return Err(AppError::Forbidden("auth key has been revoked".into()));
+            }
+            if key.expires_at.is_some_and(|t| t as u64 <= now) {
+                return Err(AppError::Forbidden("auth key has expired".into()));
+            }
+            let user_id = key.user_id.ok_or_else(|| {
+                AppError::Forbidden("auth key has no owner; create a new one".into())
+            })?;
+            if req.network.as_ref().is_some_and(|n| *n != key.network) {
+                return Err(AppError::BadRequest(format!(
+                    "this auth key is for network {:?}",
+                    key.network
+                )));
+            }
+            (key.network_id, user_id, Some(key))
+        };
+        // Whoever vouches must still be an active member who may add devices.
+        let member: Option<(String, String)> = sqlx::query_as(
+            "SELECT u.username, m.role FROM members m JOIN users u ON u.id = m.user_id \
+             WHERE m.network_id = ? AND m.user_id = ? AND m.status = 'active'",
+        )
+        .bind(network_id)
+        .bind(user_id)
+        .fetch_optional(&mut *conn)
+        .await?;
+        let Some((username, role)) = member.filter(|(_, r)| r != "guest") else {
+            return Err(AppError::Forbidden(
+                "whoever issued this auth key may no longer add devices to the network".into(),
+            ));
+        };
+        Ok(Voucher {
+            network_id,
+            user_id,
+            username,
+            admin: role == "admin",
+            key,
+        })
+    }
+
+    /// An admin adds a stock WireGuard device (theirs; approved by them).
     pub async fn add_wireguard_peer(
         &self,
-        network: &str,
+        ctx: &super::NetCtx,
         peer: &NewWireguardPeer,
         now: u64,
     ) -> Result<DeviceRow, AppError> {
-        let net = self.network(network).await?;
         let endpoints: Vec<SocketAddr> = peer.endpoint.into_iter().collect();
         let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
-        let name = Self::free_name(&mut tx, net.id, &dns_label(&peer.name)).await?;
+        if Self::denied(&mut tx, ctx.id, &[&peer.node_key.to_string()]).await? {
+            return Err(AppError::Forbidden(
+                "this key was removed or revoked; lift its denylist entry first".into(),
+            ));
+        }
+        let name = Self::free_name(&mut tx, ctx.id, &dns_label(&peer.name)).await?;
         let (seq, v4, v6) = self.next_addresses(&mut tx).await?;
         let res = sqlx::query(
             "INSERT INTO devices (network_id, kind, node_key, hostname, name, os, addr_seq, ipv4, ipv6, \
-             endpoints, created_at) VALUES (?, 'wireguard', ?, ?, ?, 'wireguard', ?, ?, ?, ?, ?)",
+             endpoints, created_at, user_id) VALUES (?, 'wireguard', ?, ?, ?, 'wireguard', ?, ?, ?, ?, ?, ?)",
         )
-        .bind(net.id)
+        .bind(ctx.id)
         .bind(peer.node_key.to_string())
         .bind(&peer.name)
         .bind(&name)
@@ -267,9 +468,18 @@ impl Store {
         .bind(v6.to_string())
         .bind(serde_json::to_string(&endpoints).map_err(anyhow::Error::from)?)
         .bind(now as i64)
+        .bind(ctx.user.id)
         .execute(&mut *tx)
         .await;
         let id = node_key_clash(res)?.last_insert_rowid();
+        super::audit::record(
+            &mut tx,
+            &ctx.who(),
+            super::audit::Change::new(ctx.id, "device.registered", format!("device:{name}"))
+                .to("stock WireGuard peer"),
+            now,
+        )
+        .await?;
         let row: DeviceRow = sqlx::query_as(&format!("{SELECT_DEVICE} WHERE d.id = ?"))
             .bind(id)
             .fetch_one(&mut *tx)
@@ -412,7 +622,7 @@ impl Store {
     }
 }
 
-fn node_key_clash(
+pub(super) fn node_key_clash(
     res: Result<sqlx::sqlite::SqliteQueryResult, sqlx::Error>,
 ) -> Result<sqlx::sqlite::SqliteQueryResult, AppError> {
     match res {
@@ -441,6 +651,7 @@ mod tests {
                 hostname: host.into(),
                 os: "linux".into(),
                 capabilities: Capabilities::default(),
+                network: None,
             },
         }
     }

@@ -1,8 +1,13 @@
 //! Storage: SQLite in WAL mode under the state directory, versioned
 //! migrations, and the queries the API needs.
 
+mod access;
+pub mod audit;
 mod devices;
+mod invites;
 mod networks;
+mod pairing;
+pub mod people;
 mod preauth;
 
 use std::path::Path;
@@ -15,7 +20,10 @@ use sha2::{Digest, Sha256};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::SqlitePool;
 
-pub use devices::{DeviceRow, NewWireguardPeer, Registration};
+pub use devices::{DeviceRow, NewWireguardPeer, Registered, Registration};
+pub use access::Rotated;
+pub use people::{NetCtx, UserRow};
+pub use pairing::normalize_code;
 
 use crate::error::AppError;
 
@@ -68,9 +76,14 @@ impl Store {
         Ok(self.setting("ula_prefix").await?.is_some())
     }
 
-    /// First-time setup: the network's IPv6 prefix and a first admin token,
-    /// which is returned (and stored only hashed).
+    /// First-time setup: the network's IPv6 prefix and a first user (who
+    /// will own the networks made from the state directory), whose token is
+    /// returned (and stored only hashed).
     pub async fn init(&self, now: u64) -> Result<String, AppError> {
+        self.init_as("admin", now).await
+    }
+
+    pub async fn init_as(&self, username: &str, now: u64) -> Result<String, AppError> {
         let mut tx = self.pool.begin().await?;
         let exists: Option<(String,)> =
             sqlx::query_as("SELECT value FROM settings WHERE key = 'ula_prefix'")
@@ -88,14 +101,8 @@ impl Store {
             .bind(ula.to_string())
             .execute(&mut *tx)
             .await?;
-        let token = random_secret("meshadm");
-        sqlx::query(
-            "INSERT INTO admin_tokens (name, token_hash, created_at) VALUES ('admin', ?, ?)",
-        )
-        .bind(secret_hash(&token))
-        .bind(now as i64)
-        .execute(&mut *tx)
-        .await?;
+        let user = Self::insert_user(&mut tx, username, None, now).await?;
+        let token = Self::insert_token(&mut tx, user.id, now).await?;
         tx.commit().await?;
         Ok(token)
     }
@@ -114,15 +121,6 @@ impl Store {
         })?;
         text.parse()
             .map_err(|e| AppError::Internal(anyhow::anyhow!("stored ULA prefix {text:?}: {e}")))
-    }
-
-    pub async fn admin_token_valid(&self, token: &str) -> Result<bool, AppError> {
-        let row: Option<(i64,)> =
-            sqlx::query_as("SELECT id FROM admin_tokens WHERE token_hash = ?")
-                .bind(secret_hash(token))
-                .fetch_optional(&self.pool)
-                .await?;
-        Ok(row.is_some())
     }
 
     /// A token a relay presents for admission checks; returned once.
@@ -172,16 +170,17 @@ mod tests {
         let (store, _dir) = test_store().await;
         assert!(!store.is_initialized().await.unwrap());
         let token = store.init(1).await.unwrap();
-        assert!(token.starts_with("meshadm-"));
-        assert!(store.admin_token_valid(&token).await.unwrap());
-        assert!(!store.admin_token_valid("meshadm-nope").await.unwrap());
+        assert!(token.starts_with("meshtok-"));
+        let user = store.user_by_token(&token).await.unwrap().unwrap();
+        assert_eq!(user.username, "admin");
+        assert!(store.user_by_token("meshtok-nope").await.unwrap().is_none());
         assert!(matches!(store.init(2).await, Err(AppError::Conflict(_))));
         assert!(store.ula_prefix().await.is_ok());
         let relay = store.create_relay_token("r1", 3).await.unwrap();
         assert!(store.relay_token_valid(&relay).await.unwrap());
         assert!(
-            !store.admin_token_valid(&relay).await.unwrap(),
-            "relay tokens are not admin tokens"
+            store.user_by_token(&relay).await.unwrap().is_none(),
+            "relay tokens are not user tokens"
         );
         assert!(!store.relay_token_valid(&token).await.unwrap());
     }

@@ -15,10 +15,12 @@ pub enum Drop {
     AdmissionDenied,
     AdmissionUnavailable,
     UnexpectedFrame,
+    /// A connected client whose node key the coordinator revoked.
+    Revoked,
 }
 
 impl Drop {
-    const ALL: [Drop; 9] = [
+    const ALL: [Drop; 10] = [
         Drop::RateLimited,
         Drop::QueueFull,
         Drop::NoSuchPeer,
@@ -28,6 +30,7 @@ impl Drop {
         Drop::AdmissionDenied,
         Drop::AdmissionUnavailable,
         Drop::UnexpectedFrame,
+        Drop::Revoked,
     ];
 
     pub fn label(self) -> &'static str {
@@ -41,6 +44,7 @@ impl Drop {
             Drop::AdmissionDenied => "admission_denied",
             Drop::AdmissionUnavailable => "admission_unavailable",
             Drop::UnexpectedFrame => "unexpected_frame",
+            Drop::Revoked => "revoked",
         }
     }
 }
@@ -53,7 +57,13 @@ pub struct Metrics {
     pub bytes_out: AtomicU64,
     pub packets_in: AtomicU64,
     pub packets_out: AtomicU64,
-    drops: [AtomicU64; 9],
+    /// Node keys the coordinator revoked (pushed on the revocation stream).
+    pub revocations: AtomicU64,
+    /// Times the admission cache was flushed on the coordinator's word.
+    pub revocation_resyncs: AtomicU64,
+    /// 1 while the revocation stream to the coordinator is open.
+    pub revocation_stream_up: AtomicI64,
+    drops: [AtomicU64; Drop::ALL.len()],
 }
 
 impl Metrics {
@@ -99,6 +109,21 @@ impl Metrics {
             out,
             "# TYPE derp_packets_sent_total counter\nderp_packets_sent_total {}",
             l(&self.packets_out)
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE derp_revocations_total counter\nderp_revocations_total {}",
+            l(&self.revocations)
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE derp_revocation_resyncs_total counter\nderp_revocation_resyncs_total {}",
+            l(&self.revocation_resyncs)
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE derp_revocation_stream_up gauge\nderp_revocation_stream_up {}",
+            self.revocation_stream_up.load(Ordering::Relaxed)
         );
         let _ = writeln!(out, "# TYPE derp_drops_total counter");
         for (d, c) in Drop::ALL.iter().zip(&self.drops) {

@@ -2,13 +2,15 @@
 //! and a separate path-discovery queue, forwarding by destination node key.
 //!
 //! A slow reader only fills its own queues (later packets for it are dropped
-//! and counted); nobody else waits on it.
+//! and counted); nobody else waits on it. A client whose node key the
+//! coordinator revokes is evicted at once (see [`revocations`]).
 
 pub mod admission;
 pub mod http;
 pub mod mesh;
 pub mod metrics;
 pub mod ratelimit;
+pub mod revocations;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use platform::keys::NodePublic;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use x25519_dalek::{PublicKey, StaticSecret};
 
 use crate::io::{write_frame, FrameReader, ReadError};
@@ -35,6 +37,8 @@ pub const DISCO_QUEUE: usize = 64;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A keepalive goes to every client this often.
 const KEEPALIVE: Duration = Duration::from_secs(30);
+/// How long an evicted client's writer gets to deliver the closing frame.
+const EVICT_FLUSH: Duration = Duration::from_secs(1);
 
 pub struct RelayConfig {
     pub private: StaticSecret,
@@ -55,6 +59,8 @@ struct Client {
     disco: Outbox,
     /// Who has sent to this client: they hear when it goes away.
     senders: Mutex<HashSet<Key>>,
+    /// Notified when the client's key is revoked: its connection ends.
+    evict: Notify,
 }
 
 pub struct Relay {
@@ -168,23 +174,40 @@ impl Relay {
             bulk: bulk_tx,
             disco: disco_tx,
             senders: Mutex::new(HashSet::new()),
+            evict: Notify::new(),
         });
         // A newer connection with the same key replaces the older one, whose
         // queues close and whose writer ends.
         if self.clients().insert(key, client.clone()).is_none() {
             self.metrics.clients.fetch_add(1, Ordering::Relaxed);
         }
+        // Revoked between its admission and now: a revocation marks the key
+        // denied before looking for its client, so one of the two sees the other.
+        if self.cfg.admission.denies(&node, Instant::now()) {
+            client.evict.notify_one();
+        }
         self.metrics.accepted.fetch_add(1, Ordering::Relaxed);
         self.announce(&Frame::PeerPresent { key });
         tracing::debug!(node = %node.short(), "client admitted");
         let _ = client.bulk.try_send(encoded(&Frame::ServerInfo));
-        let writer = tokio::spawn(write_loop(self.clone(), write, bulk_rx, disco_rx));
-        let outcome = self.read_loop(&mut reader, key, &client).await;
+        let mut writer = tokio::spawn(write_loop(self.clone(), write, bulk_rx, disco_rx));
+        let outcome = tokio::select! {
+            outcome = self.read_loop(&mut reader, key, &client) => outcome,
+            () = client.evict.notified() => Err(Drop::Revoked),
+        };
         if let Err(why) = outcome {
             self.metrics.drop(why);
             tracing::debug!(node = %node.short(), reason = why.label(), "closing client");
         }
         self.depart(key, &client);
+        if outcome == Err(Drop::Revoked) {
+            // Say why (path-discovery frames go out first), then let the
+            // writer end: it stops when that queue closes with our handle.
+            let reason = Drop::Revoked.label().to_owned();
+            let _ = client.disco.try_send(encoded(&Frame::Close { reason }));
+            drop(client);
+            let _ = tokio::time::timeout(EVICT_FLUSH, &mut writer).await;
+        }
         writer.abort();
     }
 

@@ -324,7 +324,7 @@ async fn admission_asks_the_coordinator() {
     let secret = StaticSecret::random_from_rng(OsRng);
     let known = PublicKey::from(&secret).to_bytes();
     let coord = fake_coordinator(known).await;
-    let (relay, url) = start(Admission::coordinator(&coord, "t".into()), 1 << 30).await;
+    let (relay, url) = start(Admission::coordinator(&coord, "t".into()).unwrap(), 1 << 30).await;
 
     let (tx, mut events) = mpsc::channel(16);
     let _ok = RelayClient::spawn(url.clone(), secret, (), tx);
@@ -345,7 +345,7 @@ async fn admission_asks_the_coordinator() {
 
     // Coordinator unreachable: unknown keys are refused.
     let (relay, url) = start(
-        Admission::coordinator("http://127.0.0.1:1", "t".into()),
+        Admission::coordinator("http://127.0.0.1:1", "t".into()).unwrap(),
         1 << 30,
     )
     .await;
@@ -499,4 +499,176 @@ async fn clients_reach_a_tls_relay_that_chains_to_their_ca() {
         other => panic!("{other:?}"),
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A coordinator stand-in with a revocation stream: admits the keys in
+/// `known`; each stream opens with `resync`, then relays what the test sends
+/// (`None` closes the stream).
+struct RevokingCoordinator {
+    url: String,
+    known: Arc<std::sync::Mutex<std::collections::HashSet<platform::keys::NodePublic>>>,
+    push: tokio::sync::broadcast::Sender<Option<platform::api::RevocationMessage>>,
+}
+
+async fn revoking_coordinator() -> RevokingCoordinator {
+    use axum::extract::ws::{Message, WebSocketUpgrade};
+    use axum::extract::Path;
+    use axum::http::{HeaderMap, StatusCode};
+    use axum::response::IntoResponse as _;
+    use platform::api::RevocationMessage;
+    let known = Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+    let (push, _) = tokio::sync::broadcast::channel::<Option<RevocationMessage>>(64);
+    let admit_known = known.clone();
+    let stream_push = push.clone();
+    let app = axum::Router::new()
+        .route(
+            "/api/v1/relay/admit/{key}",
+            axum::routing::get(move |Path(key): Path<String>| {
+                let known = admit_known.clone();
+                async move {
+                    let key: platform::keys::NodePublic = key.parse().unwrap();
+                    if known.lock().unwrap().contains(&key) {
+                        StatusCode::OK
+                    } else {
+                        StatusCode::NOT_FOUND
+                    }
+                }
+            }),
+        )
+        .route(
+            "/api/v1/relay/revocations",
+            axum::routing::get(move |headers: HeaderMap, ws: WebSocketUpgrade| {
+                let mut rx = stream_push.subscribe();
+                async move {
+                    if headers.get("authorization").and_then(|v| v.to_str().ok())
+                        != Some("Bearer t")
+                    {
+                        return StatusCode::UNAUTHORIZED.into_response();
+                    }
+                    ws.on_upgrade(move |mut socket| async move {
+                        let mut next = Some(RevocationMessage::Resync);
+                        while let Some(msg) = next {
+                            let text = serde_json::to_string(&msg).unwrap();
+                            if socket.send(Message::Text(text.into())).await.is_err() {
+                                return;
+                            }
+                            next = rx.recv().await.ok().flatten();
+                        }
+                    })
+                }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    RevokingCoordinator {
+        url: format!("http://{addr}"),
+        known,
+        push,
+    }
+}
+
+impl RevokingCoordinator {
+    /// A device the coordinator knows, connected to the relay at `url`.
+    async fn device(&self, url: &str) -> Peer {
+        let secret = StaticSecret::random_from_rng(OsRng);
+        let key = PublicKey::from(&secret).to_bytes();
+        self.known
+            .lock()
+            .unwrap()
+            .insert(platform::keys::NodePublic::from_bytes(key));
+        let (tx, events) = mpsc::channel(64);
+        let client = RelayClient::spawn(url.to_owned(), secret, (), tx);
+        let mut p = Peer {
+            key,
+            client,
+            events,
+        };
+        match p.next().await {
+            RelayEvent::Connected => p,
+            other => panic!("not connected: {other:?}"),
+        }
+    }
+
+    /// The coordinator forgets `key`; `push` says so on the stream.
+    fn forget(&self, key: Key, push: bool) {
+        let key = platform::keys::NodePublic::from_bytes(key);
+        self.known.lock().unwrap().remove(&key);
+        if push {
+            let msg = platform::api::RevocationMessage::Revoked { node_key: key };
+            self.push.send(Some(msg)).unwrap();
+        }
+    }
+}
+
+/// The next disconnection of `p`, within `within`; other events are skipped.
+async fn disconnected(p: &mut Peer, within: Duration) -> String {
+    tokio::time::timeout(within, async {
+        loop {
+            match p.events.recv().await.expect("open").1 {
+                RelayEvent::Disconnected { reason } => return reason,
+                _ => continue,
+            }
+        }
+    })
+    .await
+    .expect("disconnected in time")
+}
+
+#[tokio::test]
+async fn revoked_clients_are_evicted_at_once() {
+    use std::sync::atomic::Ordering;
+    let coord = revoking_coordinator().await;
+    let (relay, url) = start(Admission::coordinator(&coord.url, "t".into()).unwrap(), 1 << 30).await;
+    let _stream = tokio::spawn(super::revocations::run(relay.clone()));
+    wait_for("the revocation stream", || {
+        relay.metrics.revocation_stream_up.load(Ordering::Relaxed) == 1
+    })
+    .await;
+
+    let mut a = coord.device(&url).await;
+    let mut b = coord.device(&url).await;
+    assert!(a.client.send(b.key, b"before"));
+    assert_eq!(b.next_packet().await, (a.key, b"before".to_vec()));
+
+    // Revoked while its admission is still cached for most of a minute: gone
+    // at once, told why, and those it talked to hear it left.
+    coord.forget(a.key, true);
+    let reason = disconnected(&mut a, Duration::from_secs(2)).await;
+    assert!(reason.contains("revoked"), "{reason}");
+    match b.next().await {
+        RelayEvent::PeerGone { key, reason } => {
+            assert_eq!((key, reason), (a.key, GoneReason::Disconnected))
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(relay.client_count(), 1);
+    assert_eq!(relay.metrics.drops(Drop::Revoked), 1);
+    assert_eq!(relay.metrics.revocations.load(Ordering::Relaxed), 1);
+    assert!(relay.metrics.render().contains("derp_revocations_total 1"));
+    // Its client reconnects on its own, and is refused.
+    let reason = disconnected(&mut a, Duration::from_secs(5)).await;
+    assert!(reason.contains("admission_denied"), "{reason}");
+
+    // A revocation the relay missed (the stream dropped): the reconnect's
+    // resync asks again about every connected client.
+    coord.push.send(None).unwrap();
+    coord.forget(b.key, false);
+    let reason = disconnected(&mut b, Duration::from_secs(5)).await;
+    assert!(reason.contains("revoked"), "{reason}");
+    assert_eq!(relay.client_count(), 0);
+    assert_eq!(
+        relay.metrics.revocation_resyncs.load(Ordering::Relaxed),
+        2,
+        "one resync per stream"
+    );
+    assert_eq!(relay.metrics.drops(Drop::Revoked), 2);
+}
+
+#[tokio::test]
+async fn open_relays_hold_no_revocation_stream() {
+    let (relay, _) = start(Admission::Open, 1 << 30).await;
+    tokio::time::timeout(Duration::from_secs(1), super::revocations::run(relay))
+        .await
+        .expect("returns at once");
 }

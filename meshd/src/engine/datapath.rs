@@ -180,10 +180,11 @@ async fn receive(shared: &Shared, peer: &Peer, datagram: &[u8], via: Via, outbuf
                 }
             };
             let now = Instant::now();
-            if let (Via::Udp(from), false) = (
-                via,
-                datagram.is_empty() || matches!(outcome, Decapsulated::Done),
-            ) {
+            let authenticated = !datagram.is_empty() && !matches!(outcome, Decapsulated::Done);
+            if authenticated {
+                st.answered();
+            }
+            if let (Via::Udp(from), true) = (via, authenticated) {
                 st.heard_from(from, now);
             }
             if matches!(&outcome, Decapsulated::Tunnel(range, _) if !range.is_empty()) {
@@ -247,9 +248,10 @@ pub(super) async fn udp_to_tun(shared: Arc<Shared>) {
             disco::handle(&shared, &table, datagram, Via::Udp(from), None).await;
             continue;
         }
+        let identity = shared.identity.load();
         let Some(peer) = classify(
-            &shared.secret,
-            &shared.public,
+            &identity.secret,
+            &identity.public,
             &shared.counters,
             &table,
             datagram,
@@ -333,7 +335,13 @@ pub(super) async fn timers(shared: Arc<Shared>) {
                 if peer.disco_key.is_some() {
                     st.paths.poll(now, home.is_some(), &mut outs);
                 }
-                match st.tunn.update_timers(&mut buf) {
+                let result = if st.rehandshake_due(now) {
+                    // After a node-key change: don't wait out WireGuard's 5 s retry.
+                    st.tunn.format_handshake_initiation(&mut buf, true)
+                } else {
+                    st.tunn.update_timers(&mut buf)
+                };
+                match result {
                     TunnResult::WriteToNetwork(out) => {
                         let range = range_in(base, out);
                         (Some(range.clone()), st.targets_for(&buf[range], now), home)
@@ -378,6 +386,7 @@ mod tests {
             &netmap(&me, vec![node(known.public(), 2, &[])]),
             &me,
             &IndexAllocator::new(5),
+            0,
         );
         let (secret, public) = (me.to_dalek(), me.public().to_dalek());
         let c = Counters::default();

@@ -41,7 +41,6 @@ type Waiter = (Instant, oneshot::Sender<PingReply>);
 
 pub(super) struct Disco {
     pub private: DiscoPrivate,
-    pub node_key: NodePublic,
     /// This device's endpoints, offered in call-me-maybe.
     pub own_endpoints: ArcSwap<Vec<SocketAddr>>,
     /// `meshd ping`s waiting for their pong.
@@ -49,10 +48,9 @@ pub(super) struct Disco {
 }
 
 impl Disco {
-    pub fn new(private: DiscoPrivate, node_key: NodePublic) -> Self {
+    pub fn new(private: DiscoPrivate) -> Self {
         Disco {
             private,
-            node_key,
             own_endpoints: ArcSwap::from_pointee(Vec::new()),
             waiters: Mutex::new(HashMap::new()),
         }
@@ -105,7 +103,7 @@ pub(super) async fn send_outs(
                     peer,
                     &Message::Ping {
                         tx: *tx,
-                        node_key: shared.disco.node_key,
+                        node_key: shared.identity.load().node,
                     },
                     Via::Udp(*to),
                 )

@@ -110,11 +110,33 @@ pub struct PeerStats {
     pub tx_bytes: u64,
 }
 
-struct Shared {
+/// This device's node key in the forms the packet path needs; replaced
+/// whole when the key rotates.
+struct Identity {
     private: NodePrivate,
+    node: NodePublic,
     public: boringtun::x25519::PublicKey,
     secret: boringtun::x25519::StaticSecret,
+}
+
+impl Identity {
+    fn new(private: NodePrivate) -> Self {
+        let secret = private.to_dalek();
+        Identity {
+            node: private.public(),
+            public: boringtun::x25519::PublicKey::from(&secret),
+            secret,
+            private,
+        }
+    }
+}
+
+struct Shared {
+    identity: ArcSwap<Identity>,
     peers: ArcSwap<PeerTable>,
+    /// Serialises peer-table rebuilds with node-key changes, so no session
+    /// is built with a key that was just replaced.
+    rebuilding: std::sync::Mutex<()>,
     indices: IndexAllocator,
     udp: udp::UdpPort,
     tun: ::tun::AsyncDevice,
@@ -145,20 +167,18 @@ impl Engine {
     ) -> anyhow::Result<Engine> {
         let device = tun_device::create(tun, addresses, routes)?;
         let udp = udp::UdpPort::bind(udp_port)?;
-        let secret = private.to_dalek();
-        let public = boringtun::x25519::PublicKey::from(&secret);
+        let identity = Identity::new(private);
         // Random, so that a restarted engine does not reuse the indices its
         // previous instance handed out.
         let start_index = rand_core::RngCore::next_u32(&mut rand_core::OsRng);
         let (relay_tx, relay_rx) = tokio::sync::mpsc::channel(relays::EVENT_QUEUE);
         let shared = Arc::new(Shared {
-            relays: relays::Relays::new(secret.clone(), relay_tx),
+            relays: relays::Relays::new(identity.secret.clone(), relay_tx),
             stun: stun::StunProbe::default(),
-            disco: disco::Disco::new(disco_private, private.public()),
-            private,
-            public,
-            secret,
+            disco: disco::Disco::new(disco_private),
+            identity: ArcSwap::from_pointee(identity),
             peers: ArcSwap::from_pointee(PeerTable::default()),
+            rebuilding: std::sync::Mutex::new(()),
             indices: IndexAllocator::new(start_index),
             udp,
             tun: device,
@@ -195,13 +215,52 @@ impl Engine {
         &self.addresses
     }
 
-    /// Adds, changes and removes peers to match `netmap`, live.
-    pub fn set_netmap(&self, netmap: &NetMap) {
+    /// Adds, changes and removes peers to match `netmap`, live; peers
+    /// whose key has expired at `now_unix` are left out.
+    pub fn set_netmap(&self, netmap: &NetMap, now_unix: u64) {
         self.shared.relays.set_map(&netmap.relay_map);
+        let _one = self
+            .shared
+            .rebuilding
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let old = self.shared.peers.load();
-        let table = PeerTable::build(&old, netmap, &self.shared.private, &self.shared.indices);
+        let identity = self.shared.identity.load();
+        let table = PeerTable::build(
+            &old,
+            netmap,
+            &identity.private,
+            &self.shared.indices,
+            now_unix,
+        );
         tracing::debug!(peers = table.by_key.len(), "peer table updated");
         self.shared.peers.store(Arc::new(table));
+    }
+
+    /// Switches to a new node key (rotation) with as little loss as
+    /// possible: each peer's session keeps its index and state and only
+    /// swaps the static key (its current keys end: WireGuard binds them to
+    /// both ends' static keys), peers talked to recently get fresh
+    /// handshakes at once and quickly retried while they learn the new key
+    /// from the coordinator, and relay links reconnect under the new key.
+    pub fn set_node_key(&self, key: &NodePrivate) {
+        let _one = self
+            .shared
+            .rebuilding
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if self.shared.identity.load().node == key.public() {
+            return;
+        }
+        let identity = Identity::new(key.clone());
+        let (secret, public) = (identity.secret.clone(), identity.public);
+        self.shared.identity.store(Arc::new(identity));
+        let now = Instant::now();
+        for peer in self.shared.peers.load().by_key.values() {
+            peer.lock().set_static_key(secret.clone(), public, now);
+        }
+        self.shared.relays.set_node(secret);
+        tracing::info!(node = %key.public().short(), "engine switched to the new node key");
     }
 
     pub fn udp_port(&self) -> u16 {
@@ -292,7 +351,7 @@ impl Engine {
         };
         let msg = platform::disco::Message::Ping {
             tx,
-            node_key: self.shared.disco.node_key,
+            node_key: self.shared.identity.load().node,
         };
         match direct {
             Some(ep) => disco::send(&self.shared, peer, &msg, disco::Via::Udp(ep)).await,
@@ -360,7 +419,8 @@ impl Drop for Engine {
 /// The engine of a joined device, started once the first netmap says which
 /// addresses it has (and restarted if they ever change).
 pub struct EngineSlot {
-    private: NodePrivate,
+    /// The node key an engine starts with (the latest, after rotations).
+    private: std::sync::Mutex<NodePrivate>,
     disco: DiscoPrivate,
     tun: TunConfig,
     udp_port: u16,
@@ -370,7 +430,7 @@ pub struct EngineSlot {
 impl EngineSlot {
     pub fn new(private: NodePrivate, disco: DiscoPrivate, tun: TunConfig, udp_port: u16) -> Self {
         EngineSlot {
-            private,
+            private: std::sync::Mutex::new(private),
             disco,
             tun,
             udp_port,
@@ -385,8 +445,18 @@ impl EngineSlot {
             .clone()
     }
 
-    /// Starts the engine for `netmap` if needed and hands it the peers.
-    pub async fn apply(&self, netmap: &NetMap) -> anyhow::Result<Arc<Engine>> {
+    /// Uses `key` from now on: in the running engine at once, and in any
+    /// engine started later.
+    pub fn set_node_key(&self, key: &NodePrivate) {
+        *self.private.lock().unwrap_or_else(|p| p.into_inner()) = key.clone();
+        if let Some(e) = self.get() {
+            e.set_node_key(key);
+        }
+    }
+
+    /// Starts the engine for `netmap` if needed and hands it the peers
+    /// (those whose key is still good at `now_unix`).
+    pub async fn apply(&self, netmap: &NetMap, now_unix: u64) -> anyhow::Result<Arc<Engine>> {
         let current = self.get();
         let engine = match current {
             Some(e) if e.addresses() == netmap.self_node.addresses.as_slice() => e,
@@ -397,8 +467,13 @@ impl EngineSlot {
                     *self.engine.lock().unwrap_or_else(|p| p.into_inner()) = None;
                     drop(old);
                 }
+                let private = self
+                    .private
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
                 let e = Arc::new(Engine::start(
-                    self.private.clone(),
+                    private,
                     self.disco.clone(),
                     &self.tun,
                     &netmap.self_node.addresses,
@@ -409,7 +484,7 @@ impl EngineSlot {
                 e
             }
         };
-        engine.set_netmap(netmap);
+        engine.set_netmap(netmap, now_unix);
         Ok(engine)
     }
 

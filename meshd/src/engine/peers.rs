@@ -36,6 +36,52 @@ pub struct PeerState {
     home_region: Option<u32>,
     /// Direct-path discovery (peers running meshd).
     pub paths: PathState,
+    /// Quick handshake retries after this device's node key changed.
+    rehandshake: Option<Rehandshake>,
+}
+
+/// A session with a handshake this recent carries traffic worth keeping:
+/// it gets a fresh handshake at once when the node key changes (WireGuard's
+/// REJECT_AFTER_TIME; older sessions are gone anyway).
+const ACTIVE_SESSION: Duration = Duration::from_secs(180);
+
+/// Handshake retries after a node-key change. The peer drops initiations
+/// under the new key until the coordinator has told it about the key (tens
+/// of milliseconds after the rotation), and WireGuard's own retry would
+/// wait 5 s: so retry at every chance, backing off to once a second, until
+/// the peer answers or `REHANDSHAKE_FOR` has passed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rehandshake {
+    until: Instant,
+    next: Instant,
+    gap: Duration,
+}
+
+const REHANDSHAKE_FIRST_GAP: Duration = Duration::from_millis(200);
+const REHANDSHAKE_MAX_GAP: Duration = Duration::from_secs(1);
+const REHANDSHAKE_FOR: Duration = Duration::from_secs(15);
+
+impl Rehandshake {
+    pub fn new(now: Instant) -> Self {
+        Rehandshake {
+            until: now + REHANDSHAKE_FOR,
+            next: now,
+            gap: REHANDSHAKE_FIRST_GAP,
+        }
+    }
+
+    /// Whether to send a new initiation at `now`; `None` once it gave up.
+    pub fn poll(&mut self, now: Instant) -> Option<bool> {
+        if now >= self.until {
+            return None;
+        }
+        if now < self.next {
+            return Some(false);
+        }
+        self.next = now + self.gap;
+        self.gap = (self.gap * 2).min(REHANDSHAKE_MAX_GAP);
+        Some(true)
+    }
 }
 
 /// Where one packet goes: directly, through a relay, or both.
@@ -139,6 +185,42 @@ impl PeerState {
         }
     }
 
+    /// This device's node key changed: the session goes on under `secret`
+    /// (same index, endpoints and path state); one that carried traffic
+    /// lately gets quick fresh handshakes ([`Rehandshake`]).
+    pub fn set_static_key(
+        &mut self,
+        secret: boringtun::x25519::StaticSecret,
+        public: boringtun::x25519::PublicKey,
+        now: Instant,
+    ) {
+        let active = self
+            .tunn
+            .time_since_last_handshake()
+            .is_some_and(|d| d < ACTIVE_SESSION);
+        self.tunn.set_static_private(secret, public, None);
+        self.rehandshake = active.then(|| Rehandshake::new(now));
+    }
+
+    /// Whether the timer should force a new handshake initiation now.
+    pub fn rehandshake_due(&mut self, now: Instant) -> bool {
+        let Some(r) = self.rehandshake.as_mut() else {
+            return false;
+        };
+        match r.poll(now) {
+            Some(due) => due,
+            None => {
+                self.rehandshake = None;
+                false
+            }
+        }
+    }
+
+    /// The peer answered under the current keys: handshakes are settled.
+    pub fn answered(&mut self) {
+        self.rehandshake = None;
+    }
+
     fn set_candidates(&mut self, candidates: Vec<SocketAddr>) {
         if let Some(ep) = self.confirmed {
             if !candidates.contains(&ep) && !candidates.is_empty() {
@@ -200,18 +282,17 @@ const PERSISTENT_KEEPALIVE_SECS: u16 = 25;
 
 impl PeerTable {
     /// Builds the table for `netmap`, keeping the sessions of peers whose key
-    /// and addresses are unchanged.
+    /// and addresses are unchanged, and leaving out peers whose key has
+    /// expired at `now_unix`.
     pub fn build(
         old: &PeerTable,
         netmap: &NetMap,
         private: &NodePrivate,
         indices: &IndexAllocator,
+        now_unix: u64,
     ) -> PeerTable {
         let mut table = PeerTable::default();
-        for node in netmap.peers.values() {
-            if node.node_key == netmap.self_node.node_key {
-                continue;
-            }
+        for node in crate::key_expiry::active_peers(netmap, now_unix) {
             let candidates = node.endpoints.clone();
             let peer = match old.by_key.get(&node.node_key) {
                 Some(existing)
@@ -245,6 +326,7 @@ impl PeerTable {
                         candidates,
                         next_candidate: 0,
                         home_region: node.home_region,
+                        rehandshake: None,
                     };
                     Arc::new(Peer {
                         node_key: node.node_key,
@@ -287,6 +369,8 @@ pub(super) mod tests {
             os: "linux".into(),
             home_region: None,
             capabilities: None,
+            owner: None,
+            key_expiry: None,
         }
     }
 
@@ -301,6 +385,7 @@ pub(super) mod tests {
                 .collect::<BTreeMap<_, _>>(),
             relay_map: RelayMap::default(),
             dns: DnsConfig::default(),
+            awaiting_approval: false,
         }
     }
 
@@ -317,6 +402,7 @@ pub(super) mod tests {
             &netmap(&me, vec![node(a, 2, &[]), node(b, 3, &[])]),
             &me,
             &idx,
+            0,
         );
         assert_eq!(t1.by_key.len(), 2);
         assert!(t1.by_ip.contains_key(&IpAddr::from([100, 64, 0, 3])));
@@ -325,6 +411,7 @@ pub(super) mod tests {
             &netmap(&me, vec![node(a, 2, &["10.0.0.2:1"])]),
             &me,
             &idx,
+            0,
         );
         assert_eq!(t2.by_key.len(), 1);
         assert!(Arc::ptr_eq(&t1.by_key[&a], &t2.by_key[&a]), "session kept");
@@ -334,7 +421,7 @@ pub(super) mod tests {
         // The peer restarted (new disco key): a fresh session.
         let mut restarted = node(a, 2, &["10.0.0.2:1"]);
         restarted.disco_key = Some(platform::keys::DiscoPrivate::generate().public());
-        let t3 = PeerTable::build(&t2, &netmap(&me, vec![restarted]), &me, &idx);
+        let t3 = PeerTable::build(&t2, &netmap(&me, vec![restarted]), &me, &idx, 0);
         assert!(
             !Arc::ptr_eq(&t2.by_key[&a], &t3.by_key[&a]),
             "session replaced"
@@ -351,6 +438,7 @@ pub(super) mod tests {
             &netmap(&me, vec![node(a, 2, &["10.0.0.1:1", "10.0.0.2:1"])]),
             &me,
             &idx,
+            0,
         );
         let mut st = t.by_key[&a].lock();
         let now = Instant::now();
@@ -387,6 +475,7 @@ pub(super) mod tests {
             &netmap(&me, vec![n]),
             &me,
             &IndexAllocator::new(1),
+            0,
         );
         let mut st = t.by_key[&a].lock();
         let now = Instant::now();
@@ -427,5 +516,117 @@ pub(super) mod tests {
                 relay: Some(7)
             }
         );
+    }
+
+    #[test]
+    fn rehandshakes_back_off_then_give_up() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut r = Rehandshake::new(t0);
+        assert_eq!(r.poll(t0), Some(true), "at once");
+        assert_eq!(r.poll(t0 + ms(100)), Some(false));
+        assert_eq!(r.poll(t0 + ms(200)), Some(true));
+        assert_eq!(r.poll(t0 + ms(500)), Some(false), "gap doubled");
+        assert_eq!(r.poll(t0 + ms(600)), Some(true));
+        assert_eq!(r.poll(t0 + ms(1399)), Some(false));
+        assert_eq!(r.poll(t0 + ms(1400)), Some(true));
+        assert_eq!(r.poll(t0 + ms(2399)), Some(false), "capped at a second");
+        assert_eq!(r.poll(t0 + ms(2400)), Some(true));
+        assert_eq!(r.poll(t0 + REHANDSHAKE_FOR), None, "gives up");
+    }
+
+    /// Runs `datagram` through `tunn`, returning what it wants sent back.
+    fn feed(tunn: &mut Tunn, datagram: &[u8]) -> Option<Vec<u8>> {
+        let mut out = vec![0u8; 2048];
+        match tunn.decapsulate(None, datagram, &mut out) {
+            boringtun::noise::TunnResult::WriteToNetwork(p) => Some(p.to_vec()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn node_key_change_keeps_the_peer_and_rehandshakes_under_the_new_key() {
+        let (old, new, them) = (
+            NodePrivate::generate(),
+            NodePrivate::generate(),
+            NodePrivate::generate(),
+        );
+        let t = PeerTable::build(
+            &PeerTable::default(),
+            &netmap(&old, vec![node(them.public(), 2, &[])]),
+            &old,
+            &IndexAllocator::new(3),
+            0,
+        );
+        let peer = t.by_key[&them.public()].clone();
+        let mut st = peer.lock();
+        let mut buf = vec![0u8; 2048];
+        // A session under the old key.
+        let mut theirs = Tunn::new(them.to_dalek(), old.public().to_dalek(), None, None, 9, None);
+        let init = match st.tunn.format_handshake_initiation(&mut buf, false) {
+            boringtun::noise::TunnResult::WriteToNetwork(p) => p.to_vec(),
+            _ => panic!("no initiation"),
+        };
+        let response = feed(&mut theirs, &init).expect("response");
+        let keepalive = feed(&mut st.tunn, &response).expect("keepalive");
+        assert!(feed(&mut theirs, &keepalive).is_none());
+        assert!(st.tunn.time_since_last_handshake().is_some());
+        let now = Instant::now();
+        assert!(!st.rehandshake_due(now), "nothing to do before a change");
+
+        st.set_static_key(new.to_dalek(), new.public().to_dalek(), now);
+        assert!(st.rehandshake_due(now), "an active session rehandshakes at once");
+        let init = match st.tunn.format_handshake_initiation(&mut buf, true) {
+            boringtun::noise::TunnResult::WriteToNetwork(p) => p.to_vec(),
+            _ => panic!("no initiation"),
+        };
+        // A peer that still knows only the old key refuses it ...
+        assert!(feed(&mut theirs, &init).is_none());
+        // ... and once told the new key (a fresh session), accepts.
+        let mut told = Tunn::new(them.to_dalek(), new.public().to_dalek(), None, None, 10, None);
+        let response = feed(&mut told, &init).expect("response under the new key");
+        assert!(feed(&mut st.tunn, &response).is_some(), "session up");
+        st.answered();
+        assert!(!st.rehandshake_due(now + Duration::from_secs(1)));
+        assert_eq!(peer.index, t.by_index.keys().copied().next().unwrap(), "same slot");
+    }
+
+    #[test]
+    fn idle_sessions_wait_for_traffic_after_a_key_change() {
+        let (old, new, them) = (
+            NodePrivate::generate(),
+            NodePrivate::generate(),
+            NodePrivate::generate(),
+        );
+        let t = PeerTable::build(
+            &PeerTable::default(),
+            &netmap(&old, vec![node(them.public(), 2, &[])]),
+            &old,
+            &IndexAllocator::new(3),
+            0,
+        );
+        let mut st = t.by_key[&them.public()].lock();
+        let now = Instant::now();
+        st.set_static_key(new.to_dalek(), new.public().to_dalek(), now);
+        assert!(!st.rehandshake_due(now));
+    }
+
+    #[test]
+    fn expired_peers_get_no_session() {
+        let me = NodePrivate::generate();
+        let (a, b) = (
+            NodePrivate::generate().public(),
+            NodePrivate::generate().public(),
+        );
+        let mut na = node(a, 2, &[]);
+        na.key_expiry = Some(1000);
+        let map = netmap(&me, vec![na, node(b, 3, &[])]);
+        let idx = IndexAllocator::new(1);
+        let before = PeerTable::build(&PeerTable::default(), &map, &me, &idx, 999);
+        assert_eq!(before.by_key.len(), 2);
+        let after = PeerTable::build(&before, &map, &me, &idx, 1000);
+        assert!(!after.by_key.contains_key(&a));
+        assert!(!after.by_ip.contains_key(&IpAddr::from([100, 64, 0, 2])));
+        assert!(Arc::ptr_eq(&before.by_key[&b], &after.by_key[&b]));
     }
 }

@@ -15,7 +15,8 @@ use tokio::sync::mpsc;
 pub const EVENT_QUEUE: usize = 1024;
 
 pub struct Relays {
-    node: boringtun::x25519::StaticSecret,
+    /// The node key links authenticate with (replaced on rotation).
+    node: Mutex<boringtun::x25519::StaticSecret>,
     map: ArcSwap<RelayMap>,
     links: ArcSwap<HashMap<u32, Arc<RelayClient>>>,
     /// Serialises changes to `links` (reads stay lock-free).
@@ -31,7 +32,7 @@ impl Relays {
         events: mpsc::Sender<(u32, RelayEvent)>,
     ) -> Self {
         Relays {
-            node,
+            node: Mutex::new(node),
             map: ArcSwap::from_pointee(RelayMap::default()),
             links: ArcSwap::from_pointee(HashMap::new()),
             changing: Mutex::new(()),
@@ -74,6 +75,21 @@ impl Relays {
         }
     }
 
+    /// Authenticates as `node` from now on: every link closes, and the home
+    /// link reopens at once (others when next used).
+    pub fn set_node(&self, node: boringtun::x25519::StaticSecret) {
+        {
+            let _guard = self.changing.lock().unwrap_or_else(|p| p.into_inner());
+            *self.node.lock().unwrap_or_else(|p| p.into_inner()) = node;
+            // Dropping a client ends its link.
+            self.links.store(Arc::new(HashMap::new()));
+            self.up.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        }
+        if let Some(home) = self.home() {
+            self.link(home);
+        }
+    }
+
     /// The link to `region`, opened if needed (`None` for an unknown region).
     fn link(&self, region: u32) -> Option<Arc<RelayClient>> {
         if let Some(l) = self.links.load().get(&region) {
@@ -87,7 +103,8 @@ impl Relays {
         // by key, and the relays forward between their clients.
         let map = self.map.load();
         let info = map.regions.iter().find(|r| r.id == region)?;
-        let spread = usize::from(boringtun::x25519::PublicKey::from(&self.node).as_bytes()[0]);
+        let node = self.node.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let spread = usize::from(boringtun::x25519::PublicKey::from(&node).as_bytes()[0]);
         let url = info.urls.get(spread % info.urls.len().max(1))?.clone();
         tracing::info!(region, %url, "connecting to relay");
         let target = RelayTarget {
@@ -96,7 +113,7 @@ impl Relays {
         };
         let client = Arc::new(RelayClient::spawn(
             target,
-            self.node.clone(),
+            node,
             region,
             self.events.clone(),
         ));

@@ -1,0 +1,92 @@
+//! What peers, the device itself and relays are told after a change has
+//! been committed. Handlers commit through the store, then call exactly one
+//! of these: the rules for who hears what live here and nowhere else.
+
+use platform::api::ApiErrorBody;
+use platform::keys::NodePublic;
+use platform::netmap::{NodeKind, PeerChange};
+use platform::unix_now;
+
+use crate::api::AppState;
+use crate::error::AppError;
+use crate::hub::Push;
+use crate::store::{DeviceRow, Rotated};
+
+/// Whether the hub shows the device online (stock WireGuard devices are
+/// assumed up: they have no map stream).
+pub fn online(s: &AppState, row: &DeviceRow) -> bool {
+    row.kind() == NodeKind::Wireguard || s.hub.is_online(row.network_id, row.id)
+}
+
+/// A device's record changed (registration, report, endpoints): its peers
+/// get the new record if they may see it.
+pub fn device_changed(s: &AppState, row: &DeviceRow) -> Result<(), AppError> {
+    if row.is_visible(unix_now()) {
+        s.hub.broadcast(
+            row.network_id,
+            row.id,
+            PeerChange::Upsert {
+                node: row.to_node(online(s, row))?,
+            },
+        );
+    }
+    Ok(())
+}
+
+/// A device may no longer take part (removed, revoked, or its key
+/// expired): peers drop it, its map stream ends with `why`, relays refuse
+/// its node key.
+pub fn device_shut_out(s: &AppState, row: &DeviceRow, code: &str, why: String) -> Result<(), AppError> {
+    let node_key = row.node_key()?;
+    s.hub
+        .broadcast(row.network_id, row.id, PeerChange::Removed { node_key });
+    s.hub.send_to(
+        row.network_id,
+        row.id,
+        Push::Close(ApiErrorBody {
+            code: code.to_owned(),
+            message: why,
+        }),
+    );
+    s.hub.revoke_relay_access(node_key);
+    Ok(())
+}
+
+/// A device was approved: it and its peers learn about each other now,
+/// without reconnecting.
+pub async fn device_approved(s: &AppState, row: &DeviceRow) -> Result<(), AppError> {
+    s.hub.approve(row.network_id, row.id);
+    device_changed(s, row)?;
+    let now = unix_now();
+    for peer in s.store.network_devices(row.network_id).await? {
+        if peer.id != row.id && peer.is_visible(now) {
+            s.hub.send_to(
+                row.network_id,
+                row.id,
+                Push::Change(PeerChange::Upsert {
+                    node: peer.to_node(online(s, &peer))?,
+                }),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A device replaced its node key: peers swap the old record for the new
+/// one, and relays refuse the old key.
+pub fn key_rotated(s: &AppState, r: &Rotated) -> Result<(), AppError> {
+    let row = &r.row;
+    s.hub.set_node_key(row.network_id, row.id, row.node_key()?);
+    replaced_key(s, row, r.old_node_key);
+    device_changed(s, row)
+}
+
+/// Peers forget `old` (the device has another key now); relays refuse it.
+pub fn replaced_key(s: &AppState, row: &DeviceRow, old: NodePublic) {
+    s.hub.broadcast(
+        row.network_id,
+        row.id,
+        PeerChange::Removed { node_key: old },
+    );
+    s.hub.revoke_relay_access(old);
+}
