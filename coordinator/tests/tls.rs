@@ -42,7 +42,7 @@ async fn tls_server() -> Server {
     let state_dir = dir.path().join("state");
     let store = coordinator::store::Store::open(&state_dir).await.unwrap();
     store.init(platform::unix_now()).await.unwrap();
-    let state = coordinator::app_state(&state_dir, RelayMap::default())
+    let state = coordinator::app_state(&state_dir, RelayMap::default(), true)
         .await
         .unwrap();
     let config = coordinator::tls::server_config(&cert, &key).unwrap();

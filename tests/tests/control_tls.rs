@@ -44,9 +44,9 @@ fn scenario(lab: &mut Lab) -> anyhow::Result<()> {
         Duration::from_secs(20),
         "alpha back on the coordinator after a restart",
         || {
-            alpha.status().is_ok_and(|s| {
-                s["backend"] == "running" && s["coordinator_connected"] == true
-            })
+            alpha
+                .status()
+                .is_ok_and(|s| s["backend"] == "running" && s["coordinator_connected"] == true)
         },
     )?;
     wait_until(

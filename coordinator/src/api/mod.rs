@@ -298,3 +298,5 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
 mod tests;
 #[cfg(test)]
 mod matrix_tests;
+#[cfg(test)]
+mod relay_tests;

@@ -124,5 +124,3 @@ async fn push_revocations(
     }
 }
 
-#[cfg(test)]
-mod relay_tests;

@@ -37,6 +37,8 @@ async fn coordinator() -> Coordinator {
         hub: Hub::new(Duration::from_secs(20)),
         batch_window: Duration::from_millis(10),
         relay_map: platform::netmap::RelayMap::default(),
+        tls: false,
+        public_url: None,
     });
     Coordinator {
         state,
@@ -81,7 +83,9 @@ async fn open(
     let mut req = format!("ws://{addr}{PATH}").into_client_request().unwrap();
     req.headers_mut()
         .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    tokio_tungstenite::connect_async(req).await.map(|(ws, _)| ws)
+    tokio_tungstenite::connect_async(req)
+        .await
+        .map(|(ws, _)| ws)
 }
 
 async fn next(ws: &mut Ws) -> RevocationMessage {
@@ -109,7 +113,10 @@ async fn revocation_stream_wants_a_relay_token() {
     for (token, why) in [
         (None, "no token"),
         (Some("relaytok-nope"), "unknown token"),
-        (Some(c.admin_token.as_str()), "admin tokens are not relay tokens"),
+        (
+            Some(c.admin_token.as_str()),
+            "admin tokens are not relay tokens",
+        ),
     ] {
         let (status, body) = plain_get(&c, token).await;
         assert_eq!(status, StatusCode::UNAUTHORIZED, "{why}");

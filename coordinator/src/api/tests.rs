@@ -38,6 +38,8 @@ impl Harness {
             hub: Hub::new(Duration::from_secs(20)),
             batch_window: Duration::from_millis(10),
             relay_map: platform::netmap::RelayMap::default(),
+            tls: false,
+            public_url: None,
         });
         Harness {
             state,

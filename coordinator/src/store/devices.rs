@@ -190,6 +190,7 @@ const MAX_HOSTNAME: usize = 255;
 const MAX_OS: usize = 64;
 
 /// What registration did, for the caller to publish.
+#[derive(Debug)]
 pub struct Registered {
     pub row: DeviceRow,
     pub created: bool,
@@ -660,10 +661,12 @@ mod tests {
     async fn addresses_are_stable_and_names_unique() {
         let (store, _d) = test_store().await;
         store.init(0).await.unwrap();
-        store.create_network("home", 0).await.unwrap();
+        let owner = store.first_user().await.unwrap();
+        let net = store.create_network("home", &owner, 0).await.unwrap();
         let key = store
             .create_preauth_key(
-                "home",
+                net.id,
+                &owner,
                 &CreatePreauthKey {
                     reusable: true,
                     ..Default::default()
@@ -674,22 +677,25 @@ mod tests {
             .unwrap()
             .key;
         let a = DevicePrivate::generate();
-        let (first, new) = store
+        let reg = store
             .register(&registration(&a, &key, "box"), 1)
             .await
             .unwrap();
+        let (first, new) = (reg.row, reg.created);
         assert!(new);
         assert_eq!(first.ipv4, "100.64.0.1");
-        let (b, _) = store
+        let reg = store
             .register(&registration(&DevicePrivate::generate(), &key, "box"), 2)
             .await
             .unwrap();
+        let (b, _) = (reg.row, reg.created);
         assert_eq!(b.name, "box-2");
         assert_eq!(b.ipv4, "100.64.0.2");
-        let (again, new) = store
+        let reg = store
             .register(&registration(&a, &key, "renamed"), 3)
             .await
             .unwrap();
+        let (again, new) = (reg.row, reg.created);
         assert!(!new);
         assert_eq!(
             (again.id, &again.name, &again.ipv4, &again.ipv6),
@@ -705,9 +711,10 @@ mod tests {
     async fn single_use_keys() {
         let (store, _d) = test_store().await;
         store.init(0).await.unwrap();
-        store.create_network("home", 0).await.unwrap();
+        let owner = store.first_user().await.unwrap();
+        let net = store.create_network("home", &owner, 0).await.unwrap();
         let key = store
-            .create_preauth_key("home", &CreatePreauthKey::default(), 0)
+            .create_preauth_key(net.id, &owner, &CreatePreauthKey::default(), 0)
             .await
             .unwrap()
             .key;

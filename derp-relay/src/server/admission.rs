@@ -227,11 +227,21 @@ mod tests {
         );
         // Coordinator down: the known key keeps working for a while, then not.
         assert_eq!(
-            c.decide(known, Answer::NoAnswer, t0 + Duration::from_secs(120), t0 + Duration::from_secs(120)),
+            c.decide(
+                known,
+                Answer::NoAnswer,
+                t0 + Duration::from_secs(120),
+                t0 + Duration::from_secs(120)
+            ),
             Verdict::Admit
         );
         assert_eq!(
-            c.decide(known, Answer::NoAnswer, t0 + STALE_ALLOW_LIMIT, t0 + STALE_ALLOW_LIMIT),
+            c.decide(
+                known,
+                Answer::NoAnswer,
+                t0 + STALE_ALLOW_LIMIT,
+                t0 + STALE_ALLOW_LIMIT
+            ),
             Verdict::Unavailable
         );
         // A key never admitted is refused while the coordinator is down.
@@ -247,7 +257,12 @@ mod tests {
         assert_eq!(c.fresh(&stranger, t0 + DENY_TTL), None);
         // Revoked: the coordinator now says unknown.
         assert_eq!(
-            c.decide(known, Answer::Unknown, t0 + Duration::from_secs(200), t0 + Duration::from_secs(200)),
+            c.decide(
+                known,
+                Answer::Unknown,
+                t0 + Duration::from_secs(200),
+                t0 + Duration::from_secs(200)
+            ),
             Verdict::Deny
         );
     }

@@ -86,7 +86,10 @@ impl Relay {
 /// Keeps the revocation stream open while the task lives; returns at once
 /// when the relay does not ask a coordinator.
 pub async fn run(relay: Arc<Relay>) {
-    let Admission::Coordinator { url, token, tls, .. } = &relay.cfg.admission else {
+    let Admission::Coordinator {
+        url, token, tls, ..
+    } = &relay.cfg.admission
+    else {
         return;
     };
     let stream_url = match stream_url(url) {
@@ -100,7 +103,10 @@ pub async fn run(relay: Arc<Relay>) {
     loop {
         let tls = Connector::Rustls(tls.clone());
         let result = session(&relay, &stream_url, token, tls, &mut backoff).await;
-        relay.metrics.revocation_stream_up.store(0, Ordering::Relaxed);
+        relay
+            .metrics
+            .revocation_stream_up
+            .store(0, Ordering::Relaxed);
         match result {
             Ok(()) => tracing::warn!("revocation stream closed by the coordinator"),
             Err(e) => tracing::warn!(error = format!("{e:#}"), "revocation stream down"),
@@ -158,7 +164,12 @@ async fn session(
         match serde_json::from_str::<RevocationMessage>(&text) {
             Ok(RevocationMessage::Revoked { node_key }) => relay.revoke(node_key),
             Ok(RevocationMessage::Resync) => {
-                if relay.metrics.revocation_stream_up.swap(1, Ordering::Relaxed) == 0 {
+                if relay
+                    .metrics
+                    .revocation_stream_up
+                    .swap(1, Ordering::Relaxed)
+                    == 0
+                {
                     tracing::info!("revocation stream open");
                     *backoff = FIRST_BACKOFF;
                 }

@@ -619,7 +619,11 @@ async fn disconnected(p: &mut Peer, within: Duration) -> String {
 async fn revoked_clients_are_evicted_at_once() {
     use std::sync::atomic::Ordering;
     let coord = revoking_coordinator().await;
-    let (relay, url) = start(Admission::coordinator(&coord.url, "t".into()).unwrap(), 1 << 30).await;
+    let (relay, url) = start(
+        Admission::coordinator(&coord.url, "t".into()).unwrap(),
+        1 << 30,
+    )
+    .await;
     let _stream = tokio::spawn(super::revocations::run(relay.clone()));
     wait_for("the revocation stream", || {
         relay.metrics.revocation_stream_up.load(Ordering::Relaxed) == 1
@@ -628,8 +632,8 @@ async fn revoked_clients_are_evicted_at_once() {
 
     let mut a = coord.device(&url).await;
     let mut b = coord.device(&url).await;
-    assert!(a.client.send(b.key, b"before"));
-    assert_eq!(b.next_packet().await, (a.key, b"before".to_vec()));
+    assert!(b.client.send(a.key, b"before"));
+    assert_eq!(a.next_packet().await, (b.key, b"before".to_vec()));
 
     // Revoked while its admission is still cached for most of a minute: gone
     // at once, told why, and those it talked to hear it left.
