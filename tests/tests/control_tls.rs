@@ -24,8 +24,10 @@ fn scenario(lab: &mut Lab) -> anyhow::Result<()> {
         "networks: {networks}"
     );
 
-    let mut alpha = Device::start(lab, lab.host("alpha", 11)?)?;
-    let beta = Device::start(lab, lab.host("beta", 12)?)?;
+    let alpha_host = lab.host("alpha", 11)?;
+    let mut alpha = Device::start(lab, alpha_host)?;
+    let beta_host = lab.host("beta", 12)?;
+    let beta = Device::start(lab, beta_host)?;
     alpha.up(&coord)?;
     beta.up(&coord)?;
     let (a4, _) = alpha.overlay()?;
@@ -56,7 +58,8 @@ fn scenario(lab: &mut Lab) -> anyhow::Result<()> {
     )?;
 
     // Without the CA, `meshd up` fails on the certificate.
-    let gamma = Device::start(lab, lab.host("gamma", 13)?)?;
+    let gamma_host = lab.host("gamma", 13)?;
+    let gamma = Device::start(lab, gamma_host)?;
     let refused = gamma.meshd(&[
         "up",
         "--coordinator",

@@ -300,3 +300,5 @@ mod tests;
 mod matrix_tests;
 #[cfg(test)]
 mod relay_tests;
+#[cfg(test)]
+mod people_tests;
