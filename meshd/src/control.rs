@@ -65,22 +65,28 @@ pub fn coordinator_http(ca_file: Option<&Path>) -> anyhow::Result<reqwest::Clien
         .context("building the coordinator HTTP client")
 }
 
+/// Whether `e` is, or wraps in `io::Error`s, rustls rejecting a certificate.
+fn is_rejected_certificate(mut e: &(dyn std::error::Error + 'static)) -> bool {
+    use platform::tls::rustls;
+    loop {
+        if let Some(rustls::Error::InvalidCertificate(_)) = e.downcast_ref() {
+            return true;
+        }
+        // An io::Error hides the error it wraps from `source()`: look inside.
+        match e
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::get_ref)
+        {
+            Some(inner) => e = inner,
+            None => return false,
+        }
+    }
+}
+
 /// `err`, with what to do about it when it is the coordinator's certificate
 /// that was rejected (unknown issuer, wrong name, expired).
 fn explain_certificate(err: anyhow::Error, ca_file: Option<&Path>) -> anyhow::Error {
-    use platform::tls::rustls;
-    // An io::Error hides the error it wraps from `source()`: look inside.
-    let rejected = err.chain().any(|e| {
-        let inner = e
-            .downcast_ref::<std::io::Error>()
-            .and_then(std::io::Error::get_ref)
-            .map_or(e, |inner| inner as &(dyn std::error::Error + 'static));
-        matches!(
-            inner.downcast_ref::<rustls::Error>(),
-            Some(rustls::Error::InvalidCertificate(_))
-        )
-    });
-    match (rejected, ca_file) {
+    match (err.chain().any(is_rejected_certificate), ca_file) {
         (false, _) => err,
         (true, None) => err.context(
             "the coordinator's certificate was rejected; if a private CA signed it, \
@@ -459,4 +465,62 @@ async fn send(ws: &mut Ws, msg: &ClientMessage) -> anyhow::Result<()> {
     ws.send(Message::text(serde_json::to_string(msg)?))
         .await
         .context("writing to the map stream")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A server on 127.0.0.1 with a certificate from a private CA no client
+    /// here trusts; it only ever handshakes. Returns its address.
+    async fn untrusted_server() -> SocketAddr {
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca =
+            rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap())
+                .unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+            .unwrap()
+            .signed_by(&key, &ca)
+            .unwrap();
+        let config =
+            platform::tls::server_config(cert.pem().as_bytes(), key.serialize_pem().as_bytes())
+                .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let _ = acceptor.accept(tcp).await;
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn an_untrusted_certificate_says_to_pass_the_ca() {
+        let addr = untrusted_server().await;
+        let err = coordinator_http(None)
+            .unwrap()
+            .get(format!("https://{addr}/"))
+            .send()
+            .await
+            .unwrap_err();
+        let msg = format!("{:#}", explain_certificate(err.into(), None));
+        assert!(msg.contains("--ca-file"), "{msg}");
+
+        // The map stream's WebSocket, the same.
+        let tls = Connector::Rustls(coordinator_tls(None).unwrap());
+        let url = format!("wss://{addr}/api/v1/map");
+        let err = tokio_tungstenite::connect_async_tls_with_config(url, None, false, Some(tls))
+            .await
+            .unwrap_err();
+        let msg = format!("{:#}", explain_certificate(err.into(), None));
+        assert!(msg.contains("--ca-file"), "{msg}");
+
+        // Other errors pass through as they are.
+        let other = explain_certificate(anyhow::anyhow!("connection refused"), None);
+        assert_eq!(format!("{other:#}"), "connection refused");
+    }
 }

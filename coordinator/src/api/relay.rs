@@ -101,6 +101,8 @@ async fn push_revocations(
     send(&mut socket, &RevocationMessage::Resync).await?;
     let every = Duration::from_secs(REVOCATION_KEEPALIVE_SECS);
     let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    // After a slow send, one keepalive, not a burst of them.
+    keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let msg = tokio::select! {
             r = revoked.recv() => match r {
@@ -123,4 +125,3 @@ async fn push_revocations(
         send(&mut socket, &msg).await?;
     }
 }
-
