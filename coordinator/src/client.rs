@@ -35,7 +35,8 @@ impl Login {
         let base = match std::env::var_os("XDG_CONFIG_HOME") {
             Some(d) => std::path::PathBuf::from(d),
             None => std::path::PathBuf::from(
-                std::env::var_os("HOME").context("HOME is not set; use COORDINATOR_URL and COORDINATOR_TOKEN")?,
+                std::env::var_os("HOME")
+                    .context("HOME is not set; use COORDINATOR_URL and COORDINATOR_TOKEN")?,
             )
             .join(".config"),
         };
@@ -138,7 +139,12 @@ impl Remote {
                 .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
             anyhow::bail!("{method} {path}: {status}: {msg}");
         }
-        let bytes = if bytes.is_empty() { &b"null"[..] } else { &bytes[..] };
-        serde_json::from_slice(bytes).with_context(|| format!("parsing the reply to {method} {path}"))
+        let bytes = if bytes.is_empty() {
+            &b"null"[..]
+        } else {
+            &bytes[..]
+        };
+        serde_json::from_slice(bytes)
+            .with_context(|| format!("parsing the reply to {method} {path}"))
     }
 }

@@ -36,7 +36,12 @@ pub fn device_changed(s: &AppState, row: &DeviceRow) -> Result<(), AppError> {
 /// A device may no longer take part (removed, revoked, or its key
 /// expired): peers drop it, its map stream ends with `why`, relays refuse
 /// its node key.
-pub fn device_shut_out(s: &AppState, row: &DeviceRow, code: &str, why: String) -> Result<(), AppError> {
+pub fn device_shut_out(
+    s: &AppState,
+    row: &DeviceRow,
+    code: &str,
+    why: String,
+) -> Result<(), AppError> {
     let node_key = row.node_key()?;
     s.hub
         .broadcast(row.network_id, row.id, PeerChange::Removed { node_key });

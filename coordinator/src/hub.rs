@@ -424,7 +424,10 @@ mod tests {
         let t0 = Instant::now();
         let mut a = hub.connect(1, 1, key(1), true, t0);
         let mut pending = hub.connect(1, 2, key(2), false, t0);
-        assert!(drain(&mut a.changes).is_empty(), "pending device not announced");
+        assert!(
+            drain(&mut a.changes).is_empty(),
+            "pending device not announced"
+        );
         hub.broadcast(1, 1, PeerChange::Removed { node_key: key(9) });
         assert!(drain(&mut pending.changes).is_empty());
         hub.approve(1, 2);

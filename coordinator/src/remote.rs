@@ -261,7 +261,11 @@ fn net_path(net: &Net, rest: &str) -> String {
     format!("/api/v1/networks/{}{rest}", net.network)
 }
 
-fn print<T: Serialize>(out: Output, value: &T, text: impl FnOnce(&T) -> String) -> anyhow::Result<()> {
+fn print<T: Serialize>(
+    out: Output,
+    value: &T,
+    text: impl FnOnce(&T) -> String,
+) -> anyhow::Result<()> {
     if out.json {
         println!("{}", serde_json::to_string_pretty(value)?);
     } else {
@@ -278,7 +282,11 @@ async fn get<T: DeserializeOwned>(path: &str) -> anyhow::Result<T> {
     remote().await?.call(Method::GET, path, None).await
 }
 
-async fn send<T: DeserializeOwned>(method: Method, path: &str, body: Option<Value>) -> anyhow::Result<T> {
+async fn send<T: DeserializeOwned>(
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> anyhow::Result<T> {
     remote().await?.call(method, path, body.as_ref()).await
 }
 
@@ -292,7 +300,10 @@ fn member_line(m: &Member) -> String {
             platform::people::MemberStatus::Pending => "pending",
         },
         if m.owner { " owner" } else { "" },
-        m.email.as_deref().map(|e| format!(" <{e}>")).unwrap_or_default(),
+        m.email
+            .as_deref()
+            .map(|e| format!(" <{e}>"))
+            .unwrap_or_default(),
     )
 }
 
@@ -355,9 +366,19 @@ pub async fn whoami(out: Output) -> anyhow::Result<()> {
 }
 
 /// Checks the token against the server, then saves the login.
-pub async fn login(url: String, token: String, ca_file: Option<std::path::PathBuf>) -> anyhow::Result<()> {
-    let login = Login { url, token, ca_file };
-    let me: WhoAmI = Remote::new(&login)?.call(Method::GET, "/api/v1/me", None).await?;
+pub async fn login(
+    url: String,
+    token: String,
+    ca_file: Option<std::path::PathBuf>,
+) -> anyhow::Result<()> {
+    let login = Login {
+        url,
+        token,
+        ca_file,
+    };
+    let me: WhoAmI = Remote::new(&login)?
+        .call(Method::GET, "/api/v1/me", None)
+        .await?;
     let path = login.save()?;
     println!("logged in as {} (saved in {})", me.username, path.display());
     Ok(())
@@ -369,7 +390,12 @@ pub async fn member(cmd: MemberCmd) -> anyhow::Result<()> {
             let members: Vec<Member> = get(&net_path(&net, "/members")).await?;
             print(out, &members, |ms| ms.iter().map(member_line).collect())
         }
-        MemberCmd::Role { net, username, role, out } => {
+        MemberCmd::Role {
+            net,
+            username,
+            role,
+            out,
+        } => {
             let m: Member = send(
                 Method::PUT,
                 &net_path(&net, &format!("/members/{username}/role")),
@@ -379,11 +405,21 @@ pub async fn member(cmd: MemberCmd) -> anyhow::Result<()> {
             print(out, &m, member_line)
         }
         MemberCmd::Approve { net, username, out } => {
-            let m: Member = send(Method::POST, &net_path(&net, &format!("/members/{username}/approve")), None).await?;
+            let m: Member = send(
+                Method::POST,
+                &net_path(&net, &format!("/members/{username}/approve")),
+                None,
+            )
+            .await?;
             print(out, &m, member_line)
         }
         MemberCmd::Remove { net, username, out } => {
-            let m: Member = send(Method::DELETE, &net_path(&net, &format!("/members/{username}")), None).await?;
+            let m: Member = send(
+                Method::DELETE,
+                &net_path(&net, &format!("/members/{username}")),
+                None,
+            )
+            .await?;
             print(out, &m, |m| format!("removed {}\n", m.username))
         }
     }
@@ -391,7 +427,15 @@ pub async fn member(cmd: MemberCmd) -> anyhow::Result<()> {
 
 pub async fn invite(cmd: InviteCmd) -> anyhow::Result<()> {
     match cmd {
-        InviteCmd::Create { net, role, expiry, username, email, qr, out } => {
+        InviteCmd::Create {
+            net,
+            role,
+            expiry,
+            username,
+            email,
+            qr,
+            out,
+        } => {
             let created: CreatedInvite = send(
                 Method::POST,
                 &net_path(&net, "/invites"),
@@ -403,7 +447,11 @@ pub async fn invite(cmd: InviteCmd) -> anyhow::Result<()> {
                 })),
             )
             .await?;
-            let code = if qr { Some(qr_text(&created.link)?) } else { None };
+            let code = if qr {
+                Some(qr_text(&created.link)?)
+            } else {
+                None
+            };
             print(out, &created, |c| {
                 let mut s = format!(
                     "invite {} ({} in {}, expires {}); pass this link on (shown once):\n{}\n",
@@ -421,15 +469,28 @@ pub async fn invite(cmd: InviteCmd) -> anyhow::Result<()> {
             print(out, &invites, |is| is.iter().map(invite_line).collect())
         }
         InviteCmd::Revoke { net, id, out } => {
-            let i: InviteInfo = send(Method::DELETE, &net_path(&net, &format!("/invites/{id}")), None).await?;
+            let i: InviteInfo = send(
+                Method::DELETE,
+                &net_path(&net, &format!("/invites/{id}")),
+                None,
+            )
+            .await?;
             print(out, &i, invite_line)
         }
-        InviteCmd::Redeem { link, username, email, ca_file, out } => {
-            let (base, secret) = link
-                .rsplit_once("/api/v1/invites/")
-                .context("an invite link looks like https://coordinator/api/v1/invites/meshinv-…")?;
+        InviteCmd::Redeem {
+            link,
+            username,
+            email,
+            ca_file,
+            out,
+        } => {
+            let (base, secret) = link.rsplit_once("/api/v1/invites/").context(
+                "an invite link looks like https://coordinator/api/v1/invites/meshinv-…",
+            )?;
             // As yourself when logged in to this coordinator, else as a new user.
-            let mut login = Login::load().ok().filter(|l| l.url.trim_end_matches('/') == base);
+            let mut login = Login::load()
+                .ok()
+                .filter(|l| l.url.trim_end_matches('/') == base);
             if username.is_some() {
                 login = None;
             }
@@ -447,7 +508,12 @@ pub async fn invite(cmd: InviteCmd) -> anyhow::Result<()> {
                 )
                 .await?;
             if let (true, Some(token)) = (as_new, &redeemed.token) {
-                Login { url: base.to_owned(), token: token.clone(), ca_file }.save()?;
+                Login {
+                    url: base.to_owned(),
+                    token: token.clone(),
+                    ca_file,
+                }
+                .save()?;
             }
             print(out, &redeemed, |r| {
                 let mut s = format!(
@@ -465,9 +531,18 @@ pub async fn invite(cmd: InviteCmd) -> anyhow::Result<()> {
 
 pub async fn device(cmd: RemoteDeviceCmd) -> anyhow::Result<()> {
     match cmd {
-        RemoteDeviceCmd::Approve { net, code_or_id, out } => {
+        RemoteDeviceCmd::Approve {
+            net,
+            code_or_id,
+            out,
+        } => {
             if let Ok(id) = code_or_id.parse::<i64>() {
-                let d: DeviceInfo = send(Method::POST, &net_path(&net, &format!("/devices/{id}/approve")), None).await?;
+                let d: DeviceInfo = send(
+                    Method::POST,
+                    &net_path(&net, &format!("/devices/{id}/approve")),
+                    None,
+                )
+                .await?;
                 print(out, &d, device_line)
             } else {
                 let v: Value = send(
@@ -487,14 +562,29 @@ pub async fn device(cmd: RemoteDeviceCmd) -> anyhow::Result<()> {
             }
         }
         RemoteDeviceCmd::Remove { net, id, out } => {
-            let d: DeviceInfo = send(Method::DELETE, &net_path(&net, &format!("/devices/{id}")), None).await?;
+            let d: DeviceInfo = send(
+                Method::DELETE,
+                &net_path(&net, &format!("/devices/{id}")),
+                None,
+            )
+            .await?;
             print(out, &d, |d| format!("removed {}\n", d.name))
         }
         RemoteDeviceCmd::Revoke { net, id, out } => {
-            let d: DeviceInfo = send(Method::POST, &net_path(&net, &format!("/devices/{id}/revoke")), None).await?;
+            let d: DeviceInfo = send(
+                Method::POST,
+                &net_path(&net, &format!("/devices/{id}/revoke")),
+                None,
+            )
+            .await?;
             print(out, &d, device_line)
         }
-        RemoteDeviceCmd::KeyExpiry { net, id, expiry, out } => {
+        RemoteDeviceCmd::KeyExpiry {
+            net,
+            id,
+            expiry,
+            out,
+        } => {
             let d: DeviceInfo = send(
                 Method::PUT,
                 &net_path(&net, &format!("/devices/{id}/key-expiry")),
@@ -540,12 +630,26 @@ pub async fn settings(cmd: SettingsCmd) -> anyhow::Result<()> {
             let s: NetworkSettings = get(&net_path(&net, "/settings")).await?;
             print(out, &s, show)
         }
-        SettingsCmd::Set { net, require_device_approval, auto_approve_domains, auto_approve_emails, key_expiry, out } => {
-            let clean = |v: Option<Vec<String>>| v.map(|v| v.into_iter().filter(|x| !x.is_empty()).collect::<Vec<_>>());
+        SettingsCmd::Set {
+            net,
+            require_device_approval,
+            auto_approve_domains,
+            auto_approve_emails,
+            key_expiry,
+            out,
+        } => {
+            let clean = |v: Option<Vec<String>>| {
+                v.map(|v| v.into_iter().filter(|x| !x.is_empty()).collect::<Vec<_>>())
+            };
             let key_expiry_secs = match key_expiry.as_deref() {
                 None => None,
                 Some("never") => Some(0),
-                Some(d) => Some(humantime::parse_duration(d).context("--key-expiry")?.as_secs().max(1)),
+                Some(d) => Some(
+                    humantime::parse_duration(d)
+                        .context("--key-expiry")?
+                        .as_secs()
+                        .max(1),
+                ),
             };
             let s: NetworkSettings = send(
                 Method::PATCH,
@@ -586,14 +690,25 @@ pub fn audit_csv(events: &[AuditEvent]) -> String {
             e.old.clone().unwrap_or_default(),
             e.new.clone().unwrap_or_default(),
         ];
-        out.push_str(&fields.iter().map(|f| csv_field(f)).collect::<Vec<_>>().join(","));
+        out.push_str(
+            &fields
+                .iter()
+                .map(|f| csv_field(f))
+                .collect::<Vec<_>>()
+                .join(","),
+        );
         out.push('\n');
     }
     out
 }
 
 pub async fn audit(cmd: AuditCmd) -> anyhow::Result<()> {
-    let AuditCmd::List { net, since, json, format } = cmd;
+    let AuditCmd::List {
+        net,
+        since,
+        json,
+        format,
+    } = cmd;
     let since = match since.as_deref() {
         None => None,
         Some(s) => Some(match s.parse::<u64>() {
@@ -638,12 +753,22 @@ pub async fn denylist(cmd: DenylistCmd) -> anyhow::Result<()> {
             let list: Vec<DenylistEntry> = get(&net_path(&net, "/denylist")).await?;
             print(out, &list, |l| {
                 l.iter()
-                    .map(|e| format!("{} {} {} {} ({}, {})\n", e.id, e.device_name, e.kind, e.key, e.reason, e.created_at))
+                    .map(|e| {
+                        format!(
+                            "{} {} {} {} ({}, {})\n",
+                            e.id, e.device_name, e.kind, e.key, e.reason, e.created_at
+                        )
+                    })
                     .collect()
             })
         }
         DenylistCmd::Lift { net, id } => {
-            let () = send(Method::DELETE, &net_path(&net, &format!("/denylist/{id}")), None).await?;
+            let () = send(
+                Method::DELETE,
+                &net_path(&net, &format!("/denylist/{id}")),
+                None,
+            )
+            .await?;
             println!("lifted denylist entry {id}");
             Ok(())
         }

@@ -120,10 +120,10 @@ pub async fn register(
     };
     let body = Signed::sign(&keys.device, DOMAIN_REGISTER, &req);
     let http = coordinator_http(ca_file)?;
-    Ok(post_signed(&http, coordinator, "/api/v1/register", &body)
+    post_signed(&http, coordinator, "/api/v1/register", &body)
         .await
         .map_err(|e| explain_certificate(e.into(), ca_file))
-        .context("registering with the coordinator")?)
+        .context("registering with the coordinator")
 }
 
 /// How long one request to the coordinator may take.

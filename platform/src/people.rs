@@ -55,9 +55,7 @@ impl FromStr for Role {
             "admin" => Ok(Role::Admin),
             "member" => Ok(Role::Member),
             "guest" => Ok(Role::Guest),
-            other => Err(format!(
-                "unknown role {other:?} (admin, member or guest)"
-            )),
+            other => Err(format!("unknown role {other:?} (admin, member or guest)")),
         }
     }
 }

@@ -38,7 +38,10 @@ async fn own_or_admin(s: &SharedState, ctx: &NetCtx, id: i64) -> Result<DeviceRo
             row.name
         )))
     } else {
-        Err(AppError::NotFound(format!("no device {id} in network {:?}", ctx.name)))
+        Err(AppError::NotFound(format!(
+            "no device {id} in network {:?}",
+            ctx.name
+        )))
     }
 }
 
@@ -202,10 +205,7 @@ pub async fn create_wireguard_peer(
         node_key,
         endpoint: req.endpoint,
     };
-    let row = s
-        .store
-        .add_wireguard_peer(&ctx, &peer, unix_now())
-        .await?;
+    let row = s.store.add_wireguard_peer(&ctx, &peer, unix_now()).await?;
     fanout::device_changed(&s, &row)?;
     let wg_quick_config = render_wg_quick(&s, &row).await?;
     Ok((

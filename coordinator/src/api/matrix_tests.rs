@@ -30,7 +30,13 @@ enum Who {
     Outsider,
 }
 
-const EVERYONE: [Who; 5] = [Who::Owner, Who::Admin, Who::Member, Who::Guest, Who::Outsider];
+const EVERYONE: [Who; 5] = [
+    Who::Owner,
+    Who::Admin,
+    Who::Member,
+    Who::Guest,
+    Who::Outsider,
+];
 
 /// The cast and the things they act on.
 struct World {
@@ -46,19 +52,31 @@ struct World {
     _dir: tempfile::TempDir,
 }
 
-async fn call(state: &SharedState, token: Option<&str>, method: &str, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+async fn call(
+    state: &SharedState,
+    token: Option<&str>,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
     let mut req = Request::builder().method(method).uri(path);
     if let Some(t) = token {
         req = req.header("authorization", format!("Bearer {t}"));
     }
     let req = req
         .header("content-type", "application/json")
-        .body(body.map(|b| HttpBody::from(b.to_string())).unwrap_or_else(HttpBody::empty))
+        .body(
+            body.map(|b| HttpBody::from(b.to_string()))
+                .unwrap_or_else(HttpBody::empty),
+        )
         .unwrap();
     let resp = router(state.clone()).oneshot(req).await.unwrap();
     let status = resp.status();
     let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
 }
 
 fn registration(auth_key: &str, host: &str) -> Value {
@@ -72,7 +90,12 @@ fn registration(auth_key: &str, host: &str) -> Value {
         capabilities: Capabilities::default(),
         network: None,
     };
-    serde_json::to_value(Signed::sign(&DevicePrivate::generate(), DOMAIN_REGISTER, &req)).unwrap()
+    serde_json::to_value(Signed::sign(
+        &DevicePrivate::generate(),
+        DOMAIN_REGISTER,
+        &req,
+    ))
+    .unwrap()
 }
 
 impl World {
@@ -92,14 +115,36 @@ impl World {
             assert!(r.0.is_success(), "fixture step failed: {} {}", r.0, r.1);
             r.1
         };
-        ok(call(s, Some(&owner), "POST", "/api/v1/networks", Some(json!({"name": "home"}))).await);
+        ok(call(
+            s,
+            Some(&owner),
+            "POST",
+            "/api/v1/networks",
+            Some(json!({"name": "home"})),
+        )
+        .await);
         let mut tokens = vec![(Who::Owner, owner.clone())];
         let join = |name: &'static str, role: &'static str| {
             let (s, owner) = (s.clone(), owner.clone());
             async move {
-                let inv = call(&s, Some(&owner), "POST", "/api/v1/networks/home/invites", Some(json!({"role": role}))).await.1;
+                let inv = call(
+                    &s,
+                    Some(&owner),
+                    "POST",
+                    "/api/v1/networks/home/invites",
+                    Some(json!({"role": role})),
+                )
+                .await
+                .1;
                 let secret = inv["secret"].as_str().unwrap().to_owned();
-                let red = call(&s, None, "POST", &format!("/api/v1/invites/{secret}/redeem"), Some(json!({"username": name}))).await;
+                let red = call(
+                    &s,
+                    None,
+                    "POST",
+                    &format!("/api/v1/invites/{secret}/redeem"),
+                    Some(json!({"username": name})),
+                )
+                .await;
                 assert_eq!(red.0, StatusCode::CREATED, "{}", red.1);
                 red.1["token"].as_str().unwrap().to_owned()
             }
@@ -109,33 +154,144 @@ impl World {
         let guest = join("gst", "guest").await;
         let _pending = join("pend", "member").await;
         for u in ["admin2", "mem", "gst"] {
-            ok(call(s, Some(&owner), "POST", &format!("/api/v1/networks/home/members/{u}/approve"), None).await);
+            ok(call(
+                s,
+                Some(&owner),
+                "POST",
+                &format!("/api/v1/networks/home/members/{u}/approve"),
+                None,
+            )
+            .await);
         }
-        tokens.extend([(Who::Admin, admin), (Who::Member, member.clone()), (Who::Guest, guest)]);
+        tokens.extend([
+            (Who::Admin, admin),
+            (Who::Member, member.clone()),
+            (Who::Guest, guest),
+        ]);
 
         // The outsider owns another network and is nobody in this one.
-        let outsider = call(s, Some(&owner), "POST", "/api/v1/networks", Some(json!({"name": "other"}))).await;
+        let outsider = call(
+            s,
+            Some(&owner),
+            "POST",
+            "/api/v1/networks",
+            Some(json!({"name": "other"})),
+        )
+        .await;
         assert!(outsider.0.is_success());
-        let out_inv = ok(call(s, Some(&owner), "POST", "/api/v1/networks/other/invites", Some(json!({"role": "admin", "username": "out"}))).await);
-        let out = ok(call(s, None, "POST", &format!("/api/v1/invites/{}/redeem", out_inv["secret"].as_str().unwrap()), None).await);
+        let out_inv = ok(call(
+            s,
+            Some(&owner),
+            "POST",
+            "/api/v1/networks/other/invites",
+            Some(json!({"role": "admin", "username": "out"})),
+        )
+        .await);
+        let out = ok(call(
+            s,
+            None,
+            "POST",
+            &format!(
+                "/api/v1/invites/{}/redeem",
+                out_inv["secret"].as_str().unwrap()
+            ),
+            None,
+        )
+        .await);
         let out_token = out["token"].as_str().unwrap().to_owned();
-        ok(call(s, Some(&owner), "POST", "/api/v1/networks/other/members/out/approve", None).await);
+        ok(call(
+            s,
+            Some(&owner),
+            "POST",
+            "/api/v1/networks/other/members/out/approve",
+            None,
+        )
+        .await);
         tokens.push((Who::Outsider, out_token));
 
-        let key = ok(call(s, Some(&member), "POST", "/api/v1/networks/home/preauth-keys", Some(json!({"reusable": true}))).await);
+        let key = ok(call(
+            s,
+            Some(&member),
+            "POST",
+            "/api/v1/networks/home/preauth-keys",
+            Some(json!({"reusable": true})),
+        )
+        .await);
         let member_key = key["info"]["id"].as_i64().unwrap();
         let key = key["key"].as_str().unwrap().to_owned();
-        let member_device = ok(call(s, None, "POST", "/api/v1/register", Some(registration(&key, "mem-laptop"))).await)["device_id"].as_i64().unwrap();
-        let gone = ok(call(s, None, "POST", "/api/v1/register", Some(registration(&key, "mem-old"))).await)["device_id"].as_i64().unwrap();
-        ok(call(s, Some(&owner), "DELETE", &format!("/api/v1/networks/home/devices/{gone}"), None).await);
-        let denylisted = ok(call(s, Some(&owner), "GET", "/api/v1/networks/home/denylist", None).await)[0]["id"].as_i64().unwrap();
-        ok(call(s, Some(&owner), "PATCH", "/api/v1/networks/home/settings", Some(json!({"require_device_approval": true}))).await);
-        let pending_device = ok(call(s, None, "POST", "/api/v1/register", Some(registration(&key, "mem-phone"))).await)["device_id"].as_i64().unwrap();
+        let member_device = ok(call(
+            s,
+            None,
+            "POST",
+            "/api/v1/register",
+            Some(registration(&key, "mem-laptop")),
+        )
+        .await)["device_id"]
+            .as_i64()
+            .unwrap();
+        let gone = ok(call(
+            s,
+            None,
+            "POST",
+            "/api/v1/register",
+            Some(registration(&key, "mem-old")),
+        )
+        .await)["device_id"]
+            .as_i64()
+            .unwrap();
+        ok(call(
+            s,
+            Some(&owner),
+            "DELETE",
+            &format!("/api/v1/networks/home/devices/{gone}"),
+            None,
+        )
+        .await);
+        let denylisted = ok(call(
+            s,
+            Some(&owner),
+            "GET",
+            "/api/v1/networks/home/denylist",
+            None,
+        )
+        .await)[0]["id"]
+            .as_i64()
+            .unwrap();
+        ok(call(
+            s,
+            Some(&owner),
+            "PATCH",
+            "/api/v1/networks/home/settings",
+            Some(json!({"require_device_approval": true})),
+        )
+        .await);
+        let pending_device = ok(call(
+            s,
+            None,
+            "POST",
+            "/api/v1/register",
+            Some(registration(&key, "mem-phone")),
+        )
+        .await)["device_id"]
+            .as_i64()
+            .unwrap();
         let wg = ok(call(s, Some(&owner), "POST", "/api/v1/networks/home/wireguard-peers", Some(json!({"name": "router", "public_key": NodePrivate::generate().public().to_base64()}))).await);
         let wg_device = wg["device"]["id"].as_i64().unwrap();
-        let invite = ok(call(s, Some(&owner), "POST", "/api/v1/networks/home/invites", Some(json!({"role": "guest"}))).await)["info"]["id"].as_i64().unwrap();
-        let dc = DeviceCodeRequestBody::new("new-box");
-        let code = ok(call(s, None, "POST", "/api/v1/device-codes", Some(dc)).await)["code"].as_str().unwrap().to_owned();
+        let invite = ok(call(
+            s,
+            Some(&owner),
+            "POST",
+            "/api/v1/networks/home/invites",
+            Some(json!({"role": "guest"})),
+        )
+        .await)["info"]["id"]
+            .as_i64()
+            .unwrap();
+        let dc = device_code_start("new-box");
+        let code = ok(call(s, None, "POST", "/api/v1/device-codes", Some(dc)).await)["code"]
+            .as_str()
+            .unwrap()
+            .to_owned();
         World {
             state,
             tokens,
@@ -155,17 +311,19 @@ impl World {
     }
 }
 
-struct DeviceCodeRequestBody;
-
-impl DeviceCodeRequestBody {
-    fn new(host: &str) -> Value {
-        let req = platform::people::DeviceCodeRequest {
-            timestamp: unix_now(),
-            hostname: host.into(),
-            code: None,
-        };
-        serde_json::to_value(Signed::sign(&DevicePrivate::generate(), DOMAIN_DEVICE_CODE, &req)).unwrap()
-    }
+/// A signed request starting device-code pairing for a new device.
+fn device_code_start(host: &str) -> Value {
+    let req = platform::people::DeviceCodeRequest {
+        timestamp: unix_now(),
+        hostname: host.into(),
+        code: None,
+    };
+    serde_json::to_value(Signed::sign(
+        &DevicePrivate::generate(),
+        DOMAIN_DEVICE_CODE,
+        &req,
+    ))
+    .unwrap()
 }
 
 /// One route: how to call it, and who may.
@@ -197,27 +355,118 @@ fn hidden_from_guests(who: Who) -> StatusCode {
 }
 
 fn cases() -> Vec<Case> {
-    fn c(method: &'static str, path: fn(&World) -> String, body: Option<fn() -> Value>, allowed: &'static [Who]) -> Case {
-        Case { method, path, body, allowed, refused: forbidden }
+    fn c(
+        method: &'static str,
+        path: fn(&World) -> String,
+        body: Option<fn() -> Value>,
+        allowed: &'static [Who],
+    ) -> Case {
+        Case {
+            method,
+            path,
+            body,
+            allowed,
+            refused: forbidden,
+        }
     }
     vec![
         c("GET", |_| "/api/v1/networks/home".into(), None, ALL_IN),
-        c("GET", |_| "/api/v1/networks/home/settings".into(), None, MEMBERS),
-        c("PATCH", |_| "/api/v1/networks/home/settings".into(), Some(|| json!({"key_expiry_secs": 86400})), ADMINS),
-        c("POST", |_| "/api/v1/networks/home/preauth-keys".into(), Some(|| json!({})), MEMBERS),
-        c("GET", |_| "/api/v1/networks/home/preauth-keys".into(), None, MEMBERS),
-        c("DELETE", |w| format!("/api/v1/networks/home/preauth-keys/{}", w.member_key), None, MEMBERS),
-        c("GET", |_| "/api/v1/networks/home/audit".into(), None, ALL_IN),
-        c("GET", |_| "/api/v1/networks/home/denylist".into(), None, ADMINS),
-        c("DELETE", |w| format!("/api/v1/networks/home/denylist/{}", w.denylisted), None, ADMINS),
-        c("GET", |_| "/api/v1/networks/home/members".into(), None, ALL_IN),
-        c("PUT", |_| "/api/v1/networks/home/members/pend/role".into(), Some(|| json!({"role": "guest"})), ADMINS),
-        c("POST", |_| "/api/v1/networks/home/members/pend/approve".into(), None, ADMINS),
-        c("DELETE", |_| "/api/v1/networks/home/members/pend".into(), None, ADMINS),
-        c("POST", |_| "/api/v1/networks/home/invites".into(), Some(|| json!({"role": "member"})), ADMINS),
-        c("GET", |_| "/api/v1/networks/home/invites".into(), None, ADMINS),
-        c("DELETE", |w| format!("/api/v1/networks/home/invites/{}", w.invite), None, ADMINS),
-        c("GET", |_| "/api/v1/networks/home/devices".into(), None, ALL_IN),
+        c(
+            "GET",
+            |_| "/api/v1/networks/home/settings".into(),
+            None,
+            MEMBERS,
+        ),
+        c(
+            "PATCH",
+            |_| "/api/v1/networks/home/settings".into(),
+            Some(|| json!({"key_expiry_secs": 86400})),
+            ADMINS,
+        ),
+        c(
+            "POST",
+            |_| "/api/v1/networks/home/preauth-keys".into(),
+            Some(|| json!({})),
+            MEMBERS,
+        ),
+        c(
+            "GET",
+            |_| "/api/v1/networks/home/preauth-keys".into(),
+            None,
+            MEMBERS,
+        ),
+        c(
+            "DELETE",
+            |w| format!("/api/v1/networks/home/preauth-keys/{}", w.member_key),
+            None,
+            MEMBERS,
+        ),
+        c(
+            "GET",
+            |_| "/api/v1/networks/home/audit".into(),
+            None,
+            ALL_IN,
+        ),
+        c(
+            "GET",
+            |_| "/api/v1/networks/home/denylist".into(),
+            None,
+            ADMINS,
+        ),
+        c(
+            "DELETE",
+            |w| format!("/api/v1/networks/home/denylist/{}", w.denylisted),
+            None,
+            ADMINS,
+        ),
+        c(
+            "GET",
+            |_| "/api/v1/networks/home/members".into(),
+            None,
+            ALL_IN,
+        ),
+        c(
+            "PUT",
+            |_| "/api/v1/networks/home/members/pend/role".into(),
+            Some(|| json!({"role": "guest"})),
+            ADMINS,
+        ),
+        c(
+            "POST",
+            |_| "/api/v1/networks/home/members/pend/approve".into(),
+            None,
+            ADMINS,
+        ),
+        c(
+            "DELETE",
+            |_| "/api/v1/networks/home/members/pend".into(),
+            None,
+            ADMINS,
+        ),
+        c(
+            "POST",
+            |_| "/api/v1/networks/home/invites".into(),
+            Some(|| json!({"role": "member"})),
+            ADMINS,
+        ),
+        c(
+            "GET",
+            |_| "/api/v1/networks/home/invites".into(),
+            None,
+            ADMINS,
+        ),
+        c(
+            "DELETE",
+            |w| format!("/api/v1/networks/home/invites/{}", w.invite),
+            None,
+            ADMINS,
+        ),
+        c(
+            "GET",
+            |_| "/api/v1/networks/home/devices".into(),
+            None,
+            ALL_IN,
+        ),
         Case {
             method: "DELETE",
             path: |w| format!("/api/v1/networks/home/devices/{}", w.member_device),
@@ -225,9 +474,29 @@ fn cases() -> Vec<Case> {
             allowed: MEMBERS,
             refused: hidden_from_guests,
         },
-        c("POST", |w| format!("/api/v1/networks/home/devices/{}/revoke", w.member_device), None, ADMINS),
-        c("POST", |w| format!("/api/v1/networks/home/devices/{}/approve", w.pending_device), None, ADMINS),
-        c("PUT", |w| format!("/api/v1/networks/home/devices/{}/key-expiry", w.member_device), Some(|| json!({"expiry_secs": 0})), ADMINS),
+        c(
+            "POST",
+            |w| format!("/api/v1/networks/home/devices/{}/revoke", w.member_device),
+            None,
+            ADMINS,
+        ),
+        c(
+            "POST",
+            |w| format!("/api/v1/networks/home/devices/{}/approve", w.pending_device),
+            None,
+            ADMINS,
+        ),
+        c(
+            "PUT",
+            |w| {
+                format!(
+                    "/api/v1/networks/home/devices/{}/key-expiry",
+                    w.member_device
+                )
+            },
+            Some(|| json!({"expiry_secs": 0})),
+            ADMINS,
+        ),
         Case {
             method: "GET",
             path: |w| format!("/api/v1/networks/home/devices/{}/wg-quick", w.wg_device),
@@ -235,12 +504,24 @@ fn cases() -> Vec<Case> {
             allowed: ADMINS,
             refused: hidden_from_guests,
         },
-        c("POST", |w| format!("/api/v1/networks/home/device-codes/{}/approve", w.code), None, MEMBERS),
-        c("POST", |_| "/api/v1/networks/home/rotate-keys".into(), None, ADMINS),
+        c(
+            "POST",
+            |w| format!("/api/v1/networks/home/device-codes/{}/approve", w.code),
+            None,
+            MEMBERS,
+        ),
+        c(
+            "POST",
+            |_| "/api/v1/networks/home/rotate-keys".into(),
+            None,
+            ADMINS,
+        ),
         c(
             "POST",
             |_| "/api/v1/networks/home/wireguard-peers".into(),
-            Some(|| json!({"name": "printer", "public_key": NodePrivate::generate().public().to_base64()})),
+            Some(
+                || json!({"name": "printer", "public_key": NodePrivate::generate().public().to_base64()}),
+            ),
             ADMINS,
         ),
     ]
@@ -254,7 +535,14 @@ async fn every_role_on_every_route() {
         for who in EVERYONE {
             let w = World::new().await;
             let path = (case.path)(&w);
-            let (status, body) = call(&w.state, Some(w.token(who)), case.method, &path, case.body.map(|b| b())).await;
+            let (status, body) = call(
+                &w.state,
+                Some(w.token(who)),
+                case.method,
+                &path,
+                case.body.map(|b| b()),
+            )
+            .await;
             let expected_ok = case.allowed.contains(&who);
             let good = if expected_ok {
                 status.is_success()
@@ -264,38 +552,96 @@ async fn every_role_on_every_route() {
                 status == (case.refused)(who)
             };
             if !good {
-                failures.push(format!("{} {path} as {who:?}: {status} {body}", case.method));
+                failures.push(format!(
+                    "{} {path} as {who:?}: {status} {body}",
+                    case.method
+                ));
             }
             if !status.is_success() {
                 assert!(body["error"]["code"].is_string(), "errors are JSON: {body}");
             }
         }
     }
-    assert!(failures.is_empty(), "{} of {} cases wrong:\n{}", failures.len(), cases.len() * EVERYONE.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases wrong:\n{}",
+        failures.len(),
+        cases.len() * EVERYONE.len(),
+        failures.join("\n")
+    );
 }
 
 #[tokio::test]
 async fn outsiders_learn_nothing_and_anonymous_callers_are_refused() {
     let w = World::new().await;
     // The same answer for a network that exists and one that does not.
-    let (a, body_a) = call(&w.state, Some(w.token(Who::Outsider)), "GET", "/api/v1/networks/home/devices", None).await;
-    let (b, body_b) = call(&w.state, Some(w.token(Who::Outsider)), "GET", "/api/v1/networks/nowhere/devices", None).await;
+    let (a, body_a) = call(
+        &w.state,
+        Some(w.token(Who::Outsider)),
+        "GET",
+        "/api/v1/networks/home/devices",
+        None,
+    )
+    .await;
+    let (b, body_b) = call(
+        &w.state,
+        Some(w.token(Who::Outsider)),
+        "GET",
+        "/api/v1/networks/nowhere/devices",
+        None,
+    )
+    .await;
     assert_eq!((a, b), (StatusCode::NOT_FOUND, StatusCode::NOT_FOUND));
     assert_eq!(
-        body_a["error"]["message"].as_str().unwrap().replace("home", "X"),
-        body_b["error"]["message"].as_str().unwrap().replace("nowhere", "X")
+        body_a["error"]["message"]
+            .as_str()
+            .unwrap()
+            .replace("home", "X"),
+        body_b["error"]["message"]
+            .as_str()
+            .unwrap()
+            .replace("nowhere", "X")
     );
-    let (_, nets) = call(&w.state, Some(w.token(Who::Outsider)), "GET", "/api/v1/networks", None).await;
-    let names: Vec<_> = nets.as_array().unwrap().iter().map(|n| n["name"].as_str().unwrap().to_owned()).collect();
+    let (_, nets) = call(
+        &w.state,
+        Some(w.token(Who::Outsider)),
+        "GET",
+        "/api/v1/networks",
+        None,
+    )
+    .await;
+    let names: Vec<_> = nets
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["name"].as_str().unwrap().to_owned())
+        .collect();
     assert_eq!(names, ["other"]);
-    for (token, code) in [(None, "unauthorized"), (Some("meshtok-forged"), "unauthorized")] {
+    for (token, code) in [
+        (None, "unauthorized"),
+        (Some("meshtok-forged"), "unauthorized"),
+    ] {
         let (status, body) = call(&w.state, token, "GET", "/api/v1/networks/home", None).await;
         assert_eq!(status, StatusCode::UNAUTHORIZED);
         assert_eq!(body["error"]["code"], code);
     }
     // A guest's device list holds only their own (none).
-    let (_, devices) = call(&w.state, Some(w.token(Who::Guest)), "GET", "/api/v1/networks/home/devices", None).await;
+    let (_, devices) = call(
+        &w.state,
+        Some(w.token(Who::Guest)),
+        "GET",
+        "/api/v1/networks/home/devices",
+        None,
+    )
+    .await;
     assert_eq!(devices.as_array().unwrap().len(), 0);
-    let (_, devices) = call(&w.state, Some(w.token(Who::Member)), "GET", "/api/v1/networks/home/devices", None).await;
+    let (_, devices) = call(
+        &w.state,
+        Some(w.token(Who::Member)),
+        "GET",
+        "/api/v1/networks/home/devices",
+        None,
+    )
+    .await;
     assert!(devices.as_array().unwrap().len() >= 3);
 }

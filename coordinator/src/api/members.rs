@@ -6,7 +6,7 @@ use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::Json;
 use platform::people::{
-    ChangeRole, CreateInvite, CreatedInvite, InviteInfo, Member, Redeemed, RedeemInvite, Role,
+    ChangeRole, CreateInvite, CreatedInvite, InviteInfo, Member, RedeemInvite, Redeemed, Role,
     WhoAmI,
 };
 use platform::unix_now;
@@ -74,7 +74,10 @@ pub async fn remove_member(
             &s,
             d,
             "forbidden",
-            format!("{} was removed from network {:?}", member.username, ctx.name),
+            format!(
+                "{} was removed from network {:?}",
+                member.username, ctx.name
+            ),
         )?;
     }
     Ok(Json(member))

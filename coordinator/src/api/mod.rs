@@ -89,7 +89,10 @@ pub fn router(state: SharedState) -> Router {
             delete(members::revoke_invite),
         )
         .route("/api/v1/invites/{secret}", get(members::show_invite))
-        .route("/api/v1/invites/{secret}/redeem", post(members::redeem_invite))
+        .route(
+            "/api/v1/invites/{secret}/redeem",
+            post(members::redeem_invite),
+        )
         .route(&format!("{NET}/devices"), get(devices::list_devices))
         .route(
             &format!("{NET}/devices/{{id}}"),
@@ -115,14 +118,20 @@ pub fn router(state: SharedState) -> Router {
             &format!("{NET}/device-codes/{{code}}/approve"),
             post(devices::approve_device_code),
         )
-        .route(&format!("{NET}/rotate-keys"), post(devices::rotate_network_keys))
+        .route(
+            &format!("{NET}/rotate-keys"),
+            post(devices::rotate_network_keys),
+        )
         .route(
             &format!("{NET}/wireguard-peers"),
             post(devices::create_wireguard_peer),
         )
         .route("/api/v1/register", post(register::register))
         .route("/api/v1/device-codes", post(register::start_device_code))
-        .route("/api/v1/device-codes/poll", post(register::poll_device_code))
+        .route(
+            "/api/v1/device-codes/poll",
+            post(register::poll_device_code),
+        )
         .route("/api/v1/rotate-key", post(register::rotate_key))
         .route("/api/v1/relay/admit/{node_key}", get(relay::admit))
         .route("/api/v1/relay/revocations", get(relay::revocations))
@@ -224,7 +233,11 @@ impl FromRequestParts<SharedState> for MaybeCaller {
     type Rejection = AppError;
 
     async fn from_request_parts(parts: &mut Parts, state: &SharedState) -> Result<Self, AppError> {
-        if parts.headers.get(axum::http::header::AUTHORIZATION).is_none() {
+        if parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .is_none()
+        {
             return Ok(MaybeCaller(None));
         }
         Caller::from_request_parts(parts, state)
@@ -295,10 +308,10 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
 }
 
 #[cfg(test)]
-mod tests;
-#[cfg(test)]
 mod matrix_tests;
+#[cfg(test)]
+mod people_tests;
 #[cfg(test)]
 mod relay_tests;
 #[cfg(test)]
-mod people_tests;
+mod tests;

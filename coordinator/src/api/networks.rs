@@ -133,7 +133,10 @@ pub async fn audit_log(
         network_id: ctx.id,
         only_user: (!ctx.is_admin()).then_some(ctx.user.id),
         since: params.since,
-        limit: params.limit.unwrap_or(MAX_AUDIT_EVENTS).min(MAX_AUDIT_EVENTS),
+        limit: params
+            .limit
+            .unwrap_or(MAX_AUDIT_EVENTS)
+            .min(MAX_AUDIT_EVENTS),
     };
     Ok(Json(s.store.audit_events(&q).await?))
 }

@@ -53,7 +53,10 @@ pub async fn register(
 const MAX_HOSTNAME: usize = 255;
 
 fn verification_url(s: &SharedState, parts: &Parts, code: &str) -> String {
-    format!("{}/api/v1/device-codes/{code}", super::members::base_url(s, parts))
+    format!(
+        "{}/api/v1/device-codes/{code}",
+        super::members::base_url(s, parts)
+    )
 }
 
 /// A device with no key asks for a code a member can approve.
@@ -117,7 +120,12 @@ pub async fn rotate_key(
     let req: RotateKeyRequest = signed.verify(DOMAIN_ROTATE, now).map_err(signed_error)?;
     let rotated = s
         .store
-        .rotate_node_key(&signed.device_key, &req.old_node_key, &req.new_node_key, now)
+        .rotate_node_key(
+            &signed.device_key,
+            &req.old_node_key,
+            &req.new_node_key,
+            now,
+        )
         .await?;
     tracing::info!(device = rotated.row.id, old = %req.old_node_key.short(), new = %req.new_node_key.short(), "node key rotated");
     fanout::key_rotated(&s, &rotated)?;

@@ -121,8 +121,13 @@ impl Store {
             .bind(d.id)
             .execute(&mut *tx)
             .await?;
-        audit::record(&mut tx, who, Change::new(network_id, "device.removed", d.target()), now)
-            .await?;
+        audit::record(
+            &mut tx,
+            who,
+            Change::new(network_id, "device.removed", d.target()),
+            now,
+        )
+        .await?;
         tx.commit().await?;
         Ok(d)
     }
@@ -235,7 +240,9 @@ impl Store {
             ));
         }
         if old == new {
-            return Err(AppError::BadRequest("the new node key is the old one".into()));
+            return Err(AppError::BadRequest(
+                "the new node key is the old one".into(),
+            ));
         }
         if Self::denied(&mut tx, d.network_id, &[&new.to_string()]).await? {
             return Err(AppError::Forbidden("that node key is denylisted".into()));
@@ -246,7 +253,10 @@ impl Store {
              key_issued_at = ? WHERE id = ?",
         )
         .bind(new.to_string())
-        .bind(expiry_at(now, lifetime(d.key_expiry_override, rules.key_expiry_secs)))
+        .bind(expiry_at(
+            now,
+            lifetime(d.key_expiry_override, rules.key_expiry_secs),
+        ))
         .bind(now as i64)
         .bind(d.id)
         .execute(&mut *tx)
@@ -347,7 +357,11 @@ impl Store {
         audit::record(
             &mut tx,
             &ctx.who(),
-            Change::new(ctx.id, "key.rotation_requested", format!("network:{}", ctx.name)),
+            Change::new(
+                ctx.id,
+                "key.rotation_requested",
+                format!("network:{}", ctx.name),
+            ),
             now,
         )
         .await?;
@@ -369,7 +383,10 @@ impl Store {
         Ok(row.is_some_and(|r| r.0))
     }
 
-    pub async fn denylist(&self, network_id: i64) -> Result<Vec<platform::people::DenylistEntry>, AppError> {
+    pub async fn denylist(
+        &self,
+        network_id: i64,
+    ) -> Result<Vec<platform::people::DenylistEntry>, AppError> {
         let rows: Vec<(i64, String, String, String, String, String, i64)> = sqlx::query_as(
             "SELECT d.id, n.name, d.kind, d.key, d.device_name, d.reason, d.created_at FROM denylist d \
              JOIN networks n ON n.id = d.network_id WHERE d.network_id = ? ORDER BY d.id",
@@ -404,15 +421,14 @@ impl Store {
         now: u64,
     ) -> Result<(), AppError> {
         let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
-        let row: Option<(String, String)> = sqlx::query_as(
-            "SELECT key, device_name FROM denylist WHERE id = ? AND network_id = ?",
-        )
-        .bind(id)
-        .bind(network_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let (key, device) =
-            row.ok_or_else(|| AppError::NotFound(format!("no denylist entry {id} in this network")))?;
+        let row: Option<(String, String)> =
+            sqlx::query_as("SELECT key, device_name FROM denylist WHERE id = ? AND network_id = ?")
+                .bind(id)
+                .bind(network_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let (key, device) = row
+            .ok_or_else(|| AppError::NotFound(format!("no denylist entry {id} in this network")))?;
         sqlx::query("DELETE FROM denylist WHERE id = ?")
             .bind(id)
             .execute(&mut *tx)
@@ -420,7 +436,8 @@ impl Store {
         audit::record(
             &mut tx,
             who,
-            Change::new(network_id, "denylist.lifted", format!("device:{device}")).from_to(key, "allowed"),
+            Change::new(network_id, "denylist.lifted", format!("device:{device}"))
+                .from_to(key, "allowed"),
             now,
         )
         .await?;

@@ -4,9 +4,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use platform::addr::{ipv4_for_seq, next_seq};
 use platform::api::{Capabilities, DeviceInfo, RegisterRequest};
-use platform::people::DeviceState;
 use platform::keys::{DevicePublic, NodePublic};
 use platform::netmap::{Node, NodeKind};
+use platform::people::DeviceState;
 
 use super::{is_unique_violation, Store};
 use crate::error::AppError;
@@ -44,7 +44,8 @@ pub struct DeviceRow {
     pub key_expiry_override: Option<i64>,
 }
 
-pub(super) const SELECT_DEVICE: &str = "SELECT d.id, d.network_id, n.name AS network, d.kind, d.device_key, \
+pub(super) const SELECT_DEVICE: &str =
+    "SELECT d.id, d.network_id, n.name AS network, d.kind, d.device_key, \
      d.node_key, d.disco_key, d.hostname, d.name, d.os, d.ipv4, d.ipv6, d.endpoints, d.ephemeral, \
      d.created_at, d.last_seen, d.preauth_key_id, d.home_region, d.capabilities, d.user_id, \
      u.username AS owner, d.approved, d.revoked_at, d.key_expires_at, d.key_expiry_override \
@@ -235,7 +236,12 @@ impl Store {
             }
         }
         let network_name = Self::network_name(&mut tx, voucher.network_id).await?;
-        let denied = Self::denied(&mut tx, voucher.network_id, &[&device_key, &req.node_key.to_string()]).await?;
+        let denied = Self::denied(
+            &mut tx,
+            voucher.network_id,
+            &[&device_key, &req.node_key.to_string()],
+        )
+        .await?;
         if denied || existing.as_ref().is_some_and(|d| d.revoked_at.is_some()) {
             return Err(AppError::Forbidden(format!(
                 "this device was removed or revoked in network {network_name:?}; an admin must re-approve it first"
@@ -283,8 +289,12 @@ impl Store {
                 super::audit::record(
                     &mut tx,
                     &who,
-                    super::audit::Change::new(voucher.network_id, "device.reauthenticated", dev.target())
-                        .to(format!("owner {}", voucher.username)),
+                    super::audit::Change::new(
+                        voucher.network_id,
+                        "device.reauthenticated",
+                        dev.target(),
+                    )
+                    .to(format!("owner {}", voucher.username)),
                     now,
                 )
                 .await?;
@@ -328,8 +338,16 @@ impl Store {
                 super::audit::record(
                     &mut tx,
                     &who,
-                    super::audit::Change::new(voucher.network_id, "device.registered", format!("device:{name}"))
-                        .to(if approved { "active" } else { "awaiting approval" }),
+                    super::audit::Change::new(
+                        voucher.network_id,
+                        "device.registered",
+                        format!("device:{name}"),
+                    )
+                    .to(if approved {
+                        "active"
+                    } else {
+                        "awaiting approval"
+                    }),
                     now,
                 )
                 .await?;
@@ -365,13 +383,13 @@ impl Store {
             .auth_key
             .starts_with(&format!("{}-", super::people::TOKEN_PREFIX))
         {
-            let user: Option<(i64,)> = sqlx::query_as(
-                "SELECT user_id FROM user_tokens WHERE token_hash = ?",
-            )
-            .bind(super::secret_hash(&req.auth_key))
-            .fetch_optional(&mut *conn)
-            .await?;
-            let (user_id,) = user.ok_or_else(|| AppError::Unauthorized("unknown auth key".into()))?;
+            let user: Option<(i64,)> =
+                sqlx::query_as("SELECT user_id FROM user_tokens WHERE token_hash = ?")
+                    .bind(super::secret_hash(&req.auth_key))
+                    .fetch_optional(&mut *conn)
+                    .await?;
+            let (user_id,) =
+                user.ok_or_else(|| AppError::Unauthorized("unknown auth key".into()))?;
             let nets: Vec<(i64, String)> = sqlx::query_as(
                 "SELECT n.id, n.name FROM members m JOIN networks n ON n.id = m.network_id \
                  WHERE m.user_id = ? AND m.status = 'active' AND m.role != 'guest'",
@@ -381,7 +399,9 @@ impl Store {
             .await?;
             let net = match (&req.network, nets.as_slice()) {
                 (Some(want), _) => nets.iter().find(|(_, n)| n == want).ok_or_else(|| {
-                    AppError::NotFound(format!("no network named {want:?} where you may add devices"))
+                    AppError::NotFound(format!(
+                        "no network named {want:?} where you may add devices"
+                    ))
                 })?,
                 (None, [only]) => only,
                 (None, []) => {

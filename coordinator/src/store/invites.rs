@@ -5,7 +5,7 @@
 //! the invite's address at once.
 
 use platform::people::{
-    CreateInvite, InviteInfo, Member, MemberStatus, NetworkSettings, Redeemed, RedeemInvite, Role,
+    CreateInvite, InviteInfo, Member, MemberStatus, NetworkSettings, RedeemInvite, Redeemed, Role,
     DEFAULT_INVITE_EXPIRY_SECS,
 };
 
@@ -134,15 +134,21 @@ impl Store {
 
     pub async fn list_invites(&self, ctx: &NetCtx) -> Result<Vec<InviteInfo>, AppError> {
         ctx.require(Role::Admin)?;
-        let rows: Vec<InviteRow> =
-            sqlx::query_as(&format!("{SELECT_INVITE} WHERE i.network_id = ? ORDER BY i.id"))
-                .bind(ctx.id)
-                .fetch_all(self.pool())
-                .await?;
+        let rows: Vec<InviteRow> = sqlx::query_as(&format!(
+            "{SELECT_INVITE} WHERE i.network_id = ? ORDER BY i.id"
+        ))
+        .bind(ctx.id)
+        .fetch_all(self.pool())
+        .await?;
         rows.iter().map(InviteRow::info).collect()
     }
 
-    pub async fn revoke_invite(&self, ctx: &NetCtx, id: i64, now: u64) -> Result<InviteInfo, AppError> {
+    pub async fn revoke_invite(
+        &self,
+        ctx: &NetCtx,
+        id: i64,
+        now: u64,
+    ) -> Result<InviteInfo, AppError> {
         ctx.require(Role::Admin)?;
         let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
         let done = sqlx::query("UPDATE invites SET revoked = 1 WHERE id = ? AND network_id = ?")
@@ -151,7 +157,9 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         if done.rows_affected() == 0 {
-            return Err(AppError::NotFound(format!("no invite {id} in this network")));
+            return Err(AppError::NotFound(format!(
+                "no invite {id} in this network"
+            )));
         }
         audit::record(
             &mut tx,
@@ -201,7 +209,9 @@ impl Store {
             return Err(AppError::Forbidden("this invite has been revoked".into()));
         }
         if inv.redeemed_by.is_some() {
-            return Err(AppError::Forbidden("this invite has already been used".into()));
+            return Err(AppError::Forbidden(
+                "this invite has already been used".into(),
+            ));
         }
         if inv.expires_at as u64 <= now {
             return Err(AppError::Forbidden("this invite has expired".into()));
@@ -209,7 +219,10 @@ impl Store {
         let (user, token) = match caller {
             Some(u) => {
                 if inv.username.as_ref().is_some_and(|n| *n != u.username)
-                    || inv.email.as_ref().is_some_and(|e| u.email.as_ref() != Some(e))
+                    || inv
+                        .email
+                        .as_ref()
+                        .is_some_and(|e| u.email.as_ref() != Some(e))
                 {
                     return Err(AppError::Forbidden(
                         "this invite is addressed to someone else".into(),
@@ -273,8 +286,12 @@ impl Store {
         audit::record(
             &mut tx,
             &user.who(),
-            Change::new(inv.network_id, "invite.redeemed", format!("invite:{}", inv.id))
-                .to(format!("{} joined as {role}, {state}", user.username)),
+            Change::new(
+                inv.network_id,
+                "invite.redeemed",
+                format!("invite:{}", inv.id),
+            )
+            .to(format!("{} joined as {role}, {state}", user.username)),
             now,
         )
         .await?;

@@ -20,10 +20,10 @@ use sha2::{Digest, Sha256};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::SqlitePool;
 
-pub use devices::{DeviceRow, NewWireguardPeer, Registered, Registration};
 pub use access::Rotated;
-pub use people::{NetCtx, UserRow};
+pub use devices::{DeviceRow, NewWireguardPeer, Registered, Registration};
 pub use pairing::normalize_code;
+pub use people::{NetCtx, UserRow};
 
 use crate::error::AppError;
 

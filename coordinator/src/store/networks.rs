@@ -95,11 +95,20 @@ impl Store {
             }
             Err(e) => return Err(e.into()),
         };
-        Self::insert_member(&mut tx, id, owner.id, Role::Admin, MemberStatus::Active, now).await?;
+        Self::insert_member(
+            &mut tx,
+            id,
+            owner.id,
+            Role::Admin,
+            MemberStatus::Active,
+            now,
+        )
+        .await?;
         audit::record(
             &mut tx,
             &owner.who(),
-            Change::new(id, "network.created", format!("network:{name}")).to(format!("owner {}", owner.username)),
+            Change::new(id, "network.created", format!("network:{name}"))
+                .to(format!("owner {}", owner.username)),
             now,
         )
         .await?;
@@ -216,10 +225,26 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         let fields = [
-            ("require_device_approval", old.require_device_approval.to_string(), new.require_device_approval.to_string()),
-            ("auto_approve_domains", json(&old.auto_approve_domains)?, json(&new.auto_approve_domains)?),
-            ("auto_approve_emails", json(&old.auto_approve_emails)?, json(&new.auto_approve_emails)?),
-            ("key_expiry_secs", old.key_expiry_secs.to_string(), new.key_expiry_secs.to_string()),
+            (
+                "require_device_approval",
+                old.require_device_approval.to_string(),
+                new.require_device_approval.to_string(),
+            ),
+            (
+                "auto_approve_domains",
+                json(&old.auto_approve_domains)?,
+                json(&new.auto_approve_domains)?,
+            ),
+            (
+                "auto_approve_emails",
+                json(&old.auto_approve_emails)?,
+                json(&new.auto_approve_emails)?,
+            ),
+            (
+                "key_expiry_secs",
+                old.key_expiry_secs.to_string(),
+                new.key_expiry_secs.to_string(),
+            ),
         ];
         for (field, before, after) in fields {
             if before != after {

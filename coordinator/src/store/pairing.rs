@@ -28,6 +28,9 @@ pub struct Pairing {
     pub network: Option<String>,
 }
 
+/// expires_at, network_id, approved_by, preauth_key_id
+type PairingRow = (i64, Option<i64>, Option<i64>, Option<i64>);
+
 /// A fresh code, `XXXX-XXXX` (20^8 ≈ 2.6e10 possibilities).
 fn new_code() -> String {
     let mut b = [0u8; 8];
@@ -145,10 +148,12 @@ impl Store {
         .bind(now as i64)
         .fetch_optional(&mut *tx)
         .await?;
-        let (hostname, approved_by) =
-            row.ok_or_else(|| AppError::NotFound(format!("no device is waiting with code {code}")))?;
+        let (hostname, approved_by) = row
+            .ok_or_else(|| AppError::NotFound(format!("no device is waiting with code {code}")))?;
         if approved_by.is_some() {
-            return Err(AppError::Conflict(format!("code {code} is already approved")));
+            return Err(AppError::Conflict(format!(
+                "code {code} is already approved"
+            )));
         }
         sqlx::query("UPDATE device_codes SET network_id = ?, approved_by = ? WHERE code = ?")
             .bind(ctx.id)
@@ -159,8 +164,12 @@ impl Store {
         audit::record(
             &mut tx,
             &ctx.who(),
-            Change::new(ctx.id, "device.pairing_approved", format!("device-code:{code}"))
-                .to(format!("{hostname} for {}", ctx.user.username)),
+            Change::new(
+                ctx.id,
+                "device.pairing_approved",
+                format!("device-code:{code}"),
+            )
+            .to(format!("{hostname} for {}", ctx.user.username)),
             now,
         )
         .await?;
@@ -179,7 +188,7 @@ impl Store {
     ) -> Result<Pairing, AppError> {
         let code = normalize_code(code);
         let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
-        let row: Option<(i64, Option<i64>, Option<i64>, Option<i64>)> = sqlx::query_as(
+        let row: Option<PairingRow> = sqlx::query_as(
             "SELECT expires_at, network_id, approved_by, preauth_key_id FROM device_codes \
              WHERE code = ? AND device_key = ? AND expires_at > ?",
         )

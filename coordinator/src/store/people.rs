@@ -68,7 +68,10 @@ pub fn validate_username(name: &str) -> Result<(), AppError> {
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-        && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric());
     if ok {
         Ok(())
     } else {
@@ -88,7 +91,9 @@ pub fn normalize_email(email: &str) -> Result<String, AppError> {
     if valid {
         Ok(e)
     } else {
-        Err(AppError::BadRequest(format!("{email:?} is not an email address")))
+        Err(AppError::BadRequest(format!(
+            "{email:?} is not an email address"
+        )))
     }
 }
 
@@ -111,7 +116,9 @@ const SELECT_MEMBER: &str = "SELECT u.id, u.username, u.email, m.role, m.status,
      (n.owner_id = u.id) FROM members m JOIN users u ON u.id = m.user_id \
      JOIN networks n ON n.id = m.network_id";
 
-fn to_member((user_id, username, email, role, status, joined_at, owner): MemberRow) -> Result<Member, AppError> {
+fn to_member(
+    (user_id, username, email, role, status, joined_at, owner): MemberRow,
+) -> Result<Member, AppError> {
     Ok(Member {
         user_id,
         username,
@@ -285,9 +292,9 @@ impl Store {
         .bind(username)
         .fetch_optional(conn)
         .await?;
-        row.map(to_member)
-            .transpose()?
-            .ok_or_else(|| AppError::NotFound(format!("{username:?} is not a member of this network")))
+        row.map(to_member).transpose()?.ok_or_else(|| {
+            AppError::NotFound(format!("{username:?} is not a member of this network"))
+        })
     }
 
     /// Adds a membership inside a transaction (invite redemption, network
@@ -346,7 +353,9 @@ impl Store {
             return Ok(m);
         }
         if m.role == Role::Admin && Self::admin_count(&mut tx, ctx.id).await? <= 1 {
-            return Err(AppError::Conflict("the last admin cannot be demoted".into()));
+            return Err(AppError::Conflict(
+                "the last admin cannot be demoted".into(),
+            ));
         }
         sqlx::query("UPDATE members SET role = ? WHERE network_id = ? AND user_id = ?")
             .bind(role.as_str())
@@ -387,7 +396,9 @@ impl Store {
         let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
         let m = Self::member_in(&mut tx, ctx.id, username).await?;
         if m.status == MemberStatus::Active {
-            return Err(AppError::Conflict(format!("{username:?} is already active")));
+            return Err(AppError::Conflict(format!(
+                "{username:?} is already active"
+            )));
         }
         sqlx::query("UPDATE members SET status = 'active' WHERE network_id = ? AND user_id = ?")
             .bind(ctx.id)
@@ -448,12 +459,18 @@ impl Store {
             .bind(m.user_id)
             .execute(&mut *tx)
             .await?;
-        let action = if leaving { "member.left" } else { "member.removed" };
+        let action = if leaving {
+            "member.left"
+        } else {
+            "member.removed"
+        };
         audit::record(
             &mut tx,
             &ctx.who(),
-            Change::new(ctx.id, action, format!("user:{username}"))
-                .from_to(m.role.as_str(), format!("removed with {} device(s)", devices.len())),
+            Change::new(ctx.id, action, format!("user:{username}")).from_to(
+                m.role.as_str(),
+                format!("removed with {} device(s)", devices.len()),
+            ),
             now,
         )
         .await?;

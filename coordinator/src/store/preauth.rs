@@ -69,7 +69,16 @@ impl Store {
             None => None,
         };
         let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
-        let (key, id) = Self::insert_preauth_key(&mut tx, network_id, creator.id, req.reusable, req.ephemeral, expires_at, now).await?;
+        let (key, id) = Self::insert_preauth_key(
+            &mut tx,
+            network_id,
+            creator.id,
+            req.reusable,
+            req.ephemeral,
+            expires_at,
+            now,
+        )
+        .await?;
         let prefix: String = key.chars().take(16).collect();
         let network = Self::network_name(&mut tx, network_id).await?;
         audit::record(
@@ -231,13 +240,22 @@ mod tests {
         assert_eq!(k.info.expires_at, Some(160));
         let listed = store.list_preauth_keys(net.id, None).await.unwrap();
         assert_eq!(listed, vec![k.info.clone()]);
-        assert!(store.list_preauth_keys(net.id, Some(owner.id + 1)).await.unwrap().is_empty());
+        assert!(store
+            .list_preauth_keys(net.id, Some(owner.id + 1))
+            .await
+            .unwrap()
+            .is_empty());
         let who = owner.who();
         assert!(matches!(
-            store.revoke_preauth_key(&who, net.id, k.info.id, Some(owner.id + 1), 1).await,
+            store
+                .revoke_preauth_key(&who, net.id, k.info.id, Some(owner.id + 1), 1)
+                .await,
             Err(AppError::NotFound(_))
         ));
-        let revoked = store.revoke_preauth_key(&who, net.id, k.info.id, None, 1).await.unwrap();
+        let revoked = store
+            .revoke_preauth_key(&who, net.id, k.info.id, None, 1)
+            .await
+            .unwrap();
         assert!(revoked.revoked);
         assert!(matches!(
             store.revoke_preauth_key(&who, net.id, 999, None, 1).await,
