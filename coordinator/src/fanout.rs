@@ -57,23 +57,12 @@ pub fn device_shut_out(
     Ok(())
 }
 
-/// A device was approved: it and its peers learn about each other now,
-/// without reconnecting.
-pub async fn device_approved(s: &AppState, row: &DeviceRow) -> Result<(), AppError> {
+/// A device was approved: peers learn about it, and it gets a fresh full
+/// netmap (peers included) on the stream it has open, without reconnecting.
+pub fn device_approved(s: &AppState, row: &DeviceRow) -> Result<(), AppError> {
     s.hub.approve(row.network_id, row.id);
     device_changed(s, row)?;
-    let now = unix_now();
-    for peer in s.store.network_devices(row.network_id).await? {
-        if peer.id != row.id && peer.is_visible(now) {
-            s.hub.send_to(
-                row.network_id,
-                row.id,
-                Push::Change(PeerChange::Upsert {
-                    node: peer.to_node(online(s, &peer))?,
-                }),
-            );
-        }
-    }
+    s.hub.send_to(row.network_id, row.id, Push::Refresh);
     Ok(())
 }
 

@@ -24,6 +24,8 @@ pub enum Push {
     Change(PeerChange),
     /// Renew the node key (an admin rotated the network's keys).
     RotateKey,
+    /// Send the device a fresh full netmap (it was just approved).
+    Refresh,
     /// End the stream with this error (the device was removed or revoked).
     Close(ApiErrorBody),
 }

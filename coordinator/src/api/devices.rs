@@ -113,7 +113,7 @@ pub async fn approve_device(
         .store
         .approve_device(&ctx.who(), ctx.id, id, unix_now())
         .await?;
-    fanout::device_approved(&s, &row).await?;
+    fanout::device_approved(&s, &row)?;
     Ok(Json(device_info(&s, &row)?))
 }
 

@@ -228,6 +228,11 @@ async fn stream(
                 match then {
                     None | Some(Push::Change(_)) => {}
                     Some(Push::RotateKey) => send(socket, &ServerMessage::RotateKey).await?,
+                    Some(Push::Refresh) => {
+                        let row = s.store.device(&me.network, me.id).await?;
+                        let netmap = full_netmap(s, &row).await?;
+                        send(socket, &ServerMessage::Full { netmap: Box::new(netmap) }).await?;
+                    }
                     Some(Push::Close(error)) => {
                         let _ = send(socket, &ServerMessage::Error { error }).await;
                         let _ = socket.send(Message::Close(None)).await;

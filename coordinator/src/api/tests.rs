@@ -656,3 +656,176 @@ async fn relays_ask_whether_a_node_key_may_connect() {
         "admin tokens are not relay tokens"
     );
 }
+
+/// Approval, rotation and removal as a device's map stream sees them.
+#[tokio::test]
+async fn map_stream_follows_approval_rotation_and_removal() {
+    let h = Harness::new().await;
+    let key = h.network_and_key(json!({"reusable": true})).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = router(h.state.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let (a_dev, a_node) = (DevicePrivate::generate(), NodePrivate::generate());
+    let body = register_body(&a_dev, &a_node, &key, "a", unix_now());
+    assert_eq!(
+        h.call("POST", "/api/v1/register", Some(body), false)
+            .await
+            .0,
+        StatusCode::OK
+    );
+    let mut a = open_stream(addr, &a_dev, &a_node).await;
+    let ServerMessage::Full { .. } = next_msg(&mut a).await else {
+        panic!()
+    };
+
+    // A member's device in a network that wants approval: no peers yet.
+    let (s, _) = h
+        .admin(
+            "PATCH",
+            "/api/v1/networks/home/settings",
+            json!({"require_device_approval": true}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let (_, inv) = h
+        .admin(
+            "POST",
+            "/api/v1/networks/home/invites",
+            json!({"role": "member"}),
+        )
+        .await;
+    let secret = inv["secret"].as_str().unwrap();
+    let (_, red) = h
+        .call(
+            "POST",
+            &format!("/api/v1/invites/{secret}/redeem"),
+            Some(json!({"username": "bob"}).to_string()),
+            false,
+        )
+        .await;
+    h.admin(
+        "POST",
+        "/api/v1/networks/home/members/bob/approve",
+        Value::Null,
+    )
+    .await;
+    let bob = red["token"].as_str().unwrap().to_owned();
+    let req = Request::builder()
+        .method("POST")
+        .uri("/api/v1/networks/home/preauth-keys")
+        .header("authorization", format!("Bearer {bob}"))
+        .header("content-type", "application/json")
+        .body(HttpBody::from("{}"))
+        .unwrap();
+    let resp = router(h.state.clone()).oneshot(req).await.unwrap();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let bob_key = serde_json::from_slice::<CreatedPreauthKey>(&bytes)
+        .unwrap()
+        .key;
+    let (b_dev, b_node) = (DevicePrivate::generate(), NodePrivate::generate());
+    let body = register_body(&b_dev, &b_node, &bob_key, "b", unix_now());
+    let (s, v) = h.call("POST", "/api/v1/register", Some(body), false).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let b_id = v["device_id"].as_i64().unwrap();
+    let mut b = open_stream(addr, &b_dev, &b_node).await;
+    let ServerMessage::Full { netmap } = next_msg(&mut b).await else {
+        panic!()
+    };
+    assert!(netmap.awaiting_approval);
+    assert!(netmap.peers.is_empty(), "no peers before approval");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), a.next())
+            .await
+            .is_err(),
+        "a hears nothing of an unapproved device"
+    );
+
+    // Approved: b gets a fresh full netmap on the same stream, a an upsert.
+    let (s, v) = h
+        .admin(
+            "POST",
+            &format!("/api/v1/networks/home/devices/{b_id}/approve"),
+            Value::Null,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let ServerMessage::Full { netmap } = next_msg(&mut b).await else {
+        panic!("fresh netmap")
+    };
+    assert!(!netmap.awaiting_approval);
+    assert_eq!(netmap.peers.len(), 1);
+    let ServerMessage::Delta { changes } = next_msg(&mut a).await else {
+        panic!()
+    };
+    assert!(changes.iter().any(|c| matches!(c, PeerChange::Upsert { node } if node.node_key == b_node.public() && node.owner.as_deref() == Some("bob"))), "{changes:?}");
+
+    // b rotates: a swaps the old key for the new one.
+    let b_node2 = NodePrivate::generate();
+    let rotate = platform::people::RotateKeyRequest {
+        timestamp: unix_now(),
+        old_node_key: b_node.public(),
+        new_node_key: b_node2.public(),
+    };
+    let body = serde_json::to_string(&Signed::sign(
+        &b_dev,
+        platform::signed::DOMAIN_ROTATE,
+        &rotate,
+    ))
+    .unwrap();
+    let (s, v) = h
+        .call("POST", "/api/v1/rotate-key", Some(body), false)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let ServerMessage::Delta { changes } = next_msg(&mut a).await else {
+        panic!()
+    };
+    assert!(
+        changes.contains(&PeerChange::Removed {
+            node_key: b_node.public()
+        }),
+        "{changes:?}"
+    );
+    assert!(
+        changes
+            .iter()
+            .any(|c| matches!(c, PeerChange::Upsert { node } if node.node_key == b_node2.public())),
+        "{changes:?}"
+    );
+
+    // An admin asks for network-wide rotation: both streams hear it.
+    h.admin("POST", "/api/v1/networks/home/rotate-keys", Value::Null)
+        .await;
+    assert_eq!(next_msg(&mut a).await, ServerMessage::RotateKey);
+    assert_eq!(next_msg(&mut b).await, ServerMessage::RotateKey);
+
+    // Revoked: a drops it, b's stream ends with the reason, and b cannot
+    // open a new one.
+    let (s, _) = h
+        .admin(
+            "POST",
+            &format!("/api/v1/networks/home/devices/{b_id}/revoke"),
+            Value::Null,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let ServerMessage::Delta { changes } = next_msg(&mut a).await else {
+        panic!()
+    };
+    assert!(
+        changes.contains(&PeerChange::Removed {
+            node_key: b_node2.public()
+        }),
+        "{changes:?}"
+    );
+    let ServerMessage::Error { error } = next_msg(&mut b).await else {
+        panic!("error before close")
+    };
+    assert!(error.message.contains("revoked"), "{error:?}");
+    let mut again = open_stream(addr, &b_dev, &b_node2).await;
+    let ServerMessage::Error { error } = next_msg(&mut again).await else {
+        panic!()
+    };
+    assert_eq!(error.code, "forbidden");
+}

@@ -199,7 +199,7 @@ impl PeerState {
             .time_since_last_handshake()
             .is_some_and(|d| d < ACTIVE_SESSION);
         self.tunn.set_static_private(secret, public, None);
-        self.rehandshake = None; let _ = active;
+        self.rehandshake = active.then(|| Rehandshake::new(now));
     }
 
     /// Whether the timer should force a new handshake initiation now.
