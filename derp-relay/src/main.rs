@@ -29,6 +29,10 @@ struct Cli {
     /// Coordinator asked which devices may connect.
     #[arg(long, env = "DERP_COORDINATOR", required_unless_present = "open")]
     coordinator: Option<String>,
+    /// A private CA the coordinator's certificate chains to (PEM), trusted
+    /// beside the public roots.
+    #[arg(long, env = "DERP_COORDINATOR_CA_FILE")]
+    coordinator_ca_file: Option<PathBuf>,
     /// File holding the relay token (`coordinator relay-token create`).
     #[arg(long, env = "DERP_TOKEN_FILE", required_unless_present = "open")]
     token_file: Option<PathBuf>,
@@ -91,7 +95,14 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
         (false, Some(url), Some(file)) => {
             let token = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading {}", file.display()))?;
-            Admission::coordinator(&url, token.trim().to_owned())?
+            let ca = cli
+                .coordinator_ca_file
+                .as_ref()
+                .map(|p| {
+                    std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
+                })
+                .transpose()?;
+            Admission::coordinator(&url, token.trim().to_owned(), ca.as_deref())?
         }
         _ => anyhow::bail!("--coordinator and --token-file are required unless --open"),
     };

@@ -85,7 +85,7 @@ fn is_rejected_certificate(mut e: &(dyn std::error::Error + 'static)) -> bool {
 
 /// `err`, with what to do about it when it is the coordinator's certificate
 /// that was rejected (unknown issuer, wrong name, expired).
-fn explain_certificate(err: anyhow::Error, ca_file: Option<&Path>) -> anyhow::Error {
+pub(crate) fn explain_certificate(err: anyhow::Error, ca_file: Option<&Path>) -> anyhow::Error {
     match (err.chain().any(is_rejected_certificate), ca_file) {
         (false, _) => err,
         (true, None) => err.context(
@@ -363,14 +363,19 @@ async fn map_session(
                 let fresh = engine.get().is_none();
                 engine.apply(map, now).await?;
                 next_expiry = key_expiry::next_peer_expiry(map, now);
-                state.send_modify(|s| { s.netmap = Some(map.clone()); s.connected = true; s.last_error = None; });
+                state.send_modify(|s| {
+                    s.netmap = Some(map.clone());
+                    s.connected = true;
+                    s.last_error = None;
+                });
                 if fresh {
                     // Report endpoints as soon as there is a socket.
                     endpoint_check.reset_immediately();
                 }
             }
         }
-        let expiry_wait = next_expiry.map(|t| Duration::from_secs(t.saturating_sub(unix_now())).min(EXPIRY_RECHECK));
+        let expiry_wait = next_expiry
+            .map(|t| Duration::from_secs(t.saturating_sub(unix_now())).min(EXPIRY_RECHECK));
         tokio::select! {
             msg = next_message(&mut ws) => {
                 let Some(msg) = msg? else { return Ok(()) };

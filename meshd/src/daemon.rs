@@ -538,7 +538,10 @@ impl Daemon {
         .await?;
         tracing::info!(name = %reg.name, network = %reg.network, addresses = ?reg.addresses, "registered");
         if let Err(e) = self.keys.registered(platform::unix_now()) {
-            tracing::warn!(error = format!("{e:#}"), "noting when the node key was registered");
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "noting when the node key was registered"
+            );
         }
         self.state.save_prefs(&Prefs {
             coordinator: Some(coordinator.clone()),
@@ -575,16 +578,28 @@ impl Daemon {
     ) -> anyhow::Result<PairingInfo> {
         let prefs = self.state.prefs()?;
         let hostname = hostname.or(prefs.hostname).unwrap_or_else(system_hostname);
-        if let Some(p) = self.pairing.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+        if let Some(p) = self
+            .pairing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
             if p.is_live() && p.info.coordinator == coordinator && p.info.hostname == hostname {
                 return Ok(p.info.clone());
             }
         }
         let http = control::coordinator_http(ca_file.as_deref())?;
-        let (daemon, c, h) = (self.clone(), coordinator.clone(), hostname.clone());
-        let register = move |auth_key| async move { daemon.up(c, ca_file, auth_key, Some(h)).await };
+        let (daemon, c, h, ca) = (
+            self.clone(),
+            coordinator.clone(),
+            hostname.clone(),
+            ca_file.clone(),
+        );
+        let register = move |auth_key| async move { daemon.up(c, ca, auth_key, Some(h)).await };
         let device = self.keys.current().device.clone();
-        let pairing = Pairing::start(http, coordinator, device, hostname, register).await?;
+        let pairing = Pairing::start(http, coordinator, device, hostname, register)
+            .await
+            .map_err(|e| control::explain_certificate(e, ca_file.as_deref()))?;
         let info = pairing.info.clone();
         // Replacing an older pairing cancels it.
         *self.pairing.lock().unwrap_or_else(|p| p.into_inner()) = Some(pairing);
@@ -592,13 +607,20 @@ impl Daemon {
     }
 
     fn cancel_pairing(&self) {
-        let old = self.pairing.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let old = self
+            .pairing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         drop(old);
     }
 
     fn live_pairing(&self) -> Option<PairingInfo> {
         let pairing = self.pairing.lock().unwrap_or_else(|p| p.into_inner());
-        pairing.as_ref().filter(|p| p.is_live()).map(|p| p.info.clone())
+        pairing
+            .as_ref()
+            .filter(|p| p.is_live())
+            .map(|p| p.info.clone())
     }
 
     async fn wait_pairing(&self) -> anyhow::Result<()> {
@@ -608,7 +630,9 @@ impl Daemon {
             .unwrap_or_else(|p| p.into_inner())
             .as_ref()
             .map(Pairing::subscribe)
-            .ok_or_else(|| anyhow::anyhow!("no pairing in progress (run `meshd up` without --auth-key)"))?;
+            .ok_or_else(|| {
+                anyhow::anyhow!("no pairing in progress (run `meshd up` without --auth-key)")
+            })?;
         pairing::wait(state).await
     }
 
@@ -622,7 +646,9 @@ impl Daemon {
             .map(|s| s.coordinator.clone())
             .ok_or_else(|| anyhow::anyhow!("not up: run `meshd up` first"))?;
         let ca_file = self.state.prefs()?.ca_file;
-        self.keys.rotate_at(&coordinator, ca_file.as_deref()).await?;
+        self.keys
+            .rotate_at(&coordinator, ca_file.as_deref())
+            .await?;
         Ok(())
     }
 

@@ -89,7 +89,10 @@ impl KeyRing {
         let written = self.state.save_keys(&next);
         if written.is_ok() || publish_anyway {
             if let Err(e) = &written {
-                tracing::error!(error = format!("{e:#}"), "writing keys.json; settles at the next start");
+                tracing::error!(
+                    error = format!("{e:#}"),
+                    "writing keys.json; settles at the next start"
+                );
             }
             self.current.send_replace(Arc::new(next));
         }
@@ -135,8 +138,10 @@ impl KeyRing {
         match answer {
             Ok(resp) if resp.node_key == new.public() => {
                 tracing::info!(old = %keys.node.public().short(), new = %new.public().short(), "node key rotated");
-                *self.rotated_expiry.lock().unwrap_or_else(|p| p.into_inner()) =
-                    Some((resp.node_key, resp.key_expiry));
+                *self
+                    .rotated_expiry
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = Some((resp.node_key, resp.key_expiry));
                 let mut next = (*keys).clone();
                 next.node = new;
                 next.pending_node = None;
@@ -253,7 +258,11 @@ pub async fn keep_renewed(
         let asked = requests > answered;
         if connected && !backing_off && (asked || due_at.is_some_and(|t| t <= now)) {
             answered = requests;
-            let why = if asked { "the coordinator asked" } else { "expiry near" };
+            let why = if asked {
+                "the coordinator asked"
+            } else {
+                "expiry near"
+            };
             tracing::info!(why, "renewing the node key");
             match keys.rotate_at(&coordinator, ca_file.as_deref()).await {
                 Ok(_) => retry = None,
@@ -350,7 +359,10 @@ mod tests {
         let (_dir, state, ring) = ring();
         let old = ring.current().node.public();
         let url = coordinator(StatusCode::FORBIDDEN).await;
-        let err = ring.rotate(&reqwest::Client::new(), &url).await.unwrap_err();
+        let err = ring
+            .rotate(&reqwest::Client::new(), &url)
+            .await
+            .unwrap_err();
         assert!(matches!(err, RotateError::Failed(_)), "{err}");
         assert_eq!(ring.current().node.public(), old);
         let disk = state.keys().unwrap();
@@ -368,7 +380,10 @@ mod tests {
             let (_dir, state, ring) = ring();
             let old = ring.current().node.public();
             let url = coordinator(status).await;
-            let err = ring.rotate(&reqwest::Client::new(), &url).await.unwrap_err();
+            let err = ring
+                .rotate(&reqwest::Client::new(), &url)
+                .await
+                .unwrap_err();
             assert!(matches!(err, RotateError::Unknown(_)), "{err}");
             let candidates = ring.hello_candidates();
             assert_eq!(candidates.len(), 2);

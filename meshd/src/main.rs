@@ -277,7 +277,9 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
         } => {
             // The daemon has its own working directory.
             let ca_file = ca_file
-                .map(|p| std::path::absolute(&p).with_context(|| format!("the CA file {}", p.display())))
+                .map(|p| {
+                    std::path::absolute(&p).with_context(|| format!("the CA file {}", p.display()))
+                })
                 .transpose()?;
             let up = Request::Up {
                 coordinator,
@@ -288,7 +290,10 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
             let status = match localapi::exchange(&cli.socket, &up).await? {
                 localapi::Response::Ok(status) => *status,
                 localapi::Response::Pairing(info) => {
-                    print!("{}", status_text::render_pairing(&info, platform::unix_now()));
+                    print!(
+                        "{}",
+                        status_text::render_pairing(&info, platform::unix_now())
+                    );
                     std::io::Write::flush(&mut std::io::stdout())?;
                     // The daemon polls; this only waits for its outcome, a
                     // little longer than the code lives.

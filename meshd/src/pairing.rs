@@ -12,6 +12,7 @@
 use std::future::Future;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use platform::keys::DevicePrivate;
 use platform::people::{DeviceCode, DeviceCodeRequest, DeviceCodeStatus};
 use platform::signed::{Signed, DOMAIN_DEVICE_CODE};
@@ -53,7 +54,11 @@ pub enum Step {
 /// that expires at `expires_at`. Transient failures (no answer, 5xx) are
 /// retried until the code expires; the coordinator's 404 means the code
 /// expired or is unknown.
-pub fn next_step(answer: Result<&DeviceCode, &CoordinatorError>, expires_at: u64, now: u64) -> Step {
+pub fn next_step(
+    answer: Result<&DeviceCode, &CoordinatorError>,
+    expires_at: u64,
+    now: u64,
+) -> Step {
     let expired = || Step::Stop("the pairing code expired before anyone approved it".into());
     match answer {
         Ok(code) => match (code.status, &code.auth_key) {
@@ -118,9 +123,10 @@ impl Pairing {
         Fut: Future<Output = anyhow::Result<()>> + Send,
     {
         let body = signed_request(&device, &hostname, None);
-        let code: DeviceCode = control::post_signed(&http, &coordinator, "/api/v1/device-codes", &body)
-            .await
-            .map_err(|e| anyhow::anyhow!("starting device-code pairing: {e}"))?;
+        let code: DeviceCode =
+            control::post_signed(&http, &coordinator, "/api/v1/device-codes", &body)
+                .await
+                .context("starting device-code pairing")?;
         tracing::info!(code = %code.code, expires_at = code.expires_at, "pairing: waiting for approval");
         let info = PairingInfo {
             coordinator: coordinator.clone(),
@@ -136,7 +142,8 @@ impl Pairing {
                 tokio::time::sleep(POLL_INTERVAL).await;
                 let body = signed_request(&device, &hostname, Some(&code.code));
                 let answer: Result<DeviceCode, _> =
-                    control::post_signed(&http, &coordinator, "/api/v1/device-codes/poll", &body).await;
+                    control::post_signed(&http, &coordinator, "/api/v1/device-codes/poll", &body)
+                        .await;
                 match next_step(answer.as_ref(), expires_at, unix_now()) {
                     Step::Wait => continue,
                     Step::Stop(why) => break Err(why),
@@ -212,7 +219,9 @@ mod tests {
     fn pending_codes_are_polled_until_they_expire() {
         let pending = code(DeviceCodeStatus::Pending, None);
         assert_eq!(next_step(Ok(&pending), 1000, 999), Step::Wait);
-        assert!(matches!(next_step(Ok(&pending), 1000, 1000), Step::Stop(m) if m.contains("expired")));
+        assert!(
+            matches!(next_step(Ok(&pending), 1000, 1000), Step::Stop(m) if m.contains("expired"))
+        );
     }
 
     #[test]
@@ -230,11 +239,18 @@ mod tests {
 
     #[test]
     fn errors_stop_or_retry_by_kind() {
-        assert!(matches!(next_step(Err(&refused(404)), 1000, 10), Step::Stop(m) if m.contains("expired")));
-        assert!(matches!(next_step(Err(&refused(403)), 1000, 10), Step::Stop(m) if m.contains("nope")));
+        assert!(
+            matches!(next_step(Err(&refused(404)), 1000, 10), Step::Stop(m) if m.contains("expired"))
+        );
+        assert!(
+            matches!(next_step(Err(&refused(403)), 1000, 10), Step::Stop(m) if m.contains("nope"))
+        );
         // A coordinator in trouble: keep asking while the code lives.
         assert_eq!(next_step(Err(&refused(503)), 1000, 10), Step::Wait);
-        assert!(matches!(next_step(Err(&refused(503)), 1000, 1000), Step::Stop(_)));
+        assert!(matches!(
+            next_step(Err(&refused(503)), 1000, 1000),
+            Step::Stop(_)
+        ));
     }
 
     #[tokio::test]
@@ -252,6 +268,9 @@ mod tests {
         let (tx, rx) = watch::channel(PairingState::Waiting);
         let waiter = tokio::spawn(wait(rx));
         drop(tx);
-        assert!(waiter.await.unwrap().is_err(), "a cancelled pairing ends the wait");
+        assert!(
+            waiter.await.unwrap().is_err(),
+            "a cancelled pairing ends the wait"
+        );
     }
 }

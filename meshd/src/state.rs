@@ -213,7 +213,10 @@ mod tests {
         state.save_keys(&keys).unwrap();
         let back = state.keys().unwrap();
         assert_eq!(back.node.public(), keys.node.public());
-        assert_eq!(back.pending_node.map(|k| k.public()), Some(pending.public()));
+        assert_eq!(
+            back.pending_node.map(|k| k.public()),
+            Some(pending.public())
+        );
         assert_eq!(back.node_obtained_at, Some(1_700_000_000));
         assert_eq!(back.device.public(), keys.device.public());
     }

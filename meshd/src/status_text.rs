@@ -167,7 +167,10 @@ pub fn render_at(s: &Status, now: u64) -> String {
                 (Some(t), Some(c)) => format!(" {t} compute {c}"),
                 (Some(t), None) => format!(" {t}"),
                 _ => String::new(),
-            } + &p.owner.as_deref().map_or(String::new(), |o| format!(" owner {o}")),
+            } + &p
+                .owner
+                .as_deref()
+                .map_or(String::new(), |o| format!(" owner {o}")),
         );
     }
     out
@@ -373,11 +376,17 @@ mod tests {
     fn owners_are_shown_for_this_device_and_peers() {
         let text = render_at(&running(None, false), NOW);
         let mut lines = text.lines();
-        assert!(lines.next().unwrap().ends_with("(this device, network home, owner ann)"));
+        assert!(lines
+            .next()
+            .unwrap()
+            .ends_with("(this device, network home, owner ann)"));
         let peer = text.lines().find(|l| l.contains("beta")).unwrap();
         assert!(peer.ends_with(" owner bob"), "{peer}");
         assert!(peer.contains(" online "), "{peer}");
-        assert!(!text.contains("node key"), "no warning for a key that never expires");
+        assert!(
+            !text.contains("node key"),
+            "no warning for a key that never expires"
+        );
     }
 
     #[test]
@@ -402,7 +411,10 @@ mod tests {
         let mut s = running(None, true);
         s.peers[0].key_expired = true;
         let text = render_at(&s, NOW);
-        assert!(text.contains("# waiting for an admin to approve this device"), "{text}");
+        assert!(
+            text.contains("# waiting for an admin to approve this device"),
+            "{text}"
+        );
         let peer = text.lines().find(|l| l.contains("beta")).unwrap();
         assert!(peer.contains(" expired "), "{peer}");
     }
@@ -417,15 +429,26 @@ mod tests {
             expires_at: NOW + 600,
         };
         let text = render_pairing(&info, NOW);
-        assert!(text.contains("coordinator device approve BCDF-GHJK --network <network>"), "{text}");
-        assert!(text.contains("or open http://c/api/v1/device-codes/BCDF-GHJK"), "{text}");
+        assert!(
+            text.contains("coordinator device approve BCDF-GHJK --network <network>"),
+            "{text}"
+        );
+        assert!(
+            text.contains("or open http://c/api/v1/device-codes/BCDF-GHJK"),
+            "{text}"
+        );
         assert!(text.contains("expires in 10 minutes"), "{text}");
         let mut s = running(None, false);
         s.backend = BackendState::Stopped;
         s.self_ = None;
         s.pairing = Some(info);
         let status = render_at(&s, NOW + 60);
-        assert!(status.starts_with("pairing: waiting for a member to approve code BCDF-GHJK (expires in 9 minutes"), "{status}");
+        assert!(
+            status.starts_with(
+                "pairing: waiting for a member to approve code BCDF-GHJK (expires in 9 minutes"
+            ),
+            "{status}"
+        );
         s.pairing = None;
         assert_eq!(render_at(&s, NOW), "stopped (run `meshd up`)\n");
     }

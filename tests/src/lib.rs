@@ -775,7 +775,7 @@ impl Relay {
         let listen = format!("{}:{RELAY_PORT}", host.addr);
         let stun = format!("{}:{STUN_PORT}", host.addr);
         let stun2 = format!("{}:{STUN_PORT_2}", host.addr);
-        let args = [
+        let mut args = vec![
             "--listen",
             &listen,
             "--stun-listen",
@@ -789,6 +789,9 @@ impl Relay {
             "--key-file",
             key.to_str().context("utf-8")?,
         ];
+        if let Some(ca) = &coord.ca_file {
+            args.extend(["--coordinator-ca-file", ca.to_str().context("utf-8")?]);
+        }
         let pid = lab.spawn(
             &host,
             &bin("derp-relay"),

@@ -1,12 +1,12 @@
 //! The control plane over TLS in network namespaces: a coordinator with a
 //! certificate from a private CA, devices that join it with `--ca-file` and
-//! reach each other, a restart that reconnects with the CA kept in prefs,
+//! reach each other, a relay that checks in with it, a restart that reconnects with the CA kept in prefs,
 //! and a device without the CA that is turned away with a certificate
 //! error. Needs root; run serially (`--test-threads=1`).
 
 use std::time::Duration;
 
-use crank_e2e::{run_lab, wait_until, Coordinator, Device, Lab};
+use crank_e2e::{run_lab, wait_until, Coordinator, Device, Lab, Relay};
 
 #[test]
 fn devices_join_a_tls_coordinator_only_with_its_ca() {
@@ -60,6 +60,20 @@ fn scenario(lab: &mut Lab) -> anyhow::Result<()> {
     // Without the CA, `meshd up` fails on the certificate.
     let gamma_host = lab.host("gamma", 13)?;
     let gamma = Device::start(lab, gamma_host)?;
+    // A relay checks devices in with the TLS coordinator (trusting its CA)
+    // and holds its revocation stream open.
+    let relay_host = lab.host("relay", 2)?;
+    let relay = Relay::start(lab, relay_host, &coord)?;
+    wait_until(
+        Duration::from_secs(10),
+        "the relay's revocation stream",
+        || {
+            relay
+                .metrics()
+                .is_ok_and(|m| m.lines().any(|l| l == "derp_revocation_stream_up 1"))
+        },
+    )?;
+
     let refused = gamma.meshd(&[
         "up",
         "--coordinator",

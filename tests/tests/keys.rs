@@ -43,10 +43,14 @@ fn peer_key(d: &Device, name: &str) -> String {
 }
 
 fn on_home_relay(d: &Device, timeout: Duration) -> anyhow::Result<()> {
-    wait_until(timeout, &format!("{} on its home relay", d.host.name), || {
-        d.status()
-            .is_ok_and(|s| s["self"]["home_relay_connected"] == true)
-    })
+    wait_until(
+        timeout,
+        &format!("{} on its home relay", d.host.name),
+        || {
+            d.status()
+                .is_ok_and(|s| s["self"]["home_relay_connected"] == true)
+        },
+    )
 }
 
 /// The longest run of consecutive receiver intervals in which (almost)
@@ -97,7 +101,15 @@ fn rotation_mid_transfer_and_by_an_admin() {
                 let out = host.run(
                     "iperf3",
                     &[
-                        "-c", &target, "-t", "6", "-b", "20M", "-i", "0.5", "-J",
+                        "-c",
+                        &target,
+                        "-t",
+                        "6",
+                        "-b",
+                        "20M",
+                        "-i",
+                        "0.5",
+                        "-J",
                         "--get-server-output",
                     ],
                 )?;
@@ -145,7 +157,10 @@ fn rotation_mid_transfer_and_by_an_admin() {
         anyhow::ensure!(own_key(&alpha)? == new, "alpha's status shows its new key");
         // The relay link came back under the new key.
         on_home_relay(&alpha, Duration::from_secs(10))?;
-        anyhow::ensure!(beta.host.ping(&a4), "beta cannot reach alpha after the rotation");
+        anyhow::ensure!(
+            beta.host.ping(&a4),
+            "beta cannot reach alpha after the rotation"
+        );
 
         // The new key survives a restart (it was stored before use).
         let mut alpha = alpha;
@@ -154,25 +169,37 @@ fn rotation_mid_transfer_and_by_an_admin() {
             alpha.status().is_ok_and(|s| s["backend"] == "running")
         })?;
         anyhow::ensure!(own_key(&alpha)? == new, "alpha came back with another key");
-        wait_until(Duration::from_secs(10), "alpha reaches beta after restart", || {
-            alpha.host.ping(&b4)
-        })?;
+        wait_until(
+            Duration::from_secs(10),
+            "alpha reaches beta after restart",
+            || alpha.host.ping(&b4),
+        )?;
 
         // An admin rotates every key of the network: both devices renew
         // and keep reaching each other.
         let before = (own_key(&alpha)?, own_key(&beta)?);
-        coord.api("POST", &format!("/api/v1/networks/{}/rotate-keys", coord.network), None)?;
+        coord.api(
+            "POST",
+            &format!("/api/v1/networks/{}/rotate-keys", coord.network),
+            None,
+        )?;
         wait_until(Duration::from_secs(10), "both devices renew", || {
             own_key(&alpha).is_ok_and(|k| k != before.0)
                 && own_key(&beta).is_ok_and(|k| k != before.1)
         })?;
-        wait_until(Duration::from_secs(5), "peers learn the renewed keys", || {
-            own_key(&alpha).is_ok_and(|k| peer_key(&beta, "alpha") == k)
-                && own_key(&beta).is_ok_and(|k| peer_key(&alpha, "beta") == k)
-        })?;
-        wait_until(Duration::from_secs(5), "alpha reaches beta after renewal", || {
-            alpha.host.ping(&b4)
-        })?;
+        wait_until(
+            Duration::from_secs(5),
+            "peers learn the renewed keys",
+            || {
+                own_key(&alpha).is_ok_and(|k| peer_key(&beta, "alpha") == k)
+                    && own_key(&beta).is_ok_and(|k| peer_key(&alpha, "beta") == k)
+            },
+        )?;
+        wait_until(
+            Duration::from_secs(5),
+            "alpha reaches beta after renewal",
+            || alpha.host.ping(&b4),
+        )?;
 
         Ok(())
     });
@@ -191,7 +218,15 @@ fn pairing_by_device_code() {
             let ca = coord.ca_file.clone();
             std::thread::spawn(move || {
                 let meshd = bin("meshd");
-                let mut args = vec!["--socket", &socket, "up", "--coordinator", &url, "--hostname", "gamma"];
+                let mut args = vec![
+                    "--socket",
+                    &socket,
+                    "up",
+                    "--coordinator",
+                    &url,
+                    "--hostname",
+                    "gamma",
+                ];
                 let ca = ca.as_deref().and_then(Path::to_str).map(str::to_owned);
                 if let Some(ca) = &ca {
                     args.extend(["--ca-file", ca]);
@@ -200,8 +235,10 @@ fn pairing_by_device_code() {
             })
         };
         let mut code = String::new();
-        wait_until(Duration::from_secs(10), "gamma shows its pairing code", || {
-            match gamma.status() {
+        wait_until(
+            Duration::from_secs(10),
+            "gamma shows its pairing code",
+            || match gamma.status() {
                 Ok(s) => match s["pairing"]["code"].as_str() {
                     Some(c) => {
                         code = c.to_owned();
@@ -210,23 +247,35 @@ fn pairing_by_device_code() {
                     None => false,
                 },
                 Err(_) => false,
-            }
-        })?;
+            },
+        )?;
         anyhow::ensure!(!up.is_finished(), "meshd up returned before approval");
         coord.api(
             "POST",
-            &format!("/api/v1/networks/{}/device-codes/{code}/approve", coord.network),
+            &format!(
+                "/api/v1/networks/{}/device-codes/{code}/approve",
+                coord.network
+            ),
             None,
         )?;
         let out = up
             .join()
             .map_err(|_| anyhow::anyhow!("meshd up panicked"))??;
         anyhow::ensure!(out.contains(&code), "the code was not printed: {out}");
-        anyhow::ensure!(out.contains("this device"), "no status after pairing: {out}");
+        anyhow::ensure!(
+            out.contains("this device"),
+            "no status after pairing: {out}"
+        );
         let status = gamma.status()?;
         anyhow::ensure!(status["backend"] == "running", "gamma not up: {status}");
-        anyhow::ensure!(status["self"]["owner"].is_string(), "gamma has no owner: {status}");
-        anyhow::ensure!(status.get("pairing").is_none(), "pairing still shown: {status}");
+        anyhow::ensure!(
+            status["self"]["owner"].is_string(),
+            "gamma has no owner: {status}"
+        );
+        anyhow::ensure!(
+            status.get("pairing").is_none(),
+            "pairing still shown: {status}"
+        );
         let (a4, _) = alpha.overlay()?;
         wait_until(Duration::from_secs(10), "gamma reaches alpha", || {
             gamma.host.ping(&a4)

@@ -122,8 +122,10 @@ pub enum Admission {
 }
 
 impl Admission {
-    pub fn coordinator(url: &str, token: String) -> anyhow::Result<Self> {
-        let tls = crate::tls::client_config(None)?;
+    /// Asks the coordinator at `url`, trusting the public roots plus
+    /// `ca_pem` (a private CA) if given.
+    pub fn coordinator(url: &str, token: String, ca_pem: Option<&str>) -> anyhow::Result<Self> {
+        let tls = crate::tls::client_config(ca_pem)?;
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(3))
             .use_preconfigured_tls(Arc::unwrap_or_clone(tls.clone()))

@@ -324,7 +324,11 @@ async fn admission_asks_the_coordinator() {
     let secret = StaticSecret::random_from_rng(OsRng);
     let known = PublicKey::from(&secret).to_bytes();
     let coord = fake_coordinator(known).await;
-    let (relay, url) = start(Admission::coordinator(&coord, "t".into()).unwrap(), 1 << 30).await;
+    let (relay, url) = start(
+        Admission::coordinator(&coord, "t".into(), None).unwrap(),
+        1 << 30,
+    )
+    .await;
 
     let (tx, mut events) = mpsc::channel(16);
     let _ok = RelayClient::spawn(url.clone(), secret, (), tx);
@@ -345,7 +349,7 @@ async fn admission_asks_the_coordinator() {
 
     // Coordinator unreachable: unknown keys are refused.
     let (relay, url) = start(
-        Admission::coordinator("http://127.0.0.1:1", "t".into()).unwrap(),
+        Admission::coordinator("http://127.0.0.1:1", "t".into(), None).unwrap(),
         1 << 30,
     )
     .await;
@@ -620,7 +624,7 @@ async fn revoked_clients_are_evicted_at_once() {
     use std::sync::atomic::Ordering;
     let coord = revoking_coordinator().await;
     let (relay, url) = start(
-        Admission::coordinator(&coord.url, "t".into()).unwrap(),
+        Admission::coordinator(&coord.url, "t".into(), None).unwrap(),
         1 << 30,
     )
     .await;

@@ -562,7 +562,14 @@ pub(super) mod tests {
         let mut st = peer.lock();
         let mut buf = vec![0u8; 2048];
         // A session under the old key.
-        let mut theirs = Tunn::new(them.to_dalek(), old.public().to_dalek(), None, None, 9, None);
+        let mut theirs = Tunn::new(
+            them.to_dalek(),
+            old.public().to_dalek(),
+            None,
+            None,
+            9,
+            None,
+        );
         let init = match st.tunn.format_handshake_initiation(&mut buf, false) {
             boringtun::noise::TunnResult::WriteToNetwork(p) => p.to_vec(),
             _ => panic!("no initiation"),
@@ -575,7 +582,10 @@ pub(super) mod tests {
         assert!(!st.rehandshake_due(now), "nothing to do before a change");
 
         st.set_static_key(new.to_dalek(), new.public().to_dalek(), now);
-        assert!(st.rehandshake_due(now), "an active session rehandshakes at once");
+        assert!(
+            st.rehandshake_due(now),
+            "an active session rehandshakes at once"
+        );
         let init = match st.tunn.format_handshake_initiation(&mut buf, true) {
             boringtun::noise::TunnResult::WriteToNetwork(p) => p.to_vec(),
             _ => panic!("no initiation"),
@@ -583,12 +593,23 @@ pub(super) mod tests {
         // A peer that still knows only the old key refuses it ...
         assert!(feed(&mut theirs, &init).is_none());
         // ... and once told the new key (a fresh session), accepts.
-        let mut told = Tunn::new(them.to_dalek(), new.public().to_dalek(), None, None, 10, None);
+        let mut told = Tunn::new(
+            them.to_dalek(),
+            new.public().to_dalek(),
+            None,
+            None,
+            10,
+            None,
+        );
         let response = feed(&mut told, &init).expect("response under the new key");
         assert!(feed(&mut st.tunn, &response).is_some(), "session up");
         st.answered();
         assert!(!st.rehandshake_due(now + Duration::from_secs(1)));
-        assert_eq!(peer.index, t.by_index.keys().copied().next().unwrap(), "same slot");
+        assert_eq!(
+            peer.index,
+            t.by_index.keys().copied().next().unwrap(),
+            "same slot"
+        );
     }
 
     #[test]
