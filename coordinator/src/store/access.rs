@@ -370,11 +370,12 @@ impl Store {
     }
 
     /// Whether the device's node key predates the network's last rotation
-    /// request.
+    /// request (times are whole seconds: a key issued in the same second as
+    /// the request, typically the renewal it caused, counts as renewed).
     pub async fn rotation_due(&self, device_id: i64) -> Result<bool, AppError> {
         let row: Option<(bool,)> = sqlx::query_as(
             "SELECT n.rotation_requested_at IS NOT NULL AND \
-             (d.key_issued_at IS NULL OR d.key_issued_at <= n.rotation_requested_at) \
+             (d.key_issued_at IS NULL OR d.key_issued_at < n.rotation_requested_at) \
              FROM devices d JOIN networks n ON n.id = d.network_id WHERE d.id = ?",
         )
         .bind(device_id)
