@@ -182,6 +182,10 @@ fn scenario(lab: &mut Lab) -> anyhow::Result<()> {
         "took {:?}",
         start.elapsed()
     );
+    eprintln!(
+        "beta dropped by alpha and the relay {:?} after removal",
+        start.elapsed()
+    );
     anyhow::ensure!(
         !alpha.host.ping(&b4),
         "beta is still reachable after removal"
