@@ -257,6 +257,20 @@ fn parse_lifetime(s: &str) -> anyhow::Result<Option<u64>> {
     }
 }
 
+/// A unix time as people read it (UTC, RFC 3339).
+fn when(t: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(t)).to_string()
+}
+
+/// A lifetime in whole days when it is one, else as humantime writes it.
+fn lifetime_text(secs: u64) -> String {
+    match secs {
+        0 => "never".to_owned(),
+        s if s % 86400 == 0 => format!("{} days", s / 86400),
+        s => humantime::format_duration(Duration::from_secs(s)).to_string(),
+    }
+}
+
 fn net_path(net: &Net, rest: &str) -> String {
     format!("/api/v1/networks/{}{rest}", net.network)
 }
@@ -333,7 +347,7 @@ fn invite_line(i: &InviteInfo) -> String {
     } else if let Some(r) = &i.redeemed_by {
         format!("redeemed by {r}")
     } else {
-        format!("open until {}", i.expires_at)
+        format!("open until {}", when(i.expires_at))
     };
     format!("{} {} {} for {who}, {state}\n", i.id, i.prefix, i.role)
 }
@@ -455,7 +469,11 @@ pub async fn invite(cmd: InviteCmd) -> anyhow::Result<()> {
             print(out, &created, |c| {
                 let mut s = format!(
                     "invite {} ({} in {}, expires {}); pass this link on (shown once):\n{}\n",
-                    c.info.id, c.info.role, c.info.network, c.info.expires_at, c.link
+                    c.info.id,
+                    c.info.role,
+                    c.info.network,
+                    when(c.info.expires_at),
+                    c.link
                 );
                 if let Some(code) = &code {
                     s.push_str(code);
@@ -595,7 +613,7 @@ pub async fn device(cmd: RemoteDeviceCmd) -> anyhow::Result<()> {
                 format!(
                     "{}: node key expires {}\n",
                     d.name,
-                    d.key_expiry.map_or("never".into(), |t| t.to_string())
+                    d.key_expiry.map_or("never".into(), when)
                 )
             })
         }
@@ -618,11 +636,7 @@ pub async fn settings(cmd: SettingsCmd) -> anyhow::Result<()> {
             s.require_device_approval,
             s.auto_approve_domains.join(", "),
             s.auto_approve_emails.join(", "),
-            if s.key_expiry_secs == 0 {
-                "never".to_owned()
-            } else {
-                humantime::format_duration(Duration::from_secs(s.key_expiry_secs)).to_string()
-            }
+            lifetime_text(s.key_expiry_secs)
         )
     };
     match cmd {
@@ -740,7 +754,13 @@ pub async fn audit(cmd: AuditCmd) -> anyhow::Result<()> {
                     (None, Some(n)) => format!(": {n}"),
                     _ => String::new(),
                 };
-                println!("{} {} {} {}{change}", e.at, e.actor, e.action, e.target);
+                println!(
+                    "{} {} {} {}{change}",
+                    when(e.at),
+                    e.actor,
+                    e.action,
+                    e.target
+                );
             }
         }
     }
@@ -779,6 +799,14 @@ pub async fn denylist(cmd: DenylistCmd) -> anyhow::Result<()> {
 mod tests {
     use super::*;
     use platform::people::Actor;
+
+    #[test]
+    fn times_read_well() {
+        assert_eq!(when(0), "1970-01-01T00:00:00Z");
+        assert_eq!(lifetime_text(90 * 86400), "90 days");
+        assert_eq!(lifetime_text(0), "never");
+        assert_eq!(lifetime_text(3600), "1h");
+    }
 
     #[test]
     fn lifetimes_parse() {
