@@ -120,6 +120,9 @@ DROP TABLE admin_tokens;
 -- Set once the expiry of the device's current node key has been acted on
 -- (audited, relays told, stream closed); cleared by a new key.
 ALTER TABLE devices ADD COLUMN key_expiry_handled INTEGER NOT NULL DEFAULT 0;
+-- The sweeper looks every few seconds for keys that expired and are not
+-- handled yet: only those rows are indexed.
+CREATE INDEX devices_key_expiry ON devices(key_expires_at) WHERE key_expiry_handled = 0;
 
 -- Network-wide key rotation: devices whose key was issued before the
 -- request renew it (at once when connected, else when they next connect).

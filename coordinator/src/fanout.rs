@@ -42,9 +42,35 @@ pub fn device_shut_out(
     code: &str,
     why: String,
 ) -> Result<(), AppError> {
-    let node_key = row.node_key()?;
-    s.hub
-        .broadcast(row.network_id, row.id, PeerChange::Removed { node_key });
+    s.hub.broadcast(
+        row.network_id,
+        row.id,
+        PeerChange::Removed {
+            node_key: row.node_key()?,
+        },
+    );
+    close_and_refuse(s, row, code, why)
+}
+
+/// A device's node key expired: peers stop on their own (they know the
+/// expiry); its stream ends and relays refuse the key.
+pub fn key_expired(s: &AppState, row: &DeviceRow) -> Result<(), AppError> {
+    close_and_refuse(
+        s,
+        row,
+        "forbidden",
+        "this device's node key has expired".into(),
+    )
+}
+
+/// Ends the device's map stream with `why` and tells relays to refuse its
+/// node key.
+fn close_and_refuse(
+    s: &AppState,
+    row: &DeviceRow,
+    code: &str,
+    why: String,
+) -> Result<(), AppError> {
     s.hub.send_to(
         row.network_id,
         row.id,
@@ -53,7 +79,7 @@ pub fn device_shut_out(
             message: why,
         }),
     );
-    s.hub.revoke_relay_access(node_key);
+    s.hub.revoke_relay_access(row.node_key()?);
     Ok(())
 }
 

@@ -140,6 +140,32 @@ pub struct PairingApproved {
     pub network: String,
 }
 
+#[derive(Serialize)]
+pub struct WaitingDevice {
+    pub code: String,
+    pub hostname: String,
+    pub expires_at: u64,
+    /// How to approve it into a network.
+    pub approve: String,
+}
+
+/// What a pairing device's verification URL shows a signed-in user.
+pub async fn show_device_code(
+    Caller(_): Caller,
+    State(s): State<SharedState>,
+    ApiPath(code): ApiPath<String>,
+) -> Result<Json<WaitingDevice>, AppError> {
+    let (code, hostname, expires_at) = s.store.waiting_device(&code, unix_now()).await?;
+    Ok(Json(WaitingDevice {
+        approve: format!(
+            "coordinator device approve --network NETWORK {code}  (POST /api/v1/networks/NETWORK/device-codes/{code}/approve)"
+        ),
+        code,
+        hostname,
+        expires_at,
+    }))
+}
+
 /// A member approves a waiting device's code; the device becomes theirs.
 pub async fn approve_device_code(
     Caller(user): Caller,

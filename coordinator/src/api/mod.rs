@@ -132,6 +132,10 @@ pub fn router(state: SharedState) -> Router {
             "/api/v1/device-codes/poll",
             post(register::poll_device_code),
         )
+        .route(
+            "/api/v1/device-codes/{code}",
+            get(devices::show_device_code),
+        )
         .route("/api/v1/rotate-key", post(register::rotate_key))
         .route("/api/v1/relay/admit/{node_key}", get(relay::admit))
         .route("/api/v1/relay/revocations", get(relay::revocations))
@@ -176,21 +180,11 @@ pub async fn run_sweeper(state: SharedState) {
     }
 }
 
-/// Peers stop talking to an expired key on their own (they know its
-/// expiry); the coordinator closes its stream and tells relays.
+/// Devices whose node key expired since the last look are shut out once.
 async fn shut_out_expired(state: &SharedState) -> Result<(), AppError> {
     for row in state.store.take_newly_expired(platform::unix_now()).await? {
         tracing::info!(device = row.id, name = %row.name, "node key expired");
-        let node_key = row.node_key()?;
-        state.hub.send_to(
-            row.network_id,
-            row.id,
-            crate::hub::Push::Close(platform::api::ApiErrorBody {
-                code: "forbidden".into(),
-                message: "this device's node key has expired".into(),
-            }),
-        );
-        state.hub.revoke_relay_access(node_key);
+        crate::fanout::key_expired(state, &row)?;
     }
     Ok(())
 }

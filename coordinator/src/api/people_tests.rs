@@ -567,6 +567,13 @@ async fn device_code_pairing() {
         )
         .await;
     let code = started["code"].as_str().unwrap().to_owned();
+    // Its verification URL shows a signed-in user what is waiting.
+    let url = started["verification_url"].as_str().unwrap();
+    let path = url.strip_prefix("https://coord.example").unwrap();
+    let waiting = t.ok(Some(&owner), "GET", path, Value::Null).await;
+    assert_eq!(waiting["hostname"], "new-box");
+    t.fails(None, "GET", path, Value::Null, StatusCode::UNAUTHORIZED)
+        .await;
     assert_eq!(started["status"], "pending");
     // Asking again gives the same code.
     let again = t

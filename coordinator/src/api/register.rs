@@ -14,7 +14,7 @@ use platform::unix_now;
 use super::{Body, SharedState};
 use crate::error::AppError;
 use crate::fanout;
-use crate::store::Registration;
+use crate::store::{Pairing, Registration};
 
 /// Maps a failed signature check to the status a client can act on.
 pub fn signed_error(e: SignedError) -> AppError {
@@ -52,11 +52,21 @@ pub async fn register(
 /// Longest hostname a pairing may carry.
 const MAX_HOSTNAME: usize = 255;
 
-fn verification_url(s: &SharedState, parts: &Parts, code: &str) -> String {
-    format!(
-        "{}/api/v1/device-codes/{code}",
-        super::members::base_url(s, parts)
-    )
+/// The answer to a pairing device, with where a member looks the code up
+/// (`GET /api/v1/device-codes/{code}`, which says how to approve it).
+fn device_code(s: &SharedState, parts: &Parts, p: Pairing) -> DeviceCode {
+    DeviceCode {
+        verification_url: format!(
+            "{}/api/v1/device-codes/{}",
+            super::members::base_url(s, parts),
+            p.code
+        ),
+        code: p.code,
+        expires_at: p.expires_at,
+        status: p.status,
+        auth_key: p.auth_key,
+        network: p.network,
+    }
 }
 
 /// A device with no key asks for a code a member can approve.
@@ -76,14 +86,7 @@ pub async fn start_device_code(
         .store
         .start_pairing(&signed.device_key, &req.hostname, now)
         .await?;
-    Ok(Json(DeviceCode {
-        verification_url: verification_url(&s, &parts, &p.code),
-        code: p.code,
-        expires_at: p.expires_at,
-        status: p.status,
-        auth_key: p.auth_key,
-        network: p.network,
-    }))
+    Ok(Json(device_code(&s, &parts, p)))
 }
 
 /// The device asks whether its code was approved (only the device that
@@ -101,14 +104,7 @@ pub async fn poll_device_code(
         .code
         .ok_or_else(|| AppError::BadRequest("code is required".into()))?;
     let p = s.store.poll_pairing(&signed.device_key, &code, now).await?;
-    Ok(Json(DeviceCode {
-        verification_url: verification_url(&s, &parts, &p.code),
-        code: p.code,
-        expires_at: p.expires_at,
-        status: p.status,
-        auth_key: p.auth_key,
-        network: p.network,
-    }))
+    Ok(Json(device_code(&s, &parts, p)))
 }
 
 /// The device replaces its node key; peers and relays follow at once.

@@ -22,7 +22,7 @@ use sqlx::SqlitePool;
 
 pub use access::Rotated;
 pub use devices::{DeviceRow, NewWireguardPeer, Registered, Registration};
-pub use pairing::normalize_code;
+pub use pairing::{normalize_code, Pairing};
 pub use people::{NetCtx, UserRow};
 
 use crate::error::AppError;

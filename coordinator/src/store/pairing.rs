@@ -177,6 +177,26 @@ impl Store {
         Ok(hostname)
     }
 
+    /// A waiting device, as a member looking up its code sees it: its
+    /// hostname and when the code expires.
+    pub async fn waiting_device(
+        &self,
+        code: &str,
+        now: u64,
+    ) -> Result<(String, String, u64), AppError> {
+        let code = normalize_code(code);
+        let row: Option<(String, i64)> = sqlx::query_as(
+            "SELECT hostname, expires_at FROM device_codes WHERE code = ? AND expires_at > ? AND approved_by IS NULL",
+        )
+        .bind(&code)
+        .bind(now as i64)
+        .fetch_optional(self.pool())
+        .await?;
+        let (hostname, expires_at) = row
+            .ok_or_else(|| AppError::NotFound(format!("no device is waiting with code {code}")))?;
+        Ok((code, hostname, expires_at as u64))
+    }
+
     /// The device asks how its code stands. Once approved it gets a fresh
     /// single-use key (any key handed out before is revoked, so a lost
     /// answer costs nothing).
