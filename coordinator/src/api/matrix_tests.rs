@@ -3,21 +3,13 @@
 //! outside the network, and for a guest asking about others' devices, so
 //! nothing leaks). Each case runs on a fresh database with the same cast.
 
-use std::sync::Arc;
-use std::time::Duration;
-
-use axum::body::Body as HttpBody;
-use axum::http::{Request, StatusCode};
-use http_body_util::BodyExt;
-use platform::api::{Capabilities, RegisterRequest};
-use platform::keys::{DevicePrivate, DiscoPrivate, NodePrivate};
-use platform::signed::{Signed, DOMAIN_DEVICE_CODE, DOMAIN_REGISTER};
+use axum::http::StatusCode;
+use platform::keys::{DevicePrivate, NodePrivate};
 use platform::unix_now;
 use serde_json::{json, Value};
-use tower::ServiceExt;
 
-use super::{router, AppState, SharedState};
-use crate::hub::Hub;
+use super::test_support::{self, device_code_body, register_body};
+use super::SharedState;
 use crate::store::test_store;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,6 +44,7 @@ struct World {
     _dir: tempfile::TempDir,
 }
 
+/// The shared call, with a JSON body.
 async fn call(
     state: &SharedState,
     token: Option<&str>,
@@ -59,57 +52,25 @@ async fn call(
     path: &str,
     body: Option<Value>,
 ) -> (StatusCode, Value) {
-    let mut req = Request::builder().method(method).uri(path);
-    if let Some(t) = token {
-        req = req.header("authorization", format!("Bearer {t}"));
-    }
-    let req = req
-        .header("content-type", "application/json")
-        .body(
-            body.map(|b| HttpBody::from(b.to_string()))
-                .unwrap_or_else(HttpBody::empty),
-        )
-        .unwrap();
-    let resp = router(state.clone()).oneshot(req).await.unwrap();
-    let status = resp.status();
-    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    (
-        status,
-        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-    )
+    test_support::call(state, token, method, path, body.map(|b| b.to_string())).await
 }
 
 fn registration(auth_key: &str, host: &str) -> Value {
-    let req = RegisterRequest {
-        timestamp: unix_now(),
-        auth_key: auth_key.into(),
-        node_key: NodePrivate::generate().public(),
-        disco_key: DiscoPrivate::generate().public(),
-        hostname: host.into(),
-        os: "linux".into(),
-        capabilities: Capabilities::default(),
-        network: None,
-    };
-    serde_json::to_value(Signed::sign(
+    let body = register_body(
         &DevicePrivate::generate(),
-        DOMAIN_REGISTER,
-        &req,
-    ))
-    .unwrap()
+        &NodePrivate::generate(),
+        auth_key,
+        host,
+        unix_now(),
+    );
+    serde_json::from_str(&body).unwrap()
 }
 
 impl World {
     async fn new() -> World {
         let (store, dir) = test_store().await;
         let owner = store.init(unix_now()).await.unwrap();
-        let state = Arc::new(AppState {
-            store,
-            hub: Hub::new(Duration::from_secs(20)),
-            batch_window: Duration::from_millis(10),
-            relay_map: Default::default(),
-            tls: false,
-            public_url: None,
-        });
+        let state = test_support::state(store, None);
         let s = &state;
         let ok = |r: (StatusCode, Value)| {
             assert!(r.0.is_success(), "fixture step failed: {} {}", r.0, r.1);
@@ -287,7 +248,7 @@ impl World {
         .await)["info"]["id"]
             .as_i64()
             .unwrap();
-        let dc = device_code_start("new-box");
+        let dc = device_code_body(&DevicePrivate::generate(), "new-box", None);
         let code = ok(call(s, None, "POST", "/api/v1/device-codes", Some(dc)).await)["code"]
             .as_str()
             .unwrap()
@@ -309,21 +270,6 @@ impl World {
     fn token(&self, who: Who) -> &str {
         &self.tokens.iter().find(|(w, _)| *w == who).unwrap().1
     }
-}
-
-/// A signed request starting device-code pairing for a new device.
-fn device_code_start(host: &str) -> Value {
-    let req = platform::people::DeviceCodeRequest {
-        timestamp: unix_now(),
-        hostname: host.into(),
-        code: None,
-    };
-    serde_json::to_value(Signed::sign(
-        &DevicePrivate::generate(),
-        DOMAIN_DEVICE_CODE,
-        &req,
-    ))
-    .unwrap()
 }
 
 /// One route: how to call it, and who may.

@@ -308,4 +308,6 @@ mod people_tests;
 #[cfg(test)]
 mod relay_tests;
 #[cfg(test)]
+mod test_support;
+#[cfg(test)]
 mod tests;

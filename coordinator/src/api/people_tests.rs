@@ -4,22 +4,17 @@
 //! denylist on re-registration, rotation, replayed and malformed requests,
 //! and the audit trail each leaves.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Body as HttpBody;
-use axum::http::{Request, StatusCode};
-use http_body_util::BodyExt;
-use platform::api::{Capabilities, RegisterRequest};
-use platform::keys::{DevicePrivate, DiscoPrivate, NodePrivate};
-use platform::people::{DeviceCodeRequest, RotateKeyRequest};
-use platform::signed::{Signed, DOMAIN_DEVICE_CODE, DOMAIN_REGISTER, DOMAIN_ROTATE};
+use axum::http::StatusCode;
+use platform::keys::{DevicePrivate, NodePrivate};
+use platform::people::RotateKeyRequest;
+use platform::signed::{Signed, DOMAIN_REGISTER, DOMAIN_ROTATE};
 use platform::unix_now;
 use serde_json::{json, Value};
-use tower::ServiceExt;
 
-use super::{router, AppState, SharedState};
-use crate::hub::Hub;
+use super::test_support::{self, device_code_body, register_body};
+use super::SharedState;
 use crate::store::test_store;
 
 struct T {
@@ -32,14 +27,7 @@ impl T {
     async fn new() -> T {
         let (store, dir) = test_store().await;
         let owner = store.init(unix_now()).await.unwrap();
-        let state = Arc::new(AppState {
-            store,
-            hub: Hub::new(Duration::from_secs(20)),
-            batch_window: Duration::from_millis(10),
-            relay_map: Default::default(),
-            tls: false,
-            public_url: Some("https://coord.example".into()),
-        });
+        let state = test_support::state(store, Some("https://coord.example"));
         let t = T {
             state,
             owner,
@@ -62,24 +50,14 @@ impl T {
         path: &str,
         body: Option<Value>,
     ) -> (StatusCode, Value) {
-        let mut req = Request::builder().method(method).uri(path);
-        if let Some(t) = token {
-            req = req.header("authorization", format!("Bearer {t}"));
-        }
-        let req = req
-            .header("content-type", "application/json")
-            .body(
-                body.map(|b| HttpBody::from(b.to_string()))
-                    .unwrap_or_else(HttpBody::empty),
-            )
-            .unwrap();
-        let resp = router(self.state.clone()).oneshot(req).await.unwrap();
-        let status = resp.status();
-        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-        (
-            status,
-            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        test_support::call(
+            &self.state,
+            token,
+            method,
+            path,
+            body.map(|b| b.to_string()),
         )
+        .await
     }
 
     async fn ok(&self, token: Option<&str>, method: &str, path: &str, body: Value) -> Value {
@@ -147,26 +125,11 @@ impl T {
 }
 
 fn register(dev: &DevicePrivate, node: &NodePrivate, auth_key: &str, host: &str, ts: u64) -> Value {
-    let req = RegisterRequest {
-        timestamp: ts,
-        auth_key: auth_key.into(),
-        node_key: node.public(),
-        disco_key: DiscoPrivate::generate().public(),
-        hostname: host.into(),
-        os: "linux".into(),
-        capabilities: Capabilities::default(),
-        network: None,
-    };
-    serde_json::to_value(Signed::sign(dev, DOMAIN_REGISTER, &req)).unwrap()
+    serde_json::from_str(&register_body(dev, node, auth_key, host, ts)).unwrap()
 }
 
 fn device_code(dev: &DevicePrivate, code: Option<&str>) -> Value {
-    let req = DeviceCodeRequest {
-        timestamp: unix_now(),
-        hostname: "new-box".into(),
-        code: code.map(str::to_owned),
-    };
-    serde_json::to_value(Signed::sign(dev, DOMAIN_DEVICE_CODE, &req)).unwrap()
+    device_code_body(dev, "new-box", code)
 }
 
 #[tokio::test]

@@ -1,7 +1,6 @@
 //! In-process tests of the relay revocation stream: who may open it, and what
 //! relays hear on it.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body as HttpBody;
@@ -15,8 +14,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use tokio_tungstenite::tungstenite::Message;
 use tower::ServiceExt as _;
 
-use crate::api::{router, AppState, SharedState};
-use crate::hub::Hub;
+use crate::api::{router, SharedState};
 use crate::store::test_store;
 
 const PATH: &str = "/api/v1/relay/revocations";
@@ -32,14 +30,7 @@ async fn coordinator() -> Coordinator {
     let (store, dir) = test_store().await;
     let admin_token = store.init(unix_now()).await.unwrap();
     let relay_token = store.create_relay_token("r1", unix_now()).await.unwrap();
-    let state = Arc::new(AppState {
-        store,
-        hub: Hub::new(Duration::from_secs(20)),
-        batch_window: Duration::from_millis(10),
-        relay_map: platform::netmap::RelayMap::default(),
-        tls: false,
-        public_url: None,
-    });
+    let state = super::test_support::state(store, None);
     Coordinator {
         state,
         admin_token,

@@ -1,6 +1,5 @@
 //! In-process API tests against a temporary SQLite database.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body as HttpBody;
@@ -8,19 +7,19 @@ use axum::http::{Request, StatusCode};
 use futures_util::{SinkExt, StreamExt};
 use http_body_util::BodyExt;
 use platform::api::{
-    ApiError, Capabilities, ClientMessage, CreatedPreauthKey, MapHello, RegisterRequest,
-    RegisterResponse, ServerMessage, WireguardPeerCreated,
+    ApiError, Capabilities, ClientMessage, CreatedPreauthKey, MapHello, RegisterResponse,
+    ServerMessage, WireguardPeerCreated,
 };
 use platform::keys::{DevicePrivate, DiscoPrivate, NodePrivate};
 use platform::netmap::PeerChange;
-use platform::signed::{Signed, DOMAIN_MAP, DOMAIN_REGISTER};
+use platform::signed::{Signed, DOMAIN_MAP};
 use platform::unix_now;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 use tower::ServiceExt;
 
-use super::{router, AppState, SharedState};
-use crate::hub::Hub;
+use super::test_support::{self, register_body};
+use super::{router, SharedState};
 use crate::store::test_store;
 
 struct Harness {
@@ -33,14 +32,7 @@ impl Harness {
     async fn new() -> Self {
         let (store, dir) = test_store().await;
         let token = store.init(unix_now()).await.unwrap();
-        let state = Arc::new(AppState {
-            store,
-            hub: Hub::new(Duration::from_secs(20)),
-            batch_window: Duration::from_millis(10),
-            relay_map: platform::netmap::RelayMap::default(),
-            tls: false,
-            public_url: None,
-        });
+        let state = test_support::state(store, None);
         Harness {
             state,
             token,
@@ -55,20 +47,8 @@ impl Harness {
         body: Option<String>,
         admin: bool,
     ) -> (StatusCode, Value) {
-        let mut req = Request::builder().method(method).uri(path);
-        if admin {
-            req = req.header("authorization", format!("Bearer {}", self.token));
-        }
-        let req = req
-            .header("content-type", "application/json")
-            .body(body.map(HttpBody::from).unwrap_or_else(HttpBody::empty))
-            .unwrap();
-        let resp = router(self.state.clone()).oneshot(req).await.unwrap();
-        let status = resp.status();
-        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-        let value = serde_json::from_slice(&bytes)
-            .unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into()));
-        (status, value)
+        let token = admin.then_some(self.token.as_str());
+        test_support::call(&self.state, token, method, path, body).await
     }
 
     async fn admin(&self, method: &str, path: &str, body: Value) -> (StatusCode, Value) {
@@ -84,31 +64,6 @@ impl Harness {
         assert_eq!(status, StatusCode::CREATED, "{v}");
         serde_json::from_value::<CreatedPreauthKey>(v).unwrap().key
     }
-}
-
-fn register_body(
-    dev: &DevicePrivate,
-    node: &NodePrivate,
-    auth_key: &str,
-    host: &str,
-    ts: u64,
-) -> String {
-    let req = RegisterRequest {
-        timestamp: ts,
-        auth_key: auth_key.into(),
-        node_key: node.public(),
-        disco_key: DiscoPrivate::generate().public(),
-        hostname: host.into(),
-        os: "linux".into(),
-        capabilities: Capabilities {
-            cpu_cores: 2,
-            arch: "x86_64".into(),
-            ram_bytes: 1 << 30,
-            ..Default::default()
-        },
-        network: None,
-    };
-    serde_json::to_string(&Signed::sign(dev, DOMAIN_REGISTER, &req)).unwrap()
 }
 
 fn error_of(v: &Value) -> ApiError {
