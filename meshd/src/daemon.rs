@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 
 use crate::contribute::ComputeSettings;
 use crate::control::{self, MapState};
-use crate::engine::{Engine, EngineSlot, PeerStats, PingPath, PingReply, TunConfig};
+use crate::engine::{Engine, EngineSlot, PeerStats, PingPath, PingReply, TunConfig, UdpPort};
 use crate::keyring::{self, KeyRing};
 use crate::localapi::{
     BackendState, ComputeAction, ComputeChanges, ComputeStatus, NetcheckReport, PairingInfo,
@@ -338,18 +338,31 @@ impl Daemon {
         let prefs = self.state.prefs()?;
         if let (true, Some(coordinator)) = (prefs.wants_up, prefs.coordinator) {
             tracing::info!(%coordinator, "resuming");
-            *self.session.lock().await = Some(self.start_session(coordinator, prefs.ca_file));
+            let udp = self.bind_udp()?;
+            *self.session.lock().await = Some(self.start_session(coordinator, prefs.ca_file, udp));
         }
         Ok(())
     }
 
-    fn start_session(&self, coordinator: String, ca_file: Option<PathBuf>) -> Session {
+    /// The WireGuard port, bound before the device registers: peers send
+    /// their first handshake as soon as the coordinator announces the device,
+    /// and it waits in this socket until the engine is up.
+    fn bind_udp(&self) -> anyhow::Result<Arc<UdpPort>> {
+        Ok(Arc::new(UdpPort::bind(self.cfg.udp_port)?))
+    }
+
+    fn start_session(
+        &self,
+        coordinator: String,
+        ca_file: Option<PathBuf>,
+        udp: Arc<UdpPort>,
+    ) -> Session {
         let keys = self.keys.current();
         let engine = Arc::new(EngineSlot::new(
             keys.node.clone(),
             keys.disco.clone(),
             self.cfg.tun.clone(),
-            self.cfg.udp_port,
+            udp,
         ));
         let (tx, rx) = watch::channel(MapState::default());
         let renewal = tokio::spawn(keyring::keep_renewed(
@@ -527,6 +540,7 @@ impl Daemon {
         let prefs = self.state.prefs()?;
         let hostname = hostname.or(prefs.hostname).unwrap_or_else(system_hostname);
         let caps = self.caps.borrow().clone();
+        let udp = self.bind_udp()?;
         let reg = control::register(
             &coordinator,
             ca_file.as_deref(),
@@ -549,7 +563,7 @@ impl Daemon {
             hostname: Some(hostname),
             wants_up: true,
         })?;
-        let new = self.start_session(coordinator, ca_file);
+        let new = self.start_session(coordinator, ca_file, udp);
         let mut map = new.map.clone();
         *session = Some(new);
         drop(session);

@@ -10,7 +10,7 @@ use platform::addr::IpPrefix;
 use platform::keys::{NodePrivate, NodePublic};
 use platform::netmap::{DnsConfig, NetMap, Node, NodeKind, RelayMap};
 
-use crate::engine::{Engine, TunConfig};
+use crate::engine::{Engine, TunConfig, UdpPort};
 
 /// `PUBLIC_KEY_BASE64,ENDPOINT,ALLOWED_IP[+ALLOWED_IP…]`
 #[derive(Clone, Debug)]
@@ -101,11 +101,10 @@ pub async fn run(
         private,
         platform::keys::DiscoPrivate::generate(),
         &tun,
-        &netmap.self_node.addresses,
-        &netmap.routes,
-        port,
+        &netmap,
+        platform::unix_now(),
+        std::sync::Arc::new(UdpPort::bind(port)?),
     )?;
-    engine.set_netmap(&netmap, platform::unix_now());
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}

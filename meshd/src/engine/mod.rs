@@ -29,6 +29,7 @@ pub use disco::{PingPath, PingReply};
 pub use peers::PeerTable;
 use peers::{IndexAllocator, Path};
 pub use tun_device::{TunConfig, DEFAULT_MTU};
+pub use udp::UdpPort;
 
 /// Room for the largest datagram plus WireGuard overhead.
 const BUF_SIZE: usize = 65_535 + 64;
@@ -138,12 +139,24 @@ struct Shared {
     /// is built with a key that was just replaced.
     rebuilding: std::sync::Mutex<()>,
     indices: IndexAllocator,
-    udp: udp::UdpPort,
+    udp: Arc<UdpPort>,
     tun: ::tun::AsyncDevice,
     counters: Counters,
     relays: relays::Relays,
     stun: stun::StunProbe,
     disco: disco::Disco,
+}
+
+impl Shared {
+    fn install_netmap(&self, netmap: &NetMap, now_unix: u64) {
+        self.relays.set_map(&netmap.relay_map);
+        let _one = self.rebuilding.lock().unwrap_or_else(|p| p.into_inner());
+        let old = self.peers.load();
+        let identity = self.identity.load();
+        let table = PeerTable::build(&old, netmap, &identity.private, &self.indices, now_unix);
+        tracing::debug!(peers = table.by_key.len(), "peer table updated");
+        self.peers.store(Arc::new(table));
+    }
 }
 
 pub struct Engine {
@@ -154,19 +167,23 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Creates the TUN device with `addresses`, binds the UDP socket and
-    /// starts the packet tasks. Peers come from [`Engine::set_netmap`].
-    /// Must run inside a tokio runtime.
+    /// Creates the TUN device with the netmap's addresses and routes,
+    /// installs its peers (those whose key is still good at `now_unix`) and
+    /// only then starts the packet tasks on `udp`, so that datagrams which
+    /// arrived before the engine (a peer's first handshake, sent as soon as
+    /// the coordinator announced this device) wait in the socket and are
+    /// answered, not dropped as coming from strangers. Must run inside a
+    /// tokio runtime.
     pub fn start(
         private: NodePrivate,
         disco_private: DiscoPrivate,
         tun: &TunConfig,
-        addresses: &[IpAddr],
-        routes: &[platform::addr::IpPrefix],
-        udp_port: u16,
+        netmap: &NetMap,
+        now_unix: u64,
+        udp: Arc<UdpPort>,
     ) -> anyhow::Result<Engine> {
-        let device = tun_device::create(tun, addresses, routes)?;
-        let udp = udp::UdpPort::bind(udp_port)?;
+        let addresses = &netmap.self_node.addresses;
+        let device = tun_device::create(tun, addresses, &netmap.routes)?;
         let identity = Identity::new(private);
         // Random, so that a restarted engine does not reuse the indices its
         // previous instance handed out.
@@ -184,6 +201,7 @@ impl Engine {
             tun: device,
             counters: Counters::default(),
         });
+        shared.install_netmap(netmap, now_unix);
         let tasks = vec![
             tokio::spawn(datapath::tun_to_peers(shared.clone())),
             tokio::spawn(datapath::udp_to_tun(shared.clone())),
@@ -195,7 +213,7 @@ impl Engine {
             shared,
             tasks: std::sync::Mutex::new(tasks),
             tun_name: tun.name.clone(),
-            addresses: addresses.to_vec(),
+            addresses: addresses.clone(),
         })
     }
 
@@ -218,23 +236,7 @@ impl Engine {
     /// Adds, changes and removes peers to match `netmap`, live; peers
     /// whose key has expired at `now_unix` are left out.
     pub fn set_netmap(&self, netmap: &NetMap, now_unix: u64) {
-        self.shared.relays.set_map(&netmap.relay_map);
-        let _one = self
-            .shared
-            .rebuilding
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let old = self.shared.peers.load();
-        let identity = self.shared.identity.load();
-        let table = PeerTable::build(
-            &old,
-            netmap,
-            &identity.private,
-            &self.shared.indices,
-            now_unix,
-        );
-        tracing::debug!(peers = table.by_key.len(), "peer table updated");
-        self.shared.peers.store(Arc::new(table));
+        self.shared.install_netmap(netmap, now_unix);
     }
 
     /// Switches to a new node key (rotation) with as little loss as
@@ -423,17 +425,23 @@ pub struct EngineSlot {
     private: std::sync::Mutex<NodePrivate>,
     disco: DiscoPrivate,
     tun: TunConfig,
-    udp_port: u16,
+    /// Bound before the device registers and kept across engine restarts.
+    udp: Arc<UdpPort>,
     engine: std::sync::Mutex<Option<Arc<Engine>>>,
 }
 
 impl EngineSlot {
-    pub fn new(private: NodePrivate, disco: DiscoPrivate, tun: TunConfig, udp_port: u16) -> Self {
+    pub fn new(
+        private: NodePrivate,
+        disco: DiscoPrivate,
+        tun: TunConfig,
+        udp: Arc<UdpPort>,
+    ) -> Self {
         EngineSlot {
             private: std::sync::Mutex::new(private),
             disco,
             tun,
-            udp_port,
+            udp,
             engine: std::sync::Mutex::new(None),
         }
     }
@@ -455,7 +463,8 @@ impl EngineSlot {
     }
 
     /// Starts the engine for `netmap` if needed and hands it the peers
-    /// (those whose key is still good at `now_unix`).
+    /// (those whose key is still good at `now_unix`): a new engine gets
+    /// them before it reads its first packet.
     pub async fn apply(&self, netmap: &NetMap, now_unix: u64) -> anyhow::Result<Arc<Engine>> {
         let current = self.get();
         let engine = match current {
@@ -476,12 +485,12 @@ impl EngineSlot {
                     private,
                     self.disco.clone(),
                     &self.tun,
-                    &netmap.self_node.addresses,
-                    &netmap.routes,
-                    self.udp_port,
+                    netmap,
+                    now_unix,
+                    self.udp.clone(),
                 )?);
                 *self.engine.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.clone());
-                e
+                return Ok(e);
             }
         };
         engine.set_netmap(netmap, now_unix);

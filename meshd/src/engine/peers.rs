@@ -36,7 +36,11 @@ pub struct PeerState {
     home_region: Option<u32>,
     /// Direct-path discovery (peers running meshd).
     pub paths: PathState,
-    /// Quick handshake retries after this device's node key changed.
+    /// A handshake initiation found nowhere to go: the peer was announced
+    /// before its endpoints and home relay were known.
+    stranded: bool,
+    /// Quick handshake retries after this device's node key changed, or
+    /// once a stranded handshake has somewhere to go.
     rehandshake: Option<Rehandshake>,
 }
 
@@ -122,7 +126,7 @@ impl PeerState {
             .candidates
             .get(self.next_candidate % self.candidates.len().max(1))
             .copied();
-        match self.home_region {
+        let targets = match self.home_region {
             Some(region) => Targets {
                 direct: candidate.filter(|_| handshake),
                 relay: Some(region),
@@ -131,7 +135,11 @@ impl PeerState {
                 direct: candidate,
                 relay: None,
             },
+        };
+        if handshake && targets == Targets::default() {
+            self.stranded = true;
         }
+        targets
     }
 
     /// A direct endpoint known to work: the source of the peer's latest
@@ -219,6 +227,19 @@ impl PeerState {
     /// The peer answered under the current keys: handshakes are settled.
     pub fn answered(&mut self) {
         self.rehandshake = None;
+        self.stranded = false;
+    }
+
+    /// The netmap changed this peer's endpoints or relay. A handshake that
+    /// had nowhere to go (the coordinator announces a device before it has
+    /// reported where it listens) is sent again at once instead of after
+    /// WireGuard's 5 s retry.
+    fn route_updated(&mut self, now: Instant) {
+        let reachable = !self.candidates.is_empty() || self.home_region.is_some();
+        if self.stranded && reachable {
+            self.stranded = false;
+            self.rehandshake = Some(Rehandshake::new(now));
+        }
     }
 
     fn set_candidates(&mut self, candidates: Vec<SocketAddr>) {
@@ -303,6 +324,7 @@ impl PeerTable {
                     st.paths.set_candidates(&candidates);
                     st.set_candidates(candidates);
                     st.home_region = node.home_region;
+                    st.route_updated(Instant::now());
                     drop(st);
                     existing.clone()
                 }
@@ -326,6 +348,7 @@ impl PeerTable {
                         candidates,
                         next_candidate: 0,
                         home_region: node.home_region,
+                        stranded: false,
                         rehandshake: None,
                     };
                     Arc::new(Peer {
@@ -630,6 +653,91 @@ pub(super) mod tests {
         let now = Instant::now();
         st.set_static_key(new.to_dalek(), new.public().to_dalek(), now);
         assert!(!st.rehandshake_due(now));
+    }
+
+    #[test]
+    fn a_handshake_with_nowhere_to_go_is_resent_once_the_peer_has_an_endpoint() {
+        let (me, them) = (NodePrivate::generate(), NodePrivate::generate());
+        let idx = IndexAllocator::new(1);
+        // Announced before it reported where it listens.
+        let bare = PeerTable::build(
+            &PeerTable::default(),
+            &netmap(&me, vec![node(them.public(), 2, &[])]),
+            &me,
+            &idx,
+            0,
+        );
+        let peer = bare.by_key[&them.public()].clone();
+        let init = {
+            let mut st = peer.lock();
+            let mut buf = vec![0u8; 256];
+            match st.tunn.format_handshake_initiation(&mut buf, false) {
+                boringtun::noise::TunnResult::WriteToNetwork(p) => p.to_vec(),
+                _ => panic!("no initiation"),
+            }
+        };
+        let now = Instant::now();
+        assert_eq!(peer.lock().targets_for(&init, now), Targets::default());
+        assert!(!peer.lock().rehandshake_due(now), "still nowhere to go");
+
+        // A change that still gives no route keeps it waiting ...
+        let still_bare = PeerTable::build(
+            &bare,
+            &netmap(&me, vec![node(them.public(), 2, &[])]),
+            &me,
+            &idx,
+            0,
+        );
+        assert!(!still_bare.by_key[&them.public()]
+            .lock()
+            .rehandshake_due(now));
+        // ... and its endpoint sends the handshake again at once.
+        let t = PeerTable::build(
+            &still_bare,
+            &netmap(&me, vec![node(them.public(), 2, &["10.0.0.2:41641"])]),
+            &me,
+            &idx,
+            0,
+        );
+        let mut st = t.by_key[&them.public()].lock();
+        assert!(st.rehandshake_due(Instant::now()));
+        st.answered();
+        assert!(!st.rehandshake_due(Instant::now() + Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn endpoint_changes_alone_force_no_handshake() {
+        let (me, them) = (NodePrivate::generate(), NodePrivate::generate());
+        let idx = IndexAllocator::new(1);
+        let first = PeerTable::build(
+            &PeerTable::default(),
+            &netmap(&me, vec![node(them.public(), 2, &["10.0.0.2:41641"])]),
+            &me,
+            &idx,
+            0,
+        );
+        let init = {
+            let mut st = first.by_key[&them.public()].lock();
+            let mut buf = vec![0u8; 256];
+            match st.tunn.format_handshake_initiation(&mut buf, false) {
+                boringtun::noise::TunnResult::WriteToNetwork(p) => p.to_vec(),
+                _ => panic!("no initiation"),
+            }
+        };
+        let sent = first.by_key[&them.public()]
+            .lock()
+            .targets_for(&init, Instant::now());
+        assert_eq!(sent.direct, Some("10.0.0.2:41641".parse().unwrap()));
+        let t = PeerTable::build(
+            &first,
+            &netmap(&me, vec![node(them.public(), 2, &["10.0.0.3:41641"])]),
+            &me,
+            &idx,
+            0,
+        );
+        assert!(!t.by_key[&them.public()]
+            .lock()
+            .rehandshake_due(Instant::now()));
     }
 
     #[test]
