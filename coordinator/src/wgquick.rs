@@ -75,6 +75,8 @@ mod tests {
             capabilities: None,
             owner: None,
             key_expiry: None,
+            device_key: None,
+            owner_role: None,
         }
     }
 

@@ -65,6 +65,8 @@ mod tests {
             capabilities: None,
             owner: None,
             key_expiry: None,
+            device_key: None,
+            owner_role: None,
         }
     }
 
@@ -77,6 +79,7 @@ mod tests {
             relay_map: RelayMap::default(),
             dns: DnsConfig::default(),
             awaiting_approval: false,
+            compute: Default::default(),
         }
     }
 

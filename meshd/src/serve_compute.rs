@@ -235,6 +235,8 @@ impl ComputeService {
             reason: decision.err().map(|r| truncate(r, MAX_TEXT)),
             slots: u32::try_from(self.slots(caps)).unwrap_or(u32::MAX),
             port: COMPUTE_PORT,
+            busy: 0,
+            queued: 0,
         })
     }
 }
@@ -350,6 +352,8 @@ mod tests {
             capabilities: None,
             owner: None,
             key_expiry: None,
+            device_key: None,
+            owner_role: None,
         }
     }
 
@@ -371,6 +375,7 @@ mod tests {
             relay_map: RelayMap::default(),
             dns: DnsConfig::default(),
             awaiting_approval: false,
+            compute: Default::default(),
         };
         assert_eq!(
             whois(&map, IpAddr::from([100, 64, 0, 2])).as_deref(),

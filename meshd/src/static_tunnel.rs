@@ -62,6 +62,8 @@ fn node(id: i64, key: NodePublic, addresses: Vec<IpAddr>, endpoints: Vec<SocketA
         capabilities: None,
         owner: None,
         key_expiry: None,
+        device_key: None,
+        owner_role: None,
     }
 }
 
@@ -95,6 +97,7 @@ pub async fn run(
         relay_map: RelayMap::default(),
         dns: DnsConfig::default(),
         awaiting_approval: false,
+        compute: Default::default(),
     };
     // Static peers are plain WireGuard: the disco key is never used.
     let engine = Engine::start(

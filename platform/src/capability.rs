@@ -75,6 +75,12 @@ pub struct ComputeOffer {
     /// Jobs that run at once.
     pub slots: u32,
     pub port: u16,
+    /// Jobs running now (reported in heartbeats when it changes).
+    #[serde(default)]
+    pub busy: u32,
+    /// Jobs waiting for a slot.
+    #[serde(default)]
+    pub queued: u32,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -219,6 +225,8 @@ mod tests {
             reason: None,
             slots: 1,
             port: 1,
+            busy: 0,
+            queued: 0,
         });
         assert!(c.check().is_err());
     }

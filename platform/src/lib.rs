@@ -7,6 +7,7 @@ pub mod addr;
 pub mod api;
 pub mod capability;
 pub mod disco;
+pub mod jobs;
 pub mod keys;
 pub mod netmap;
 pub mod people;

@@ -12,7 +12,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::addr::IpPrefix;
 use crate::capability::Capabilities;
-use crate::keys::{DiscoPublic, NodePublic};
+use crate::jobs::ComputeRules;
+use crate::keys::{DevicePublic, DiscoPublic, NodePublic};
+use crate::people::Role;
 
 /// What kind of device a node is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -55,6 +57,12 @@ pub struct Node {
     /// then. None: never.
     #[serde(default)]
     pub key_expiry: Option<u64>,
+    /// The device's Ed25519 key: it signs job tickets and receipts.
+    #[serde(default)]
+    pub device_key: Option<DevicePublic>,
+    /// The owner's role in the network.
+    #[serde(default)]
+    pub owner_role: Option<Role>,
 }
 
 impl Node {
@@ -108,6 +116,9 @@ pub struct NetMap {
     /// yet: it has no peers until then.
     #[serde(default)]
     pub awaiting_approval: bool,
+    /// Who may run what, credit rates and scheduler weights.
+    #[serde(default)]
+    pub compute: ComputeRules,
 }
 
 /// One change to a device's view of its peers.
@@ -283,6 +294,8 @@ pub(crate) mod tests {
                 capabilities: None,
                 owner: None,
                 key_expiry: None,
+                device_key: None,
+                owner_role: None,
             })
     }
 
@@ -302,6 +315,7 @@ pub(crate) mod tests {
             relay_map: RelayMap::default(),
             dns: DnsConfig::default(),
             awaiting_approval: false,
+            compute: Default::default(),
         })
     }
 

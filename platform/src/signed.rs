@@ -74,6 +74,19 @@ impl Signed {
         domain: &str,
         now_unix: u64,
     ) -> Result<T, SignedError> {
+        let value: T = self.open(domain)?;
+        let skew = now_unix.abs_diff(value.timestamp());
+        if skew > MAX_CLOCK_SKEW_SECS {
+            return Err(SignedError::Stale(skew));
+        }
+        Ok(value)
+    }
+
+    /// Checks the signature for `domain` and the payload's shape, at any
+    /// age: for records kept and checked later (job tickets inside
+    /// receipts delivered after an outage), whose freshness the caller
+    /// judges by their own fields.
+    pub fn open<T: DeserializeOwned>(&self, domain: &str) -> Result<T, SignedError> {
         let mut sig = [0u8; 64];
         hex::decode_to_slice(&self.signature, &mut sig)
             .map_err(|_| SignedError::MalformedSignature)?;
@@ -83,13 +96,7 @@ impl Signed {
         {
             return Err(SignedError::BadSignature);
         }
-        let value: T = serde_json::from_str(&self.payload)
-            .map_err(|e| SignedError::BadPayload(e.to_string()))?;
-        let skew = now_unix.abs_diff(value.timestamp());
-        if skew > MAX_CLOCK_SKEW_SECS {
-            return Err(SignedError::Stale(skew));
-        }
-        Ok(value)
+        serde_json::from_str(&self.payload).map_err(|e| SignedError::BadPayload(e.to_string()))
     }
 }
 

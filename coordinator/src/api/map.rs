@@ -140,6 +140,7 @@ async fn full_netmap(s: &SharedState, me: &DeviceRow) -> Result<NetMap, AppError
         relay_map: s.relay_map.clone(),
         dns: DnsConfig::default(),
         awaiting_approval,
+        compute: Default::default(),
     })
 }
 

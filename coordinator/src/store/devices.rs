@@ -42,14 +42,18 @@ pub struct DeviceRow {
     pub revoked_at: Option<i64>,
     pub key_expires_at: Option<i64>,
     pub key_expiry_override: Option<i64>,
+    /// The owner's role in the device's network.
+    pub owner_role: Option<String>,
 }
 
 pub(super) const SELECT_DEVICE: &str =
     "SELECT d.id, d.network_id, n.name AS network, d.kind, d.device_key, \
      d.node_key, d.disco_key, d.hostname, d.name, d.os, d.ipv4, d.ipv6, d.endpoints, d.ephemeral, \
      d.created_at, d.last_seen, d.preauth_key_id, d.home_region, d.capabilities, d.user_id, \
-     u.username AS owner, d.approved, d.revoked_at, d.key_expires_at, d.key_expiry_override \
-     FROM devices d JOIN networks n ON n.id = d.network_id LEFT JOIN users u ON u.id = d.user_id";
+     u.username AS owner, d.approved, d.revoked_at, d.key_expires_at, d.key_expiry_override, \
+     m.role AS owner_role \
+     FROM devices d JOIN networks n ON n.id = d.network_id LEFT JOIN users u ON u.id = d.user_id \
+     LEFT JOIN members m ON m.network_id = d.network_id AND m.user_id = d.user_id";
 
 fn corrupt(what: &str, e: impl std::fmt::Display) -> AppError {
     AppError::Internal(anyhow::anyhow!("stored {what} is invalid: {e}"))
@@ -107,6 +111,11 @@ impl DeviceRow {
             capabilities: self.capabilities().ok().flatten().map(Box::new),
             owner: self.owner.clone(),
             key_expiry: self.key_expiry(),
+            device_key: match &self.device_key {
+                Some(k) => Some(k.parse().map_err(|e| corrupt("device key", e))?),
+                None => None,
+            },
+            owner_role: self.owner_role.as_deref().and_then(|r| r.parse().ok()),
         })
     }
 

@@ -394,6 +394,8 @@ pub(super) mod tests {
             capabilities: None,
             owner: None,
             key_expiry: None,
+            device_key: None,
+            owner_role: None,
         }
     }
 
@@ -409,6 +411,7 @@ pub(super) mod tests {
             relay_map: RelayMap::default(),
             dns: DnsConfig::default(),
             awaiting_approval: false,
+            compute: Default::default(),
         }
     }
 
