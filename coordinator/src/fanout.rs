@@ -26,7 +26,7 @@ pub fn device_changed(s: &AppState, row: &DeviceRow) -> Result<(), AppError> {
             row.network_id,
             row.id,
             PeerChange::Upsert {
-                node: row.to_node(online(s, row))?,
+                node: Box::new(row.to_node(online(s, row))?),
             },
         );
     }

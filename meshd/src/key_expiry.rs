@@ -152,7 +152,9 @@ mod tests {
         // An upsert with a renewed key brings the peer back.
         let mut renewed = node(a, 2, &[]);
         renewed.key_expiry = Some(1000);
-        map.apply(&[platform::netmap::PeerChange::Upsert { node: renewed }]);
+        map.apply(&[platform::netmap::PeerChange::Upsert {
+            node: Box::new(renewed),
+        }]);
         assert!(keys(&map, 250).contains(&a));
         assert_eq!(next_peer_expiry(&map, 250), Some(1000));
     }

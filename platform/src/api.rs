@@ -254,7 +254,7 @@ mod tests {
         #[test]
         fn server_messages_round_trip(m in arb_netmap()) {
             round_trip(&ServerMessage::Full { netmap: Box::new(m.clone()) });
-            let changes = m.peers.values().map(|n| PeerChange::Upsert { node: n.clone() }).collect();
+            let changes = m.peers.values().map(|n| PeerChange::Upsert { node: Box::new(n.clone()) }).collect();
             round_trip(&ServerMessage::Delta { changes });
             round_trip(&ServerMessage::RotateKey);
         }

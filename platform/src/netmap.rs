@@ -127,7 +127,7 @@ pub struct NetMap {
 pub enum PeerChange {
     /// A peer appeared, or its record changed as a whole (re-registration).
     Upsert {
-        node: Node,
+        node: Box<Node>,
     },
     Removed {
         node_key: NodePublic,
@@ -161,9 +161,9 @@ impl NetMap {
             match change {
                 PeerChange::Upsert { node } => {
                     if node.node_key == self.self_node.node_key {
-                        self.self_node = node.clone();
+                        self.self_node = (**node).clone();
                     } else {
-                        self.peers.insert(node.node_key, node.clone());
+                        self.peers.insert(node.node_key, (**node).clone());
                     }
                 }
                 PeerChange::Removed { node_key } => {
@@ -196,14 +196,18 @@ impl NetMap {
         }
         for (key, new) in &other.peers {
             match self.peers.get(key) {
-                None => out.push(PeerChange::Upsert { node: new.clone() }),
+                None => out.push(PeerChange::Upsert {
+                    node: Box::new(new.clone()),
+                }),
                 Some(old) if old == new => {}
                 Some(old) => {
                     let mut only_soft = old.clone();
                     only_soft.endpoints.clone_from(&new.endpoints);
                     only_soft.online = new.online;
                     if only_soft != *new {
-                        out.push(PeerChange::Upsert { node: new.clone() });
+                        out.push(PeerChange::Upsert {
+                            node: Box::new(new.clone()),
+                        });
                         continue;
                     }
                     if old.endpoints != new.endpoints {
@@ -325,7 +329,9 @@ pub(crate) mod tests {
                 let node_key = NodePublic::from_bytes([k; 32]);
                 node.node_key = node_key;
                 match kind {
-                    0 => PeerChange::Upsert { node },
+                    0 => PeerChange::Upsert {
+                        node: Box::new(node),
+                    },
                     1 => PeerChange::Removed { node_key },
                     2 => PeerChange::Endpoints {
                         node_key,
