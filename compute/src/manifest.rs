@@ -23,13 +23,16 @@ pub struct ModelSpec {
     pub kind: ModelKind,
 }
 
-/// The models `meshd models fetch` obtains.
+/// The models `meshd models fetch` obtains. One model of each kind: a
+/// device serves the chat model and the embedding model it has.
 pub const MANIFEST: [ModelSpec; 2] = [
+    // SmolLM2-135M-Instruct (Apache-2.0), Q4_1: instruction-tuned, with its
+    // ChatML template in the GGUF.
     ModelSpec {
-        name: "gemma-3-270m",
-        file: "gemma-3-270m-q4_k_m.gguf",
-        sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-        size: 253_113_024,
+        name: "smollm2-135m-instruct",
+        file: "SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        size: 98_362_432,
         kind: ModelKind::Chat,
     },
     ModelSpec {
@@ -114,7 +117,10 @@ mod tests {
             Err(VerifyError::Mismatch { .. })
         ));
         let _ = std::fs::remove_dir_all(&dir);
-        assert_eq!(spec("gemma-3-270m").map(|m| m.kind), Some(ModelKind::Chat));
+        assert_eq!(
+            spec("smollm2-135m-instruct").map(|m| m.kind),
+            Some(ModelKind::Chat)
+        );
         assert!(spec("nope").is_none());
     }
 }

@@ -2,18 +2,20 @@
 //! `/v1/chat/completions` (plain and SSE streaming), `/healthz`, `/metrics`.
 //!
 //! Jobs run on blocking threads, at most `slots` at once; up to `queue` more
-//! wait; beyond that the answer is 429 with `Retry-After`. Errors are JSON in
-//! OpenAI's shape. The caller is named by a lookup of its source address
-//! (whois), the device serving in every answer.
+//! wait; beyond that the answer is 429 with `Retry-After`. A job runs only
+//! once the [`Admission`] hook lets it in (a ticket), and the hook hears how
+//! every admitted job ended. Errors are JSON in OpenAI's shape. The caller
+//! is named by a lookup of its source address (whois), the device serving
+//! in every answer.
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequest, Request, State};
-use axum::http::{HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -25,6 +27,9 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use base64::Engine as _;
 
+use crate::admission::{
+    sha256_hex, vectors_sha256, Admission, JobReport, JobStatus, Refusal, Workload,
+};
 use crate::batch::EmbedBatcher;
 use crate::llama::{ComputeError, FinishReason, Generator};
 
@@ -55,6 +60,8 @@ struct Metrics {
     client_errors: AtomicU64,
     prompt_tokens: AtomicU64,
     completion_tokens: AtomicU64,
+    /// Jobs the admission hook refused, by [`Refusal::index`].
+    refused: [AtomicU64; Refusal::CODES.len()],
     /// Latency histogram buckets (seconds), cumulative at render time.
     latency: [AtomicU64; 8],
     latency_sum_us: AtomicU64,
@@ -79,6 +86,7 @@ pub struct ComputeServer {
     device: String,
     whois: Whois,
     gate: Gate,
+    admission: Arc<dyn Admission>,
     slots: Arc<Semaphore>,
     /// Jobs admitted (running or waiting).
     admitted: AtomicUsize,
@@ -182,23 +190,25 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> 
 }
 
 /// A place in line: a running or waiting job. Dropped, it frees the place.
-struct Admission {
+struct Place {
     server: Arc<ComputeServer>,
 }
 
-impl Drop for Admission {
+impl Drop for Place {
     fn drop(&mut self) {
         self.server.admitted.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
 impl ComputeServer {
-    /// `slots` jobs run at once; `queue` more may wait.
+    /// `slots` jobs run at once; `queue` more may wait; `admission`
+    /// decides which run.
     pub fn new(
         models: Models,
         device: String,
         whois: Whois,
         gate: Gate,
+        admission: Arc<dyn Admission>,
         slots: usize,
         queue: usize,
     ) -> Arc<Self> {
@@ -207,6 +217,7 @@ impl ComputeServer {
             device,
             whois,
             gate,
+            admission,
             slots: Arc::new(Semaphore::new(slots.max(1))),
             admitted: AtomicUsize::new(0),
             capacity: slots.max(1).saturating_add(queue),
@@ -226,9 +237,10 @@ impl ComputeServer {
         })
     }
 
-    fn admit(self: &Arc<Self>) -> Result<Admission, ApiError> {
+    /// A place in line, or 429.
+    fn place(self: &Arc<Self>) -> Result<Place, ApiError> {
         let prior = self.admitted.fetch_add(1, Ordering::AcqRel);
-        let admission = Admission {
+        let place = Place {
             server: self.clone(),
         };
         if prior >= self.capacity {
@@ -240,7 +252,33 @@ impl ComputeServer {
                 "all slots and the queue are full; retry shortly",
             ));
         }
-        Ok(admission)
+        Ok(place)
+    }
+
+    /// Asks the hook to let the job in.
+    fn admit(
+        &self,
+        caller: SocketAddr,
+        headers: &HeaderMap,
+        workload: Workload,
+        model: &str,
+    ) -> Result<JobReport, ApiError> {
+        match self.admission.admit(caller, headers, workload, model) {
+            Ok(job) => {
+                tracing::debug!(job = job.id(), %workload, "job admitted");
+                Ok(JobReport::new(self.admission.clone(), job))
+            }
+            Err(refusal) => {
+                self.metrics.refused[refusal.index()].fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(code = refusal.code(), reason = %refusal, "job refused");
+                Err(ApiError::new(
+                    refusal.status(),
+                    refusal.kind(),
+                    refusal.code(),
+                    refusal.to_string(),
+                ))
+            }
+        }
     }
 
     async fn slot(&self) -> OwnedSemaphorePermit {
@@ -332,6 +370,13 @@ async fn metrics(State(s): State<Arc<ComputeServer>>) -> String {
             b.decodes()
         );
     }
+    out += "# TYPE compute_tickets_refused_total counter\n";
+    for (code, n) in Refusal::CODES.iter().zip(&m.refused) {
+        out += &format!(
+            "compute_tickets_refused_total{{reason=\"{code}\"}} {}\n",
+            l(n)
+        );
+    }
     out += &format!(
         "# TYPE compute_contributing gauge\ncompute_contributing {}\n",
         u8::from((s.gate)().is_ok())
@@ -355,6 +400,7 @@ async fn metrics(State(s): State<Arc<ComputeServer>>) -> String {
         "compute_request_seconds_sum {}\ncompute_request_seconds_count {cumulative}\n",
         l(&m.latency_sum_us) as f64 / 1e6
     );
+    s.admission.metrics(&mut out);
     out
 }
 
@@ -396,6 +442,7 @@ struct EmbeddingsRequest {
 async fn embeddings(
     State(s): State<Arc<ComputeServer>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     Body(req): Body<EmbeddingsRequest>,
 ) -> Result<Response, ApiError> {
     s.metrics.requests.fetch_add(1, Ordering::Relaxed);
@@ -419,10 +466,21 @@ async fn embeddings(
             Input::Many(v) => v,
         };
         // Embeddings take no chat slot: one worker batches them all.
-        let _admission = s.admit()?;
+        let _place = s.place()?;
+        let mut job = s.admit(peer, &headers, Workload::Embeddings, &name)?;
+        job.start();
         let started = Instant::now();
-        let out = engine.embed(&inputs).await?;
+        let out = match engine.embed(&inputs).await {
+            Ok(out) => out,
+            Err(e) => {
+                job.end_async(JobStatus::Failed, 0, sha256_hex(b"")).await;
+                return Err(e.into());
+            }
+        };
         s.metrics.observe(started.elapsed().as_secs_f64());
+        let units = u64::try_from(inputs.len()).unwrap_or(u64::MAX);
+        job.end_async(JobStatus::Ok, units, vectors_sha256(&out.vectors))
+            .await;
         s.metrics
             .prompt_tokens
             .fetch_add(out.prompt_tokens as u64, Ordering::Relaxed);
@@ -451,10 +509,10 @@ async fn embeddings(
         .into_response())
     }
     .await;
-    finish(&s, result, &caller)
+    answer(&s, result, &caller)
 }
 
-fn finish(
+fn answer(
     s: &ComputeServer,
     result: Result<Response, ApiError>,
     caller: &str,
@@ -495,6 +553,24 @@ struct Usage {
     total_tokens: usize,
 }
 
+/// How a generation that ran ends in the job's report.
+fn job_status(f: FinishReason) -> JobStatus {
+    match f {
+        FinishReason::Cancelled => JobStatus::Cancelled,
+        FinishReason::Stop | FinishReason::Length => JobStatus::Ok,
+    }
+}
+
+/// Set when dropped: the request it lives in went away.
+#[derive(Default)]
+struct CallerGone(Arc<AtomicBool>);
+
+impl Drop for CallerGone {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 fn finish_reason(f: FinishReason) -> &'static str {
     match f {
         FinishReason::Stop => "stop",
@@ -514,6 +590,7 @@ fn completion_id() -> String {
 async fn chat(
     State(s): State<Arc<ComputeServer>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     Body(req): Body<ChatRequest>,
 ) -> Result<Response, ApiError> {
     s.metrics.requests.fetch_add(1, Ordering::Relaxed);
@@ -527,17 +604,33 @@ async fn chat(
         }
         let messages: Vec<(String, String)> = req.messages.into_iter().map(|m| (m.role, m.content)).collect();
         let prompt = engine.chat_prompt(&messages)?;
-        let admission = s.admit()?;
+        let place = s.place()?;
+        let mut job = s.admit(peer, &headers, Workload::Chat, &name)?;
         let slot = s.slot().await;
         // The device may have stopped contributing while the job waited.
-        s.open()?;
+        if let Err(e) = s.open() {
+            job.end_async(JobStatus::Failed, 0, sha256_hex(b"")).await;
+            return Err(e);
+        }
+        job.start();
         let id = completion_id();
         if !req.stream {
             let started = Instant::now();
-            let out = tokio::task::spawn_blocking(move || engine.complete(&prompt, max_tokens, |_| true))
-                .await
-                .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "panic", e.to_string()))??;
-            drop((slot, admission));
+            // Generation stops when this request's future is dropped.
+            let gone = CallerGone::default();
+            let watch = gone.0.clone();
+            let out = tokio::task::spawn_blocking(move || {
+                let _held = (slot, place);
+                let result = engine.complete(&prompt, max_tokens, |_| !watch.load(Ordering::Relaxed));
+                match &result {
+                    Ok(out) => job.end(job_status(out.finish), out.completion_tokens as u64, sha256_hex(out.text.as_bytes())),
+                    Err(_) => job.end(JobStatus::Failed, 0, sha256_hex(b"")),
+                }
+                result
+            })
+            .await
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "panic", e.to_string()))??;
+            drop(gone);
             s.metrics.observe(started.elapsed().as_secs_f64());
             s.metrics.prompt_tokens.fetch_add(out.prompt_tokens as u64, Ordering::Relaxed);
             s.metrics.completion_tokens.fetch_add(out.completion_tokens as u64, Ordering::Relaxed);
@@ -554,10 +647,10 @@ async fn chat(
             }))
             .into_response());
         }
-        Ok(stream_chat(s.clone(), engine, prompt, max_tokens, id, name, caller.clone(), (slot, admission)).into_response())
+        Ok(stream_chat(s.clone(), engine, prompt, max_tokens, id, name, caller.clone(), (slot, place), job).into_response())
     }
     .await;
-    finish(&s, result, &caller)
+    answer(&s, result, &caller)
 }
 
 fn unix_now() -> u64 {
@@ -577,7 +670,8 @@ fn stream_chat(
     id: String,
     model: String,
     caller: String,
-    held: (OwnedSemaphorePermit, Admission),
+    held: (OwnedSemaphorePermit, Place),
+    job: JobReport,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let (tx, rx) = mpsc::channel::<Event>(64);
     let created = unix_now();
@@ -598,6 +692,7 @@ fn stream_chat(
         let first = Event::default()
             .data(chunk(json!({"role": "assistant", "content": ""}), None).to_string());
         if tx.blocking_send(first).is_err() {
+            job.end(JobStatus::Cancelled, 0, sha256_hex(b""));
             return;
         }
         let result = engine.complete(&prompt, max_tokens, |piece| {
@@ -615,6 +710,13 @@ fn stream_chat(
                 s.metrics
                     .completion_tokens
                     .fetch_add(out.completion_tokens as u64, Ordering::Relaxed);
+                // Told before the last chunk: the answer is whole only
+                // once the job is on record.
+                job.end(
+                    job_status(out.finish),
+                    out.completion_tokens as u64,
+                    sha256_hex(out.text.as_bytes()),
+                );
                 if out.finish == FinishReason::Cancelled {
                     return;
                 }
@@ -627,6 +729,7 @@ fn stream_chat(
                 let _ = tx.blocking_send(Event::default().data(last.to_string()));
             }
             Err(e) => {
+                job.end(JobStatus::Failed, 0, sha256_hex(b""));
                 let _ = tx.blocking_send(
                     Event::default().data(
                         json!({"error": {"message": e.to_string(), "type": "server_error"}})

@@ -6,6 +6,7 @@ mod common;
 use std::sync::OnceLock;
 
 use common::model;
+use compute::llama::chat::TemplateSource;
 use compute::{ComputeError, Embedder, FinishReason, Generator};
 
 fn embedder() -> &'static Embedder {
@@ -15,7 +16,9 @@ fn embedder() -> &'static Embedder {
 
 fn generator() -> &'static Generator {
     static G: OnceLock<Generator> = OnceLock::new();
-    G.get_or_init(|| Generator::load(&model("gemma-3-270m"), 1024).expect("chat model loads"))
+    G.get_or_init(|| {
+        Generator::load(&model("smollm2-135m-instruct"), 1024).expect("chat model loads")
+    })
 }
 
 fn cosine(a: &[f32], b: &[f32]) -> f32 {
@@ -108,6 +111,32 @@ fn greedy_completion_is_deterministic_and_streams() {
         g.complete("", 10, |_| true),
         Err(ComputeError::EmptyInput)
     ));
+}
+
+#[test]
+fn the_chat_model_answers_a_question_in_its_own_format() {
+    let g = generator();
+    assert_eq!(g.chat_format().source(), TemplateSource::Embedded);
+    let prompt = g
+        .chat_prompt(&[("user".into(), "What is the capital of France?".into())])
+        .unwrap();
+    assert_eq!(
+        prompt,
+        "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+    );
+    let mut streamed = String::new();
+    let out = g
+        .complete(&prompt, 48, |piece| {
+            streamed.push_str(piece);
+            true
+        })
+        .unwrap();
+    assert!(out.text.contains("Paris"), "{:?}", out.text);
+    assert_eq!(out.finish, FinishReason::Stop, "{:?}", out.text);
+    assert_eq!(streamed, out.text);
+    for marker in ["<|im_end|>", "<|im_start|>", "<|endoftext|>"] {
+        assert!(!out.text.contains(marker), "{:?}", out.text);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

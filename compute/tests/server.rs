@@ -1,15 +1,76 @@
-//! The OpenAI-compatible API on loopback, on the real small models.
+//! The OpenAI-compatible API on loopback, on the real small models, behind
+//! an admission hook that reads a verdict from the ticket header.
 
 mod common;
 
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use axum::http::HeaderMap;
 use common::model;
+use compute::admission::{
+    sha256_hex, Admission, AdmittedJob, JobOutcome, JobStatus, Refusal, Workload,
+};
 use compute::server::{ComputeServer, Models};
 use compute::{EmbedBatcher, Embedder, Generator};
 use serde_json::{json, Value};
+
+const TICKET: &str = "x-crank-ticket";
+
+/// Admits jobs whose ticket says `ok`, refuses the others as their ticket
+/// says, and keeps every job's end.
+#[derive(Default)]
+struct Tickets {
+    ended: Mutex<Vec<(String, JobOutcome)>>,
+}
+
+impl Admission for Tickets {
+    fn admit(
+        &self,
+        caller: SocketAddr,
+        headers: &HeaderMap,
+        workload: Workload,
+        model: &str,
+    ) -> Result<AdmittedJob, Refusal> {
+        assert!(caller.ip().is_loopback());
+        let why = match headers.get(TICKET).map(|v| v.to_str()) {
+            None => return Err(Refusal::TicketRequired("no ticket".into())),
+            Some(Ok(v)) => v.to_owned(),
+            Some(Err(e)) => return Err(Refusal::TicketInvalid(e.to_string())),
+        };
+        match why.as_str() {
+            "ok" => Ok(AdmittedJob::new(format!("{workload}/{model}"), ())),
+            "expired" => Err(Refusal::TicketExpired(why)),
+            "mismatch" => Err(Refusal::TicketMismatch(why)),
+            "policy" => Err(Refusal::PolicyRefused(why)),
+            "replayed" => Err(Refusal::TicketReplayed(why)),
+            "full" => Err(Refusal::ReceiptQueueFull(why)),
+            _ => Err(Refusal::TicketInvalid(why)),
+        }
+    }
+
+    fn finish(&self, job: AdmittedJob, outcome: JobOutcome) {
+        self.ended
+            .lock()
+            .unwrap()
+            .push((job.id().to_owned(), outcome));
+    }
+
+    fn metrics(&self, out: &mut String) {
+        out.push_str("test_tickets_metric 1\n");
+    }
+}
+
+impl Tickets {
+    fn ended(&self) -> Vec<(String, JobOutcome)> {
+        self.ended.lock().unwrap().clone()
+    }
+}
+
+fn ticket(verdict: &str) -> String {
+    verdict.to_owned()
+}
 
 fn engines() -> &'static (Arc<EmbedBatcher>, Arc<Generator>) {
     static E: OnceLock<(Arc<EmbedBatcher>, Arc<Generator>)> = OnceLock::new();
@@ -21,40 +82,62 @@ fn engines() -> &'static (Arc<EmbedBatcher>, Arc<Generator>) {
                 ))
                 .unwrap(),
             ),
-            Arc::new(Generator::load(&model("gemma-3-270m"), 1024).unwrap()),
+            Arc::new(Generator::load(&model("smollm2-135m-instruct"), 1024).unwrap()),
         )
     })
 }
 
-async fn start(slots: usize, queue: usize) -> String {
+async fn start(slots: usize, queue: usize) -> (String, Arc<Tickets>) {
     start_gated(slots, queue, Arc::new(|| Ok(()))).await
 }
 
-async fn start_gated(slots: usize, queue: usize, gate: compute::server::Gate) -> String {
+async fn start_gated(
+    slots: usize,
+    queue: usize,
+    gate: compute::server::Gate,
+) -> (String, Arc<Tickets>) {
     let (e, g) = engines();
     let models = Models {
         embedder: Some(("all-minilm-l6-v2".into(), e.clone())),
-        generator: Some(("gemma-3-270m".into(), g.clone())),
+        generator: Some(("smollm2-135m-instruct".into(), g.clone())),
     };
     let whois = Arc::new(|ip: std::net::IpAddr| ip.is_loopback().then(|| "tester".to_owned()));
-    let server = ComputeServer::new(models, "beta".into(), whois, gate, slots, queue);
+    let tickets = Arc::new(Tickets::default());
+    let server = ComputeServer::new(
+        models,
+        "beta".into(),
+        whois,
+        gate,
+        tickets.clone(),
+        slots,
+        queue,
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let app = server
         .router()
         .into_make_service_with_connect_info::<SocketAddr>();
     tokio::spawn(async move { axum::serve(listener, app).await });
-    format!("http://{addr}")
+    (format!("http://{addr}"), tickets)
 }
 
 async fn post(base: &str, path: &str, body: String) -> (u16, reqwest::header::HeaderMap, Value) {
-    let r = reqwest::Client::new()
+    post_with(base, path, body, Some(&ticket("ok"))).await
+}
+
+async fn post_with(
+    base: &str,
+    path: &str,
+    body: String,
+    ticket: Option<&str>,
+) -> (u16, reqwest::header::HeaderMap, Value) {
+    let mut req = reqwest::Client::new()
         .post(format!("{base}{path}"))
-        .header("content-type", "application/json")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
+        .header("content-type", "application/json");
+    if let Some(t) = ticket {
+        req = req.header(TICKET, t);
+    }
+    let r = req.body(body).send().await.unwrap();
     let status = r.status().as_u16();
     let headers = r.headers().clone();
     let text = r.text().await.unwrap();
@@ -67,7 +150,7 @@ async fn post(base: &str, path: &str, body: String) -> (u16, reqwest::header::He
 
 #[tokio::test]
 async fn embeddings_and_chat_answer_like_openai_and_name_both_ends() {
-    let base = start(2, 8).await;
+    let (base, tickets) = start(2, 8).await;
     let models: Value = reqwest::get(format!("{base}/v1/models"))
         .await
         .unwrap()
@@ -126,7 +209,7 @@ async fn embeddings_and_chat_answer_like_openai_and_name_both_ends() {
     assert_eq!(floats.len(), 384);
     assert!(floats.iter().zip(&plain).all(|(a, b)| (a - b).abs() < 1e-6));
 
-    let chat = json!({"model": "gemma-3-270m", "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 16});
+    let chat = json!({"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 16});
     let (status, _, v) = post(&base, "/v1/chat/completions", chat.to_string()).await;
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["object"], "chat.completion");
@@ -144,6 +227,7 @@ async fn embeddings_and_chat_answer_like_openai_and_name_both_ends() {
     streamed["stream"] = json!(true);
     let mut r = reqwest::Client::new()
         .post(format!("{base}/v1/chat/completions"))
+        .header(TICKET, ticket("ok"))
         .json(&streamed)
         .send()
         .await
@@ -181,11 +265,94 @@ async fn embeddings_and_chat_answer_like_openai_and_name_both_ends() {
             .unwrap()
             > 0
     );
+
+    // Every job was on record before its answer: units and output hashes.
+    let ended = tickets.ended();
+    let ids: Vec<&str> = ended.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(
+        ids,
+        [
+            "embeddings/all-minilm-l6-v2",
+            "embeddings/all-minilm-l6-v2",
+            "embeddings/all-minilm-l6-v2",
+            "chat/smollm2-135m-instruct",
+            "chat/smollm2-135m-instruct",
+        ]
+    );
+    assert!(ended.iter().all(|(_, o)| o.status == JobStatus::Ok
+        && o.started_at_ms <= o.ended_at_ms
+        && o.runtime_ms <= o.ended_at_ms - o.started_at_ms + 1));
+    let units: Vec<u64> = ended.iter().map(|(_, o)| o.units).collect();
+    let completion = usage["completion_tokens"].as_u64().unwrap();
+    assert_eq!(units, [2, 1, 1, completion, completion]);
+    assert_eq!(ended[2].1.output_sha256, sha256_hex(&bytes), "vector bytes");
+    let content = v["choices"][0]["message"]["content"].as_str().unwrap();
+    assert_eq!(ended[3].1.output_sha256, sha256_hex(content.as_bytes()));
+    assert_eq!(
+        ended[4].1.output_sha256, ended[3].1.output_sha256,
+        "streamed"
+    );
+}
+
+#[tokio::test]
+async fn jobs_without_a_good_ticket_are_refused_precisely_and_counted() {
+    let (base, tickets) = start(1, 1).await;
+    let embed = json!({"model": "all-minilm-l6-v2", "input": "x"}).to_string();
+    let chat = json!({"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "hi"}], "stream": true}).to_string();
+    let cases = [
+        (None, 401, "ticket_required"),
+        (Some(ticket("forged")), 401, "ticket_invalid"),
+        (Some("unreadable".to_owned()), 401, "ticket_invalid"),
+        (Some(ticket("expired")), 401, "ticket_expired"),
+        (Some(ticket("mismatch")), 403, "ticket_mismatch"),
+        (Some(ticket("policy")), 403, "policy_refused"),
+        (Some(ticket("replayed")), 409, "ticket_replayed"),
+        (Some(ticket("full")), 503, "receipt_queue_full"),
+    ];
+    for (t, status, code) in &cases {
+        for (path, body) in [("/v1/embeddings", &embed), ("/v1/chat/completions", &chat)] {
+            let (got, _, v) = post_with(&base, path, body.clone(), t.as_deref()).await;
+            assert_eq!(
+                (got, v["error"]["code"].as_str()),
+                (*status, Some(*code)),
+                "{v}"
+            );
+            assert!(v["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()));
+        }
+    }
+    assert!(tickets.ended().is_empty(), "no refused job ran");
+    // Nothing is held by a refusal: the one slot and queue place are free.
+    let (got, _, v) = post(&base, "/v1/embeddings", embed).await;
+    assert_eq!(got, 200, "{v}");
+    // Asking what is served needs no ticket.
+    let models = reqwest::get(format!("{base}/v1/models")).await.unwrap();
+    assert_eq!(models.status(), 200);
+    let metrics = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for (reason, n) in [
+        ("ticket_required", 2),
+        ("ticket_invalid", 4),
+        ("ticket_expired", 2),
+        ("ticket_mismatch", 2),
+        ("policy_refused", 2),
+        ("ticket_replayed", 2),
+        ("receipt_queue_full", 2),
+    ] {
+        let line = format!("compute_tickets_refused_total{{reason=\"{reason}\"}} {n}\n");
+        assert!(metrics.contains(&line), "{line} in {metrics}");
+    }
+    assert!(metrics.contains("test_tickets_metric 1\n"), "{metrics}");
 }
 
 #[tokio::test]
 async fn bad_requests_get_precise_errors_and_the_server_keeps_serving() {
-    let base = start(2, 8).await;
+    let (base, _) = start(2, 8).await;
     let cases = [
         (
             json!({"model": "all-minilm-l6-v2", "input": ""}).to_string(),
@@ -228,7 +395,7 @@ async fn bad_requests_get_precise_errors_and_the_server_keeps_serving() {
     let (got, _, v) = post(
         &base,
         "/v1/chat/completions",
-        json!({"model": "gemma-3-270m", "messages": []}).to_string(),
+        json!({"model": "smollm2-135m-instruct", "messages": []}).to_string(),
     )
     .await;
     assert_eq!(
@@ -248,8 +415,8 @@ async fn bad_requests_get_precise_errors_and_the_server_keeps_serving() {
 
 #[tokio::test]
 async fn overload_gets_429_and_nothing_is_lost() {
-    let base = start(1, 1).await;
-    let body = json!({"model": "gemma-3-270m", "messages": [{"role": "user", "content": "Count to ten."}], "max_tokens": 48}).to_string();
+    let (base, tickets) = start(1, 1).await;
+    let body = json!({"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "Count to ten."}], "max_tokens": 48}).to_string();
     let tasks: Vec<_> = (0..6)
         .map(|_| {
             let (base, body) = (base.clone(), body.clone());
@@ -282,14 +449,18 @@ async fn overload_gets_429_and_nothing_is_lost() {
         metrics.contains(&format!("compute_rejected_busy_total {busy}")),
         "{metrics}"
     );
+    let ended = tickets.ended();
+    assert_eq!(ended.len(), ok, "jobs turned away busy were never admitted");
+    assert!(ended.iter().all(|(_, o)| o.status == JobStatus::Ok));
 }
 
 #[tokio::test]
 async fn a_client_leaving_mid_stream_frees_its_slot() {
-    let base = start(1, 0).await;
-    let body = json!({"model": "gemma-3-270m", "messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 200, "stream": true});
+    let (base, tickets) = start(1, 0).await;
+    let body = json!({"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 200, "stream": true});
     let mut r = reqwest::Client::new()
         .post(format!("{base}/v1/chat/completions"))
+        .header(TICKET, ticket("ok"))
         .json(&body)
         .send()
         .await
@@ -313,6 +484,38 @@ async fn a_client_leaving_mid_stream_frees_its_slot() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(served, "the slot was never freed");
+    let ended = tickets.ended();
+    let chats: Vec<_> = ended
+        .iter()
+        .filter(|(id, _)| id.starts_with("chat/"))
+        .collect();
+    assert_eq!(chats.len(), 1, "ended exactly once: {ended:?}");
+    let cut = &chats[0].1;
+    assert_eq!(cut.status, JobStatus::Cancelled);
+    assert!(cut.units < 200, "{cut:?}");
+}
+
+#[tokio::test]
+async fn a_client_leaving_a_plain_chat_cancels_the_job() {
+    let (base, tickets) = start(1, 0).await;
+    let body = json!({"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 400}).to_string();
+    let leaving = tokio::time::timeout(
+        Duration::from_millis(300),
+        post(&base, "/v1/chat/completions", body),
+    )
+    .await;
+    assert!(leaving.is_err(), "400 tokens take longer than that");
+    let mut ended = Vec::new();
+    for _ in 0..100 {
+        ended = tickets.ended();
+        if !ended.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(ended.len(), 1, "{ended:?}");
+    assert_eq!(ended[0].1.status, JobStatus::Cancelled);
+    assert!(ended[0].1.units < 400);
 }
 
 #[tokio::test]
@@ -320,14 +523,14 @@ async fn a_device_not_contributing_answers_503_with_the_reason() {
     let state: Arc<std::sync::Mutex<Result<(), String>>> =
         Arc::new(std::sync::Mutex::new(Err("on battery (40%)".into())));
     let gate_state = state.clone();
-    let base = start_gated(1, 4, Arc::new(move || gate_state.lock().unwrap().clone())).await;
+    let (base, _) = start_gated(1, 4, Arc::new(move || gate_state.lock().unwrap().clone())).await;
     let body = json!({"model": "all-minilm-l6-v2", "input": "hello"}).to_string();
     let (status, headers, v) = post(&base, "/v1/embeddings", body.clone()).await;
     assert_eq!(status, 503, "{v}");
     assert_eq!(v["error"]["code"], "not_contributing");
     assert_eq!(v["error"]["message"], "on battery (40%)");
     assert_eq!(headers["retry-after"], "30");
-    let chat = json!({"model": "gemma-3-270m", "messages": [{"role": "user", "content": "hi"}], "stream": true}).to_string();
+    let chat = json!({"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "hi"}], "stream": true}).to_string();
     assert_eq!(post(&base, "/v1/chat/completions", chat).await.0, 503);
     assert_eq!(
         reqwest::get(format!("{base}/healthz"))

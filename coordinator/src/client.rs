@@ -134,10 +134,7 @@ impl Remote {
         let status = resp.status();
         let bytes = resp.bytes().await.context("reading the reply")?;
         if !status.is_success() {
-            let msg = serde_json::from_slice::<platform::api::ApiError>(&bytes)
-                .map(|e| e.error.message)
-                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
-            anyhow::bail!("{method} {path}: {status}: {msg}");
+            return Err(failure(&method, path, status, &bytes));
         }
         let bytes = if bytes.is_empty() {
             &b"null"[..]
@@ -146,5 +143,44 @@ impl Remote {
         };
         serde_json::from_slice(bytes)
             .with_context(|| format!("parsing the reply to {method} {path}"))
+    }
+}
+
+/// A non-2xx answer as an error carrying the server's message.
+fn failure(
+    method: &reqwest::Method,
+    path: &str,
+    status: reqwest::StatusCode,
+    bytes: &[u8],
+) -> anyhow::Error {
+    let msg = serde_json::from_slice::<platform::api::ApiError>(bytes)
+        .map(|e| e.error.message)
+        .unwrap_or_else(|_| String::from_utf8_lossy(bytes).into_owned());
+    anyhow::anyhow!("{method} {path}: {status}: {msg}")
+}
+
+impl Remote {
+    /// `GET path`, copying the answer to `out` as it arrives (for exports
+    /// too large to hold); a non-2xx answer becomes an error.
+    pub async fn download(&self, path: &str, out: &mut impl std::io::Write) -> anyhow::Result<()> {
+        let url = format!("{}{path}", self.base);
+        let mut req = self.http.get(&url);
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        let mut resp = req
+            .send()
+            .await
+            .with_context(|| format!("reaching the coordinator at {url}"))?;
+        let status = resp.status();
+        if !status.is_success() {
+            let bytes = resp.bytes().await.context("reading the reply")?;
+            return Err(failure(&reqwest::Method::GET, path, status, &bytes));
+        }
+        while let Some(chunk) = resp.chunk().await.context("reading the reply")? {
+            out.write_all(&chunk).context("writing the output")?;
+        }
+        out.flush().context("writing the output")?;
+        Ok(())
     }
 }

@@ -110,3 +110,23 @@ pub fn replaced_key(s: &AppState, row: &DeviceRow, old: NodePublic) {
     );
     s.hub.revoke_relay_access(old);
 }
+
+/// A network's compute rules changed: every connected device of it gets a
+/// fresh full netmap, which carries the rules. Returns how many were told.
+pub fn compute_rules_changed(s: &AppState, devices: &[DeviceRow]) -> usize {
+    devices
+        .iter()
+        .filter(|d| s.hub.send_to(d.network_id, d.id, Push::Refresh))
+        .count()
+}
+
+/// A member's role changed: peers get each of their devices again (the
+/// node carries `owner_role`), and the devices themselves a fresh netmap
+/// (their own node carries it too).
+pub fn owner_role_changed(s: &AppState, devices: &[DeviceRow]) -> Result<(), AppError> {
+    for d in devices {
+        device_changed(s, d)?;
+        s.hub.send_to(d.network_id, d.id, Push::Refresh);
+    }
+    Ok(())
+}

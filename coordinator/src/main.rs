@@ -110,6 +110,12 @@ enum Command {
     /// The audit log.
     #[command(subcommand)]
     Audit(remote::AuditCmd),
+    /// A network's compute rules: policy, credit rates, scheduler weights.
+    #[command(subcommand)]
+    Compute(remote::ComputeCmd),
+    /// The credit ledger: balances, export, grants.
+    #[command(subcommand)]
+    Ledger(remote::LedgerCmd),
     /// Keys of removed devices, refused until lifted.
     #[command(subcommand)]
     Denylist(remote::DenylistCmd),
@@ -342,6 +348,8 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
         Command::Invite(cmd) => remote::invite(cmd).await?,
         Command::Settings(cmd) => remote::settings(cmd).await?,
         Command::Audit(cmd) => remote::audit(cmd).await?,
+        Command::Compute(cmd) => remote::compute(cmd).await?,
+        Command::Ledger(cmd) => remote::ledger(cmd).await?,
         Command::Denylist(cmd) => remote::denylist(cmd).await?,
     }
     Ok(())

@@ -1,6 +1,7 @@
 //! CLI commands that act on a running coordinator through its API, as the
 //! logged-in user: members, invites, device approval and revocation, key
-//! expiry and rotation, settings, the denylist and the audit log. They go
+//! expiry and rotation, settings, compute rules, the credit ledger, the
+//! denylist and the audit log. They go
 //! through the server (not the state directory) so that live map streams
 //! and relays hear of each change at once, and the server checks the
 //! caller's role like any other API call.
@@ -11,6 +12,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Args, Subcommand, ValueEnum};
 use platform::api::DeviceInfo;
+use platform::jobs::ComputeRules;
+use platform::ledger::{csv_field, format_credits, parse_credits, Balances, LedgerEntry};
 use platform::people::{
     AuditEvent, CreatedInvite, DenylistEntry, InviteInfo, Member, NetworkSettings, Redeemed, Role,
     WhoAmI,
@@ -236,6 +239,69 @@ pub enum DenylistCmd {
         #[command(flatten)]
         net: Net,
         id: i64,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ComputeCmd {
+    /// The network's compute rules: who may run what, credit rates,
+    /// scheduler weights (JSON).
+    Get {
+        #[command(flatten)]
+        net: Net,
+    },
+    /// Replace the rules with those in FILE (JSON, `-` for stdin; fields
+    /// left out take their defaults). Admins.
+    Set {
+        #[command(flatten)]
+        net: Net,
+        file: std::path::PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum LedgerFormat {
+    Jsonl,
+    Csv,
+}
+
+impl LedgerFormat {
+    fn as_str(self) -> &'static str {
+        match self {
+            LedgerFormat::Jsonl => "jsonl",
+            LedgerFormat::Csv => "csv",
+        }
+    }
+}
+
+#[derive(Subcommand)]
+pub enum LedgerCmd {
+    /// Balances in credits (admins: every account; others: their own and
+    /// the pool).
+    Balances {
+        #[command(flatten)]
+        net: Net,
+        #[command(flatten)]
+        out: Output,
+    },
+    /// Every entry, oldest first, to stdout (admins).
+    Export {
+        #[command(flatten)]
+        net: Net,
+        #[arg(long, value_enum, default_value = "jsonl")]
+        format: LedgerFormat,
+    },
+    /// Mint CREDITS (like 25 or 0.5) into a member's account, or into the
+    /// network's shared pool without --member (admins).
+    Grant {
+        #[command(flatten)]
+        net: Net,
+        #[arg(long)]
+        member: Option<String>,
+        #[arg(value_parser = parse_credits)]
+        credits: u64,
+        #[command(flatten)]
+        out: Output,
     },
 }
 
@@ -681,15 +747,6 @@ pub async fn settings(cmd: SettingsCmd) -> anyhow::Result<()> {
     }
 }
 
-/// One CSV field, quoted when it must be.
-fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s.to_owned()
-    }
-}
-
 /// The audit log as CSV (header first).
 pub fn audit_csv(events: &[AuditEvent]) -> String {
     let mut out = String::from("id,at,network,actor,action,target,old,new\n");
@@ -765,6 +822,82 @@ pub async fn audit(cmd: AuditCmd) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+pub async fn compute(cmd: ComputeCmd) -> anyhow::Result<()> {
+    let rules: ComputeRules = match cmd {
+        ComputeCmd::Get { net } => get(&net_path(&net, "/compute")).await?,
+        ComputeCmd::Set { net, file } => {
+            let text = if file.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin()).context("reading stdin")?
+            } else {
+                std::fs::read_to_string(&file)
+                    .with_context(|| format!("reading {}", file.display()))?
+            };
+            let body: Value = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not JSON", file.display()))?;
+            send(Method::PUT, &net_path(&net, "/compute"), Some(body)).await?
+        }
+    };
+    println!("{}", serde_json::to_string_pretty(&rules)?);
+    Ok(())
+}
+
+fn balance_lines(b: &Balances) -> String {
+    b.accounts
+        .iter()
+        .map(|a| {
+            format!(
+                "{:<16} {:<20} {:>16}\n",
+                a.account.to_string(),
+                a.user.as_deref().unwrap_or("-"),
+                format_credits(a.balance)
+            )
+        })
+        .collect()
+}
+
+fn entry_line(e: &LedgerEntry) -> String {
+    format!(
+        "{} {} {} → {} {} credits ({} {})\n",
+        e.id,
+        e.kind.as_str(),
+        e.debit,
+        e.credit,
+        format_credits(i64::try_from(e.amount).unwrap_or(i64::MAX)),
+        e.job_id,
+        when(e.created_at)
+    )
+}
+
+pub async fn ledger(cmd: LedgerCmd) -> anyhow::Result<()> {
+    match cmd {
+        LedgerCmd::Balances { net, out } => {
+            let b: Balances = get(&net_path(&net, "/ledger/balances")).await?;
+            print(out, &b, balance_lines)
+        }
+        LedgerCmd::Export { net, format } => {
+            let path = net_path(&net, &format!("/ledger/export?format={}", format.as_str()));
+            remote()
+                .await?
+                .download(&path, &mut std::io::stdout().lock())
+                .await
+        }
+        LedgerCmd::Grant {
+            net,
+            member,
+            credits,
+            out,
+        } => {
+            let e: LedgerEntry = send(
+                Method::POST,
+                &net_path(&net, "/ledger/grants"),
+                Some(json!({ "member": member, "amount": credits })),
+            )
+            .await?;
+            print(out, &e, entry_line)
+        }
+    }
 }
 
 pub async fn denylist(cmd: DenylistCmd) -> anyhow::Result<()> {

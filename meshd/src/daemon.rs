@@ -14,6 +14,7 @@ use tokio::task::JoinHandle;
 use crate::contribute::ComputeSettings;
 use crate::control::{self, MapState};
 use crate::engine::{Engine, EngineSlot, PeerStats, PingPath, PingReply, TunConfig, UdpPort};
+use crate::gateway::{joblog, Gateway, SessionView};
 use crate::keyring::{self, KeyRing};
 use crate::localapi::{
     BackendState, ComputeAction, ComputeChanges, ComputeStatus, NetcheckReport, PairingInfo,
@@ -21,9 +22,11 @@ use crate::localapi::{
 };
 use crate::netcheck;
 use crate::pairing::{self, Pairing};
-use crate::serve_compute::{self, ComputeService};
+use crate::receipts::{self, ReceiptQueue};
+use crate::serve_compute::{self, ComputeService, TicketAdmission};
 use crate::state::{Prefs, StateDir};
 use crate::sysinfo::Probe;
+use crate::tickets::SeenTickets;
 
 /// How long `meshd up` waits for the first netmap.
 const UP_TIMEOUT: Duration = Duration::from_secs(20);
@@ -40,6 +43,9 @@ pub struct DaemonConfig {
     pub compute: ComputeConfig,
     /// Where `/proc` and `/sys` are read for the capability report.
     pub sys_root: PathBuf,
+    /// Where the gateway (the network's OpenAI endpoint for local apps)
+    /// listens; None: not served.
+    pub gateway: Option<SocketAddr>,
 }
 
 pub struct ComputeConfig {
@@ -63,6 +69,8 @@ struct Session {
     task: JoinHandle<()>,
     /// Renews the node key when due ([`keyring::keep_renewed`]).
     renewal: JoinHandle<()>,
+    /// Delivers job receipts to this session's coordinator.
+    receipts: JoinHandle<()>,
     compute: Option<ServeTask>,
 }
 
@@ -96,6 +104,7 @@ impl Session {
             c.stop().await;
         }
         self.renewal.abort();
+        self.receipts.abort();
         self.task.abort();
         let _ = self.task.await;
         self.engine.stop().await;
@@ -119,6 +128,13 @@ pub struct Daemon {
     /// last monitor interval.
     others_busy: std::sync::Mutex<Option<f32>>,
     refreshing: std::sync::Mutex<()>,
+    /// Receipts of jobs run here, until the coordinator has them.
+    receipts: Arc<ReceiptQueue>,
+    /// Tickets of jobs run here, against replay.
+    seen_tickets: Arc<std::sync::Mutex<SeenTickets>>,
+    gateway: Arc<Gateway>,
+    /// The joined session as the gateway sees it; None while down.
+    gateway_view: watch::Sender<Option<SessionView>>,
 }
 
 /// A relay region's short name, for people.
@@ -162,6 +178,9 @@ impl Daemon {
             settings,
         ));
         compute::llama::set_threads(compute.threads_per_job(&caps));
+        let receipts = Arc::new(ReceiptQueue::open(&cfg.state_dir.join(receipts::DIR))?);
+        let (gateway_view, view) = watch::channel(None);
+        let gateway = Gateway::new(view, keys.clone())?;
         Ok(Arc::new(Daemon {
             cfg,
             state,
@@ -173,6 +192,10 @@ impl Daemon {
             caps: watch::channel(caps).0,
             others_busy: std::sync::Mutex::new(None),
             refreshing: std::sync::Mutex::new(()),
+            receipts,
+            seen_tickets: Arc::default(),
+            gateway,
+            gateway_view,
         }))
     }
 
@@ -227,9 +250,17 @@ impl Daemon {
         let caps = self.caps.borrow().clone();
         let (models, gate) = (loaded.models.clone(), self.compute.gate());
         let (slots, queue) = (self.compute.slots(&caps), self.compute.queue());
+        let admission = Arc::new(TicketAdmission::new(
+            map.clone(),
+            self.keys.current().device.clone(),
+            self.caps.subscribe(),
+            self.seen_tickets.clone(),
+            self.receipts.clone(),
+        ));
         let (stop, stopped) = watch::channel(false);
         let task = tokio::spawn(async move {
-            if let Err(e) = serve_compute::serve(models, gate, map, slots, queue, stopped).await {
+            let served = serve_compute::serve(models, gate, admission, map, slots, queue, stopped);
+            if let Err(e) = served.await {
                 tracing::error!(error = format!("{e:#}"), "compute API stopped");
             }
         });
@@ -371,6 +402,18 @@ impl Daemon {
             ca_file.clone(),
             rx.clone(),
         ));
+        self.gateway_view.send_replace(Some(SessionView {
+            map: rx.clone(),
+            engine: engine.clone(),
+            coordinator: coordinator.clone(),
+            ca_file: ca_file.clone(),
+        }));
+        let receipts = tokio::spawn(receipts::deliver(
+            self.receipts.clone(),
+            coordinator.clone(),
+            ca_file.clone(),
+            rx.clone(),
+        ));
         let task = tokio::spawn(control::run_map_stream(
             coordinator.clone(),
             ca_file,
@@ -386,6 +429,7 @@ impl Daemon {
             map: rx,
             task,
             renewal,
+            receipts,
             compute,
         }
     }
@@ -431,6 +475,17 @@ impl Daemon {
                     .netcheck()
                     .await
                     .map_or_else(|e| Response::Error(format!("{e:#}")), Response::Netcheck)
+            }
+            Request::Jobs { id: Some(id), .. } => {
+                return match self.gateway.jobs.find(&id) {
+                    Some(job) => Response::Jobs(vec![job]),
+                    None => Response::Error(format!(
+                        "no recent job {id:?} (or the prefix is ambiguous)"
+                    )),
+                }
+            }
+            Request::Jobs { id: None, limit } => {
+                return Response::Jobs(self.gateway.jobs.recent(limit.min(joblog::KEPT_JOBS)))
             }
             Request::Compute { action } => {
                 return self.compute_command(action).await.map_or_else(
@@ -535,6 +590,7 @@ impl Daemon {
     ) -> anyhow::Result<()> {
         let mut session = self.session.lock().await;
         if let Some(old) = session.take() {
+            self.gateway_view.send_replace(None);
             old.stop().await;
         }
         let prefs = self.state.prefs()?;
@@ -667,6 +723,7 @@ impl Daemon {
     }
 
     async fn down(&self) -> anyhow::Result<()> {
+        self.gateway_view.send_replace(None);
         if let Some(s) = self.session.lock().await.take() {
             s.stop().await;
         }
@@ -768,7 +825,13 @@ impl Daemon {
         status
     }
 
+    /// The network's OpenAI endpoint for local apps.
+    pub fn gateway(&self) -> Arc<Gateway> {
+        self.gateway.clone()
+    }
+
     pub async fn shutdown(&self) {
+        self.gateway_view.send_replace(None);
         if let Some(s) = self.session.lock().await.take() {
             s.stop().await;
         }

@@ -47,6 +47,18 @@ pub enum Request {
     Compute {
         action: ComputeAction,
     },
+    /// Recent jobs through the gateway, newest first; or one job by id
+    /// (or a unique prefix of it) with its debug view.
+    Jobs {
+        #[serde(default)]
+        id: Option<String>,
+        #[serde(default = "default_jobs_limit")]
+        limit: usize,
+    },
+}
+
+fn default_jobs_limit() -> usize {
+    20
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -131,6 +143,7 @@ pub enum Response {
     Ping(PingReport),
     Netcheck(NetcheckReport),
     Compute(Box<ComputeStatus>),
+    Jobs(Vec<crate::gateway::joblog::JobRecord>),
     Error(String),
 }
 

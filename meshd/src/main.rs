@@ -6,17 +6,21 @@ mod control;
 mod daemon;
 mod endpoints;
 mod engine;
+mod gateway;
+mod jobs_cli;
 mod key_expiry;
 mod keyring;
 mod localapi;
 mod netcheck;
 mod pairing;
 mod paths;
+mod receipts;
 mod serve_compute;
 mod state;
 mod static_tunnel;
 mod status_text;
 mod sysinfo;
+mod tickets;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -72,6 +76,11 @@ enum Command {
         /// `/` (a container with the host's /proc and /sys mounted there).
         #[arg(long, env = "MESHD_SYS_ROOT", default_value = "/")]
         sys_root: PathBuf,
+        /// Where local apps reach the network's OpenAI-compatible endpoint
+        /// (`off`: not served). Keep it on loopback: whoever reaches it
+        /// spends this device owner's credits.
+        #[arg(long, env = "MESHD_GATEWAY", default_value = gateway::DEFAULT_LISTEN)]
+        gateway: String,
     },
     /// Offer this device's compute to the network, or stop.
     #[command(subcommand)]
@@ -125,6 +134,18 @@ enum Command {
     /// Models this device can serve.
     #[command(subcommand)]
     Models(ModelsCmd),
+    /// Run a job on the mesh through the gateway.
+    #[command(subcommand)]
+    Run(jobs_cli::RunCmd),
+    /// Recent jobs sent through this device's gateway.
+    Jobs {
+        #[command(subcommand)]
+        show: Option<jobs_cli::JobsCmd>,
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// Run a WireGuard interface with fixed peers and no coordinator.
     Tunnel {
         #[arg(long, default_value = "mesh0")]
@@ -190,6 +211,7 @@ enum ModelsCmd {
 }
 
 async fn run_daemon(socket: PathBuf, cfg: DaemonConfig) -> anyhow::Result<()> {
+    let gateway = cfg.gateway;
     let daemon = Daemon::new(cfg)?;
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -203,6 +225,10 @@ async fn run_daemon(socket: PathBuf, cfg: DaemonConfig) -> anyhow::Result<()> {
         std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o660))?;
     }
     tracing::info!(socket = %socket.display(), "meshd listening");
+    let gateway = match gateway {
+        Some(listen) => Some(tokio::spawn(daemon.gateway().serve(listen))),
+        None => None,
+    };
     daemon.start_compute().await;
     daemon.resume().await?;
     let d = daemon.clone();
@@ -217,6 +243,9 @@ async fn run_daemon(socket: PathBuf, cfg: DaemonConfig) -> anyhow::Result<()> {
     }
     tracing::info!("shutting down");
     api.abort();
+    if let Some(g) = gateway {
+        g.abort();
+    }
     daemon.shutdown().await;
     let _ = std::fs::remove_file(&socket);
     Ok(())
@@ -232,7 +261,15 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
             models_dir,
             changes,
             sys_root,
+            gateway,
         } => {
+            let gateway = match gateway.as_str() {
+                "off" | "" => None,
+                addr => Some(
+                    addr.parse()
+                        .with_context(|| format!("--gateway {addr:?}: an IP:PORT or off"))?,
+                ),
+            };
             let compute = daemon::ComputeConfig {
                 models_dir,
                 enable: compute.then_some(changes),
@@ -248,6 +285,7 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
                     udp_port: port,
                     compute,
                     sys_root,
+                    gateway,
                 },
             )
             .await
@@ -392,6 +430,15 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Run(cmd) => jobs_cli::run(cmd).await,
+        Command::Jobs {
+            show: Some(cmd), ..
+        } => jobs_cli::show(&cli.socket, cmd).await,
+        Command::Jobs {
+            show: None,
+            limit,
+            json,
+        } => jobs_cli::list(&cli.socket, limit, json).await,
         Command::Down => {
             localapi::call(&cli.socket, &Request::Down).await?;
             println!("tunnel down");

@@ -89,6 +89,13 @@ impl PathState {
         since(now, self.last_activity).is_some_and(|d| d < ACTIVE)
     }
 
+    /// Round-trip time of the direct path, while trusted.
+    pub fn rtt(&self, now: Instant) -> Option<Duration> {
+        self.best
+            .filter(|b| now.saturating_duration_since(b.last_pong) < TRUST)
+            .map(|b| b.latency)
+    }
+
     /// The direct path, while trusted.
     pub fn direct(&self, now: Instant) -> Option<SocketAddr> {
         self.best

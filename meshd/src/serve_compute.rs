@@ -1,22 +1,29 @@
 //! Serving compute on this device's overlay addresses only: the OpenAI-
 //! compatible API of the `compute` crate, reachable from peers through the
-//! tunnel, with callers named from the netmap. The service holds the
-//! owner's settings, the loaded models and the policy's latest decision.
+//! tunnel, with callers named from the netmap. Every job needs a ticket
+//! ([`tickets`](crate::tickets)) and leaves a signed receipt
+//! ([`receipts`](crate::receipts)). The service holds the owner's settings,
+//! the loaded models and the policy's latest decision.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context as _;
+use axum::http::HeaderMap;
+use compute::admission::{self, Admission, AdmittedJob, JobOutcome, Refusal};
 use compute::manifest::{verified_path, ModelKind, MANIFEST};
 use compute::server::{ComputeServer, Gate, Models};
 use compute::{EmbedBatcher, Embedder, Generator};
 use platform::capability::{Capabilities, ComputeOffer, OfferedModel, MAX_TEXT};
+use platform::keys::DevicePrivate;
 use platform::netmap::NetMap;
 use tokio::sync::watch;
 
 use crate::contribute::{self, ComputeSettings};
 use crate::control::MapState;
+use crate::receipts::{self, ReceiptQueue};
+use crate::tickets::{self, Checked, Expected, SeenTickets};
 
 /// Port of the compute API on overlay addresses.
 pub const COMPUTE_PORT: u16 = 8421;
@@ -241,6 +248,127 @@ impl ComputeService {
     }
 }
 
+/// Jobs by ticket only, each with a receipt: the admission meshd serves
+/// with.
+pub struct TicketAdmission {
+    map: watch::Receiver<MapState>,
+    /// Signs receipts; its public half is the address tickets must name.
+    device: DevicePrivate,
+    caps: watch::Receiver<Capabilities>,
+    /// Shared by every API this daemon runs, so a restart of the API does
+    /// not reopen the replay window.
+    seen: Arc<Mutex<SeenTickets>>,
+    receipts: Arc<ReceiptQueue>,
+}
+
+/// An admitted job's ticket, and the name this device ran it under.
+struct Ticketed {
+    checked: Checked,
+    worker: String,
+}
+
+impl TicketAdmission {
+    pub fn new(
+        map: watch::Receiver<MapState>,
+        device: DevicePrivate,
+        caps: watch::Receiver<Capabilities>,
+        seen: Arc<Mutex<SeenTickets>>,
+        receipts: Arc<ReceiptQueue>,
+    ) -> Self {
+        TicketAdmission {
+            map,
+            device,
+            caps,
+            seen,
+            receipts,
+        }
+    }
+}
+
+impl Admission for TicketAdmission {
+    fn admit(
+        &self,
+        caller: SocketAddr,
+        headers: &HeaderMap,
+        workload: admission::Workload,
+        model: &str,
+    ) -> Result<AdmittedJob, Refusal> {
+        let signed = tickets::from_headers(headers)?;
+        if self.receipts.is_full() {
+            return Err(Refusal::ReceiptQueueFull(format!(
+                "{} receipts wait for the coordinator; no new jobs until they are delivered",
+                self.receipts.len()
+            )));
+        }
+        let now = platform::unix_now();
+        let tier = self.caps.borrow().tier;
+        let (checked, worker) = {
+            let map = self.map.borrow();
+            let netmap = map
+                .netmap
+                .as_ref()
+                .ok_or_else(|| Refusal::TicketInvalid("this device has no netmap yet".into()))?;
+            let want = Expected {
+                netmap,
+                worker_key: self.device.public(),
+                tier,
+                caller: caller.ip().to_canonical(),
+                workload: tickets::workload(workload),
+                model,
+                now,
+            };
+            (
+                tickets::check(signed, &want)?,
+                netmap.self_node.name.clone(),
+            )
+        };
+        self.seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(&checked, now)?;
+        let id = checked.ticket.job_id.clone();
+        tracing::debug!(
+            job = %short(&id),
+            attempt = checked.ticket.attempt,
+            submitter = %checked.ticket.submitter_device,
+            "ticket accepted"
+        );
+        Ok(AdmittedJob::new(id, Ticketed { checked, worker }))
+    }
+
+    fn finish(&self, job: AdmittedJob, outcome: JobOutcome) {
+        let id = job.id().to_owned();
+        let Some(Ticketed { checked, worker }) = job.into_data::<Ticketed>() else {
+            tracing::error!(job = %short(&id), "a job ended that this admission did not admit");
+            return;
+        };
+        let receipt = receipts::receipt(&checked, &worker, &outcome);
+        match self.receipts.push(&receipts::sign(&self.device, &receipt)) {
+            Ok(()) => tracing::debug!(
+                job = %short(&id),
+                status = receipt.status.as_str(),
+                units = receipt.units,
+                runtime_ms = receipt.runtime_ms,
+                "job ended; receipt queued"
+            ),
+            Err(e) => tracing::error!(
+                job = %short(&id),
+                error = format!("{e:#}"),
+                "job ended but its receipt could not be written"
+            ),
+        }
+    }
+
+    fn metrics(&self, out: &mut String) {
+        self.receipts.render_metrics(out);
+    }
+}
+
+/// The first eight characters of a job id, for logs.
+fn short(id: &str) -> &str {
+    id.get(..8).unwrap_or(id)
+}
+
 /// The name of the device holding overlay address `ip`.
 fn whois(netmap: &NetMap, ip: IpAddr) -> Option<String> {
     if netmap.self_node.addresses.contains(&ip) {
@@ -273,6 +401,7 @@ async fn bind_soon(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener>
 pub async fn serve(
     models: Models,
     gate: Gate,
+    admission: Arc<TicketAdmission>,
     mut map: watch::Receiver<MapState>,
     slots: usize,
     queue: usize,
@@ -293,6 +422,7 @@ pub async fn serve(
         netmap.self_node.name.clone(),
         whois,
         gate,
+        admission,
         slots,
         queue,
     );
@@ -355,6 +485,189 @@ mod tests {
             device_key: None,
             owner_role: None,
         }
+    }
+
+    struct Worker {
+        admission: TicketAdmission,
+        submitter: platform::keys::DevicePrivate,
+        worker: platform::keys::DevicePrivate,
+        dir: tempfile::TempDir,
+        _map: watch::Sender<MapState>,
+        _caps: watch::Sender<Capabilities>,
+    }
+
+    /// A worker "gpu" (100.64.0.1) in network "home" with one peer,
+    /// "laptop" (100.64.0.2), whose owner is a member; its receipt queue
+    /// takes at most `max_receipts`.
+    fn worker(max_receipts: usize) -> Worker {
+        use platform::people::Role;
+        let (submitter, worker) = (DevicePrivate::generate(), DevicePrivate::generate());
+        let mut gpu = node(1, "gpu");
+        gpu.device_key = Some(worker.public());
+        gpu.owner_role = Some(Role::Admin);
+        let mut laptop = node(2, "laptop");
+        laptop.device_key = Some(submitter.public());
+        laptop.owner_role = Some(Role::Member);
+        let netmap = NetMap {
+            network: "home".into(),
+            self_node: gpu,
+            routes: vec![],
+            peers: [(laptop.node_key, laptop)].into_iter().collect(),
+            relay_map: RelayMap::default(),
+            dns: DnsConfig::default(),
+            awaiting_approval: false,
+            compute: Default::default(),
+        };
+        let (map_tx, map) = watch::channel(MapState {
+            netmap: Some(netmap),
+            ..MapState::default()
+        });
+        let (caps_tx, caps) = watch::channel(Capabilities {
+            tier: platform::capability::Tier::Tier2,
+            ..Capabilities::default()
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let receipts =
+            Arc::new(ReceiptQueue::open_bounded(dir.path(), max_receipts, u64::MAX).unwrap());
+        Worker {
+            admission: TicketAdmission::new(map, worker.clone(), caps, Arc::default(), receipts),
+            submitter,
+            worker,
+            dir,
+            _map: map_tx,
+            _caps: caps_tx,
+        }
+    }
+
+    impl Worker {
+        /// Headers with a ticket from the laptop for `job`.
+        fn ticket(&self, job: &str) -> (platform::signed::Signed, HeaderMap) {
+            use base64::Engine as _;
+            use platform::jobs::{Route, Sensitivity, Ticket, Workload, DOMAIN_TICKET};
+            let now = platform::unix_now();
+            let t = Ticket {
+                job_id: job.into(),
+                network: "home".into(),
+                submitter_device: "laptop".into(),
+                submitter_user: "ann".into(),
+                workload: Workload::Embeddings,
+                model: "all-minilm-l6-v2".into(),
+                route: Route::Auto,
+                sensitivity: Sensitivity::Private,
+                max_cost: 1_000_000,
+                timeout_ms: 30_000,
+                issued_at: now,
+                expires_at: now + 120,
+                worker: "gpu".into(),
+                worker_key: self.worker.public(),
+                attempt: 1,
+            };
+            let signed = platform::signed::Signed::sign(&self.submitter, DOMAIN_TICKET, &t);
+            let value = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .encode(serde_json::to_vec(&signed).unwrap());
+            let mut h = HeaderMap::new();
+            h.insert(platform::jobs::TICKET_HEADER, value.parse().unwrap());
+            (signed, h)
+        }
+
+        fn admit(&self, from: u8, headers: &HeaderMap) -> Result<AdmittedJob, Refusal> {
+            let caller = SocketAddr::new(IpAddr::from([100, 64, 0, from]), 50_000);
+            self.admission.admit(
+                caller,
+                headers,
+                admission::Workload::Embeddings,
+                "all-minilm-l6-v2",
+            )
+        }
+
+        /// The receipts on disk, opened with the worker's signature.
+        fn receipts(&self) -> Vec<platform::jobs::Receipt> {
+            let mut files: Vec<_> = std::fs::read_dir(self.dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .filter(|p| p.extension().is_some_and(|x| x == "json"))
+                .collect();
+            files.sort();
+            files
+                .iter()
+                .map(|p| {
+                    let s: platform::signed::Signed =
+                        serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap();
+                    assert_eq!(s.device_key, self.worker.public());
+                    s.open(platform::jobs::DOMAIN_RECEIPT).unwrap()
+                })
+                .collect()
+        }
+    }
+
+    fn outcome(status: admission::JobStatus) -> JobOutcome {
+        JobOutcome {
+            started_at_ms: 1_000,
+            ended_at_ms: 1_400,
+            runtime_ms: 400,
+            units: 2,
+            output_sha256: admission::sha256_hex(b"out"),
+            status,
+        }
+    }
+
+    #[test]
+    fn a_ticketed_job_runs_once_and_leaves_a_signed_receipt() {
+        let w = worker(10);
+        let (signed, headers) = w.ticket("00aa");
+        let job = w.admit(2, &headers).unwrap();
+        assert_eq!(job.id(), "00aa");
+        assert_eq!(
+            w.admit(2, &headers).unwrap_err().code(),
+            "ticket_replayed",
+            "one run per ticket"
+        );
+        w.admission
+            .finish(job, outcome(admission::JobStatus::Cancelled));
+        let receipts = w.receipts();
+        assert_eq!(receipts.len(), 1);
+        let r = &receipts[0];
+        assert_eq!(r.ticket, signed);
+        assert_eq!(r.ticket_hash, platform::jobs::ticket_hash(&signed));
+        assert_eq!((r.job_id.as_str(), r.chunk_id), ("00aa", 0));
+        assert_eq!(r.worker, "gpu");
+        assert_eq!(
+            (r.started_at_ms, r.ended_at_ms, r.runtime_ms, r.units),
+            (1_000, 1_400, 400, 2)
+        );
+        assert_eq!(r.output_sha256, admission::sha256_hex(b"out"));
+        assert_eq!(r.status, platform::jobs::JobStatus::Cancelled);
+        let mut m = String::new();
+        w.admission.metrics(&mut m);
+        assert!(m.contains("compute_receipts_queued 1\n"), "{m}");
+    }
+
+    #[test]
+    fn jobs_without_a_fitting_ticket_are_refused() {
+        let w = worker(10);
+        assert_eq!(
+            w.admit(2, &HeaderMap::new()).unwrap_err().code(),
+            "ticket_required"
+        );
+        let (_, headers) = w.ticket("00bb");
+        assert_eq!(
+            w.admit(1, &headers).unwrap_err().code(),
+            "ticket_mismatch",
+            "sent through another device's tunnel"
+        );
+        assert!(w.admit(2, &headers).is_ok());
+        assert!(w.receipts().is_empty());
+    }
+
+    #[test]
+    fn a_full_receipt_queue_refuses_new_jobs() {
+        let w = worker(1);
+        let job = w.admit(2, &w.ticket("00cc").1).unwrap();
+        w.admission.finish(job, outcome(admission::JobStatus::Ok));
+        let refused = w.admit(2, &w.ticket("00dd").1).unwrap_err();
+        assert_eq!(refused.code(), "receipt_queue_full");
+        assert_eq!(refused.status().as_u16(), 503);
+        assert_eq!(w.receipts().len(), 1);
     }
 
     #[test]

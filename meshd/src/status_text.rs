@@ -6,6 +6,7 @@ use std::net::IpAddr;
 use crate::engine::PingPath;
 use platform::capability::Capabilities;
 
+use crate::gateway::joblog::JobRecord;
 use crate::localapi::{
     BackendState, ComputeStatus, NetcheckReport, PairingInfo, PingReport, Status,
 };
@@ -317,6 +318,142 @@ pub fn render_netcheck(r: &NetcheckReport) -> String {
             .latency_ms
             .map_or("unreachable".to_owned(), |ms| format!("{ms:.2} ms"));
         let _ = writeln!(out, "  relay {} ({}): {lat}", l.code, l.region);
+    }
+    out
+}
+
+fn credits(micro: u64) -> String {
+    format!("{:.2}", micro as f64 / platform::jobs::MICRO as f64)
+}
+
+/// `meshd jobs`: one line per job, newest first.
+pub fn render_jobs(jobs: &[JobRecord]) -> String {
+    let mut out = String::new();
+    if jobs.is_empty() {
+        out.push_str("no jobs yet\n");
+        return out;
+    }
+    let _ = writeln!(
+        out,
+        "{:<10} {:<11} {:<10} {:>8} {:<14} {:>3}  model",
+        "job", "workload", "state", "ms", "served by", "try"
+    );
+    for j in jobs {
+        let _ = writeln!(
+            out,
+            "{:<10} {:<11} {:<10} {:>8} {:<14} {:>3}  {}",
+            &j.id[..j.id.len().min(10)],
+            j.workload.as_str(),
+            format!("{:?}", j.state).to_lowercase(),
+            j.latency_ms
+                .map(|m| m.to_string())
+                .unwrap_or_else(|| "-".into()),
+            j.served_by.as_deref().unwrap_or("-"),
+            j.attempts.len(),
+            j.model
+        );
+    }
+    out
+}
+
+/// `meshd jobs show`: why the job went where it went.
+pub fn render_job(j: &JobRecord) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "job {}", j.id);
+    let _ = writeln!(
+        out,
+        "  {} with {} · route {} · {}{}",
+        j.workload,
+        if j.model.is_empty() {
+            "any model"
+        } else {
+            &j.model
+        },
+        j.route,
+        format!("{:?}", j.state).to_lowercase(),
+        j.latency_ms
+            .map(|m| format!(" in {m} ms"))
+            .unwrap_or_default()
+    );
+    let _ = writeln!(
+        out,
+        "  estimated cost at most {} credits",
+        credits(j.estimated_cost)
+    );
+    if let Some(e) = &j.error {
+        let _ = writeln!(out, "  error: {e}");
+    }
+    let p = &j.placement;
+    let ranked = p["ranked"].as_array().cloned().unwrap_or_default();
+    let _ = writeln!(out, "eligible devices, best first:");
+    if ranked.is_empty() {
+        let _ = writeln!(out, "  none");
+    }
+    for r in ranked.iter().take(5) {
+        let chosen = j.served_by.as_deref() == r["name"].as_str();
+        let _ = writeln!(
+            out,
+            "  {} {:<14} score {:>7.3}  {} {}",
+            if chosen { "→" } else { " " },
+            r["name"].as_str().unwrap_or("?"),
+            r["score"].as_f64().unwrap_or(0.0),
+            r["tier"].as_str().unwrap_or(""),
+            if r["direct"].as_bool() == Some(true) {
+                "direct"
+            } else {
+                "relayed"
+            }
+        );
+        let terms: Vec<String> = r["terms"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|t| {
+                format!(
+                    "{} {:+.3}",
+                    t["feature"].as_str().unwrap_or("?"),
+                    t["contribution"].as_f64().unwrap_or(0.0)
+                )
+            })
+            .collect();
+        if !terms.is_empty() {
+            let _ = writeln!(out, "      {}", terms.join(", "));
+        }
+    }
+    let rejected = p["rejected"].as_array().cloned().unwrap_or_default();
+    if !rejected.is_empty() {
+        let _ = writeln!(out, "not eligible:");
+        for r in rejected.iter().take(10) {
+            let _ = writeln!(
+                out,
+                "    {:<14} {}: {}",
+                r["name"].as_str().unwrap_or("?"),
+                r["failed_filter"].as_str().unwrap_or("?"),
+                r["detail"].as_str().unwrap_or("")
+            );
+        }
+        if rejected.len() > 10 {
+            let _ = writeln!(out, "    … and {} more", rejected.len() - 10);
+        }
+    }
+    let _ = writeln!(out, "attempts:");
+    if j.attempts.is_empty() {
+        let _ = writeln!(out, "  none");
+    }
+    for (i, a) in j.attempts.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "  {}. {:<14} {:<11} {:>6} ms  {}{}",
+            i + 1,
+            a.device,
+            a.outcome,
+            a.elapsed_ms,
+            a.path,
+            a.cause
+                .as_deref()
+                .map(|c| format!("  {c}"))
+                .unwrap_or_default()
+        );
     }
     out
 }

@@ -9,6 +9,7 @@ pub mod capability;
 pub mod disco;
 pub mod jobs;
 pub mod keys;
+pub mod ledger;
 pub mod netmap;
 pub mod people;
 pub mod signed;

@@ -270,6 +270,16 @@ impl Lab {
         Ok(pid)
     }
 
+    /// Kills a process started with [`Lab::spawn`] at once (SIGKILL): a
+    /// crash, with no chance to clean up.
+    pub fn kill(&mut self, pid: u32) {
+        if let Some(pos) = self.children.iter().position(|c| c.id() == pid) {
+            let mut child = self.children.remove(pos);
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// Stops a process started with [`Lab::spawn`] (SIGTERM, then SIGKILL).
     pub fn stop(&mut self, pid: u32) {
         if let Some(pos) = self.children.iter().position(|c| c.id() == pid) {
@@ -387,6 +397,29 @@ impl Host {
         ))
     }
 
+    /// An HTTP request with curl from this host: the status, the response
+    /// headers (lower-case names) and the body (JSON when it is JSON).
+    pub fn http(
+        &self,
+        method: &str,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: Option<&Value>,
+    ) -> anyhow::Result<HttpAnswer> {
+        let body_text = body.map(Value::to_string);
+        let mut args = vec!["-sS", "-i", "--max-time", "120", "-X", method];
+        let header_lines: Vec<String> = headers.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+        for h in &header_lines {
+            args.extend(["-H", h]);
+        }
+        if let Some(b) = &body_text {
+            args.extend(["-H", "content-type: application/json", "--data-binary", b]);
+        }
+        args.push(url);
+        let out = self.run("curl", &args)?;
+        HttpAnswer::parse(&out)
+    }
+
     /// Like [`Host::run`], but only says whether it succeeded.
     pub fn succeeds(&self, program: &str, args: &[&str]) -> bool {
         Command::new("ip")
@@ -430,6 +463,75 @@ impl Host {
     }
 }
 
+/// An HTTP answer as [`Host::http`] returns it.
+#[derive(Debug, Clone)]
+pub struct HttpAnswer {
+    pub status: u16,
+    pub headers: std::collections::BTreeMap<String, String>,
+    pub body: Value,
+}
+
+impl HttpAnswer {
+    /// Parses curl's `-i` output (the last header block wins: a `100
+    /// Continue` comes first).
+    pub fn parse(out: &str) -> anyhow::Result<HttpAnswer> {
+        let mut rest = out;
+        loop {
+            let (head, body) = rest
+                .split_once("\r\n\r\n")
+                .with_context(|| format!("no HTTP header block in {out:?}"))?;
+            let mut lines = head.lines();
+            let status_line = lines.next().unwrap_or_default();
+            let status: u16 = status_line
+                .split_whitespace()
+                .nth(1)
+                .and_then(|c| c.parse().ok())
+                .with_context(|| format!("status line {status_line:?}"))?;
+            if status == 100 {
+                rest = body;
+                continue;
+            }
+            let headers = lines
+                .filter_map(|l| l.split_once(':'))
+                .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+                .collect();
+            return Ok(HttpAnswer {
+                status,
+                headers,
+                body: serde_json::from_str(body).unwrap_or_else(|_| Value::String(body.to_owned())),
+            });
+        }
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(String::as_str)
+    }
+}
+
+/// Lays out a laptop's power supplies under `root` as `/sys/class/power_supply`
+/// shows them (for `meshd daemon --sys-root`): on external power or on
+/// battery at 80 %.
+pub fn fake_power_supply(root: &Path, on_ac: bool) -> anyhow::Result<()> {
+    let ps = root.join("sys/class/power_supply");
+    for (dir, file, value) in [
+        ("AC", "type", "Mains"),
+        ("AC", "online", if on_ac { "1" } else { "0" }),
+        ("BAT0", "type", "Battery"),
+        ("BAT0", "capacity", "80"),
+        (
+            "BAT0",
+            "status",
+            if on_ac { "Charging" } else { "Discharging" },
+        ),
+    ] {
+        std::fs::create_dir_all(ps.join(dir))?;
+        std::fs::write(ps.join(dir).join(file), format!("{value}\n"))?;
+    }
+    std::fs::create_dir_all(root.join("proc"))?;
+    std::fs::copy("/proc/meminfo", root.join("proc/meminfo"))?;
+    Ok(())
+}
+
 /// Polls `cond` every 50 ms until it holds or `timeout` passes.
 pub fn wait_until(
     timeout: Duration,
@@ -460,6 +562,8 @@ pub struct Coordinator {
     pub network: String,
     pub pid: u32,
     state: String,
+    /// `coordinator serve` arguments, for [`Coordinator::restart`].
+    serve_args: Vec<String>,
 }
 
 impl Coordinator {
@@ -541,13 +645,7 @@ impl Coordinator {
                 path.to_str().context("utf-8")?.to_owned(),
             ]);
         }
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let pid = lab.spawn(&host, &coord, &args, "coordinator.log")?;
-        host.wait_tcp(
-            &host.addr.to_string(),
-            COORDINATOR_PORT,
-            Duration::from_secs(10),
-        )?;
+        let pid = Self::serve(lab, &host, &args)?;
         Ok(Coordinator {
             url: format!("{}://{listen}", if tls { "https" } else { "http" }),
             ca_file,
@@ -557,7 +655,31 @@ impl Coordinator {
             network: network.to_owned(),
             pid,
             state,
+            serve_args: args,
         })
+    }
+
+    fn serve(lab: &mut Lab, host: &Host, args: &[String]) -> anyhow::Result<u32> {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let pid = lab.spawn(host, &bin("coordinator"), &args, "coordinator.log")?;
+        host.wait_tcp(
+            &host.addr.to_string(),
+            COORDINATOR_PORT,
+            Duration::from_secs(10),
+        )?;
+        Ok(pid)
+    }
+
+    /// Stops the coordinator (devices keep their netmaps and tunnels).
+    pub fn stop(&mut self, lab: &mut Lab) {
+        lab.stop(self.pid);
+    }
+
+    /// Serves again on the same state directory and address.
+    pub fn restart(&mut self, lab: &mut Lab) -> anyhow::Result<()> {
+        lab.stop(self.pid);
+        self.pid = Self::serve(lab, &self.host, &self.serve_args)?;
+        Ok(())
     }
 
     /// A relay token, written to a file in the lab.

@@ -140,7 +140,7 @@ async fn full_netmap(s: &SharedState, me: &DeviceRow) -> Result<NetMap, AppError
         relay_map: s.relay_map.clone(),
         dns: DnsConfig::default(),
         awaiting_approval,
-        compute: Default::default(),
+        compute: s.store.compute_rules(me.network_id).await?,
     })
 }
 

@@ -463,6 +463,42 @@ fn cases() -> Vec<Case> {
             ADMINS,
         ),
         c(
+            "GET",
+            |_| "/api/v1/networks/home/compute".into(),
+            None,
+            ALL_IN,
+        ),
+        c(
+            "PUT",
+            |_| "/api/v1/networks/home/compute".into(),
+            Some(|| json!({"rates": {"initial_grant": 5}})),
+            ADMINS,
+        ),
+        c(
+            "GET",
+            |_| "/api/v1/networks/home/ledger/balances".into(),
+            None,
+            ALL_IN,
+        ),
+        c(
+            "GET",
+            |_| "/api/v1/networks/home/ledger/entries".into(),
+            None,
+            ALL_IN,
+        ),
+        c(
+            "GET",
+            |_| "/api/v1/networks/home/ledger/export?format=csv".into(),
+            None,
+            ADMINS,
+        ),
+        c(
+            "POST",
+            |_| "/api/v1/networks/home/ledger/grants".into(),
+            Some(|| json!({"amount": 1})),
+            ADMINS,
+        ),
+        c(
             "POST",
             |_| "/api/v1/networks/home/wireguard-peers".into(),
             Some(

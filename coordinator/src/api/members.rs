@@ -43,11 +43,13 @@ pub async fn change_role(
     Body(req): Body<ChangeRole>,
 ) -> Result<Json<Member>, AppError> {
     let ctx = s.store.network_for(&network, &user).await?;
-    Ok(Json(
-        s.store
-            .set_role(&ctx, &username, req.role, unix_now())
-            .await?,
-    ))
+    let member = s
+        .store
+        .set_role(&ctx, &username, req.role, unix_now())
+        .await?;
+    let devices = s.store.devices_of_member(ctx.id, member.user_id).await?;
+    fanout::owner_role_changed(&s, &devices)?;
+    Ok(Json(member))
 }
 
 pub async fn approve_member(

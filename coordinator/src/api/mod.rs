@@ -1,6 +1,7 @@
 //! The HTTP API under `/api/v1`.
 
 mod devices;
+mod ledger;
 mod map;
 mod members;
 mod networks;
@@ -140,6 +141,22 @@ pub fn router(state: SharedState) -> Router {
         .route("/api/v1/relay/admit/{node_key}", get(relay::admit))
         .route("/api/v1/relay/revocations", get(relay::revocations))
         .route("/api/v1/map", get(map::map_stream))
+        .route(
+            &format!("{NET}/compute"),
+            get(ledger::get_compute).put(ledger::put_compute),
+        )
+        .route(&format!("{NET}/ledger/balances"), get(ledger::balances))
+        .route(&format!("{NET}/ledger/entries"), get(ledger::entries))
+        .route(&format!("{NET}/ledger/export"), get(ledger::export))
+        .route(&format!("{NET}/ledger/grants"), post(ledger::grant))
+        .route(
+            "/api/v1/receipts",
+            post(ledger::receipts).layer(axum::extract::DefaultBodyLimit::max(
+                ledger::MAX_BATCH_BYTES,
+            )),
+        )
+        .route("/api/v1/balance", post(ledger::device_balance))
+        .route("/metrics", get(ledger::metrics))
         .fallback(|| async { AppError::NotFound("no such endpoint".into()) })
         .method_not_allowed_fallback(|| async { AppError::MethodNotAllowed })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -301,6 +318,8 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
     }
 }
 
+#[cfg(test)]
+mod ledger_tests;
 #[cfg(test)]
 mod matrix_tests;
 #[cfg(test)]

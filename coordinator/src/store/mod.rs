@@ -3,8 +3,10 @@
 
 mod access;
 pub mod audit;
+pub mod compute_rules;
 mod devices;
 mod invites;
+pub mod ledger;
 mod networks;
 mod pairing;
 pub mod people;

@@ -298,7 +298,7 @@ impl Store {
     }
 
     /// Adds a membership inside a transaction (invite redemption, network
-    /// creation).
+    /// creation); an active member gets the network's initial grant.
     pub(crate) async fn insert_member(
         conn: &mut SqliteConnection,
         network_id: i64,
@@ -318,15 +318,21 @@ impl Store {
             MemberStatus::Pending => "pending",
         })
         .bind(now as i64)
-        .execute(conn)
+        .execute(&mut *conn)
         .await;
         match res {
-            Ok(_) => Ok(()),
-            Err(e) if is_unique_violation(&e) => Err(AppError::Conflict(
-                "already a member of this network".into(),
-            )),
-            Err(e) => Err(e.into()),
+            Ok(_) => {}
+            Err(e) if is_unique_violation(&e) => {
+                return Err(AppError::Conflict(
+                    "already a member of this network".into(),
+                ))
+            }
+            Err(e) => return Err(e.into()),
         }
+        if status == MemberStatus::Active {
+            Self::grant_initial(conn, network_id, user_id, now).await?;
+        }
+        Ok(())
     }
 
     /// An admin changes someone else's role. The owner keeps theirs, and the
@@ -375,6 +381,16 @@ impl Store {
         Ok(Member { role, ..m })
     }
 
+    /// A member's devices, as their peers see them now (after a role
+    /// change, each is published again so peers learn the owner's role).
+    pub async fn devices_of_member(
+        &self,
+        network_id: i64,
+        user_id: i64,
+    ) -> Result<Vec<super::DeviceRow>, AppError> {
+        Self::devices_of_user(&mut *self.pool().acquire().await?, network_id, user_id).await
+    }
+
     async fn admin_count(conn: &mut SqliteConnection, network_id: i64) -> Result<i64, AppError> {
         let (n,): (i64,) = sqlx::query_as(
             "SELECT COUNT(*) FROM members WHERE network_id = ? AND role = 'admin' AND status = 'active'",
@@ -405,6 +421,7 @@ impl Store {
             .bind(m.user_id)
             .execute(&mut *tx)
             .await?;
+        Self::grant_initial(&mut tx, ctx.id, m.user_id, now).await?;
         audit::record(
             &mut tx,
             &ctx.who(),

@@ -109,6 +109,9 @@ pub struct PeerStats {
     pub last_handshake_secs_ago: Option<u64>,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
+    /// Round-trip time of the direct path, from disco pings.
+    #[serde(default)]
+    pub rtt_us: Option<u64>,
 }
 
 /// This device's node key in the forms the packet path needs; replaced
@@ -388,7 +391,12 @@ impl Engine {
         let peer = table.by_key.get(key)?;
         let st = peer.lock();
         let (since, tx, rx, _, _) = st.tunn.stats();
-        let (endpoint, direct, relay) = match st.path(Instant::now()) {
+        let now = Instant::now();
+        let rtt_us = st
+            .paths
+            .rtt(now)
+            .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+        let (endpoint, direct, relay) = match st.path(now) {
             Path::Direct(ep) => (Some(ep), true, None),
             Path::Trying(ep) => (Some(ep), false, None),
             Path::Relay(region) => (None, false, Some(region)),
@@ -401,6 +409,7 @@ impl Engine {
             last_handshake_secs_ago: since.map(|d| d.as_secs()),
             rx_bytes: rx as u64,
             tx_bytes: tx as u64,
+            rtt_us,
         })
     }
 }

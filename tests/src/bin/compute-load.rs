@@ -3,16 +3,85 @@
 //! overlay address) or in-process on the same models (`--in-process DIR`).
 //! Prints one JSON object.
 //!
-//! compute-load --url http://100.64.0.2:8421 [--embeddings 200] [--chats 5] [--concurrency 1]
+//! compute-load --url http://127.0.0.1:8420 [--embeddings 200] [--chats 5] [--concurrency 1]
+//! compute-load --url http://100.64.0.2:8421 --tickets ALPHA_STATE,BETA_STATE,NETWORK,beta
 //! compute-load --in-process ~/.cache/crank-mesh/models [--threads N]
+//!
+//! A worker takes jobs only with a ticket: `--tickets` signs a fresh one per
+//! request with the submitting device's key (from its state directory),
+//! addressed to the worker (whose state directory gives its key), the way a
+//! gateway would, for measuring calls that bypass the gateway.
 //!
 //! With `--concurrency N` the embeddings come from N clients at once (the
 //! server batches them); the chats stay one at a time.
 
 use std::time::{Duration, Instant};
 
+use base64::Engine as _;
 use compute::manifest::{spec, verified_path};
+use platform::jobs::{Route, Sensitivity, Ticket, Workload, DOMAIN_TICKET, TICKET_HEADER};
+use platform::keys::DevicePrivate;
+use platform::signed::Signed;
 use serde_json::json;
+
+/// Signs a ticket per request, as a gateway does.
+#[derive(Clone)]
+struct Tickets {
+    submitter: DevicePrivate,
+    worker_key: platform::keys::DevicePublic,
+    network: String,
+    worker: String,
+}
+
+fn device_key(state_dir: &str) -> anyhow::Result<DevicePrivate> {
+    let keys: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(format!("{state_dir}/keys.json"))?)?;
+    keys["device"]
+        .as_str()
+        .and_then(|k| k.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no device key in {state_dir}/keys.json"))
+}
+
+impl Tickets {
+    fn parse(spec: &str) -> anyhow::Result<Tickets> {
+        let parts: Vec<&str> = spec.split(',').collect();
+        let [submitter, worker_dir, network, worker] = parts[..] else {
+            anyhow::bail!("--tickets SUBMITTER_STATE,WORKER_STATE,NETWORK,WORKER_NAME");
+        };
+        Ok(Tickets {
+            submitter: device_key(submitter)?,
+            worker_key: device_key(worker_dir)?.public(),
+            network: network.into(),
+            worker: worker.into(),
+        })
+    }
+
+    fn header(&self, workload: Workload, model: &str) -> String {
+        let now = platform::unix_now();
+        let mut id = [0u8; 16];
+        rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut id);
+        let t = Ticket {
+            job_id: hex::encode(id),
+            network: self.network.clone(),
+            submitter_device: "compute-load".into(),
+            submitter_user: "compute-load".into(),
+            workload,
+            model: model.into(),
+            route: Route::Auto,
+            sensitivity: Sensitivity::Public,
+            max_cost: u64::MAX / 2,
+            timeout_ms: 120_000,
+            issued_at: now,
+            expires_at: now + 180,
+            worker: self.worker.clone(),
+            worker_key: self.worker_key,
+            attempt: 1,
+        };
+        let signed = Signed::sign(&self.submitter, DOMAIN_TICKET, &t);
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(serde_json::to_vec(&signed).unwrap_or_default())
+    }
+}
 
 const SENTENCE: &str =
     "Crank Mesh pools the devices people already own into one private compute network.";
@@ -45,7 +114,7 @@ fn in_process(dir: &str, n_emb: usize, n_chat: usize) -> anyhow::Result<serde_js
         spec("all-minilm-l6-v2").expect("manifest"),
     )?)?;
     let generator = compute::Generator::load(
-        &verified_path(dir, spec("gemma-3-270m").expect("manifest"))?,
+        &verified_path(dir, spec("smollm2-135m-instruct").expect("manifest"))?,
         2048,
     )?;
     // One kept context, as the server keeps one.
@@ -82,35 +151,56 @@ async fn over_http(
     n_emb: usize,
     n_chat: usize,
     concurrency: usize,
+    tickets: Option<Tickets>,
 ) -> anyhow::Result<serde_json::Value> {
-    let client = reqwest::Client::new();
+    let client = reqwest::Client::builder().no_proxy().build()?;
     let emb_body = json!({"model": "all-minilm-l6-v2", "input": SENTENCE});
+    let with_ticket =
+        |req: reqwest::RequestBuilder, t: &Option<Tickets>, w: Workload, model: &str| match t {
+            Some(t) => req.header(TICKET_HEADER, t.header(w, model)),
+            None => req,
+        };
     let post = |path: &str, body: &serde_json::Value| {
-        client.post(format!("{url}{path}")).json(body).send()
+        let (w, model) = if path.contains("embeddings") {
+            (Workload::Embeddings, "all-minilm-l6-v2")
+        } else {
+            (Workload::SmallChat, "smollm2-135m-instruct")
+        };
+        with_ticket(
+            client.post(format!("{url}{path}")).json(body),
+            &tickets,
+            w,
+            model,
+        )
+        .send()
     };
     post("/v1/embeddings", &emb_body)
         .await?
         .error_for_status()?; // warm-up
     let start = Instant::now();
     let clients = (0..concurrency.max(1)).map(|c| {
-        let (client, body, url) = (
+        let (client, body, url, tickets) = (
             client.clone(),
             emb_body.clone(),
             format!("{url}/v1/embeddings"),
+            tickets.clone(),
         );
         let share = n_emb / concurrency.max(1) + usize::from(c < n_emb % concurrency.max(1));
         async move {
             let mut lat = Vec::with_capacity(share);
             for _ in 0..share {
                 let t = Instant::now();
-                client
-                    .post(&url)
-                    .json(&body)
-                    .send()
-                    .await?
-                    .error_for_status()?
-                    .bytes()
-                    .await?;
+                with_ticket(
+                    client.post(&url).json(&body),
+                    &tickets,
+                    Workload::Embeddings,
+                    "all-minilm-l6-v2",
+                )
+                .send()
+                .await?
+                .error_for_status()?
+                .bytes()
+                .await?;
                 lat.push(t.elapsed());
             }
             anyhow::Ok(lat)
@@ -121,7 +211,7 @@ async fn over_http(
         lat.extend(l?);
     }
     let emb = summary("embeddings", lat, n_emb as f64, start.elapsed());
-    let chat_body = json!({"model": "gemma-3-270m", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": CHAT_TOKENS});
+    let chat_body = json!({"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": CHAT_TOKENS});
     let (mut lat, mut tokens, start) = (Vec::new(), 0u64, Instant::now());
     for _ in 0..n_chat {
         let t = Instant::now();
@@ -153,7 +243,10 @@ async fn main() -> anyhow::Result<()> {
         compute::llama::set_threads(t.parse()?);
     }
     let report = match (flag("--url"), flag("--in-process")) {
-        (Some(url), None) => over_http(&url, n_emb, n_chat, concurrency).await?,
+        (Some(url), None) => {
+            let tickets = flag("--tickets").map(|t| Tickets::parse(&t)).transpose()?;
+            over_http(&url, n_emb, n_chat, concurrency, tickets).await?
+        }
         (None, Some(dir)) => in_process(&dir, n_emb, n_chat)?,
         _ => anyhow::bail!("usage: compute-load (--url URL | --in-process MODELS_DIR) [--embeddings N] [--chats N] [--concurrency N] [--threads N]"),
     };

@@ -1,6 +1,9 @@
 //! Compute through the overlay against in-process, in one run: beta serves
-//! the models over the mesh and alpha loads it with `compute-load`; then the
-//! same load runs in-process on the same models. Also beta's peak memory.
+//! the models over the mesh and alpha loads it with `compute-load`, once
+//! through alpha's gateway (placement, a signed ticket per job, forwarding)
+//! and once calling beta directly (with a ticket per request, signed the
+//! same way); then the same load runs in-process on the same models. Also
+//! beta's peak memory.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -27,7 +30,49 @@ fn bench(lab: &mut Lab) -> anyhow::Result<()> {
     })?;
     let load = bin("compute-load");
     let load = load.to_str().unwrap_or_default();
-    let overlay: Value = serde_json::from_str(&alpha.host.run(load, &["--url", &url])?)?;
+    let tickets = format!("{},{},bench,beta", alpha.state_dir, beta.state_dir);
+    let gateway_url = "http://127.0.0.1:8420";
+    wait_until(
+        Duration::from_secs(30),
+        "beta through alpha's gateway",
+        || {
+            alpha.host.succeeds(
+                "curl",
+                &[
+                    "-sf",
+                    "-H",
+                    "content-type: application/json",
+                    "-d",
+                    r#"{"input":"warm"}"#,
+                    &format!("{gateway_url}/v1/embeddings"),
+                ],
+            )
+        },
+    )?;
+    // Alternating, so that neither gets the quieter moments of the run.
+    let mut direct_runs = Vec::new();
+    let mut gateway_runs = Vec::new();
+    for _ in 0..2 {
+        direct_runs.push(serde_json::from_str::<Value>(
+            &alpha
+                .host
+                .run(load, &["--url", &url, "--tickets", &tickets])?,
+        )?);
+        gateway_runs.push(serde_json::from_str::<Value>(
+            &alpha.host.run(load, &["--url", gateway_url])?,
+        )?);
+    }
+    let best = |runs: &[Value], k: &str| {
+        runs.iter()
+            .max_by(|a, b| {
+                let f = |v: &Value| v[k]["per_second"].as_f64().unwrap_or(0.0);
+                f(a).total_cmp(&f(b))
+            })
+            .map(|r| r[k].clone())
+            .unwrap_or(Value::Null)
+    };
+    let overlay = serde_json::json!({"embeddings": best(&direct_runs, "embeddings"), "chat": best(&direct_runs, "chat")});
+    let through = serde_json::json!({"embeddings": best(&gateway_runs, "embeddings"), "chat": best(&gateway_runs, "chat")});
     let batched: Value = serde_json::from_str(&alpha.host.run(
         load,
         &[
@@ -39,6 +84,8 @@ fn bench(lab: &mut Lab) -> anyhow::Result<()> {
             "400",
             "--chats",
             "0",
+            "--tickets",
+            &tickets,
         ],
     )?)?;
     let metrics = alpha
@@ -66,7 +113,11 @@ fn bench(lab: &mut Lab) -> anyhow::Result<()> {
     )?)?;
     println!("| path | embeddings/s | p50 ms | p99 ms | chat tokens/s | p50 ms | p99 ms |");
     println!("|---|---:|---:|---:|---:|---:|---:|");
-    for (name, r) in [("overlay (alpha → beta)", &overlay), ("in-process", &local)] {
+    for (name, r) in [
+        ("gateway (alpha's 127.0.0.1:8420 → beta)", &through),
+        ("direct (alpha → beta:8421, with tickets)", &overlay),
+        ("in-process", &local),
+    ] {
         let (e, c) = (&r["embeddings"], &r["chat"]);
         let f = |v: &Value| v.as_f64().unwrap_or(0.0);
         println!(
@@ -87,6 +138,17 @@ fn bench(lab: &mut Lab) -> anyhow::Result<()> {
         "overlay / in-process: embeddings {:.2}, chat tokens {:.2}",
         ratio("embeddings"),
         ratio("chat")
+    );
+    let vs_direct = |k: &str| {
+        through[k]["per_second"].as_f64().unwrap_or(0.0)
+            / overlay[k]["per_second"].as_f64().unwrap_or(1.0)
+    };
+    println!(
+        "gateway / direct: embeddings/s {:.3}, chat tokens/s {:.3}; added p50: embeddings {:+.2} ms, chat {:+.0} ms",
+        vs_direct("embeddings"),
+        vs_direct("chat"),
+        through["embeddings"]["p50_ms"].as_f64().unwrap_or(0.0) - overlay["embeddings"]["p50_ms"].as_f64().unwrap_or(0.0),
+        through["chat"]["p50_ms"].as_f64().unwrap_or(0.0) - overlay["chat"]["p50_ms"].as_f64().unwrap_or(0.0),
     );
     let e = &batched["embeddings"];
     println!(

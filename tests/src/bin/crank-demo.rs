@@ -1,9 +1,10 @@
 //! The main job on one machine: a coordinator and three devices, each in its
 //! own network namespace, joined into one mesh. They ping each other over
 //! IPv4 and IPv6 overlay addresses, one fetches a page from another over the
-//! overlay, alpha asks beta (which serves compute) for an embedding and a
-//! streamed chat completion over the overlay, and each device prints its
-//! `meshd status`. Everything is removed at exit.
+//! overlay, an app on alpha asks the network (through alpha's gateway) for
+//! an embedding and a chat answer, which beta computes, the ledger settles
+//! the jobs, and each device prints its `meshd status`. Everything is
+//! removed at exit.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -88,18 +89,24 @@ fn demo(lab: &mut Lab) -> anyhow::Result<()> {
         page.trim()
     );
 
-    let (b4, _) = &overlay[1];
-    let base = format!("http://{b4}:8421");
-    wait_until(Duration::from_secs(20), "beta's compute API", || {
-        devices[0].host.succeeds(
-            "curl",
-            &["-sf", "--max-time", "2", &format!("{base}/healthz")],
-        )
-    })?;
-    let body = serde_json::json!({"model": "all-minilm-l6-v2", "input": "a private mesh of my own devices"});
+    // Apps on alpha use the network's one OpenAI endpoint, alpha's gateway:
+    // it places each job (beta is the one device serving), signs a ticket
+    // for it and forwards it over the overlay.
+    let gateway = "http://127.0.0.1:8420";
+    let body = serde_json::json!({"input": "a private mesh of my own devices"});
+    wait_until(
+        Duration::from_secs(60),
+        "beta serving through alpha's gateway",
+        || {
+            devices[0]
+                .host
+                .post_json(&format!("{gateway}/v1/embeddings"), &body)
+                .is_ok_and(|(s, _)| s == 200)
+        },
+    )?;
     let (status, v) = devices[0]
         .host
-        .post_json(&format!("{base}/v1/embeddings"), &body)?;
+        .post_json(&format!("{gateway}/v1/embeddings"), &body)?;
     anyhow::ensure!(status == 200, "embeddings: {status} {v}");
     let dims = v["data"][0]["embedding"].as_array().map_or(0, Vec::len);
     let head: Vec<String> = v["data"][0]["embedding"]
@@ -110,46 +117,39 @@ fn demo(lab: &mut Lab) -> anyhow::Result<()> {
         .map(|x| format!("{:.4}", x.as_f64().unwrap_or(0.0)))
         .collect();
     println!(
-        "\nalpha → {base}/v1/embeddings: {dims} dimensions [{} …], served by {}, caller {}",
+        "\nalpha → {gateway}/v1/embeddings: {dims} dimensions [{} …], served by {}, caller {}",
         head.join(", "),
         v["served_by"],
         v["caller"]
     );
-    let body = serde_json::json!({"model": "gemma-3-270m", "messages": [{"role": "user", "content": "Write one sentence about sharing computers."}], "max_tokens": 40, "stream": true}).to_string();
-    let out = devices[0].host.run(
-        "curl",
-        &[
-            "-sSN",
-            "--max-time",
-            "60",
-            "-H",
-            "content-type: application/json",
-            "-d",
-            &body,
-            &format!("{base}/v1/chat/completions"),
-        ],
-    )?;
-    let mut text = String::new();
-    let mut chunks = 0;
-    for data in out
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .filter(|d| *d != "[DONE]")
-    {
-        let c: serde_json::Value = serde_json::from_str(data)?;
-        if let Some(piece) = c["choices"][0]["delta"]["content"].as_str() {
-            text.push_str(piece);
-            chunks += 1;
-        }
+    let question = "What is the capital of France?";
+    println!("\n$ meshd run chat --prompt {question:?}   # on alpha");
+    let answer = devices[0].meshd(&["run", "chat", "--prompt", question, "--max-tokens", "48"])?;
+    anyhow::ensure!(!answer.trim().is_empty(), "no answer to {question:?}");
+    println!("{}", answer.trim());
+    println!("\n$ meshd jobs   # on alpha");
+    print!("{}", devices[0].meshd(&["jobs"])?);
+
+    // The workers' receipts reach the ledger: alpha's owner burned credits,
+    // beta's minted them.
+    wait_until(Duration::from_secs(30), "receipts in the ledger", || {
+        coord
+            .api(
+                "GET",
+                "/api/v1/networks/demo/ledger/entries?limit=100",
+                None,
+            )
+            .is_ok_and(|v| v.to_string().contains("\"burn\""))
+    })?;
+    let balances = coord.api("GET", "/api/v1/networks/demo/ledger/balances", None)?;
+    println!("\nledger balances (micro-credits):");
+    for a in balances["accounts"].as_array().into_iter().flatten() {
+        println!(
+            "  {:<16} {:>14}",
+            a["user"].as_str().or(a["account"].as_str()).unwrap_or("?"),
+            a["balance"]
+        );
     }
-    anyhow::ensure!(
-        out.trim_end().ends_with("[DONE]"),
-        "the chat stream did not finish: {out}"
-    );
-    println!(
-        "alpha → {base}/v1/chat/completions (stream, {chunks} chunks): {}",
-        text.trim().replace('\n', " / ")
-    );
 
     for dev in &devices {
         println!("\n$ meshd status   # on {}", dev.host.name);
