@@ -484,6 +484,13 @@ impl Daemon {
                     )),
                 }
             }
+            Request::Ledger => {
+                return self
+                    .gateway
+                    .balance()
+                    .await
+                    .map_or_else(|e| Response::Error(format!("{e:#}")), Response::Ledger)
+            }
             Request::Jobs { id: None, limit } => {
                 return Response::Jobs(self.gateway.jobs.recent(limit.min(joblog::KEPT_JOBS)))
             }

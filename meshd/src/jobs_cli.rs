@@ -232,3 +232,33 @@ pub async fn show(socket: &Path, cmd: JobsCmd) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[derive(Subcommand)]
+pub enum LedgerCmd {
+    /// This device owner's credits: their balance, the network's shared
+    /// pool, and what they may spend.
+    Show {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub async fn ledger(socket: &Path, cmd: LedgerCmd) -> anyhow::Result<()> {
+    let LedgerCmd::Show { json } = cmd;
+    let b = match localapi::exchange(socket, &Request::Ledger).await? {
+        Response::Ledger(b) => b,
+        Response::Error(e) => anyhow::bail!("{e}"),
+        other => anyhow::bail!("unexpected reply: {other:?}"),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&b)?);
+    } else {
+        use platform::ledger::format_credits;
+        println!("network   {}", b.network);
+        println!("member    {}", b.user);
+        println!("balance   {} credits", format_credits(b.balance));
+        println!("pool      {} credits", format_credits(b.pool));
+        println!("spendable {} credits", format_credits(b.spendable));
+    }
+    Ok(())
+}

@@ -54,7 +54,8 @@ pub enum Request {
         id: Option<String>,
         #[serde(default = "default_jobs_limit")]
         limit: usize,
-    },
+    },    /// The owner's credits, as the coordinator's ledger has them.
+    Ledger,
 }
 
 fn default_jobs_limit() -> usize {
@@ -144,6 +145,7 @@ pub enum Response {
     Netcheck(NetcheckReport),
     Compute(Box<ComputeStatus>),
     Jobs(Vec<crate::gateway::joblog::JobRecord>),
+    Ledger(platform::ledger::BalanceAnswer),
     Error(String),
 }
 

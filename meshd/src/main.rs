@@ -137,6 +137,9 @@ enum Command {
     /// Run a job on the mesh through the gateway.
     #[command(subcommand)]
     Run(jobs_cli::RunCmd),
+    /// Credits in the network's ledger.
+    #[command(subcommand)]
+    Ledger(jobs_cli::LedgerCmd),
     /// Recent jobs sent through this device's gateway.
     Jobs {
         #[command(subcommand)]
@@ -225,10 +228,7 @@ async fn run_daemon(socket: PathBuf, cfg: DaemonConfig) -> anyhow::Result<()> {
         std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o660))?;
     }
     tracing::info!(socket = %socket.display(), "meshd listening");
-    let gateway = match gateway {
-        Some(listen) => Some(tokio::spawn(daemon.gateway().serve(listen))),
-        None => None,
-    };
+    let gateway = gateway.map(|listen| tokio::spawn(daemon.gateway().serve(listen)));
     daemon.start_compute().await;
     daemon.resume().await?;
     let d = daemon.clone();
@@ -431,6 +431,7 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run(cmd) => jobs_cli::run(cmd).await,
+        Command::Ledger(cmd) => jobs_cli::ledger(&cli.socket, cmd).await,
         Command::Jobs {
             show: Some(cmd), ..
         } => jobs_cli::show(&cli.socket, cmd).await,

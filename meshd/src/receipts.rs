@@ -62,7 +62,10 @@ pub fn receipt(checked: &Checked, worker: &str, outcome: &JobOutcome) -> Receipt
         ticket_hash: checked.hash.clone(),
         ticket: checked.signed.clone(),
         job_id: checked.ticket.job_id.clone(),
-        chunk_id: 0,
+        // Each attempt is its own piece of billed work: a job a gateway
+        // retried after a worker failed leaves one receipt per attempt that
+        // ran, none conflicting with another.
+        chunk_id: checked.ticket.attempt.saturating_sub(1),
         worker: worker.to_owned(),
         started_at_ms: outcome.started_at_ms,
         ended_at_ms: outcome.ended_at_ms,

@@ -570,7 +570,8 @@ pub struct Receipt {
     pub ticket_hash: String,
     pub ticket: Signed,
     pub job_id: String,
-    /// 0 for a job run whole.
+    /// The piece of the job this receipt is for: the ticket's attempt − 1
+    /// (a job run whole on its first try is chunk 0).
     pub chunk_id: u32,
     /// The worker, by name.
     pub worker: String,

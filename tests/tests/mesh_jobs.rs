@@ -464,6 +464,16 @@ fn jobs_go_to_eligible_workers_through_the_gateway_and_the_ledger_settles_them()
             total += from_entries;
         }
         anyhow::ensure!(total == 0, "balances sum to {total}");
+        // The device sees its owner's balance as the ledger has it.
+        let mine: Value = serde_json::from_str(&alpha.meshd(&["ledger", "show", "--json"])?)?;
+        let owner_balance = accounts
+            .iter()
+            .find(|a| a["user"] == mine["user"])
+            .and_then(|a| a["balance"].as_i64());
+        anyhow::ensure!(
+            mine["balance"].as_i64().is_some() && mine["balance"].as_i64() == owner_balance,
+            "{mine} vs {balances}"
+        );
         Ok(())
     });
 }

@@ -31,7 +31,8 @@ impl Credits {
             .map(|(t, _, s)| (*t, *s))
     }
 
-    async fn ask(&self, g: &Gateway, view: &SessionView) -> anyhow::Result<i64> {
+    /// The owner's credits, asked of the coordinator now.
+    pub(super) async fn ask(&self, g: &Gateway, view: &SessionView) -> anyhow::Result<BalanceAnswer> {
         let query = BalanceRequest {
             timestamp: platform::unix_now(),
         };
@@ -49,7 +50,7 @@ impl Credits {
             .error_for_status()?
             .json()
             .await?;
-        Ok(reply.spendable)
+        Ok(reply)
     }
 
     /// Refuses (402) a job that may cost more than the owner can spend.
@@ -63,7 +64,7 @@ impl Credits {
         let cached = self.cached(&netmap.network);
         let spendable = match cached {
             Some((at, s)) if at.elapsed() < FRESH => Some(s),
-            _ => match self.ask(g, view).await {
+            _ => match self.ask(g, view).await.map(|a| a.spendable) {
                 Ok(s) => {
                     *self.last.lock().unwrap_or_else(|p| p.into_inner()) =
                         Some((Instant::now(), netmap.network.clone(), s));

@@ -215,6 +215,12 @@ impl Gateway {
         Ok((view, netmap))
     }
 
+    /// The owner's credits in the network (`meshd ledger show`).
+    pub async fn balance(&self) -> anyhow::Result<platform::ledger::BalanceAnswer> {
+        let (view, _) = self.view().map_err(|e| anyhow::anyhow!("{}", e.message))?;
+        self.credits.ask(self, &view).await
+    }
+
     fn inflight_on(&self, device: &str) -> u32 {
         self.inflight
             .lock()
