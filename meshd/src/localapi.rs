@@ -54,7 +54,8 @@ pub enum Request {
         id: Option<String>,
         #[serde(default = "default_jobs_limit")]
         limit: usize,
-    },    /// The owner's credits, as the coordinator's ledger has them.
+    },
+    /// The owner's credits, as the coordinator's ledger has them.
     Ledger,
 }
 

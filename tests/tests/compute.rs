@@ -142,12 +142,12 @@ fn the_contribution_policy_and_the_owner_decide_when_a_device_serves() {
             },
         )
         .map_err(|e| anyhow::anyhow!("{e}: last answer {} {}", last.0, last.1))?;
-        // Nor does beta take a job sent to it directly, without a ticket.
+        // Called directly, it says the same.
         let (status, v) = alpha
             .host
             .post_json(&format!("http://{b4}:8421/v1/embeddings"), &body)?;
         anyhow::ensure!(
-            status == 401 && v["error"]["code"] == "ticket_required",
+            status == 503 && v["error"]["code"] == "not_contributing",
             "{status} {v}"
         );
         // beta's report reaches alpha: tier and why it does not serve.
@@ -181,6 +181,14 @@ fn the_contribution_policy_and_the_owner_decide_when_a_device_serves() {
                     .is_ok_and(|(s, _)| s == 200)
             },
         )?;
+        // Serving, beta still takes no job sent to it without a ticket.
+        let (status, v) = alpha
+            .host
+            .post_json(&format!("http://{b4}:8421/v1/embeddings"), &body)?;
+        anyhow::ensure!(
+            status == 401 && v["error"]["code"] == "ticket_required",
+            "{status} {v}"
+        );
         wait_until(Duration::from_secs(10), "alpha seeing beta serve", || {
             alpha
                 .peer("beta")

@@ -32,7 +32,11 @@ impl Credits {
     }
 
     /// The owner's credits, asked of the coordinator now.
-    pub(super) async fn ask(&self, g: &Gateway, view: &SessionView) -> anyhow::Result<BalanceAnswer> {
+    pub(super) async fn ask(
+        &self,
+        g: &Gateway,
+        view: &SessionView,
+    ) -> anyhow::Result<BalanceAnswer> {
         let query = BalanceRequest {
             timestamp: platform::unix_now(),
         };

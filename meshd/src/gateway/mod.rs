@@ -54,6 +54,10 @@ pub const MAX_JOBS_IN_FLIGHT: usize = 64;
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
 /// The longest a caller may ask for.
 const MAX_TIMEOUT: Duration = Duration::from_secs(600);
+/// Silence on a worker's connection is probed this often, and this many
+/// unanswered probes end it: a dead worker is given up on in about 8 s.
+const DEAD_WORKER_PROBE: Duration = Duration::from_secs(2);
+const DEAD_WORKER_PROBES: u32 = 3;
 
 /// What the gateway needs of the joined session.
 #[derive(Clone)]
@@ -168,10 +172,18 @@ impl Gateway {
         session: watch::Receiver<Option<SessionView>>,
         keys: Arc<KeyRing>,
     ) -> anyhow::Result<Arc<Self>> {
+        // A worker that dies mid-job goes silent (its tunnel dies with it:
+        // no reset reaches us), and a chat answer may take minutes: TCP
+        // keepalives find the silence in seconds, so the job moves on to
+        // the next worker well within its timeout.
         let http = reqwest::Client::builder()
             .no_proxy()
             .connect_timeout(Duration::from_secs(3))
             .tcp_nodelay(true)
+            .tcp_keepalive(DEAD_WORKER_PROBE)
+            .tcp_keepalive_interval(DEAD_WORKER_PROBE)
+            .tcp_keepalive_retries(DEAD_WORKER_PROBES)
+            .tcp_user_timeout(DEAD_WORKER_PROBE * (DEAD_WORKER_PROBES + 1))
             .build()?;
         Ok(Arc::new(Gateway {
             session,
