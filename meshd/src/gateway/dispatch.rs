@@ -236,8 +236,10 @@ pub(super) async fn run(
         );
         body.insert("model".into(), Value::String(target.model.clone()));
         g.add_inflight(&target.name, 1);
-        g.jobs
-            .update(&placed.job_id, |r| r.trying = Some(target.name.clone()));
+        g.jobs.update(&placed.job_id, |r| {
+            r.trying = Some(target.name.clone());
+            r.model.clone_from(&target.model);
+        });
         let t0 = Instant::now();
         let sent = g
             .http

@@ -142,12 +142,12 @@ fn demo(lab: &mut Lab) -> anyhow::Result<()> {
             .is_ok_and(|v| v.to_string().contains("\"burn\""))
     })?;
     let balances = coord.api("GET", "/api/v1/networks/demo/ledger/balances", None)?;
-    println!("\nledger balances (micro-credits):");
+    println!("\nledger balances (credits; the mint account is minus what circulates):");
     for a in balances["accounts"].as_array().into_iter().flatten() {
         println!(
             "  {:<16} {:>14}",
             a["user"].as_str().or(a["account"].as_str()).unwrap_or("?"),
-            a["balance"]
+            platform::ledger::format_credits(a["balance"].as_i64().unwrap_or(0))
         );
     }
 
