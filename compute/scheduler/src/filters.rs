@@ -278,16 +278,13 @@ impl fmt::Display for Summary<'_> {
     }
 }
 
-/// Passed with `Ok`, failed with `Err`.
-pub(crate) type Check<'a> = Result<Finding<'a>, Finding<'a>>;
-
-/// One filter on one device.
-pub(crate) fn check<'a>(filter: Filter, ctx: &'a Context<'a>, c: &'a Candidate) -> Check<'a> {
+/// One filter on one device: why it fails, if it does.
+fn check<'a>(filter: Filter, ctx: &'a Context<'a>, c: &'a Candidate) -> Result<(), Finding<'a>> {
     match filter {
         Filter::Membership => membership(c),
         Filter::Policy => policy(ctx, c),
         Filter::Route => route(ctx, c),
-        Filter::Requirements => requirements(ctx, c, None),
+        Filter::Requirements => requirements(ctx, c, None).map(|_| ()),
         Filter::State => state(c),
         Filter::Latency => latency(ctx, c),
     }
@@ -298,8 +295,7 @@ pub(crate) fn check<'a>(filter: Filter, ctx: &'a Context<'a>, c: &'a Candidate) 
 /// the model [`model`] found for it, when the caller looked already.
 ///
 /// The filters are called directly, in the order of [`Filter::ALL`]: this
-/// runs for every device of a placement, and needs nothing of what a passed
-/// filter found but the model.
+/// runs for every device of a placement.
 pub(crate) fn evaluate<'a>(
     ctx: &'a Context<'a>,
     c: &'a Candidate,
@@ -309,10 +305,7 @@ pub(crate) fn evaluate<'a>(
     membership(c).map_err(fail(Filter::Membership))?;
     policy(ctx, c).map_err(fail(Filter::Policy))?;
     route(ctx, c).map_err(fail(Filter::Route))?;
-    let model = match requirements(ctx, c, looked_up).map_err(fail(Filter::Requirements))? {
-        Finding::Meets { model, .. } => model,
-        _ => "",
-    };
+    let model = requirements(ctx, c, looked_up).map_err(fail(Filter::Requirements))?;
     state(c).map_err(fail(Filter::State))?;
     latency(ctx, c).map_err(fail(Filter::Latency))?;
     Ok(model)
@@ -328,7 +321,7 @@ pub(crate) fn record(ctx: &Context<'_>, c: &Candidate) -> Vec<FilterCheck> {
                 (Outcome::NotEvaluated, String::new())
             } else {
                 match check(filter, ctx, c) {
-                    Ok(note) => (Outcome::Passed, note.to_string()),
+                    Ok(()) => (Outcome::Passed, note(filter, ctx, c).to_string()),
                     Err(why) => {
                         failed = true;
                         (Outcome::Failed, why.to_string())
@@ -344,62 +337,94 @@ pub(crate) fn record(ctx: &Context<'_>, c: &Candidate) -> Vec<FilterCheck> {
         .collect()
 }
 
+/// What a filter the device passed found: the debug view's account of a
+/// pass. (The checks themselves only say why a device fails, which is all
+/// a placement needs of the thousands it rejects or only counts.)
+fn note<'a>(filter: Filter, ctx: &'a Context<'a>, c: &'a Candidate) -> Finding<'a> {
+    let spec = ctx.spec;
+    match filter {
+        Filter::Membership => Finding::Member,
+        Filter::Policy => Finding::Allowed {
+            role: spec.submitter_role,
+            sensitivity: spec.sensitivity,
+            workload: spec.workload,
+            tier: c.tier(),
+        },
+        Filter::Route => match &spec.route {
+            Route::Tier(need) => Finding::RouteTier {
+                have: c.tier(),
+                need: *need,
+            },
+            route @ Route::Devices(_) => Finding::Named(route),
+            route => Finding::AnyDevice(route),
+        },
+        Filter::Requirements => Finding::Meets {
+            tier: c.tier(),
+            model: requirements(ctx, c, None).unwrap_or_default(),
+        },
+        Filter::State => {
+            let offer = c
+                .capabilities
+                .as_ref()
+                .and_then(|caps| caps.compute.as_ref());
+            Finding::Serving {
+                busy: offer.map_or(0, |o| o.busy),
+                slots: offer.map_or(0, |o| o.slots),
+                queued: offer.map_or(0, |o| o.queued),
+            }
+        }
+        Filter::Latency => match (spec.max_latency_ms, c.path.rtt_ms) {
+            (None, _) => Finding::NoLatencyLimit,
+            (Some(max), Some(rtt)) if rtt.is_finite() => Finding::RttWithin { rtt, max },
+            (Some(_), _) => Finding::RttUnknown,
+        },
+    }
+}
+
 #[inline]
-fn membership(c: &Candidate) -> Check<'_> {
+fn membership(c: &Candidate) -> Result<(), Finding<'_>> {
     if c.revoked {
         Err(Finding::Revoked)
     } else if !c.member {
         Err(Finding::NotMember)
     } else {
-        Ok(Finding::Member)
+        Ok(())
     }
 }
 
 #[inline]
-fn policy<'a>(ctx: &'a Context<'a>, c: &Candidate) -> Check<'a> {
-    let tier = c.tier();
+fn policy<'a>(ctx: &'a Context<'a>, c: &Candidate) -> Result<(), Finding<'a>> {
     ctx.submit
         .as_ref()
-        .and(ctx.run_on[tier as usize].as_ref())
-        .map_err(|why| Finding::Refused(why))?;
-    let spec = ctx.spec;
-    Ok(Finding::Allowed {
-        role: spec.submitter_role,
-        sensitivity: spec.sensitivity,
-        workload: spec.workload,
-        tier,
-    })
+        .and(ctx.run_on[c.tier() as usize].as_ref())
+        .map(|_| ())
+        .map_err(|why| Finding::Refused(why))
 }
 
 #[inline]
-fn route<'a>(ctx: &'a Context<'a>, c: &Candidate) -> Check<'a> {
+fn route<'a>(ctx: &'a Context<'a>, c: &Candidate) -> Result<(), Finding<'a>> {
     let route = &ctx.spec.route;
     match route {
-        Route::Auto | Route::Local => Ok(Finding::AnyDevice(route)),
-        Route::Devices(names) if names.contains(&c.name) => Ok(Finding::Named(route)),
+        Route::Auto | Route::Local => Ok(()),
+        Route::Devices(names) if names.contains(&c.name) => Ok(()),
         Route::Devices(_) => Err(Finding::NotNamed(route)),
-        Route::Tier(need) => {
-            let found = Finding::RouteTier {
-                have: c.tier(),
-                need: *need,
-            };
-            if c.tier() >= *need {
-                Ok(found)
-            } else {
-                Err(found)
-            }
-        }
+        Route::Tier(need) if c.tier() >= *need => Ok(()),
+        Route::Tier(need) => Err(Finding::RouteTier {
+            have: c.tier(),
+            need: *need,
+        }),
     }
 }
 
-/// `looked_up`: the name of the model [`model`] found, when the caller
-/// looked already.
+/// The name of the model the device would run the job with, or why it
+/// cannot. `looked_up`: the name [`model`] found, when the caller looked
+/// already.
 #[inline]
 fn requirements<'a>(
     ctx: &'a Context<'a>,
     c: &'a Candidate,
     looked_up: Option<&'a str>,
-) -> Check<'a> {
+) -> Result<&'a str, Finding<'a>> {
     let spec = ctx.spec;
     let caps = c.capabilities.as_ref().ok_or(Finding::NoReport)?;
     if let Some(need) = spec.min_tier {
@@ -420,14 +445,10 @@ fn requirements<'a>(
     if spec.needs_gpu && caps.gpus.is_empty() {
         return Err(Finding::NoGpu);
     }
-    let model = match looked_up {
-        Some(name) => name,
-        None => &model(ctx, c)?.name,
-    };
-    Ok(Finding::Meets {
-        tier: caps.tier,
-        model,
-    })
+    match looked_up {
+        Some(name) => Ok(name),
+        None => model(ctx, c).map(|m| m.name.as_str()),
+    }
 }
 
 /// The offered model a device would run the job with (the one named, or
@@ -435,10 +456,11 @@ fn requirements<'a>(
 /// there is none.
 ///
 /// The one part of a filter that reads a device's model list, memory of
-/// its own: [`crate::place`] looks up every device's model in a loop of
-/// its own first, where those reads overlap instead of stalling the
-/// filters one device at a time (several times faster over thousands of
-/// devices).
+/// its own: [`crate::place`] looks models up for a block of devices in a
+/// loop of their own before filtering the block, where those reads overlap
+/// instead of stalling the filters device by device (what counts over
+/// thousands of devices).
+#[inline]
 pub(crate) fn model<'a>(
     ctx: &'a Context<'a>,
     c: &'a Candidate,
@@ -488,7 +510,7 @@ fn sha_matches(spec: &JobSpec, m: &OfferedModel) -> bool {
 }
 
 #[inline]
-fn state(c: &Candidate) -> Check<'_> {
+fn state(c: &Candidate) -> Result<(), Finding<'_>> {
     if !c.online {
         return Err(Finding::Offline);
     }
@@ -503,26 +525,20 @@ fn state(c: &Candidate) -> Check<'_> {
     if offer.slots == 0 {
         return Err(Finding::NoSlots);
     }
-    if let Some(b) = caps.battery.as_ref() {
-        if !b.on_ac && b.percent < MIN_BATTERY_PERCENT {
-            return Err(Finding::LowBattery(b.percent));
+    match caps.battery.as_ref() {
+        Some(b) if !b.on_ac && b.percent < MIN_BATTERY_PERCENT => {
+            Err(Finding::LowBattery(b.percent))
         }
+        _ => Ok(()),
     }
-    Ok(Finding::Serving {
-        busy: offer.busy,
-        slots: offer.slots,
-        queued: offer.queued,
-    })
 }
 
 #[inline]
-fn latency<'a>(ctx: &Context<'_>, c: &Candidate) -> Check<'a> {
-    let Some(max) = ctx.spec.max_latency_ms else {
-        return Ok(Finding::NoLatencyLimit);
-    };
-    match c.path.rtt_ms.filter(|r| r.is_finite()) {
-        None => Ok(Finding::RttUnknown),
-        Some(rtt) if rtt > max as f64 => Err(Finding::RttAbove { rtt, max }),
-        Some(rtt) => Ok(Finding::RttWithin { rtt, max }),
+fn latency<'a>(ctx: &Context<'_>, c: &Candidate) -> Result<(), Finding<'a>> {
+    match (ctx.spec.max_latency_ms, c.path.rtt_ms) {
+        (Some(max), Some(rtt)) if rtt.is_finite() && rtt > max as f64 => {
+            Err(Finding::RttAbove { rtt, max })
+        }
+        _ => Ok(()),
     }
 }

@@ -282,8 +282,7 @@ pub fn place(spec: &JobSpec, candidates: &[Candidate], rules: &ComputeRules) -> 
     for e in &mut eligible {
         e.score += scorer.efficiency(e.tier, cheapest);
     }
-    let total = eligible.len();
-    keep_first(&mut eligible, KEPT, |a, b| {
+    let best = first(KEPT, &eligible, |a, b| {
         let (ca, cb) = (&candidates[a.index], &candidates[b.index]);
         a.group
             .cmp(&b.group)
@@ -291,7 +290,28 @@ pub fn place(spec: &JobSpec, candidates: &[Candidate], rules: &ComputeRules) -> 
             .then_with(|| by_name(ca, cb))
     });
 
-    let mut excluded: Vec<Exclusion> = exclusions
+    Placement {
+        ranked: best
+            .iter()
+            .map(|e| {
+                let c = &candidates[e.index];
+                ranked(&ctx, scorer.terms(c, cheapest), c, e.model, e.score)
+            })
+            .collect(),
+        eligible: eligible.len(),
+        rejected: misses
+            .nearest()
+            .map(|(filter, index)| rejected(&ctx, &candidates[index], filter))
+            .collect(),
+        excluded: excluded(exclusions),
+    }
+}
+
+/// Rejections counted by filter and reason: in filter order, most devices
+/// first. Reasons that read the same are one, whatever finding they came
+/// from.
+fn excluded(counted: Vec<(Filter, Finding<'_>, usize)>) -> Vec<Exclusion> {
+    let mut out: Vec<Exclusion> = counted
         .into_iter()
         .map(|(filter, why, devices)| Exclusion {
             filter,
@@ -299,27 +319,21 @@ pub fn place(spec: &JobSpec, candidates: &[Candidate], rules: &ComputeRules) -> 
             devices,
         })
         .collect();
-    excluded.sort_by(|a, b| {
+    out.sort_by(|a, b| (a.filter, &a.detail).cmp(&(b.filter, &b.detail)));
+    out.dedup_by(|later, kept| {
+        let same = (later.filter, &later.detail) == (kept.filter, &kept.detail);
+        if same {
+            kept.devices += later.devices;
+        }
+        same
+    });
+    out.sort_by(|a, b| {
         a.filter
             .cmp(&b.filter)
             .then(b.devices.cmp(&a.devices))
             .then_with(|| a.detail.cmp(&b.detail))
     });
-    Placement {
-        ranked: eligible
-            .iter()
-            .map(|e| {
-                let c = &candidates[e.index];
-                ranked(&ctx, scorer.terms(c, cheapest), c, e.model, e.score)
-            })
-            .collect(),
-        eligible: total,
-        rejected: misses
-            .nearest()
-            .map(|(filter, index)| rejected(&ctx, &candidates[index], filter))
-            .collect(),
-        excluded,
-    }
+    out
 }
 
 /// One device's full record for `spec`, scored as [`place`] would score it
@@ -389,17 +403,20 @@ fn by_name(a: &Candidate, b: &Candidate) -> Ordering {
         .then_with(|| a.node_key.cmp(&b.node_key))
 }
 
-/// Sorts `items` and keeps the first `n`, without sorting the rest.
-fn keep_first<T>(items: &mut Vec<T>, n: usize, mut order: impl FnMut(&T, &T) -> Ordering) {
-    if items.len() > n {
-        if n == 0 {
-            items.clear();
-            return;
+/// The first `n` of `items` in `order`, sorted. Most items of a long list
+/// take one comparison (against the last kept), so this is cheaper than
+/// sorting or selecting over thousands.
+fn first<T>(n: usize, items: &[T], order: impl Fn(&T, &T) -> Ordering) -> Vec<&T> {
+    let mut kept: Vec<&T> = Vec::with_capacity(n + 1);
+    for item in items {
+        if kept.len() == n && kept.last().is_none_or(|last| order(item, last).is_ge()) {
+            continue;
         }
-        items.select_nth_unstable_by(n - 1, &mut order);
-        items.truncate(n);
+        let at = kept.partition_point(|k| order(k, item).is_lt());
+        kept.insert(at, item);
+        kept.truncate(n);
     }
-    items.sort_unstable_by(order);
+    kept
 }
 
 fn group(route: &Route, c: &Candidate) -> u8 {

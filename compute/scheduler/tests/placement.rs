@@ -244,6 +244,24 @@ fn explain_none_names_each_filter_and_how_many_it_excluded() {
 }
 
 #[test]
+fn reasons_that_read_the_same_are_counted_together() {
+    let p = place(
+        &routed("auto"),
+        vec![
+            device("a").not_serving(None),
+            device("b").not_serving(Some("not serving")),
+            device("c").not_serving(Some("too hot")),
+        ],
+    );
+    let counts: Vec<_> = p
+        .excluded
+        .iter()
+        .map(|e| (e.detail.as_str(), e.devices))
+        .collect();
+    assert_eq!(counts, [("not serving", 2), ("too hot", 1)]);
+}
+
+#[test]
 fn explain_none_with_no_devices_or_with_a_choice() {
     let p = place(&routed("auto"), vec![]);
     assert_eq!(
