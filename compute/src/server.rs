@@ -91,6 +91,8 @@ pub struct ComputeServer {
     /// Jobs admitted (running or waiting).
     admitted: AtomicUsize,
     capacity: usize,
+    /// Jobs that run at once (`slots`' permits when all are free).
+    slot_count: usize,
     metrics: Metrics,
 }
 
@@ -221,8 +223,19 @@ impl ComputeServer {
             slots: Arc::new(Semaphore::new(slots.max(1))),
             admitted: AtomicUsize::new(0),
             capacity: slots.max(1).saturating_add(queue),
+            slot_count: slots.max(1),
             metrics: Metrics::default(),
         })
+    }
+
+    /// Jobs running now and jobs waiting for a slot (admitted, not yet
+    /// running), for the device's capability report.
+    pub fn load(&self) -> (usize, usize) {
+        let running = self
+            .slot_count
+            .saturating_sub(self.slots.available_permits());
+        let admitted = self.admitted.load(Ordering::Relaxed);
+        (running, admitted.saturating_sub(running))
     }
 
     /// 503 with the reason while the device does not contribute.

@@ -248,7 +248,7 @@ impl Daemon {
     fn spawn_serve(&self, map: watch::Receiver<MapState>) -> Option<ServeTask> {
         let loaded = self.compute.loaded()?;
         let caps = self.caps.borrow().clone();
-        let (models, gate) = (loaded.models.clone(), self.compute.gate());
+        let models = loaded.models.clone();
         let (slots, queue) = (self.compute.slots(&caps), self.compute.queue());
         let admission = Arc::new(TicketAdmission::new(
             map.clone(),
@@ -258,8 +258,10 @@ impl Daemon {
             self.receipts.clone(),
         ));
         let (stop, stopped) = watch::channel(false);
+        let service = self.compute.clone();
         let task = tokio::spawn(async move {
-            let served = serve_compute::serve(models, gate, admission, map, slots, queue, stopped);
+            let served =
+                serve_compute::serve(service, models, admission, map, slots, queue, stopped);
             if let Err(e) = served.await {
                 tracing::error!(error = format!("{e:#}"), "compute API stopped");
             }

@@ -121,6 +121,8 @@ pub struct ComputeService {
     load_error: Mutex<Option<String>>,
     /// The policy's latest decision: serve, or the reason not to.
     decision: watch::Sender<Result<(), String>>,
+    /// The API serving now, for the load in capability reports.
+    server: Mutex<std::sync::Weak<ComputeServer>>,
 }
 
 impl ComputeService {
@@ -131,6 +133,7 @@ impl ComputeService {
             loaded: Mutex::new(None),
             load_error: Mutex::new(None),
             decision: watch::channel(Err("starting".into())).0,
+            server: Mutex::new(std::sync::Weak::new()),
         }
     }
 
@@ -235,6 +238,15 @@ impl ComputeService {
             return None;
         }
         let decision = self.decision();
+        // Read at each capability report (every few seconds), so a busy
+        // worker's load reaches the network's schedulers as a netmap change
+        // at most that often.
+        let (busy, queued) = self
+            .server
+            .lock()
+            .expect("server lock")
+            .upgrade()
+            .map_or((0, 0), |s| s.load());
         Some(ComputeOffer {
             models: loaded.map(|l| l.offered.clone()).unwrap_or_default(),
             serving: decision.is_ok(),
@@ -242,9 +254,14 @@ impl ComputeService {
             reason: decision.err().map(|r| truncate(r, MAX_TEXT)),
             slots: u32::try_from(self.slots(caps)).unwrap_or(u32::MAX),
             port: COMPUTE_PORT,
-            busy: 0,
-            queued: 0,
+            busy: u32::try_from(busy).unwrap_or(u32::MAX),
+            queued: u32::try_from(queued).unwrap_or(u32::MAX),
         })
+    }
+
+    /// The API now serving: its load goes into capability reports.
+    pub fn serving_on(&self, server: &Arc<ComputeServer>) {
+        *self.server.lock().expect("server lock") = Arc::downgrade(server);
     }
 }
 
@@ -399,8 +416,8 @@ async fn bind_soon(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener>
 /// Waits for the first netmap, then serves on each overlay address until
 /// `stop` turns true (requests in flight finish) or the task is dropped.
 pub async fn serve(
+    service: Arc<ComputeService>,
     models: Models,
-    gate: Gate,
     admission: Arc<TicketAdmission>,
     mut map: watch::Receiver<MapState>,
     slots: usize,
@@ -417,6 +434,7 @@ pub async fn serve(
     let lookup = map.clone();
     let whois =
         Arc::new(move |ip: IpAddr| lookup.borrow().netmap.as_ref().and_then(|n| whois(n, ip)));
+    let gate = service.gate();
     let server = ComputeServer::new(
         models,
         netmap.self_node.name.clone(),
@@ -426,6 +444,7 @@ pub async fn serve(
         slots,
         queue,
     );
+    service.serving_on(&server);
     // Dropped with this task (session stop, `compute` changes): the
     // listeners go with it.
     let mut tasks = tokio::task::JoinSet::new();

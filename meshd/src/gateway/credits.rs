@@ -1,10 +1,11 @@
 //! Refusing up front a job its submitter cannot pay for: the owner's
 //! spendable credits, asked of the coordinator with a request signed by
-//! this device's key and cached for a few seconds. While the coordinator
-//! cannot be reached the last answer stands, and without any answer jobs
-//! run: the ledger settles their receipts when it is back.
+//! this device's key, cached and refreshed in the background. While the
+//! coordinator cannot be reached the last answer stands, and without any
+//! answer jobs run: the ledger settles their receipts when it is back.
 
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use platform::ledger::{format_credits, BalanceAnswer, BalanceRequest, DOMAIN_BALANCE};
@@ -21,6 +22,7 @@ const ASK_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Default)]
 pub(super) struct Credits {
     last: Mutex<Option<(Instant, String, i64)>>,
+    refreshing: AtomicBool,
 }
 
 impl Credits {
@@ -57,28 +59,56 @@ impl Credits {
         Ok(reply)
     }
 
+    fn store(&self, network: &str, spendable: i64) {
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((Instant::now(), network.to_owned(), spendable));
+    }
+
+    async fn refresh_now(&self, g: &Gateway, view: &SessionView, network: &str) -> Option<i64> {
+        match self.ask(g, view).await {
+            Ok(a) => {
+                self.store(network, a.spendable);
+                Some(a.spendable)
+            }
+            Err(e) => {
+                tracing::debug!(error = format!("{e:#}"), "asking for the credit balance");
+                None
+            }
+        }
+    }
+
+    /// Asks again in the background (one question at a time): jobs go on
+    /// with the last answer meanwhile, and never wait on a coordinator
+    /// that is slow or gone.
+    fn refresh_later(&self, g: &Arc<Gateway>, view: &SessionView, network: &str) {
+        if self.refreshing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (g, view, network) = (g.clone(), view.clone(), network.to_owned());
+        tokio::spawn(async move {
+            g.credits.refresh_now(&g, &view, &network).await;
+            g.credits.refreshing.store(false, Ordering::Release);
+        });
+    }
+
     /// Refuses (402) a job that may cost more than the owner can spend.
+    /// Only a network's first job waits for the coordinator's answer (at
+    /// most [`ASK_TIMEOUT`]).
     pub(super) async fn check(
         &self,
-        g: &Gateway,
+        g: &Arc<Gateway>,
         view: &SessionView,
         netmap: &NetMap,
         estimate: u64,
     ) -> Result<(), GatewayError> {
-        let cached = self.cached(&netmap.network);
-        let spendable = match cached {
-            Some((at, s)) if at.elapsed() < FRESH => Some(s),
-            _ => match self.ask(g, view).await.map(|a| a.spendable) {
-                Ok(s) => {
-                    *self.last.lock().unwrap_or_else(|p| p.into_inner()) =
-                        Some((Instant::now(), netmap.network.clone(), s));
-                    Some(s)
+        let spendable = match self.cached(&netmap.network) {
+            Some((at, s)) => {
+                if at.elapsed() >= FRESH {
+                    self.refresh_later(g, view, &netmap.network);
                 }
-                Err(e) => {
-                    tracing::debug!(error = format!("{e:#}"), "asking for the credit balance");
-                    cached.map(|(_, s)| s)
-                }
-            },
+                Some(s)
+            }
+            None => self.refresh_now(g, view, &netmap.network).await,
         };
         match spendable {
             Some(s) if i128::from(estimate) > i128::from(s) => Err(GatewayError::new(
