@@ -228,7 +228,14 @@ async fn run_daemon(socket: PathBuf, cfg: DaemonConfig) -> anyhow::Result<()> {
         std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o660))?;
     }
     tracing::info!(socket = %socket.display(), "meshd listening");
-    let gateway = gateway.map(|listen| tokio::spawn(daemon.gateway().serve(listen)));
+    let gateway = gateway.map(|listen| {
+        let g = daemon.gateway();
+        tokio::spawn(async move {
+            if let Err(e) = g.serve(listen).await {
+                tracing::error!(error = format!("{e:#}"), "gateway not served");
+            }
+        })
+    });
     daemon.start_compute().await;
     daemon.resume().await?;
     let d = daemon.clone();

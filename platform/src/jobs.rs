@@ -530,6 +530,11 @@ impl Ticket {
         if !self.job_id.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err("a job id is hex".into());
         }
+        if self.timeout_ms > MAX_TICKET_LIFETIME_SECS * 1000 {
+            return Err(format!(
+                "a job's timeout is at most {MAX_TICKET_LIFETIME_SECS} s"
+            ));
+        }
         if self.expires_at <= self.issued_at
             || self.expires_at - self.issued_at > MAX_TICKET_LIFETIME_SECS
         {

@@ -36,6 +36,11 @@ pub const TIMEOUT_SLACK_MS: u64 = 5_000;
 pub const WALL_SLACK_MS: u64 = 1_000;
 /// Bytes of a receipt's free-text fields (worker name, output hash).
 const MAX_RECEIPT_TEXT: usize = 128;
+/// Bytes of a signed receipt's payload (its ticket included), and of a
+/// ticket's: generous for what they hold, small enough that padding them
+/// cannot bloat the append-only tables.
+pub const MAX_RECEIPT_PAYLOAD: usize = 8 << 10;
+pub const MAX_TICKET_PAYLOAD: usize = 4 << 10;
 
 /// Where credits sit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -311,13 +316,13 @@ pub enum Refusal {
     OverWallClock { runtime_ms: u64, span_ms: u64 },
     #[error("the worker is not a registered device")]
     UnknownWorker,
-    #[error("the worker device is revoked")]
+    #[error("the worker device is revoked or not approved")]
     WorkerRevoked,
     #[error("the ticket is for network {ticket:?}; the worker is in {worker:?}")]
     WrongNetwork { ticket: String, worker: String },
     #[error("the ticket was not signed by a device of the worker's network")]
     ForeignSubmitter,
-    #[error("the ticket's submitting device is revoked")]
+    #[error("the ticket's submitting device is revoked or not approved")]
     SubmitterRevoked,
     #[error("the ticket's submitting device has no owner to charge")]
     NoPayer,
@@ -360,6 +365,11 @@ pub fn claimed_ids(signed: &Signed) -> (String, u32) {
 /// within the ticket's timeout and the receipt's own span. `Err` only when
 /// the receipt's own signature fails; everything else lands in `checked`.
 pub fn open_receipt(signed: &Signed, now_unix: u64) -> Result<OpenedReceipt, Refusal> {
+    if signed.payload.len() > MAX_RECEIPT_PAYLOAD {
+        return Err(Refusal::ReceiptShape(format!(
+            "a receipt is at most {MAX_RECEIPT_PAYLOAD} bytes"
+        )));
+    }
     let receipt: Receipt = signed
         .open(DOMAIN_RECEIPT)
         .map_err(Refusal::ReceiptSignature)?;
@@ -386,11 +396,24 @@ fn check(
             "worker is 1–{MAX_ID_LEN} bytes, output_sha256 at most {MAX_RECEIPT_TEXT}"
         )));
     }
+    if r.ticket.payload.len() > MAX_TICKET_PAYLOAD {
+        return Err(Refusal::TicketShape(format!(
+            "a ticket is at most {MAX_TICKET_PAYLOAD} bytes"
+        )));
+    }
     let ticket: Ticket = r
         .ticket
         .open(DOMAIN_TICKET)
         .map_err(Refusal::TicketSignature)?;
     ticket.check_shape().map_err(Refusal::TicketShape)?;
+    // One receipt per ticket: a worker cannot bill one ticket as many
+    // pieces, nor claim another attempt's.
+    if ticket.attempt == 0 || r.chunk_id != ticket.attempt - 1 {
+        return Err(Refusal::ReceiptShape(format!(
+            "a receipt is for its ticket's attempt: chunk {} is not attempt {} − 1",
+            r.chunk_id, ticket.attempt
+        )));
+    }
     if ticket_hash(&r.ticket) != r.ticket_hash {
         return Err(Refusal::TicketHashMismatch);
     }
@@ -411,6 +434,18 @@ fn check(
             runtime_ms: r.runtime_ms,
             timeout_ms: ticket.timeout_ms,
         });
+    }
+    // The work happened while the ticket was good, and not in the future.
+    let skew_ms = MAX_CLOCK_SKEW_SECS * 1000;
+    if r.started_at_ms.saturating_add(skew_ms) < ticket.issued_at.saturating_mul(1000)
+        || r.ended_at_ms
+            > now_unix
+                .saturating_add(MAX_CLOCK_SKEW_SECS)
+                .saturating_mul(1000)
+    {
+        return Err(Refusal::ReceiptShape(
+            "the job's start and end are not within its ticket's life and now".into(),
+        ));
     }
     let span_ms = r.ended_at_ms.saturating_sub(r.started_at_ms);
     if r.ended_at_ms < r.started_at_ms || r.runtime_ms > span_ms.saturating_add(WALL_SLACK_MS) {
@@ -474,6 +509,8 @@ pub struct JobCharge {
     /// Balances before this job.
     pub payer_balance: i64,
     pub pool_balance: i64,
+    /// The most the submitter signed for ([`Ticket::max_cost`]).
+    pub max_cost: u64,
 }
 
 /// The postings for one receipt, in order:
@@ -493,10 +530,14 @@ pub struct JobCharge {
 pub fn job_postings(rates: &CreditRates, c: &JobCharge) -> Vec<Posting> {
     let mut out = Vec::with_capacity(3);
     let payer = Account::Member(c.payer);
-    let burn = rates.burn(c.tier, c.runtime_ms);
+    // Never more than the submitter signed for, whatever the worker
+    // reports about itself since.
+    let burn = rates.burn(c.tier, c.runtime_ms).min(c.max_cost);
     let have = u64::try_from(c.payer_balance).unwrap_or(0);
+    let mut covered = burn.min(have);
     if rates.shared_pool && burn > have {
         let from_pool = (burn - have).min(u64::try_from(c.pool_balance).unwrap_or(0));
+        covered += from_pool;
         if from_pool > 0 {
             out.push(Posting {
                 kind: EntryKind::Grant,
@@ -515,7 +556,10 @@ pub fn job_postings(rates: &CreditRates, c: &JobCharge) -> Vec<Posting> {
         });
     }
     if let (JobStatus::Ok, Some(earner)) = (c.status, c.earner) {
-        let mint = rates.mint(c.tier, c.runtime_ms, c.capped);
+        // Only what was paid for is earned: a payer who has run dry mints
+        // nothing for anyone (two members cannot print credits by running
+        // one of them into debt).
+        let mint = rates.mint(c.tier, c.runtime_ms, c.capped).min(covered);
         if mint > 0 {
             out.push(Posting {
                 kind: EntryKind::Mint,
@@ -772,7 +816,32 @@ mod tests {
             earner: Some(2),
             payer_balance,
             pool_balance,
+            max_cost: u64::MAX,
         }
+    }
+
+    #[test]
+    fn burns_stop_at_the_tickets_price_and_a_dry_payer_mints_nothing() {
+        let rates = CreditRates::default();
+        let capped = JobCharge {
+            max_cost: MICRO,
+            ..charge(JobStatus::Ok, 100 * MICRO as i64, 0)
+        };
+        let p = job_postings(&rates, &capped);
+        assert_eq!((p[0].kind, p[0].amount), (EntryKind::Burn, MICRO));
+        assert_eq!(
+            (p[1].kind, p[1].amount),
+            (EntryKind::Mint, MICRO),
+            "earned at most what was paid"
+        );
+        let dry = job_postings(&rates, &charge(JobStatus::Ok, -5 * MICRO as i64, 0));
+        assert_eq!(dry.len(), 1, "a burn into debt, and no mint: {dry:?}");
+        assert_eq!(dry[0].kind, EntryKind::Burn);
+        let half = job_postings(&rates, &charge(JobStatus::Ok, MICRO as i64, 0));
+        assert_eq!(
+            half.last().map(|p| (p.kind, p.amount)),
+            Some((EntryKind::Mint, MICRO))
+        );
     }
 
     #[test]

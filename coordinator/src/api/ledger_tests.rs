@@ -300,7 +300,8 @@ fn receipt_for(
     }
 }
 
-/// A job `submitter` gave `worker`, run for `runtime_ms`, signed by the worker.
+/// A job `submitter` gave `worker`, run for `runtime_ms`, signed by the
+/// worker: the receipt for attempt `chunk + 1`.
 fn work(
     submitter: &Dev,
     worker: &Dev,
@@ -312,7 +313,10 @@ fn work(
     let t = Signed::sign(
         &submitter.key,
         DOMAIN_TICKET,
-        &ticket_for("home", submitter, worker, job_id, unix_now() - 100),
+        &Ticket {
+            attempt: chunk + 1,
+            ..ticket_for("home", submitter, worker, job_id, unix_now() - 100)
+        },
     );
     Signed::sign(
         &worker.key,
@@ -381,7 +385,7 @@ async fn receipts_are_recorded_once_and_conflicts_change_nothing() {
         kinds.iter().all(|k| k.1 == job(1)),
         "trace id is the job id"
     );
-    // A second chunk of the same job is its own receipt.
+    // A second attempt of the same job is its own receipt.
     let chunk = work(&ann, &bob, &job(1), 1, 10_000, JobStatus::Ok);
     assert_eq!(w.deliver_one(chunk).await.outcome, ReceiptOutcome::Recorded);
     w.assert_books_balance().await;
@@ -505,7 +509,7 @@ async fn receipts_failing_a_check_are_refused_with_the_reason() {
 }
 
 #[tokio::test]
-async fn receipts_add_up_to_at_most_their_tickets_timeout() {
+async fn one_ticket_pays_for_one_receipt() {
     let (w, ann, bob) = two_members().await;
     let t = Signed::sign(
         &ann.key,
@@ -516,24 +520,22 @@ async fn receipts_add_up_to_at_most_their_tickets_timeout() {
         Signed::sign(
             &bob.key,
             DOMAIN_RECEIPT,
-            &receipt_for(&t, &job(3), n, 60_000, JobStatus::Ok),
+            &receipt_for(&t, &job(3), n, 1_000, JobStatus::Ok),
         )
     };
+    // A worker cannot bill one ticket as many pieces.
     let results = w.deliver(vec![chunk(0), chunk(1), chunk(2)]).await;
     let outcomes: Vec<_> = results.iter().map(|r| r.outcome).collect();
     assert_eq!(
         outcomes,
         [
             ReceiptOutcome::Recorded,
-            ReceiptOutcome::Recorded,
+            ReceiptOutcome::Refused,
             ReceiptOutcome::Refused
         ]
     );
-    assert!(results[2]
-        .error
-        .as_deref()
-        .unwrap()
-        .contains("more than its timeout"));
+    assert!(results[1].error.as_deref().unwrap().contains("attempt"));
+    w.assert_books_balance().await;
 }
 
 #[tokio::test]

@@ -361,7 +361,7 @@ impl Store {
                 )
             });
         }
-        if worker.revoked_at.is_some() {
+        if worker.revoked_at.is_some() || !worker.approved {
             return Ok(Ingested::refused(d, Refusal::WorkerRevoked));
         }
         let (ticket, submitter_key) = match &o.checked {
@@ -381,7 +381,7 @@ impl Store {
             Some(s) if s.network_id == worker.network_id => s,
             _ => return Ok(Ingested::refused(d, Refusal::ForeignSubmitter)),
         };
-        if submitter.revoked_at.is_some() {
+        if submitter.revoked_at.is_some() || !submitter.approved {
             return Ok(Ingested::refused(d, Refusal::SubmitterRevoked));
         }
         let Some(payer) = submitter.user_id else {
@@ -441,6 +441,7 @@ impl Store {
             earner: worker.user_id,
             payer_balance: Self::balance_in(conn, network_id, Account::Member(payer)).await?,
             pool_balance: Self::balance_in(conn, network_id, Account::Pool).await?,
+            max_cost: ticket.max_cost,
         };
         let postings = job_postings(&rules.rates, &charge);
 

@@ -27,8 +27,11 @@ const BACKOFF: [Duration; 3] = [
     Duration::from_millis(750),
     Duration::from_millis(2000),
 ];
-/// Largest answer buffered from a worker (non-streaming).
-const MAX_ANSWER: usize = 64 << 20;
+/// Largest answer buffered from a worker (non-streaming): a thousand
+/// embeddings of 1,536 floats as JSON fit.
+const MAX_ANSWER: usize = 16 << 20;
+/// An attempt needs at least this much of the job's time left.
+const MIN_ATTEMPT: Duration = Duration::from_millis(100);
 /// Largest error body read from a worker.
 const MAX_ERROR_BODY: usize = 64 << 10;
 
@@ -41,36 +44,52 @@ enum Failure {
     Final(Response),
 }
 
-/// Ends a job's bookkeeping when dropped: after a buffered answer, or when
-/// a streamed one ends or its caller goes away.
+/// One job this gateway has running on a worker: counted while it lives.
+struct Inflight {
+    g: Arc<Gateway>,
+    device: String,
+}
+
+impl Inflight {
+    fn new(g: &Arc<Gateway>, device: &str) -> Self {
+        g.add_inflight(device, 1);
+        Inflight {
+            g: g.clone(),
+            device: device.to_owned(),
+        }
+    }
+}
+
+impl Drop for Inflight {
+    fn drop(&mut self) {
+        self.g.add_inflight(&self.device, -1);
+    }
+}
+
+/// A job's bookkeeping, ended when dropped: after a buffered answer, when a
+/// streamed one ends or its caller goes away, or when the caller drops the
+/// request mid-attempt. `ok` only once the whole answer went out.
 struct Finish {
     g: Arc<Gateway>,
     id: String,
     workload: platform::jobs::Workload,
-    device: String,
     started: Instant,
     ok: bool,
+    /// A streamed answer broke off after its first bytes went out.
+    broken: bool,
+    /// The worker it ran on.
+    running: Option<Inflight>,
     _permit: OwnedSemaphorePermit,
-}
-
-impl Finish {
-    /// The answer broke off after its first bytes went out.
-    fn broke(&mut self) {
-        self.ok = false;
-    }
 }
 
 impl Drop for Finish {
     fn drop(&mut self) {
-        self.g.add_inflight(&self.device, -1);
         let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.g.jobs.finish(&self.id, self.workload, self.ok, ms);
-        let event = if self.ok {
-            "job_completed"
-        } else {
-            "job_failed"
-        };
-        tracing::info!(event, trace_id = %self.id, device = %self.device, ms, "job ended");
+        let ok = self.ok && !self.broken;
+        self.g.jobs.finish(&self.id, self.workload, ok, ms);
+        let event = if ok { "job_completed" } else { "job_failed" };
+        let device = self.running.as_ref().map_or("-", |r| r.device.as_str());
+        tracing::info!(event, trace_id = %self.id, %device, ms, "job ended");
     }
 }
 
@@ -85,11 +104,12 @@ fn ticket(
     placed: &Placed,
     target: &Target,
     opts: &JobOptions,
+    left: Duration,
     attempt: u32,
 ) -> Ticket {
     let now = platform::unix_now();
-    let timeout_ms = u64::try_from(opts.timeout.as_millis()).unwrap_or(u64::MAX);
-    let lifetime = (opts.timeout.as_secs() + 60).min(MAX_TICKET_LIFETIME_SECS);
+    let timeout_ms = u64::try_from(left.as_millis()).unwrap_or(u64::MAX);
+    let lifetime = (left.as_secs() + 60).min(MAX_TICKET_LIFETIME_SECS);
     let me = &netmap.self_node;
     Ticket {
         job_id: placed.job_id.clone(),
@@ -219,23 +239,37 @@ pub(super) async fn run(
         placement: serde_json::to_value(&placed.placement).unwrap_or(Value::Null),
     });
     tracing::info!(event = "job_started", trace_id = %placed.job_id, workload = %placed.workload, route = %placed.route, "job started");
+    let mut finish = Finish {
+        g: g.clone(),
+        id: placed.job_id.clone(),
+        workload: placed.workload,
+        started,
+        ok: false,
+        broken: false,
+        running: None,
+        _permit: permit,
+    };
+    // The job's timeout bounds all its attempts together: what one attempt
+    // spends, the next does not get (and its ticket says so, so the runtime
+    // billed over all attempts stays within the timeout).
+    let deadline = started + opts.timeout;
     let device = g.keys.current().device.clone();
-    let mut permit = Some(permit);
     let mut tried: Vec<Attempt> = Vec::new();
     let mut all_declined = true;
     for (i, target) in placed.targets.iter().take(BACKOFF.len() + 1).enumerate() {
         if i > 0 {
+            if deadline.saturating_duration_since(Instant::now()) <= BACKOFF[i - 1] + MIN_ATTEMPT {
+                break;
+            }
             tokio::time::sleep(BACKOFF[i - 1]).await;
             g.jobs.retried();
         }
+        let left = deadline.saturating_duration_since(Instant::now());
         let attempt = u32::try_from(i + 1).unwrap_or(u32::MAX);
-        let signed = Signed::sign(
-            &device,
-            DOMAIN_TICKET,
-            &ticket(&netmap, &placed, target, &opts, attempt),
-        );
+        let t = ticket(&netmap, &placed, target, &opts, left, attempt);
+        let signed = Signed::sign(&device, DOMAIN_TICKET, &t);
         body.insert("model".into(), Value::String(target.model.clone()));
-        g.add_inflight(&target.name, 1);
+        let running = Inflight::new(&g, &target.name);
         g.jobs.update(&placed.job_id, |r| {
             r.trying = Some(target.name.clone());
             r.model.clone_from(&target.model);
@@ -246,14 +280,21 @@ pub(super) async fn run(
             .post(format!("{}{path}", target.base))
             .header(TICKET_HEADER, encode_ticket(&signed))
             .json(&body)
-            .timeout(opts.timeout)
+            .timeout(left)
             .send()
             .await;
         let result = match sent {
             Err(e) if e.is_timeout() => Err(Failure::Retry("timeout", e.to_string())),
             Err(e) => Err(Failure::Retry("unreachable", e.to_string())),
             Ok(resp) if !resp.status().is_success() => Err(classify(resp).await),
-            Ok(resp) => answer(resp, stream, opts.timeout.saturating_sub(t0.elapsed())).await,
+            Ok(resp) => {
+                answer(
+                    resp,
+                    stream,
+                    deadline.saturating_duration_since(Instant::now()),
+                )
+                .await
+            }
         };
         let elapsed_ms = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX);
         match result {
@@ -271,19 +312,10 @@ pub(super) async fn run(
                     r.served_by = Some(target.name.clone());
                 });
                 annotate(&mut ok.response, &placed, target, attempts);
-                let finish = Finish {
-                    g: g.clone(),
-                    id: placed.job_id.clone(),
-                    workload: placed.workload,
-                    device: target.name.clone(),
-                    started,
-                    ok: true,
-                    _permit: permit.take().expect("one success"),
-                };
+                finish.running = Some(running);
                 return Ok(ok.finish_with(finish));
             }
             Err(Failure::Final(mut resp)) => {
-                g.add_inflight(&target.name, -1);
                 tried.push(Attempt {
                     device: target.name.clone(),
                     outcome: "rejected".into(),
@@ -295,13 +327,10 @@ pub(super) async fn run(
                     r.attempts = tried;
                     r.error = Some("the worker rejected the request".into());
                 });
-                g.jobs
-                    .finish(&placed.job_id, placed.workload, false, ms_since(started));
                 annotate(&mut resp, &placed, target, i + 1);
                 return Ok(resp);
             }
             Err(Failure::Retry(outcome, cause)) => {
-                g.add_inflight(&target.name, -1);
                 all_declined &= outcome == "declined";
                 tracing::debug!(trace_id = %placed.job_id, device = %target.name, outcome, %cause, "attempt failed");
                 tried.push(Attempt {
@@ -327,16 +356,15 @@ pub(super) async fn run(
         .collect::<Vec<_>>()
         .join("; ");
     let message = format!(
-        "no worker completed the job after {} attempts: {summary}",
-        tried.len()
+        "no worker completed the job after {} attempt(s) within its {} ms: {summary}",
+        tried.len(),
+        opts.timeout.as_millis()
     );
     g.jobs.update(&placed.job_id, |r| {
         r.attempts = tried;
         r.error = Some(message.clone());
     });
-    g.jobs
-        .finish(&placed.job_id, placed.workload, false, ms_since(started));
-    tracing::info!(event = "job_failed", trace_id = %placed.job_id, %message, "job failed");
+    drop(finish);
     drop(view);
     Err(if all_declined {
         GatewayError::unavailable("all_workers_busy", message)
@@ -357,6 +385,7 @@ impl Answer {
         let Answer { mut response, rest } = self;
         match rest {
             None => {
+                finish.ok = true;
                 drop(finish);
                 response
             }
@@ -365,12 +394,29 @@ impl Answer {
                 let first = first
                     .into_data_stream()
                     .map(|r| r.map_err(std::io::Error::other));
-                let relayed = first.chain(rest).map(move |item| {
-                    if item.is_err() {
-                        finish.broke();
-                    }
-                    item
-                });
+                // The job ends with the stream: complete when it ran to its
+                // end, failed when it broke or its caller went away.
+                let relayed = futures_util::stream::unfold(
+                    (first.chain(rest), Some(finish)),
+                    |(mut s, mut finish)| async move {
+                        match s.next().await {
+                            Some(item) => {
+                                if item.is_err() {
+                                    if let Some(f) = finish.as_mut() {
+                                        f.broken = true;
+                                    }
+                                }
+                                Some((item, (s, finish)))
+                            }
+                            None => {
+                                if let Some(mut f) = finish.take() {
+                                    f.ok = true;
+                                }
+                                None
+                            }
+                        }
+                    },
+                );
                 *response.body_mut() = Body::from_stream(relayed);
                 response
             }
@@ -444,10 +490,6 @@ fn unix_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0)
-}
-
-fn ms_since(t: Instant) -> u64 {
-    u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]

@@ -184,6 +184,9 @@ impl Gateway {
             .tcp_keepalive_interval(DEAD_WORKER_PROBE)
             .tcp_keepalive_retries(DEAD_WORKER_PROBES)
             .tcp_user_timeout(DEAD_WORKER_PROBE * (DEAD_WORKER_PROBES + 1))
+            // A worker's redirect would send the caller's request (and a
+            // ticket) wherever it pleases, this gateway included.
+            .redirect(reqwest::redirect::Policy::none())
             .build()?;
         Ok(Arc::new(Gateway {
             session,
@@ -196,7 +199,8 @@ impl Gateway {
         }))
     }
 
-    pub fn router(self: &Arc<Self>) -> Router {
+    pub fn router(self: &Arc<Self>, listen: SocketAddr) -> Router {
+        let hosts = Arc::new(local_hosts(listen));
         Router::new()
             .route("/healthz", get(|| async { "ok" }))
             .route("/metrics", get(metrics))
@@ -204,6 +208,10 @@ impl Gateway {
             .route("/v1/embeddings", post(embeddings))
             .route("/v1/chat/completions", post(chat))
             .layer(DefaultBodyLimit::max(MAX_BODY))
+            .layer(axum::middleware::from_fn_with_state(
+                hosts,
+                local_callers_only,
+            ))
             .with_state(self.clone())
     }
 
@@ -213,7 +221,7 @@ impl Gateway {
             .await
             .map_err(|e| anyhow::anyhow!("binding the gateway on {listen}: {e}"))?;
         tracing::info!(%listen, "gateway listening");
-        axum::serve(listener, self.router()).await?;
+        axum::serve(listener, self.router(listen)).await?;
         Ok(())
     }
 
@@ -314,6 +322,69 @@ impl Gateway {
     }
 }
 
+/// The `Host` values a local client sends to `listen`.
+fn local_hosts(listen: SocketAddr) -> Vec<String> {
+    let port = listen.port();
+    let mut hosts = vec![
+        listen.to_string(),
+        format!("localhost:{port}"),
+        format!("127.0.0.1:{port}"),
+        format!("[::1]:{port}"),
+    ];
+    hosts.dedup();
+    hosts
+}
+
+/// Loopback keeps other machines out, not web pages: a page in a browser
+/// on this machine can POST to 127.0.0.1 (a "simple" cross-origin request
+/// needs no preflight) and, through DNS rebinding, read the answers. So
+/// requests that name another host, or come from a page (`Origin`), are
+/// refused, and jobs must be sent as JSON (which a page cannot do without
+/// a preflight this gateway never grants).
+async fn local_callers_only(
+    State(hosts): State<Arc<Vec<String>>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let h = req.headers();
+    let host = h
+        .get(axum::http::header::HOST)
+        .and_then(|v| v.to_str().ok());
+    if !host.is_some_and(|host| hosts.iter().any(|a| a.eq_ignore_ascii_case(host))) {
+        return GatewayError::new(
+            axum::http::StatusCode::FORBIDDEN,
+            "forbidden_host",
+            "the gateway answers requests addressed to this device's loopback only",
+        )
+        .into_response();
+    }
+    if h.contains_key(axum::http::header::ORIGIN) {
+        return GatewayError::new(
+            axum::http::StatusCode::FORBIDDEN,
+            "browser_origin",
+            "the gateway does not serve web pages (a request with an Origin header)",
+        )
+        .into_response();
+    }
+    let json = h
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| {
+            t.trim_start()
+                .to_ascii_lowercase()
+                .starts_with("application/json")
+        });
+    if req.method() == axum::http::Method::POST && !json {
+        return GatewayError::new(
+            axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "json_required",
+            "jobs are sent as JSON (content-type: application/json)",
+        )
+        .into_response();
+    }
+    next.run(req).await
+}
+
 async fn embeddings(State(g): State<Arc<Gateway>>, headers: HeaderMap, body: Bytes) -> Response {
     g.submit(Workload::Embeddings, headers, body)
         .await
@@ -407,6 +478,74 @@ mod tests {
         assert_eq!(o.route, Route::Auto);
         assert!(o.dry_run);
         assert_eq!(o.timeout, Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn only_local_json_callers_without_an_origin_get_through() {
+        use tower::ServiceExt as _;
+        let listen: SocketAddr = "127.0.0.1:8420".parse().unwrap();
+        let hosts = Arc::new(local_hosts(listen));
+        let app = Router::new()
+            .route("/v1/embeddings", post(|| async { "placed" }))
+            .route("/v1/models", get(|| async { "models" }))
+            .layer(axum::middleware::from_fn_with_state(
+                hosts,
+                local_callers_only,
+            ));
+        let call = |method: &str, uri: &str, headers: &[(&str, &str)]| {
+            let mut req = axum::http::Request::builder().method(method).uri(uri);
+            for (k, v) in headers {
+                req = req.header(*k, *v);
+            }
+            let app = app.clone();
+            let req = req.body(axum::body::Body::empty()).unwrap();
+            async move { app.oneshot(req).await.unwrap().status().as_u16() }
+        };
+        let json = ("content-type", "application/json");
+        assert_eq!(
+            call(
+                "POST",
+                "/v1/embeddings",
+                &[("host", "127.0.0.1:8420"), json]
+            )
+            .await,
+            200
+        );
+        assert_eq!(
+            call(
+                "POST",
+                "/v1/embeddings",
+                &[("host", "localhost:8420"), json]
+            )
+            .await,
+            200
+        );
+        assert_eq!(
+            call("GET", "/v1/models", &[("host", "127.0.0.1:8420")]).await,
+            200
+        );
+        // DNS rebinding: the page's own name in Host.
+        assert_eq!(
+            call("GET", "/v1/models", &[("host", "evil.example:8420")]).await,
+            403
+        );
+        assert_eq!(call("GET", "/v1/models", &[]).await, 403);
+        // A page on this machine posting a "simple" request.
+        let page = [
+            ("host", "127.0.0.1:8420"),
+            ("origin", "https://evil.example"),
+            ("content-type", "text/plain"),
+        ];
+        assert_eq!(call("POST", "/v1/embeddings", &page).await, 403);
+        assert_eq!(
+            call(
+                "POST",
+                "/v1/embeddings",
+                &[("host", "127.0.0.1:8420"), ("content-type", "text/plain")]
+            )
+            .await,
+            415
+        );
     }
 
     #[test]
