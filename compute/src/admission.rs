@@ -136,11 +136,15 @@ pub enum Refusal {
     /// exceed; it takes no job it could not account for.
     #[error("{0}")]
     ReceiptQueueFull(String),
+    /// The worker remembers as many live tickets as it will (to refuse
+    /// their replays); it takes no job whose replay it could not refuse.
+    #[error("{0}")]
+    TooManyTickets(String),
 }
 
 impl Refusal {
     /// Every kind, in the order of [`Refusal::index`].
-    pub const CODES: [&'static str; 7] = [
+    pub const CODES: [&'static str; 8] = [
         "ticket_required",
         "ticket_invalid",
         "ticket_expired",
@@ -148,6 +152,7 @@ impl Refusal {
         "policy_refused",
         "ticket_replayed",
         "receipt_queue_full",
+        "too_many_tickets",
     ];
 
     /// Position of this kind in [`Refusal::CODES`].
@@ -160,6 +165,7 @@ impl Refusal {
             Refusal::PolicyRefused(_) => 4,
             Refusal::TicketReplayed(_) => 5,
             Refusal::ReceiptQueueFull(_) => 6,
+            Refusal::TooManyTickets(_) => 7,
         }
     }
 
@@ -175,7 +181,9 @@ impl Refusal {
             }
             Refusal::TicketMismatch(_) | Refusal::PolicyRefused(_) => StatusCode::FORBIDDEN,
             Refusal::TicketReplayed(_) => StatusCode::CONFLICT,
-            Refusal::ReceiptQueueFull(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Refusal::ReceiptQueueFull(_) | Refusal::TooManyTickets(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 
@@ -309,6 +317,7 @@ mod tests {
             Refusal::PolicyRefused(String::new()),
             Refusal::TicketReplayed(String::new()),
             Refusal::ReceiptQueueFull(String::new()),
+            Refusal::TooManyTickets(String::new()),
         ];
         let got: Vec<_> = all
             .iter()
@@ -324,6 +333,7 @@ mod tests {
                 ("policy_refused", 403),
                 ("ticket_replayed", 409),
                 ("receipt_queue_full", 503),
+                ("too_many_tickets", 503),
             ]
         );
     }

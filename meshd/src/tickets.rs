@@ -215,8 +215,13 @@ impl SeenTickets {
                 t.job_id, t.attempt
             )));
         }
+        // Forgetting a live ticket would let it run again: refuse instead,
+        // until tickets expire.
         if self.expiry.len() >= self.max {
-            self.forget_first();
+            return Err(Refusal::TooManyTickets(format!(
+                "{} tickets are live here; no new jobs until some expire",
+                self.expiry.len()
+            )));
         }
         self.expiry.insert(key.clone(), t.expires_at);
         self.by_expiry.insert((t.expires_at, key));
@@ -535,7 +540,7 @@ mod tests {
     }
 
     #[test]
-    fn seen_tickets_are_forgotten_at_expiry_and_beyond_the_bound() {
+    fn seen_tickets_are_forgotten_at_expiry_and_a_full_table_takes_no_new_jobs() {
         let w = world();
         let checked = |job: u32, expires_at: u64| {
             let mut t = w.ticket();
@@ -552,14 +557,19 @@ mod tests {
         seen.insert(&checked(1, NOW + 10), NOW).unwrap();
         seen.insert(&checked(2, NOW + 30), NOW).unwrap();
         seen.insert(&checked(3, NOW + 20), NOW).unwrap();
-        // Full: the one expiring first (job 1) makes room.
-        seen.insert(&checked(4, NOW + 40), NOW).unwrap();
+        // Full: no live ticket is forgotten; new jobs wait.
+        assert!(matches!(
+            seen.insert(&checked(4, NOW + 40), NOW),
+            Err(Refusal::TooManyTickets(_))
+        ));
         assert_eq!(seen.len(), 3);
-        assert!(seen.insert(&checked(1, NOW + 10), NOW).is_ok(), "forgotten");
-        assert_eq!(seen.len(), 3, "job 3 made room");
-        assert!(seen.insert(&checked(2, NOW + 30), NOW).is_err());
-        assert!(seen.insert(&checked(4, NOW + 40), NOW).is_err());
+        assert!(matches!(
+            seen.insert(&checked(1, NOW + 10), NOW),
+            Err(Refusal::TicketReplayed(_))
+        ));
         // Past their expiry, entries go (a replay then fails as expired).
+        seen.insert(&checked(4, NOW + 40), NOW + 15).unwrap();
+        assert_eq!(seen.len(), 3, "job 1 expired, jobs 2, 3 and 4 remain");
         seen.insert(&checked(5, NOW + 100), NOW + 35).unwrap();
         assert_eq!(seen.len(), 2, "jobs 4 and 5 remain");
         assert!(seen.insert(&checked(4, NOW + 40), NOW + 35).is_err());

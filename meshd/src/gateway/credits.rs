@@ -22,6 +22,9 @@ const ASK_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Default)]
 pub(super) struct Credits {
     last: Mutex<Option<(Instant, String, i64)>>,
+    /// When asking last failed with nothing cached: jobs then stop waiting
+    /// for an answer for a while.
+    failed: Mutex<Option<Instant>>,
     refreshing: AtomicBool,
 }
 
@@ -72,6 +75,7 @@ impl Credits {
             }
             Err(e) => {
                 tracing::debug!(error = format!("{e:#}"), "asking for the credit balance");
+                *self.failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
                 None
             }
         }
@@ -108,7 +112,19 @@ impl Credits {
                 }
                 Some(s)
             }
-            None => self.refresh_now(g, view, &netmap.network).await,
+            None => {
+                let failed_lately = self
+                    .failed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .is_some_and(|t| t.elapsed() < FRESH);
+                if failed_lately {
+                    self.refresh_later(g, view, &netmap.network);
+                    None
+                } else {
+                    self.refresh_now(g, view, &netmap.network).await
+                }
+            }
         };
         match spendable {
             Some(s) if i128::from(estimate) > i128::from(s) => Err(GatewayError::new(
