@@ -3,26 +3,24 @@
 //! mints, the pool and grants; reads by role; the books staying balanced
 //! over a randomized run; and the ingestion rate.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::http::StatusCode;
-use futures_util::{SinkExt, StreamExt};
-use platform::api::{Capabilities, ClientMessage, MapHello, ServerMessage};
+use platform::api::{Capabilities, ServerMessage};
 use platform::capability::{Battery, Tier};
 use platform::jobs::{
     ticket_hash, JobStatus, Receipt, ReceiptBatchResult, ReceiptOutcome, ReceiptResult, Route,
     Sensitivity, Ticket, Workload, DOMAIN_RECEIPT, DOMAIN_TICKET, MICRO,
 };
-use platform::keys::{DevicePrivate, DiscoPrivate, NodePrivate};
+use platform::keys::{DevicePrivate, NodePrivate};
 use platform::ledger::{BalanceRequest, DOMAIN_BALANCE};
 use platform::netmap::PeerChange;
 use platform::people::Role;
-use platform::signed::{Signed, DOMAIN_MAP};
+use platform::signed::Signed;
 use platform::unix_now;
 use serde_json::{json, Value};
-use tokio_tungstenite::tungstenite::Message;
 
-use super::test_support::{self, register_body};
+use super::test_support::{self, next_msg, register_body, Ws};
 use super::SharedState;
 use crate::store::test_store;
 
@@ -900,49 +898,8 @@ async fn compute_rules_are_read_by_members_and_written_by_admins() {
     assert_eq!(n, 3);
 }
 
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-async fn serve(w: &World) -> std::net::SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let app = super::router(w.state.clone());
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    addr
-}
-
 async fn open_stream(addr: std::net::SocketAddr, d: &Dev) -> Ws {
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/api/v1/map"))
-        .await
-        .unwrap();
-    let hello = Signed::sign(
-        &d.key,
-        DOMAIN_MAP,
-        &MapHello {
-            timestamp: unix_now(),
-            node_key: d.node.public(),
-            disco_key: DiscoPrivate::generate().public(),
-        },
-    );
-    ws.send(Message::text(
-        serde_json::to_string(&ClientMessage::Hello { hello }).unwrap(),
-    ))
-    .await
-    .unwrap();
-    ws
-}
-
-async fn next_msg(ws: &mut Ws) -> ServerMessage {
-    loop {
-        let msg = tokio::time::timeout(Duration::from_secs(5), ws.next())
-            .await
-            .expect("message in time")
-            .unwrap()
-            .unwrap();
-        if let Message::Text(t) = msg {
-            return serde_json::from_str(&t).unwrap();
-        }
-    }
+    test_support::open_stream(addr, &d.key, &d.node).await
 }
 
 #[tokio::test]
@@ -951,7 +908,7 @@ async fn rule_and_role_changes_reach_connected_devices() {
     let ann = w.join("home", "ann", "member").await;
     let a = w.device(&w.owner.clone(), "home", "a").await;
     let b = w.device(&ann, "home", "b").await;
-    let addr = serve(&w).await;
+    let addr = test_support::serve(&w.state).await;
     let mut sa = open_stream(addr, &a).await;
     let ServerMessage::Full { netmap } = next_msg(&mut sa).await else {
         panic!("a full netmap first")

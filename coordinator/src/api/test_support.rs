@@ -1,18 +1,21 @@
 //! What the in-process API tests share: a server state on a temporary
-//! database, one way to call the router, and signed device requests.
+//! database, one way to call the router, signed device requests, and a
+//! served router with map streams to it.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body as HttpBody;
 use axum::http::{Request, StatusCode};
+use futures_util::{SinkExt, StreamExt};
 use http_body_util::BodyExt;
-use platform::api::{Capabilities, RegisterRequest};
+use platform::api::{Capabilities, ClientMessage, MapHello, RegisterRequest, ServerMessage};
 use platform::keys::{DevicePrivate, DiscoPrivate, NodePrivate};
 use platform::people::DeviceCodeRequest;
-use platform::signed::{Signed, DOMAIN_DEVICE_CODE, DOMAIN_REGISTER};
+use platform::signed::{Signed, DOMAIN_DEVICE_CODE, DOMAIN_MAP, DOMAIN_REGISTER};
 use platform::unix_now;
 use serde_json::Value;
+use tokio_tungstenite::tungstenite::Message;
 use tower::ServiceExt;
 
 use super::{router, AppState, SharedState};
@@ -90,4 +93,57 @@ pub fn device_code_body(dev: &DevicePrivate, host: &str, code: Option<&str>) -> 
         code: code.map(str::to_owned),
     };
     serde_json::to_value(Signed::sign(dev, DOMAIN_DEVICE_CODE, &req)).unwrap()
+}
+
+/// A map stream (WebSocket) to a served router.
+pub type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Serves the router on a loopback port for as long as the test runs.
+pub async fn serve(state: &SharedState) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = router(state.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
+/// Opens a map stream as `dev` with node key `node`: the signed hello sent.
+pub async fn open_stream(
+    addr: std::net::SocketAddr,
+    dev: &DevicePrivate,
+    node: &NodePrivate,
+) -> Ws {
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/api/v1/map"))
+        .await
+        .unwrap();
+    let hello = Signed::sign(
+        dev,
+        DOMAIN_MAP,
+        &MapHello {
+            timestamp: unix_now(),
+            node_key: node.public(),
+            disco_key: DiscoPrivate::generate().public(),
+        },
+    );
+    ws.send(Message::text(
+        serde_json::to_string(&ClientMessage::Hello { hello }).unwrap(),
+    ))
+    .await
+    .unwrap();
+    ws
+}
+
+/// The next message on a map stream, within 5 s.
+pub async fn next_msg(ws: &mut Ws) -> ServerMessage {
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("message in time")
+            .unwrap()
+            .unwrap();
+        if let Message::Text(t) = msg {
+            return serde_json::from_str(&t).unwrap();
+        }
+    }
 }

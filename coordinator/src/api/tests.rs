@@ -7,18 +7,18 @@ use axum::http::{Request, StatusCode};
 use futures_util::{SinkExt, StreamExt};
 use http_body_util::BodyExt;
 use platform::api::{
-    ApiError, Capabilities, ClientMessage, CreatedPreauthKey, MapHello, RegisterResponse,
-    ServerMessage, WireguardPeerCreated,
+    ApiError, Capabilities, ClientMessage, CreatedPreauthKey, RegisterResponse, ServerMessage,
+    WireguardPeerCreated,
 };
-use platform::keys::{DevicePrivate, DiscoPrivate, NodePrivate};
+use platform::keys::{DevicePrivate, NodePrivate};
 use platform::netmap::PeerChange;
-use platform::signed::{Signed, DOMAIN_MAP};
+use platform::signed::Signed;
 use platform::unix_now;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 use tower::ServiceExt;
 
-use super::test_support::{self, register_body};
+use super::test_support::{self, next_msg, open_stream, register_body, serve};
 use super::{router, SharedState};
 use crate::store::test_store;
 
@@ -348,51 +348,11 @@ async fn malformed_requests_get_json_errors() {
     assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
 }
 
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-async fn open_stream(addr: std::net::SocketAddr, dev: &DevicePrivate, node: &NodePrivate) -> Ws {
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/api/v1/map"))
-        .await
-        .unwrap();
-    let hello = Signed::sign(
-        dev,
-        DOMAIN_MAP,
-        &MapHello {
-            timestamp: unix_now(),
-            node_key: node.public(),
-            disco_key: DiscoPrivate::generate().public(),
-        },
-    );
-    ws.send(Message::text(
-        serde_json::to_string(&ClientMessage::Hello { hello }).unwrap(),
-    ))
-    .await
-    .unwrap();
-    ws
-}
-
-async fn next_msg(ws: &mut Ws) -> ServerMessage {
-    loop {
-        let msg = tokio::time::timeout(Duration::from_secs(5), ws.next())
-            .await
-            .expect("message in time")
-            .unwrap()
-            .unwrap();
-        if let Message::Text(t) = msg {
-            return serde_json::from_str(&t).unwrap();
-        }
-    }
-}
-
 #[tokio::test]
 async fn map_stream_sends_full_map_then_deltas() {
     let h = Harness::new().await;
     let key = h.network_and_key(json!({"reusable": true})).await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let app = router(h.state.clone());
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let addr = serve(&h.state).await;
 
     let (a_dev, a_node) = (DevicePrivate::generate(), NodePrivate::generate());
     let (b_dev, b_node) = (DevicePrivate::generate(), NodePrivate::generate());
@@ -526,10 +486,7 @@ async fn map_stream_sends_full_map_then_deltas() {
 #[tokio::test]
 async fn map_stream_refuses_unknown_devices_and_garbage() {
     let h = Harness::new().await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let app = router(h.state.clone());
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let addr = serve(&h.state).await;
 
     let mut ws = open_stream(addr, &DevicePrivate::generate(), &NodePrivate::generate()).await;
     let ServerMessage::Error { error } = next_msg(&mut ws).await else {
@@ -617,10 +574,7 @@ async fn relays_ask_whether_a_node_key_may_connect() {
 async fn map_stream_follows_approval_rotation_and_removal() {
     let h = Harness::new().await;
     let key = h.network_and_key(json!({"reusable": true})).await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let app = router(h.state.clone());
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let addr = serve(&h.state).await;
 
     let (a_dev, a_node) = (DevicePrivate::generate(), NodePrivate::generate());
     let body = register_body(&a_dev, &a_node, &key, "a", unix_now());
