@@ -570,6 +570,15 @@ pub(super) mod tests {
         }
     }
 
+    /// A handshake initiation from `tunn` (`force`: even if one is in flight).
+    fn initiation(tunn: &mut Tunn, force: bool) -> Vec<u8> {
+        let mut buf = vec![0u8; 256];
+        match tunn.format_handshake_initiation(&mut buf, force) {
+            boringtun::noise::TunnResult::WriteToNetwork(p) => p.to_vec(),
+            _ => panic!("no initiation"),
+        }
+    }
+
     #[test]
     fn node_key_change_keeps_the_peer_and_rehandshakes_under_the_new_key() {
         let (old, new, them) = (
@@ -586,7 +595,6 @@ pub(super) mod tests {
         );
         let peer = t.by_key[&them.public()].clone();
         let mut st = peer.lock();
-        let mut buf = vec![0u8; 2048];
         // A session under the old key.
         let mut theirs = Tunn::new(
             them.to_dalek(),
@@ -596,10 +604,7 @@ pub(super) mod tests {
             9,
             None,
         );
-        let init = match st.tunn.format_handshake_initiation(&mut buf, false) {
-            boringtun::noise::TunnResult::WriteToNetwork(p) => p.to_vec(),
-            _ => panic!("no initiation"),
-        };
+        let init = initiation(&mut st.tunn, false);
         let response = feed(&mut theirs, &init).expect("response");
         let keepalive = feed(&mut st.tunn, &response).expect("keepalive");
         assert!(feed(&mut theirs, &keepalive).is_none());
@@ -612,10 +617,7 @@ pub(super) mod tests {
             st.rehandshake_due(now),
             "an active session rehandshakes at once"
         );
-        let init = match st.tunn.format_handshake_initiation(&mut buf, true) {
-            boringtun::noise::TunnResult::WriteToNetwork(p) => p.to_vec(),
-            _ => panic!("no initiation"),
-        };
+        let init = initiation(&mut st.tunn, true);
         // A peer that still knows only the old key refuses it ...
         assert!(feed(&mut theirs, &init).is_none());
         // ... and once told the new key (a fresh session), accepts.
@@ -671,14 +673,7 @@ pub(super) mod tests {
             0,
         );
         let peer = bare.by_key[&them.public()].clone();
-        let init = {
-            let mut st = peer.lock();
-            let mut buf = vec![0u8; 256];
-            match st.tunn.format_handshake_initiation(&mut buf, false) {
-                boringtun::noise::TunnResult::WriteToNetwork(p) => p.to_vec(),
-                _ => panic!("no initiation"),
-            }
-        };
+        let init = initiation(&mut peer.lock().tunn, false);
         let now = Instant::now();
         assert_eq!(peer.lock().targets_for(&init, now), Targets::default());
         assert!(!peer.lock().rehandshake_due(now), "still nowhere to go");
@@ -719,14 +714,7 @@ pub(super) mod tests {
             &idx,
             0,
         );
-        let init = {
-            let mut st = first.by_key[&them.public()].lock();
-            let mut buf = vec![0u8; 256];
-            match st.tunn.format_handshake_initiation(&mut buf, false) {
-                boringtun::noise::TunnResult::WriteToNetwork(p) => p.to_vec(),
-                _ => panic!("no initiation"),
-            }
-        };
+        let init = initiation(&mut first.by_key[&them.public()].lock().tunn, false);
         let sent = first.by_key[&them.public()]
             .lock()
             .targets_for(&init, Instant::now());
