@@ -125,12 +125,6 @@ pub struct ReceiptQueue {
     max_bytes: u64,
 }
 
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
 /// Makes a rename or removal in `dir` durable.
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
     fs::File::open(dir)?.sync_all()
@@ -213,7 +207,7 @@ impl ReceiptQueue {
         let body = serde_json::to_vec(receipt)?;
         let name = {
             let mut i = self.index();
-            let now = unix_ms();
+            let now = platform::unix_now_ms();
             let name = loop {
                 i.next += 1;
                 let name = format!("{now:013}-{:08}.json", i.next);

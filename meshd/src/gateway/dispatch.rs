@@ -19,7 +19,7 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use super::joblog::{Attempt, JobRecord, JobState};
 use super::placement::{Placed, Target};
-use super::{Gateway, GatewayError, JobOptions, SessionView};
+use super::{Gateway, GatewayError, JobOptions};
 
 /// Waits before the 2nd, 3rd and 4th attempts: up to three retries.
 const BACKOFF: [Duration; 3] = [
@@ -202,10 +202,8 @@ fn annotate(resp: &mut Response, placed: &Placed, target: &Target, attempts: usi
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 pub(super) async fn run(
     g: Arc<Gateway>,
-    view: SessionView,
     netmap: NetMap,
     placed: Placed,
     mut body: Map<String, Value>,
@@ -229,7 +227,7 @@ pub(super) async fn run(
         route: placed.route.clone(),
         stream,
         state: JobState::Running,
-        started_at_ms: unix_ms(),
+        started_at_ms: platform::unix_now_ms(),
         latency_ms: None,
         trying: None,
         served_by: None,
@@ -365,7 +363,6 @@ pub(super) async fn run(
         r.error = Some(message.clone());
     });
     drop(finish);
-    drop(view);
     Err(if all_declined {
         GatewayError::unavailable("all_workers_busy", message)
     } else {
@@ -483,13 +480,6 @@ async fn answer(
         response,
         rest: Some(rest),
     })
-}
-
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

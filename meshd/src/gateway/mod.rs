@@ -308,17 +308,7 @@ impl Gateway {
             .check(self, &view, &netmap, placed.estimated_cost)
             .await
             .inspect_err(|_| self.jobs.refused())?;
-        dispatch::run(
-            self.clone(),
-            view,
-            netmap,
-            placed,
-            body,
-            stream,
-            opts,
-            permit,
-        )
-        .await
+        dispatch::run(self.clone(), netmap, placed, body, stream, opts, permit).await
     }
 }
 
