@@ -26,9 +26,24 @@ pub(super) struct Credits {
     /// for an answer for a while.
     failed: Mutex<Option<Instant>>,
     refreshing: AtomicBool,
+    /// The client to the coordinator, made once per CA file (building one
+    /// reads the file and sets up TLS).
+    http: Mutex<Option<(Option<std::path::PathBuf>, reqwest::Client)>>,
 }
 
 impl Credits {
+    fn client(&self, view: &SessionView) -> anyhow::Result<reqwest::Client> {
+        let mut http = self.http.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((ca, client)) = http.as_ref() {
+            if *ca == view.ca_file {
+                return Ok(client.clone());
+            }
+        }
+        let client = crate::control::coordinator_http(view.ca_file.as_deref())?;
+        *http = Some((view.ca_file.clone(), client.clone()));
+        Ok(client)
+    }
+
     fn cached(&self, network: &str) -> Option<(Instant, i64)> {
         let last = self.last.lock().unwrap_or_else(|p| p.into_inner());
         last.as_ref()
@@ -46,7 +61,7 @@ impl Credits {
             timestamp: platform::unix_now(),
         };
         let body = Signed::sign(&g.keys.current().device, DOMAIN_BALANCE, &query);
-        let http = crate::control::coordinator_http(view.ca_file.as_deref())?;
+        let http = self.client(view)?;
         let reply: BalanceAnswer = http
             .post(format!(
                 "{}/api/v1/balance",
