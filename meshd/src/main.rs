@@ -1,26 +1,6 @@
 //! `meshd`: the Crank Mesh daemon and its command-line client.
 #![forbid(unsafe_code)]
 
-mod contribute;
-mod control;
-mod daemon;
-mod endpoints;
-mod engine;
-mod gateway;
-mod jobs_cli;
-mod key_expiry;
-mod keyring;
-mod localapi;
-mod netcheck;
-mod pairing;
-mod paths;
-mod receipts;
-mod serve_compute;
-mod state;
-mod static_tunnel;
-mod status_text;
-mod sysinfo;
-mod tickets;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -28,9 +8,10 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
-use crate::daemon::{Daemon, DaemonConfig};
-use crate::engine::TunConfig;
-use crate::localapi::Request;
+use meshd::daemon::{Daemon, DaemonConfig};
+use meshd::{daemon, engine, gateway, jobs_cli, localapi, static_tunnel, status_text};
+use meshd::engine::TunConfig;
+use meshd::localapi::Request;
 
 const DEFAULT_SOCKET: &str = "/run/meshd/meshd.sock";
 
