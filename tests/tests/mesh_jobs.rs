@@ -414,15 +414,24 @@ fn jobs_go_to_eligible_workers_through_the_gateway_and_the_ledger_settles_them()
         };
         lab.kill(dead.pid);
         let out_path = lab.dir.join("long-job.out");
-        wait_until(Duration::from_secs(240), "the long job's answer", || {
-            std::fs::read_to_string(&out_path).is_ok_and(|s| s.contains("\"choices\""))
+        // The job's record ends when the gateway answers, ok or not.
+        let mut shown = Value::Null;
+        wait_until(Duration::from_secs(240), "the long job's end", || {
+            let Ok(out) = alpha.meshd(&["jobs", "show", &job, "--json"]) else {
+                return false;
+            };
+            shown = serde_json::from_str(&out).unwrap_or(Value::Null);
+            shown["state"] != "running"
+        })?;
+        wait_until(Duration::from_secs(10), "curl's copy of the answer", || {
+            std::fs::read_to_string(&out_path)
+                .is_ok_and(|s| HttpAnswer::parse(&s).is_ok_and(|a| a.body.is_object()))
         })?;
         let a = HttpAnswer::parse(&std::fs::read_to_string(&out_path)?)?;
         anyhow::ensure!(
             a.status == 200 && a.header("x-crank-served-by") == Some(survivor),
-            "{a:?}"
+            "victim {victim}: {a:?}\njob: {shown}"
         );
-        let shown: Value = serde_json::from_str(&alpha.meshd(&["jobs", "show", &job, "--json"])?)?;
         let attempts = shown["attempts"].as_array().cloned().unwrap_or_default();
         anyhow::ensure!(
             attempts.len() == 2

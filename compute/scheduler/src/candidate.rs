@@ -109,7 +109,11 @@ fn from_node(
         is_self,
         member: node.owner.is_some() && node.owner_role.is_some(),
         revoked: node.key_expired(now_unix),
-        online: is_self || node.online,
+        // The coordinator's word, or what this device sees itself: a peer
+        // whose direct path answered moments ago is up, whatever the
+        // coordinator last saw (after a restart it has seen nobody yet, and
+        // while it is down its word grows old).
+        online: is_self || node.online || path.direct,
         os: node.os.clone(),
         capabilities: node.capabilities.as_deref().cloned(),
         path,

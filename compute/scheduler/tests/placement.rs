@@ -417,7 +417,7 @@ fn candidates_come_from_the_netmap() {
     ownerless.owner = None;
     let mut roleless = node("roleless", 5);
     roleless.owner_role = None;
-    let mut asleep = node("asleep", 6);
+    let mut asleep = node("asleep", 7);
     asleep.online = false;
     let peers: BTreeMap<_, _> = [expired, later, ownerless, roleless, asleep]
         .into_iter()
@@ -458,4 +458,36 @@ fn candidates_come_from_the_netmap() {
 
     let p = scheduler::place(&chat(Role::Member), &cs, &map.compute);
     assert_eq!(ranked_names(&p), ["me", "later"]);
+}
+
+/// A peer the coordinator has not seen (it just restarted) but whose direct
+/// path answered is online to the scheduler; one with no live path is not.
+#[test]
+fn a_peer_that_answers_is_online_whatever_the_coordinator_last_saw() {
+    let me = node("me", 1);
+    let mut answering = node("answering", 2);
+    answering.online = false;
+    let mut silent = node("silent", 3);
+    silent.online = false;
+    let map = NetMap {
+        network: "home".into(),
+        self_node: me,
+        routes: Vec::new(),
+        peers: [answering, silent]
+            .into_iter()
+            .map(|n| (n.node_key, n))
+            .collect(),
+        relay_map: RelayMap::default(),
+        dns: DnsConfig::default(),
+        awaiting_approval: false,
+        compute: ComputeRules::default(),
+    };
+    let paths = |key: &platform::keys::NodePublic| PathInfo {
+        rtt_ms: Some(1.0),
+        direct: key.as_bytes()[0] == 2,
+    };
+    let cs = candidates(&map, &paths, &|_: &str| 0, 1000);
+    let by = |n: &str| cs.iter().find(|c| c.name == n).unwrap();
+    assert!(by("answering").online);
+    assert!(!by("silent").online);
 }
