@@ -13,7 +13,8 @@ use platform::api::{
     ApiError, Capabilities, ClientMessage, MapHello, RegisterRequest, RegisterResponse,
     ServerMessage, HEARTBEAT_INTERVAL_SECS,
 };
-use platform::keys::NodePublic;
+use platform::control_auth::{node_proof, CoordinatorInfo, FrameVerifier, ProofPurpose};
+use platform::keys::{CoordinatorPublic, NodePublic};
 use platform::netmap::NetMap;
 use platform::signed::{Signed, DOMAIN_MAP, DOMAIN_REGISTER};
 use platform::unix_now;
@@ -99,17 +100,62 @@ pub(crate) fn explain_certificate(err: anyhow::Error, ca_file: Option<&Path>) ->
     }
 }
 
-/// Registers this device with the coordinator.
+/// The coordinator's keys (`GET /api/v1/coordinator`), checked: its proof
+/// key signed by its identity key, and that identity the one this device
+/// pinned, if it pinned one.
+pub async fn coordinator_info(
+    http: &reqwest::Client,
+    coordinator: &str,
+    pin: Option<&CoordinatorPublic>,
+) -> anyhow::Result<CoordinatorInfo> {
+    let url = format!("{}/api/v1/coordinator", base_url(coordinator));
+    let resp = http
+        .get(&url)
+        .timeout(REQUEST_TIMEOUT)
+        .send()
+        .await
+        .with_context(|| format!("asking {url} who it is"))?;
+    anyhow::ensure!(
+        resp.status().is_success(),
+        "{url} answered {}: not a Crank Mesh coordinator?",
+        resp.status()
+    );
+    let info: CoordinatorInfo = resp
+        .json()
+        .await
+        .with_context(|| format!("reading {url}"))?;
+    info.check(pin)?;
+    Ok(info)
+}
+
+/// Registers this device with the coordinator, proving it holds its node
+/// key. With `pin`, the coordinator must be the one holding that identity
+/// key; without, the identity it presents (over TLS) is returned for the
+/// caller to pin.
 pub async fn register(
     coordinator: &str,
     ca_file: Option<&Path>,
+    pin: Option<&CoordinatorPublic>,
     keys: &Keys,
     auth_key: &str,
     hostname: &str,
     capabilities: Capabilities,
-) -> anyhow::Result<RegisterResponse> {
+) -> anyhow::Result<(RegisterResponse, CoordinatorPublic)> {
+    let http = coordinator_http(ca_file)?;
+    let info = coordinator_info(&http, coordinator, pin)
+        .await
+        .map_err(|e| explain_certificate(e, ca_file))?;
+    let timestamp = unix_now();
+    let node_proof = node_proof(
+        ProofPurpose::Register,
+        &keys.node,
+        &info.proof_key,
+        &keys.device.public(),
+        timestamp,
+    )
+    .context("the coordinator's proof key is unusable")?;
     let req = RegisterRequest {
-        timestamp: unix_now(),
+        timestamp,
         auth_key: auth_key.to_owned(),
         node_key: keys.node.public(),
         disco_key: keys.disco.public(),
@@ -117,13 +163,14 @@ pub async fn register(
         os: std::env::consts::OS.to_owned(),
         capabilities,
         network: None,
+        node_proof,
     };
     let body = Signed::sign(&keys.device, DOMAIN_REGISTER, &req);
-    let http = coordinator_http(ca_file)?;
-    post_signed(&http, coordinator, "/api/v1/register", &body)
+    let answer = post_signed(&http, coordinator, "/api/v1/register", &body)
         .await
         .map_err(|e| explain_certificate(e.into(), ca_file))
-        .context("registering with the coordinator")
+        .context("registering with the coordinator")?;
+    Ok((answer, info.coordinator_key))
 }
 
 /// How long one request to the coordinator may take.
@@ -220,6 +267,7 @@ pub struct MapState {
 pub async fn run_map_stream(
     coordinator: String,
     ca_file: Option<PathBuf>,
+    pin: CoordinatorPublic,
     keys: Arc<KeyRing>,
     engine: Arc<EngineSlot>,
     state: watch::Sender<MapState>,
@@ -230,6 +278,7 @@ pub async fn run_map_stream(
         match map_session(
             &coordinator,
             ca_file.as_deref(),
+            &pin,
             &keys,
             &engine,
             &state,
@@ -256,8 +305,9 @@ pub async fn run_map_stream(
 async fn open_stream(
     coordinator: &str,
     ca_file: Option<&Path>,
+    pin: &CoordinatorPublic,
     keys: &KeyRing,
-) -> anyhow::Result<(Ws, NetMap)> {
+) -> anyhow::Result<(Ws, NetMap, FrameVerifier)> {
     let url = format!(
         "{}/api/v1/map",
         base_url(coordinator).replacen("http", "ws", 1)
@@ -275,6 +325,15 @@ async fn open_stream(
                 .await
                 .map_err(|e| explain_certificate(e.into(), ca_file))
                 .with_context(|| format!("connecting to {url}"))?;
+        let nonce = match tokio::time::timeout(HELLO_WAIT, next_raw(&mut ws))
+            .await
+            .map_err(|_| anyhow::anyhow!("no challenge within {HELLO_WAIT:?}"))??
+        {
+            Some(ServerMessage::Challenge { nonce }) => nonce,
+            Some(other) => anyhow::bail!("expected the challenge first, got {other:?}"),
+            None => anyhow::bail!("the coordinator closed the stream before its challenge"),
+        };
+        let mut verifier = FrameVerifier::new(*pin, nonce.clone());
         let hello = Signed::sign(
             &current.device,
             DOMAIN_MAP,
@@ -282,10 +341,11 @@ async fn open_stream(
                 timestamp: unix_now(),
                 node_key: node.public(),
                 disco_key: current.disco.public(),
+                nonce,
             },
         );
         send(&mut ws, &ClientMessage::Hello { hello }).await?;
-        let first = tokio::time::timeout(HELLO_WAIT, next_message(&mut ws))
+        let first = tokio::time::timeout(HELLO_WAIT, next_message(&mut ws, &mut verifier))
             .await
             .map_err(|_| anyhow::anyhow!("no netmap within {HELLO_WAIT:?}"))??;
         match first {
@@ -293,7 +353,7 @@ async fn open_stream(
                 if let Err(e) = keys.settle(&node.public()) {
                     tracing::warn!(error = format!("{e:#}"), "storing the settled node key");
                 }
-                return Ok((ws, *netmap));
+                return Ok((ws, *netmap, verifier));
             }
             Some(ServerMessage::Error { error }) => refusal = error.message,
             Some(other) => anyhow::bail!("expected the netmap first, got {other:?}"),
@@ -303,8 +363,8 @@ async fn open_stream(
     anyhow::bail!("coordinator closed the stream: {refusal}")
 }
 
-/// The next message of the stream; `None` when it closed.
-async fn next_message(ws: &mut Ws) -> anyhow::Result<Option<ServerMessage>> {
+/// The next message of the stream as it came; `None` when it closed.
+async fn next_raw(ws: &mut Ws) -> anyhow::Result<Option<ServerMessage>> {
     while let Some(msg) = ws.next().await {
         let text = match msg? {
             Message::Text(t) => t,
@@ -316,6 +376,32 @@ async fn next_message(ws: &mut Ws) -> anyhow::Result<Option<ServerMessage>> {
             .context("coordinator sent an invalid message");
     }
     Ok(None)
+}
+
+/// The next message after the hello: signed by the pinned coordinator for
+/// this stream and its place in it, else the stream is dropped. An unsigned
+/// refusal (the hello was not accepted) is passed on as it is: it can only
+/// end the stream.
+async fn next_message(
+    ws: &mut Ws,
+    verifier: &mut FrameVerifier,
+) -> anyhow::Result<Option<ServerMessage>> {
+    match next_raw(ws).await? {
+        None => Ok(None),
+        Some(ServerMessage::Signed { frame }) => {
+            let payload = verifier
+                .open(&frame)
+                .context("a map-stream message failed its check")?;
+            match serde_json::from_str(payload).context("coordinator sent an invalid message")? {
+                ServerMessage::Signed { .. } | ServerMessage::Challenge { .. } => {
+                    anyhow::bail!("coordinator sent a nested or late challenge")
+                }
+                msg => Ok(Some(msg)),
+            }
+        }
+        Some(ServerMessage::Error { error }) => Ok(Some(ServerMessage::Error { error })),
+        Some(other) => anyhow::bail!("unsigned map-stream message refused: {other:?}"),
+    }
 }
 
 /// Makes `map` describe this device under `key` after a rotation (the
@@ -336,13 +422,14 @@ fn patch_self(map: &mut NetMap, key: NodePublic, expiry: Option<Option<u64>>) ->
 async fn map_session(
     coordinator: &str,
     ca_file: Option<&Path>,
+    pin: &CoordinatorPublic,
     keys: &KeyRing,
     engine: &EngineSlot,
     state: &watch::Sender<MapState>,
     caps: &mut watch::Receiver<Capabilities>,
 ) -> anyhow::Result<()> {
     let mut key_changes = keys.subscribe();
-    let (mut ws, full) = open_stream(coordinator, ca_file, keys).await?;
+    let (mut ws, full, mut verifier) = open_stream(coordinator, ca_file, pin, keys).await?;
     key_changes.mark_unchanged();
     // The key the coordinator accepted (a settled rotation may have changed it).
     engine.set_node_key(&keys.current().node);
@@ -377,7 +464,7 @@ async fn map_session(
         let expiry_wait = next_expiry
             .map(|t| Duration::from_secs(t.saturating_sub(unix_now())).min(EXPIRY_RECHECK));
         tokio::select! {
-            msg = next_message(&mut ws) => {
+            msg = next_message(&mut ws, &mut verifier) => {
                 let Some(msg) = msg? else { return Ok(()) };
                 match msg {
                     ServerMessage::Full { netmap: full } => {
@@ -390,6 +477,7 @@ async fn map_session(
                         map.apply(&changes);
                     }
                     ServerMessage::Error { error } => anyhow::bail!("coordinator closed the stream: {}", error.message),
+                    ServerMessage::Challenge { .. } | ServerMessage::Signed { .. } => anyhow::bail!("unexpected message on the map stream"),
                     ServerMessage::RotateKey => {
                         tracing::info!("the coordinator asks for a new node key");
                         state.send_modify(|s| s.rotate_requests += 1);
