@@ -128,23 +128,19 @@ pub async fn coordinator_info(
     Ok(info)
 }
 
-/// Registers this device with the coordinator, proving it holds its node
-/// key. With `pin`, the coordinator must be the one holding that identity
-/// key; without, the identity it presents (over TLS) is returned for the
-/// caller to pin.
+/// Registers this device with the coordinator described by `info` (from
+/// [`coordinator_info`], checked against the pin), proving it holds its
+/// node key.
 pub async fn register(
     coordinator: &str,
     ca_file: Option<&Path>,
-    pin: Option<&CoordinatorPublic>,
+    info: &CoordinatorInfo,
     keys: &Keys,
     auth_key: &str,
     hostname: &str,
     capabilities: Capabilities,
-) -> anyhow::Result<(RegisterResponse, CoordinatorPublic)> {
+) -> anyhow::Result<RegisterResponse> {
     let http = coordinator_http(ca_file)?;
-    let info = coordinator_info(&http, coordinator, pin)
-        .await
-        .map_err(|e| explain_certificate(e, ca_file))?;
     let timestamp = unix_now();
     let node_proof = node_proof(
         ProofPurpose::Register,
@@ -166,11 +162,10 @@ pub async fn register(
         node_proof,
     };
     let body = Signed::sign(&keys.device, DOMAIN_REGISTER, &req);
-    let answer = post_signed(&http, coordinator, "/api/v1/register", &body)
+    post_signed(&http, coordinator, "/api/v1/register", &body)
         .await
         .map_err(|e| explain_certificate(e.into(), ca_file))
-        .context("registering with the coordinator")?;
-    Ok((answer, info.coordinator_key))
+        .context("registering with the coordinator")
 }
 
 /// How long one request to the coordinator may take.
@@ -615,5 +610,117 @@ mod tests {
         // Other errors pass through as they are.
         let other = explain_certificate(anyhow::anyhow!("connection refused"), None);
         assert_eq!(format!("{other:#}"), "connection refused");
+    }
+
+    /// A map-stream server that challenges, takes any hello, and answers
+    /// with `answer(nonce)` as its next frame.
+    async fn map_server(answer: fn(&str) -> String) -> String {
+        use axum::extract::ws::{Message as AxMessage, WebSocketUpgrade};
+        let app = axum::Router::new().route(
+            "/api/v1/map",
+            axum::routing::get(move |ws: WebSocketUpgrade| async move {
+                ws.on_upgrade(move |mut socket| async move {
+                    let nonce = platform::control_auth::new_nonce();
+                    let challenge = ServerMessage::Challenge {
+                        nonce: nonce.clone(),
+                    };
+                    let text = serde_json::to_string(&challenge).unwrap();
+                    let _ = socket.send(AxMessage::Text(text.into())).await;
+                    let _hello = socket.recv().await;
+                    let _ = socket.send(AxMessage::Text(answer(&nonce).into())).await;
+                    let _ = socket.recv().await;
+                })
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        format!("http://{addr}")
+    }
+
+    fn full_netmap() -> String {
+        let me = platform::netmap::Node {
+            id: 1,
+            name: "me".into(),
+            kind: platform::netmap::NodeKind::Mesh,
+            node_key: platform::keys::NodePrivate::generate().public(),
+            disco_key: None,
+            addresses: vec![std::net::IpAddr::from([100, 64, 0, 1])],
+            endpoints: vec![],
+            online: true,
+            os: "linux".into(),
+            home_region: None,
+            capabilities: None,
+            owner: None,
+            key_expiry: None,
+            device_key: None,
+            owner_role: None,
+        };
+        let netmap = NetMap {
+            network: "home".into(),
+            self_node: me,
+            routes: vec![],
+            peers: Default::default(),
+            relay_map: Default::default(),
+            dns: Default::default(),
+            awaiting_approval: false,
+            compute: Default::default(),
+        };
+        serde_json::to_string(&ServerMessage::Full {
+            netmap: Box::new(netmap),
+        })
+        .unwrap()
+    }
+
+    fn trusted() -> &'static platform::control_auth::CoordinatorIdentity {
+        static ID: std::sync::LazyLock<platform::control_auth::CoordinatorIdentity> =
+            std::sync::LazyLock::new(platform::control_auth::CoordinatorIdentity::generate);
+        &ID
+    }
+
+    async fn open(url: &str) -> anyhow::Result<NetMap> {
+        let dir = tempfile::tempdir().unwrap();
+        let state = crate::state::StateDir::open(dir.path()).unwrap();
+        let keys = KeyRing::new(state.clone(), state.keys().unwrap());
+        open_stream(url, None, &trusted().public(), &keys)
+            .await
+            .map(|(_, netmap, _)| netmap)
+    }
+
+    /// The netmap is taken only when the pinned coordinator signed it for
+    /// this stream: signed by another key, for another stream, or not
+    /// signed at all, the stream is dropped. (Before pinning, any server
+    /// that passed TLS could hand a device its peers.)
+    #[tokio::test]
+    async fn only_the_pinned_coordinator_gives_a_netmap() {
+        let url = map_server(|nonce| {
+            let frame = trusted().sign_frame(nonce, 0, full_netmap());
+            serde_json::to_string(&ServerMessage::Signed { frame }).unwrap()
+        })
+        .await;
+        let netmap = open(&url).await.unwrap();
+        assert_eq!(netmap.network, "home");
+
+        let url = map_server(|nonce| {
+            let other = platform::control_auth::CoordinatorIdentity::generate();
+            let frame = other.sign_frame(nonce, 0, full_netmap());
+            serde_json::to_string(&ServerMessage::Signed { frame }).unwrap()
+        })
+        .await;
+        let err = format!("{:#}", open(&url).await.unwrap_err());
+        assert!(err.contains("not signed by the coordinator"), "{err}");
+
+        let url = map_server(|_| {
+            let stale = platform::control_auth::new_nonce();
+            let frame = trusted().sign_frame(&stale, 0, full_netmap());
+            serde_json::to_string(&ServerMessage::Signed { frame }).unwrap()
+        })
+        .await;
+        let err = format!("{:#}", open(&url).await.unwrap_err());
+        assert!(err.contains("not signed by the coordinator"), "{err}");
+
+        let url = map_server(|_| full_netmap()).await;
+        let err = format!("{:#}", open(&url).await.unwrap_err());
+        assert!(err.contains("unsigned"), "{err}");
     }
 }

@@ -620,23 +620,33 @@ impl Daemon {
         auth_key: String,
         hostname: Option<String>,
     ) -> anyhow::Result<()> {
+        let prefs = self.state.prefs()?;
+        // The key given, else the one pinned for this coordinator before;
+        // checked before anything is torn down, so `up` to a coordinator
+        // this device does not trust leaves it as it was.
+        let pin = coordinator_key.or(prefs
+            .coordinator_key
+            .filter(|_| prefs.coordinator.as_deref() == Some(coordinator.as_str())));
+        let info = control::coordinator_info(
+            &control::coordinator_http(ca_file.as_deref())?,
+            &coordinator,
+            pin.as_ref(),
+        )
+        .await
+        .map_err(|e| control::explain_certificate(e, ca_file.as_deref()))?;
         let mut session = self.session.lock().await;
         if let Some(old) = session.take() {
             self.gateway_view.send_replace(None);
             old.stop().await;
         }
-        let prefs = self.state.prefs()?;
         let hostname = hostname.or(prefs.hostname).unwrap_or_else(system_hostname);
         let caps = self.caps.borrow().clone();
         let udp = self.bind_udp()?;
-        // The key given, else the one pinned for this coordinator before.
-        let pin = coordinator_key.or(prefs
-            .coordinator_key
-            .filter(|_| prefs.coordinator.as_deref() == Some(coordinator.as_str())));
-        let (reg, pin) = control::register(
+        let pin = info.coordinator_key;
+        let reg = control::register(
             &coordinator,
             ca_file.as_deref(),
-            pin.as_ref(),
+            &info,
             &self.keys.current(),
             &auth_key,
             &hostname,

@@ -4,7 +4,6 @@ use std::time::Duration;
 
 use axum::body::Body as HttpBody;
 use axum::http::{Request, StatusCode};
-use futures_util::SinkExt as _;
 use http_body_util::BodyExt;
 use platform::api::{
     ApiError, Capabilities, ClientMessage, CreatedPreauthKey, MapHello, RegisterRequest,
