@@ -40,6 +40,7 @@ pub async fn app_state(
             state_dir.display()
         );
     }
+    let identity = Arc::new(store.identity().await?);
     let grace = Duration::from_secs(platform::api::OFFLINE_AFTER_SECS);
     Ok(Arc::new(api::AppState {
         store,
@@ -48,6 +49,7 @@ pub async fn app_state(
         relay_map,
         tls,
         public_url: None,
+        identity,
     }))
 }
 

@@ -44,6 +44,12 @@ enum Command {
         #[arg(long, default_value = "admin")]
         username: String,
     },
+    /// Print the coordinator's identity key (`coordkey:…`): devices given
+    /// it (`meshd up --coordinator-key`) trust no other coordinator.
+    Key {
+        #[command(flatten)]
+        dir: StateDir,
+    },
     /// Serve the HTTP API and map streams.
     Serve {
         #[command(flatten)]
@@ -227,11 +233,23 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
         Command::Init { dir, username } => {
             let store = Store::open(&dir.state_dir).await?;
             let token = store.init_as(&username, unix_now()).await?;
+            let identity = store.identity().await?;
             eprintln!(
-                "coordinator initialised in {}; API token of {username} (shown once):",
+                "coordinator initialised in {}; its key (for `meshd up --coordinator-key`): {}",
+                dir.state_dir.display(),
+                identity.public()
+            );
+            eprintln!("API token of {username} (shown once):");
+            println!("{token}");
+        }
+        Command::Key { dir } => {
+            let store = Store::open(&dir.state_dir).await?;
+            anyhow::ensure!(
+                store.is_initialized().await?,
+                "{} is not initialised: run `coordinator init` first",
                 dir.state_dir.display()
             );
-            println!("{token}");
+            println!("{}", store.identity().await?.public());
         }
         Command::Serve {
             dir,

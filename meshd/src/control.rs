@@ -13,7 +13,8 @@ use platform::api::{
     ApiError, Capabilities, ClientMessage, MapHello, RegisterRequest, RegisterResponse,
     ServerMessage, HEARTBEAT_INTERVAL_SECS,
 };
-use platform::keys::NodePublic;
+use platform::control_auth::{node_proof, CoordinatorInfo, FrameVerifier, ProofPurpose};
+use platform::keys::{CoordinatorPublic, NodePublic};
 use platform::netmap::NetMap;
 use platform::signed::{Signed, DOMAIN_MAP, DOMAIN_REGISTER};
 use platform::unix_now;
@@ -99,17 +100,58 @@ pub(crate) fn explain_certificate(err: anyhow::Error, ca_file: Option<&Path>) ->
     }
 }
 
-/// Registers this device with the coordinator.
+/// The coordinator's keys (`GET /api/v1/coordinator`), checked: its proof
+/// key signed by its identity key, and that identity the one this device
+/// pinned, if it pinned one.
+pub async fn coordinator_info(
+    http: &reqwest::Client,
+    coordinator: &str,
+    pin: Option<&CoordinatorPublic>,
+) -> anyhow::Result<CoordinatorInfo> {
+    let url = format!("{}/api/v1/coordinator", base_url(coordinator));
+    let resp = http
+        .get(&url)
+        .timeout(REQUEST_TIMEOUT)
+        .send()
+        .await
+        .with_context(|| format!("asking {url} who it is"))?;
+    anyhow::ensure!(
+        resp.status().is_success(),
+        "{url} answered {}: not a Crank Mesh coordinator?",
+        resp.status()
+    );
+    let info: CoordinatorInfo = resp
+        .json()
+        .await
+        .with_context(|| format!("reading {url}"))?;
+    info.check(pin)?;
+    Ok(info)
+}
+
+/// Registers this device with the coordinator described by `info` (from
+/// [`coordinator_info`], checked against the pin), proving it holds its
+/// node key.
 pub async fn register(
     coordinator: &str,
     ca_file: Option<&Path>,
+    info: &CoordinatorInfo,
     keys: &Keys,
     auth_key: &str,
     hostname: &str,
     capabilities: Capabilities,
 ) -> anyhow::Result<RegisterResponse> {
+    let http = coordinator_http(ca_file)?;
+    let timestamp = unix_now();
+    let node_proof = node_proof(
+        ProofPurpose::Register,
+        &keys.node,
+        &info.proof_key,
+        &keys.device.public(),
+        timestamp,
+    )
+    .context("the coordinator's proof key is unusable")?;
     let req = RegisterRequest {
-        timestamp: unix_now(),
+        timestamp,
         auth_key: auth_key.to_owned(),
         node_key: keys.node.public(),
         disco_key: keys.disco.public(),
@@ -117,9 +159,9 @@ pub async fn register(
         os: std::env::consts::OS.to_owned(),
         capabilities,
         network: None,
+        node_proof,
     };
     let body = Signed::sign(&keys.device, DOMAIN_REGISTER, &req);
-    let http = coordinator_http(ca_file)?;
     post_signed(&http, coordinator, "/api/v1/register", &body)
         .await
         .map_err(|e| explain_certificate(e.into(), ca_file))
@@ -220,6 +262,7 @@ pub struct MapState {
 pub async fn run_map_stream(
     coordinator: String,
     ca_file: Option<PathBuf>,
+    pin: CoordinatorPublic,
     keys: Arc<KeyRing>,
     engine: Arc<EngineSlot>,
     state: watch::Sender<MapState>,
@@ -230,6 +273,7 @@ pub async fn run_map_stream(
         match map_session(
             &coordinator,
             ca_file.as_deref(),
+            &pin,
             &keys,
             &engine,
             &state,
@@ -256,8 +300,9 @@ pub async fn run_map_stream(
 async fn open_stream(
     coordinator: &str,
     ca_file: Option<&Path>,
+    pin: &CoordinatorPublic,
     keys: &KeyRing,
-) -> anyhow::Result<(Ws, NetMap)> {
+) -> anyhow::Result<(Ws, NetMap, FrameVerifier)> {
     let url = format!(
         "{}/api/v1/map",
         base_url(coordinator).replacen("http", "ws", 1)
@@ -275,6 +320,15 @@ async fn open_stream(
                 .await
                 .map_err(|e| explain_certificate(e.into(), ca_file))
                 .with_context(|| format!("connecting to {url}"))?;
+        let nonce = match tokio::time::timeout(HELLO_WAIT, next_raw(&mut ws))
+            .await
+            .map_err(|_| anyhow::anyhow!("no challenge within {HELLO_WAIT:?}"))??
+        {
+            Some(ServerMessage::Challenge { nonce }) => nonce,
+            Some(other) => anyhow::bail!("expected the challenge first, got {other:?}"),
+            None => anyhow::bail!("the coordinator closed the stream before its challenge"),
+        };
+        let mut verifier = FrameVerifier::new(*pin, nonce.clone());
         let hello = Signed::sign(
             &current.device,
             DOMAIN_MAP,
@@ -282,10 +336,11 @@ async fn open_stream(
                 timestamp: unix_now(),
                 node_key: node.public(),
                 disco_key: current.disco.public(),
+                nonce,
             },
         );
         send(&mut ws, &ClientMessage::Hello { hello }).await?;
-        let first = tokio::time::timeout(HELLO_WAIT, next_message(&mut ws))
+        let first = tokio::time::timeout(HELLO_WAIT, next_message(&mut ws, &mut verifier))
             .await
             .map_err(|_| anyhow::anyhow!("no netmap within {HELLO_WAIT:?}"))??;
         match first {
@@ -293,7 +348,7 @@ async fn open_stream(
                 if let Err(e) = keys.settle(&node.public()) {
                     tracing::warn!(error = format!("{e:#}"), "storing the settled node key");
                 }
-                return Ok((ws, *netmap));
+                return Ok((ws, *netmap, verifier));
             }
             Some(ServerMessage::Error { error }) => refusal = error.message,
             Some(other) => anyhow::bail!("expected the netmap first, got {other:?}"),
@@ -303,8 +358,8 @@ async fn open_stream(
     anyhow::bail!("coordinator closed the stream: {refusal}")
 }
 
-/// The next message of the stream; `None` when it closed.
-async fn next_message(ws: &mut Ws) -> anyhow::Result<Option<ServerMessage>> {
+/// The next message of the stream as it came; `None` when it closed.
+async fn next_raw(ws: &mut Ws) -> anyhow::Result<Option<ServerMessage>> {
     while let Some(msg) = ws.next().await {
         let text = match msg? {
             Message::Text(t) => t,
@@ -316,6 +371,32 @@ async fn next_message(ws: &mut Ws) -> anyhow::Result<Option<ServerMessage>> {
             .context("coordinator sent an invalid message");
     }
     Ok(None)
+}
+
+/// The next message after the hello: signed by the pinned coordinator for
+/// this stream and its place in it, else the stream is dropped. An unsigned
+/// refusal (the hello was not accepted) is passed on as it is: it can only
+/// end the stream.
+async fn next_message(
+    ws: &mut Ws,
+    verifier: &mut FrameVerifier,
+) -> anyhow::Result<Option<ServerMessage>> {
+    match next_raw(ws).await? {
+        None => Ok(None),
+        Some(ServerMessage::Signed { frame }) => {
+            let payload = verifier
+                .open(&frame)
+                .context("a map-stream message failed its check")?;
+            match serde_json::from_str(payload).context("coordinator sent an invalid message")? {
+                ServerMessage::Signed { .. } | ServerMessage::Challenge { .. } => {
+                    anyhow::bail!("coordinator sent a nested or late challenge")
+                }
+                msg => Ok(Some(msg)),
+            }
+        }
+        Some(ServerMessage::Error { error }) => Ok(Some(ServerMessage::Error { error })),
+        Some(other) => anyhow::bail!("unsigned map-stream message refused: {other:?}"),
+    }
 }
 
 /// Makes `map` describe this device under `key` after a rotation (the
@@ -336,13 +417,14 @@ fn patch_self(map: &mut NetMap, key: NodePublic, expiry: Option<Option<u64>>) ->
 async fn map_session(
     coordinator: &str,
     ca_file: Option<&Path>,
+    pin: &CoordinatorPublic,
     keys: &KeyRing,
     engine: &EngineSlot,
     state: &watch::Sender<MapState>,
     caps: &mut watch::Receiver<Capabilities>,
 ) -> anyhow::Result<()> {
     let mut key_changes = keys.subscribe();
-    let (mut ws, full) = open_stream(coordinator, ca_file, keys).await?;
+    let (mut ws, full, mut verifier) = open_stream(coordinator, ca_file, pin, keys).await?;
     key_changes.mark_unchanged();
     // The key the coordinator accepted (a settled rotation may have changed it).
     engine.set_node_key(&keys.current().node);
@@ -377,7 +459,7 @@ async fn map_session(
         let expiry_wait = next_expiry
             .map(|t| Duration::from_secs(t.saturating_sub(unix_now())).min(EXPIRY_RECHECK));
         tokio::select! {
-            msg = next_message(&mut ws) => {
+            msg = next_message(&mut ws, &mut verifier) => {
                 let Some(msg) = msg? else { return Ok(()) };
                 match msg {
                     ServerMessage::Full { netmap: full } => {
@@ -390,6 +472,7 @@ async fn map_session(
                         map.apply(&changes);
                     }
                     ServerMessage::Error { error } => anyhow::bail!("coordinator closed the stream: {}", error.message),
+                    ServerMessage::Challenge { .. } | ServerMessage::Signed { .. } => anyhow::bail!("unexpected message on the map stream"),
                     ServerMessage::RotateKey => {
                         tracing::info!("the coordinator asks for a new node key");
                         state.send_modify(|s| s.rotate_requests += 1);
@@ -527,5 +610,117 @@ mod tests {
         // Other errors pass through as they are.
         let other = explain_certificate(anyhow::anyhow!("connection refused"), None);
         assert_eq!(format!("{other:#}"), "connection refused");
+    }
+
+    /// A map-stream server that challenges, takes any hello, and answers
+    /// with `answer(nonce)` as its next frame.
+    async fn map_server(answer: fn(&str) -> String) -> String {
+        use axum::extract::ws::{Message as AxMessage, WebSocketUpgrade};
+        let app = axum::Router::new().route(
+            "/api/v1/map",
+            axum::routing::get(move |ws: WebSocketUpgrade| async move {
+                ws.on_upgrade(move |mut socket| async move {
+                    let nonce = platform::control_auth::new_nonce();
+                    let challenge = ServerMessage::Challenge {
+                        nonce: nonce.clone(),
+                    };
+                    let text = serde_json::to_string(&challenge).unwrap();
+                    let _ = socket.send(AxMessage::Text(text.into())).await;
+                    let _hello = socket.recv().await;
+                    let _ = socket.send(AxMessage::Text(answer(&nonce).into())).await;
+                    let _ = socket.recv().await;
+                })
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        format!("http://{addr}")
+    }
+
+    fn full_netmap() -> String {
+        let me = platform::netmap::Node {
+            id: 1,
+            name: "me".into(),
+            kind: platform::netmap::NodeKind::Mesh,
+            node_key: platform::keys::NodePrivate::generate().public(),
+            disco_key: None,
+            addresses: vec![std::net::IpAddr::from([100, 64, 0, 1])],
+            endpoints: vec![],
+            online: true,
+            os: "linux".into(),
+            home_region: None,
+            capabilities: None,
+            owner: None,
+            key_expiry: None,
+            device_key: None,
+            owner_role: None,
+        };
+        let netmap = NetMap {
+            network: "home".into(),
+            self_node: me,
+            routes: vec![],
+            peers: Default::default(),
+            relay_map: Default::default(),
+            dns: Default::default(),
+            awaiting_approval: false,
+            compute: Default::default(),
+        };
+        serde_json::to_string(&ServerMessage::Full {
+            netmap: Box::new(netmap),
+        })
+        .unwrap()
+    }
+
+    fn trusted() -> &'static platform::control_auth::CoordinatorIdentity {
+        static ID: std::sync::LazyLock<platform::control_auth::CoordinatorIdentity> =
+            std::sync::LazyLock::new(platform::control_auth::CoordinatorIdentity::generate);
+        &ID
+    }
+
+    async fn open(url: &str) -> anyhow::Result<NetMap> {
+        let dir = tempfile::tempdir().unwrap();
+        let state = crate::state::StateDir::open(dir.path()).unwrap();
+        let keys = KeyRing::new(state.clone(), state.keys().unwrap());
+        open_stream(url, None, &trusted().public(), &keys)
+            .await
+            .map(|(_, netmap, _)| netmap)
+    }
+
+    /// The netmap is taken only when the pinned coordinator signed it for
+    /// this stream: signed by another key, for another stream, or not
+    /// signed at all, the stream is dropped. (Before pinning, any server
+    /// that passed TLS could hand a device its peers.)
+    #[tokio::test]
+    async fn only_the_pinned_coordinator_gives_a_netmap() {
+        let url = map_server(|nonce| {
+            let frame = trusted().sign_frame(nonce, 0, full_netmap());
+            serde_json::to_string(&ServerMessage::Signed { frame }).unwrap()
+        })
+        .await;
+        let netmap = open(&url).await.unwrap();
+        assert_eq!(netmap.network, "home");
+
+        let url = map_server(|nonce| {
+            let other = platform::control_auth::CoordinatorIdentity::generate();
+            let frame = other.sign_frame(nonce, 0, full_netmap());
+            serde_json::to_string(&ServerMessage::Signed { frame }).unwrap()
+        })
+        .await;
+        let err = format!("{:#}", open(&url).await.unwrap_err());
+        assert!(err.contains("not signed by the coordinator"), "{err}");
+
+        let url = map_server(|_| {
+            let stale = platform::control_auth::new_nonce();
+            let frame = trusted().sign_frame(&stale, 0, full_netmap());
+            serde_json::to_string(&ServerMessage::Signed { frame }).unwrap()
+        })
+        .await;
+        let err = format!("{:#}", open(&url).await.unwrap_err());
+        assert!(err.contains("not signed by the coordinator"), "{err}");
+
+        let url = map_server(|_| full_netmap()).await;
+        let err = format!("{:#}", open(&url).await.unwrap_err());
+        assert!(err.contains("unsigned"), "{err}");
     }
 }

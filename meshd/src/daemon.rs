@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use platform::capability::Capabilities;
+use platform::keys::CoordinatorPublic;
 use platform::netmap::{NetMap, NodeKind};
 use tokio::sync::{watch, Mutex};
 use tokio::task::JoinHandle;
@@ -369,10 +370,25 @@ impl Daemon {
     /// Rejoins the network the device was last up in.
     pub async fn resume(&self) -> anyhow::Result<()> {
         let prefs = self.state.prefs()?;
-        if let (true, Some(coordinator)) = (prefs.wants_up, prefs.coordinator) {
+        if let (true, Some(coordinator)) = (prefs.wants_up, prefs.coordinator.clone()) {
             tracing::info!(%coordinator, "resuming");
+            let pin = match prefs.coordinator_key {
+                Some(pin) => pin,
+                None => {
+                    // State written before coordinators were pinned: pin
+                    // the one that answers now, over TLS, once.
+                    let http = control::coordinator_http(prefs.ca_file.as_deref())?;
+                    let info = control::coordinator_info(&http, &coordinator, None).await?;
+                    self.state.save_prefs(&Prefs {
+                        coordinator_key: Some(info.coordinator_key),
+                        ..prefs.clone()
+                    })?;
+                    info.coordinator_key
+                }
+            };
             let udp = self.bind_udp()?;
-            *self.session.lock().await = Some(self.start_session(coordinator, prefs.ca_file, udp));
+            *self.session.lock().await =
+                Some(self.start_session(coordinator, prefs.ca_file, pin, udp));
         }
         Ok(())
     }
@@ -388,6 +404,7 @@ impl Daemon {
         &self,
         coordinator: String,
         ca_file: Option<PathBuf>,
+        pin: CoordinatorPublic,
         udp: Arc<UdpPort>,
     ) -> Session {
         let keys = self.keys.current();
@@ -402,6 +419,7 @@ impl Daemon {
             self.keys.clone(),
             coordinator.clone(),
             ca_file.clone(),
+            pin,
             rx.clone(),
         ));
         self.gateway_view.send_replace(Some(SessionView {
@@ -419,6 +437,7 @@ impl Daemon {
         let task = tokio::spawn(control::run_map_stream(
             coordinator.clone(),
             ca_file,
+            pin,
             self.keys.clone(),
             engine.clone(),
             tx,
@@ -443,19 +462,22 @@ impl Daemon {
                 ca_file,
                 auth_key: Some(auth_key),
                 hostname,
+                coordinator_key,
             } => {
                 // An explicit key supersedes a pairing in progress.
                 self.cancel_pairing();
-                self.up(coordinator, ca_file, auth_key, hostname).await
+                self.up(coordinator, ca_file, coordinator_key, auth_key, hostname)
+                    .await
             }
             Request::Up {
                 coordinator,
                 ca_file,
                 auth_key: None,
                 hostname,
+                coordinator_key,
             } => {
                 return self
-                    .pair(coordinator, ca_file, hostname)
+                    .pair(coordinator, ca_file, coordinator_key, hostname)
                     .await
                     .map_or_else(|e| Response::Error(format!("{e:#}")), Response::Pairing)
             }
@@ -594,21 +616,37 @@ impl Daemon {
         &self,
         coordinator: String,
         ca_file: Option<PathBuf>,
+        coordinator_key: Option<CoordinatorPublic>,
         auth_key: String,
         hostname: Option<String>,
     ) -> anyhow::Result<()> {
+        let prefs = self.state.prefs()?;
+        // The key given, else the one pinned for this coordinator before;
+        // checked before anything is torn down, so `up` to a coordinator
+        // this device does not trust leaves it as it was.
+        let pin = coordinator_key.or(prefs
+            .coordinator_key
+            .filter(|_| prefs.coordinator.as_deref() == Some(coordinator.as_str())));
+        let info = control::coordinator_info(
+            &control::coordinator_http(ca_file.as_deref())?,
+            &coordinator,
+            pin.as_ref(),
+        )
+        .await
+        .map_err(|e| control::explain_certificate(e, ca_file.as_deref()))?;
         let mut session = self.session.lock().await;
         if let Some(old) = session.take() {
             self.gateway_view.send_replace(None);
             old.stop().await;
         }
-        let prefs = self.state.prefs()?;
         let hostname = hostname.or(prefs.hostname).unwrap_or_else(system_hostname);
         let caps = self.caps.borrow().clone();
         let udp = self.bind_udp()?;
+        let pin = info.coordinator_key;
         let reg = control::register(
             &coordinator,
             ca_file.as_deref(),
+            &info,
             &self.keys.current(),
             &auth_key,
             &hostname,
@@ -625,10 +663,11 @@ impl Daemon {
         self.state.save_prefs(&Prefs {
             coordinator: Some(coordinator.clone()),
             ca_file: ca_file.clone(),
+            coordinator_key: Some(pin),
             hostname: Some(hostname),
             wants_up: true,
         })?;
-        let new = self.start_session(coordinator, ca_file, udp);
+        let new = self.start_session(coordinator, ca_file, pin, udp);
         let mut map = new.map.clone();
         *session = Some(new);
         drop(session);
@@ -653,6 +692,7 @@ impl Daemon {
         self: &Arc<Self>,
         coordinator: String,
         ca_file: Option<PathBuf>,
+        coordinator_key: Option<CoordinatorPublic>,
         hostname: Option<String>,
     ) -> anyhow::Result<PairingInfo> {
         let prefs = self.state.prefs()?;
@@ -674,7 +714,11 @@ impl Daemon {
             hostname.clone(),
             ca_file.clone(),
         );
-        let register = move |auth_key| async move { daemon.up(c, ca, auth_key, Some(h)).await };
+        let register = move |auth_key| async move {
+            daemon
+                .up(c, ca, coordinator_key, auth_key, Some(h))
+                .await
+        };
         let device = self.keys.current().device.clone();
         let pairing = Pairing::start(http, coordinator, device, hostname, register)
             .await
@@ -724,9 +768,12 @@ impl Daemon {
             .as_ref()
             .map(|s| s.coordinator.clone())
             .ok_or_else(|| anyhow::anyhow!("not up: run `meshd up` first"))?;
-        let ca_file = self.state.prefs()?.ca_file;
+        let prefs = self.state.prefs()?;
+        let pin = prefs
+            .coordinator_key
+            .ok_or_else(|| anyhow::anyhow!("no coordinator key pinned: run `meshd up` again"))?;
         self.keys
-            .rotate_at(&coordinator, ca_file.as_deref())
+            .rotate_at(&coordinator, prefs.ca_file.as_deref(), &pin)
             .await?;
         Ok(())
     }

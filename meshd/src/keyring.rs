@@ -19,7 +19,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use platform::keys::{NodePrivate, NodePublic};
+use platform::control_auth::{node_proof, ProofPurpose};
+use platform::keys::{CoordinatorPublic, NodePrivate, NodePublic, ProofPublic};
 use platform::people::RotateKeyResponse;
 use platform::signed::{Signed, DOMAIN_ROTATE};
 use platform::unix_now;
@@ -114,6 +115,7 @@ impl KeyRing {
         &self,
         http: &reqwest::Client,
         coordinator: &str,
+        proof_key: &ProofPublic,
     ) -> Result<RotateKeyResponse, RotateError> {
         let _one = self.rotating.lock().await;
         let keys = self.current();
@@ -127,10 +129,20 @@ impl KeyRing {
             .save_keys(&pending)
             .context("writing the pending key")
             .map_err(RotateError::Store)?;
+        let timestamp = unix_now();
+        let node_proof = node_proof(
+            ProofPurpose::RotateKey,
+            &new,
+            proof_key,
+            &keys.device.public(),
+            timestamp,
+        )
+        .ok_or_else(|| RotateError::Store(anyhow::anyhow!("the coordinator's proof key is unusable")))?;
         let req = platform::people::RotateKeyRequest {
-            timestamp: unix_now(),
+            timestamp,
             old_node_key: keys.node.public(),
             new_node_key: new.public(),
+            node_proof,
         };
         let body = Signed::sign(&keys.device, DOMAIN_ROTATE, &req);
         let answer: Result<RotateKeyResponse, _> =
@@ -172,14 +184,17 @@ impl KeyRing {
         }
     }
 
-    /// [`KeyRing::rotate`] with the coordinator's HTTP client.
+    /// [`KeyRing::rotate`] with the coordinator's HTTP client, against the
+    /// pinned coordinator.
     pub async fn rotate_at(
         &self,
         coordinator: &str,
         ca_file: Option<&Path>,
+        pin: &CoordinatorPublic,
     ) -> anyhow::Result<RotateKeyResponse> {
         let http = control::coordinator_http(ca_file)?;
-        Ok(self.rotate(&http, coordinator).await?)
+        let info = control::coordinator_info(&http, coordinator, Some(pin)).await?;
+        Ok(self.rotate(&http, coordinator, &info.proof_key).await?)
     }
 
     /// The node key's expiry as far as this daemon knows: from the netmap
@@ -243,6 +258,7 @@ pub async fn keep_renewed(
     keys: Arc<KeyRing>,
     coordinator: String,
     ca_file: Option<PathBuf>,
+    pin: CoordinatorPublic,
     mut map: watch::Receiver<MapState>,
 ) {
     let mut answered = map.borrow().rotate_requests;
@@ -264,7 +280,7 @@ pub async fn keep_renewed(
                 "expiry near"
             };
             tracing::info!(why, "renewing the node key");
-            match keys.rotate_at(&coordinator, ca_file.as_deref()).await {
+            match keys.rotate_at(&coordinator, ca_file.as_deref(), &pin).await {
                 Ok(_) => retry = None,
                 Err(e) => {
                     let gap = retry.map_or(RETRY_FIRST, |(_, g)| (g * 2).min(RETRY_MAX));
@@ -325,6 +341,10 @@ mod tests {
         format!("http://{addr}")
     }
 
+    fn proof_key() -> ProofPublic {
+        platform::keys::ProofPrivate::generate().public()
+    }
+
     fn ring() -> (tempfile::TempDir, StateDir, KeyRing) {
         let dir = tempfile::tempdir().unwrap();
         let state = StateDir::open(dir.path()).unwrap();
@@ -339,7 +359,7 @@ mod tests {
         let old = ring.current().node.public();
         let mut watch = ring.subscribe();
         let url = coordinator(StatusCode::OK).await;
-        let resp = ring.rotate(&reqwest::Client::new(), &url).await.unwrap();
+        let resp = ring.rotate(&reqwest::Client::new(), &url, &proof_key()).await.unwrap();
         let now = ring.current();
         assert_eq!(now.node.public(), resp.node_key);
         assert_ne!(now.node.public(), old);
@@ -360,7 +380,7 @@ mod tests {
         let old = ring.current().node.public();
         let url = coordinator(StatusCode::FORBIDDEN).await;
         let err = ring
-            .rotate(&reqwest::Client::new(), &url)
+            .rotate(&reqwest::Client::new(), &url, &proof_key())
             .await
             .unwrap_err();
         assert!(matches!(err, RotateError::Failed(_)), "{err}");
@@ -381,7 +401,7 @@ mod tests {
             let old = ring.current().node.public();
             let url = coordinator(status).await;
             let err = ring
-                .rotate(&reqwest::Client::new(), &url)
+                .rotate(&reqwest::Client::new(), &url, &proof_key())
                 .await
                 .unwrap_err();
             assert!(matches!(err, RotateError::Unknown(_)), "{err}");
@@ -394,7 +414,7 @@ mod tests {
             assert_eq!(disk.pending_node.map(|k| k.public()), Some(pending));
             // No second rotation on top of an unsettled one.
             assert!(matches!(
-                ring.rotate(&reqwest::Client::new(), &url).await,
+                ring.rotate(&reqwest::Client::new(), &url, &proof_key()).await,
                 Err(RotateError::Unsettled)
             ));
 
@@ -413,7 +433,7 @@ mod tests {
         let (_dir, state, ring) = ring();
         // Nothing listens on port 9 of localhost: the request never left.
         let err = ring
-            .rotate(&reqwest::Client::new(), "http://127.0.0.1:9")
+            .rotate(&reqwest::Client::new(), "http://127.0.0.1:9", &proof_key())
             .await
             .unwrap_err();
         assert!(matches!(err, RotateError::Failed(_)), "{err}");

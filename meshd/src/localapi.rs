@@ -10,6 +10,7 @@ use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
 use platform::capability::{Capabilities, OfferedModel, Tier};
+use platform::keys::CoordinatorPublic;
 
 use crate::contribute::{ComputeSettings, Mode};
 use crate::engine::{CounterSnapshot, PingReply};
@@ -30,6 +31,11 @@ pub enum Request {
         #[serde(default)]
         auth_key: Option<String>,
         hostname: Option<String>,
+        /// The coordinator's identity key, when the user was given it: the
+        /// device then trusts no other. Without it the device pins the key
+        /// the coordinator presents at its first registration.
+        #[serde(default)]
+        coordinator_key: Option<CoordinatorPublic>,
     },
     /// Waits until the pairing in progress ends: the status once up, an
     /// error if it expired or failed. Bounded by the code's expiry.

@@ -83,6 +83,12 @@ enum Command {
         /// Name to register under (default: the system hostname).
         #[arg(long)]
         hostname: Option<String>,
+        /// The coordinator's identity key (`coordkey:…`, printed by
+        /// `coordinator init` and `coordinator info`): trust no other.
+        /// Without it, the key the coordinator presents at the first `up`
+        /// is pinned.
+        #[arg(long, env = "MESHD_COORDINATOR_KEY")]
+        coordinator_key: Option<platform::keys::CoordinatorPublic>,
     },
     /// Replace this device's node key now. (It renews by itself while
     /// online before it expires.)
@@ -300,6 +306,7 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
             ca_file,
             auth_key,
             hostname,
+            coordinator_key,
         } => {
             // The daemon has its own working directory.
             let ca_file = ca_file
@@ -312,6 +319,7 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
                 ca_file,
                 auth_key,
                 hostname,
+                coordinator_key,
             };
             let status = match localapi::exchange(&cli.socket, &up).await? {
                 localapi::Response::Ok(status) => *status,

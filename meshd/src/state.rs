@@ -10,7 +10,7 @@ use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
-use platform::keys::{DevicePrivate, DiscoPrivate, NodePrivate};
+use platform::keys::{CoordinatorPublic, DevicePrivate, DiscoPrivate, NodePrivate};
 use serde::{Deserialize, Serialize};
 
 use crate::contribute::ComputeSettings;
@@ -64,6 +64,10 @@ pub struct Prefs {
     /// the public web roots do not vouch for it (`meshd up --ca-file`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<PathBuf>,
+    /// The coordinator's identity key: every map-stream message must be
+    /// signed by it. Pinned at the first registration (or given to `up`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coordinator_key: Option<CoordinatorPublic>,
     pub hostname: Option<String>,
     /// `meshd up` was the last word (not `down`): reconnect on start.
     pub wants_up: bool,
@@ -229,6 +233,7 @@ mod tests {
         let p = Prefs {
             coordinator: Some("http://c:8080".into()),
             ca_file: Some("/etc/crank/ca.pem".into()),
+            coordinator_key: Some(platform::keys::CoordinatorPrivate::generate().public()),
             hostname: None,
             wants_up: true,
         };

@@ -8,6 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use serde::{Deserialize, Serialize};
 
 pub use crate::capability::Capabilities;
+use crate::control_auth::SignedFrame;
 use crate::keys::{DiscoPublic, NodePublic};
 use crate::netmap::{NetMap, NodeKind, PeerChange};
 use crate::people::DeviceState;
@@ -45,6 +46,9 @@ pub struct RegisterRequest {
     /// belongs to more than one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<String>,
+    /// Proof of holding `node_key`'s private half
+    /// ([`crate::control_auth::node_proof`], purpose `Register`).
+    pub node_proof: String,
 }
 
 impl Timestamped for RegisterRequest {
@@ -70,6 +74,9 @@ pub struct MapHello {
     /// Regenerated at every start of the daemon: a new one tells peers to
     /// drop their sessions with the old instance.
     pub disco_key: DiscoPublic,
+    /// The nonce the coordinator sent on this connection
+    /// ([`ServerMessage::Challenge`]): the hello opens no other stream.
+    pub nonce: String,
 }
 
 impl Timestamped for MapHello {
@@ -96,7 +103,14 @@ pub enum ClientMessage {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerMessage {
-    /// Sent once, first.
+    /// The first message of every stream, before the hello: the nonce the
+    /// hello must sign.
+    Challenge { nonce: String },
+    /// Every message after the hello comes wrapped in one of these, signed
+    /// by the coordinator's identity key for this stream
+    /// ([`crate::control_auth::FrameVerifier`]).
+    Signed { frame: SignedFrame },
+    /// Sent once, first after the hello.
     Full {
         netmap: Box<NetMap>,
     },
@@ -245,6 +259,7 @@ mod tests {
                 os: "linux".into(),
                 capabilities: Capabilities { cpu_cores: cores, arch: "x86_64".into(), ram_bytes: 1 << 30, ..Default::default() },
                 network: None,
+                node_proof: "00".into(),
             };
             round_trip(&r);
             let signed = Signed::sign(&DevicePrivate::generate(), crate::signed::DOMAIN_REGISTER, &r);

@@ -171,6 +171,13 @@ macro_rules! x25519_keys {
 
 x25519_keys!(NodePublic, NodePrivate, "nodekey", "privkey", "node key");
 x25519_keys!(
+    ProofPublic,
+    ProofPrivate,
+    "proofkey",
+    "proofpriv",
+    "coordinator proof key"
+);
+x25519_keys!(
     DiscoPublic,
     DiscoPrivate,
     "discokey",

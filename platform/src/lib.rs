@@ -6,6 +6,7 @@
 pub mod addr;
 pub mod api;
 pub mod capability;
+pub mod control_auth;
 pub mod disco;
 pub mod jobs;
 pub mod keys;

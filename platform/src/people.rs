@@ -254,6 +254,9 @@ pub struct RotateKeyRequest {
     pub timestamp: u64,
     pub old_node_key: NodePublic,
     pub new_node_key: NodePublic,
+    /// Proof of holding `new_node_key`'s private half
+    /// ([`crate::control_auth::node_proof`], purpose `RotateKey`).
+    pub node_proof: String,
 }
 
 impl Timestamped for RotateKeyRequest {
@@ -372,6 +375,7 @@ mod tests {
             timestamp: 1,
             old_node_key: NodePrivate::generate().public(),
             new_node_key: NodePrivate::generate().public(),
+            node_proof: "00".into(),
         });
         assert!(serde_json::from_str::<SettingsChange>(r#"{"bogus": 1}"#).is_err());
         let empty: RedeemInvite = serde_json::from_str("{}").unwrap();

@@ -682,6 +682,59 @@ impl Coordinator {
         Ok(())
     }
 
+    /// Stops this coordinator and serves another in its place: same address,
+    /// same TLS certificate, its own fresh database (so its own identity
+    /// key) with a network of the same name — what someone holding a
+    /// certificate for the coordinator's name could stand up.
+    pub fn impostor(&mut self, lab: &mut Lab) -> anyhow::Result<Coordinator> {
+        lab.stop(self.pid);
+        let state = lab.dir.join("impostor");
+        let state = state.to_str().context("utf-8 path")?.to_owned();
+        let coord = bin("coordinator");
+        let c = coord.to_str().context("utf-8 path")?;
+        let admin_token = self
+            .host
+            .run(c, &["init", "--state-dir", &state])?
+            .trim()
+            .to_owned();
+        self.host.run(
+            c,
+            &["network", "create", &self.network, "--state-dir", &state],
+        )?;
+        let auth_key = self
+            .host
+            .run(
+                c,
+                &[
+                    "preauth-key",
+                    "create",
+                    "--network",
+                    &self.network,
+                    "--reusable",
+                    "--state-dir",
+                    &state,
+                ],
+            )?
+            .trim()
+            .to_owned();
+        let mut args = self.serve_args.clone();
+        if let Some(i) = args.iter().position(|a| a == "--state-dir") {
+            args[i + 1] = state.clone();
+        }
+        let pid = Self::serve(lab, &self.host, &args)?;
+        Ok(Coordinator {
+            url: self.url.clone(),
+            ca_file: self.ca_file.clone(),
+            host: self.host.clone(),
+            admin_token,
+            auth_key,
+            network: self.network.clone(),
+            pid,
+            state,
+            serve_args: args,
+        })
+    }
+
     /// A relay token, written to a file in the lab.
     pub fn relay_token_file(&self, lab: &Lab, name: &str) -> anyhow::Result<PathBuf> {
         let coord = bin("coordinator");

@@ -1,8 +1,10 @@
 //! The control plane over TLS in network namespaces: a coordinator with a
 //! certificate from a private CA, devices that join it with `--ca-file` and
 //! reach each other, a relay that checks in with it, a restart that reconnects with the CA kept in prefs,
-//! and a device without the CA that is turned away with a certificate
-//! error. Needs root; run serially (`--test-threads=1`).
+//! a device without the CA that is turned away with a certificate error,
+//! and devices that trust only the coordinator key they pinned: told
+//! another key, or facing another coordinator with a valid certificate for
+//! the same address, they refuse. Needs root; run serially (`--test-threads=1`).
 
 use std::time::Duration;
 
@@ -15,7 +17,7 @@ fn devices_join_a_tls_coordinator_only_with_its_ca() {
 
 fn scenario(lab: &mut Lab) -> anyhow::Result<()> {
     let coord_host = lab.host("coord", 1)?;
-    let coord = Coordinator::start_tls(lab, coord_host, "home")?;
+    let mut coord = Coordinator::start_tls(lab, coord_host, "home")?;
     anyhow::ensure!(coord.url.starts_with("https://"), "{}", coord.url);
     // The admin API answers over TLS (curl with --cacert).
     let networks = coord.api("GET", "/api/v1/networks", None)?;
@@ -91,5 +93,60 @@ fn scenario(lab: &mut Lab) -> anyhow::Result<()> {
         err.contains("certificate") && err.contains("--ca-file"),
         "unclear error: {err}"
     );
+
+    // With the CA but told to trust another coordinator key: refused.
+    let ca = coord
+        .ca_file
+        .as_ref()
+        .and_then(|p| p.to_str())
+        .unwrap_or_default()
+        .to_owned();
+    let other_key = platform::keys::CoordinatorPrivate::generate()
+        .public()
+        .to_string();
+    let refused = gamma.meshd(&[
+        "up",
+        "--coordinator",
+        &coord.url,
+        "--ca-file",
+        &ca,
+        "--auth-key",
+        &coord.auth_key,
+        "--hostname",
+        "gamma",
+        "--coordinator-key",
+        &other_key,
+    ]);
+    let err = match refused {
+        Ok(out) => anyhow::bail!("meshd up trusted an unpinned coordinator: {out}"),
+        Err(e) => format!("{e:#}"),
+    };
+    anyhow::ensure!(err.contains(&other_key), "unclear error: {err}");
+
+    // Someone with a valid certificate for the coordinator's address stands
+    // up their own coordinator there: the devices pinned the real one's key,
+    // so alpha will not join it, even with a key the impostor issued.
+    let impostor = coord.impostor(lab)?;
+    let refused = alpha.meshd(&[
+        "up",
+        "--coordinator",
+        &impostor.url,
+        "--ca-file",
+        &ca,
+        "--auth-key",
+        &impostor.auth_key,
+        "--hostname",
+        "alpha",
+    ]);
+    let err = match refused {
+        Ok(out) => anyhow::bail!("alpha joined an impostor coordinator: {out}"),
+        Err(e) => format!("{e:#}"),
+    };
+    anyhow::ensure!(
+        err.contains("trusts") && err.contains("--coordinator-key"),
+        "unclear error: {err}"
+    );
+    // And its tunnel to beta, on the netmap it had, still works.
+    anyhow::ensure!(alpha.host.ping(&b4), "alpha lost beta");
     Ok(())
 }

@@ -1,9 +1,13 @@
 //! `GET /api/v1/map`: the long-lived map stream of one device (WebSocket).
 //!
-//! The device opens with a signed hello; it then gets its full netmap, then
-//! batches of peer changes. Upstream it sends endpoint updates and heartbeats.
+//! The coordinator opens with a fresh nonce; the device answers with a hello
+//! that signs it; it then gets its full netmap, then batches of peer
+//! changes, each message signed by the coordinator for this stream
+//! (`platform::control_auth`). Upstream it sends endpoint updates and
+//! heartbeats.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
@@ -12,6 +16,7 @@ use axum::extract::State;
 use axum::response::{IntoResponse as _, Response};
 use platform::addr::OVERLAY_V4;
 use platform::api::{ClientMessage, MapHello, ServerMessage};
+use platform::control_auth::{new_nonce, CoordinatorIdentity};
 use platform::netmap::{coalesce, DnsConfig, NetMap, PeerChange};
 use platform::people::DeviceState;
 use platform::signed::DOMAIN_MAP;
@@ -54,20 +59,46 @@ pub async fn map_stream(
         })
 }
 
-async fn send(socket: &mut WebSocket, msg: &ServerMessage) -> anyhow::Result<()> {
-    let text = serde_json::to_string(msg)?;
-    socket.send(Message::Text(text.into())).await?;
-    Ok(())
+/// One map stream's socket. Before the hello is accepted, messages go out as
+/// they are (the challenge, or why the hello was refused); after it, each is
+/// signed by the coordinator for this stream's nonce and its place in it.
+struct Conn {
+    socket: WebSocket,
+    identity: Arc<CoordinatorIdentity>,
+    nonce: String,
+    seq: u64,
+    authenticated: bool,
 }
 
-async fn refuse(socket: &mut WebSocket, err: AppError) -> anyhow::Result<()> {
-    let _ = send(socket, &ServerMessage::Error { error: err.body() }).await;
-    let _ = socket.send(Message::Close(None)).await;
-    Err(anyhow::anyhow!("refused: {err}"))
+impl Conn {
+    async fn send(&mut self, msg: &ServerMessage) -> anyhow::Result<()> {
+        let text = serde_json::to_string(msg)?;
+        let text = if self.authenticated {
+            let frame = self.identity.sign_frame(&self.nonce, self.seq, text);
+            self.seq += 1;
+            serde_json::to_string(&ServerMessage::Signed { frame })?
+        } else {
+            text
+        };
+        self.socket.send(Message::Text(text.into())).await?;
+        Ok(())
+    }
+
+    async fn refuse(&mut self, err: AppError) -> anyhow::Result<()> {
+        let _ = self.send(&ServerMessage::Error { error: err.body() }).await;
+        let _ = self.socket.send(Message::Close(None)).await;
+        Err(anyhow::anyhow!("refused: {err}"))
+    }
 }
 
-/// Reads the hello and finds the device it proves.
-async fn authenticate(s: &SharedState, socket: &mut WebSocket) -> Result<DeviceRow, AppError> {
+/// Sends the challenge, reads the hello and finds the device it proves.
+async fn authenticate(s: &SharedState, conn: &mut Conn) -> Result<DeviceRow, AppError> {
+    conn.send(&ServerMessage::Challenge {
+        nonce: conn.nonce.clone(),
+    })
+    .await
+    .map_err(|e| AppError::BadRequest(format!("sending the challenge: {e}")))?;
+    let socket = &mut conn.socket;
     let first = tokio::time::timeout(HELLO_TIMEOUT, socket.recv())
         .await
         .map_err(|_| AppError::BadRequest("no hello within 10 s".into()))?;
@@ -84,6 +115,11 @@ async fn authenticate(s: &SharedState, socket: &mut WebSocket) -> Result<DeviceR
     };
     let now = unix_now();
     let payload: MapHello = hello.verify(DOMAIN_MAP, now).map_err(signed_error)?;
+    if payload.nonce != conn.nonce {
+        return Err(AppError::Unauthorized(
+            "the hello answers another stream's challenge".into(),
+        ));
+    }
     let row = s
         .store
         .device_by_device_key(&hello.device_key)
@@ -144,17 +180,25 @@ async fn full_netmap(s: &SharedState, me: &DeviceRow) -> Result<NetMap, AppError
     })
 }
 
-async fn serve(s: SharedState, mut socket: WebSocket) -> anyhow::Result<()> {
-    let me = match authenticate(&s, &mut socket).await {
-        Ok(row) => row,
-        Err(e) => return refuse(&mut socket, e).await,
+async fn serve(s: SharedState, socket: WebSocket) -> anyhow::Result<()> {
+    let mut conn = Conn {
+        socket,
+        identity: s.identity.clone(),
+        nonce: new_nonce(),
+        seq: 0,
+        authenticated: false,
     };
+    let me = match authenticate(&s, &mut conn).await {
+        Ok(row) => row,
+        Err(e) => return conn.refuse(e).await,
+    };
+    conn.authenticated = true;
     let node_key = me.node_key()?;
     // Subscribe before reading the map, so no change falls in between.
     let mut sub = s
         .hub
         .connect(me.network_id, me.id, node_key, me.approved, Instant::now());
-    let result = stream(&s, &me, &mut socket, sub.conn_id, &mut sub.changes).await;
+    let result = stream(&s, &me, &mut conn, sub.conn_id, &mut sub.changes).await;
     s.hub.disconnect(
         me.network_id,
         me.id,
@@ -170,38 +214,35 @@ async fn serve(s: SharedState, mut socket: WebSocket) -> anyhow::Result<()> {
 async fn stream(
     s: &SharedState,
     me: &DeviceRow,
-    socket: &mut WebSocket,
+    conn: &mut Conn,
     conn_id: u64,
     changes: &mut mpsc::UnboundedReceiver<Push>,
 ) -> anyhow::Result<()> {
     let netmap = match full_netmap(s, me).await {
         Ok(m) => m,
-        Err(e) => return refuse(socket, e).await,
+        Err(e) => return conn.refuse(e).await,
     };
-    send(
-        socket,
-        &ServerMessage::Full {
+    conn.send(&ServerMessage::Full {
             netmap: Box::new(netmap),
-        },
-    )
-    .await?;
+        })
+        .await?;
     s.store.touch(me.id, unix_now()).await?;
     tracing::info!(device = me.id, name = %me.name, "map stream open");
     if s.store.rotation_due(me.id).await? {
-        send(socket, &ServerMessage::RotateKey).await?;
+        conn.send(&ServerMessage::RotateKey).await?;
     }
     loop {
         tokio::select! {
-            incoming = socket.recv() => {
+            incoming = conn.socket.recv() => {
                 let Some(incoming) = incoming else { return Ok(()) };
                 match incoming? {
                     Message::Text(text) => {
                         if let Err(e) = handle_client_message(s, me, conn_id, &text).await {
-                            return refuse(socket, e).await;
+                            return conn.refuse(e).await;
                         }
                     }
                     Message::Close(_) => return Ok(()),
-                    Message::Binary(_) => return refuse(socket, AppError::BadRequest("binary messages are not accepted".into())).await,
+                    Message::Binary(_) => return conn.refuse(AppError::BadRequest("binary messages are not accepted".into())).await,
                     Message::Ping(_) | Message::Pong(_) => {}
                 }
             }
@@ -224,19 +265,19 @@ async fn stream(
                     }
                 }
                 if !batch.is_empty() {
-                    send(socket, &ServerMessage::Delta { changes: coalesce(batch) }).await?;
+                    conn.send(&ServerMessage::Delta { changes: coalesce(batch) }).await?;
                 }
                 match then {
                     None | Some(Push::Change(_)) => {}
-                    Some(Push::RotateKey) => send(socket, &ServerMessage::RotateKey).await?,
+                    Some(Push::RotateKey) => conn.send(&ServerMessage::RotateKey).await?,
                     Some(Push::Refresh) => {
                         let row = s.store.device(&me.network, me.id).await?;
                         let netmap = full_netmap(s, &row).await?;
-                        send(socket, &ServerMessage::Full { netmap: Box::new(netmap) }).await?;
+                        conn.send(&ServerMessage::Full { netmap: Box::new(netmap) }).await?;
                     }
                     Some(Push::Close(error)) => {
-                        let _ = send(socket, &ServerMessage::Error { error }).await;
-                        let _ = socket.send(Message::Close(None)).await;
+                        let _ = conn.send(&ServerMessage::Error { error }).await;
+                        let _ = conn.socket.send(Message::Close(None)).await;
                         return Ok(());
                     }
                 }

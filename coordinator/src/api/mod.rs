@@ -15,6 +15,9 @@ use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::routing::{delete, get, post, put};
 use axum::Router;
+use axum::extract::State;
+use axum::Json;
+use platform::control_auth::{CoordinatorIdentity, CoordinatorInfo};
 use platform::netmap::{PeerChange, RelayMap};
 use serde::de::DeserializeOwned;
 
@@ -36,6 +39,8 @@ pub struct AppState {
     pub tls: bool,
     /// The URL people reach the API at, for links; else taken from `Host`.
     pub public_url: Option<String>,
+    /// Signs the map stream; checks node-key proofs.
+    pub identity: Arc<CoordinatorIdentity>,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -44,6 +49,7 @@ pub fn router(state: SharedState) -> Router {
     const NET: &str = "/api/v1/networks/{network}";
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
+        .route("/api/v1/coordinator", get(coordinator_info))
         .route("/api/v1/me", get(members::whoami))
         .route(
             "/api/v1/networks",
@@ -198,6 +204,12 @@ pub async fn run_sweeper(state: SharedState) {
 }
 
 /// Devices whose node key expired since the last look are shut out once.
+/// `GET /api/v1/coordinator`: the keys a device pins and proves its node
+/// key against. Public: they are public keys.
+async fn coordinator_info(State(s): State<SharedState>) -> Json<CoordinatorInfo> {
+    Json(s.identity.info())
+}
+
 async fn shut_out_expired(state: &SharedState) -> Result<(), AppError> {
     for row in state.store.take_newly_expired(platform::unix_now()).await? {
         tracing::info!(device = row.id, name = %row.name, "node key expired");

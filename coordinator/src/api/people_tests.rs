@@ -871,6 +871,7 @@ async fn rotation_expiry_and_replays() {
             timestamp: ts,
             old_node_key: old.public(),
             new_node_key: new.public(),
+            node_proof: test_support::rotate_proof(&dev, new, ts),
         };
         serde_json::to_value(Signed::sign(&dev, DOMAIN_ROTATE, &req)).unwrap()
     };
@@ -913,10 +914,12 @@ async fn rotation_expiry_and_replays() {
     .await;
     // Signed by another device: not registered.
     let other = DevicePrivate::generate();
+    let fresh = NodePrivate::generate();
     let req = RotateKeyRequest {
         timestamp: unix_now(),
         old_node_key: node2.public(),
-        new_node_key: NodePrivate::generate().public(),
+        new_node_key: fresh.public(),
+        node_proof: test_support::rotate_proof(&other, &fresh, unix_now()),
     };
     t.fails(
         None,
@@ -927,10 +930,12 @@ async fn rotation_expiry_and_replays() {
     )
     .await;
     // A signature for one purpose is not valid for another.
+    let fresh = NodePrivate::generate();
     let req = RotateKeyRequest {
         timestamp: unix_now(),
         old_node_key: node2.public(),
-        new_node_key: NodePrivate::generate().public(),
+        new_node_key: fresh.public(),
+        node_proof: test_support::rotate_proof(&dev, &fresh, unix_now()),
     };
     t.fails(
         None,

@@ -7,6 +7,7 @@ use axum::extract::State;
 use axum::http::request::Parts;
 use axum::Json;
 use platform::api::{RegisterRequest, RegisterResponse};
+use platform::control_auth::ProofPurpose;
 use platform::people::{DeviceCode, DeviceCodeRequest, RotateKeyRequest, RotateKeyResponse};
 use platform::signed::{Signed, SignedError, DOMAIN_DEVICE_CODE, DOMAIN_REGISTER, DOMAIN_ROTATE};
 use platform::unix_now;
@@ -24,12 +25,28 @@ pub fn signed_error(e: SignedError) -> AppError {
     }
 }
 
+fn no_proof() -> AppError {
+    AppError::Unauthorized(
+        "node_proof does not prove this device holds the node key (made against GET /api/v1/coordinator's proof_key)".into(),
+    )
+}
+
 pub async fn register(
     State(s): State<SharedState>,
     Body(signed): Body<Signed>,
 ) -> Result<Json<RegisterResponse>, AppError> {
     let now = unix_now();
     let request: RegisterRequest = signed.verify(DOMAIN_REGISTER, now).map_err(signed_error)?;
+    // Before anything is looked up: only the holder of a node key may claim it.
+    if !s.identity.check_node_proof(
+        ProofPurpose::Register,
+        &request.node_key,
+        &signed.device_key,
+        request.timestamp,
+        &request.node_proof,
+    ) {
+        return Err(no_proof());
+    }
     let reg = Registration {
         device_key: signed.device_key,
         request,
@@ -114,6 +131,15 @@ pub async fn rotate_key(
 ) -> Result<Json<RotateKeyResponse>, AppError> {
     let now = unix_now();
     let req: RotateKeyRequest = signed.verify(DOMAIN_ROTATE, now).map_err(signed_error)?;
+    if !s.identity.check_node_proof(
+        ProofPurpose::RotateKey,
+        &req.new_node_key,
+        &signed.device_key,
+        req.timestamp,
+        &req.node_proof,
+    ) {
+        return Err(no_proof());
+    }
     let rotated = s
         .store
         .rotate_node_key(

@@ -10,6 +10,7 @@ use axum::http::{Request, StatusCode};
 use futures_util::{SinkExt, StreamExt};
 use http_body_util::BodyExt;
 use platform::api::{Capabilities, ClientMessage, MapHello, RegisterRequest, ServerMessage};
+use platform::control_auth::{node_proof, CoordinatorIdentity, FrameVerifier, ProofPurpose};
 use platform::keys::{DevicePrivate, DiscoPrivate, NodePrivate};
 use platform::people::DeviceCodeRequest;
 use platform::signed::{Signed, DOMAIN_DEVICE_CODE, DOMAIN_MAP, DOMAIN_REGISTER};
@@ -31,6 +32,7 @@ pub fn state(store: Store, public_url: Option<&str>) -> SharedState {
         relay_map: Default::default(),
         tls: false,
         public_url: public_url.map(str::to_owned),
+        identity: Arc::new(IDENTITY.clone()),
     })
 }
 
@@ -81,6 +83,14 @@ pub fn register_body(
             ..Default::default()
         },
         network: None,
+        node_proof: node_proof(
+            ProofPurpose::Register,
+            node,
+            &IDENTITY.info().proof_key,
+            &dev.public(),
+            ts,
+        )
+        .unwrap(),
     };
     serde_json::to_string(&Signed::sign(dev, DOMAIN_REGISTER, &req)).unwrap()
 }
@@ -95,9 +105,79 @@ pub fn device_code_body(dev: &DevicePrivate, host: &str, code: Option<&str>) -> 
     serde_json::to_value(Signed::sign(dev, DOMAIN_DEVICE_CODE, &req)).unwrap()
 }
 
-/// A map stream (WebSocket) to a served router.
-pub type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+/// A map stream (WebSocket) to a served router, checking the coordinator's
+/// signature on every message after the challenge.
+pub struct Ws {
+    ws: tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+    verifier: Option<FrameVerifier>,
+}
+
+impl Ws {
+    /// Connects; nothing is read or sent yet.
+    pub async fn connect(addr: std::net::SocketAddr) -> Ws {
+        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/api/v1/map"))
+            .await
+            .unwrap();
+        Ws { ws, verifier: None }
+    }
+
+    pub async fn send(&mut self, msg: Message) -> Result<(), tokio_tungstenite::tungstenite::Error> {
+        self.ws.send(msg).await
+    }
+
+    pub async fn close(&mut self) -> Result<(), tokio_tungstenite::tungstenite::Error> {
+        self.ws.close(None).await
+    }
+
+    /// The next frame as it comes, unchecked.
+    pub async fn next(
+        &mut self,
+    ) -> Option<Result<Message, tokio_tungstenite::tungstenite::Error>> {
+        self.ws.next().await
+    }
+
+    /// The raw text of the next message, within 5 s.
+    pub async fn next_text(&mut self) -> String {
+        loop {
+            let msg = tokio::time::timeout(Duration::from_secs(5), self.ws.next())
+                .await
+                .expect("message in time")
+                .unwrap()
+                .unwrap();
+            if let Message::Text(t) = msg {
+                return t.to_string();
+            }
+        }
+    }
+
+    /// Reads the challenge; returns its nonce.
+    pub async fn challenge(&mut self) -> String {
+        let text = self.next_text().await;
+        let Ok(ServerMessage::Challenge { nonce }) = serde_json::from_str(&text) else {
+            panic!("challenge expected, got {text}")
+        };
+        self.verifier = Some(FrameVerifier::new(IDENTITY.public(), nonce.clone()));
+        nonce
+    }
+}
+
+/// The proof that `dev` holds `new` in a key rotation signed at `ts`.
+pub fn rotate_proof(dev: &DevicePrivate, new: &NodePrivate, ts: u64) -> String {
+    node_proof(
+        ProofPurpose::RotateKey,
+        new,
+        &IDENTITY.info().proof_key,
+        &dev.public(),
+        ts,
+    )
+    .unwrap()
+}
+
+/// The identity every test server speaks as.
+pub static IDENTITY: std::sync::LazyLock<CoordinatorIdentity> =
+    std::sync::LazyLock::new(CoordinatorIdentity::generate);
 
 /// Serves the router on a loopback port for as long as the test runs.
 pub async fn serve(state: &SharedState) -> std::net::SocketAddr {
@@ -108,15 +188,15 @@ pub async fn serve(state: &SharedState) -> std::net::SocketAddr {
     addr
 }
 
-/// Opens a map stream as `dev` with node key `node`: the signed hello sent.
+/// Opens a map stream as `dev` with node key `node`: the challenge read,
+/// the signed hello sent.
 pub async fn open_stream(
     addr: std::net::SocketAddr,
     dev: &DevicePrivate,
     node: &NodePrivate,
 ) -> Ws {
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/api/v1/map"))
-        .await
-        .unwrap();
+    let mut ws = Ws::connect(addr).await;
+    let nonce = ws.challenge().await;
     let hello = Signed::sign(
         dev,
         DOMAIN_MAP,
@@ -124,6 +204,7 @@ pub async fn open_stream(
             timestamp: unix_now(),
             node_key: node.public(),
             disco_key: DiscoPrivate::generate().public(),
+            nonce,
         },
     );
     ws.send(Message::text(
@@ -134,16 +215,22 @@ pub async fn open_stream(
     ws
 }
 
-/// The next message on a map stream, within 5 s.
+/// The next message on a map stream, within 5 s: a signed one opened (and
+/// its signature and place checked), a challenge taken note of.
 pub async fn next_msg(ws: &mut Ws) -> ServerMessage {
     loop {
-        let msg = tokio::time::timeout(Duration::from_secs(5), ws.next())
-            .await
-            .expect("message in time")
-            .unwrap()
-            .unwrap();
-        if let Message::Text(t) = msg {
-            return serde_json::from_str(&t).unwrap();
+        let text = ws.next_text().await;
+        let msg: ServerMessage = serde_json::from_str(&text).unwrap();
+        match msg {
+            ServerMessage::Challenge { nonce } => {
+                ws.verifier = Some(FrameVerifier::new(IDENTITY.public(), nonce));
+            }
+            ServerMessage::Signed { frame } => {
+                let verifier = ws.verifier.as_mut().expect("a signed message before the challenge");
+                let payload = verifier.open(&frame).expect("signed by the coordinator, in order");
+                return serde_json::from_str(payload).unwrap();
+            }
+            other => return other,
         }
     }
 }

@@ -4,15 +4,15 @@ use std::time::Duration;
 
 use axum::body::Body as HttpBody;
 use axum::http::{Request, StatusCode};
-use futures_util::{SinkExt, StreamExt};
 use http_body_util::BodyExt;
 use platform::api::{
-    ApiError, Capabilities, ClientMessage, CreatedPreauthKey, RegisterResponse, ServerMessage,
+    ApiError, Capabilities, ClientMessage, CreatedPreauthKey, MapHello, RegisterRequest,
+    RegisterResponse, ServerMessage,
     WireguardPeerCreated,
 };
 use platform::keys::{DevicePrivate, NodePrivate};
 use platform::netmap::PeerChange;
-use platform::signed::Signed;
+use platform::signed::{Signed, DOMAIN_MAP, DOMAIN_REGISTER};
 use platform::unix_now;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
@@ -470,7 +470,7 @@ async fn map_stream_sends_full_map_then_deltas() {
             .as_ref()
             .is_some_and(|c| c.tier.to_string() == "tier2")));
     // b goes away: a sees it offline.
-    b.close(None).await.unwrap();
+    b.close().await.unwrap();
     let ServerMessage::Delta { changes } = next_msg(&mut a).await else {
         panic!()
     };
@@ -494,9 +494,7 @@ async fn map_stream_refuses_unknown_devices_and_garbage() {
     };
     assert_eq!(error.code, "unauthorized");
 
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/api/v1/map"))
-        .await
-        .unwrap();
+    let mut ws = test_support::Ws::connect(addr).await;
     ws.send(Message::text("{\"type\":\"heartbeat\""))
         .await
         .unwrap();
@@ -672,10 +670,12 @@ async fn map_stream_follows_approval_rotation_and_removal() {
 
     // b rotates: a swaps the old key for the new one.
     let b_node2 = NodePrivate::generate();
+    let now = unix_now();
     let rotate = platform::people::RotateKeyRequest {
-        timestamp: unix_now(),
+        timestamp: now,
         old_node_key: b_node.public(),
         new_node_key: b_node2.public(),
+        node_proof: test_support::rotate_proof(&b_dev, &b_node2, now),
     };
     let body = serde_json::to_string(&Signed::sign(
         &b_dev,
@@ -737,4 +737,104 @@ async fn map_stream_follows_approval_rotation_and_removal() {
         panic!()
     };
     assert_eq!(error.code, "forbidden");
+}
+
+/// A registration claiming a node key without its private half (someone
+/// else's key, seen in a netmap) is refused; so is a proof made for another
+/// device key or time. Before node proofs, the first claimant won the key.
+#[tokio::test]
+async fn registration_proves_the_node_key() {
+    let h = Harness::new().await;
+    let key = h.network_and_key(json!({"reusable": true})).await;
+    let victim_node = NodePrivate::generate();
+    let thief = DevicePrivate::generate();
+    let now = unix_now();
+    let honest: Value =
+        serde_json::from_str(&register_body(&thief, &NodePrivate::generate(), &key, "t", now)).unwrap();
+    let mut req: RegisterRequest =
+        serde_json::from_str(honest["payload"].as_str().unwrap()).unwrap();
+    // The thief's own valid proof, but for the victim's node key.
+    req.node_key = victim_node.public();
+    let body = serde_json::to_string(&Signed::sign(&thief, DOMAIN_REGISTER, &req)).unwrap();
+    let (status, v) = h.call("POST", "/api/v1/register", Some(body), false).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("node_proof"), "{v}");
+    // A victim's genuine registration, replayed under the thief's device key.
+    let victim_dev = DevicePrivate::generate();
+    let genuine: Value =
+        serde_json::from_str(&register_body(&victim_dev, &victim_node, &key, "v", now)).unwrap();
+    let victim_req: RegisterRequest =
+        serde_json::from_str(genuine["payload"].as_str().unwrap()).unwrap();
+    let body = serde_json::to_string(&Signed::sign(&thief, DOMAIN_REGISTER, &victim_req)).unwrap();
+    let (status, _) = h.call("POST", "/api/v1/register", Some(body), false).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    // Garbage proof.
+    req.node_proof = "not hex".into();
+    let body = serde_json::to_string(&Signed::sign(&thief, DOMAIN_REGISTER, &req)).unwrap();
+    let (status, _) = h.call("POST", "/api/v1/register", Some(body), false).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    // The victim itself registers fine.
+    let (status, v) = h
+        .call("POST", "/api/v1/register", Some(genuine.to_string()), false)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+}
+
+/// A hello captured from one stream opens no other: it signs that stream's
+/// nonce. Before the challenge, a hello replayed for 300 s.
+#[tokio::test]
+async fn a_captured_hello_opens_no_other_stream() {
+    let h = Harness::new().await;
+    let key = h.network_and_key(json!({"reusable": true})).await;
+    let (dev, node) = (DevicePrivate::generate(), NodePrivate::generate());
+    let (status, _) = h
+        .call(
+            "POST",
+            "/api/v1/register",
+            Some(register_body(&dev, &node, &key, "a", unix_now())),
+            false,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let addr = serve(&h.state).await;
+    // The genuine stream: its hello is what an eavesdropper captures.
+    let mut first = test_support::Ws::connect(addr).await;
+    let nonce = first.challenge().await;
+    let hello = Signed::sign(
+        &dev,
+        DOMAIN_MAP,
+        &MapHello {
+            timestamp: unix_now(),
+            node_key: node.public(),
+            disco_key: platform::keys::DiscoPrivate::generate().public(),
+            nonce,
+        },
+    );
+    let text = serde_json::to_string(&ClientMessage::Hello { hello }).unwrap();
+    first.send(Message::text(text.clone())).await.unwrap();
+    let ServerMessage::Full { .. } = next_msg(&mut first).await else {
+        panic!("the genuine stream gets its netmap")
+    };
+    // Replayed on a new connection: refused.
+    let mut replay = test_support::Ws::connect(addr).await;
+    let fresh = replay.challenge().await;
+    assert_ne!(fresh, test_support::IDENTITY.public().to_string());
+    replay.send(Message::text(text)).await.unwrap();
+    let ServerMessage::Error { error } = next_msg(&mut replay).await else {
+        panic!("refusal expected")
+    };
+    assert_eq!(error.code, "unauthorized");
+    assert!(error.message.contains("challenge"), "{}", error.message);
+}
+
+/// Every message after the hello is signed for its stream and place: the
+/// coordinator's info is signed, and `next_msg` checks each signature.
+#[tokio::test]
+async fn the_coordinator_publishes_its_keys() {
+    let h = Harness::new().await;
+    let (status, v) = h.call("GET", "/api/v1/coordinator", None, false).await;
+    assert_eq!(status, StatusCode::OK);
+    let info: platform::control_auth::CoordinatorInfo = serde_json::from_value(v).unwrap();
+    assert_eq!(info.coordinator_key, test_support::IDENTITY.public());
+    info.check(Some(&test_support::IDENTITY.public())).unwrap();
 }

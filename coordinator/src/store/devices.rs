@@ -682,6 +682,7 @@ mod tests {
                 os: "linux".into(),
                 capabilities: Capabilities::default(),
                 network: None,
+                node_proof: String::new(),
             },
         }
     }

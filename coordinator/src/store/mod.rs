@@ -17,6 +17,8 @@ use std::str::FromStr;
 
 use anyhow::Context as _;
 use platform::addr::UlaPrefix;
+use platform::control_auth::CoordinatorIdentity;
+use platform::keys::{CoordinatorPrivate, ProofPrivate};
 use rand_core::{OsRng, RngCore};
 use sha2::{Digest, Sha256};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
@@ -115,6 +117,35 @@ impl Store {
             .fetch_optional(&self.pool)
             .await?;
         Ok(row.map(|r| r.0))
+    }
+
+    /// The coordinator's identity and proof keys, made on first use and kept
+    /// in the database (so every process serving it speaks as one). Two
+    /// processes racing to make them keep whichever was stored first.
+    pub async fn identity(&self) -> Result<CoordinatorIdentity, AppError> {
+        let fresh = CoordinatorIdentity::generate();
+        for (key, value) in [
+            ("coordinator_identity", fresh.identity.to_secret_text()),
+            ("coordinator_proof", fresh.proof.to_secret_text()),
+        ] {
+            sqlx::query("INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING")
+                .bind(key)
+                .bind(value)
+                .execute(&self.pool)
+                .await?;
+        }
+        let read = |key: &'static str| async move {
+            self.setting(key)
+                .await?
+                .ok_or_else(|| AppError::Internal(anyhow::anyhow!("{key} missing")))
+        };
+        let identity: CoordinatorPrivate = read("coordinator_identity").await?.parse().map_err(
+            |e| AppError::Internal(anyhow::anyhow!("stored coordinator key: {e}")),
+        )?;
+        let proof: ProofPrivate = read("coordinator_proof").await?.parse().map_err(|e| {
+            AppError::Internal(anyhow::anyhow!("stored coordinator proof key: {e}"))
+        })?;
+        Ok(CoordinatorIdentity { identity, proof })
     }
 
     pub async fn ula_prefix(&self) -> Result<UlaPrefix, AppError> {
