@@ -715,9 +715,7 @@ impl Daemon {
             ca_file.clone(),
         );
         let register = move |auth_key| async move {
-            daemon
-                .up(c, ca, coordinator_key, auth_key, Some(h))
-                .await
+            daemon.up(c, ca, coordinator_key, auth_key, Some(h)).await
         };
         let device = self.keys.current().device.clone();
         let pairing = Pairing::start(http, coordinator, device, hostname, register)

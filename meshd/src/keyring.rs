@@ -137,7 +137,9 @@ impl KeyRing {
             &keys.device.public(),
             timestamp,
         )
-        .ok_or_else(|| RotateError::Store(anyhow::anyhow!("the coordinator's proof key is unusable")))?;
+        .ok_or_else(|| {
+            RotateError::Store(anyhow::anyhow!("the coordinator's proof key is unusable"))
+        })?;
         let req = platform::people::RotateKeyRequest {
             timestamp,
             old_node_key: keys.node.public(),
@@ -359,7 +361,10 @@ mod tests {
         let old = ring.current().node.public();
         let mut watch = ring.subscribe();
         let url = coordinator(StatusCode::OK).await;
-        let resp = ring.rotate(&reqwest::Client::new(), &url, &proof_key()).await.unwrap();
+        let resp = ring
+            .rotate(&reqwest::Client::new(), &url, &proof_key())
+            .await
+            .unwrap();
         let now = ring.current();
         assert_eq!(now.node.public(), resp.node_key);
         assert_ne!(now.node.public(), old);
@@ -414,7 +419,8 @@ mod tests {
             assert_eq!(disk.pending_node.map(|k| k.public()), Some(pending));
             // No second rotation on top of an unsettled one.
             assert!(matches!(
-                ring.rotate(&reqwest::Client::new(), &url, &proof_key()).await,
+                ring.rotate(&reqwest::Client::new(), &url, &proof_key())
+                    .await,
                 Err(RotateError::Unsettled)
             ));
 

@@ -1,7 +1,6 @@
 //! `meshd`: the Crank Mesh daemon and its command-line client.
 #![forbid(unsafe_code)]
 
-
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -9,9 +8,9 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 use meshd::daemon::{Daemon, DaemonConfig};
-use meshd::{daemon, engine, gateway, jobs_cli, localapi, static_tunnel, status_text};
 use meshd::engine::TunConfig;
 use meshd::localapi::Request;
+use meshd::{daemon, engine, gateway, jobs_cli, localapi, static_tunnel, status_text};
 
 const DEFAULT_SOCKET: &str = "/run/meshd/meshd.sock";
 

@@ -105,11 +105,15 @@ pub enum ClientMessage {
 pub enum ServerMessage {
     /// The first message of every stream, before the hello: the nonce the
     /// hello must sign.
-    Challenge { nonce: String },
+    Challenge {
+        nonce: String,
+    },
     /// Every message after the hello comes wrapped in one of these, signed
     /// by the coordinator's identity key for this stream
     /// ([`crate::control_auth::FrameVerifier`]).
-    Signed { frame: SignedFrame },
+    Signed {
+        frame: SignedFrame,
+    },
     /// Sent once, first after the hello.
     Full {
         netmap: Box<NetMap>,

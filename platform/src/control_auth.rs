@@ -67,8 +67,9 @@ pub enum AuthError {
     BadInfoSignature,
     #[error("the coordinator presented key {got}, but this device trusts {pinned}: refusing (if the coordinator was reinstalled, run `meshd up` with --coordinator-key)")]
     KeyMismatch {
-        pinned: CoordinatorPublic,
-        got: CoordinatorPublic,
+        /// Both in their text form (`coordkey:…`).
+        pinned: String,
+        got: String,
     },
     #[error("map-stream message {got} arrived where {expected} was due")]
     OutOfOrder { expected: u64, got: u64 },
@@ -174,8 +175,8 @@ impl CoordinatorInfo {
         if let Some(pinned) = pinned {
             if *pinned != self.coordinator_key {
                 return Err(AuthError::KeyMismatch {
-                    pinned: *pinned,
-                    got: self.coordinator_key,
+                    pinned: pinned.to_string(),
+                    got: self.coordinator_key.to_string(),
                 });
             }
         }
@@ -284,10 +285,10 @@ impl FrameVerifier {
             });
         }
         let sig = sig_from_hex(&frame.signature)?;
-        if !self.key.verify(
-            &frame_message(&self.nonce, frame.seq, &frame.payload),
-            &sig,
-        ) {
+        if !self
+            .key
+            .verify(&frame_message(&self.nonce, frame.seq, &frame.payload), &sig)
+        {
             return Err(AuthError::BadFrameSignature);
         }
         self.next += 1;
@@ -363,11 +364,23 @@ mod tests {
         ));
         let other = NodePrivate::generate().public();
         assert!(!coord.check_node_proof(ProofPurpose::Register, &other, &device, 1000, &proof));
-        assert!(!coord.check_node_proof(ProofPurpose::Register, &node.public(), &device, 1000, "zz"));
+        assert!(!coord.check_node_proof(
+            ProofPurpose::Register,
+            &node.public(),
+            &device,
+            1000,
+            "zz"
+        ));
         // A proof made against a forged proof key does not check either.
         let forged = ProofPrivate::generate().public();
         let p2 = node_proof(ProofPurpose::Register, &node, &forged, &device, 1000).unwrap();
-        assert!(!coord.check_node_proof(ProofPurpose::Register, &node.public(), &device, 1000, &p2));
+        assert!(!coord.check_node_proof(
+            ProofPurpose::Register,
+            &node.public(),
+            &device,
+            1000,
+            &p2
+        ));
     }
 
     #[test]

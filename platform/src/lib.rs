@@ -8,6 +8,8 @@ pub mod api;
 pub mod capability;
 pub mod control_auth;
 pub mod disco;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod jobs;
 pub mod keys;
 pub mod ledger;

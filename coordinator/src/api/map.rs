@@ -223,9 +223,9 @@ async fn stream(
         Err(e) => return conn.refuse(e).await,
     };
     conn.send(&ServerMessage::Full {
-            netmap: Box::new(netmap),
-        })
-        .await?;
+        netmap: Box::new(netmap),
+    })
+    .await?;
     s.store.touch(me.id, unix_now()).await?;
     tracing::info!(device = me.id, name = %me.name, "map stream open");
     if s.store.rotation_due(me.id).await? {

@@ -11,12 +11,12 @@ mod relay;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use axum::extract::State;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::routing::{delete, get, post, put};
-use axum::Router;
-use axum::extract::State;
 use axum::Json;
+use axum::Router;
 use platform::control_auth::{CoordinatorIdentity, CoordinatorInfo};
 use platform::netmap::{PeerChange, RelayMap};
 use serde::de::DeserializeOwned;

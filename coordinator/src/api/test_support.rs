@@ -123,7 +123,10 @@ impl Ws {
         Ws { ws, verifier: None }
     }
 
-    pub async fn send(&mut self, msg: Message) -> Result<(), tokio_tungstenite::tungstenite::Error> {
+    pub async fn send(
+        &mut self,
+        msg: Message,
+    ) -> Result<(), tokio_tungstenite::tungstenite::Error> {
         self.ws.send(msg).await
     }
 
@@ -132,9 +135,7 @@ impl Ws {
     }
 
     /// The next frame as it comes, unchecked.
-    pub async fn next(
-        &mut self,
-    ) -> Option<Result<Message, tokio_tungstenite::tungstenite::Error>> {
+    pub async fn next(&mut self) -> Option<Result<Message, tokio_tungstenite::tungstenite::Error>> {
         self.ws.next().await
     }
 
@@ -226,8 +227,13 @@ pub async fn next_msg(ws: &mut Ws) -> ServerMessage {
                 ws.verifier = Some(FrameVerifier::new(IDENTITY.public(), nonce));
             }
             ServerMessage::Signed { frame } => {
-                let verifier = ws.verifier.as_mut().expect("a signed message before the challenge");
-                let payload = verifier.open(&frame).expect("signed by the coordinator, in order");
+                let verifier = ws
+                    .verifier
+                    .as_mut()
+                    .expect("a signed message before the challenge");
+                let payload = verifier
+                    .open(&frame)
+                    .expect("signed by the coordinator, in order");
                 return serde_json::from_str(payload).unwrap();
             }
             other => return other,

@@ -7,8 +7,7 @@ use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use platform::api::{
     ApiError, Capabilities, ClientMessage, CreatedPreauthKey, MapHello, RegisterRequest,
-    RegisterResponse, ServerMessage,
-    WireguardPeerCreated,
+    RegisterResponse, ServerMessage, WireguardPeerCreated,
 };
 use platform::keys::{DevicePrivate, NodePrivate};
 use platform::netmap::PeerChange;
@@ -749,8 +748,14 @@ async fn registration_proves_the_node_key() {
     let victim_node = NodePrivate::generate();
     let thief = DevicePrivate::generate();
     let now = unix_now();
-    let honest: Value =
-        serde_json::from_str(&register_body(&thief, &NodePrivate::generate(), &key, "t", now)).unwrap();
+    let honest: Value = serde_json::from_str(&register_body(
+        &thief,
+        &NodePrivate::generate(),
+        &key,
+        "t",
+        now,
+    ))
+    .unwrap();
     let mut req: RegisterRequest =
         serde_json::from_str(honest["payload"].as_str().unwrap()).unwrap();
     // The thief's own valid proof, but for the victim's node key.
@@ -758,7 +763,13 @@ async fn registration_proves_the_node_key() {
     let body = serde_json::to_string(&Signed::sign(&thief, DOMAIN_REGISTER, &req)).unwrap();
     let (status, v) = h.call("POST", "/api/v1/register", Some(body), false).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{v}");
-    assert!(v["error"]["message"].as_str().unwrap().contains("node_proof"), "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("node_proof"),
+        "{v}"
+    );
     // A victim's genuine registration, replayed under the thief's device key.
     let victim_dev = DevicePrivate::generate();
     let genuine: Value =

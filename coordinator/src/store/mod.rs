@@ -128,20 +128,23 @@ impl Store {
             ("coordinator_identity", fresh.identity.to_secret_text()),
             ("coordinator_proof", fresh.proof.to_secret_text()),
         ] {
-            sqlx::query("INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING")
-                .bind(key)
-                .bind(value)
-                .execute(&self.pool)
-                .await?;
+            sqlx::query(
+                "INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",
+            )
+            .bind(key)
+            .bind(value)
+            .execute(&self.pool)
+            .await?;
         }
         let read = |key: &'static str| async move {
             self.setting(key)
                 .await?
                 .ok_or_else(|| AppError::Internal(anyhow::anyhow!("{key} missing")))
         };
-        let identity: CoordinatorPrivate = read("coordinator_identity").await?.parse().map_err(
-            |e| AppError::Internal(anyhow::anyhow!("stored coordinator key: {e}")),
-        )?;
+        let identity: CoordinatorPrivate = read("coordinator_identity")
+            .await?
+            .parse()
+            .map_err(|e| AppError::Internal(anyhow::anyhow!("stored coordinator key: {e}")))?;
         let proof: ProofPrivate = read("coordinator_proof").await?.parse().map_err(|e| {
             AppError::Internal(anyhow::anyhow!("stored coordinator proof key: {e}"))
         })?;
