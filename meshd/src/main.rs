@@ -6,6 +6,7 @@ mod control;
 mod daemon;
 mod endpoints;
 mod engine;
+mod firewall;
 mod gateway;
 mod jobs_cli;
 mod key_expiry;
