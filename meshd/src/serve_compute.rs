@@ -792,9 +792,12 @@ mod tests {
         let r = reached.clone();
         let api = Router::new().route(
             "/v1/models",
-            axum::routing::get(move || async move {
-                r.store(true, Ordering::Relaxed);
-                "models"
+            axum::routing::get(move || {
+                let r = r.clone();
+                async move {
+                    r.store(true, Ordering::Relaxed);
+                    "models"
+                }
             }),
         );
         let callers = Callers {

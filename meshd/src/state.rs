@@ -341,9 +341,9 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         let names: Vec<_> = fs::read_dir(dir.path())
             .unwrap()
-            .map(|e| e.unwrap().file_name())
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
-        assert_eq!(names, ["token"], "no temp file left behind");
+        assert_eq!(names, vec!["token".to_owned()], "no temp file left behind");
     }
 
     #[test]
