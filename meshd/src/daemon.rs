@@ -15,6 +15,7 @@ use tokio::task::JoinHandle;
 use crate::contribute::ComputeSettings;
 use crate::control::{self, MapState};
 use crate::engine::{Engine, EngineSlot, PeerStats, PingPath, PingReply, TunConfig, UdpPort};
+use crate::firewall::{Firewall, NftCommand};
 use crate::gateway::{joblog, Gateway, SessionView};
 use crate::keyring::{self, KeyRing};
 use crate::localapi::{
@@ -73,6 +74,9 @@ struct Session {
     /// Delivers job receipts to this session's coordinator.
     receipts: JoinHandle<()>,
     compute: Option<ServeTask>,
+    /// Keeps the firewall table in step with the engine's addresses.
+    firewall_guard: JoinHandle<()>,
+    firewall: Arc<Firewall>,
 }
 
 /// A running compute API.
@@ -108,7 +112,11 @@ impl Session {
         self.receipts.abort();
         self.task.abort();
         let _ = self.task.await;
+        self.firewall_guard.abort();
+        let _ = self.firewall_guard.await;
         self.engine.stop().await;
+        // After the TUN is gone, so its addresses are never unguarded.
+        self.firewall.remove().await;
     }
 }
 
@@ -136,6 +144,8 @@ pub struct Daemon {
     gateway: Arc<Gateway>,
     /// The joined session as the gateway sees it; None while down.
     gateway_view: watch::Sender<Option<SessionView>>,
+    /// Drops packets for the overlay addresses that bypass the tunnel.
+    firewall: Arc<Firewall>,
 }
 
 /// A relay region's short name, for people.
@@ -197,6 +207,7 @@ impl Daemon {
             seen_tickets: Arc::default(),
             gateway,
             gateway_view,
+            firewall: Firewall::new(Arc::new(NftCommand::default())),
         }))
     }
 
@@ -260,9 +271,10 @@ impl Daemon {
         ));
         let (stop, stopped) = watch::channel(false);
         let service = self.compute.clone();
+        let tun = self.cfg.tun.name.clone();
         let task = tokio::spawn(async move {
             let served =
-                serve_compute::serve(service, models, admission, map, slots, queue, stopped);
+                serve_compute::serve(tun, service, models, admission, map, slots, queue, stopped);
             if let Err(e) = served.await {
                 tracing::error!(error = format!("{e:#}"), "compute API stopped");
             }
@@ -369,6 +381,8 @@ impl Daemon {
 
     /// Rejoins the network the device was last up in.
     pub async fn resume(&self) -> anyhow::Result<()> {
+        // A table left by a crash guards addresses that are gone.
+        self.firewall.remove().await;
         let prefs = self.state.prefs()?;
         if let (true, Some(coordinator)) = (prefs.wants_up, prefs.coordinator.clone()) {
             tracing::info!(%coordinator, "resuming");
@@ -444,6 +458,18 @@ impl Daemon {
             self.caps.subscribe(),
         ));
         let compute = self.spawn_serve(rx.clone());
+        let firewall_guard = {
+            let (firewall, engine) = (self.firewall.clone(), engine.clone());
+            let changes = rx.clone();
+            tokio::spawn(async move {
+                firewall
+                    .follow(changes, move || {
+                        let e = engine.get()?;
+                        Some((e.tun_name().to_owned(), e.addresses().to_vec()))
+                    })
+                    .await;
+            })
+        };
         Session {
             coordinator,
             engine,
@@ -452,6 +478,8 @@ impl Daemon {
             renewal,
             receipts,
             compute,
+            firewall_guard,
+            firewall: self.firewall.clone(),
         }
     }
 
@@ -827,6 +855,7 @@ impl Daemon {
             home_relay_connected: engine.home_region().is_some_and(|r| engine.relay_up(r)),
             public_endpoint: engine.public_endpoint(),
             capabilities: self.caps.borrow().clone(),
+            firewall_warning: self.firewall.warning(),
         });
         status.peers = netmap
             .peers

@@ -7,6 +7,7 @@ pub mod control;
 pub mod daemon;
 pub mod endpoints;
 pub mod engine;
+pub mod firewall;
 pub mod gateway;
 pub mod jobs_cli;
 pub mod key_expiry;

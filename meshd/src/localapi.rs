@@ -240,6 +240,10 @@ pub struct SelfStatus {
     /// yet: no peers until then.
     #[serde(default)]
     pub awaiting_approval: bool,
+    /// Why packets for the overlay addresses may bypass the tunnel (no
+    /// firewall table); absent while they cannot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firewall_warning: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

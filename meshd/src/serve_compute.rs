@@ -1,16 +1,26 @@
 //! Serving compute on this device's overlay addresses only: the OpenAI-
 //! compatible API of the `compute` crate, reachable from peers through the
-//! tunnel, with callers named from the netmap. Every job needs a ticket
+//! tunnel, with callers named from the netmap. Two layers keep strangers
+//! out: the listeners are bound to the TUN device (a packet for the overlay
+//! address that arrives on the LAN finds no socket, whatever the
+//! [`firewall`](crate::firewall) table does), and a caller whose source
+//! address is not this device's or a peer's in the current netmap gets 403
+//! `not_a_peer` before anything else is done. Every job needs a ticket
 //! ([`tickets`](crate::tickets)) and leaves a signed receipt
 //! ([`receipts`](crate::receipts)). The service holds the owner's settings,
 //! the loaded models and the policy's latest decision.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context as _;
-use axum::http::HeaderMap;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse as _, Response};
+use axum::{Json, Router};
 use compute::admission::{self, Admission, AdmittedJob, JobOutcome, Refusal};
 use compute::manifest::{verified_path, ModelKind, MANIFEST};
 use compute::server::{ComputeServer, Gate, Models};
@@ -276,6 +286,9 @@ pub struct TicketAdmission {
     /// not reopen the replay window.
     seen: Arc<Mutex<SeenTickets>>,
     receipts: Arc<ReceiptQueue>,
+    /// Requests refused because the caller is no peer ([`peers_only`]),
+    /// shown in `/metrics` with the job refusals.
+    not_a_peer: Arc<AtomicU64>,
 }
 
 /// An admitted job's ticket, and the name this device ran it under.
@@ -298,6 +311,7 @@ impl TicketAdmission {
             caps,
             seen,
             receipts,
+            not_a_peer: Arc::default(),
         }
     }
 }
@@ -378,6 +392,11 @@ impl Admission for TicketAdmission {
 
     fn metrics(&self, out: &mut String) {
         self.receipts.render_metrics(out);
+        out.push_str("# TYPE compute_refused_not_a_peer_total counter\n");
+        out.push_str(&format!(
+            "compute_refused_not_a_peer_total {}\n",
+            self.not_a_peer.load(Ordering::Relaxed)
+        ));
     }
 }
 
@@ -398,12 +417,72 @@ fn whois(netmap: &NetMap, ip: IpAddr) -> Option<String> {
         .map(|p| p.name.clone())
 }
 
-/// Binds `addr`, waiting a moment while a listener of the previous API
-/// (restarted by `meshd compute enable`) is still being dropped.
-async fn bind_soon(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+/// Who may call the compute API: this device and the peers of the current
+/// netmap, by source address.
+#[derive(Clone)]
+struct Callers {
+    map: watch::Receiver<MapState>,
+    refused: Arc<AtomicU64>,
+}
+
+/// Refuses a caller that is not this device or a peer in the netmap, before
+/// any other work: even a model list or a 503 tells a stranger what runs
+/// here, and a body it sends is never read.
+async fn peers_only(
+    State(callers): State<Callers>,
+    ConnectInfo(from): ConnectInfo<SocketAddr>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let ip = from.ip().to_canonical();
+    let known = callers
+        .map
+        .borrow()
+        .netmap
+        .as_ref()
+        .is_some_and(|n| whois(n, ip).is_some());
+    if known {
+        return next.run(req).await;
+    }
+    callers.refused.fetch_add(1, Ordering::Relaxed);
+    tracing::debug!(%ip, "compute API call from no peer refused");
+    let body = serde_json::json!({"error": {
+        "message": format!("{ip} is not a peer of this device"),
+        "type": "permission_error",
+        "code": "not_a_peer",
+    }});
+    (StatusCode::FORBIDDEN, Json(body)).into_response()
+}
+
+/// `api` behind [`peers_only`].
+fn guarded(api: Router, callers: Callers) -> Router {
+    api.layer(middleware::from_fn_with_state(callers, peers_only))
+}
+
+/// A listener on `addr` that takes connections only from `device`
+/// (SO_BINDTODEVICE): Linux accepts packets for a local address on any
+/// interface, so without it a LAN host routing the overlay range through
+/// this device reaches the API with no tunnel. This device's own calls
+/// (the gateway placing a job here) still arrive: the kernel counts traffic
+/// to a local address as coming from the interface that holds it.
+fn listen_on(addr: SocketAddr, device: &str) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind_device(Some(device.as_bytes()))?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
+/// Binds `addr` on `device`, waiting a moment while a listener of the
+/// previous API (restarted by `meshd compute enable`) is still being
+/// dropped.
+async fn bind_soon(addr: SocketAddr, device: &str) -> std::io::Result<tokio::net::TcpListener> {
     let mut tries = 0;
     loop {
-        match tokio::net::TcpListener::bind(addr).await {
+        match listen_on(addr, device) {
             Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tries < 40 => {
                 tries += 1;
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -413,9 +492,12 @@ async fn bind_soon(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener>
     }
 }
 
-/// Waits for the first netmap, then serves on each overlay address until
-/// `stop` turns true (requests in flight finish) or the task is dropped.
+/// Waits for the first netmap, then serves on each overlay address of the
+/// TUN device `tun` until `stop` turns true (requests in flight finish) or
+/// the task is dropped.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve(
+    tun: String,
     service: Arc<ComputeService>,
     models: Models,
     admission: Arc<TicketAdmission>,
@@ -435,6 +517,10 @@ pub async fn serve(
     let whois =
         Arc::new(move |ip: IpAddr| lookup.borrow().netmap.as_ref().and_then(|n| whois(n, ip)));
     let gate = service.gate();
+    let callers = Callers {
+        map: map.clone(),
+        refused: admission.not_a_peer.clone(),
+    };
     let server = ComputeServer::new(
         models,
         netmap.self_node.name.clone(),
@@ -450,16 +536,15 @@ pub async fn serve(
     let mut tasks = tokio::task::JoinSet::new();
     for addr in &netmap.self_node.addresses {
         let bind = SocketAddr::new(*addr, COMPUTE_PORT);
-        let listener = match bind_soon(bind).await {
+        let listener = match bind_soon(bind, &tun).await {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(%bind, error = %e, "compute API not served on this address");
                 continue;
             }
         };
-        tracing::info!(%bind, slots, queue, "compute API listening");
-        let app = server
-            .router()
+        tracing::info!(%bind, %tun, slots, queue, "compute API listening");
+        let app = guarded(server.router(), callers.clone())
             .into_make_service_with_connect_info::<SocketAddr>();
         let mut stop = stop.clone();
         tasks.spawn(async move {
@@ -694,6 +779,103 @@ mod tests {
         let cut = truncate("é".repeat(300), MAX_TEXT);
         assert!(cut.len() <= MAX_TEXT && cut.ends_with('…'), "{}", cut.len());
         assert_eq!(truncate("short".into(), MAX_TEXT), "short");
+    }
+
+    /// Calls `/v1/models` from `from` through [`guarded`] around a stub
+    /// API; returns the status, the JSON error code, and whether the stub
+    /// was reached.
+    async fn call_from(map: &watch::Receiver<MapState>, from: IpAddr) -> (u16, String, bool) {
+        use axum::extract::connect_info::MockConnectInfo;
+        use std::sync::atomic::AtomicBool;
+        use tower::ServiceExt as _;
+        let reached = Arc::new(AtomicBool::new(false));
+        let r = reached.clone();
+        let api = Router::new().route(
+            "/v1/models",
+            axum::routing::get(move || {
+                let r = r.clone();
+                async move {
+                    r.store(true, Ordering::Relaxed);
+                    "models"
+                }
+            }),
+        );
+        let callers = Callers {
+            map: map.clone(),
+            refused: Arc::default(),
+        };
+        let app = guarded(api, callers).layer(MockConnectInfo(SocketAddr::new(from, 40_000)));
+        let req = axum::http::Request::get("/v1/models")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let resp = app.oneshot(req).await.unwrap();
+        let status = resp.status().as_u16();
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        let code = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v["error"]["code"].as_str().map(str::to_owned))
+            .unwrap_or_default();
+        (status, code, reached.load(Ordering::Relaxed))
+    }
+
+    #[tokio::test]
+    async fn only_this_device_and_its_peers_reach_the_api() {
+        let (tx, map) = watch::channel(MapState::default());
+        let peer = IpAddr::from([100, 64, 0, 2]);
+        assert_eq!(
+            call_from(&map, peer).await,
+            (403, "not_a_peer".into(), false),
+            "no netmap yet: nobody is a peer"
+        );
+        let laptop = node(2, "laptop");
+        tx.send_modify(|m| {
+            m.netmap = Some(NetMap {
+                network: "home".into(),
+                self_node: node(1, "gpu"),
+                routes: vec![],
+                peers: [(laptop.node_key, laptop.clone())].into_iter().collect(),
+                relay_map: RelayMap::default(),
+                dns: DnsConfig::default(),
+                awaiting_approval: false,
+                compute: Default::default(),
+            })
+        });
+        assert_eq!(call_from(&map, peer).await, (200, String::new(), true));
+        assert_eq!(
+            call_from(&map, IpAddr::from([100, 64, 0, 1])).await,
+            (200, String::new(), true),
+            "this device's own gateway"
+        );
+        let mapped: IpAddr = "::ffff:100.64.0.2".parse().unwrap();
+        assert_eq!(call_from(&map, mapped).await.0, 200, "IPv4 in IPv6");
+        for stranger in [
+            IpAddr::from([10, 0, 0, 9]),
+            IpAddr::from([100, 64, 0, 3]),
+            IpAddr::from([127, 0, 0, 1]),
+        ] {
+            assert_eq!(
+                call_from(&map, stranger).await,
+                (403, "not_a_peer".into(), false),
+                "{stranger}"
+            );
+        }
+        // The peer leaves the network: refused from the next request on.
+        tx.send_modify(|m| m.netmap.as_mut().unwrap().peers.clear());
+        assert_eq!(
+            call_from(&map, peer).await,
+            (403, "not_a_peer".into(), false)
+        );
+    }
+
+    #[test]
+    fn refusals_of_strangers_are_counted_in_the_metrics() {
+        let w = worker(10);
+        w.admission.not_a_peer.fetch_add(3, Ordering::Relaxed);
+        let mut m = String::new();
+        w.admission.metrics(&mut m);
+        assert!(m.contains("compute_refused_not_a_peer_total 3\n"), "{m}");
     }
 
     #[test]

@@ -1,13 +1,16 @@
 //! What the daemon keeps in its state directory: its keys (0600, generated on
 //! first start, never sent anywhere but as public keys), its preferences and
-//! its compute settings.
+//! its compute settings. Every file is written whole or not at all
+//! ([`write_private`]), and a secret file that group or others could open
+//! is refused ([`read_secret`]) rather than trusted.
 //! The disco key is not kept: each start makes a new one, which is how peers
 //! learn that this device restarted and its old WireGuard sessions are gone.
 
 use std::fs;
-use std::io::Write as _;
+use std::io::{Read as _, Write as _};
 use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::Context as _;
 use platform::keys::{CoordinatorPublic, DevicePrivate, DiscoPrivate, NodePrivate};
@@ -73,21 +76,84 @@ pub struct Prefs {
     pub wants_up: bool,
 }
 
-/// Writes `contents` to `path` atomically (temp file + rename) with `mode`.
-fn write_private(path: &Path, contents: &[u8], mode: u32) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    f.write_all(contents)?;
-    f.sync_all()?;
-    fs::set_permissions(&tmp, fs::Permissions::from_mode(mode))?;
-    fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
-    Ok(())
+/// Ending of the temp files [`write_private`] renames into place.
+const TMP_SUFFIX: &str = ".tmp";
+
+/// Writes `contents` to `path` so that a crash or power cut leaves the old
+/// file or the new one, never a mix, and no moment where others may read
+/// it: a temp file of its own in the same directory, created 0600, synced,
+/// renamed over `path`, then the directory synced so the rename itself is
+/// on disk.
+pub fn write_private(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .with_context(|| format!("{} names no file", path.display()))?;
+    // Unique per write: two writers of one file never share a temp file.
+    let tmp = dir.join(format!(
+        ".{}.{}-{}{TMP_SUFFIX}",
+        name.to_string_lossy(),
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    let written = (|| {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        // Exactly 0600 whatever the umask.
+        f.set_permissions(fs::Permissions::from_mode(0o600))?;
+        f.write_all(contents)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)?;
+        fs::File::open(dir)?.sync_all()
+    })();
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    written.with_context(|| format!("writing {}", path.display()))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SecretFileError {
+    #[error(
+        "{path} holds a secret but its mode is {mode:04o}: group or others may open it; \
+         run `chmod 600 {path}` (and replace the secret if someone else could have read it)"
+    )]
+    TooOpen { path: String, mode: u32 },
+    #[error("reading {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Reads a file holding a secret (a key, token or pre-shared key). One that
+/// group or others may read or write is refused: it may have leaked or been
+/// swapped, and loading it quietly would hide that. The mode is checked on
+/// the opened file, so a file changed between check and read cannot slip by.
+pub fn read_secret(path: &Path) -> Result<String, SecretFileError> {
+    let io = |source| SecretFileError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let mut f = fs::File::open(path).map_err(io)?;
+    let mode = f.metadata().map_err(io)?.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(SecretFileError::TooOpen {
+            path: path.display().to_string(),
+            mode,
+        });
+    }
+    let mut text = String::new();
+    f.read_to_string(&mut text).map_err(io)?;
+    Ok(text)
 }
 
 #[derive(Clone)]
@@ -98,6 +164,15 @@ impl StateDir {
         fs::create_dir_all(path)
             .with_context(|| format!("creating state dir {}", path.display()))?;
         fs::set_permissions(path, fs::Permissions::from_mode(0o700))?;
+        // Temp files of writes a crash cut short (`keys.tmp` from older
+        // versions too); never read.
+        for entry in fs::read_dir(path)?.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.ends_with(TMP_SUFFIX) && entry.file_type().is_ok_and(|t| t.is_file()) {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
         Ok(StateDir(path.to_owned()))
     }
 
@@ -105,8 +180,7 @@ impl StateDir {
     pub fn keys(&self) -> anyhow::Result<Keys> {
         let path = self.0.join(KEYS_FILE);
         if path.exists() {
-            let text =
-                fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+            let text = read_secret(&path)?;
             let f: KeysFile = serde_json::from_str(&text)
                 .with_context(|| format!("parsing {}", path.display()))?;
             let bad = |what: &str| format!("{} holds an invalid {what} key", path.display());
@@ -140,7 +214,6 @@ impl StateDir {
         write_private(
             &self.0.join(KEYS_FILE),
             serde_json::to_string_pretty(&f)?.as_bytes(),
-            0o600,
         )
     }
 
@@ -159,7 +232,6 @@ impl StateDir {
         write_private(
             &self.0.join(name),
             serde_json::to_string_pretty(value)?.as_bytes(),
-            0o600,
         )
     }
 
@@ -223,6 +295,91 @@ mod tests {
         );
         assert_eq!(back.node_obtained_at, Some(1_700_000_000));
         assert_eq!(back.device.public(), keys.device.public());
+    }
+
+    #[test]
+    fn a_keys_file_others_may_open_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        let keys = state.keys().unwrap();
+        let path = dir.path().join(KEYS_FILE);
+        for mode in [0o640, 0o604, 0o620, 0o602, 0o644] {
+            fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+            let err = format!("{:#}", state.keys().err().expect("refused"));
+            assert!(
+                err.contains(&format!("mode {mode:04o}")) && err.contains("chmod 600"),
+                "{err}"
+            );
+        }
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o400)).unwrap();
+        assert_eq!(state.keys().unwrap().node.public(), keys.node.public());
+    }
+
+    #[test]
+    fn secrets_are_read_only_from_private_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("relay.psk");
+        fs::write(&path, "s3cret").unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(read_secret(&path).unwrap(), "s3cret");
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(matches!(
+            read_secret(&path),
+            Err(SecretFileError::TooOpen { mode: 0o644, .. })
+        ));
+        assert!(matches!(
+            read_secret(&dir.path().join("missing")),
+            Err(SecretFileError::Io { .. })
+        ));
+    }
+
+    #[test]
+    fn writes_replace_the_file_whole_and_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        fs::write(&path, "old").unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        write_private(&path, b"new").unwrap();
+        assert_eq!(fs::read_to_string(&path).unwrap(), "new");
+        let mode = fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names, vec!["token".to_owned()], "no temp file left behind");
+    }
+
+    #[test]
+    fn concurrent_writers_of_one_file_never_collide() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(PREFS_FILE);
+        let a = "a".repeat(64 << 10);
+        let b = "b".repeat(64 << 10);
+        std::thread::scope(|s| {
+            for body in [&a, &b] {
+                let path = &path;
+                s.spawn(move || {
+                    for _ in 0..200 {
+                        write_private(path, body.as_bytes()).unwrap();
+                    }
+                });
+            }
+        });
+        let last = fs::read_to_string(&path).unwrap();
+        assert!(last == a || last == b, "a mix of two writes");
+    }
+
+    #[test]
+    fn temp_files_of_interrupted_writes_are_cleared() {
+        let dir = tempfile::tempdir().unwrap();
+        let stale = dir.path().join(format!(".{KEYS_FILE}.1-0{TMP_SUFFIX}"));
+        let older = dir.path().join("keys.tmp");
+        for f in [&stale, &older] {
+            fs::write(f, "half a key").unwrap();
+        }
+        StateDir::open(dir.path()).unwrap();
+        assert!(!stale.exists() && !older.exists());
     }
 
     #[test]

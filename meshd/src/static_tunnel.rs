@@ -75,8 +75,7 @@ pub async fn run(
     address: IpPrefix,
     peers: Vec<StaticPeer>,
 ) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(private_key_file)
-        .with_context(|| format!("reading {}", private_key_file.display()))?;
+    let text = crate::state::read_secret(private_key_file)?;
     let private = NodePrivate::from_base64(&text)
         .context("private key file must hold a base64 key (wg genkey)")?;
     let mut peer_map = std::collections::BTreeMap::new();

@@ -126,6 +126,9 @@ pub fn render_at(s: &Status, now: u64) -> String {
             if let Some(warning) = key_expiry_warning(me.key_expiry, now) {
                 let _ = writeln!(out, "# {warning}");
             }
+            if let Some(warning) = &me.firewall_warning {
+                let _ = writeln!(out, "# WARNING: {warning}");
+            }
         }
     }
     if let Some(me) = &s.self_ {
@@ -486,6 +489,7 @@ mod tests {
                 owner: Some("ann".into()),
                 key_expiry,
                 awaiting_approval,
+                firewall_warning: None,
             }),
             peers: vec![PeerStatus {
                 name: "beta".into(),
@@ -524,6 +528,16 @@ mod tests {
             !text.contains("node key"),
             "no warning for a key that never expires"
         );
+    }
+
+    #[test]
+    fn an_unguarded_overlay_is_shown() {
+        let mut s = running(None, false);
+        assert!(!render_at(&s, NOW).contains("WARNING"));
+        if let Some(me) = s.self_.as_mut() {
+            me.firewall_warning = Some("no firewall: `nft` was not found".into());
+        }
+        assert!(render_at(&s, NOW).contains("\n# WARNING: no firewall: `nft` was not found\n"));
     }
 
     #[test]
