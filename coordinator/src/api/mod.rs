@@ -177,6 +177,7 @@ pub async fn run_sweeper(state: SharedState) {
             match state.store.delete_device(gone.device_id).await {
                 Ok(()) => {
                     tracing::info!(device = gone.device_id, "ephemeral device removed");
+                    state.hub.revoke_relay_access(gone.node_key);
                     state.hub.broadcast(
                         gone.network_id,
                         gone.device_id,

@@ -19,13 +19,18 @@ use tokio::sync::broadcast::error::RecvError;
 use super::{ApiPath, RelayAuth, SharedState};
 use crate::error::AppError;
 
+/// What a relay learns of an admitted node key: relays forward only between
+/// keys of one network, which they tell apart by `network_id` (stable, unlike
+/// the name).
 #[derive(Serialize)]
 pub struct Admitted {
+    pub network_id: i64,
     pub network: String,
     pub name: String,
 }
 
-/// 200 for a device that may take part now, 404 for anything else:
+/// 200 (with its network) for a device that may take part now, 404 for
+/// anything else:
 /// unknown, removed, revoked, awaiting approval, or with an expired node key
 /// (relays also hear of removals at once on the revocation stream).
 pub async fn admit(
@@ -43,6 +48,7 @@ pub async fn admit(
         .filter(|row| row.is_visible(platform::unix_now()))
         .ok_or_else(|| AppError::NotFound("no admitted device has this node key".into()))?;
     Ok(Json(Admitted {
+        network_id: row.network_id,
         network: row.network,
         name: row.name,
     }))

@@ -188,3 +188,49 @@ async fn a_relay_that_falls_behind_is_told_to_resync() {
         }
     }
 }
+
+/// Registers a device with `node` in a new network `name`.
+async fn device_in_new_network(c: &Coordinator, name: &str, node: &NodePrivate) {
+    use super::test_support::{call, register_body};
+    use platform::keys::DevicePrivate;
+    let (s, v) = call(
+        &c.state,
+        Some(&c.admin_token),
+        "POST",
+        "/api/v1/networks",
+        Some(serde_json::json!({ "name": name }).to_string()),
+    )
+    .await;
+    assert!(s.is_success(), "{v}");
+    let (s, v) = call(
+        &c.state,
+        Some(&c.admin_token),
+        "POST",
+        &format!("/api/v1/networks/{name}/preauth-keys"),
+        Some(serde_json::json!({ "reusable": true }).to_string()),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let auth = v["key"].as_str().unwrap().to_owned();
+    let body = register_body(&DevicePrivate::generate(), node, &auth, name, unix_now());
+    let (s, v) = call(&c.state, None, "POST", "/api/v1/register", Some(body)).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+}
+
+#[tokio::test]
+async fn admission_answers_say_which_network_a_key_is_in() {
+    use super::test_support::call;
+    let c = coordinator().await;
+    let (a, b) = (NodePrivate::generate(), NodePrivate::generate());
+    device_in_new_network(&c, "alpha", &a).await;
+    device_in_new_network(&c, "beta", &b).await;
+    let mut ids = Vec::new();
+    for (node, name) in [(&a, "alpha"), (&b, "beta")] {
+        let path = format!("/api/v1/relay/admit/{}", node.public());
+        let (s, v) = call(&c.state, Some(&c.relay_token), "GET", &path, None).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        assert_eq!(v["network"], name);
+        ids.push(v["network_id"].as_i64().expect("a numeric network id"));
+    }
+    assert_ne!(ids[0], ids[1], "relays tell the networks apart by id");
+}

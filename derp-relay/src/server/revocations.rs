@@ -76,7 +76,8 @@ impl Relay {
         // must not become a burst of checks. An unanswered check keeps the
         // client (as a coordinator outage would).
         for key in connected {
-            if self.cfg.admission.check(key).await == Verdict::Deny && self.evict(key) {
+            let verdict = self.cfg.admission.check(key, &self.metrics).await;
+            if verdict == Verdict::Deny && self.evict(key) {
                 tracing::info!(node = %key.short(), "client refused after resync, evicted");
             }
         }
@@ -86,12 +87,10 @@ impl Relay {
 /// Keeps the revocation stream open while the task lives; returns at once
 /// when the relay does not ask a coordinator.
 pub async fn run(relay: Arc<Relay>) {
-    let Admission::Coordinator {
-        url, token, tls, ..
-    } = &relay.cfg.admission
-    else {
+    let Admission::Coordinator(coordinator) = &relay.cfg.admission else {
         return;
     };
+    let (url, token, tls) = (&coordinator.url, &coordinator.token, &coordinator.tls);
     let stream_url = match stream_url(url) {
         Ok(u) => u,
         Err(e) => {
