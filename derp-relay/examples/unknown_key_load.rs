@@ -100,7 +100,10 @@ async fn upgraded(addr: SocketAddr) -> anyhow::Result<(TcpStream, [u8; 32], [u8;
         }
     }
     if !head.starts_with(b"HTTP/1.1 101") {
-        bail!("refused: {}", String::from_utf8_lossy(&head).lines().next().unwrap_or(""));
+        bail!(
+            "refused: {}",
+            String::from_utf8_lossy(&head).lines().next().unwrap_or("")
+        );
     }
     let mut frame = [0u8; 5 + 48];
     s.read_exact(&mut frame).await?;
@@ -140,7 +143,12 @@ async fn main() -> anyhow::Result<()> {
         l.local_addr()?
     };
     let mut relay = tokio::process::Command::new(&args.relay_bin)
-        .args(["--listen", &listen.to_string(), "--stun-listen", "127.0.0.1:0"])
+        .args([
+            "--listen",
+            &listen.to_string(),
+            "--stun-listen",
+            "127.0.0.1:0",
+        ])
         .args(["--coordinator", &format!("http://{coord}")])
         .arg("--token-file")
         .arg(&token)

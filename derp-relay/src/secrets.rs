@@ -113,9 +113,7 @@ mod tests {
         let d = dir();
         let path = d.path().join("key");
         // A temporary left behind by a crash between write and rename.
-        let stale = d
-            .path()
-            .join(format!(".key.tmp-{}", std::process::id()));
+        let stale = d.path().join(format!(".key.tmp-{}", std::process::id()));
         std::fs::write(&stale, "half").unwrap();
         load_or_create_key(&path).unwrap();
         assert!(!stale.exists(), "renamed over, not left behind");

@@ -138,6 +138,7 @@ pub fn router(state: SharedState) -> Router {
             get(devices::show_device_code),
         )
         .route("/api/v1/rotate-key", post(register::rotate_key))
+        .route("/api/v1/relay/admit", post(relay::admit_batch))
         .route("/api/v1/relay/admit/{node_key}", get(relay::admit))
         .route("/api/v1/relay/revocations", get(relay::revocations))
         .route("/api/v1/map", get(map::map_stream))

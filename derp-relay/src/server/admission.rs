@@ -233,6 +233,21 @@ struct Admitted {
     network_id: i64,
 }
 
+/// Most keys in one batch question (the coordinator's limit).
+pub const BATCH: usize = 500;
+
+/// The coordinator's answer to a batch question: the keys admitted.
+#[derive(Deserialize)]
+struct BatchAnswer {
+    admitted: Vec<BatchAdmitted>,
+}
+
+#[derive(Deserialize)]
+struct BatchAdmitted {
+    node_key: NodePublic,
+    network_id: i64,
+}
+
 /// Admission by asking a coordinator.
 pub struct CoordinatorAdmission {
     pub(crate) url: String,
@@ -269,7 +284,10 @@ struct Inflight<'a> {
 impl std::ops::Drop for Inflight<'_> {
     fn drop(&mut self) {
         let mut map = lock(self.map);
-        if map.get(&self.key).is_some_and(|c| Arc::ptr_eq(c, &self.cell)) {
+        if map
+            .get(&self.key)
+            .is_some_and(|c| Arc::ptr_eq(c, &self.cell))
+        {
             map.remove(&self.key);
         }
     }
@@ -309,6 +327,60 @@ impl CoordinatorAdmission {
             Answer::NoAnswer
         };
         lock(&self.cache).decide(key, answer, asked, Instant::now())
+    }
+
+    /// Asks about `keys` (at most [`BATCH`]) in one question, folds the
+    /// answers into the cache and returns the keys now refused; `None` when
+    /// the coordinator did not answer (nothing changes then).
+    pub(crate) async fn recheck(
+        &self,
+        keys: &[NodePublic],
+        metrics: &Metrics,
+    ) -> Option<Vec<NodePublic>> {
+        let asked = Instant::now();
+        metrics.admission_asks.fetch_add(1, Ordering::Relaxed);
+        let response = self
+            .http
+            .post(format!("{}/api/v1/relay/admit", self.url))
+            .bearer_auth(&self.token)
+            .json(&serde_json::json!({ "node_keys": keys }))
+            .send()
+            .await;
+        let answer: BatchAnswer = match response {
+            Ok(r) if r.status().is_success() => match r.json().await {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "coordinator's batch answer unreadable");
+                    return None;
+                }
+            },
+            Ok(r) => {
+                tracing::warn!(status = %r.status(), "coordinator refused the batch check");
+                return None;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "coordinator unreachable for the batch check");
+                return None;
+            }
+        };
+        let admitted: HashMap<NodePublic, NetworkTag> = answer
+            .admitted
+            .into_iter()
+            .map(|a| (a.node_key, network_tag(a.network_id)))
+            .collect();
+        let now = Instant::now();
+        let mut cache = lock(&self.cache);
+        let refused = keys
+            .iter()
+            .filter(|key| {
+                let answer = admitted
+                    .get(key)
+                    .map_or(Answer::Unknown, |n| Answer::Known(*n));
+                cache.decide(**key, answer, asked, now) == Verdict::Deny
+            })
+            .copied()
+            .collect();
+        Some(refused)
     }
 
     async fn query(&self, key: NodePublic) -> Answer {

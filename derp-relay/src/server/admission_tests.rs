@@ -39,7 +39,10 @@ fn caching_and_outage_policy() {
     let t = t0 + Duration::from_secs(120);
     assert_eq!(c.decide(known, Answer::NoAnswer, t, t), Verdict::Admit(NET));
     let t = t0 + STALE_ALLOW_LIMIT;
-    assert_eq!(c.decide(known, Answer::NoAnswer, t, t), Verdict::Unavailable);
+    assert_eq!(
+        c.decide(known, Answer::NoAnswer, t, t),
+        Verdict::Unavailable
+    );
     // A key never admitted is refused while the coordinator is down.
     assert_eq!(
         c.decide(stranger, Answer::NoAnswer, t0, t0),

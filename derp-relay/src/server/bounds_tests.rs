@@ -45,7 +45,11 @@ fn pipe(relay: &Arc<Relay>) -> DuplexStream {
 
 /// A connection to `relay` that proved `secret`'s key (as a mesh peer with
 /// `mesh_key`) and was admitted.
-async fn pipe_client(relay: &Arc<Relay>, secret: &StaticSecret, mesh_key: Option<&str>) -> DuplexStream {
+async fn pipe_client(
+    relay: &Arc<Relay>,
+    secret: &StaticSecret,
+    mesh_key: Option<&str>,
+) -> DuplexStream {
     let mut s = pipe(relay);
     let Some(Frame::ServerKey { key, challenge }) = read_frame(&mut s).await else {
         panic!("no server key")
@@ -131,7 +135,11 @@ async fn silent_connections_are_closed_and_keepalives_keep_them_open() {
         assert_eq!(f, Frame::KeepAlive);
         keepalives += 1;
     }
-    assert_eq!(start.elapsed(), limits.idle_timeout, "closed on the deadline");
+    assert_eq!(
+        start.elapsed(),
+        limits.idle_timeout,
+        "closed on the deadline"
+    );
     assert_eq!(keepalives, 2, "one per keepalive interval before it");
     assert_eq!(relay.metrics.drops(Drop::IdleTimeout), 1);
     let chatty = chatter.await.unwrap();
@@ -151,7 +159,10 @@ async fn a_connection_that_does_not_prove_a_key_in_time_is_closed() {
     ));
     // Half a proof, then nothing.
     s.write_all(&[0x02, 0, 0, 0, 100, 1, 2, 3]).await.unwrap();
-    assert!(matches!(read_frame(&mut s).await, Some(Frame::Close { .. })));
+    assert!(matches!(
+        read_frame(&mut s).await,
+        Some(Frame::Close { .. })
+    ));
     assert_eq!(read_frame(&mut s).await, None);
     assert_eq!(start.elapsed(), limits.handshake_timeout);
     assert_eq!(relay.metrics.drops(Drop::HandshakeTimeout), 1);
@@ -159,7 +170,9 @@ async fn a_connection_that_does_not_prove_a_key_in_time_is_closed() {
     let mut s = pipe(&relay);
     read_frame(&mut s).await;
     s.write_all(&[0x02, 0, 0, 0x10, 0]).await.unwrap();
-    assert!(matches!(read_frame(&mut s).await, Some(Frame::Close { reason }) if reason == "oversized"));
+    assert!(
+        matches!(read_frame(&mut s).await, Some(Frame::Close { reason }) if reason == "oversized")
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -264,7 +277,10 @@ async fn random_keys_cost_the_coordinator_a_bounded_number_of_questions() {
     assert_eq!(coord.asked.load(Ordering::SeqCst), 5, "the burst, no more");
     assert_eq!(relay.metrics.drops(Drop::AdmissionDenied), 5);
     assert_eq!(relay.metrics.drops(Drop::AdmissionUnavailable), 35);
-    assert_eq!(relay.metrics.admission_throttled.load(Ordering::Relaxed), 35);
+    assert_eq!(
+        relay.metrics.admission_throttled.load(Ordering::Relaxed),
+        35
+    );
     assert_eq!(relay.admission().cached(), (0, 5));
 }
 

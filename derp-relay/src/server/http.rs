@@ -86,9 +86,8 @@ async fn upgrade(
             "too many connections are proving their key; try again shortly",
         );
     };
-    let conn = permit.and_then(|Extension(ConnPermit(p))| {
-        p.lock().unwrap_or_else(|e| e.into_inner()).take()
-    });
+    let conn = permit
+        .and_then(|Extension(ConnPermit(p))| p.lock().unwrap_or_else(|e| e.into_inner()).take());
     let on_upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
         let _conn = conn;
@@ -138,11 +137,13 @@ pub async fn serve(
         tokio::spawn(async move {
             let _ = tcp.set_nodelay(true);
             let result = match acceptor {
-                Some(acceptor) => match tokio::time::timeout(deadline, acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => serve_http(TokioIo::new(tls), app, deadline).await,
-                    Ok(Err(e)) => Err(e).context("TLS handshake"),
-                    Err(_) => Err(anyhow::anyhow!("TLS handshake timed out")),
-                },
+                Some(acceptor) => {
+                    match tokio::time::timeout(deadline, acceptor.accept(tcp)).await {
+                        Ok(Ok(tls)) => serve_http(TokioIo::new(tls), app, deadline).await,
+                        Ok(Err(e)) => Err(e).context("TLS handshake"),
+                        Err(_) => Err(anyhow::anyhow!("TLS handshake timed out")),
+                    }
+                }
                 None => serve_http(TokioIo::new(tcp), app, deadline).await,
             };
             if let Err(e) = result {

@@ -85,7 +85,10 @@ async fn link(relay: &Arc<Relay>, peer: &MeshPeer) -> anyhow::Result<()> {
         let challenge = match reader.next().await? {
             Some(Frame::ServerKey { key, challenge }) if key == peer.key => challenge,
             Some(Frame::ServerKey { key, .. }) => {
-                relay.metrics.mesh_key_mismatches.fetch_add(1, Ordering::Relaxed);
+                relay
+                    .metrics
+                    .mesh_key_mismatches
+                    .fetch_add(1, Ordering::Relaxed);
                 bail!(
                     "the relay presented key {}, not the configured {}; the mesh key is not sent",
                     hex::encode(key),
@@ -166,7 +169,10 @@ mod tests {
         let p = MeshPeer::parse(&format!("{key}@http://relay2:3340/derp")).unwrap();
         assert_eq!(p.key, [0xab; 32]);
         assert_eq!(p.target.url, "http://relay2:3340/derp");
-        assert!(MeshPeer::parse("http://relay2:3340/derp").is_err(), "no key");
+        assert!(
+            MeshPeer::parse("http://relay2:3340/derp").is_err(),
+            "no key"
+        );
         assert!(MeshPeer::parse("abcd@http://relay2:3340/derp").is_err());
         assert!(MeshPeer::parse(&format!("{key}@relay2:3340")).is_err());
     }

@@ -320,7 +320,9 @@ impl Relay {
             // Say why (path-discovery frames go out first), then let the
             // writer end: it stops when the queues close with our handle.
             let reason = Drop::Revoked.label().to_owned();
-            client.out.push(encoded(&Frame::Close { reason }), Lane::Disco);
+            client
+                .out
+                .push(encoded(&Frame::Close { reason }), Lane::Disco);
             drop(client);
             let _ = tokio::time::timeout(EVICT_FLUSH, &mut writer).await;
         }

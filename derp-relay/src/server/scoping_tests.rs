@@ -9,9 +9,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use x25519_dalek::{PublicKey, StaticSecret};
 
 use super::metrics::Drop;
-use super::tests::{
-    asking, fake_coordinator_with, mesh_peer, start, start_meshed, wait_for, Peer,
-};
+use super::tests::{asking, fake_coordinator_with, mesh_peer, start, start_meshed, wait_for, Peer};
 use crate::client::RelayEvent;
 use crate::proto::frame::{Frame, GoneReason, Key};
 
@@ -26,8 +24,7 @@ async fn clients_reach_only_their_own_network_and_others_look_absent() {
     let (a1_secret, a1) = new_key();
     let (a2_secret, a2) = new_key();
     let (b1_secret, b1) = new_key();
-    let coord =
-        fake_coordinator_with(vec![(a1, 1), (a2, 1), (b1, 2)], Duration::ZERO).await;
+    let coord = fake_coordinator_with(vec![(a1, 1), (a2, 1), (b1, 2)], Duration::ZERO).await;
     let (relay, url) = start(asking(&coord.url), 1 << 30).await;
     let mut pa1 = Peer::connect_as(&url, a1_secret).await;
     let mut pa2 = Peer::connect_as(&url, a2_secret).await;
@@ -76,8 +73,7 @@ async fn the_mesh_keeps_networks_apart_too() {
     let (b_secret, b) = new_key();
     let (c_secret, c) = new_key();
     let (d_secret, d) = new_key();
-    let coord =
-        fake_coordinator_with(vec![(a, 1), (b, 2), (c, 1), (d, 2)], Duration::ZERO).await;
+    let coord = fake_coordinator_with(vec![(a, 1), (b, 2), (c, 1), (d, 2)], Duration::ZERO).await;
     let (r1, url1) = start_meshed(asking(&coord.url), 1 << 30, Some(psk)).await;
     let (r2, url2) = start_meshed(asking(&coord.url), 1 << 30, Some(psk)).await;
     tokio::spawn(super::mesh::run_link(r1.clone(), mesh_peer(&url2, &r2)));
@@ -144,11 +140,22 @@ async fn the_mesh_key_goes_only_to_the_configured_relay() {
             let mut rest = Vec::new();
             let _ = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut rest)).await;
             let opened = match Frame::decode(&rest) {
-                Ok(Some((Frame::ClientInfo { node_key, nonce, sealed }, _))) => {
-                    crate::proto::handshake::open(&impostor_secret, &challenge, &node_key, &nonce, &sealed)
-                        .ok()
-                        .and_then(|info| info.mesh_key)
-                }
+                Ok(Some((
+                    Frame::ClientInfo {
+                        node_key,
+                        nonce,
+                        sealed,
+                    },
+                    _,
+                ))) => crate::proto::handshake::open(
+                    &impostor_secret,
+                    &challenge,
+                    &node_key,
+                    &nonce,
+                    &sealed,
+                )
+                .ok()
+                .and_then(|info| info.mesh_key),
                 _ => None,
             };
             let _ = got_tx.send(opened).await;
@@ -168,6 +175,11 @@ async fn the_mesh_key_goes_only_to_the_configured_relay() {
         .expect("r1 tried the link")
         .expect("open");
     assert_eq!(heard, None, "the mesh key was sealed to the impostor");
-    assert!(r1.metrics.mesh_key_mismatches.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+    assert!(
+        r1.metrics
+            .mesh_key_mismatches
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
     assert!(r1.mesh_links().is_empty());
 }

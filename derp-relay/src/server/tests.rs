@@ -538,6 +538,8 @@ struct RevokingCoordinator {
     url: String,
     known: Arc<std::sync::Mutex<std::collections::HashSet<platform::keys::NodePublic>>>,
     push: tokio::sync::broadcast::Sender<Option<platform::api::RevocationMessage>>,
+    /// Batch questions asked (after each resync).
+    batches: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 async fn revoking_coordinator() -> RevokingCoordinator {
@@ -550,7 +552,26 @@ async fn revoking_coordinator() -> RevokingCoordinator {
     let (push, _) = tokio::sync::broadcast::channel::<Option<RevocationMessage>>(64);
     let admit_known = known.clone();
     let stream_push = push.clone();
+    let batches = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (batch_known, batch_count) = (known.clone(), batches.clone());
     let app = axum::Router::new()
+        .route(
+            "/api/v1/relay/admit",
+            axum::routing::post(move |axum::Json(q): axum::Json<serde_json::Value>| {
+                batch_count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let known = batch_known.lock().unwrap().clone();
+                async move {
+                    let admitted: Vec<_> = q["node_keys"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .filter(|k| known.contains(&k.as_str().unwrap().parse().unwrap()))
+                        .map(|k| serde_json::json!({"node_key": k, "network_id": 1}))
+                        .collect();
+                    axum::Json(serde_json::json!({ "admitted": admitted }))
+                }
+            }),
+        )
         .route(
             "/api/v1/relay/admit/{key}",
             axum::routing::get(move |Path(key): Path<String>| {
@@ -595,6 +616,7 @@ async fn revoking_coordinator() -> RevokingCoordinator {
         url: format!("http://{addr}"),
         known,
         push,
+        batches,
     }
 }
 
@@ -691,6 +713,11 @@ async fn revoked_clients_are_evicted_at_once() {
         relay.metrics.revocation_resyncs.load(Ordering::Relaxed),
         2,
         "one resync per stream"
+    );
+    assert_eq!(
+        coord.batches.load(Ordering::SeqCst),
+        1,
+        "the connected clients re-checked in one batch question"
     );
     assert_eq!(relay.metrics.drops(Drop::Revoked), 2);
 }
