@@ -4,8 +4,9 @@
 //! Starts a stand-in coordinator (it knows no key and counts the questions,
 //! per second), starts the relay binary against it, then
 //! 1. proves `--connections` random keys, `--concurrency` at a time, and
-//! 2. opens `--connections` connections that upgrade and then never prove a
-//!    key, all held at once,
+//! 2. opens `--connections` connections that upgrade and then never prove
+//!    a key, all held at once,
+//!
 //! sampling the relay's resident memory throughout.
 //!
 //! ulimit -n 65536

@@ -266,7 +266,7 @@ pub enum Admission {
     /// Everyone with a valid handshake, all in one network (only for tests
     /// and closed labs).
     Open,
-    Coordinator(CoordinatorAdmission),
+    Coordinator(Box<CoordinatorAdmission>),
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -426,14 +426,14 @@ impl Admission {
             .use_preconfigured_tls(Arc::unwrap_or_clone(tls.clone()))
             .build()
             .context("building the coordinator HTTP client")?;
-        Ok(Admission::Coordinator(CoordinatorAdmission {
+        Ok(Admission::Coordinator(Box::new(CoordinatorAdmission {
             url: url.trim_end_matches('/').to_owned(),
             token,
             http,
             tls,
             cache: Mutex::new(Cache::new(limits, Instant::now())),
             inflight: Mutex::new(HashMap::new()),
-        }))
+        })))
     }
 
     pub async fn check(&self, key: NodePublic, metrics: &Metrics) -> Verdict {
