@@ -22,6 +22,13 @@ const SEND_QUEUE: usize = 1024;
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// Longest HTTP response head accepted during the upgrade.
 const MAX_RESPONSE_HEAD: usize = 8 * 1024;
+/// Time to connect, upgrade and be admitted.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A keepalive goes to the relay after this long without another frame.
+const KEEPALIVE: Duration = Duration::from_secs(10);
+/// Nothing from the relay (which sends keepalives every 10 s) for this long:
+/// the link is presumed dead and a new one is made.
+const READ_DEADLINE: Duration = Duration::from_secs(30);
 
 #[derive(Debug)]
 pub enum RelayEvent {
@@ -191,50 +198,83 @@ async fn session<T: Clone + Send + Sync>(
     events: &mpsc::Sender<(T, RelayEvent)>,
     outgoing: &mut mpsc::Receiver<(Key, Vec<u8>)>,
 ) -> anyhow::Result<()> {
-    let stream = connect(target).await?;
-    let (read, mut write) = tokio::io::split(stream);
-    let mut reader = FrameReader::new(read);
-    let mut scratch = Vec::new();
-    let (relay_key, challenge) = match reader.next().await? {
-        Some(Frame::ServerKey { key, challenge }) => (key, challenge),
-        other => bail!("expected the relay's key, got {other:?}"),
+    let handshake = async {
+        let stream = connect(target).await?;
+        let (read, mut write) = tokio::io::split(stream);
+        let mut reader = FrameReader::new(read);
+        let mut scratch = Vec::new();
+        let (relay_key, challenge) = match reader.next().await? {
+            Some(Frame::ServerKey { key, challenge }) => (key, challenge),
+            other => bail!("expected the relay's key, got {other:?}"),
+        };
+        write_frame(
+            &mut write,
+            &handshake::seal(node, &relay_key, &challenge, None)?,
+            &mut scratch,
+        )
+        .await?;
+        match reader.next().await? {
+            Some(Frame::ServerInfo) => {}
+            Some(Frame::Close { reason }) => bail!("relay refused us: {reason}"),
+            other => bail!("expected admission, got {other:?}"),
+        }
+        Ok((reader, write, scratch))
     };
-    write_frame(
-        &mut write,
-        &handshake::seal(node, &relay_key, &challenge, None)?,
-        &mut scratch,
-    )
-    .await?;
-    match reader.next().await? {
-        Some(Frame::ServerInfo) => {}
-        Some(Frame::Close { reason }) => bail!("relay refused us: {reason}"),
-        other => bail!("expected admission, got {other:?}"),
-    }
+    let (mut reader, mut write, mut scratch) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+        .await
+        .context("the relay did not admit us in time")??;
     events.send((tag.clone(), RelayEvent::Connected)).await.ok();
+    let mut idle = Box::pin(tokio::time::sleep(KEEPALIVE));
+    let mut deadline = Box::pin(tokio::time::sleep(READ_DEADLINE));
     loop {
-        tokio::select! {
+        let frame = tokio::select! {
             out = outgoing.recv() => {
                 let Some((dst, data)) = out else { return Ok(()) };
-                write_frame(&mut write, &Frame::SendPacket { dst, data }, &mut scratch).await?;
+                send(&mut write, &Frame::SendPacket { dst, data }, &mut scratch).await?;
+                idle.as_mut().reset(tokio::time::Instant::now() + KEEPALIVE);
+                continue;
             }
-            frame = reader.next() => {
-                let event = match frame? {
-                    None => return Ok(()),
-                    Some(Frame::RecvPacket { src, data }) => RelayEvent::Packet { src, data },
-                    Some(Frame::PeerGone { key, reason }) => RelayEvent::PeerGone { key, reason },
-                    Some(Frame::Ping(d)) => {
-                        write_frame(&mut write, &Frame::Pong(d), &mut scratch).await?;
-                        continue;
-                    }
-                    Some(Frame::Close { reason }) => bail!("relay closed the connection: {reason}"),
-                    Some(_) => continue,
-                };
-                if events.send((tag.clone(), event)).await.is_err() {
-                    return Ok(());
-                }
+            () = &mut idle => {
+                send(&mut write, &Frame::KeepAlive, &mut scratch).await?;
+                idle.as_mut().reset(tokio::time::Instant::now() + KEEPALIVE);
+                continue;
             }
+            () = &mut deadline => {
+                bail!("nothing from the relay in {} s", READ_DEADLINE.as_secs())
+            }
+            frame = reader.next() => frame?,
+        };
+        deadline
+            .as_mut()
+            .reset(tokio::time::Instant::now() + READ_DEADLINE);
+        let event = match frame {
+            None => return Ok(()),
+            Some(Frame::RecvPacket { src, data }) => RelayEvent::Packet { src, data },
+            Some(Frame::PeerGone { key, reason }) => RelayEvent::PeerGone { key, reason },
+            Some(Frame::Ping(d)) => {
+                send(&mut write, &Frame::Pong(d), &mut scratch).await?;
+                continue;
+            }
+            Some(Frame::Close { reason }) => bail!("relay closed the connection: {reason}"),
+            Some(_) => continue,
+        };
+        if events.send((tag.clone(), event)).await.is_err() {
+            return Ok(());
         }
     }
+}
+
+/// Writes one frame; a relay that takes longer than the read deadline to
+/// accept it is presumed gone.
+async fn send<W: AsyncWrite + Unpin>(
+    write: &mut W,
+    frame: &Frame,
+    scratch: &mut Vec<u8>,
+) -> anyhow::Result<()> {
+    tokio::time::timeout(READ_DEADLINE, write_frame(write, frame, scratch))
+        .await
+        .context("the relay stopped reading")?
+        .context("writing to the relay")
 }
 
 #[cfg(test)]

@@ -22,6 +22,8 @@ pub struct FrameReader<R> {
     buf: Vec<u8>,
     start: usize,
     end: usize,
+    /// Largest payload accepted now (see [`FrameReader::set_limit`]).
+    limit: usize,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
@@ -31,13 +33,29 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             buf: vec![0; INITIAL_BUFFER],
             start: 0,
             end: 0,
+            limit: MAX_FRAME_PAYLOAD,
         }
+    }
+
+    /// Refuses frames with payloads over `limit` (at most
+    /// [`MAX_FRAME_PAYLOAD`]) as [`FrameError::TooLong`] before reading them:
+    /// a peer that has not proved its key only ever needs small ones, so it
+    /// cannot make the buffer grow.
+    pub fn set_limit(&mut self, limit: usize) {
+        self.limit = limit.min(MAX_FRAME_PAYLOAD);
     }
 
     /// The next frame, or `None` at a clean end of stream.
     pub async fn next(&mut self) -> Result<Option<Frame>, ReadError> {
         loop {
-            if let Some((frame, used)) = Frame::decode(&self.buf[self.start..self.end])? {
+            let pending = &self.buf[self.start..self.end];
+            if pending.len() >= HEADER_LEN {
+                let len = u32::from_be_bytes([pending[1], pending[2], pending[3], pending[4]]);
+                if len as usize > self.limit {
+                    return Err(FrameError::TooLong(len as usize).into());
+                }
+            }
+            if let Some((frame, used)) = Frame::decode(pending)? {
                 self.start += used;
                 return Ok(Some(frame));
             }
@@ -128,5 +146,21 @@ mod tests {
             }
         }
         assert!(reader.next().await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_lowered_limit_refuses_large_frames_before_reading_them() {
+        // Only the header of a 60 KiB frame arrives: refused at once, the
+        // buffer never grows to hold it.
+        let (mut tx, rx) = tokio::io::duplex(64);
+        use tokio::io::AsyncWriteExt as _;
+        tx.write_all(&[0x04, 0, 0, 0xf0, 0]).await.unwrap();
+        let mut reader = FrameReader::new(rx);
+        reader.set_limit(1024);
+        assert!(matches!(
+            reader.next().await,
+            Err(ReadError::Frame(FrameError::TooLong(0xf000)))
+        ));
+        assert_eq!(reader.buf.len(), INITIAL_BUFFER);
     }
 }

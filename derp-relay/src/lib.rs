@@ -7,5 +7,6 @@
 pub mod client;
 pub mod io;
 pub mod proto;
+pub mod secrets;
 pub mod server;
 pub mod tls;

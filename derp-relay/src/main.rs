@@ -1,15 +1,16 @@
 //! `derp-relay`: the relay server.
 
 use std::net::SocketAddr;
-use std::os::unix::fs::OpenOptionsExt as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
-use derp_relay::server::admission::Admission;
-use derp_relay::server::{http, Relay, RelayConfig};
-use x25519_dalek::StaticSecret;
+use derp_relay::secrets::{load_or_create_key, read_secret};
+use derp_relay::server::admission::{Admission, AdmissionLimits};
+use derp_relay::server::mesh::MeshPeer;
+use derp_relay::server::{http, ConnLimits, Relay, RelayConfig};
 
 /// Crank Mesh relay.
 #[derive(Parser)]
@@ -33,14 +34,15 @@ struct Cli {
     /// beside the public roots.
     #[arg(long, env = "DERP_COORDINATOR_CA_FILE")]
     coordinator_ca_file: Option<PathBuf>,
-    /// File holding the relay token (`coordinator relay-token create`).
+    /// File holding the relay token (`coordinator relay-token create`);
+    /// owner-only (mode 0600), or it is refused.
     #[arg(long, env = "DERP_TOKEN_FILE", required_unless_present = "open")]
     token_file: Option<PathBuf>,
     /// Admit every client that proves a key, without asking a coordinator
     /// (closed test networks only).
     #[arg(long)]
     open: bool,
-    /// The relay's private key; generated on first start.
+    /// The relay's private key; generated on first start (mode 0600).
     #[arg(long, env = "DERP_KEY_FILE", default_value = "/var/lib/derp-relay/key")]
     key_file: PathBuf,
     /// Bytes per second one client may send.
@@ -49,12 +51,15 @@ struct Cli {
     /// Burst above the rate, in bytes.
     #[arg(long, default_value_t = 4 * 1024 * 1024)]
     burst: u64,
-    /// File holding the pre-shared key of this region's relay mesh.
+    /// File holding the pre-shared key of this region's relay mesh;
+    /// owner-only (mode 0600), or it is refused.
     #[arg(long, env = "DERP_MESH_PSK_FILE")]
     mesh_psk_file: Option<PathBuf>,
-    /// Another relay of the region (`http[s]://host:port/derp`); repeat for each.
-    #[arg(long = "mesh-with", requires = "mesh_psk_file")]
-    mesh_with: Vec<String>,
+    /// Another relay of the region, with the key it must present (logged
+    /// as `key=` when it starts): `<hex key>@http[s]://host:port/derp`;
+    /// repeat for each. The mesh key is only ever sealed to that key.
+    #[arg(long = "mesh-with", requires = "mesh_psk_file", value_parser = MeshPeer::parse)]
+    mesh_with: Vec<MeshPeer>,
     /// A private CA (PEM) the other relays' certificates chain to.
     #[arg(long)]
     mesh_ca_file: Option<PathBuf>,
@@ -64,28 +69,27 @@ struct Cli {
     /// The certificate's private key (PEM).
     #[arg(long, env = "DERP_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
-}
-
-fn load_or_create_key(path: &Path) -> anyhow::Result<StaticSecret> {
-    if path.exists() {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let mut bytes = [0u8; 32];
-        hex::decode_to_slice(text.trim(), &mut bytes)
-            .with_context(|| format!("{} is not a hex key", path.display()))?;
-        return Ok(StaticSecret::from(bytes));
-    }
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let key = StaticSecret::random_from_rng(rand_core::OsRng);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)?;
-    std::io::Write::write_all(&mut f, hex::encode(key.to_bytes()).as_bytes())?;
-    Ok(key)
+    /// TCP connections at once; more are closed at accept.
+    #[arg(long, default_value_t = ConnLimits::default().max_connections)]
+    max_connections: usize,
+    /// Connections still proving their key at once; more get a 503.
+    #[arg(long, default_value_t = ConnLimits::default().max_handshakes)]
+    max_handshakes: usize,
+    /// Bytes queued for one client before its packets are dropped.
+    #[arg(long, default_value_t = ConnLimits::default().queue_bytes)]
+    client_queue_bytes: usize,
+    /// Seconds of silence after which a connection is closed (keepalives
+    /// flow every third of it).
+    #[arg(long, default_value_t = ConnLimits::default().idle_timeout.as_secs())]
+    idle_timeout_secs: u64,
+    /// Admission questions per second to the coordinator about node keys
+    /// not cached; beyond it (and its burst) a key is refused unless it was
+    /// admitted recently.
+    #[arg(long, default_value_t = AdmissionLimits::default().asks_per_sec)]
+    coordinator_asks_per_sec: u64,
+    /// Admission questions that may go out at once above that rate.
+    #[arg(long, default_value_t = AdmissionLimits::default().ask_burst)]
+    coordinator_ask_burst: u64,
 }
 
 async fn try_main(cli: Cli) -> anyhow::Result<()> {
@@ -93,8 +97,7 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
     let admission = match (cli.open, cli.coordinator, cli.token_file) {
         (true, _, _) => Admission::Open,
         (false, Some(url), Some(file)) => {
-            let token = std::fs::read_to_string(&file)
-                .with_context(|| format!("reading {}", file.display()))?;
+            let token = read_secret(&file)?;
             let ca = cli
                 .coordinator_ca_file
                 .as_ref()
@@ -102,16 +105,18 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
                     std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
                 })
                 .transpose()?;
-            Admission::coordinator(&url, token.trim().to_owned(), ca.as_deref())?
+            let limits = AdmissionLimits {
+                asks_per_sec: cli.coordinator_asks_per_sec,
+                ask_burst: cli.coordinator_ask_burst,
+                ..AdmissionLimits::default()
+            };
+            Admission::coordinator(&url, token.trim().to_owned(), ca.as_deref(), limits)?
         }
         _ => anyhow::bail!("--coordinator and --token-file are required unless --open"),
     };
     let mesh_key = match &cli.mesh_psk_file {
         Some(f) => {
-            let key = std::fs::read_to_string(f)
-                .with_context(|| format!("reading {}", f.display()))?
-                .trim()
-                .to_owned();
+            let key = read_secret(f)?.trim().to_owned();
             anyhow::ensure!(
                 key.len() >= 16,
                 "the mesh key in {} is too short (16 characters at least)",
@@ -127,6 +132,14 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
         rate_limit: cli.rate_limit,
         burst: cli.burst,
         mesh_key,
+        limits: ConnLimits {
+            max_connections: cli.max_connections,
+            max_handshakes: cli.max_handshakes,
+            queue_bytes: cli.client_queue_bytes,
+            keepalive: Duration::from_secs((cli.idle_timeout_secs / 3).max(1)),
+            idle_timeout: Duration::from_secs(cli.idle_timeout_secs.max(3)),
+            ..ConnLimits::default()
+        },
     });
     let mesh_ca = match &cli.mesh_ca_file {
         Some(f) => {
@@ -134,12 +147,9 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
         }
         None => None,
     };
-    for url in cli.mesh_with {
-        let target = derp_relay::client::RelayTarget {
-            url,
-            ca_pem: mesh_ca.clone(),
-        };
-        tokio::spawn(derp_relay::server::mesh::run_link(relay.clone(), target));
+    for mut peer in cli.mesh_with {
+        peer.target.ca_pem = mesh_ca.clone();
+        tokio::spawn(derp_relay::server::mesh::run_link(relay.clone(), peer));
     }
     // Revoked node keys, pushed by the coordinator (nothing with --open).
     tokio::spawn(derp_relay::server::revocations::run(relay.clone()));
@@ -157,12 +167,7 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
         _ => None,
     };
     tracing::info!(addr = %cli.listen, tls = tls.is_some(), stun = ?cli.stun_listen, key = %hex::encode(relay.public_key()), "relay listening");
-    match tls {
-        Some(config) => http::serve_tls(listener, http::router(relay), config).await,
-        None => axum::serve(listener, http::router(relay))
-            .await
-            .context("serving"),
-    }
+    http::serve(listener, relay, tls).await
 }
 
 fn main() -> ExitCode {

@@ -751,6 +751,9 @@ impl Coordinator {
         )?;
         let path = lab.dir.join(format!("{name}.token"));
         std::fs::write(&path, token.trim())?;
+        // The relay refuses secret files others can read.
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
         Ok(path)
     }
 

@@ -144,6 +144,7 @@ pub fn router(state: SharedState) -> Router {
             get(devices::show_device_code),
         )
         .route("/api/v1/rotate-key", post(register::rotate_key))
+        .route("/api/v1/relay/admit", post(relay::admit_batch))
         .route("/api/v1/relay/admit/{node_key}", get(relay::admit))
         .route("/api/v1/relay/revocations", get(relay::revocations))
         .route("/api/v1/map", get(map::map_stream))
@@ -183,6 +184,7 @@ pub async fn run_sweeper(state: SharedState) {
             match state.store.delete_device(gone.device_id).await {
                 Ok(()) => {
                     tracing::info!(device = gone.device_id, "ephemeral device removed");
+                    state.hub.revoke_relay_access(gone.node_key);
                     state.hub.broadcast(
                         gone.network_id,
                         gone.device_id,

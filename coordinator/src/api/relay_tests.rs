@@ -188,3 +188,114 @@ async fn a_relay_that_falls_behind_is_told_to_resync() {
         }
     }
 }
+
+/// Registers a device with `node` in a new network `name`.
+async fn device_in_new_network(c: &Coordinator, name: &str, node: &NodePrivate) {
+    use super::test_support::{call, register_body};
+    use platform::keys::DevicePrivate;
+    let (s, v) = call(
+        &c.state,
+        Some(&c.admin_token),
+        "POST",
+        "/api/v1/networks",
+        Some(serde_json::json!({ "name": name }).to_string()),
+    )
+    .await;
+    assert!(s.is_success(), "{v}");
+    let (s, v) = call(
+        &c.state,
+        Some(&c.admin_token),
+        "POST",
+        &format!("/api/v1/networks/{name}/preauth-keys"),
+        Some(serde_json::json!({ "reusable": true }).to_string()),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let auth = v["key"].as_str().unwrap().to_owned();
+    let body = register_body(&DevicePrivate::generate(), node, &auth, name, unix_now());
+    let (s, v) = call(&c.state, None, "POST", "/api/v1/register", Some(body)).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+}
+
+#[tokio::test]
+async fn admission_answers_say_which_network_a_key_is_in() {
+    use super::test_support::call;
+    let c = coordinator().await;
+    let (a, b) = (NodePrivate::generate(), NodePrivate::generate());
+    device_in_new_network(&c, "alpha", &a).await;
+    device_in_new_network(&c, "beta", &b).await;
+    let mut ids = Vec::new();
+    for (node, name) in [(&a, "alpha"), (&b, "beta")] {
+        let path = format!("/api/v1/relay/admit/{}", node.public());
+        let (s, v) = call(&c.state, Some(&c.relay_token), "GET", &path, None).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        assert_eq!(v["network"], name);
+        ids.push(v["network_id"].as_i64().expect("a numeric network id"));
+    }
+    assert_ne!(ids[0], ids[1], "relays tell the networks apart by id");
+}
+
+#[tokio::test]
+async fn relays_ask_about_many_keys_at_once() {
+    use super::test_support::call;
+    let c = coordinator().await;
+    let (a, b) = (NodePrivate::generate(), NodePrivate::generate());
+    device_in_new_network(&c, "alpha", &a).await;
+    device_in_new_network(&c, "beta", &b).await;
+    let stranger = NodePrivate::generate().public();
+    let ask = |keys: Vec<String>, token: String| {
+        let state = c.state.clone();
+        async move {
+            let body = serde_json::json!({ "node_keys": keys }).to_string();
+            call(
+                &state,
+                Some(&token),
+                "POST",
+                "/api/v1/relay/admit",
+                Some(body),
+            )
+            .await
+        }
+    };
+    let keys = vec![
+        a.public().to_string(),
+        stranger.to_string(),
+        b.public().to_string(),
+    ];
+    let (s, v) = ask(keys.clone(), c.relay_token.clone()).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let admitted = v["admitted"].as_array().unwrap();
+    let named: Vec<&str> = admitted
+        .iter()
+        .map(|k| k["node_key"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        named,
+        [keys[0].as_str(), keys[2].as_str()],
+        "not the stranger"
+    );
+    assert_ne!(admitted[0]["network_id"], admitted[1]["network_id"]);
+
+    // Only relays may ask; bad questions get precise JSON errors.
+    let (s, v) = ask(keys.clone(), c.admin_token.clone()).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "{v}");
+    let (s, v) = ask(vec!["nodekey:zz".into()], c.relay_token.clone()).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("node_keys[0]"),
+        "{v}"
+    );
+    let many = vec![stranger.to_string(); super::relay::MAX_ADMIT_BATCH + 1];
+    let (s, v) = ask(many, c.relay_token.clone()).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(v["error"]["code"], "bad_request");
+    let (s, _) = ask(
+        vec![stranger.to_string(); super::relay::MAX_ADMIT_BATCH],
+        c.relay_token.clone(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "a full batch fits the body limit");
+}

@@ -13,6 +13,9 @@ pub const MAX_FRAME_PAYLOAD: usize = 64 * 1024 + 64;
 pub const HEADER_LEN: usize = 5;
 
 pub type Key = [u8; 32];
+/// Which network a node key belongs to, as relays tell each other: a digest
+/// of the coordinator's network id (see `server::admission::NetworkTag`).
+pub type NetworkTag = [u8; 32];
 
 mod kind {
     pub const SERVER_KEY: u8 = 0x01;
@@ -73,9 +76,10 @@ pub enum Frame {
     Close {
         reason: String,
     },
-    /// Relay → mesh peer: this client is connected here.
+    /// Relay → mesh peer: this client, of this network, is connected here.
     PeerPresent {
         key: Key,
+        network: NetworkTag,
     },
     /// Relay → mesh peer: deliver to your client `dst` (never forwarded again).
     ForwardPacket {
@@ -194,10 +198,13 @@ impl Frame {
                 reason: String::from_utf8_lossy(p).into_owned(),
             },
             kind::PEER_PRESENT => {
-                if len != 32 {
+                if len != 64 {
                     return Err(bad());
                 }
-                Frame::PeerPresent { key: key_at(p, 0) }
+                Frame::PeerPresent {
+                    key: key_at(p, 0),
+                    network: key_at(p, 32),
+                }
             }
             kind::FORWARD_PACKET => {
                 if len < 64 {
@@ -226,7 +233,7 @@ impl Frame {
             Frame::Ping(_) => (kind::PING, 8),
             Frame::Pong(_) => (kind::PONG, 8),
             Frame::Close { reason } => (kind::CLOSE, reason.len()),
-            Frame::PeerPresent { .. } => (kind::PEER_PRESENT, 32),
+            Frame::PeerPresent { .. } => (kind::PEER_PRESENT, 64),
             Frame::ForwardPacket { data, .. } => (kind::FORWARD_PACKET, 64 + data.len()),
             Frame::Unknown { kind } => (*kind, 0),
         }
@@ -265,7 +272,10 @@ impl Frame {
             }
             Frame::Ping(d) | Frame::Pong(d) => out.extend_from_slice(d),
             Frame::Close { reason } => out.extend_from_slice(reason.as_bytes()),
-            Frame::PeerPresent { key } => out.extend_from_slice(key),
+            Frame::PeerPresent { key, network } => {
+                out.extend_from_slice(key);
+                out.extend_from_slice(network);
+            }
             Frame::ForwardPacket { src, dst, data } => {
                 out.extend_from_slice(src);
                 out.extend_from_slice(dst);
@@ -319,7 +329,7 @@ mod tests {
             any::<[u8; 8]>().prop_map(Frame::Ping),
             any::<[u8; 8]>().prop_map(Frame::Pong),
             "[a-z ]{0,40}".prop_map(|reason| Frame::Close { reason }),
-            key.prop_map(|key| Frame::PeerPresent { key }),
+            (key, key).prop_map(|(key, network)| Frame::PeerPresent { key, network }),
             (key, key, vec(any::<u8>(), 0..500))
                 .prop_map(|(src, dst, data)| Frame::ForwardPacket { src, dst, data }),
         ]
@@ -379,6 +389,13 @@ mod tests {
         };
         assert!(matches!(
             Frame::decode(&bad_gone),
+            Err(FrameError::Malformed { .. })
+        ));
+        // A presence without its network (the older 32-byte form) is refused.
+        let mut bare_present = vec![kind::PEER_PRESENT, 0, 0, 0, 32];
+        bare_present.extend_from_slice(&[0; 32]);
+        assert!(matches!(
+            Frame::decode(&bare_present),
             Err(FrameError::Malformed { .. })
         ));
         let unknown = [0x7f, 0, 0, 0, 2, 0xaa, 0xbb];

@@ -3,22 +3,28 @@
 //! responder on UDP.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use anyhow::Context as _;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::Router;
-use hyper_util::rt::TokioIo;
+use axum::{Extension, Router};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::UdpSocket;
+use tokio::sync::OwnedSemaphorePermit;
 
+use super::metrics::Drop;
 use super::Relay;
 use crate::proto::stun;
 
 /// The `Upgrade` token of the relay protocol.
 pub const UPGRADE_PROTOCOL: &str = "crank-derp";
+/// Largest HTTP request head read before the upgrade (hyper's smallest).
+const MAX_REQUEST_HEAD: usize = 8192;
 
 pub fn router(relay: Arc<Relay>) -> Router {
     Router::new()
@@ -26,9 +32,23 @@ pub fn router(relay: Arc<Relay>) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route(
             "/metrics",
-            get(|State(r): State<Arc<Relay>>| async move { r.metrics.render() }),
+            get(|State(r): State<Arc<Relay>>| async move { r.render_metrics() }),
         )
         .with_state(relay)
+}
+
+impl Relay {
+    /// The Prometheus text of `/metrics`.
+    pub fn render_metrics(&self) -> String {
+        use std::fmt::Write as _;
+        let mut out = self.metrics.render();
+        let (admitted, refused) = self.admission().cached();
+        let _ = writeln!(
+            out,
+            "# TYPE derp_admission_cached gauge\nderp_admission_cached{{answer=\"admitted\"}} {admitted}\nderp_admission_cached{{answer=\"refused\"}} {refused}"
+        );
+        out
+    }
 }
 
 fn json_error(status: StatusCode, code: &str, message: &str) -> Response {
@@ -36,7 +56,16 @@ fn json_error(status: StatusCode, code: &str, message: &str) -> Response {
     (status, axum::Json(body)).into_response()
 }
 
-async fn upgrade(State(relay): State<Arc<Relay>>, mut req: Request) -> Response {
+/// The connection permit of the TCP connection a request came on: the
+/// upgraded relay connection takes it over, so it counts until it ends.
+#[derive(Clone)]
+struct ConnPermit(Arc<Mutex<Option<OwnedSemaphorePermit>>>);
+
+async fn upgrade(
+    State(relay): State<Arc<Relay>>,
+    permit: Option<Extension<ConnPermit>>,
+    mut req: Request,
+) -> Response {
     let wants = req
         .headers()
         .get(header::UPGRADE)
@@ -49,10 +78,21 @@ async fn upgrade(State(relay): State<Arc<Relay>>, mut req: Request) -> Response 
             "send `Upgrade: crank-derp`",
         );
     }
+    let Some(handshake) = relay.handshake_permit() else {
+        relay.metrics.drop(Drop::TooManyHandshakes);
+        return json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_handshakes",
+            "too many connections are proving their key; try again shortly",
+        );
+    };
+    let conn = permit
+        .and_then(|Extension(ConnPermit(p))| p.lock().unwrap_or_else(|e| e.into_inner()).take());
     let on_upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
+        let _conn = conn;
         match on_upgrade.await {
-            Ok(upgraded) => relay.serve_conn(TokioIo::new(upgraded)).await,
+            Ok(upgraded) => relay.serve_conn(TokioIo::new(upgraded), handshake).await,
             Err(e) => tracing::debug!(error = %e, "upgrade failed"),
         }
     });
@@ -64,40 +104,68 @@ async fn upgrade(State(relay): State<Arc<Relay>>, mut req: Request) -> Response 
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
-/// Serves `app` over TLS on `listener`, HTTP/1.1 with upgrades, forever.
-pub async fn serve_tls(
+/// Serves the relay on `listener` (over TLS with `tls`), HTTP/1.1 with
+/// upgrades, forever. Every TCP connection takes a permit from the relay's
+/// connection cap at accept (none left: closed at once, counted), and has
+/// the handshake deadline to send its request head.
+pub async fn serve(
     listener: tokio::net::TcpListener,
-    app: Router,
-    config: Arc<tokio_rustls::rustls::ServerConfig>,
+    relay: Arc<Relay>,
+    tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
 ) -> anyhow::Result<()> {
-    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let app = router(relay.clone());
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    let deadline = relay.limits().handshake_timeout;
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(error = %e, "accept");
+                // Out of file descriptors, say: give others a moment.
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
+        let Some(permit) = relay.connection_permit() else {
+            relay.metrics.drop(Drop::TooManyConnections);
+            continue;
+        };
+        let app = app
+            .clone()
+            .layer(Extension(ConnPermit(Arc::new(Mutex::new(Some(permit))))));
         let acceptor = acceptor.clone();
-        let service = hyper_util::service::TowerToHyperService::new(app.clone());
         tokio::spawn(async move {
             let _ = tcp.set_nodelay(true);
-            let tls = match acceptor.accept(tcp).await {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                    return;
+            let result = match acceptor {
+                Some(acceptor) => {
+                    match tokio::time::timeout(deadline, acceptor.accept(tcp)).await {
+                        Ok(Ok(tls)) => serve_http(TokioIo::new(tls), app, deadline).await,
+                        Ok(Err(e)) => Err(e).context("TLS handshake"),
+                        Err(_) => Err(anyhow::anyhow!("TLS handshake timed out")),
+                    }
                 }
+                None => serve_http(TokioIo::new(tcp), app, deadline).await,
             };
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tls), service)
-                .with_upgrades();
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "connection ended");
+            if let Err(e) = result {
+                tracing::debug!(%peer, error = format!("{e:#}"), "connection ended");
             }
         });
     }
+}
+
+async fn serve_http<I>(io: I, app: Router, deadline: Duration) -> anyhow::Result<()>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let service = hyper_util::service::TowerToHyperService::new(app);
+    hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(deadline)
+        .max_buf_size(MAX_REQUEST_HEAD)
+        .serve_connection(io, service)
+        .with_upgrades()
+        .await
+        .context("HTTP")
 }
 
 /// Answers STUN binding requests on `socket` forever; anything else is ignored.

@@ -17,10 +17,22 @@ pub enum Drop {
     UnexpectedFrame,
     /// A connected client whose node key the coordinator revoked.
     Revoked,
+    /// A packet for a key of another network (answered as `NoSuchPeer`).
+    OtherNetwork,
+    /// A connection that did not prove a key in time.
+    HandshakeTimeout,
+    /// A connection that sent nothing, not even a keepalive, for too long.
+    IdleTimeout,
+    /// A connection that stopped reading what the relay sends it.
+    WriteStalled,
+    /// A TCP connection over the connection cap, closed at accept.
+    TooManyConnections,
+    /// An upgrade over the cap on connections proving a key (503).
+    TooManyHandshakes,
 }
 
 impl Drop {
-    const ALL: [Drop; 10] = [
+    const ALL: [Drop; 16] = [
         Drop::RateLimited,
         Drop::QueueFull,
         Drop::NoSuchPeer,
@@ -31,6 +43,12 @@ impl Drop {
         Drop::AdmissionUnavailable,
         Drop::UnexpectedFrame,
         Drop::Revoked,
+        Drop::OtherNetwork,
+        Drop::HandshakeTimeout,
+        Drop::IdleTimeout,
+        Drop::WriteStalled,
+        Drop::TooManyConnections,
+        Drop::TooManyHandshakes,
     ];
 
     pub fn label(self) -> &'static str {
@@ -45,6 +63,12 @@ impl Drop {
             Drop::AdmissionUnavailable => "admission_unavailable",
             Drop::UnexpectedFrame => "unexpected_frame",
             Drop::Revoked => "revoked",
+            Drop::OtherNetwork => "other_network",
+            Drop::HandshakeTimeout => "handshake_timeout",
+            Drop::IdleTimeout => "idle_timeout",
+            Drop::WriteStalled => "write_stalled",
+            Drop::TooManyConnections => "too_many_connections",
+            Drop::TooManyHandshakes => "too_many_handshakes",
         }
     }
 }
@@ -63,6 +87,12 @@ pub struct Metrics {
     pub revocation_resyncs: AtomicU64,
     /// 1 while the revocation stream to the coordinator is open.
     pub revocation_stream_up: AtomicI64,
+    /// Mesh peers that presented another key than the one configured.
+    pub mesh_key_mismatches: AtomicU64,
+    /// Admission questions sent to the coordinator.
+    pub admission_asks: AtomicU64,
+    /// Admission questions not sent: over the budget (treated as no answer).
+    pub admission_throttled: AtomicU64,
     drops: [AtomicU64; Drop::ALL.len()],
 }
 
@@ -124,6 +154,21 @@ impl Metrics {
             out,
             "# TYPE derp_revocation_stream_up gauge\nderp_revocation_stream_up {}",
             self.revocation_stream_up.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE derp_admission_asks_total counter\nderp_admission_asks_total {}",
+            l(&self.admission_asks)
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE derp_admission_throttled_total counter\nderp_admission_throttled_total {}",
+            l(&self.admission_throttled)
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE derp_mesh_key_mismatches_total counter\nderp_mesh_key_mismatches_total {}",
+            l(&self.mesh_key_mismatches)
         );
         let _ = writeln!(out, "# TYPE derp_drops_total counter");
         for (d, c) in Drop::ALL.iter().zip(&self.drops) {

@@ -1,14 +1,29 @@
-//! The relay server: authenticated clients, each with a bounded bulk queue
-//! and a separate path-discovery queue, forwarding by destination node key.
+//! The relay server: authenticated clients, each with byte-bounded bulk and
+//! path-discovery queues, forwarding by destination node key within the
+//! sender's network.
 //!
 //! A slow reader only fills its own queues (later packets for it are dropped
 //! and counted); nobody else waits on it. A client whose node key the
 //! coordinator revokes is evicted at once (see [`revocations`]).
+//!
+//! Bounded under abuse: TCP connections and connections still proving a key
+//! are capped ([`ConnLimits`]), a connection that has not proved a key may
+//! only send a frame the size of the proof, the whole handshake has a
+//! deadline, and an established connection that sends nothing for
+//! [`ConnLimits::idle_timeout`] (keepalives flow every
+//! [`ConnLimits::keepalive`]) or stops reading for
+//! [`ConnLimits::write_timeout`] is closed.
+//!
+//! Concurrency: the client table, the mesh-peer tables and the admission
+//! cache are behind std `Mutex`es, held only for lookups and inserts, never
+//! across an await; each connection's writer is its own task, fed through
+//! bounded queues ([`outbox`]).
 
 pub mod admission;
 pub mod http;
 pub mod mesh;
 pub mod metrics;
+pub mod outbox;
 pub mod ratelimit;
 pub mod revocations;
 
@@ -19,26 +34,71 @@ use std::time::{Duration, Instant};
 
 use platform::keys::NodePublic;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{Notify, Semaphore};
 use x25519_dalek::{PublicKey, StaticSecret};
 
 use crate::io::{write_frame, FrameReader, ReadError};
-use crate::proto::frame::{Frame, FrameError, GoneReason, Key};
+use crate::proto::frame::{Frame, FrameError, GoneReason, Key, NetworkTag};
 use crate::proto::handshake;
 use admission::{Admission, Verdict};
 use metrics::{Drop, Metrics};
+use outbox::{outbox, Lane, Outbox, WriterTimes};
 use ratelimit::TokenBucket;
 
-/// Packets queued per client before drops begin.
-pub const BULK_QUEUE: usize = 512;
-/// Path-discovery packets queued per client (kept apart so bulk cannot starve them).
-pub const DISCO_QUEUE: usize = 64;
-/// Time a client has to prove its key.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// A keepalive goes to every client this often.
-const KEEPALIVE: Duration = Duration::from_secs(30);
+pub use outbox::{BULK_QUEUE, DISCO_QUEUE};
+
 /// How long an evicted client's writer gets to deliver the closing frame.
 const EVICT_FLUSH: Duration = Duration::from_secs(1);
+/// Largest frame a connection may send before it has proved its key: the
+/// key proof itself.
+const HANDSHAKE_FRAME_LIMIT: usize = 44 + handshake::MAX_SEALED;
+
+/// Bounds on connections and on what each may hold, and its deadlines.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnLimits {
+    /// TCP connections at once (clients, mesh peers, and those still in
+    /// HTTP or proving a key); more are closed at accept.
+    pub max_connections: usize,
+    /// Connections that have not yet proved a key; more get a 503.
+    pub max_handshakes: usize,
+    /// Bytes queued for one client before its packets are dropped.
+    pub queue_bytes: usize,
+    /// Time to send the HTTP request and prove a key (admission included).
+    pub handshake_timeout: Duration,
+    /// A keepalive goes to every connection idle this long.
+    pub keepalive: Duration,
+    /// A connection that sends nothing (not even a keepalive) for this long
+    /// is closed: a half-open link is found within it.
+    pub idle_timeout: Duration,
+    /// A write that stalls this long closes the connection.
+    pub write_timeout: Duration,
+}
+
+impl Default for ConnLimits {
+    /// 20,000 connections, 1,000 of them in their handshake; 512 KiB queued
+    /// per client; 10 s to prove a key; a keepalive after 10 s of silence and
+    /// a close after 30 s (three missed keepalives); writes stalled for 30 s.
+    fn default() -> Self {
+        ConnLimits {
+            max_connections: 20_000,
+            max_handshakes: 1_000,
+            queue_bytes: 512 * 1024,
+            handshake_timeout: Duration::from_secs(10),
+            keepalive: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(30),
+            write_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl ConnLimits {
+    fn writer(&self) -> WriterTimes {
+        WriterTimes {
+            keepalive: self.keepalive,
+            write_timeout: self.write_timeout,
+        }
+    }
+}
 
 pub struct RelayConfig {
     pub private: StaticSecret,
@@ -48,19 +108,26 @@ pub struct RelayConfig {
     pub burst: u64,
     /// Pre-shared key of this relay's mesh (relays of one region).
     pub mesh_key: Option<String>,
+    pub limits: ConnLimits,
 }
-
-/// Frames queued for one client.
-type Outbox = mpsc::Sender<Vec<u8>>;
 
 struct Client {
     conn_id: u64,
-    bulk: Outbox,
-    disco: Outbox,
+    /// The network the coordinator put this client's key in: it reaches
+    /// only clients of the same one.
+    network: NetworkTag,
+    out: Outbox,
     /// Who has sent to this client: they hear when it goes away.
     senders: Mutex<HashSet<Key>>,
     /// Notified when the client's key is revoked: its connection ends.
     evict: Notify,
+}
+
+/// A client of a mesh peer.
+#[derive(Clone, Copy)]
+struct Remote {
+    relay: Key,
+    network: NetworkTag,
 }
 
 pub struct Relay {
@@ -69,10 +136,14 @@ pub struct Relay {
     clients: Mutex<HashMap<Key, Arc<Client>>>,
     next_conn: AtomicU64,
     pub metrics: Metrics,
-    /// Clients of mesh peers: client key → the relay it is connected to.
-    remote: Mutex<HashMap<Key, Key>>,
+    /// Clients of mesh peers, by key.
+    remote: Mutex<HashMap<Key, Remote>>,
     /// Links this relay opened to its mesh peers, by their relay key.
     mesh_links: Mutex<HashMap<Key, (u64, Outbox)>>,
+    /// Permits for TCP connections (taken at accept, see [`http::serve`]).
+    connections: Arc<Semaphore>,
+    /// Permits for connections still proving their key.
+    handshakes: Arc<Semaphore>,
 }
 
 fn encoded(frame: &Frame) -> Vec<u8> {
@@ -82,9 +153,16 @@ fn encoded(frame: &Frame) -> Vec<u8> {
     v
 }
 
+/// The rate limiter's clock: tokio's, so tests can pause it.
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
 impl Relay {
     pub fn new(cfg: RelayConfig) -> Arc<Self> {
         let public = PublicKey::from(&cfg.private).to_bytes();
+        let connections = Arc::new(Semaphore::new(cfg.limits.max_connections));
+        let handshakes = Arc::new(Semaphore::new(cfg.limits.max_handshakes));
         Arc::new(Relay {
             cfg,
             public,
@@ -93,11 +171,21 @@ impl Relay {
             metrics: Metrics::default(),
             remote: Mutex::new(HashMap::new()),
             mesh_links: Mutex::new(HashMap::new()),
+            connections,
+            handshakes,
         })
     }
 
     pub fn public_key(&self) -> Key {
         self.public
+    }
+
+    pub fn limits(&self) -> &ConnLimits {
+        &self.cfg.limits
+    }
+
+    pub fn admission(&self) -> &Admission {
+        &self.cfg.admission
     }
 
     fn clients(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Arc<Client>>> {
@@ -108,7 +196,7 @@ impl Relay {
         self.clients().len()
     }
 
-    fn remote(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Key>> {
+    fn remote(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Remote>> {
         self.remote.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -120,59 +208,83 @@ impl Relay {
     fn announce(&self, frame: &Frame) {
         let bytes = encoded(frame);
         for (_, link) in self.mesh_links().values() {
-            let _ = link.try_send(bytes.clone());
+            let _ = link.push(bytes.clone(), Lane::Disco);
         }
     }
 
     /// Serves one client connection (after the HTTP upgrade) to its end.
-    pub async fn serve_conn<S>(self: Arc<Self>, stream: S)
-    where
+    /// `handshake` is the permit this connection holds while proving its
+    /// key (see [`Relay::handshake_permit`]).
+    pub async fn serve_conn<S>(
+        self: Arc<Self>,
+        stream: S,
+        handshake: tokio::sync::OwnedSemaphorePermit,
+    ) where
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
         let (read, mut write) = tokio::io::split(stream);
         let mut reader = FrameReader::new(read);
+        reader.set_limit(HANDSHAKE_FRAME_LIMIT);
         let mut scratch = Vec::new();
         let challenge = handshake::challenge();
-        if write_frame(
-            &mut write,
-            &Frame::ServerKey {
-                key: self.public,
-                challenge,
-            },
-            &mut scratch,
-        )
+        let limits = self.cfg.limits;
+        let proved = tokio::time::timeout(limits.handshake_timeout, async {
+            write_frame(
+                &mut write,
+                &Frame::ServerKey {
+                    key: self.public,
+                    challenge,
+                },
+                &mut scratch,
+            )
+            .await
+            .map_err(|_| Drop::Unauthenticated)?;
+            self.authenticate(&mut reader, &challenge).await
+        })
         .await
-        .is_err()
-        {
-            return;
-        }
-        let (key, is_mesh) = match self.authenticate(&mut reader, &challenge).await {
+        .unwrap_or(Err(Drop::HandshakeTimeout));
+        drop(handshake);
+        let (key, peer) = match proved {
             Ok(k) => k,
             Err(why) => {
                 self.metrics.drop(why);
                 let reason = why.label().to_owned();
-                let _ = write_frame(&mut write, &Frame::Close { reason }, &mut scratch).await;
-                let _ = write.shutdown().await;
+                let _ = tokio::time::timeout(limits.write_timeout, async {
+                    let _ = write_frame(&mut write, &Frame::Close { reason }, &mut scratch).await;
+                    let _ = write.shutdown().await;
+                })
+                .await;
                 return;
             }
         };
-        if is_mesh {
-            let (tx, rx) = mpsc::channel(DISCO_QUEUE);
-            let _ = tx.try_send(encoded(&Frame::ServerInfo));
-            let (_, idle) = mpsc::channel(1);
-            let writer = tokio::spawn(write_loop(self.clone(), write, idle, rx));
-            self.serve_mesh_peer(&mut reader, key).await;
-            writer.abort();
-            return;
-        }
+        reader.set_limit(crate::proto::frame::MAX_FRAME_PAYLOAD);
+        let network = match peer {
+            Peer::Mesh => {
+                // The queues stay open while the peer is served, so the
+                // writer keeps the link alive with keepalives.
+                let (out, inbox) = outbox(limits.queue_bytes);
+                out.push(encoded(&Frame::ServerInfo), Lane::Disco);
+                let relay = self.clone();
+                let mut writer = tokio::spawn(async move {
+                    outbox::write_loop(&relay.metrics, write, inbox, limits.writer()).await
+                });
+                tokio::select! {
+                    () = self.serve_mesh_peer(&mut reader, key) => {}
+                    _ = &mut writer => {}
+                }
+                drop(out);
+                writer.abort();
+                return;
+            }
+            Peer::Client(network) => network,
+        };
         let node = NodePublic::from_bytes(key);
-        let (bulk_tx, bulk_rx) = mpsc::channel(BULK_QUEUE);
-        let (disco_tx, disco_rx) = mpsc::channel(DISCO_QUEUE);
+        let (out, inbox) = outbox(limits.queue_bytes);
         let conn_id = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let client = Arc::new(Client {
             conn_id,
-            bulk: bulk_tx,
-            disco: disco_tx,
+            network,
+            out,
             senders: Mutex::new(HashSet::new()),
             evict: Notify::new(),
         });
@@ -187,13 +299,17 @@ impl Relay {
             client.evict.notify_one();
         }
         self.metrics.accepted.fetch_add(1, Ordering::Relaxed);
-        self.announce(&Frame::PeerPresent { key });
+        self.announce(&Frame::PeerPresent { key, network });
         tracing::debug!(node = %node.short(), "client admitted");
-        let _ = client.bulk.try_send(encoded(&Frame::ServerInfo));
-        let mut writer = tokio::spawn(write_loop(self.clone(), write, bulk_rx, disco_rx));
+        client.out.push(encoded(&Frame::ServerInfo), Lane::Disco);
+        let relay = self.clone();
+        let mut writer = tokio::spawn(async move {
+            outbox::write_loop(&relay.metrics, write, inbox, limits.writer()).await
+        });
         let outcome = tokio::select! {
             outcome = self.read_loop(&mut reader, key, &client) => outcome,
             () = client.evict.notified() => Err(Drop::Revoked),
+            _ = &mut writer => Err(Drop::WriteStalled),
         };
         if let Err(why) = outcome {
             self.metrics.drop(why);
@@ -202,26 +318,35 @@ impl Relay {
         self.depart(key, &client);
         if outcome == Err(Drop::Revoked) {
             // Say why (path-discovery frames go out first), then let the
-            // writer end: it stops when that queue closes with our handle.
+            // writer end: it stops when the queues close with our handle.
             let reason = Drop::Revoked.label().to_owned();
-            let _ = client.disco.try_send(encoded(&Frame::Close { reason }));
+            client
+                .out
+                .push(encoded(&Frame::Close { reason }), Lane::Disco);
             drop(client);
             let _ = tokio::time::timeout(EVICT_FLUSH, &mut writer).await;
         }
         writer.abort();
     }
 
-    /// Checks the client's proof; returns its key and whether it is a mesh
-    /// peer (another relay holding the mesh key).
+    /// A permit for one more connection in its handshake, if under the cap.
+    pub fn handshake_permit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.handshakes.clone().try_acquire_owned().ok()
+    }
+
+    /// A permit for one more TCP connection, if under the cap.
+    pub fn connection_permit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.connections.clone().try_acquire_owned().ok()
+    }
+
+    /// Checks the client's proof; returns its key and what it is: a client
+    /// in a network, or a mesh peer (another relay holding the mesh key).
     async fn authenticate<R: AsyncRead + Unpin>(
         &self,
         reader: &mut FrameReader<R>,
         challenge: &[u8; 16],
-    ) -> Result<(Key, bool), Drop> {
-        let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.next())
-            .await
-            .map_err(|_| Drop::Unauthenticated)?;
-        let (node_key, nonce, sealed) = match first {
+    ) -> Result<(Key, Peer), Drop> {
+        let (node_key, nonce, sealed) = match reader.next().await {
             Ok(Some(Frame::ClientInfo {
                 node_key,
                 nonce,
@@ -235,17 +360,17 @@ impl Relay {
             .map_err(|_| Drop::Unauthenticated)?;
         if let Some(offered) = info.mesh_key {
             return match &self.cfg.mesh_key {
-                Some(ours) if mesh::keys_match(ours, &offered) => Ok((node_key, true)),
+                Some(ours) if mesh::keys_match(ours, &offered) => Ok((node_key, Peer::Mesh)),
                 _ => Err(Drop::Unauthenticated),
             };
         }
         match self
             .cfg
             .admission
-            .check(NodePublic::from_bytes(node_key))
+            .check(NodePublic::from_bytes(node_key), &self.metrics)
             .await
         {
-            Verdict::Admit => Ok((node_key, false)),
+            Verdict::Admit(network) => Ok((node_key, Peer::Client(network))),
             Verdict::Deny => Err(Drop::AdmissionDenied),
             Verdict::Unavailable => Err(Drop::AdmissionUnavailable),
         }
@@ -257,15 +382,17 @@ impl Relay {
         me: Key,
         client: &Client,
     ) -> Result<(), Drop> {
-        let mut bucket = TokenBucket::new(self.cfg.rate_limit, self.cfg.burst, Instant::now());
+        let mut bucket = TokenBucket::new(self.cfg.rate_limit, self.cfg.burst, now());
         let mut sent_to: HashSet<Key> = HashSet::new();
+        let idle = self.cfg.limits.idle_timeout;
         loop {
-            let frame = match reader.next().await {
-                Ok(Some(f)) => f,
-                Ok(None) => return Ok(()),
-                Err(ReadError::Frame(FrameError::TooLong(_))) => return Err(Drop::Oversized),
-                Err(ReadError::Frame(_)) => return Err(Drop::Malformed),
-                Err(ReadError::Io(_)) => return Ok(()),
+            let frame = match tokio::time::timeout(idle, reader.next()).await {
+                Err(_) => return Err(Drop::IdleTimeout),
+                Ok(Ok(Some(f))) => f,
+                Ok(Ok(None)) => return Ok(()),
+                Ok(Err(ReadError::Frame(FrameError::TooLong(_)))) => return Err(Drop::Oversized),
+                Ok(Err(ReadError::Frame(_))) => return Err(Drop::Malformed),
+                Ok(Err(ReadError::Io(_))) => return Ok(()),
             };
             match frame {
                 Frame::SendPacket { dst, data } => {
@@ -273,14 +400,14 @@ impl Relay {
                     self.metrics
                         .bytes_in
                         .fetch_add(data.len() as u64, Ordering::Relaxed);
-                    if !bucket.take(data.len(), Instant::now()) {
+                    if !bucket.take(data.len(), now()) {
                         self.metrics.drop(Drop::RateLimited);
                         continue;
                     }
                     self.forward(me, dst, &data, client, &mut sent_to);
                 }
                 Frame::Ping(d) => {
-                    let _ = client.disco.try_send(encoded(&Frame::Pong(d)));
+                    client.out.push(encoded(&Frame::Pong(d)), Lane::Disco);
                 }
                 Frame::KeepAlive | Frame::Pong(_) | Frame::Unknown { .. } => {}
                 Frame::Close { .. } => return Ok(()),
@@ -295,52 +422,70 @@ impl Relay {
         }
     }
 
+    /// Sends `data` from `me` (a client here) to `dst`, here or at a mesh
+    /// peer, if `dst` is in the sender's network. A key of another network
+    /// is answered exactly as a key that is not connected at all, so nobody
+    /// learns whether another network's device is online.
     fn forward(&self, me: Key, dst: Key, data: &[u8], sender: &Client, sent_to: &mut HashSet<Key>) {
         let target = self.clients().get(&dst).cloned();
+        let mut other_network = false;
         if let Some(target) = target {
-            if sent_to.insert(dst) {
-                target
-                    .senders
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(me);
+            if target.network == sender.network {
+                if sent_to.insert(dst) {
+                    target
+                        .senders
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(me);
+                }
+                self.deliver(&target, me, data);
+                return;
             }
-            self.deliver(&target, me, data);
-            return;
+            other_network = true;
         }
         // Connected to a mesh peer? One hop there.
-        let via = self.remote().get(&dst).copied();
+        let via = match self.remote().get(&dst) {
+            Some(r) if r.network == sender.network => Some(r.relay),
+            Some(_) => {
+                other_network = true;
+                None
+            }
+            None => None,
+        };
         let link = via.and_then(|relay| self.mesh_links().get(&relay).map(|(_, l)| l.clone()));
         if let Some(link) = link {
-            if link
-                .try_send(encoded(&Frame::ForwardPacket {
-                    src: me,
-                    dst,
-                    data: data.to_vec(),
-                }))
-                .is_err()
-            {
+            let frame = encoded(&Frame::ForwardPacket {
+                src: me,
+                dst,
+                data: data.to_vec(),
+            });
+            if !link.push(frame, Lane::Bulk) {
                 self.metrics.drop(Drop::QueueFull);
             }
             return;
         }
-        self.metrics.drop(Drop::NoSuchPeer);
-        let _ = sender.disco.try_send(encoded(&Frame::PeerGone {
+        self.metrics.drop(if other_network {
+            Drop::OtherNetwork
+        } else {
+            Drop::NoSuchPeer
+        });
+        let gone = encoded(&Frame::PeerGone {
             key: dst,
             reason: GoneReason::NotHere,
-        }));
+        });
+        sender.out.push(gone, Lane::Disco);
     }
 
     /// Queues a packet from `src` for a local client.
     fn deliver(&self, target: &Client, src: Key, data: &[u8]) {
         let mut frame = Vec::with_capacity(5 + 32 + data.len());
         Frame::encode_recv_packet(&src, data, &mut frame);
-        let queue = if platform::disco::is_disco(data) {
-            &target.disco
+        let lane = if platform::disco::is_disco(data) {
+            Lane::Disco
         } else {
-            &target.bulk
+            Lane::Bulk
         };
-        if queue.try_send(frame).is_err() {
+        if !target.out.push(frame, lane) {
             self.metrics.drop(Drop::QueueFull);
         }
     }
@@ -349,33 +494,45 @@ impl Relay {
     /// going, and packets for this relay's clients.
     async fn serve_mesh_peer<R: AsyncRead + Unpin>(&self, reader: &mut FrameReader<R>, relay: Key) {
         tracing::info!(relay = %hex::encode(&relay[..4]), "mesh peer connected");
+        let idle = self.cfg.limits.idle_timeout;
         loop {
-            match reader.next().await {
-                Ok(Some(Frame::PeerPresent { key })) => {
-                    self.remote().insert(key, relay);
+            let frame = match tokio::time::timeout(idle, reader.next()).await {
+                Ok(Ok(Some(f))) => f,
+                Err(_) => {
+                    self.metrics.drop(Drop::IdleTimeout);
+                    break;
                 }
-                Ok(Some(Frame::PeerGone { key, .. })) => {
+                Ok(Ok(None) | Err(_)) => break,
+            };
+            match frame {
+                Frame::PeerPresent { key, network } => {
+                    self.remote().insert(key, Remote { relay, network });
+                }
+                Frame::PeerGone { key, .. } => {
                     let mut remote = self.remote();
-                    if remote.get(&key) == Some(&relay) {
+                    if remote.get(&key).is_some_and(|r| r.relay == relay) {
                         remote.remove(&key);
                     }
                 }
-                Ok(Some(Frame::ForwardPacket { src, dst, data })) => {
+                Frame::ForwardPacket { src, dst, data } => {
                     self.metrics.packets_in.fetch_add(1, Ordering::Relaxed);
                     self.metrics
                         .bytes_in
                         .fetch_add(data.len() as u64, Ordering::Relaxed);
+                    // The peer checked the networks; checked again here, so
+                    // one relay's mistake does not cross networks.
+                    let from = self.remote().get(&src).map(|r| r.network);
                     let target = self.clients().get(&dst).cloned();
-                    match target {
-                        Some(t) => self.deliver(&t, src, &data),
-                        None => self.metrics.drop(Drop::NoSuchPeer),
+                    match (target, from) {
+                        (Some(t), Some(n)) if t.network == n => self.deliver(&t, src, &data),
+                        (Some(_), _) => self.metrics.drop(Drop::OtherNetwork),
+                        (None, _) => self.metrics.drop(Drop::NoSuchPeer),
                     }
                 }
-                Ok(Some(_)) => {}
-                Ok(None) | Err(_) => break,
+                _ => {}
             }
         }
-        self.remote().retain(|_, r| *r != relay);
+        self.remote().retain(|_, r| r.relay != relay);
         tracing::info!(relay = %hex::encode(&relay[..4]), "mesh peer gone");
     }
 
@@ -409,45 +566,21 @@ impl Relay {
         let clients = self.clients();
         for s in senders {
             if let Some(c) = clients.get(&s) {
-                let _ = c.disco.try_send(gone.clone());
+                c.out.push(gone.clone(), Lane::Disco);
             }
         }
     }
 }
 
-/// Writes queued frames, path discovery first, with a keepalive when idle.
-async fn write_loop<W: AsyncWrite + Unpin>(
-    relay: Arc<Relay>,
-    mut write: W,
-    mut bulk: mpsc::Receiver<Vec<u8>>,
-    mut disco: mpsc::Receiver<Vec<u8>>,
-) {
-    let mut keepalive = tokio::time::interval(KEEPALIVE);
-    keepalive.tick().await;
-    let mut scratch = Vec::new();
-    loop {
-        let frame = tokio::select! {
-            biased;
-            f = disco.recv() => f,
-            f = bulk.recv() => f,
-            _ = keepalive.tick() => {
-                if write_frame(&mut write, &Frame::KeepAlive, &mut scratch).await.is_err() || write.flush().await.is_err() {
-                    return;
-                }
-                continue;
-            }
-        };
-        let Some(frame) = frame else { return };
-        relay.metrics.packets_out.fetch_add(1, Ordering::Relaxed);
-        relay
-            .metrics
-            .bytes_out
-            .fetch_add(frame.len() as u64, Ordering::Relaxed);
-        if write.write_all(&frame).await.is_err() || write.flush().await.is_err() {
-            return;
-        }
-    }
+/// What proved its key.
+enum Peer {
+    Client(NetworkTag),
+    Mesh,
 }
 
+#[cfg(test)]
+mod bounds_tests;
+#[cfg(test)]
+mod scoping_tests;
 #[cfg(test)]
 mod tests;

@@ -10,44 +10,70 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use x25519_dalek::{PublicKey, StaticSecret};
 
-use super::admission::Admission;
+use super::admission::{Admission, AdmissionLimits};
 use super::metrics::Drop;
-use super::{http, Relay, RelayConfig};
+use super::{http, ConnLimits, Relay, RelayConfig};
 use crate::client::{RelayClient, RelayEvent};
 use crate::proto::frame::{Frame, GoneReason, Key};
 
-async fn start(admission: Admission, rate_limit: u64) -> (Arc<Relay>, String) {
+pub(super) async fn start(admission: Admission, rate_limit: u64) -> (Arc<Relay>, String) {
     start_meshed(admission, rate_limit, None).await
 }
 
-async fn start_meshed(
+pub(super) async fn start_meshed(
     admission: Admission,
     rate_limit: u64,
     mesh_key: Option<&str>,
 ) -> (Arc<Relay>, String) {
-    let relay = Relay::new(RelayConfig {
+    start_with(admission, rate_limit, mesh_key, ConnLimits::default()).await
+}
+
+pub(super) fn relay_with(
+    admission: Admission,
+    rate_limit: u64,
+    mesh_key: Option<&str>,
+    limits: ConnLimits,
+) -> Arc<Relay> {
+    Relay::new(RelayConfig {
         private: StaticSecret::random_from_rng(OsRng),
         admission,
         rate_limit,
         burst: rate_limit.min(1 << 20),
         mesh_key: mesh_key.map(str::to_owned),
-    });
+        limits,
+    })
+}
+
+pub(super) async fn start_with(
+    admission: Admission,
+    rate_limit: u64,
+    mesh_key: Option<&str>,
+    limits: ConnLimits,
+) -> (Arc<Relay>, String) {
+    let relay = relay_with(admission, rate_limit, mesh_key, limits);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let app = http::router(relay.clone());
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    tokio::spawn(http::serve(listener, relay.clone(), None));
     (relay, format!("http://{addr}/derp"))
 }
 
-struct Peer {
-    key: Key,
-    client: RelayClient,
-    events: mpsc::Receiver<((), RelayEvent)>,
+/// Admission by the coordinator at `url`, with default limits.
+pub(super) fn asking(url: &str) -> Admission {
+    Admission::coordinator(url, "t".into(), None, AdmissionLimits::default()).unwrap()
+}
+
+pub(super) struct Peer {
+    pub(super) key: Key,
+    pub(super) client: RelayClient,
+    pub(super) events: mpsc::Receiver<((), RelayEvent)>,
 }
 
 impl Peer {
-    async fn connect(url: &str) -> Peer {
-        let secret = StaticSecret::random_from_rng(OsRng);
+    pub(super) async fn connect(url: &str) -> Peer {
+        Self::connect_as(url, StaticSecret::random_from_rng(OsRng)).await
+    }
+
+    pub(super) async fn connect_as(url: &str, secret: StaticSecret) -> Peer {
         let key = PublicKey::from(&secret).to_bytes();
         let (tx, events) = mpsc::channel(1024);
         let client = RelayClient::spawn(url.to_owned(), secret, (), tx);
@@ -62,7 +88,7 @@ impl Peer {
         }
     }
 
-    async fn next(&mut self) -> RelayEvent {
+    pub(super) async fn next(&mut self) -> RelayEvent {
         tokio::time::timeout(Duration::from_secs(5), self.events.recv())
             .await
             .expect("event in time")
@@ -70,7 +96,7 @@ impl Peer {
             .1
     }
 
-    async fn next_packet(&mut self) -> (Key, Vec<u8>) {
+    pub(super) async fn next_packet(&mut self) -> (Key, Vec<u8>) {
         loop {
             match self.next().await {
                 RelayEvent::Packet { src, data } => return (src, data),
@@ -81,7 +107,7 @@ impl Peer {
     }
 }
 
-async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+pub(super) async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     for _ in 0..200 {
         if cond() {
             return;
@@ -127,7 +153,7 @@ async fn forwards_between_clients_and_reports_departures() {
 }
 
 /// Opens a raw upgraded connection and returns it after the server's key frame.
-async fn raw(url: &str) -> (TcpStream, Key, [u8; 16]) {
+pub(super) async fn raw(url: &str) -> (TcpStream, Key, [u8; 16]) {
     let addr: SocketAddr = url
         .trim_start_matches("http://")
         .trim_end_matches("/derp")
@@ -155,7 +181,7 @@ async fn raw(url: &str) -> (TcpStream, Key, [u8; 16]) {
 }
 
 /// Reads until the server closes, returning what it sent.
-async fn drain(mut s: TcpStream) -> Vec<u8> {
+pub(super) async fn drain(mut s: TcpStream) -> Vec<u8> {
     let mut out = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
         .await
@@ -274,41 +300,42 @@ async fn a_slow_reader_does_not_stall_others_and_disco_gets_through() {
     drop(stuck);
 }
 
-#[tokio::test]
-async fn rate_limit_drops_excess() {
-    let (relay, url) = start(Admission::Open, 10_000).await;
-    let a = Peer::connect(&url).await;
-    let mut b = Peer::connect(&url).await;
-    for _ in 0..100 {
-        assert!(a.client.send(b.key, &[0u8; 1000]));
-    }
-    // The burst (10 kB) passes, the rest is dropped.
-    wait_for("rate-limited drops", || {
-        relay.metrics.drops(Drop::RateLimited) >= 80
-    })
-    .await;
-    let mut got = 0;
-    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(300), b.events.recv()).await
-    {
-        got += 1;
-    }
-    assert!((5..=20).contains(&got), "{got} packets passed");
+/// A coordinator stand-in answering admission checks: the keys it knows,
+/// with their network ids. It counts the questions it was asked, and takes
+/// `delay` to answer each.
+pub(super) struct FakeCoordinator {
+    pub(super) url: String,
+    pub(super) asked: Arc<std::sync::atomic::AtomicUsize>,
 }
 
-/// A coordinator stand-in answering admission checks for one known key.
-async fn fake_coordinator(known: Key) -> String {
+pub(super) async fn fake_coordinator_with(
+    known: Vec<(Key, i64)>,
+    delay: Duration,
+) -> FakeCoordinator {
     use axum::extract::Path;
     use axum::http::StatusCode;
-    let known = platform::keys::NodePublic::from_bytes(known).to_string();
+    use axum::response::IntoResponse as _;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let known: std::collections::HashMap<String, i64> = known
+        .into_iter()
+        .map(|(k, n)| (platform::keys::NodePublic::from_bytes(k).to_string(), n))
+        .collect();
+    let known = Arc::new(known);
+    let asked = Arc::new(AtomicUsize::new(0));
+    let counter = asked.clone();
     let app = axum::Router::new().route(
         "/api/v1/relay/admit/{key}",
         axum::routing::get(move |Path(key): Path<String>| {
             let known = known.clone();
+            counter.fetch_add(1, Ordering::SeqCst);
             async move {
-                if key == known {
-                    StatusCode::OK
-                } else {
-                    StatusCode::NOT_FOUND
+                tokio::time::sleep(delay).await;
+                match known.get(&key) {
+                    Some(id) => axum::Json(serde_json::json!({
+                        "network_id": id, "network": format!("n{id}"), "name": "d"
+                    }))
+                    .into_response(),
+                    None => StatusCode::NOT_FOUND.into_response(),
                 }
             }
         }),
@@ -316,7 +343,16 @@ async fn fake_coordinator(known: Key) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await });
-    format!("http://{addr}")
+    FakeCoordinator {
+        url: format!("http://{addr}"),
+        asked,
+    }
+}
+
+async fn fake_coordinator(known: Key) -> String {
+    fake_coordinator_with(vec![(known, 1)], Duration::ZERO)
+        .await
+        .url
 }
 
 #[tokio::test]
@@ -324,11 +360,7 @@ async fn admission_asks_the_coordinator() {
     let secret = StaticSecret::random_from_rng(OsRng);
     let known = PublicKey::from(&secret).to_bytes();
     let coord = fake_coordinator(known).await;
-    let (relay, url) = start(
-        Admission::coordinator(&coord, "t".into(), None).unwrap(),
-        1 << 30,
-    )
-    .await;
+    let (relay, url) = start(asking(&coord), 1 << 30).await;
 
     let (tx, mut events) = mpsc::channel(16);
     let _ok = RelayClient::spawn(url.clone(), secret, (), tx);
@@ -348,11 +380,7 @@ async fn admission_asks_the_coordinator() {
     assert!(relay.metrics.drops(Drop::AdmissionDenied) >= 1);
 
     // Coordinator unreachable: unknown keys are refused.
-    let (relay, url) = start(
-        Admission::coordinator("http://127.0.0.1:1", "t".into(), None).unwrap(),
-        1 << 30,
-    )
-    .await;
+    let (relay, url) = start(asking("http://127.0.0.1:1"), 1 << 30).await;
     let (tx, mut events) = mpsc::channel(16);
     let _c = RelayClient::spawn(url, StaticSecret::random_from_rng(OsRng), (), tx);
     match events.recv().await.unwrap().1 {
@@ -401,8 +429,8 @@ async fn meshed_relays_forward_one_hop_between_their_clients() {
     let psk = "region-psk-0123456789";
     let (r1, url1) = start_meshed(Admission::Open, 1 << 30, Some(psk)).await;
     let (r2, url2) = start_meshed(Admission::Open, 1 << 30, Some(psk)).await;
-    tokio::spawn(super::mesh::run_link(r1.clone(), url2.clone().into()));
-    tokio::spawn(super::mesh::run_link(r2.clone(), url1.clone().into()));
+    tokio::spawn(super::mesh::run_link(r1.clone(), mesh_peer(&url2, &r2)));
+    tokio::spawn(super::mesh::run_link(r2.clone(), mesh_peer(&url1, &r1)));
 
     let mut a = Peer::connect(&url1).await;
     let mut b = Peer::connect(&url2).await;
@@ -426,11 +454,19 @@ async fn meshed_relays_forward_one_hop_between_their_clients() {
 
     // A relay with the wrong key is refused.
     let (r3, _) = start_meshed(Admission::Open, 1 << 30, Some("another-psk-0123456")).await;
-    tokio::spawn(super::mesh::run_link(r3, url1.clone().into()));
+    tokio::spawn(super::mesh::run_link(r3, mesh_peer(&url1, &r1)));
     wait_for("wrong mesh key refused", || {
         r1.metrics.drops(Drop::Unauthenticated) >= 1
     })
     .await;
+}
+
+/// `relay`, at `url`, as a mesh peer to link to.
+pub(super) fn mesh_peer(url: &str, relay: &Relay) -> super::mesh::MeshPeer {
+    super::mesh::MeshPeer {
+        target: url.to_owned().into(),
+        key: relay.public_key(),
+    }
 }
 
 /// A private CA and a certificate for 127.0.0.1 signed by it (PEM files in `dir`).
@@ -456,20 +492,10 @@ async fn clients_reach_a_tls_relay_that_chains_to_their_ca() {
     std::fs::create_dir_all(&dir).unwrap();
     let (ca_pem, cert, key) = private_ca(&dir);
     let config = crate::tls::server_config(&cert, &key).unwrap();
-    let relay = Relay::new(RelayConfig {
-        private: StaticSecret::random_from_rng(OsRng),
-        admission: Admission::Open,
-        rate_limit: 1 << 30,
-        burst: 1 << 20,
-        mesh_key: None,
-    });
+    let relay = relay_with(Admission::Open, 1 << 30, None, ConnLimits::default());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("https://{}/derp", listener.local_addr().unwrap());
-    tokio::spawn(http::serve_tls(
-        listener,
-        http::router(relay.clone()),
-        config,
-    ));
+    tokio::spawn(http::serve(listener, relay.clone(), Some(config)));
 
     let target = crate::client::RelayTarget {
         url: url.clone(),
@@ -512,6 +538,8 @@ struct RevokingCoordinator {
     url: String,
     known: Arc<std::sync::Mutex<std::collections::HashSet<platform::keys::NodePublic>>>,
     push: tokio::sync::broadcast::Sender<Option<platform::api::RevocationMessage>>,
+    /// Batch questions asked (after each resync).
+    batches: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 async fn revoking_coordinator() -> RevokingCoordinator {
@@ -524,7 +552,26 @@ async fn revoking_coordinator() -> RevokingCoordinator {
     let (push, _) = tokio::sync::broadcast::channel::<Option<RevocationMessage>>(64);
     let admit_known = known.clone();
     let stream_push = push.clone();
+    let batches = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (batch_known, batch_count) = (known.clone(), batches.clone());
     let app = axum::Router::new()
+        .route(
+            "/api/v1/relay/admit",
+            axum::routing::post(move |axum::Json(q): axum::Json<serde_json::Value>| {
+                batch_count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let known = batch_known.lock().unwrap().clone();
+                async move {
+                    let admitted: Vec<_> = q["node_keys"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .filter(|k| known.contains(&k.as_str().unwrap().parse().unwrap()))
+                        .map(|k| serde_json::json!({"node_key": k, "network_id": 1}))
+                        .collect();
+                    axum::Json(serde_json::json!({ "admitted": admitted }))
+                }
+            }),
+        )
         .route(
             "/api/v1/relay/admit/{key}",
             axum::routing::get(move |Path(key): Path<String>| {
@@ -532,9 +579,9 @@ async fn revoking_coordinator() -> RevokingCoordinator {
                 async move {
                     let key: platform::keys::NodePublic = key.parse().unwrap();
                     if known.lock().unwrap().contains(&key) {
-                        StatusCode::OK
+                        axum::Json(serde_json::json!({"network_id": 1})).into_response()
                     } else {
-                        StatusCode::NOT_FOUND
+                        StatusCode::NOT_FOUND.into_response()
                     }
                 }
             }),
@@ -569,6 +616,7 @@ async fn revoking_coordinator() -> RevokingCoordinator {
         url: format!("http://{addr}"),
         known,
         push,
+        batches,
     }
 }
 
@@ -623,11 +671,7 @@ async fn disconnected(p: &mut Peer, within: Duration) -> String {
 async fn revoked_clients_are_evicted_at_once() {
     use std::sync::atomic::Ordering;
     let coord = revoking_coordinator().await;
-    let (relay, url) = start(
-        Admission::coordinator(&coord.url, "t".into(), None).unwrap(),
-        1 << 30,
-    )
-    .await;
+    let (relay, url) = start(asking(&coord.url), 1 << 30).await;
     let _stream = tokio::spawn(super::revocations::run(relay.clone()));
     wait_for("the revocation stream", || {
         relay.metrics.revocation_stream_up.load(Ordering::Relaxed) == 1
@@ -669,6 +713,11 @@ async fn revoked_clients_are_evicted_at_once() {
         relay.metrics.revocation_resyncs.load(Ordering::Relaxed),
         2,
         "one resync per stream"
+    );
+    assert_eq!(
+        coord.batches.load(Ordering::SeqCst),
+        1,
+        "the connected clients re-checked in one batch question"
     );
     assert_eq!(relay.metrics.drops(Drop::Revoked), 2);
 }
