@@ -15,14 +15,12 @@ use platform::api::{ClientMessage, MapHello, ServerMessage};
 use platform::netmap::{coalesce, DnsConfig, NetMap, PeerChange};
 use platform::people::DeviceState;
 use platform::signed::DOMAIN_MAP;
-use platform::unix_now;
-use tokio::sync::mpsc;
 
 use super::register::signed_error;
 use super::SharedState;
 use crate::error::AppError;
 use crate::fanout;
-use crate::hub::Push;
+use crate::hub::{Push, Subscription};
 use crate::store::DeviceRow;
 
 /// How long a client has to send its hello.
@@ -31,6 +29,14 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_ENDPOINTS: usize = 32;
 /// Largest message accepted from a device.
 const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+/// Longest a single message may take to go out. A device that stops
+/// reading fills its socket buffer; past this its stream ends rather than
+/// holding the task (and its netmaps) forever.
+pub(crate) const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// Silence after which a stream is ended: devices send a heartbeat every
+/// few seconds, so one quiet this long is gone or stuck.
+pub(crate) const IDLE_TIMEOUT: Duration =
+    Duration::from_secs(3 * platform::api::OFFLINE_AFTER_SECS);
 
 pub async fn map_stream(
     State(s): State<SharedState>,
@@ -56,13 +62,29 @@ pub async fn map_stream(
 
 async fn send(socket: &mut WebSocket, msg: &ServerMessage) -> anyhow::Result<()> {
     let text = serde_json::to_string(msg)?;
-    socket.send(Message::Text(text.into())).await?;
-    Ok(())
+    send_within(socket, Message::Text(text.into()), SEND_TIMEOUT).await
+}
+
+/// Sends one message, giving up after `limit`.
+pub(crate) async fn send_within<S>(
+    socket: &mut S,
+    msg: Message,
+    limit: Duration,
+) -> anyhow::Result<()>
+where
+    S: futures_util::Sink<Message> + Unpin,
+    S::Error: std::error::Error + Send + Sync + 'static,
+{
+    use futures_util::SinkExt as _;
+    match tokio::time::timeout(limit, socket.send(msg)).await {
+        Ok(sent) => Ok(sent?),
+        Err(_) => anyhow::bail!("the device took longer than {limit:?} to take a message"),
+    }
 }
 
 async fn refuse(socket: &mut WebSocket, err: AppError) -> anyhow::Result<()> {
     let _ = send(socket, &ServerMessage::Error { error: err.body() }).await;
-    let _ = socket.send(Message::Close(None)).await;
+    let _ = send_within(socket, Message::Close(None), SEND_TIMEOUT).await;
     Err(anyhow::anyhow!("refused: {err}"))
 }
 
@@ -82,7 +104,7 @@ async fn authenticate(s: &SharedState, socket: &mut WebSocket) -> Result<DeviceR
             "the first message must be a hello".into(),
         ));
     };
-    let now = unix_now();
+    let now = s.clock.now();
     let payload: MapHello = hello.verify(DOMAIN_MAP, now).map_err(signed_error)?;
     let row = s
         .store
@@ -119,7 +141,7 @@ async fn authenticate(s: &SharedState, socket: &mut WebSocket) -> Result<DeviceR
 
 async fn full_netmap(s: &SharedState, me: &DeviceRow) -> Result<NetMap, AppError> {
     let rows = s.store.network_devices(me.network_id).await?;
-    let now = unix_now();
+    let now = s.clock.now();
     let mut self_node = None;
     let mut peers = BTreeMap::new();
     let awaiting_approval = !me.approved;
@@ -154,7 +176,7 @@ async fn serve(s: SharedState, mut socket: WebSocket) -> anyhow::Result<()> {
     let mut sub = s
         .hub
         .connect(me.network_id, me.id, node_key, me.approved, Instant::now());
-    let result = stream(&s, &me, &mut socket, sub.conn_id, &mut sub.changes).await;
+    let result = stream(&s, &me, &mut socket, &mut sub).await;
     s.hub.disconnect(
         me.network_id,
         me.id,
@@ -162,7 +184,7 @@ async fn serve(s: SharedState, mut socket: WebSocket) -> anyhow::Result<()> {
         me.ephemeral,
         Instant::now(),
     );
-    let _ = s.store.touch(me.id, unix_now()).await;
+    let _ = s.store.touch(me.id, s.clock.now()).await;
     tracing::info!(device = me.id, name = %me.name, "map stream closed");
     result
 }
@@ -171,9 +193,9 @@ async fn stream(
     s: &SharedState,
     me: &DeviceRow,
     socket: &mut WebSocket,
-    conn_id: u64,
-    changes: &mut mpsc::UnboundedReceiver<Push>,
+    sub: &mut Subscription,
 ) -> anyhow::Result<()> {
+    let conn_id = sub.conn_id;
     let netmap = match full_netmap(s, me).await {
         Ok(m) => m,
         Err(e) => return refuse(socket, e).await,
@@ -185,15 +207,22 @@ async fn stream(
         },
     )
     .await?;
-    s.store.touch(me.id, unix_now()).await?;
+    s.store.touch(me.id, s.clock.now()).await?;
     tracing::info!(device = me.id, name = %me.name, "map stream open");
     if s.store.rotation_due(me.id).await? {
         send(socket, &ServerMessage::RotateKey).await?;
     }
+    let mut idle_deadline = tokio::time::Instant::now() + IDLE_TIMEOUT;
     loop {
         tokio::select! {
+            () = tokio::time::sleep_until(idle_deadline) => {
+                return refuse(socket, AppError::BadRequest(format!(
+                    "nothing heard for {} s", IDLE_TIMEOUT.as_secs()
+                ))).await;
+            }
             incoming = socket.recv() => {
                 let Some(incoming) = incoming else { return Ok(()) };
+                idle_deadline = tokio::time::Instant::now() + IDLE_TIMEOUT;
                 match incoming? {
                     Message::Text(text) => {
                         if let Err(e) = handle_client_message(s, me, conn_id, &text).await {
@@ -205,7 +234,7 @@ async fn stream(
                     Message::Ping(_) | Message::Pong(_) => {}
                 }
             }
-            first = changes.recv() => {
+            first = sub.recv() => {
                 // None: a newer stream of this device replaced this one.
                 let Some(first) = first else { return Ok(()) };
                 let mut batch = Vec::new();
@@ -216,11 +245,10 @@ async fn stream(
                 }
                 if then.is_none() {
                     tokio::time::sleep(s.batch_window).await;
-                    while let Ok(more) = changes.try_recv() {
-                        match more {
-                            Push::Change(c) => batch.push(c),
-                            other => { then = Some(other); break; }
-                        }
+                    // Bounded by the queue: a signal (close, resync) that
+                    // arrived meanwhile stops the batch and goes next.
+                    while let Some(c) = sub.try_recv_change() {
+                        batch.push(c);
                     }
                 }
                 if !batch.is_empty() {
@@ -236,7 +264,7 @@ async fn stream(
                     }
                     Some(Push::Close(error)) => {
                         let _ = send(socket, &ServerMessage::Error { error }).await;
-                        let _ = socket.send(Message::Close(None)).await;
+                        let _ = send_within(socket, Message::Close(None), SEND_TIMEOUT).await;
                         return Ok(());
                     }
                 }
@@ -245,15 +273,53 @@ async fn stream(
     }
 }
 
+/// Reads one message from a device and checks what can be checked
+/// without the database.
+pub(crate) fn parse_client_message(text: &str) -> Result<ClientMessage, AppError> {
+    let msg: ClientMessage = serde_json::from_str(text)
+        .map_err(|e| AppError::BadRequest(format!("invalid message: {e}")))?;
+    match &msg {
+        ClientMessage::Heartbeat {
+            capabilities: Some(caps),
+        } => caps
+            .check()
+            .map_err(|e| AppError::BadRequest(format!("capabilities: {e}")))?,
+        ClientMessage::Endpoints { endpoints } if endpoints.len() > MAX_ENDPOINTS => {
+            return Err(AppError::BadRequest(format!(
+                "at most {MAX_ENDPOINTS} endpoints"
+            )))
+        }
+        _ => {}
+    }
+    Ok(msg)
+}
+
 async fn handle_client_message(
     s: &SharedState,
     me: &DeviceRow,
     conn_id: u64,
     text: &str,
 ) -> Result<(), AppError> {
-    let msg: ClientMessage = serde_json::from_str(text)
-        .map_err(|e| AppError::BadRequest(format!("invalid message: {e}")))?;
+    let msg = parse_client_message(text)?;
     s.hub.heard(me.network_id, me.id, conn_id, Instant::now());
+    let reports = matches!(
+        msg,
+        ClientMessage::Endpoints { .. }
+            | ClientMessage::HomeRegion { .. }
+            | ClientMessage::Heartbeat {
+                capabilities: Some(_)
+            }
+    );
+    if reports {
+        // Each report is a write and a message to every peer.
+        let now = tokio::time::Instant::now().into_std();
+        if let Err(wait) = s.limits.device_reports.check(me.id, now) {
+            return Err(AppError::TooManyRequests(format!(
+                "too many reports from this device; retry in {} s",
+                wait.as_secs().max(1)
+            )));
+        }
+    }
     match msg {
         ClientMessage::Hello { .. } => {
             return Err(AppError::BadRequest("hello was already sent".into()))
@@ -262,8 +328,6 @@ async fn handle_client_message(
         ClientMessage::Heartbeat {
             capabilities: Some(caps),
         } => {
-            caps.check()
-                .map_err(|e| AppError::BadRequest(format!("capabilities: {e}")))?;
             let row = s.store.device(&me.network, me.id).await?;
             if row.capabilities().ok().flatten().as_ref() == Some(&caps) {
                 // A new session repeating the stored report: nothing changed.
@@ -273,17 +337,12 @@ async fn handle_client_message(
             fanout::device_changed(s, &s.store.device(&me.network, me.id).await?)?;
         }
         ClientMessage::Endpoints { mut endpoints } => {
-            if endpoints.len() > MAX_ENDPOINTS {
-                return Err(AppError::BadRequest(format!(
-                    "at most {MAX_ENDPOINTS} endpoints"
-                )));
-            }
             endpoints.sort();
             endpoints.dedup();
             s.store.set_endpoints(me.id, &endpoints).await?;
             // Read back: the node key may have been rotated since the hello.
             let row = s.store.device(&me.network, me.id).await?;
-            if row.is_visible(unix_now()) {
+            if row.is_visible(s.clock.now()) {
                 s.hub.broadcast(
                     me.network_id,
                     me.id,
@@ -303,4 +362,43 @@ async fn handle_client_message(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use super::*;
+
+    /// A device that never takes another message.
+    struct Stuck;
+
+    impl futures_util::Sink<Message> for Stuck {
+        type Error = std::io::Error;
+        fn poll_ready(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Pending
+        }
+        fn start_send(self: Pin<&mut Self>, _: Message) -> Result<(), Self::Error> {
+            Ok(())
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Pending
+        }
+        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Pending
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stuck_device_does_not_hold_the_stream() {
+        let err = send_within(
+            &mut Stuck,
+            Message::Text("{}".into()),
+            Duration::from_millis(1),
+        )
+        .await
+        .unwrap_err();
+        assert!(err.to_string().contains("longer than"), "{err}");
+    }
 }

@@ -9,7 +9,6 @@ use axum::Json;
 use platform::api::{RegisterRequest, RegisterResponse};
 use platform::people::{DeviceCode, DeviceCodeRequest, RotateKeyRequest, RotateKeyResponse};
 use platform::signed::{Signed, SignedError, DOMAIN_DEVICE_CODE, DOMAIN_REGISTER, DOMAIN_ROTATE};
-use platform::unix_now;
 
 use super::{Body, SharedState};
 use crate::error::AppError;
@@ -28,7 +27,7 @@ pub async fn register(
     State(s): State<SharedState>,
     Body(signed): Body<Signed>,
 ) -> Result<Json<RegisterResponse>, AppError> {
-    let now = unix_now();
+    let now = s.clock.now();
     let request: RegisterRequest = signed.verify(DOMAIN_REGISTER, now).map_err(signed_error)?;
     let reg = Registration {
         device_key: signed.device_key,
@@ -75,7 +74,7 @@ pub async fn start_device_code(
     parts: Parts,
     Body(signed): Body<Signed>,
 ) -> Result<Json<DeviceCode>, AppError> {
-    let now = unix_now();
+    let now = s.clock.now();
     let req: DeviceCodeRequest = signed
         .verify(DOMAIN_DEVICE_CODE, now)
         .map_err(signed_error)?;
@@ -96,7 +95,7 @@ pub async fn poll_device_code(
     parts: Parts,
     Body(signed): Body<Signed>,
 ) -> Result<Json<DeviceCode>, AppError> {
-    let now = unix_now();
+    let now = s.clock.now();
     let req: DeviceCodeRequest = signed
         .verify(DOMAIN_DEVICE_CODE, now)
         .map_err(signed_error)?;
@@ -112,7 +111,7 @@ pub async fn rotate_key(
     State(s): State<SharedState>,
     Body(signed): Body<Signed>,
 ) -> Result<Json<RotateKeyResponse>, AppError> {
-    let now = unix_now();
+    let now = s.clock.now();
     let req: RotateKeyRequest = signed.verify(DOMAIN_ROTATE, now).map_err(signed_error)?;
     let rotated = s
         .store
