@@ -5,6 +5,11 @@
 //! network only: the work is proportional to the peers it touches, and no map
 //! is ever rebuilt. The clock is passed in, so the sweep is testable.
 //!
+//! Memory per stream is bounded: changes wait in a queue of
+//! [`CHANGE_QUEUE`] entries, and a stream that falls further behind is
+//! resynced with one full netmap instead of queueing more. Control signals
+//! (close, key rotation, resync) are flags beside the queue and go first.
+//!
 //! A device waiting for an admin's approval has a session (it gets its own
 //! netmap) but neither hears about peers nor is announced to them. Revoked
 //! node keys are also published to relays, which drop them at once.

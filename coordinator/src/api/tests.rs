@@ -421,7 +421,16 @@ async fn map_stream_sends_full_map_then_deltas() {
     .await
     .unwrap();
     let mut seen = Vec::new();
-    while seen.len() < 2 {
+    // b's hello may also bring an upsert (its new disco key) in its own
+    // batch: read until both awaited changes came (next_msg bounds the wait).
+    let wanted = |seen: &Vec<PeerChange>| {
+        seen.iter()
+            .any(|c| matches!(c, PeerChange::Online { online: true, .. }))
+            && seen
+                .iter()
+                .any(|c| matches!(c, PeerChange::Endpoints { .. }))
+    };
+    while !wanted(&seen) {
         let ServerMessage::Delta { changes } = next_msg(&mut a).await else {
             panic!("delta expected")
         };

@@ -323,9 +323,7 @@ impl Store {
             None => {
                 let name =
                     Self::free_name(&mut tx, voucher.network_id, &dns_label(&req.hostname)).await?;
-                let (seq, v4, v6) = self
-                    .next_addresses(&mut tx, voucher.network_id, now)
-                    .await?;
+                let (seq, v4, v6) = self.next_addresses(&mut tx, now).await?;
                 // An admin's word is approval enough.
                 let approved = !rules.require_device_approval || voucher.admin;
                 let res = sqlx::query(
@@ -496,7 +494,7 @@ impl Store {
             ));
         }
         let name = Self::free_name(&mut tx, ctx.id, &dns_label(&peer.name)).await?;
-        let (seq, v4, v6) = self.next_addresses(&mut tx, ctx.id, now).await?;
+        let (seq, v4, v6) = self.next_addresses(&mut tx, now).await?;
         let res = sqlx::query(
             "INSERT INTO devices (network_id, kind, node_key, hostname, name, os, addr_seq, ipv4, ipv6, \
              endpoints, created_at, user_id) VALUES (?, 'wireguard', ?, ?, ?, 'wireguard', ?, ?, ?, ?, ?, ?)",
@@ -546,30 +544,26 @@ impl Store {
         Ok(unique_name(base, |n| taken.iter().any(|(t,)| t == n)))
     }
 
-    /// The lowest address of the network that no device holds and that is
-    /// not in quarantine.
+    /// The lowest address no device holds and that is not in quarantine.
     async fn next_addresses(
         &self,
         conn: &mut sqlx::SqliteConnection,
-        network_id: i64,
         now: u64,
     ) -> Result<(i64, Ipv4Addr, Ipv6Addr), AppError> {
         let rested = now.saturating_sub(self.address_quarantine);
-        sqlx::query("DELETE FROM released_addresses WHERE network_id = ? AND released_at <= ?")
-            .bind(network_id)
+        sqlx::query("DELETE FROM released_addresses WHERE released_at <= ?")
             .bind(i64::try_from(rested).unwrap_or(i64::MAX))
             .execute(&mut *conn)
             .await?;
+        // Addresses stay unique across networks: one host may run a device
+        // in each of two networks, and its two interfaces must not clash.
         let taken: Vec<(i64,)> = sqlx::query_as(
-            "SELECT addr_seq FROM devices WHERE network_id = ? \
-             UNION SELECT addr_seq FROM released_addresses WHERE network_id = ? ORDER BY 1",
+            "SELECT addr_seq FROM devices UNION SELECT addr_seq FROM released_addresses ORDER BY 1",
         )
-        .bind(network_id)
-        .bind(network_id)
         .fetch_all(&mut *conn)
         .await?;
         let seq = lowest_free(taken.into_iter().map(|(t,)| t))
-            .ok_or_else(|| AppError::Conflict("the network's address space is exhausted".into()))?;
+            .ok_or_else(|| AppError::Conflict("overlay address space is exhausted".into()))?;
         let v4 = ipv4_for_seq(seq).expect("next_seq yields usable slots");
         let ula: (String,) = sqlx::query_as("SELECT value FROM settings WHERE key = 'ula_prefix'")
             .fetch_one(&mut *conn)
@@ -879,7 +873,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn addresses_are_per_network_lowest_free_and_quarantined() {
+    async fn addresses_are_lowest_free_and_quarantined() {
         let (store, _d) = crate::store::test_store_with(&crate::store::StoreOptions {
             address_quarantine: std::time::Duration::from_secs(100),
             ..Default::default()
@@ -904,8 +898,8 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(
-            first_at_work.row.ipv4, "100.64.0.1",
-            "each network allocates from its own range"
+            first_at_work.row.ipv4, "100.64.0.4",
+            "addresses are unique across networks"
         );
 
         store
@@ -916,12 +910,12 @@ mod tests {
             .register(&registration(&DevicePrivate::generate(), &home, "d"), 20)
             .await
             .unwrap();
-        assert_eq!(d.row.ipv4, "100.64.0.4", "a removed device's address rests");
+        assert_eq!(d.row.ipv4, "100.64.0.5", "a removed device's address rests");
         let e = store
             .register(&registration(&DevicePrivate::generate(), &home, "e"), 109)
             .await
             .unwrap();
-        assert_eq!(e.row.ipv4, "100.64.0.5", "still in quarantine 99 s later");
+        assert_eq!(e.row.ipv4, "100.64.0.6", "still in quarantine 99 s later");
         let f = store
             .register(&registration(&DevicePrivate::generate(), &home, "f"), 110)
             .await
@@ -941,7 +935,7 @@ mod tests {
             .register(&registration(&DevicePrivate::generate(), &home, "g"), 120)
             .await
             .unwrap();
-        assert_eq!(g.row.ipv4, "100.64.0.6");
+        assert_eq!(g.row.ipv4, "100.64.0.7");
     }
 
     #[tokio::test]
