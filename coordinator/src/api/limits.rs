@@ -93,7 +93,7 @@ impl<K: Hash + Eq> Limiter<K> {
     }
 
     /// Keys held now.
-    pub fn len(&self) -> usize {
+    pub fn tracked(&self) -> usize {
         self.inner
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -265,11 +265,11 @@ mod tests {
         // bucket with every other newcomer.
         assert!(l.check(100, t0).is_ok());
         assert!(l.check(101, t0).is_err(), "newcomers share one bucket");
-        assert_eq!(l.len(), 4, "the table did not grow");
+        assert_eq!(l.tracked(), 4, "the table did not grow");
         // Once the old buckets are full again they make room.
         let later = t0 + Duration::from_secs(10);
         assert!(l.check(102, later).is_ok());
-        assert_eq!(l.len(), 1);
+        assert_eq!(l.tracked(), 1);
     }
 
     #[test]
