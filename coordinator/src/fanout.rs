@@ -5,7 +5,6 @@
 use platform::api::ApiErrorBody;
 use platform::keys::NodePublic;
 use platform::netmap::{NodeKind, PeerChange};
-use platform::unix_now;
 
 use crate::api::AppState;
 use crate::error::AppError;
@@ -21,7 +20,7 @@ pub fn online(s: &AppState, row: &DeviceRow) -> bool {
 /// A device's record changed (registration, report, endpoints): its peers
 /// get the new record if they may see it.
 pub fn device_changed(s: &AppState, row: &DeviceRow) -> Result<(), AppError> {
-    if row.is_visible(unix_now()) {
+    if row.is_visible(s.clock.now()) {
         s.hub.broadcast(
             row.network_id,
             row.id,

@@ -5,18 +5,25 @@
 //! network only: the work is proportional to the peers it touches, and no map
 //! is ever rebuilt. The clock is passed in, so the sweep is testable.
 //!
+//! Memory per stream is bounded: changes wait in a queue of
+//! [`CHANGE_QUEUE`] entries, and a stream that falls further behind is
+//! resynced with one full netmap instead of queueing more. Control signals
+//! (close, key rotation, resync) are flags beside the queue and go first.
+//!
 //! A device waiting for an admin's approval has a session (it gets its own
 //! netmap) but neither hears about peers nor is announced to them. Revoked
 //! node keys are also published to relays, which drop them at once.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use platform::api::ApiErrorBody;
 use platform::keys::NodePublic;
 use platform::netmap::PeerChange;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::{broadcast, mpsc, Notify};
 
 /// What the hub pushes to one map stream.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -24,7 +31,8 @@ pub enum Push {
     Change(PeerChange),
     /// Renew the node key (an admin rotated the network's keys).
     RotateKey,
-    /// Send the device a fresh full netmap (it was just approved).
+    /// Send the device a fresh full netmap (it was just approved, or it fell
+    /// so far behind that its queued changes were dropped).
     Refresh,
     /// End the stream with this error (the device was removed or revoked).
     Close(ApiErrorBody),
@@ -33,16 +41,88 @@ pub enum Push {
 /// Revoked node keys kept for relays that fall behind.
 const REVOCATION_BACKLOG: usize = 1024;
 
+/// Peer changes one stream may have waiting. A stream that falls further
+/// behind (its device reads slowly, or not at all) loses its queued changes
+/// and gets one full netmap instead: its memory stays bounded whatever the
+/// rate of changes, and it still ends up with the current state.
+pub const CHANGE_QUEUE: usize = 256;
+
+/// Control signals of one stream. They are flags, not queue entries, so
+/// they can neither be lost to a full queue nor pile up: a close or a
+/// resync is delivered ahead of whatever changes are waiting.
+#[derive(Default)]
+struct Signals {
+    notify: Notify,
+    pending: Mutex<Pending>,
+}
+
+#[derive(Default)]
+struct Pending {
+    close: Option<ApiErrorBody>,
+    resync: bool,
+    rotate: bool,
+}
+
+impl Signals {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn raise(&self, f: impl FnOnce(&mut Pending)) {
+        f(&mut self.lock());
+        self.notify.notify_one();
+    }
+}
+
 struct Session {
     conn_id: u64,
     node_key: NodePublic,
     /// False while the device awaits approval: it hears nothing and is not
     /// announced.
     approved: bool,
-    tx: mpsc::UnboundedSender<Push>,
+    tx: mpsc::Sender<PeerChange>,
+    signals: Arc<Signals>,
     last_heard: Instant,
     /// Silent past the grace period: shown offline until heard again.
     stale: bool,
+}
+
+impl Session {
+    /// Queues a change; a full queue turns into one resync. Returns false
+    /// when the stream has ended.
+    fn push_change(&self, change: PeerChange, lagged: &AtomicU64) -> bool {
+        match self.tx.try_send(change) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_)) => {
+                let mut first = false;
+                self.signals.raise(|p| {
+                    first = !p.resync;
+                    p.resync = true;
+                });
+                if first {
+                    lagged.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(conn = self.conn_id, "map stream fell behind: resync");
+                }
+                true
+            }
+            Err(TrySendError::Closed(_)) => false,
+        }
+    }
+
+    fn push(&self, push: Push, lagged: &AtomicU64) -> bool {
+        if self.tx.is_closed() {
+            return false;
+        }
+        match push {
+            Push::Change(c) => return self.push_change(c, lagged),
+            Push::RotateKey => self.signals.raise(|p| p.rotate = true),
+            Push::Refresh => self.signals.raise(|p| p.resync = true),
+            Push::Close(why) => self.signals.raise(|p| {
+                p.close.get_or_insert(why);
+            }),
+        }
+        true
+    }
 }
 
 #[derive(Default)]
@@ -57,13 +137,75 @@ struct Inner {
 pub struct Hub {
     inner: Mutex<Inner>,
     grace: Duration,
+    queue: usize,
     revocations: broadcast::Sender<NodePublic>,
+    /// Times a stream fell behind and was resynced (for metrics).
+    lagged: AtomicU64,
 }
 
-/// What a connection gets from the hub.
+/// What a connection gets from the hub: its queue of changes and its
+/// control signals. Dropped or replaced, the stream is over.
 pub struct Subscription {
     pub conn_id: u64,
-    pub changes: mpsc::UnboundedReceiver<Push>,
+    changes: mpsc::Receiver<PeerChange>,
+    signals: Arc<Signals>,
+}
+
+impl Subscription {
+    /// The next thing to tell the device: a close, a key rotation or a
+    /// resync before any queued change. `None` once a newer stream of the
+    /// device replaced this one. Cancel-safe (for `select!`).
+    pub async fn recv(&mut self) -> Option<Push> {
+        let signals = self.signals.clone();
+        loop {
+            let notified = signals.notify.notified();
+            if let Some(p) = self.take_signal() {
+                return Some(p);
+            }
+            tokio::select! {
+                biased;
+                () = notified => {}
+                change = self.changes.recv() => return change.map(Push::Change),
+            }
+        }
+    }
+
+    /// A queued change that is ready now, unless a signal waits (it goes
+    /// first: after a resync the queued changes are stale).
+    pub fn try_recv_change(&mut self) -> Option<PeerChange> {
+        {
+            let p = self.signals.lock();
+            if p.close.is_some() || p.resync || p.rotate {
+                return None;
+            }
+        }
+        self.changes.try_recv().ok()
+    }
+
+    /// What [`Subscription::recv`] would return now, without waiting.
+    #[cfg(test)]
+    fn try_recv(&mut self) -> Option<Push> {
+        self.take_signal()
+            .or_else(|| self.changes.try_recv().ok().map(Push::Change))
+    }
+
+    fn take_signal(&mut self) -> Option<Push> {
+        let mut p = self.signals.lock();
+        if let Some(why) = &p.close {
+            return Some(Push::Close(why.clone()));
+        }
+        if std::mem::take(&mut p.rotate) {
+            return Some(Push::RotateKey);
+        }
+        if std::mem::take(&mut p.resync) {
+            drop(p);
+            // Everything queued so far is older than the netmap about to
+            // be read, so it is dropped rather than replayed on top of it.
+            while self.changes.try_recv().is_ok() {}
+            return Some(Push::Refresh);
+        }
+        None
+    }
 }
 
 /// An ephemeral device gone for longer than the grace period.
@@ -74,14 +216,28 @@ pub struct Expired {
     pub node_key: NodePublic,
 }
 
+/// One live stream, as [`Hub::sessions`] lists it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LiveSession {
+    pub network_id: i64,
+    pub device_id: i64,
+    pub conn_id: u64,
+}
+
 impl Inner {
-    fn broadcast(&self, network_id: i64, except_device: i64, change: &PeerChange) {
+    fn broadcast(
+        &self,
+        network_id: i64,
+        except_device: i64,
+        change: &PeerChange,
+        lagged: &AtomicU64,
+    ) {
         if let Some(sessions) = self.networks.get(&network_id) {
             for (id, s) in sessions {
                 if *id != except_device && s.approved {
                     // A closed receiver means the connection is ending; it
                     // removes itself.
-                    let _ = s.tx.send(Push::Change(change.clone()));
+                    s.push_change(change.clone(), lagged);
                 }
             }
         }
@@ -90,11 +246,23 @@ impl Inner {
 
 impl Hub {
     pub fn new(grace: Duration) -> Self {
+        Self::with_queue(grace, CHANGE_QUEUE)
+    }
+
+    /// A hub whose streams queue at most `queue` changes each.
+    pub fn with_queue(grace: Duration, queue: usize) -> Self {
         Hub {
             inner: Mutex::new(Inner::default()),
             grace,
+            queue: queue.max(1),
             revocations: broadcast::channel(REVOCATION_BACKLOG).0,
+            lagged: AtomicU64::new(0),
         }
+    }
+
+    /// How many times a stream fell behind and was resynced.
+    pub fn lagged_total(&self) -> u64 {
+        self.lagged.load(Ordering::Relaxed)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -116,12 +284,14 @@ impl Hub {
         inner.next_conn += 1;
         let conn_id = inner.next_conn;
         inner.departed_ephemeral.remove(&device_id);
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(self.queue);
+        let signals = Arc::new(Signals::default());
         let session = Session {
             conn_id,
             node_key,
             approved,
             tx,
+            signals: signals.clone(),
             last_heard: now,
             stale: false,
         };
@@ -139,11 +309,13 @@ impl Hub {
                     node_key,
                     online: true,
                 },
+                &self.lagged,
             );
         }
         Subscription {
             conn_id,
             changes: rx,
+            signals,
         }
     }
 
@@ -174,6 +346,7 @@ impl Hub {
                     node_key,
                     online: true,
                 },
+                &self.lagged,
             );
         }
     }
@@ -207,6 +380,7 @@ impl Hub {
                     node_key: s.node_key,
                     online: false,
                 },
+                &self.lagged,
             );
         }
         if ephemeral {
@@ -227,7 +401,8 @@ impl Hub {
 
     /// Sends a change to every live stream of the network except the device's own.
     pub fn broadcast(&self, network_id: i64, except_device: i64, change: PeerChange) {
-        self.lock().broadcast(network_id, except_device, &change);
+        self.lock()
+            .broadcast(network_id, except_device, &change, &self.lagged);
     }
 
     /// Sends to one device's stream, if it has one. Returns whether it did.
@@ -236,7 +411,36 @@ impl Hub {
             .networks
             .get(&network_id)
             .and_then(|n| n.get(&device_id))
-            .is_some_and(|s| s.tx.send(push).is_ok())
+            .is_some_and(|s| s.push(push, &self.lagged))
+    }
+
+    /// Ends one stream with `why`, if it is still the device's current one.
+    pub fn close(&self, live: LiveSession, why: ApiErrorBody) {
+        if let Some(s) = self
+            .lock()
+            .networks
+            .get(&live.network_id)
+            .and_then(|n| n.get(&live.device_id))
+            .filter(|s| s.conn_id == live.conn_id)
+        {
+            s.push(Push::Close(why), &self.lagged);
+        }
+    }
+
+    /// Every live stream.
+    pub fn sessions(&self) -> Vec<LiveSession> {
+        let inner = self.lock();
+        inner
+            .networks
+            .iter()
+            .flat_map(|(network_id, n)| {
+                n.iter().map(|(device_id, s)| LiveSession {
+                    network_id: *network_id,
+                    device_id: *device_id,
+                    conn_id: s.conn_id,
+                })
+            })
+            .collect()
     }
 
     /// The device was approved: from now on it hears about its peers and
@@ -269,7 +473,7 @@ impl Hub {
     pub fn rotate_all(&self, network_id: i64) -> usize {
         self.lock().networks.get(&network_id).map_or(0, |n| {
             n.values()
-                .filter(|s| s.tx.send(Push::RotateKey).is_ok())
+                .filter(|s| s.push(Push::RotateKey, &self.lagged))
                 .count()
         })
     }
@@ -306,6 +510,7 @@ impl Hub {
                     node_key,
                     online: false,
                 },
+                &self.lagged,
             );
         }
         let grace = self.grace;
@@ -335,9 +540,9 @@ mod tests {
         NodePublic::from_bytes([b; 32])
     }
 
-    fn drain(rx: &mut mpsc::UnboundedReceiver<Push>) -> Vec<PeerChange> {
+    fn drain(rx: &mut Subscription) -> Vec<PeerChange> {
         let mut out = Vec::new();
-        while let Ok(p) = rx.try_recv() {
+        while let Some(p) = rx.try_recv() {
             match p {
                 Push::Change(c) => out.push(c),
                 other => panic!("unexpected push {other:?}"),
@@ -354,24 +559,24 @@ mod tests {
         let b = hub.connect(1, 11, key(2), true, t0);
         let mut other_net = hub.connect(2, 20, key(3), true, t0);
         assert_eq!(
-            drain(&mut a.changes),
+            drain(&mut a),
             vec![PeerChange::Online {
                 node_key: key(2),
                 online: true
             }]
         );
         assert!(
-            drain(&mut other_net.changes).is_empty(),
+            drain(&mut other_net).is_empty(),
             "changes never cross networks"
         );
 
         // b goes silent: offline after the grace period, back when heard.
         hub.heard(1, 10, a.conn_id, t0 + Duration::from_secs(15));
         assert!(hub.sweep(t0 + Duration::from_secs(19)).is_empty());
-        assert!(drain(&mut a.changes).is_empty());
+        assert!(drain(&mut a).is_empty());
         hub.sweep(t0 + Duration::from_secs(21));
         assert_eq!(
-            drain(&mut a.changes),
+            drain(&mut a),
             vec![PeerChange::Online {
                 node_key: key(2),
                 online: false
@@ -381,7 +586,7 @@ mod tests {
         assert!(hub.is_online(1, 10));
         hub.heard(1, 11, b.conn_id, t0 + Duration::from_secs(22));
         assert_eq!(
-            drain(&mut a.changes),
+            drain(&mut a),
             vec![PeerChange::Online {
                 node_key: key(2),
                 online: true
@@ -392,7 +597,7 @@ mod tests {
         assert!(!hub.disconnect(1, 11, b.conn_id + 100, false, t0));
         assert!(hub.disconnect(1, 11, b.conn_id, false, t0));
         assert_eq!(
-            drain(&mut a.changes),
+            drain(&mut a),
             vec![PeerChange::Online {
                 node_key: key(2),
                 online: false
@@ -406,13 +611,14 @@ mod tests {
         let t0 = Instant::now();
         let mut watcher = hub.connect(1, 1, key(1), true, t0);
         let mut first = hub.connect(1, 2, key(2), true, t0);
-        drain(&mut watcher.changes);
+        drain(&mut watcher);
         let _second = hub.connect(1, 2, key(2), true, t0);
+        assert!(drain(&mut watcher).is_empty(), "still online, no flap");
+        assert!(first.try_recv().is_none());
         assert!(
-            drain(&mut watcher.changes).is_empty(),
-            "still online, no flap"
+            first.changes.is_closed(),
+            "the replaced stream's queue is closed"
         );
-        assert!(first.changes.try_recv().is_err());
         assert!(
             !hub.disconnect(1, 2, first.conn_id, false, t0),
             "old stream ending is not a departure"
@@ -426,17 +632,14 @@ mod tests {
         let t0 = Instant::now();
         let mut a = hub.connect(1, 1, key(1), true, t0);
         let mut pending = hub.connect(1, 2, key(2), false, t0);
-        assert!(
-            drain(&mut a.changes).is_empty(),
-            "pending device not announced"
-        );
+        assert!(drain(&mut a).is_empty(), "pending device not announced");
         hub.broadcast(1, 1, PeerChange::Removed { node_key: key(9) });
-        assert!(drain(&mut pending.changes).is_empty());
+        assert!(drain(&mut pending).is_empty());
         hub.approve(1, 2);
         hub.broadcast(1, 1, PeerChange::Removed { node_key: key(9) });
-        assert_eq!(drain(&mut pending.changes).len(), 1);
+        assert_eq!(drain(&mut pending).len(), 1);
         assert!(hub.send_to(1, 2, Push::RotateKey));
-        assert_eq!(pending.changes.try_recv().unwrap(), Push::RotateKey);
+        assert_eq!(pending.try_recv().unwrap(), Push::RotateKey);
         assert_eq!(hub.rotate_all(1), 2);
         let mut revoked = hub.revocations();
         hub.revoke_relay_access(key(2));
@@ -459,5 +662,96 @@ mod tests {
             }]
         );
         assert!(hub.sweep(t0 + Duration::from_secs(40)).is_empty());
+    }
+
+    #[test]
+    fn a_slow_stream_is_bounded_and_resynced() {
+        let hub = Hub::with_queue(Duration::from_secs(20), 4);
+        let t0 = Instant::now();
+        let mut slow = hub.connect(1, 1, key(1), true, t0);
+        for i in 0..1000u32 {
+            hub.broadcast(
+                1,
+                99,
+                PeerChange::Removed {
+                    node_key: key((i % 200) as u8),
+                },
+            );
+        }
+        assert_eq!(
+            slow.changes.len(),
+            4,
+            "the queue never grows past its bound"
+        );
+        assert_eq!(hub.lagged_total(), 1, "one resync however far behind");
+        assert_eq!(
+            slow.try_recv(),
+            Some(Push::Refresh),
+            "a stream that fell behind gets a full netmap first"
+        );
+        assert!(
+            slow.try_recv().is_none(),
+            "the stale changes are dropped, not replayed over the new netmap"
+        );
+        hub.broadcast(1, 99, PeerChange::Removed { node_key: key(7) });
+        assert_eq!(
+            drain(&mut slow),
+            vec![PeerChange::Removed { node_key: key(7) }]
+        );
+    }
+
+    #[test]
+    fn close_goes_ahead_of_a_full_queue() {
+        let hub = Hub::with_queue(Duration::from_secs(20), 2);
+        let t0 = Instant::now();
+        let mut sub = hub.connect(1, 1, key(1), true, t0);
+        for _ in 0..2 {
+            hub.broadcast(1, 99, PeerChange::Removed { node_key: key(2) });
+        }
+        let why = ApiErrorBody {
+            code: "forbidden".into(),
+            message: "removed".into(),
+        };
+        assert!(hub.send_to(1, 1, Push::Close(why.clone())));
+        assert!(
+            sub.try_recv_change().is_none(),
+            "nothing goes before the close"
+        );
+        assert_eq!(sub.try_recv(), Some(Push::Close(why.clone())));
+        assert_eq!(
+            sub.try_recv(),
+            Some(Push::Close(why.clone())),
+            "the close stays until the stream ends"
+        );
+        // A close for an older connection of the device is ignored.
+        let mut newer = hub.connect(1, 1, key(1), true, t0);
+        hub.close(
+            LiveSession {
+                network_id: 1,
+                device_id: 1,
+                conn_id: sub.conn_id,
+            },
+            why.clone(),
+        );
+        assert!(newer.try_recv().is_none());
+        assert_eq!(
+            hub.sessions(),
+            vec![LiveSession {
+                network_id: 1,
+                device_id: 1,
+                conn_id: newer.conn_id
+            }]
+        );
+    }
+
+    #[tokio::test]
+    async fn recv_wakes_for_signals_and_changes() {
+        let hub = Arc::new(Hub::new(Duration::from_secs(20)));
+        let mut sub = hub.connect(1, 1, key(1), true, Instant::now());
+        let h = hub.clone();
+        let waiter = tokio::spawn(async move { sub.recv().await });
+        tokio::task::yield_now().await;
+        assert_eq!(h.rotate_all(1), 1);
+        assert_eq!(waiter.await.unwrap(), Some(Push::RotateKey));
     }
 }

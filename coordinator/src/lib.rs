@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod client;
+pub mod clock;
 pub mod error;
 pub mod fanout;
 pub mod hub;
@@ -32,7 +33,17 @@ pub async fn app_state(
     relay_map: RelayMap,
     tls: bool,
 ) -> anyhow::Result<api::SharedState> {
-    let store = store::Store::open(state_dir).await?;
+    app_state_with(state_dir, relay_map, tls, &store::StoreOptions::default()).await
+}
+
+/// [`app_state`] with the store opened with `options`.
+pub async fn app_state_with(
+    state_dir: &Path,
+    relay_map: RelayMap,
+    tls: bool,
+    options: &store::StoreOptions,
+) -> anyhow::Result<api::SharedState> {
+    let store = store::Store::open_with(state_dir, options).await?;
     if !store.is_initialized().await? {
         anyhow::bail!(
             "{} is not initialised: run `coordinator init --state-dir {}` first",
@@ -45,6 +56,8 @@ pub async fn app_state(
     Ok(Arc::new(api::AppState {
         store,
         hub: hub::Hub::new(grace),
+        clock: clock::Clock::System,
+        limits: Default::default(),
         batch_window: BATCH_WINDOW,
         relay_map,
         tls,
@@ -91,6 +104,7 @@ pub async fn serve(
     listen: SocketAddr,
     relay_map: RelayMap,
     transport: Transport,
+    store_options: &store::StoreOptions,
 ) -> anyhow::Result<()> {
     // Checked before anything is opened or bound.
     let tls = match &transport {
@@ -106,7 +120,7 @@ pub async fn serve(
             None
         }
     };
-    let state = app_state(state_dir, relay_map, tls.is_some()).await?;
+    let state = app_state_with(state_dir, relay_map, tls.is_some(), store_options).await?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding {listen}"))?;
@@ -123,7 +137,7 @@ pub async fn serve_on(
     tokio::spawn(api::run_sweeper(state.clone()));
     let addr = listener.local_addr()?;
     tracing::info!(%addr, tls = tls.is_some(), "coordinator listening");
-    let app = api::router(state);
+    let app = api::router(state).into_make_service_with_connect_info::<api::limits::PeerAddr>();
     match tls {
         Some(config) => axum::serve(tls::TlsListener::new(listener, config)?, app).await,
         None => axum::serve(listener, app).await,

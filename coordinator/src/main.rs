@@ -74,6 +74,15 @@ enum Command {
         /// in a lab). Without it plain HTTP is served on loopback only.
         #[arg(long, env = "COORDINATOR_INSECURE_HTTP")]
         insecure_http: bool,
+        /// How long a removed device's overlay address stays unused before
+        /// another device may get it.
+        #[arg(
+            long,
+            env = "COORDINATOR_ADDRESS_QUARANTINE",
+            default_value = "24h",
+            value_parser = humantime::parse_duration
+        )]
+        address_quarantine: std::time::Duration,
     },
     /// Relay tokens.
     #[command(subcommand, name = "relay-token")]
@@ -258,6 +267,7 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
             tls_cert,
             tls_key,
             insecure_http,
+            address_quarantine,
         } => {
             let relay_map = match relay_map {
                 Some(path) => coordinator::load_relay_map(&path)?,
@@ -270,7 +280,11 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
                     insecure: insecure_http,
                 },
             };
-            coordinator::serve(&dir.state_dir, listen, relay_map, transport).await?
+            let store = coordinator::store::StoreOptions {
+                address_quarantine,
+                ..Default::default()
+            };
+            coordinator::serve(&dir.state_dir, listen, relay_map, transport, &store).await?
         }
         Command::RelayToken(RelayTokenCmd::Create { name, dir }) => {
             println!(

@@ -106,9 +106,15 @@ async fn serve_refuses_plain_http_off_loopback_unless_told() {
     let dir = tempfile::tempdir().unwrap();
     let http = Transport::Http { insecure: false };
     let listen: SocketAddr = "0.0.0.0:0".parse().unwrap();
-    let err = coordinator::serve(dir.path(), listen, RelayMap::default(), http.clone())
-        .await
-        .unwrap_err();
+    let err = coordinator::serve(
+        dir.path(),
+        listen,
+        RelayMap::default(),
+        http.clone(),
+        &Default::default(),
+    )
+    .await
+    .unwrap_err();
     assert!(format!("{err:#}").contains("--insecure-http"), "{err:#}");
     // Nothing was created before the refusal.
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
@@ -118,9 +124,15 @@ async fn serve_refuses_plain_http_off_loopback_unless_told() {
     let insecure = Transport::Http { insecure: true };
     for (listen, transport) in [("127.0.0.1:0", http), ("0.0.0.0:0", insecure)] {
         let listen: SocketAddr = listen.parse().unwrap();
-        let err = coordinator::serve(dir.path(), listen, RelayMap::default(), transport)
-            .await
-            .unwrap_err();
+        let err = coordinator::serve(
+            dir.path(),
+            listen,
+            RelayMap::default(),
+            transport,
+            &Default::default(),
+        )
+        .await
+        .unwrap_err();
         assert!(format!("{err:#}").contains("not initialised"), "{err:#}");
     }
 }

@@ -11,7 +11,6 @@ use platform::api::{CreateWireguardPeer, DeviceInfo, WireguardPeerCreated};
 use platform::keys::NodePublic;
 use platform::netmap::NodeKind;
 use platform::people::{KeyExpiryOverride, Role};
-use platform::unix_now;
 use serde::Serialize;
 
 use super::{ApiPath, Body, Caller, SharedState};
@@ -70,7 +69,7 @@ pub async fn remove_device(
     own_or_admin(&s, &ctx, id).await?;
     let row = s
         .store
-        .remove_device(&ctx.who(), ctx.id, id, unix_now())
+        .remove_device(&ctx.who(), ctx.id, id, s.clock.now())
         .await?;
     let info = device_info(&s, &row)?;
     fanout::device_shut_out(
@@ -91,7 +90,7 @@ pub async fn revoke_device(
     ctx.require(Role::Admin)?;
     let row = s
         .store
-        .revoke_device(&ctx.who(), ctx.id, id, unix_now())
+        .revoke_device(&ctx.who(), ctx.id, id, s.clock.now())
         .await?;
     fanout::device_shut_out(
         &s,
@@ -111,7 +110,7 @@ pub async fn approve_device(
     ctx.require(Role::Admin)?;
     let (_, row) = s
         .store
-        .approve_device(&ctx.who(), ctx.id, id, unix_now())
+        .approve_device(&ctx.who(), ctx.id, id, s.clock.now())
         .await?;
     fanout::device_approved(&s, &row)?;
     Ok(Json(device_info(&s, &row)?))
@@ -127,7 +126,7 @@ pub async fn set_key_expiry(
     ctx.require(Role::Admin)?;
     let row = s
         .store
-        .set_key_expiry_override(&ctx.who(), ctx.id, id, req.expiry_secs, unix_now())
+        .set_key_expiry_override(&ctx.who(), ctx.id, id, req.expiry_secs, s.clock.now())
         .await?;
     fanout::device_changed(&s, &row)?;
     Ok(Json(device_info(&s, &row)?))
@@ -155,7 +154,7 @@ pub async fn show_device_code(
     State(s): State<SharedState>,
     ApiPath(code): ApiPath<String>,
 ) -> Result<Json<WaitingDevice>, AppError> {
-    let (code, hostname, expires_at) = s.store.waiting_device(&code, unix_now()).await?;
+    let (code, hostname, expires_at) = s.store.waiting_device(&code, s.clock.now()).await?;
     Ok(Json(WaitingDevice {
         approve: format!(
             "coordinator device approve --network NETWORK {code}  (POST /api/v1/networks/NETWORK/device-codes/{code}/approve)"
@@ -173,7 +172,7 @@ pub async fn approve_device_code(
     ApiPath((network, code)): ApiPath<(String, String)>,
 ) -> Result<Json<PairingApproved>, AppError> {
     let ctx = s.store.network_for(&network, &user).await?;
-    let hostname = s.store.approve_pairing(&ctx, &code, unix_now()).await?;
+    let hostname = s.store.approve_pairing(&ctx, &code, s.clock.now()).await?;
     Ok(Json(PairingApproved {
         code: crate::store::normalize_code(&code),
         hostname,
@@ -196,13 +195,13 @@ pub async fn rotate_network_keys(
 ) -> Result<(StatusCode, Json<RotationRequested>), AppError> {
     let ctx = s.store.network_for(&network, &user).await?;
     ctx.require(Role::Admin)?;
-    s.store.record_rotation_request(&ctx, unix_now()).await?;
+    s.store.record_rotation_request(&ctx, s.clock.now()).await?;
     let asked = s.hub.rotate_all(ctx.id);
     Ok((StatusCode::ACCEPTED, Json(RotationRequested { asked })))
 }
 
 async fn render_wg_quick(s: &SharedState, row: &DeviceRow) -> Result<String, AppError> {
-    let now = unix_now();
+    let now = s.clock.now();
     let peers = s
         .store
         .network_devices(row.network_id)
@@ -231,7 +230,10 @@ pub async fn create_wireguard_peer(
         node_key,
         endpoint: req.endpoint,
     };
-    let row = s.store.add_wireguard_peer(&ctx, &peer, unix_now()).await?;
+    let row = s
+        .store
+        .add_wireguard_peer(&ctx, &peer, s.clock.now())
+        .await?;
     fanout::device_changed(&s, &row)?;
     let wg_quick_config = render_wg_quick(&s, &row).await?;
     Ok((

@@ -20,14 +20,12 @@ use platform::control_auth::{new_nonce, CoordinatorIdentity};
 use platform::netmap::{coalesce, DnsConfig, NetMap, PeerChange};
 use platform::people::DeviceState;
 use platform::signed::DOMAIN_MAP;
-use platform::unix_now;
-use tokio::sync::mpsc;
 
 use super::register::signed_error;
 use super::SharedState;
 use crate::error::AppError;
 use crate::fanout;
-use crate::hub::Push;
+use crate::hub::{Push, Subscription};
 use crate::store::DeviceRow;
 
 /// How long a client has to send its hello.
@@ -36,6 +34,14 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_ENDPOINTS: usize = 32;
 /// Largest message accepted from a device.
 const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+/// Longest a single message may take to go out. A device that stops
+/// reading fills its socket buffer; past this its stream ends rather than
+/// holding the task (and its netmaps) forever.
+pub(crate) const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// Silence after which a stream is ended: devices send a heartbeat every
+/// few seconds, so one quiet this long is gone or stuck.
+pub(crate) const IDLE_TIMEOUT: Duration =
+    Duration::from_secs(3 * platform::api::OFFLINE_AFTER_SECS);
 
 pub async fn map_stream(
     State(s): State<SharedState>,
@@ -70,36 +76,51 @@ struct Conn {
     authenticated: bool,
 }
 
-impl Conn {
-    async fn send(&mut self, msg: &ServerMessage) -> anyhow::Result<()> {
-        let text = serde_json::to_string(msg)?;
-        let text = if self.authenticated {
-            let frame = self.identity.sign_frame(&self.nonce, self.seq, text);
-            self.seq += 1;
-            serde_json::to_string(&ServerMessage::Signed { frame })?
-        } else {
-            text
-        };
-        self.socket.send(Message::Text(text.into())).await?;
-        Ok(())
-    }
+async fn send(conn: &mut Conn, msg: &ServerMessage) -> anyhow::Result<()> {
+    let text = serde_json::to_string(msg)?;
+    let text = if conn.authenticated {
+        let frame = conn.identity.sign_frame(&conn.nonce, conn.seq, text);
+        conn.seq += 1;
+        serde_json::to_string(&ServerMessage::Signed { frame })?
+    } else {
+        text
+    };
+    send_within(&mut conn.socket, Message::Text(text.into()), SEND_TIMEOUT).await
+}
 
-    async fn refuse(&mut self, err: AppError) -> anyhow::Result<()> {
-        let _ = self.send(&ServerMessage::Error { error: err.body() }).await;
-        let _ = self.socket.send(Message::Close(None)).await;
-        Err(anyhow::anyhow!("refused: {err}"))
+/// Sends one message, giving up after `limit`.
+pub(crate) async fn send_within<S>(
+    socket: &mut S,
+    msg: Message,
+    limit: Duration,
+) -> anyhow::Result<()>
+where
+    S: futures_util::Sink<Message> + Unpin,
+    S::Error: std::error::Error + Send + Sync + 'static,
+{
+    use futures_util::SinkExt as _;
+    match tokio::time::timeout(limit, socket.send(msg)).await {
+        Ok(sent) => Ok(sent?),
+        Err(_) => anyhow::bail!("the device took longer than {limit:?} to take a message"),
     }
 }
 
+async fn refuse(conn: &mut Conn, err: AppError) -> anyhow::Result<()> {
+    let _ = send(conn, &ServerMessage::Error { error: err.body() }).await;
+    let _ = send_within(&mut conn.socket, Message::Close(None), SEND_TIMEOUT).await;
+    Err(anyhow::anyhow!("refused: {err}"))
+}
+
+/// Reads the hello and finds the device it proves.
 /// Sends the challenge, reads the hello and finds the device it proves.
 async fn authenticate(s: &SharedState, conn: &mut Conn) -> Result<DeviceRow, AppError> {
-    conn.send(&ServerMessage::Challenge {
+    let challenge = ServerMessage::Challenge {
         nonce: conn.nonce.clone(),
-    })
-    .await
-    .map_err(|e| AppError::BadRequest(format!("sending the challenge: {e}")))?;
-    let socket = &mut conn.socket;
-    let first = tokio::time::timeout(HELLO_TIMEOUT, socket.recv())
+    };
+    send(conn, &challenge)
+        .await
+        .map_err(|e| AppError::BadRequest(format!("sending the challenge: {e}")))?;
+    let first = tokio::time::timeout(HELLO_TIMEOUT, conn.socket.recv())
         .await
         .map_err(|_| AppError::BadRequest("no hello within 10 s".into()))?;
     let text = match first {
@@ -113,7 +134,7 @@ async fn authenticate(s: &SharedState, conn: &mut Conn) -> Result<DeviceRow, App
             "the first message must be a hello".into(),
         ));
     };
-    let now = unix_now();
+    let now = s.clock.now();
     let payload: MapHello = hello.verify(DOMAIN_MAP, now).map_err(signed_error)?;
     if payload.nonce != conn.nonce {
         return Err(AppError::Unauthorized(
@@ -155,7 +176,7 @@ async fn authenticate(s: &SharedState, conn: &mut Conn) -> Result<DeviceRow, App
 
 async fn full_netmap(s: &SharedState, me: &DeviceRow) -> Result<NetMap, AppError> {
     let rows = s.store.network_devices(me.network_id).await?;
-    let now = unix_now();
+    let now = s.clock.now();
     let mut self_node = None;
     let mut peers = BTreeMap::new();
     let awaiting_approval = !me.approved;
@@ -190,7 +211,7 @@ async fn serve(s: SharedState, socket: WebSocket) -> anyhow::Result<()> {
     };
     let me = match authenticate(&s, &mut conn).await {
         Ok(row) => row,
-        Err(e) => return conn.refuse(e).await,
+        Err(e) => return refuse(&mut conn, e).await,
     };
     conn.authenticated = true;
     let node_key = me.node_key()?;
@@ -198,7 +219,7 @@ async fn serve(s: SharedState, socket: WebSocket) -> anyhow::Result<()> {
     let mut sub = s
         .hub
         .connect(me.network_id, me.id, node_key, me.approved, Instant::now());
-    let result = stream(&s, &me, &mut conn, sub.conn_id, &mut sub.changes).await;
+    let result = stream(&s, &me, &mut conn, &mut sub).await;
     s.hub.disconnect(
         me.network_id,
         me.id,
@@ -206,7 +227,7 @@ async fn serve(s: SharedState, socket: WebSocket) -> anyhow::Result<()> {
         me.ephemeral,
         Instant::now(),
     );
-    let _ = s.store.touch(me.id, unix_now()).await;
+    let _ = s.store.touch(me.id, s.clock.now()).await;
     tracing::info!(device = me.id, name = %me.name, "map stream closed");
     result
 }
@@ -215,38 +236,48 @@ async fn stream(
     s: &SharedState,
     me: &DeviceRow,
     conn: &mut Conn,
-    conn_id: u64,
-    changes: &mut mpsc::UnboundedReceiver<Push>,
+    sub: &mut Subscription,
 ) -> anyhow::Result<()> {
+    let conn_id = sub.conn_id;
     let netmap = match full_netmap(s, me).await {
         Ok(m) => m,
-        Err(e) => return conn.refuse(e).await,
+        Err(e) => return refuse(conn, e).await,
     };
-    conn.send(&ServerMessage::Full {
-        netmap: Box::new(netmap),
-    })
+    send(
+        conn,
+        &ServerMessage::Full {
+            netmap: Box::new(netmap),
+        },
+    )
     .await?;
-    s.store.touch(me.id, unix_now()).await?;
+    s.store.touch(me.id, s.clock.now()).await?;
     tracing::info!(device = me.id, name = %me.name, "map stream open");
     if s.store.rotation_due(me.id).await? {
-        conn.send(&ServerMessage::RotateKey).await?;
+        send(conn, &ServerMessage::RotateKey).await?;
     }
+    let mut idle_deadline = tokio::time::Instant::now() + IDLE_TIMEOUT;
     loop {
         tokio::select! {
+            () = tokio::time::sleep_until(idle_deadline) => {
+                return refuse(conn, AppError::BadRequest(format!(
+                    "nothing heard for {} s", IDLE_TIMEOUT.as_secs()
+                ))).await;
+            }
             incoming = conn.socket.recv() => {
                 let Some(incoming) = incoming else { return Ok(()) };
+                idle_deadline = tokio::time::Instant::now() + IDLE_TIMEOUT;
                 match incoming? {
                     Message::Text(text) => {
                         if let Err(e) = handle_client_message(s, me, conn_id, &text).await {
-                            return conn.refuse(e).await;
+                            return refuse(conn, e).await;
                         }
                     }
                     Message::Close(_) => return Ok(()),
-                    Message::Binary(_) => return conn.refuse(AppError::BadRequest("binary messages are not accepted".into())).await,
+                    Message::Binary(_) => return refuse(conn, AppError::BadRequest("binary messages are not accepted".into())).await,
                     Message::Ping(_) | Message::Pong(_) => {}
                 }
             }
-            first = changes.recv() => {
+            first = sub.recv() => {
                 // None: a newer stream of this device replaced this one.
                 let Some(first) = first else { return Ok(()) };
                 let mut batch = Vec::new();
@@ -257,27 +288,26 @@ async fn stream(
                 }
                 if then.is_none() {
                     tokio::time::sleep(s.batch_window).await;
-                    while let Ok(more) = changes.try_recv() {
-                        match more {
-                            Push::Change(c) => batch.push(c),
-                            other => { then = Some(other); break; }
-                        }
+                    // Bounded by the queue: a signal (close, resync) that
+                    // arrived meanwhile stops the batch and goes next.
+                    while let Some(c) = sub.try_recv_change() {
+                        batch.push(c);
                     }
                 }
                 if !batch.is_empty() {
-                    conn.send(&ServerMessage::Delta { changes: coalesce(batch) }).await?;
+                    send(conn, &ServerMessage::Delta { changes: coalesce(batch) }).await?;
                 }
                 match then {
                     None | Some(Push::Change(_)) => {}
-                    Some(Push::RotateKey) => conn.send(&ServerMessage::RotateKey).await?,
+                    Some(Push::RotateKey) => send(conn, &ServerMessage::RotateKey).await?,
                     Some(Push::Refresh) => {
                         let row = s.store.device(&me.network, me.id).await?;
                         let netmap = full_netmap(s, &row).await?;
-                        conn.send(&ServerMessage::Full { netmap: Box::new(netmap) }).await?;
+                        send(conn, &ServerMessage::Full { netmap: Box::new(netmap) }).await?;
                     }
                     Some(Push::Close(error)) => {
-                        let _ = conn.send(&ServerMessage::Error { error }).await;
-                        let _ = conn.socket.send(Message::Close(None)).await;
+                        let _ = send(conn, &ServerMessage::Error { error }).await;
+                        let _ = send_within(&mut conn.socket, Message::Close(None), SEND_TIMEOUT).await;
                         return Ok(());
                     }
                 }
@@ -286,15 +316,53 @@ async fn stream(
     }
 }
 
+/// Reads one message from a device and checks what can be checked
+/// without the database.
+pub(crate) fn parse_client_message(text: &str) -> Result<ClientMessage, AppError> {
+    let msg: ClientMessage = serde_json::from_str(text)
+        .map_err(|e| AppError::BadRequest(format!("invalid message: {e}")))?;
+    match &msg {
+        ClientMessage::Heartbeat {
+            capabilities: Some(caps),
+        } => caps
+            .check()
+            .map_err(|e| AppError::BadRequest(format!("capabilities: {e}")))?,
+        ClientMessage::Endpoints { endpoints } if endpoints.len() > MAX_ENDPOINTS => {
+            return Err(AppError::BadRequest(format!(
+                "at most {MAX_ENDPOINTS} endpoints"
+            )))
+        }
+        _ => {}
+    }
+    Ok(msg)
+}
+
 async fn handle_client_message(
     s: &SharedState,
     me: &DeviceRow,
     conn_id: u64,
     text: &str,
 ) -> Result<(), AppError> {
-    let msg: ClientMessage = serde_json::from_str(text)
-        .map_err(|e| AppError::BadRequest(format!("invalid message: {e}")))?;
+    let msg = parse_client_message(text)?;
     s.hub.heard(me.network_id, me.id, conn_id, Instant::now());
+    let reports = matches!(
+        msg,
+        ClientMessage::Endpoints { .. }
+            | ClientMessage::HomeRegion { .. }
+            | ClientMessage::Heartbeat {
+                capabilities: Some(_)
+            }
+    );
+    if reports {
+        // Each report is a write and a message to every peer.
+        let now = tokio::time::Instant::now().into_std();
+        if let Err(wait) = s.limits.device_reports.check(me.id, now) {
+            return Err(AppError::TooManyRequests(format!(
+                "too many reports from this device; retry in {} s",
+                wait.as_secs().max(1)
+            )));
+        }
+    }
     match msg {
         ClientMessage::Hello { .. } => {
             return Err(AppError::BadRequest("hello was already sent".into()))
@@ -303,8 +371,6 @@ async fn handle_client_message(
         ClientMessage::Heartbeat {
             capabilities: Some(caps),
         } => {
-            caps.check()
-                .map_err(|e| AppError::BadRequest(format!("capabilities: {e}")))?;
             let row = s.store.device(&me.network, me.id).await?;
             if row.capabilities().ok().flatten().as_ref() == Some(&caps) {
                 // A new session repeating the stored report: nothing changed.
@@ -314,17 +380,12 @@ async fn handle_client_message(
             fanout::device_changed(s, &s.store.device(&me.network, me.id).await?)?;
         }
         ClientMessage::Endpoints { mut endpoints } => {
-            if endpoints.len() > MAX_ENDPOINTS {
-                return Err(AppError::BadRequest(format!(
-                    "at most {MAX_ENDPOINTS} endpoints"
-                )));
-            }
             endpoints.sort();
             endpoints.dedup();
             s.store.set_endpoints(me.id, &endpoints).await?;
             // Read back: the node key may have been rotated since the hello.
             let row = s.store.device(&me.network, me.id).await?;
-            if row.is_visible(unix_now()) {
+            if row.is_visible(s.clock.now()) {
                 s.hub.broadcast(
                     me.network_id,
                     me.id,
@@ -344,4 +405,43 @@ async fn handle_client_message(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use super::*;
+
+    /// A device that never takes another message.
+    struct Stuck;
+
+    impl futures_util::Sink<Message> for Stuck {
+        type Error = std::io::Error;
+        fn poll_ready(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Pending
+        }
+        fn start_send(self: Pin<&mut Self>, _: Message) -> Result<(), Self::Error> {
+            Ok(())
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Pending
+        }
+        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Pending
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stuck_device_does_not_hold_the_stream() {
+        let err = send_within(
+            &mut Stuck,
+            Message::Text("{}".into()),
+            Duration::from_millis(1),
+        )
+        .await
+        .unwrap_err();
+        assert!(err.to_string().contains("longer than"), "{err}");
+    }
 }

@@ -9,7 +9,6 @@ use platform::people::{
     ChangeRole, CreateInvite, CreatedInvite, InviteInfo, Member, RedeemInvite, Redeemed, Role,
     WhoAmI,
 };
-use platform::unix_now;
 
 use super::{ApiPath, Body, Caller, MaybeCaller, SharedState};
 use crate::error::AppError;
@@ -45,7 +44,7 @@ pub async fn change_role(
     let ctx = s.store.network_for(&network, &user).await?;
     let member = s
         .store
-        .set_role(&ctx, &username, req.role, unix_now())
+        .set_role(&ctx, &username, req.role, s.clock.now())
         .await?;
     let devices = s.store.devices_of_member(ctx.id, member.user_id).await?;
     fanout::owner_role_changed(&s, &devices)?;
@@ -59,7 +58,9 @@ pub async fn approve_member(
 ) -> Result<Json<Member>, AppError> {
     let ctx = s.store.network_for(&network, &user).await?;
     Ok(Json(
-        s.store.approve_member(&ctx, &username, unix_now()).await?,
+        s.store
+            .approve_member(&ctx, &username, s.clock.now())
+            .await?,
     ))
 }
 
@@ -70,7 +71,10 @@ pub async fn remove_member(
     ApiPath((network, username)): ApiPath<(String, String)>,
 ) -> Result<Json<Member>, AppError> {
     let ctx = s.store.network_for(&network, &user).await?;
-    let (member, devices) = s.store.remove_member(&ctx, &username, unix_now()).await?;
+    let (member, devices) = s
+        .store
+        .remove_member(&ctx, &username, s.clock.now())
+        .await?;
     for d in &devices {
         fanout::device_shut_out(
             &s,
@@ -106,7 +110,7 @@ pub async fn create_invite(
     Body(req): Body<CreateInvite>,
 ) -> Result<(StatusCode, Json<CreatedInvite>), AppError> {
     let ctx = s.store.network_for(&network, &user).await?;
-    let (secret, info) = s.store.create_invite(&ctx, &req, unix_now()).await?;
+    let (secret, info) = s.store.create_invite(&ctx, &req, s.clock.now()).await?;
     let link = format!("{}/api/v1/invites/{secret}", base_url(&s, &parts));
     Ok((
         StatusCode::CREATED,
@@ -129,7 +133,7 @@ pub async fn revoke_invite(
     ApiPath((network, id)): ApiPath<(String, i64)>,
 ) -> Result<Json<InviteInfo>, AppError> {
     let ctx = s.store.network_for(&network, &user).await?;
-    Ok(Json(s.store.revoke_invite(&ctx, id, unix_now()).await?))
+    Ok(Json(s.store.revoke_invite(&ctx, id, s.clock.now()).await?))
 }
 
 /// What the link offers (anyone holding it may look before redeeming).
@@ -157,7 +161,7 @@ pub async fn redeem_invite(
     };
     let redeemed = s
         .store
-        .redeem_invite(&secret, user.as_ref(), &body, unix_now())
+        .redeem_invite(&secret, user.as_ref(), &body, s.clock.now())
         .await?;
     Ok((StatusCode::CREATED, Json(redeemed)))
 }

@@ -1,7 +1,9 @@
 //! The HTTP API under `/api/v1`.
 
 mod devices;
+mod fuzz;
 mod ledger;
+pub mod limits;
 mod map;
 mod members;
 mod networks;
@@ -14,16 +16,20 @@ use std::time::{Duration, Instant};
 use axum::extract::State;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
-use axum::routing::{delete, get, post, put};
+use axum::routing::{delete, get, post, put, MethodRouter};
 use axum::Json;
 use axum::Router;
 use platform::control_auth::{CoordinatorIdentity, CoordinatorInfo};
 use platform::netmap::{PeerChange, RelayMap};
 use serde::de::DeserializeOwned;
 
+use crate::clock::Clock;
 use crate::error::AppError;
 use crate::hub::Hub;
 use crate::store::{Store, UserRow};
+
+#[doc(hidden)]
+pub use fuzz::fuzz_api_body;
 
 /// Largest request body accepted anywhere in the API.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -31,6 +37,10 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
 pub struct AppState {
     pub store: Store,
     pub hub: Hub,
+    /// The wall clock handlers read.
+    pub clock: Clock,
+    /// Rate limits on what devices and anonymous callers may ask.
+    pub limits: limits::Limits,
     /// How long map-stream batches collect changes before sending.
     pub batch_window: Duration,
     /// Relays, delivered in every netmap.
@@ -47,6 +57,13 @@ pub type SharedState = Arc<AppState>;
 
 pub fn router(state: SharedState) -> Router {
     const NET: &str = "/api/v1/networks/{network}";
+    // What anyone may call without a token is limited per source address.
+    let limited = |m: MethodRouter<SharedState>| {
+        m.layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            limits::per_source,
+        ))
+    };
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/api/v1/coordinator", get(coordinator_info))
@@ -133,21 +150,24 @@ pub fn router(state: SharedState) -> Router {
             &format!("{NET}/wireguard-peers"),
             post(devices::create_wireguard_peer),
         )
-        .route("/api/v1/register", post(register::register))
-        .route("/api/v1/device-codes", post(register::start_device_code))
+        .route("/api/v1/register", limited(post(register::register)))
+        .route(
+            "/api/v1/device-codes",
+            limited(post(register::start_device_code)),
+        )
         .route(
             "/api/v1/device-codes/poll",
-            post(register::poll_device_code),
+            limited(post(register::poll_device_code)),
         )
         .route(
             "/api/v1/device-codes/{code}",
             get(devices::show_device_code),
         )
-        .route("/api/v1/rotate-key", post(register::rotate_key))
+        .route("/api/v1/rotate-key", limited(post(register::rotate_key)))
         .route("/api/v1/relay/admit", post(relay::admit_batch))
         .route("/api/v1/relay/admit/{node_key}", get(relay::admit))
         .route("/api/v1/relay/revocations", get(relay::revocations))
-        .route("/api/v1/map", get(map::map_stream))
+        .route("/api/v1/map", limited(get(map::map_stream)))
         .route(
             &format!("{NET}/compute"),
             get(ledger::get_compute).put(ledger::put_compute),
@@ -172,16 +192,33 @@ pub fn router(state: SharedState) -> Router {
 
 /// How often the sweeper looks for node keys that expired.
 const EXPIRY_CHECK: Duration = Duration::from_secs(5);
+/// How often the sweeper looks for streams whose device is gone. Removal
+/// through this server closes the stream at once; this catches every other
+/// way a device disappears (another process on the same database, an
+/// ephemeral device deleted as it reconnected, a stream that authenticated
+/// just as its device was removed), within this interval.
+pub(crate) const PRESENCE_CHECK: Duration = Duration::from_secs(2);
 
 /// Marks devices offline, deletes departed ephemeral devices, and shuts out
 /// devices whose node key expired, forever.
 pub async fn run_sweeper(state: SharedState) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut last_expiry_check = Instant::now() - EXPIRY_CHECK;
+    let mut last_presence_check = Instant::now();
     loop {
         tick.tick().await;
+        if last_presence_check.elapsed() >= PRESENCE_CHECK {
+            last_presence_check = Instant::now();
+            if let Err(e) = close_streams_of_removed(&state).await {
+                tracing::warn!(error = %e, "checking streams of removed devices");
+            }
+        }
         for gone in state.hub.sweep(Instant::now()) {
-            match state.store.delete_device(gone.device_id).await {
+            match state
+                .store
+                .delete_device(gone.device_id, state.clock.now())
+                .await
+            {
                 Ok(()) => {
                     tracing::info!(device = gone.device_id, "ephemeral device removed");
                     state.hub.revoke_relay_access(gone.node_key);
@@ -205,6 +242,30 @@ pub async fn run_sweeper(state: SharedState) {
     }
 }
 
+/// Ends every map stream whose device no longer exists or was revoked.
+/// Returns how many it ended.
+pub(crate) async fn close_streams_of_removed(state: &SharedState) -> Result<usize, AppError> {
+    let live = state.hub.sessions();
+    let ids: Vec<i64> = live.iter().map(|l| l.device_id).collect();
+    let present = state.store.present_devices(&ids).await?;
+    let mut closed = 0;
+    for l in live.into_iter().filter(|l| !present.contains(&l.device_id)) {
+        tracing::info!(
+            device = l.device_id,
+            "closing the stream of a removed device"
+        );
+        state.hub.close(
+            l,
+            platform::api::ApiErrorBody {
+                code: "forbidden".into(),
+                message: "this device was removed or revoked".into(),
+            },
+        );
+        closed += 1;
+    }
+    Ok(closed)
+}
+
 /// Devices whose node key expired since the last look are shut out once.
 /// `GET /api/v1/coordinator`: the keys a device pins and proves its node
 /// key against. Public: they are public keys.
@@ -213,7 +274,7 @@ async fn coordinator_info(State(s): State<SharedState>) -> Json<CoordinatorInfo>
 }
 
 async fn shut_out_expired(state: &SharedState) -> Result<(), AppError> {
-    for row in state.store.take_newly_expired(platform::unix_now()).await? {
+    for row in state.store.take_newly_expired(state.clock.now()).await? {
         tracing::info!(device = row.id, name = %row.name, "node key expired");
         crate::fanout::key_expired(state, &row)?;
     }

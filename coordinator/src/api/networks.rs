@@ -6,7 +6,6 @@ use axum::http::StatusCode;
 use axum::Json;
 use platform::api::{CreateNetwork, CreatePreauthKey, CreatedPreauthKey, Network, PreauthKeyInfo};
 use platform::people::{AuditEvent, DenylistEntry, NetworkSettings, Role, SettingsChange};
-use platform::unix_now;
 use serde::Deserialize;
 
 use super::{ApiPath, Body, Caller, SharedState};
@@ -20,7 +19,11 @@ pub async fn create_network(
 ) -> Result<(StatusCode, Json<Network>), AppError> {
     Ok((
         StatusCode::CREATED,
-        Json(s.store.create_network(&req.name, &user, unix_now()).await?),
+        Json(
+            s.store
+                .create_network(&req.name, &user, s.clock.now())
+                .await?,
+        ),
     ))
 }
 
@@ -60,7 +63,7 @@ pub async fn change_settings(
     ctx.require(Role::Admin)?;
     Ok(Json(
         s.store
-            .change_settings(&ctx.who(), ctx.id, &change, unix_now())
+            .change_settings(&ctx.who(), ctx.id, &change, s.clock.now())
             .await?,
     ))
 }
@@ -77,7 +80,7 @@ pub async fn create_preauth_key(
         StatusCode::CREATED,
         Json(
             s.store
-                .create_preauth_key(ctx.id, &ctx.user, &req, unix_now())
+                .create_preauth_key(ctx.id, &ctx.user, &req, s.clock.now())
                 .await?,
         ),
     ))
@@ -104,7 +107,7 @@ pub async fn revoke_preauth_key(
     let only = (!ctx.is_admin()).then_some(ctx.user.id);
     Ok(Json(
         s.store
-            .revoke_preauth_key(&ctx.who(), ctx.id, id, only, unix_now())
+            .revoke_preauth_key(&ctx.who(), ctx.id, id, only, s.clock.now())
             .await?,
     ))
 }
@@ -159,7 +162,7 @@ pub async fn lift_denylist(
     let ctx = s.store.network_for(&network, &user).await?;
     ctx.require(Role::Admin)?;
     s.store
-        .lift_denylist(&ctx.who(), ctx.id, id, unix_now())
+        .lift_denylist(&ctx.who(), ctx.id, id, s.clock.now())
         .await?;
     Ok(StatusCode::NO_CONTENT)
 }

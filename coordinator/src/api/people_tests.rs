@@ -25,9 +25,13 @@ struct T {
 
 impl T {
     async fn new() -> T {
+        Self::with_clock(crate::clock::Clock::System).await
+    }
+
+    async fn with_clock(clock: crate::clock::Clock) -> T {
         let (store, dir) = test_store().await;
-        let owner = store.init(unix_now()).await.unwrap();
-        let state = test_support::state(store, Some("https://coord.example"));
+        let owner = store.init(clock.now()).await.unwrap();
+        let state = test_support::state_with_clock(store, Some("https://coord.example"), clock);
         let t = T {
             state,
             owner,
@@ -338,10 +342,10 @@ async fn invites_from_link_to_membership() {
 
 #[tokio::test]
 async fn expired_revoked_wrong_network_and_addressed_invites() {
-    let t = T::new().await;
+    let t = T::with_clock(crate::clock::Clock::manual(unix_now())).await;
     let owner = t.owner.clone();
     let short = t.invite(json!({"role": "member", "expiry_secs": 1})).await;
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    t.state.clock.advance(1);
     let msg = t
         .fails(
             None,

@@ -10,7 +10,6 @@ use platform::api::{RegisterRequest, RegisterResponse};
 use platform::control_auth::ProofPurpose;
 use platform::people::{DeviceCode, DeviceCodeRequest, RotateKeyRequest, RotateKeyResponse};
 use platform::signed::{Signed, SignedError, DOMAIN_DEVICE_CODE, DOMAIN_REGISTER, DOMAIN_ROTATE};
-use platform::unix_now;
 
 use super::{Body, SharedState};
 use crate::error::AppError;
@@ -35,7 +34,7 @@ pub async fn register(
     State(s): State<SharedState>,
     Body(signed): Body<Signed>,
 ) -> Result<Json<RegisterResponse>, AppError> {
-    let now = unix_now();
+    let now = s.clock.now();
     let request: RegisterRequest = signed.verify(DOMAIN_REGISTER, now).map_err(signed_error)?;
     // Before anything is looked up: only the holder of a node key may claim it.
     if !s.identity.check_node_proof(
@@ -92,7 +91,7 @@ pub async fn start_device_code(
     parts: Parts,
     Body(signed): Body<Signed>,
 ) -> Result<Json<DeviceCode>, AppError> {
-    let now = unix_now();
+    let now = s.clock.now();
     let req: DeviceCodeRequest = signed
         .verify(DOMAIN_DEVICE_CODE, now)
         .map_err(signed_error)?;
@@ -113,7 +112,7 @@ pub async fn poll_device_code(
     parts: Parts,
     Body(signed): Body<Signed>,
 ) -> Result<Json<DeviceCode>, AppError> {
-    let now = unix_now();
+    let now = s.clock.now();
     let req: DeviceCodeRequest = signed
         .verify(DOMAIN_DEVICE_CODE, now)
         .map_err(signed_error)?;
@@ -129,7 +128,7 @@ pub async fn rotate_key(
     State(s): State<SharedState>,
     Body(signed): Body<Signed>,
 ) -> Result<Json<RotateKeyResponse>, AppError> {
-    let now = unix_now();
+    let now = s.clock.now();
     let req: RotateKeyRequest = signed.verify(DOMAIN_ROTATE, now).map_err(signed_error)?;
     if !s.identity.check_node_proof(
         ProofPurpose::RotateKey,

@@ -19,15 +19,33 @@ use serde_json::Value;
 use tokio_tungstenite::tungstenite::Message;
 use tower::ServiceExt;
 
+use super::limits::Limits;
 use super::{router, AppState, SharedState};
+use crate::clock::Clock;
 use crate::hub::Hub;
 use crate::store::Store;
 
 /// A server's state on `store`, batching map-stream changes for 10 ms.
 pub fn state(store: Store, public_url: Option<&str>) -> SharedState {
+    state_with_clock(store, public_url, Clock::System)
+}
+
+/// [`state`] reading the time from `clock`.
+pub fn state_with_clock(store: Store, public_url: Option<&str>, clock: Clock) -> SharedState {
+    build(store, public_url, clock, Limits::unlimited())
+}
+
+/// [`state`] with these rate limits (every other test runs without).
+pub fn state_with_limits(store: Store, limits: Limits) -> SharedState {
+    build(store, None, Clock::System, limits)
+}
+
+fn build(store: Store, public_url: Option<&str>, clock: Clock, limits: Limits) -> SharedState {
     Arc::new(AppState {
         store,
         hub: Hub::new(Duration::from_secs(20)),
+        clock,
+        limits,
         batch_window: Duration::from_millis(10),
         relay_map: Default::default(),
         tls: false,

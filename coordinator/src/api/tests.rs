@@ -19,6 +19,7 @@ use tower::ServiceExt;
 
 use super::test_support::{self, next_msg, open_stream, register_body, serve};
 use super::{router, SharedState};
+use crate::clock::Clock;
 use crate::store::test_store;
 
 struct Harness {
@@ -29,9 +30,13 @@ struct Harness {
 
 impl Harness {
     async fn new() -> Self {
+        Self::with_clock(Clock::System).await
+    }
+
+    async fn with_clock(clock: Clock) -> Self {
         let (store, dir) = test_store().await;
-        let token = store.init(unix_now()).await.unwrap();
-        let state = test_support::state(store, None);
+        let token = store.init(clock.now()).await.unwrap();
+        let state = test_support::state_with_clock(store, None, clock);
         Harness {
             state,
             token,
@@ -135,7 +140,7 @@ async fn registration_happy_path() {
 
 #[tokio::test]
 async fn registration_rejections_are_precise() {
-    let h = Harness::new().await;
+    let h = Harness::with_clock(Clock::manual(unix_now())).await;
     let one_off = h.network_and_key(json!({})).await;
     let dev = DevicePrivate::generate();
     let node = NodePrivate::generate();
@@ -249,7 +254,31 @@ async fn registration_rejections_are_precise() {
         )
         .await;
     let created: CreatedPreauthKey = serde_json::from_value(created).unwrap();
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let clock = &h.state.clock;
+    let (status, _) = h
+        .call(
+            "POST",
+            "/api/v1/register",
+            Some(register_body(
+                &DevicePrivate::generate(),
+                &NodePrivate::generate(),
+                &created.key,
+                "d0",
+                clock.now(),
+            )),
+            false,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "good until its expiry");
+    let (_, created) = h
+        .admin(
+            "POST",
+            "/api/v1/networks/home/preauth-keys",
+            json!({"expiry_secs": 1}),
+        )
+        .await;
+    let created: CreatedPreauthKey = serde_json::from_value(created).unwrap();
+    clock.advance(1);
     let (status, v) = h
         .call(
             "POST",
@@ -259,7 +288,7 @@ async fn registration_rejections_are_precise() {
                 &NodePrivate::generate(),
                 &created.key,
                 "d",
-                unix_now(),
+                clock.now(),
             )),
             false,
         )
@@ -391,7 +420,16 @@ async fn map_stream_sends_full_map_then_deltas() {
     .await
     .unwrap();
     let mut seen = Vec::new();
-    while seen.len() < 2 {
+    // b's hello may also bring an upsert (its new disco key) in its own
+    // batch: read until both awaited changes came (next_msg bounds the wait).
+    let wanted = |seen: &Vec<PeerChange>| {
+        seen.iter()
+            .any(|c| matches!(c, PeerChange::Online { online: true, .. }))
+            && seen
+                .iter()
+                .any(|c| matches!(c, PeerChange::Endpoints { .. }))
+    };
+    while !wanted(&seen) {
         let ServerMessage::Delta { changes } = next_msg(&mut a).await else {
             panic!("delta expected")
         };
@@ -848,4 +886,164 @@ async fn the_coordinator_publishes_its_keys() {
     let info: platform::control_auth::CoordinatorInfo = serde_json::from_value(v).unwrap();
     assert_eq!(info.coordinator_key, test_support::IDENTITY.public());
     info.check(Some(&test_support::IDENTITY.public())).unwrap();
+}
+
+/// Registers a device with `key` and opens its map stream, past the
+/// full netmap. Returns its id and the stream.
+async fn device_with_stream(
+    h: &Harness,
+    addr: std::net::SocketAddr,
+    key: &str,
+    host: &str,
+) -> (i64, test_support::Ws) {
+    let (dev, node) = (DevicePrivate::generate(), NodePrivate::generate());
+    let (s, v) = h
+        .call(
+            "POST",
+            "/api/v1/register",
+            Some(register_body(&dev, &node, key, host, unix_now())),
+            false,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let mut ws = open_stream(addr, &dev, &node).await;
+    let ServerMessage::Full { .. } = next_msg(&mut ws).await else {
+        panic!("full netmap first")
+    };
+    (v["device_id"].as_i64().unwrap(), ws)
+}
+
+/// A device removed behind this server's back (another process on the same
+/// database, the ephemeral sweep racing a reconnect) still loses its stream:
+/// the presence check ends it.
+#[tokio::test]
+async fn streams_of_devices_removed_elsewhere_are_closed() {
+    let h = Harness::new().await;
+    let key = h.network_and_key(json!({"reusable": true})).await;
+    let addr = serve(&h.state).await;
+    let (gone, mut gone_ws) = device_with_stream(&h, addr, &key, "gone").await;
+    let (_, mut kept_ws) = device_with_stream(&h, addr, &key, "kept").await;
+    let _ = next_msg(&mut gone_ws).await; // "kept" came online
+
+    assert_eq!(super::close_streams_of_removed(&h.state).await.unwrap(), 0);
+    sqlx::query("DELETE FROM devices WHERE id = ?")
+        .bind(gone)
+        .execute(h.state.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(super::close_streams_of_removed(&h.state).await.unwrap(), 1);
+    let ServerMessage::Error { error } = next_msg(&mut gone_ws).await else {
+        panic!("the removed device's stream ends with an error")
+    };
+    assert_eq!(error.code, "forbidden");
+    if let Ok(Some(Ok(Message::Text(t)))) =
+        tokio::time::timeout(Duration::from_millis(200), kept_ws.next()).await
+    {
+        assert!(
+            !t.contains("\"error\""),
+            "the other device keeps its stream: {t}"
+        );
+    }
+    assert!(super::PRESENCE_CHECK <= Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn anonymous_endpoints_are_limited_per_source() {
+    let (store, _dir) = test_store().await;
+    let limits = super::limits::Limits {
+        by_source: super::limits::Limiter::new(
+            super::limits::Rate {
+                burst: 2,
+                every: Duration::from_secs(60),
+            },
+            16,
+        ),
+        ..super::limits::Limits::unlimited()
+    };
+    let state = test_support::state_with_limits(store, limits);
+    let send = |path: &'static str| {
+        let state = state.clone();
+        async move {
+            let req = Request::builder()
+                .method("POST")
+                .uri(path)
+                .header("content-type", "application/json")
+                .body(HttpBody::from("{}"))
+                .unwrap();
+            router(state).oneshot(req).await.unwrap()
+        }
+    };
+    assert_eq!(
+        send("/api/v1/register").await.status(),
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        send("/api/v1/rotate-key").await.status(),
+        StatusCode::BAD_REQUEST
+    );
+    let resp = send("/api/v1/device-codes").await;
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry: u64 = resp.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry), "{retry}");
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let v: Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(error_of(&v).error.code, "too_many_requests");
+    // Other endpoints are not behind this limit.
+    let req = Request::builder()
+        .uri("/healthz")
+        .body(HttpBody::empty())
+        .unwrap();
+    assert_eq!(
+        router(state.clone()).oneshot(req).await.unwrap().status(),
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn a_device_flooding_reports_is_cut_off() {
+    let (store, dir) = test_store().await;
+    let token = store.init(unix_now()).await.unwrap();
+    let limits = super::limits::Limits {
+        device_reports: super::limits::Limiter::new(
+            super::limits::Rate {
+                burst: 3,
+                every: Duration::from_secs(3600),
+            },
+            16,
+        ),
+        ..super::limits::Limits::unlimited()
+    };
+    let h = Harness {
+        state: test_support::state_with_limits(store, limits),
+        token,
+        _dir: dir,
+    };
+    let key = h.network_and_key(json!({"reusable": true})).await;
+    let addr = serve(&h.state).await;
+    let (_, mut ws) = device_with_stream(&h, addr, &key, "noisy").await;
+    for port in 1..=4u16 {
+        let ep = std::net::SocketAddr::from(([10, 0, 0, 1], port));
+        ws.send(Message::text(
+            serde_json::to_string(&ClientMessage::Endpoints {
+                endpoints: vec![ep],
+            })
+            .unwrap(),
+        ))
+        .await
+        .unwrap();
+    }
+    let ServerMessage::Error { error } = next_msg(&mut ws).await else {
+        panic!("the fourth report is refused")
+    };
+    assert_eq!(error.code, "too_many_requests");
+    let row = h.state.store.network_devices(1).await.unwrap();
+    assert_eq!(
+        row[0].endpoints().unwrap(),
+        vec![std::net::SocketAddr::from(([10, 0, 0, 1], 3))],
+        "the reports within the limit were applied"
+    );
 }

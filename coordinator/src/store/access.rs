@@ -117,10 +117,7 @@ impl Store {
         let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
         let d = Self::device_in(&mut tx, network_id, id).await?;
         Self::denylist_device(&mut tx, &d, "removed", now).await?;
-        sqlx::query("DELETE FROM devices WHERE id = ?")
-            .bind(d.id)
-            .execute(&mut *tx)
-            .await?;
+        Self::drop_device(&mut tx, d.id, now).await?;
         audit::record(
             &mut tx,
             who,
@@ -220,6 +217,10 @@ impl Store {
         new: &NodePublic,
         now: u64,
     ) -> Result<Rotated, AppError> {
+        // Unknown device keys are turned away before the write lock.
+        if self.device_by_device_key(device_key).await?.is_none() {
+            return Err(AppError::Unauthorized("device is not registered".into()));
+        }
         let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
         let d: DeviceRow = sqlx::query_as(&format!("{SELECT_DEVICE} WHERE d.device_key = ?"))
             .bind(device_key.to_string())

@@ -199,6 +199,16 @@ pub(super) fn expiry_at(now: u64, lifetime: u64) -> Option<i64> {
 const MAX_HOSTNAME: usize = 255;
 const MAX_OS: usize = 64;
 
+/// What a registration must satisfy before the database is asked.
+pub fn check_registration(req: &RegisterRequest) -> Result<(), AppError> {
+    if req.hostname.len() > MAX_HOSTNAME || req.os.len() > MAX_OS {
+        return Err(AppError::BadRequest("hostname or os is too long".into()));
+    }
+    req.capabilities
+        .check()
+        .map_err(|e| AppError::BadRequest(format!("capabilities: {e}")))
+}
+
 /// What registration did, for the caller to publish.
 #[derive(Debug)]
 pub struct Registered {
@@ -222,13 +232,13 @@ impl Store {
     /// and addresses). Refuses denylisted and revoked devices.
     pub async fn register(&self, reg: &Registration, now: u64) -> Result<Registered, AppError> {
         let req = &reg.request;
-        if req.hostname.len() > MAX_HOSTNAME || req.os.len() > MAX_OS {
-            return Err(AppError::BadRequest("hostname or os is too long".into()));
-        }
-        req.capabilities
-            .check()
-            .map_err(|e| AppError::BadRequest(format!("capabilities: {e}")))?;
+        check_registration(req)?;
         let device_key = reg.device_key.to_string();
+        // The auth key is checked on a plain read first: a flood of unknown
+        // or dead keys never takes the write lock, so it cannot queue every
+        // other writer behind it. It is checked again under the lock, as the
+        // key may have been revoked or used up in between.
+        Self::voucher(&mut *self.pool().acquire().await?, req, now).await?;
         let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
         let voucher = Self::voucher(&mut tx, req, now).await?;
         let existing: Option<DeviceRow> =
@@ -313,7 +323,7 @@ impl Store {
             None => {
                 let name =
                     Self::free_name(&mut tx, voucher.network_id, &dns_label(&req.hostname)).await?;
-                let (seq, v4, v6) = self.next_addresses(&mut tx).await?;
+                let (seq, v4, v6) = self.next_addresses(&mut tx, now).await?;
                 // An admin's word is approval enough.
                 let approved = !rules.require_device_approval || voucher.admin;
                 let res = sqlx::query(
@@ -484,7 +494,7 @@ impl Store {
             ));
         }
         let name = Self::free_name(&mut tx, ctx.id, &dns_label(&peer.name)).await?;
-        let (seq, v4, v6) = self.next_addresses(&mut tx).await?;
+        let (seq, v4, v6) = self.next_addresses(&mut tx, now).await?;
         let res = sqlx::query(
             "INSERT INTO devices (network_id, kind, node_key, hostname, name, os, addr_seq, ipv4, ipv6, \
              endpoints, created_at, user_id) VALUES (?, 'wireguard', ?, ?, ?, 'wireguard', ?, ?, ?, ?, ?, ?)",
@@ -534,15 +544,25 @@ impl Store {
         Ok(unique_name(base, |n| taken.iter().any(|(t,)| t == n)))
     }
 
+    /// The lowest address no device holds and that is not in quarantine.
     async fn next_addresses(
         &self,
         conn: &mut sqlx::SqliteConnection,
+        now: u64,
     ) -> Result<(i64, Ipv4Addr, Ipv6Addr), AppError> {
-        let (max,): (Option<i64>,) = sqlx::query_as("SELECT MAX(addr_seq) FROM devices")
-            .fetch_one(&mut *conn)
+        let rested = now.saturating_sub(self.address_quarantine);
+        sqlx::query("DELETE FROM released_addresses WHERE released_at <= ?")
+            .bind(i64::try_from(rested).unwrap_or(i64::MAX))
+            .execute(&mut *conn)
             .await?;
-        let last = u32::try_from(max.unwrap_or(0)).map_err(|e| corrupt("addr_seq", e))?;
-        let seq = next_seq(last)
+        // Addresses stay unique across networks: one host may run a device
+        // in each of two networks, and its two interfaces must not clash.
+        let taken: Vec<(i64,)> = sqlx::query_as(
+            "SELECT addr_seq FROM devices UNION SELECT addr_seq FROM released_addresses ORDER BY 1",
+        )
+        .fetch_all(&mut *conn)
+        .await?;
+        let seq = lowest_free(taken.into_iter().map(|(t,)| t))
             .ok_or_else(|| AppError::Conflict("overlay address space is exhausted".into()))?;
         let v4 = ipv4_for_seq(seq).expect("next_seq yields usable slots");
         let ula: (String,) = sqlx::query_as("SELECT value FROM settings WHERE key = 'ula_prefix'")
@@ -550,6 +570,28 @@ impl Store {
             .await?;
         let ula: platform::addr::UlaPrefix = ula.0.parse().map_err(|e| corrupt("ULA prefix", e))?;
         Ok((i64::from(seq), v4, ula.address(seq)))
+    }
+
+    /// Deletes a device, first putting its address in quarantine as of
+    /// `now`. Every path that removes a device goes through here.
+    pub(super) async fn drop_device(
+        conn: &mut sqlx::SqliteConnection,
+        id: i64,
+        now: u64,
+    ) -> Result<(), AppError> {
+        sqlx::query(
+            "INSERT OR REPLACE INTO released_addresses (network_id, addr_seq, released_at) \
+             SELECT network_id, addr_seq, ? FROM devices WHERE id = ?",
+        )
+        .bind(now as i64)
+        .bind(id)
+        .execute(&mut *conn)
+        .await?;
+        sqlx::query("DELETE FROM devices WHERE id = ?")
+            .bind(id)
+            .execute(&mut *conn)
+            .await?;
+        Ok(())
     }
 
     pub async fn device_by_device_key(
@@ -643,13 +685,46 @@ impl Store {
         Ok(())
     }
 
-    pub async fn delete_device(&self, id: i64) -> Result<(), AppError> {
-        sqlx::query("DELETE FROM devices WHERE id = ?")
-            .bind(id)
-            .execute(self.pool())
-            .await?;
+    /// Which of `ids` still name a device that is neither removed nor
+    /// revoked.
+    pub async fn present_devices(
+        &self,
+        ids: &[i64],
+    ) -> Result<std::collections::HashSet<i64>, AppError> {
+        if ids.is_empty() {
+            return Ok(Default::default());
+        }
+        let ids = serde_json::to_string(ids).map_err(anyhow::Error::from)?;
+        let rows: Vec<(i64,)> = sqlx::query_as(
+            "SELECT id FROM devices WHERE revoked_at IS NULL \
+             AND id IN (SELECT value FROM json_each(?))",
+        )
+        .bind(ids)
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows.into_iter().map(|(id,)| id).collect())
+    }
+
+    /// Deletes a departed ephemeral device.
+    pub async fn delete_device(&self, id: i64, now: u64) -> Result<(), AppError> {
+        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
+        Self::drop_device(&mut tx, id, now).await?;
+        tx.commit().await?;
         Ok(())
     }
+}
+
+/// The first usable sequence number not in `taken` (ascending).
+fn lowest_free(taken: impl IntoIterator<Item = i64>) -> Option<u32> {
+    let mut candidate = next_seq(0)?;
+    for t in taken {
+        match i64::from(candidate).cmp(&t) {
+            std::cmp::Ordering::Equal => candidate = next_seq(candidate)?,
+            std::cmp::Ordering::Less => break,
+            std::cmp::Ordering::Greater => {}
+        }
+    }
+    Some(candidate)
 }
 
 pub(super) fn node_key_clash(
@@ -764,5 +839,141 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(err, AppError::Forbidden(_)), "{err:?}");
+    }
+
+    async fn reusable_key(store: &Store, network: &str) -> (i64, String) {
+        let owner = store.first_user().await.unwrap();
+        let net = store.create_network(network, &owner, 0).await.unwrap();
+        let key = store
+            .create_preauth_key(
+                net.id,
+                &owner,
+                &CreatePreauthKey {
+                    reusable: true,
+                    ..Default::default()
+                },
+                0,
+            )
+            .await
+            .unwrap()
+            .key;
+        (net.id, key)
+    }
+
+    #[test]
+    fn lowest_free_fills_gaps_and_skips_unusable_slots() {
+        assert_eq!(lowest_free([]), Some(1));
+        assert_eq!(lowest_free([1, 2, 4]), Some(3));
+        assert_eq!(lowest_free([1, 2, 3]), Some(4));
+        let full: Vec<i64> = (1..=254).collect();
+        assert_eq!(
+            lowest_free(full),
+            Some(257),
+            ".255 and .256 are not handed out"
+        );
+    }
+
+    #[tokio::test]
+    async fn addresses_are_lowest_free_and_quarantined() {
+        let (store, _d) = crate::store::test_store_with(&crate::store::StoreOptions {
+            address_quarantine: std::time::Duration::from_secs(100),
+            ..Default::default()
+        })
+        .await;
+        store.init(0).await.unwrap();
+        let owner = store.first_user().await.unwrap();
+        let (home_id, home) = reusable_key(&store, "home").await;
+        let (_, work) = reusable_key(&store, "work").await;
+        let ctx = store.network_for("home", &owner).await.unwrap();
+        let mut ids = Vec::new();
+        for (i, host) in ["a", "b", "c"].into_iter().enumerate() {
+            let reg = store
+                .register(&registration(&DevicePrivate::generate(), &home, host), 1)
+                .await
+                .unwrap();
+            assert_eq!(reg.row.ipv4, format!("100.64.0.{}", i + 1));
+            ids.push(reg.row.id);
+        }
+        let first_at_work = store
+            .register(&registration(&DevicePrivate::generate(), &work, "w"), 1)
+            .await
+            .unwrap();
+        assert_eq!(
+            first_at_work.row.ipv4, "100.64.0.4",
+            "addresses are unique across networks"
+        );
+
+        store
+            .remove_device(&ctx.who(), home_id, ids[2], 10)
+            .await
+            .unwrap();
+        let d = store
+            .register(&registration(&DevicePrivate::generate(), &home, "d"), 20)
+            .await
+            .unwrap();
+        assert_eq!(d.row.ipv4, "100.64.0.5", "a removed device's address rests");
+        let e = store
+            .register(&registration(&DevicePrivate::generate(), &home, "e"), 109)
+            .await
+            .unwrap();
+        assert_eq!(e.row.ipv4, "100.64.0.6", "still in quarantine 99 s later");
+        let f = store
+            .register(&registration(&DevicePrivate::generate(), &home, "f"), 110)
+            .await
+            .unwrap();
+        assert_eq!(
+            f.row.ipv4, "100.64.0.3",
+            "after the quarantine the lowest free address is used again"
+        );
+
+        // Removal by another process (a bare DELETE) still quarantines.
+        sqlx::query("DELETE FROM devices WHERE id = ?")
+            .bind(ids[0])
+            .execute(store.pool())
+            .await
+            .unwrap();
+        let g = store
+            .register(&registration(&DevicePrivate::generate(), &home, "g"), 120)
+            .await
+            .unwrap();
+        assert_eq!(g.row.ipv4, "100.64.0.7");
+    }
+
+    #[tokio::test]
+    async fn bad_credentials_never_wait_for_the_write_lock() {
+        let (store, _d) = crate::store::test_store_with(&crate::store::StoreOptions {
+            busy_timeout: std::time::Duration::from_millis(50),
+            ..Default::default()
+        })
+        .await;
+        store.init(0).await.unwrap();
+        reusable_key(&store, "home").await;
+        // Another writer holds the database's write lock.
+        let mut writer = store.pool().begin_with("BEGIN IMMEDIATE").await.unwrap();
+        sqlx::query("UPDATE settings SET value = value")
+            .execute(&mut *writer)
+            .await
+            .unwrap();
+        let err = store
+            .register(
+                &registration(&DevicePrivate::generate(), "meshkey-nope", "x"),
+                1,
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, AppError::Unauthorized(_)),
+            "refused for its key, not stuck behind the lock: {err:?}"
+        );
+        let node = NodePrivate::generate().public();
+        let refused = store
+            .rotate_node_key(&DevicePrivate::generate().public(), &node, &node, 1)
+            .await;
+        assert!(
+            matches!(refused, Err(AppError::Unauthorized(_))),
+            "{:?}",
+            refused.err()
+        );
+        writer.rollback().await.unwrap();
     }
 }

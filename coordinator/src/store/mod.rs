@@ -13,7 +13,7 @@ pub mod people;
 mod preauth;
 
 use std::path::Path;
-use std::str::FromStr;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use platform::addr::UlaPrefix;
@@ -25,7 +25,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::SqlitePool;
 
 pub use access::Rotated;
-pub use devices::{DeviceRow, NewWireguardPeer, Registered, Registration};
+pub use devices::{check_registration, DeviceRow, NewWireguardPeer, Registered, Registration};
 pub use pairing::{normalize_code, Pairing};
 pub use people::{NetCtx, UserRow};
 
@@ -37,6 +37,29 @@ pub const DB_FILE: &str = "coordinator.db";
 #[derive(Clone)]
 pub struct Store {
     pool: SqlitePool,
+    /// Seconds a removed device's address rests before it is reused.
+    address_quarantine: u64,
+}
+
+/// How the database is opened and what the store enforces.
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    /// How long a statement waits for another connection's write lock
+    /// before failing. Default 10 s.
+    pub busy_timeout: Duration,
+    /// How long a removed device's overlay address stays unused, so that
+    /// peers and caches still holding it cannot reach a newer device by
+    /// mistake. Default 24 h.
+    pub address_quarantine: Duration,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            busy_timeout: Duration::from_secs(10),
+            address_quarantine: Duration::from_secs(24 * 60 * 60),
+        }
+    }
 }
 
 /// A random secret with a readable prefix, as hex.
@@ -55,15 +78,23 @@ impl Store {
     /// Opens (creating if needed) the database in `state_dir` and brings the
     /// schema up to date.
     pub async fn open(state_dir: &Path) -> anyhow::Result<Self> {
+        Self::open_with(state_dir, &StoreOptions::default()).await
+    }
+
+    /// [`Store::open`] with other options.
+    pub async fn open_with(state_dir: &Path, options: &StoreOptions) -> anyhow::Result<Self> {
         std::fs::create_dir_all(state_dir)
             .with_context(|| format!("creating state dir {}", state_dir.display()))?;
         let path = state_dir.join(DB_FILE);
-        let opts = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
+        // The path is given as a file name, never spliced into a URL: any
+        // character a directory name may hold (`?`, `#`, `%`) stays literal.
+        let opts = SqliteConnectOptions::new()
+            .filename(&path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
-            .busy_timeout(std::time::Duration::from_secs(10));
+            .busy_timeout(options.busy_timeout);
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
             .connect_with(opts)
@@ -73,7 +104,10 @@ impl Store {
             .run(&pool)
             .await
             .context("running migrations")?;
-        Ok(Store { pool })
+        Ok(Store {
+            pool,
+            address_quarantine: options.address_quarantine.as_secs(),
+        })
     }
 
     pub async fn is_initialized(&self) -> Result<bool, AppError> {
@@ -198,8 +232,29 @@ pub(crate) async fn test_store() -> (Store, tempfile::TempDir) {
 }
 
 #[cfg(test)]
+pub(crate) async fn test_store_with(options: &StoreOptions) -> (Store, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = Store::open_with(dir.path(), options)
+        .await
+        .expect("open store");
+    (store, dir)
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_state_dir_with_url_characters_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let odd = dir.path().join("state?mode=ro#x%20y");
+        let store = Store::open(&odd).await.unwrap();
+        store.init(1).await.unwrap();
+        assert!(
+            odd.join(DB_FILE).is_file(),
+            "the database lives where it was asked to, not at a truncated path"
+        );
+    }
 
     #[tokio::test]
     async fn init_once() {

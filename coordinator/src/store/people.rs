@@ -466,10 +466,7 @@ impl Store {
         let devices = Self::devices_of_user(&mut tx, ctx.id, m.user_id).await?;
         for d in &devices {
             Self::denylist_device(&mut tx, d, "owner removed from the network", now).await?;
-            sqlx::query("DELETE FROM devices WHERE id = ?")
-                .bind(d.id)
-                .execute(&mut *tx)
-                .await?;
+            Self::drop_device(&mut tx, d.id, now).await?;
         }
         sqlx::query("DELETE FROM members WHERE network_id = ? AND user_id = ?")
             .bind(ctx.id)
