@@ -88,7 +88,10 @@ async fn main() {
         alone.push(post(&base, ordinary()).await.1);
     }
     alone.sort();
-    println!("ordinary request alone: median {}", ms(alone[alone.len() / 2]));
+    println!(
+        "ordinary request alone: median {}",
+        ms(alone[alone.len() / 2])
+    );
 
     let flood = json!({"model": MODEL, "input": vec!["a"; 200_000]}).to_string();
     println!("200,000-input body: {} bytes", flood.len());
