@@ -7,6 +7,7 @@ pub mod batch;
 pub mod fetch;
 pub mod llama;
 pub mod manifest;
+pub mod requests;
 pub mod server;
 
 pub use batch::EmbedBatcher;

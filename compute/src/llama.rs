@@ -34,6 +34,10 @@ pub enum ComputeError {
         tokens: usize,
         limit: usize,
     },
+    #[error("{count} inputs; one request takes at most {limit}")]
+    TooManyInputs { count: usize, limit: usize },
+    #[error("the inputs come to more than {limit} tokens; split them over several requests")]
+    TooManyTokens { limit: usize },
     #[error(
         "prompt of {prompt} tokens plus {max_tokens} to generate exceeds the context of {context}"
     )]
@@ -55,6 +59,8 @@ impl ComputeError {
             self,
             ComputeError::EmptyInput
                 | ComputeError::InputTooLong { .. }
+                | ComputeError::TooManyInputs { .. }
+                | ComputeError::TooManyTokens { .. }
                 | ComputeError::ContextExceeded { .. }
         )
     }
@@ -122,6 +128,34 @@ pub fn normalize(v: &mut [f32]) {
     }
 }
 
+/// The checks on embeddings inputs that need no model: some inputs, none
+/// blank, at most [`MAX_INPUTS`] of them.
+pub fn check_inputs(inputs: &[String]) -> Result<(), ComputeError> {
+    if inputs.len() > MAX_INPUTS {
+        return Err(ComputeError::TooManyInputs {
+            count: inputs.len(),
+            limit: MAX_INPUTS,
+        });
+    }
+    if inputs.is_empty() || inputs.iter().any(|s| s.trim().is_empty()) {
+        return Err(ComputeError::EmptyInput);
+    }
+    Ok(())
+}
+
+/// Whether a prompt of `prompt` tokens leaves room for `max_tokens` more in
+/// a context of `context`, in arithmetic that cannot overflow.
+pub fn check_room(prompt: usize, max_tokens: usize, context: usize) -> Result<(), ComputeError> {
+    if max_tokens > context.saturating_sub(prompt) || prompt > context {
+        return Err(ComputeError::ContextExceeded {
+            prompt,
+            max_tokens,
+            context,
+        });
+    }
+    Ok(())
+}
+
 /// Vectors for a batch of inputs, and the tokens they used.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Embeddings {
@@ -141,6 +175,14 @@ pub struct Embedder {
 /// its graph for `batch_tokens / MAX_SEQS` tokens per sequence and must not
 /// round.
 pub const MAX_SEQS: usize = 32;
+
+/// Most inputs one embeddings request may carry (OpenAI's limit too).
+pub const MAX_INPUTS: usize = 2048;
+
+/// Most tokens one embeddings request may carry over all its inputs: the
+/// work of one request (some 64 full decodes of a 512-token model) stays
+/// in seconds, not minutes.
+pub const MAX_REQUEST_TOKENS: usize = 32_768;
 
 impl Embedder {
     pub fn load(path: &Path) -> Result<Self, ComputeError> {
@@ -168,17 +210,17 @@ impl Embedder {
         self.batch_tokens
     }
 
-    /// Tokenises `inputs`, refusing empty ones and ones too long.
+    /// Tokenises `inputs`, refusing empty ones, ones too long, more than
+    /// [`MAX_INPUTS`] of them, and more than [`MAX_REQUEST_TOKENS`] in all
+    /// (stopping as soon as the total is over). Blocking work: call it off
+    /// the async workers.
     pub fn tokenize(&self, inputs: &[String]) -> Result<Vec<Vec<LlamaToken>>, ComputeError> {
-        if inputs.is_empty() || inputs.iter().any(|s| s.trim().is_empty()) {
-            return Err(ComputeError::EmptyInput);
-        }
+        check_inputs(inputs)?;
         let vocab = self.model.vocab();
-        let tokenized: Vec<_> = inputs
-            .iter()
-            .map(|s| vocab.tokenize(s.as_bytes(), true, false))
-            .collect();
-        for (index, t) in tokenized.iter().enumerate() {
+        let mut total = 0usize;
+        let mut tokenized = Vec::with_capacity(inputs.len());
+        for (index, s) in inputs.iter().enumerate() {
+            let t = vocab.tokenize(s.as_bytes(), true, false);
             if t.len() > self.max_tokens {
                 return Err(ComputeError::InputTooLong {
                     index,
@@ -186,6 +228,13 @@ impl Embedder {
                     limit: self.max_tokens,
                 });
             }
+            total = total.saturating_add(t.len());
+            if total > MAX_REQUEST_TOKENS {
+                return Err(ComputeError::TooManyTokens {
+                    limit: MAX_REQUEST_TOKENS,
+                });
+            }
+            tokenized.push(t);
         }
         Ok(tokenized)
     }
@@ -322,13 +371,7 @@ impl Generator {
         let vocab = self.model.vocab();
         let tokens = vocab.tokenize(prompt.as_bytes(), true, true);
         let context = self.context as usize;
-        if tokens.len() + max_tokens > context {
-            return Err(ComputeError::ContextExceeded {
-                prompt: tokens.len(),
-                max_tokens,
-                context,
-            });
-        }
+        check_room(tokens.len(), max_tokens, context)?;
         let params = LlamaContextParams::default()
             .with_n_ctx(NonZeroU32::new(self.context))
             .with_n_batch(self.context)
@@ -437,5 +480,39 @@ mod utf8_pieces {
             assert_eq!(d.push(b"ok"), "ok");
             assert_eq!(d.push(&[0xff]), "\u{fffd}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn room_checks_cannot_overflow() {
+        // `prompt + max_tokens` overflowed here: a panic in debug builds, a
+        // wrap to a small number (and a job that ran) in release ones.
+        assert!(matches!(
+            check_room(5, usize::MAX, 2048),
+            Err(ComputeError::ContextExceeded { .. })
+        ));
+        assert!(check_room(5, usize::MAX - 4, 2048).is_err());
+        assert!(check_room(3000, 1, 2048).is_err());
+        assert!(check_room(2047, 1, 2048).is_ok());
+        assert!(check_room(2047, 2, 2048).is_err());
+    }
+
+    #[test]
+    fn too_many_inputs_are_refused_before_any_tokenising() {
+        let many = vec!["a".to_owned(); MAX_INPUTS + 1];
+        assert!(matches!(
+            check_inputs(&many),
+            Err(ComputeError::TooManyInputs { count, limit: MAX_INPUTS }) if count == MAX_INPUTS + 1
+        ));
+        assert!(check_inputs(&many[..MAX_INPUTS]).is_ok());
+        assert!(matches!(check_inputs(&[]), Err(ComputeError::EmptyInput)));
+        assert!(matches!(
+            check_inputs(&["x".into(), " ".into()]),
+            Err(ComputeError::EmptyInput)
+        ));
     }
 }

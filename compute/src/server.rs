@@ -2,7 +2,12 @@
 //! `/v1/chat/completions` (plain and SSE streaming), `/healthz`, `/metrics`.
 //!
 //! Jobs run on blocking threads, at most `slots` at once; up to `queue` more
-//! wait; beyond that the answer is 429 with `Retry-After`. A job runs only
+//! wait; beyond that the answer is 429 with `Retry-After`. A body is
+//! checked ([`crate::requests`]) before it queues: an embeddings request
+//! of more than [`crate::llama::MAX_INPUTS`] inputs or
+//! [`crate::llama::MAX_REQUEST_TOKENS`] tokens gets 413. Nothing
+//! model-bound runs on an async worker (tokenising, templates, decodes),
+//! and a caller that goes away stops its job. A job runs only
 //! once the [`Admission`] hook lets it in (a ticket), and the hook hears how
 //! every admitted job ended. Errors are JSON in OpenAI's shape. The caller
 //! is named by a lookup of its source address (whois), the device serving
@@ -21,7 +26,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::stream::Stream;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::json;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
@@ -32,11 +37,14 @@ use crate::admission::{
 };
 use crate::batch::EmbedBatcher;
 use crate::llama::{ComputeError, FinishReason, Generator};
+use crate::requests::{ChatRequest, EmbeddingsRequest, RequestError};
 
 /// Largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 1 << 20;
-/// Completion length when the request names none.
-const DEFAULT_MAX_TOKENS: usize = 128;
+/// Most jobs run at once, whatever the settings say.
+pub const MAX_SLOTS: usize = 1024;
+/// Most jobs waiting beyond the slots, whatever the settings say.
+pub const MAX_QUEUE: usize = 1 << 16;
 
 /// Who a source address belongs to.
 pub type Whois = Arc<dyn Fn(IpAddr) -> Option<String> + Send + Sync>;
@@ -119,6 +127,15 @@ impl ApiError {
             message: message.into(),
         }
     }
+    /// 413: the request asks for more work than one request may.
+    fn too_large(code: &'static str, message: impl ToString) -> Self {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            code,
+            message.to_string(),
+        )
+    }
     fn bad(code: &'static str, message: impl Into<String>) -> Self {
         ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -136,12 +153,27 @@ impl From<ComputeError> for ApiError {
             ComputeError::InputTooLong { .. } | ComputeError::ContextExceeded { .. } => {
                 ApiError::bad("context_length_exceeded", e.to_string())
             }
+            ComputeError::TooManyInputs { .. } => ApiError::too_large("too_many_inputs", e),
+            ComputeError::TooManyTokens { .. } => ApiError::too_large("too_many_tokens", e),
             _ => ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "server_error",
                 "engine_error",
                 e.to_string(),
             ),
+        }
+    }
+}
+
+impl From<RequestError> for ApiError {
+    fn from(e: RequestError) -> Self {
+        match e {
+            RequestError::Json(_) => ApiError::bad("invalid_json", e.to_string()),
+            RequestError::UnsupportedEncoding(_) => {
+                ApiError::bad("unsupported_encoding", e.to_string())
+            }
+            RequestError::InvalidMaxTokens => ApiError::bad("invalid_max_tokens", e.to_string()),
+            RequestError::Input(e) => e.into(),
         }
     }
 }
@@ -214,16 +246,20 @@ impl ComputeServer {
         slots: usize,
         queue: usize,
     ) -> Arc<Self> {
+        // Settings come from the owner's files and commands: out-of-range
+        // ones are clamped here rather than trusted (a semaphore panics
+        // above its maximum).
+        let slots = slots.clamp(1, MAX_SLOTS);
         Arc::new(ComputeServer {
             models,
             device,
             whois,
             gate,
             admission,
-            slots: Arc::new(Semaphore::new(slots.max(1))),
+            slots: Arc::new(Semaphore::new(slots)),
             admitted: AtomicUsize::new(0),
-            capacity: slots.max(1).saturating_add(queue),
-            slot_count: slots.max(1),
+            capacity: slots.saturating_add(queue.min(MAX_QUEUE)),
+            slot_count: slots,
             metrics: Metrics::default(),
         })
     }
@@ -382,6 +418,10 @@ async fn metrics(State(s): State<Arc<ComputeServer>>) -> String {
             "# TYPE compute_embedding_batches_total counter\ncompute_embedding_batches_total {}\n",
             b.decodes()
         );
+        out += &format!(
+            "# TYPE compute_embedding_abandoned_total counter\ncompute_embedding_abandoned_total {}\n",
+            b.abandoned()
+        );
     }
     out += "# TYPE compute_tickets_refused_total counter\n";
     for (code, n) in Refusal::CODES.iter().zip(&m.refused) {
@@ -436,22 +476,6 @@ async fn list_models(
     Ok(Json(json!({"object": "list", "data": data})))
 }
 
-/// `input`: a string or a list of strings.
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Input {
-    One(String),
-    Many(Vec<String>),
-}
-
-#[derive(Deserialize)]
-struct EmbeddingsRequest {
-    model: String,
-    input: Input,
-    #[serde(default)]
-    encoding_format: Option<String>,
-}
-
 async fn embeddings(
     State(s): State<Arc<ComputeServer>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -462,28 +486,23 @@ async fn embeddings(
     let caller = s.caller(peer);
     let result = async {
         s.open()?;
-        let (name, engine) = pick(&s.models.embedder, &req.model, "embedding")?;
-        let base64 = match req.encoding_format.as_deref() {
-            None | Some("float") => false,
-            // Little-endian f32s, as the OpenAI clients ask for by default.
-            Some("base64") => true,
-            Some(other) => {
-                return Err(ApiError::bad(
-                    "unsupported_encoding",
-                    format!("encoding_format {other:?}: use \"float\" or \"base64\""),
-                ))
-            }
-        };
-        let inputs = match req.input {
-            Input::One(s) => vec![s],
-            Input::Many(v) => v,
-        };
-        // Embeddings take no chat slot: one worker batches them all.
+        // Refused here, a request too big costs no tokenising, queueing
+        // or ticket.
+        let request = req.check()?;
+        let (base64, inputs) = (request.base64, request.inputs);
+        let units = u64::try_from(inputs.len()).unwrap_or(u64::MAX);
+        let (name, engine) = pick(&s.models.embedder, &request.model, "embedding")?;
+        // Embeddings take no chat slot: one worker batches them all. A
+        // caller that goes away drops this future, and the worker drops
+        // the inputs it has not decoded yet.
         let _place = s.place()?;
+        // Tokenised before the ticket is taken: a request over the token
+        // budget is refused without spending one.
+        let tokens = engine.tokenize(inputs).await?;
         let mut job = s.admit(peer, &headers, Workload::Embeddings, &name)?;
         job.start();
         let started = Instant::now();
-        let out = match engine.embed(&inputs).await {
+        let out = match engine.embed_tokens(tokens).await {
             Ok(out) => out,
             Err(e) => {
                 job.end_async(JobStatus::Failed, 0, sha256_hex(b"")).await;
@@ -491,7 +510,6 @@ async fn embeddings(
             }
         };
         s.metrics.observe(started.elapsed().as_secs_f64());
-        let units = u64::try_from(inputs.len()).unwrap_or(u64::MAX);
         job.end_async(JobStatus::Ok, units, vectors_sha256(&out.vectors))
             .await;
         s.metrics
@@ -539,24 +557,6 @@ fn answer(
             Ok(identify(e.into_response(), s, caller))
         }
     }
-}
-
-#[derive(Deserialize)]
-struct ChatMessage {
-    role: String,
-    content: String,
-}
-
-#[derive(Deserialize)]
-struct ChatRequest {
-    model: String,
-    messages: Vec<ChatMessage>,
-    #[serde(default)]
-    stream: bool,
-    #[serde(default)]
-    max_tokens: Option<usize>,
-    #[serde(default)]
-    max_completion_tokens: Option<usize>,
 }
 
 #[derive(Serialize)]
@@ -610,13 +610,16 @@ async fn chat(
     let caller = s.caller(peer);
     let result = async {
         s.open()?;
+        let req = req.check()?;
         let (name, engine) = pick(&s.models.generator, &req.model, "chat")?;
-        let max_tokens = req.max_completion_tokens.or(req.max_tokens).unwrap_or(DEFAULT_MAX_TOKENS);
-        if max_tokens == 0 {
-            return Err(ApiError::bad("invalid_max_tokens", "max_tokens must be at least 1"));
-        }
-        let messages: Vec<(String, String)> = req.messages.into_iter().map(|m| (m.role, m.content)).collect();
-        let prompt = engine.chat_prompt(&messages)?;
+        let (max_tokens, messages) = (req.max_tokens, req.messages);
+        // Rendering the template is the model's work: off the async workers.
+        let prompt = {
+            let engine = engine.clone();
+            tokio::task::spawn_blocking(move || engine.chat_prompt(&messages))
+                .await
+                .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "panic", e.to_string()))??
+        };
         let place = s.place()?;
         let mut job = s.admit(peer, &headers, Workload::Chat, &name)?;
         let slot = s.slot().await;
@@ -759,4 +762,119 @@ fn stream_chat(
             |mut rx| async move { rx.recv().await.map(|e| (Ok(e), rx)) },
         );
     Sse::new(stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admission::{AdmittedJob, JobOutcome};
+    use crate::llama::MAX_INPUTS;
+
+    /// Admits nothing: a request refused before admission must never get here.
+    struct NoJobs;
+
+    impl Admission for NoJobs {
+        fn admit(
+            &self,
+            _: SocketAddr,
+            _: &HeaderMap,
+            _: Workload,
+            _: &str,
+        ) -> Result<AdmittedJob, Refusal> {
+            panic!("a request over the limits reached admission")
+        }
+        fn finish(&self, _: AdmittedJob, _: JobOutcome) {}
+    }
+
+    /// A server without models on loopback.
+    async fn serve() -> String {
+        let server = ComputeServer::new(
+            Models {
+                embedder: None,
+                generator: None,
+            },
+            "beta".into(),
+            Arc::new(|_| None),
+            Arc::new(|| Ok(())),
+            Arc::new(NoJobs),
+            1,
+            0,
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = server
+            .router()
+            .into_make_service_with_connect_info::<SocketAddr>();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        format!("http://{addr}")
+    }
+
+    async fn post(base: &str, body: String) -> (u16, serde_json::Value) {
+        let r = reqwest::Client::new()
+            .post(format!("{base}/v1/embeddings"))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json().await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn an_embeddings_request_with_too_many_inputs_is_refused_before_any_work() {
+        let base = serve().await;
+        // The request that kept a daemon busy for minutes: 200,000
+        // one-letter inputs, just under the body limit.
+        let inputs = vec!["a"; 200_000];
+        let body = json!({"model": "m", "input": inputs}).to_string();
+        assert!(body.len() < MAX_BODY_BYTES);
+        let (status, answer) = post(&base, body).await;
+        assert_eq!(status, 413, "{answer}");
+        assert_eq!(answer["error"]["code"], "too_many_inputs");
+        assert_eq!(answer["error"]["type"], "invalid_request_error");
+        let message = answer["error"]["message"].as_str().unwrap();
+        assert!(message.contains("200000") && message.contains(&MAX_INPUTS.to_string()));
+
+        // Within the limit, the same server goes on to the model lookup.
+        let body = json!({"model": "m", "input": vec!["a"; MAX_INPUTS]}).to_string();
+        let (status, answer) = post(&base, body).await;
+        assert_eq!(status, 404, "{answer}");
+        assert_eq!(answer["error"]["code"], "model_not_found");
+    }
+
+    #[test]
+    fn out_of_range_slots_and_queue_are_clamped_not_fatal() {
+        let models = || Models {
+            embedder: None,
+            generator: None,
+        };
+        let server = |slots, queue| {
+            ComputeServer::new(
+                models(),
+                "beta".into(),
+                Arc::new(|_| None),
+                Arc::new(|| Ok(())),
+                Arc::new(NoJobs),
+                slots,
+                queue,
+            )
+        };
+        // `Semaphore::new(usize::MAX)` panicked.
+        let huge = server(usize::MAX, usize::MAX);
+        assert_eq!(huge.load(), (0, 0));
+        assert_eq!(huge.slot_count, MAX_SLOTS);
+        assert_eq!(huge.capacity, MAX_SLOTS + MAX_QUEUE);
+        assert_eq!(server(0, 0).slot_count, 1);
+    }
+
+    #[tokio::test]
+    async fn blank_inputs_are_refused_before_the_model_is_looked_up() {
+        let base = serve().await;
+        for input in [json!([]), json!(""), json!(["ok", "  "])] {
+            let (status, answer) =
+                post(&base, json!({"model": "m", "input": input}).to_string()).await;
+            assert_eq!(status, 400, "{input}: {answer}");
+            assert_eq!(answer["error"]["code"], "empty_input");
+        }
+    }
 }

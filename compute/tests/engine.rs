@@ -155,7 +155,7 @@ async fn concurrent_requests_share_decodes_and_get_their_own_vectors() {
         .iter()
         .map(|s| {
             let (b, s) = (batcher.clone(), s.clone());
-            tokio::spawn(async move { b.embed(std::slice::from_ref(&s)).await })
+            tokio::spawn(async move { b.embed(vec![s]).await })
         })
         .collect();
     for (i, t) in tasks.into_iter().enumerate() {
@@ -174,12 +174,12 @@ async fn concurrent_requests_share_decodes_and_get_their_own_vectors() {
     );
     // Errors stay with their request.
     assert!(matches!(
-        batcher.embed(&[" ".into()]).await,
+        batcher.embed(vec![" ".into()]).await,
         Err(ComputeError::EmptyInput)
     ));
     assert_eq!(
         batcher
-            .embed(&["still serving".into()])
+            .embed(vec!["still serving".into()])
             .await
             .unwrap()
             .vectors

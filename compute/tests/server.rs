@@ -560,3 +560,82 @@ async fn a_device_not_contributing_answers_503_with_the_reason() {
         200
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_embeddings_request_over_the_limits_is_refused_and_others_are_served() {
+    let (base, tickets) = start(1, 4).await;
+    // 200,000 one-letter inputs (about 1 MB) and, next to it, an ordinary
+    // request: the large one is refused, the small one answered.
+    let huge = json!({"model": "all-minilm-l6-v2", "input": vec!["a"; 200_000]}).to_string();
+    let small = json!({"model": "all-minilm-l6-v2", "input": ["an ordinary sentence"]}).to_string();
+    let (big, ordinary) = tokio::join!(
+        post(&base, "/v1/embeddings", huge),
+        post(&base, "/v1/embeddings", small)
+    );
+    assert_eq!(big.0, 413, "{}", big.2);
+    assert_eq!(big.2["error"]["code"], "too_many_inputs");
+    assert_eq!(ordinary.0, 200, "{}", ordinary.2);
+    assert_eq!(ordinary.2["data"].as_array().unwrap().len(), 1);
+
+    // Within the input count but over the token budget: refused after
+    // tokenising, before any decode or ticket.
+    let long = "word ".repeat(60);
+    let heavy = json!({"model": "all-minilm-l6-v2", "input": vec![long; 2000]}).to_string();
+    let (status, _, v) = post(&base, "/v1/embeddings", heavy).await;
+    assert_eq!(status, 413, "{v}");
+    assert_eq!(v["error"]["code"], "too_many_tokens");
+    let embeddings: Vec<_> = tickets
+        .ended()
+        .into_iter()
+        .filter(|(id, _)| id.starts_with("embeddings/"))
+        .collect();
+    assert_eq!(embeddings.len(), 1, "only the ordinary one: {embeddings:?}");
+    assert_eq!(embeddings[0].1.status, JobStatus::Ok);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_leaving_an_embeddings_request_stops_its_decodes() {
+    let (base, tickets) = start(1, 4).await;
+    let metric = |text: &str, name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing from {text}"))
+    };
+    let scrape = || async {
+        reqwest::get(format!("{base}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    // Many distinct inputs within the limits: many decodes.
+    let inputs: Vec<String> = (0..2000)
+        .map(|i| format!("sentence {i} about nothing in particular"))
+        .collect();
+    let body = json!({"model": "all-minilm-l6-v2", "input": inputs}).to_string();
+    let leaving = tokio::time::timeout(
+        Duration::from_millis(200),
+        post(&base, "/v1/embeddings", body),
+    )
+    .await;
+    assert!(leaving.is_err(), "2000 inputs take longer than that");
+    // The job ends as cancelled, and the worker drops what is left.
+    let mut ended = Vec::new();
+    for _ in 0..200 {
+        ended = tickets.ended();
+        if !ended.is_empty() && metric(&scrape().await, "compute_embedding_abandoned_total") == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(ended.len(), 1, "{ended:?}");
+    assert_eq!(ended[0].1.status, JobStatus::Cancelled);
+    let text = scrape().await;
+    assert_eq!(metric(&text, "compute_embedding_abandoned_total"), 1);
+    let decodes = metric(&text, "compute_embedding_batches_total");
+    assert!(
+        decodes < 2000 / 32,
+        "{decodes} decodes: the request ran to its end"
+    );
+}

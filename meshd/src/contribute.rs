@@ -109,7 +109,7 @@ pub fn decide(
         let limit = if serving {
             p.max_celsius
         } else {
-            p.max_celsius - THERMAL_HYSTERESIS
+            p.max_celsius.saturating_sub(THERMAL_HYSTERESIS)
         };
         if t.celsius >= limit {
             return Err(format!(
@@ -241,6 +241,21 @@ mod tests {
         );
         assert_eq!(decide(&s, &caps(None, Some(82)), None, true), Ok(()));
         assert_eq!(decide(&s, &caps(None, Some(79)), None, false), Ok(()));
+    }
+
+    #[test]
+    fn extreme_limits_decide_instead_of_overflowing() {
+        // `max_celsius - 5` overflowed on i32::MIN: a panic inside the
+        // daemon's refresh, under its lock.
+        let mut s = on();
+        s.policy.max_celsius = i32::MIN;
+        assert!(decide(&s, &caps(None, Some(20)), None, false)
+            .unwrap_err()
+            .contains("too hot"));
+        s.policy.max_celsius = i32::MAX;
+        assert_eq!(decide(&s, &caps(None, Some(90)), None, false), Ok(()));
+        s.policy.min_battery_percent = u8::MAX;
+        assert!(decide(&s, &caps(Some((99, false)), None), None, false).is_err());
     }
 
     #[test]

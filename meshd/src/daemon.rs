@@ -136,7 +136,7 @@ pub struct Daemon {
     /// Percent of the CPU busy with everything but this daemon, over the
     /// last monitor interval.
     others_busy: std::sync::Mutex<Option<f32>>,
-    refreshing: std::sync::Mutex<()>,
+    refreshing: Mutex<()>,
     /// Receipts of jobs run here, until the coordinator has them.
     receipts: Arc<ReceiptQueue>,
     /// Tickets of jobs run here, against replay.
@@ -165,7 +165,7 @@ fn system_hostname() -> String {
 }
 
 impl Daemon {
-    pub fn new(cfg: DaemonConfig) -> anyhow::Result<Arc<Self>> {
+    pub async fn new(cfg: DaemonConfig) -> anyhow::Result<Arc<Self>> {
         let state = StateDir::open(&cfg.state_dir)?;
         let keys = Arc::new(KeyRing::new(state.clone(), state.keys()?));
         // A compute.json this version cannot read must not take the network
@@ -182,8 +182,8 @@ impl Daemon {
             changes.apply(&mut settings);
             state.save_compute_settings(&settings)?;
         }
-        let probe = Probe::new(&cfg.sys_root);
-        let caps = probe.capabilities();
+        let probe = Probe::new(&cfg.sys_root).await;
+        let caps = probe.read_capabilities().await;
         let compute = Arc::new(ComputeService::new(
             cfg.compute.models_dir.clone(),
             settings,
@@ -202,7 +202,7 @@ impl Daemon {
             probe,
             caps: watch::channel(caps).0,
             others_busy: std::sync::Mutex::new(None),
-            refreshing: std::sync::Mutex::new(()),
+            refreshing: Mutex::new(()),
             receipts,
             seen_tickets: Arc::default(),
             gateway,
@@ -222,26 +222,26 @@ impl Daemon {
                 );
             }
         }
-        self.refresh();
+        self.refresh().await;
         let daemon = self.clone();
         tokio::spawn(async move {
-            let mut last = daemon.probe.cpu_times();
+            let mut last = daemon.probe.read_cpu_times().await;
             loop {
                 tokio::time::sleep(MONITOR_INTERVAL).await;
-                let now = daemon.probe.cpu_times();
+                let now = daemon.probe.read_cpu_times().await;
                 let busy = now.zip(last).and_then(|(n, l)| n.others_busy_since(&l));
                 *daemon.others_busy.lock().expect("cpu lock") = busy;
                 last = now;
-                daemon.refresh();
+                daemon.refresh().await;
             }
         });
     }
 
     /// Reads the hardware, applies the policy, and publishes the report.
-    fn refresh(&self) {
+    async fn refresh(&self) {
         // One at a time: a stale reading must not undo a newer decision.
-        let _one = self.refreshing.lock().expect("refresh lock");
-        let mut caps = self.probe.capabilities();
+        let _one = self.refreshing.lock().await;
+        let mut caps = self.probe.read_capabilities().await;
         let busy = *self.others_busy.lock().expect("cpu lock");
         let _ = self.compute.decide(&caps, busy);
         caps.compute = self.compute.offer(&caps);
@@ -287,7 +287,7 @@ impl Daemon {
             ComputeAction::Status => {}
             ComputeAction::Disable => {
                 self.change_settings(|s| s.enabled = false)?;
-                self.refresh();
+                self.refresh().await;
             }
             ComputeAction::Enable { changes } => {
                 let (before, settings) = self.change_settings(|s| {
@@ -303,7 +303,7 @@ impl Daemon {
                 if loaded.is_ok() && (settings != before || !self.is_serving().await) {
                     self.restart_serving().await;
                 }
-                self.refresh();
+                self.refresh().await;
                 loaded?;
             }
         }

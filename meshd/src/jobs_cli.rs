@@ -133,7 +133,7 @@ pub async fn run(cmd: RunCmd) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&answer)?);
                 return Ok(());
             }
-            eprintln!("{about}");
+            crate::status_text::eprintln(&about);
             for (text, item) in texts
                 .iter()
                 .zip(answer["data"].as_array().into_iter().flatten())
@@ -145,7 +145,11 @@ pub async fn run(cmd: RunCmd) -> anyhow::Result<()> {
                     .filter_map(Value::as_f64)
                     .collect();
                 let head: Vec<String> = v.iter().take(4).map(|x| format!("{x:.4}")).collect();
-                println!("{} dims [{} …]  {text}", v.len(), head.join(", "));
+                crate::status_text::print(&format!(
+                    "{} dims [{} …]  {text}\n",
+                    v.len(),
+                    head.join(", ")
+                ));
             }
             Ok(())
         }
@@ -173,7 +177,7 @@ pub async fn run(cmd: RunCmd) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&answer)?);
                 return Ok(());
             }
-            eprintln!("{}", describe(&resp));
+            crate::status_text::eprintln(&describe(&resp));
             let mut pending = String::new();
             let mut out = std::io::stdout();
             while let Some(chunk) = resp.chunk().await? {
@@ -189,7 +193,7 @@ pub async fn run(cmd: RunCmd) -> anyhow::Result<()> {
                     }
                     let event: Value = serde_json::from_str(data).unwrap_or(Value::Null);
                     if let Some(text) = event["choices"][0]["delta"]["content"].as_str() {
-                        write!(out, "{text}")?;
+                        write!(out, "{}", crate::status_text::for_terminal(text))?;
                         out.flush()?;
                     }
                 }
@@ -213,7 +217,7 @@ pub async fn list(socket: &Path, limit: usize, json: bool) -> anyhow::Result<()>
     if json {
         println!("{}", serde_json::to_string_pretty(&jobs)?);
     } else {
-        print!("{}", crate::status_text::render_jobs(&jobs));
+        crate::status_text::print(&crate::status_text::render_jobs(&jobs));
     }
     Ok(())
 }
@@ -228,7 +232,7 @@ pub async fn show(socket: &Path, cmd: JobsCmd) -> anyhow::Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(&job)?);
     } else {
-        print!("{}", crate::status_text::render_job(&job));
+        crate::status_text::print(&crate::status_text::render_job(&job));
     }
     Ok(())
 }
@@ -254,8 +258,7 @@ pub async fn ledger(socket: &Path, cmd: LedgerCmd) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&b)?);
     } else {
         use platform::ledger::format_credits;
-        println!("network   {}", b.network);
-        println!("member    {}", b.user);
+        crate::status_text::print(&format!("network   {}\nmember    {}\n", b.network, b.user));
         println!("balance   {} credits", format_credits(b.balance));
         println!("pool      {} credits", format_credits(b.pool));
         println!("spendable {} credits", format_credits(b.spendable));

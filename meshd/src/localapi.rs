@@ -1,7 +1,9 @@
 //! The daemon's local API: a unix socket carrying one JSON request line and
 //! one JSON response line per connection. The CLI is its client.
 
+use std::fmt::Display;
 use std::net::{IpAddr, SocketAddr};
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
@@ -17,6 +19,63 @@ use crate::engine::{CounterSnapshot, PingReply};
 
 /// Longest request line accepted.
 const MAX_REQUEST: u64 = 64 * 1024;
+
+/// The ranges the CLI and the local API both hold numbers to: the CLI's
+/// argument parsers and [`Request::validate`] call the same [`in_range`].
+pub mod limits {
+    use std::ops::RangeInclusive;
+
+    pub const PERCENT: RangeInclusive<u8> = 1..=100;
+    pub const MIN_BATTERY: RangeInclusive<u8> = 0..=100;
+    /// Any stop temperature a sensor can report (see `sysinfo`).
+    pub const MAX_CELSIUS: RangeInclusive<i32> = 0..=150;
+    pub const SLOTS: RangeInclusive<u64> = 1..=64;
+    pub const QUEUE: RangeInclusive<u64> = 0..=4096;
+    pub const PING_COUNT: RangeInclusive<u32> = 1..=1000;
+}
+
+/// A number in a request outside what the daemon accepts.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field} must be between {min} and {max}, not {value}")]
+pub struct OutOfRange {
+    pub field: &'static str,
+    pub value: String,
+    pub min: String,
+    pub max: String,
+}
+
+/// `value` if `range` holds it: the one check behind both the CLI's
+/// argument parsing and [`Request::validate`].
+pub fn in_range<T: PartialOrd + Display>(
+    field: &'static str,
+    value: T,
+    range: &RangeInclusive<T>,
+) -> Result<T, OutOfRange> {
+    if range.contains(&value) {
+        return Ok(value);
+    }
+    Err(OutOfRange {
+        field,
+        value: value.to_string(),
+        min: range.start().to_string(),
+        max: range.end().to_string(),
+    })
+}
+
+/// A clap value parser for a number in `range` (checked by [`in_range`]).
+pub fn ranged<T>(
+    field: &'static str,
+    range: RangeInclusive<T>,
+) -> impl Fn(&str) -> Result<T, String> + Clone + Send + Sync + 'static
+where
+    T: std::str::FromStr + PartialOrd + Display + Clone + Send + Sync + 'static,
+    T::Err: Display,
+{
+    move |s: &str| {
+        let v = s.trim().parse::<T>().map_err(|e| format!("{s:?}: {e}"))?;
+        in_range(field, v, &range).map_err(|e| e.to_string())
+    }
+}
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
@@ -69,6 +128,21 @@ fn default_jobs_limit() -> usize {
     20
 }
 
+impl Request {
+    /// The checks the CLI makes on its arguments, made again on what
+    /// arrives at the socket: a request outside them is refused before the
+    /// daemon acts on any of it.
+    pub fn validate(&self) -> Result<(), OutOfRange> {
+        match self {
+            Request::Compute {
+                action: ComputeAction::Enable { changes },
+            } => changes.validate(),
+            Request::Ping { count, .. } => in_range("count", *count, &limits::PING_COUNT).map(drop),
+            _ => Ok(()),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "action", rename_all = "snake_case")]
 pub enum ComputeAction {
@@ -91,26 +165,43 @@ pub struct ComputeChanges {
     #[arg(long, value_enum)]
     pub mode: Option<Mode>,
     /// Idle mode: contribute while the owner's CPU use stays below this percent.
-    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=100))]
+    #[arg(long, value_parser = ranged("idle_below", limits::PERCENT))]
     pub idle_below: Option<u8>,
     /// Share of the CPU compute may use, in percent (sets llama.cpp threads).
-    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=100))]
+    #[arg(long, value_parser = ranged("max_utilisation", limits::PERCENT))]
     pub max_utilisation: Option<u8>,
     /// Stop below this battery charge, in percent.
-    #[arg(long, value_parser = clap::value_parser!(u8).range(0..=100))]
+    #[arg(long, value_parser = ranged("min_battery", limits::MIN_BATTERY))]
     pub min_battery: Option<u8>,
     /// Stop at this temperature, in °C.
-    #[arg(long)]
+    #[arg(long, value_parser = ranged("max_celsius", limits::MAX_CELSIUS))]
     pub max_celsius: Option<i32>,
     /// Jobs run at once (default: from the device tier).
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=64))]
+    #[arg(long, value_parser = ranged("slots", limits::SLOTS))]
     pub slots: Option<u64>,
     /// Jobs that may wait beyond the slots before callers get 429.
-    #[arg(long, value_parser = clap::value_parser!(u64).range(0..=4096))]
+    #[arg(long, value_parser = ranged("queue", limits::QUEUE))]
     pub queue: Option<u64>,
 }
 
 impl ComputeChanges {
+    /// Every number within its range ([`limits`]).
+    pub fn validate(&self) -> Result<(), OutOfRange> {
+        fn check<T: PartialOrd + Display + Copy>(
+            field: &'static str,
+            value: Option<T>,
+            range: &RangeInclusive<T>,
+        ) -> Result<(), OutOfRange> {
+            value.map_or(Ok(()), |v| in_range(field, v, range).map(drop))
+        }
+        check("idle_below", self.idle_below, &limits::PERCENT)?;
+        check("max_utilisation", self.max_utilisation, &limits::PERCENT)?;
+        check("min_battery", self.min_battery, &limits::MIN_BATTERY)?;
+        check("max_celsius", self.max_celsius, &limits::MAX_CELSIUS)?;
+        check("slots", self.slots, &limits::SLOTS)?;
+        check("queue", self.queue, &limits::QUEUE)
+    }
+
     pub fn apply(&self, s: &mut ComputeSettings) {
         if !self.models.is_empty() {
             s.models = self.models.clone();
@@ -314,6 +405,15 @@ pub async fn exchange(socket: &Path, req: &Request) -> anyhow::Result<Response> 
     serde_json::from_str(&reply).context("reading the daemon's reply")
 }
 
+/// One request line, decoded and checked ([`Request::validate`]); the
+/// error is the text of the reply.
+pub fn decode_request(line: &str) -> Result<Request, String> {
+    let req = serde_json::from_str::<Request>(line).map_err(|e| format!("invalid request: {e}"))?;
+    req.validate()
+        .map_err(|e| format!("invalid request: {e}"))?;
+    Ok(req)
+}
+
 /// Answers requests on `listener` with `handle`, one task per connection.
 pub async fn serve<F, Fut>(listener: UnixListener, handle: F)
 where
@@ -335,8 +435,8 @@ where
             let mut reader = BufReader::new(tokio::io::AsyncReadExt::take(read, MAX_REQUEST));
             let response = match reader.read_line(&mut line).await {
                 Err(e) => Response::Error(format!("reading request: {e}")),
-                Ok(_) => match serde_json::from_str::<Request>(&line) {
-                    Err(e) => Response::Error(format!("invalid request: {e}")),
+                Ok(_) => match decode_request(&line) {
+                    Err(e) => Response::Error(e),
                     Ok(req) => handle(req).await,
                 },
             };
@@ -382,6 +482,91 @@ mod tests {
         }
     }
 
+    fn enable(changes: serde_json::Value) -> String {
+        serde_json::json!({"cmd": "compute", "action": {"action": "enable", "changes": changes}})
+            .to_string()
+    }
+
+    fn no_changes() -> serde_json::Value {
+        serde_json::to_value(ComputeChanges::default()).unwrap()
+    }
+
+    #[test]
+    fn the_socket_holds_numbers_to_the_cli_ranges() {
+        let with = |field: &str, value: serde_json::Value| {
+            let mut c = no_changes();
+            c[field] = value;
+            decode_request(&enable(c))
+        };
+        // These reached the daemon: a semaphore of 2^63 permits panicked,
+        // `i32::MIN - 5` overflowed under the refresh lock.
+        for (field, value) in [
+            ("slots", serde_json::json!(u64::MAX)),
+            ("slots", serde_json::json!(0)),
+            ("queue", serde_json::json!(1u64 << 40)),
+            ("max_celsius", serde_json::json!(i32::MIN)),
+            ("max_celsius", serde_json::json!(i32::MAX)),
+            ("idle_below", serde_json::json!(0)),
+            ("max_utilisation", serde_json::json!(101)),
+            ("min_battery", serde_json::json!(200)),
+        ] {
+            let err = with(field, value.clone()).unwrap_err();
+            assert!(
+                err.contains(field) && err.contains(&value.to_string()),
+                "{field}={value}: {err}"
+            );
+        }
+        for (field, value) in [
+            ("slots", serde_json::json!(64)),
+            ("queue", serde_json::json!(0)),
+            ("max_celsius", serde_json::json!(90)),
+            ("min_battery", serde_json::json!(0)),
+        ] {
+            assert!(with(field, value.clone()).is_ok(), "{field}={value}");
+        }
+        let ping = |count: u64| {
+            decode_request(
+                &serde_json::json!({"cmd": "ping", "peer": "p", "count": count}).to_string(),
+            )
+        };
+        assert!(ping(u64::from(u32::MAX)).unwrap_err().contains("count"));
+        assert!(ping(0).is_err());
+        assert!(ping(10).is_ok());
+    }
+
+    #[test]
+    fn the_cli_refuses_what_the_socket_refuses_with_the_same_words() {
+        #[derive(clap::Parser, Debug)]
+        struct Cli {
+            #[command(flatten)]
+            changes: ComputeChanges,
+        }
+        use clap::Parser as _;
+        let parsed = Cli::try_parse_from(["meshd", "--slots", "8", "--max-celsius", "90"]).unwrap();
+        assert_eq!(parsed.changes.slots, Some(8));
+        assert_eq!(parsed.changes.max_celsius, Some(90));
+        for (flag, field, value) in [
+            ("--slots", "slots", "65"),
+            ("--max-celsius", "max_celsius", "-2147483648"),
+            ("--max-celsius", "max_celsius", "151"),
+            ("--queue", "queue", "5000"),
+            ("--min-battery", "min_battery", "101"),
+        ] {
+            // `--flag=value`: a negative number is a value, not a flag.
+            let cli = Cli::try_parse_from(["meshd", &format!("{flag}={value}")])
+                .unwrap_err()
+                .to_string();
+            let mut c = no_changes();
+            c[field] = value.parse::<serde_json::Value>().unwrap();
+            let socket = decode_request(&enable(c)).unwrap_err();
+            let words = socket.trim_start_matches("invalid request: ");
+            assert!(
+                cli.contains(words),
+                "CLI said {cli:?}, the socket {socket:?}"
+            );
+        }
+    }
+
     #[tokio::test]
     async fn request_reply_over_a_socket() {
         let dir = tempfile::tempdir().unwrap();
@@ -406,5 +591,23 @@ mod tests {
             matches!(serde_json::from_str(&reply).unwrap(), Response::Error(m) if m.contains("invalid request"))
         );
         assert!(call(&path, &Request::Status).await.is_ok());
+
+        // Out of range: refused before the handler sees it.
+        let huge = ComputeChanges {
+            slots: Some(u64::MAX),
+            ..Default::default()
+        };
+        let reply = exchange(
+            &path,
+            &Request::Compute {
+                action: ComputeAction::Enable { changes: huge },
+            },
+        )
+        .await
+        .unwrap();
+        assert!(
+            matches!(&reply, Response::Error(m) if m.contains("slots must be between 1 and 64")),
+            "{reply:?}"
+        );
     }
 }

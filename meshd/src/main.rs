@@ -107,7 +107,8 @@ enum Command {
         /// Peer name or overlay address.
         peer: String,
         /// Pings to send at most (stops early once a direct path answers).
-        #[arg(long, short = 'c', default_value_t = 10)]
+        #[arg(long, short = 'c', default_value_t = 10,
+              value_parser = localapi::ranged("count", localapi::limits::PING_COUNT))]
         count: u32,
         #[arg(long)]
         json: bool,
@@ -201,7 +202,7 @@ enum ModelsCmd {
 
 async fn run_daemon(socket: PathBuf, cfg: DaemonConfig) -> anyhow::Result<()> {
     let gateway = cfg.gateway;
-    let daemon = Daemon::new(cfg)?;
+    let daemon = Daemon::new(cfg).await?;
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -323,10 +324,7 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
             let status = match localapi::exchange(&cli.socket, &up).await? {
                 localapi::Response::Ok(status) => *status,
                 localapi::Response::Pairing(info) => {
-                    print!(
-                        "{}",
-                        status_text::render_pairing(&info, platform::unix_now())
-                    );
+                    status_text::print(&status_text::render_pairing(&info, platform::unix_now()));
                     std::io::Write::flush(&mut std::io::stdout())?;
                     // The daemon polls; this only waits for its outcome, a
                     // little longer than the code lives.
@@ -340,7 +338,7 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
                 localapi::Response::Error(e) => anyhow::bail!("{e}"),
                 other => anyhow::bail!("unexpected reply: {other:?}"),
             };
-            print!("{}", status_text::render(&status));
+            status_text::print(&status_text::render(&status));
             Ok(())
         }
         Command::RotateKey { json } => {
@@ -358,7 +356,7 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
                     if json {
                         println!("{}", serde_json::to_string_pretty(&report)?);
                     } else {
-                        print!("{}", status_text::render_ping(&report));
+                        status_text::print(&status_text::render_ping(&report));
                     }
                     anyhow::ensure!(
                         report.replies.iter().any(Option::is_some),
@@ -377,7 +375,7 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
                     if json {
                         println!("{}", serde_json::to_string_pretty(&report)?);
                     } else {
-                        print!("{}", status_text::render_netcheck(&report));
+                        status_text::print(&status_text::render_netcheck(&report));
                     }
                     Ok(())
                 }
@@ -398,7 +396,7 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
                     if json {
                         println!("{}", serde_json::to_string_pretty(&status)?);
                     } else {
-                        print!("{}", status_text::render_compute(&status));
+                        status_text::print(&status_text::render_compute(&status));
                     }
                     Ok(())
                 }
@@ -445,7 +443,7 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
-                print!("{}", status_text::render(&status));
+                status_text::print(&status_text::render(&status));
             }
             Ok(())
         }
@@ -470,7 +468,7 @@ fn main() -> ExitCode {
     match rt.block_on(try_main(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            status_text::eprintln(&format!("error: {e:#}"));
             ExitCode::FAILURE
         }
     }

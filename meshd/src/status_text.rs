@@ -1,5 +1,9 @@
-//! Human-readable `meshd status`.
+//! Human-readable `meshd status` and the CLI's other views, and the one way
+//! the CLI prints text ([`for_terminal`], [`print`]): names, reasons and
+//! reports come from peers, workers and the coordinator, and a terminal
+//! obeys the control sequences hidden in them.
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
@@ -73,6 +77,39 @@ pub fn render_pairing(p: &PairingInfo, now: u64) -> String {
         p.verification_url,
         span(p.expires_at.saturating_sub(now))
     )
+}
+
+/// `text` with every character a terminal would act on instead of show
+/// (C0 and C1 controls, ESC and DEL among them, and the bidirectional
+/// overrides and isolates that reorder what is shown) written as a
+/// visible `\u{…}` escape. Line breaks and tabs stay.
+pub fn for_terminal(text: &str) -> Cow<'_, str> {
+    fn acts(c: char) -> bool {
+        (c.is_control() && c != '\n' && c != '\t')
+            || matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    }
+    if !text.chars().any(acts) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        if acts(c) {
+            let _ = write!(out, "{}", c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// Prints `text` to stdout through [`for_terminal`].
+pub fn print(text: &str) {
+    print!("{}", for_terminal(text));
+}
+
+/// Prints `text` and a line break to stderr through [`for_terminal`].
+pub fn eprintln(text: &str) {
+    eprintln!("{}", for_terminal(text));
 }
 
 pub fn render(s: &Status) -> String {
@@ -511,6 +548,51 @@ mod tests {
             counters: Default::default(),
             pairing: None,
         }
+    }
+
+    /// Every character a terminal acts on that `for_terminal` must hide.
+    const HOSTILE: [char; 9] = [
+        '\u{1b}', '\u{7}', '\u{8}', '\r', '\u{7f}', '\u{9b}', '\u{202e}', '\u{2066}', '\u{200f}',
+    ];
+
+    #[test]
+    fn peer_strings_reach_the_terminal_escaped() {
+        let mut s = running(None, false);
+        s.peers[0].name = "beta\u{1b}]0;owned\u{7}".into();
+        s.peers[0].compute = Some("paused: \u{1b}[2J\u{202e}llun\r".into());
+        s.peers[0].owner = Some("bob\u{9b}31m\u{2066}\u{200f}\u{8}\u{7f}".into());
+        s.peers[0].tier = Some(platform::capability::Tier::Tier2);
+        let me = s.self_.as_mut().unwrap();
+        me.capabilities.gpus = vec![platform::capability::Gpu {
+            name: "GPU\u{1b}[31m".into(),
+            vram_bytes: 1 << 30,
+        }];
+        let raw = render_at(&s, NOW);
+        assert!(
+            raw.contains('\u{1b}'),
+            "the views themselves keep the data as it is"
+        );
+        let shown = for_terminal(&raw);
+        for c in HOSTILE {
+            assert!(
+                !shown.contains(c),
+                "{:?} reached the terminal: {shown:?}",
+                c
+            );
+        }
+        assert!(shown.contains("beta\\u{1b}]0;owned\\u{7}"), "{shown}");
+        assert!(shown.contains("GPU\\u{1b}[31m"), "{shown}");
+        assert_eq!(
+            shown.lines().count(),
+            raw.lines().count(),
+            "line breaks stay"
+        );
+    }
+
+    #[test]
+    fn plain_text_passes_untouched() {
+        let text = "alpha\tbeta · 48 °C (acpitz) — ünïcode ✓\n";
+        assert!(matches!(for_terminal(text), Cow::Borrowed(t) if t == text));
     }
 
     #[test]

@@ -3,10 +3,15 @@
 //! mains (`/sys/class/power_supply`), thermal zones (`/sys/class/thermal`)
 //! and CPU time (`/proc/stat`). Paths are read under a root so tests can
 //! hand it a fixture tree.
+//!
+//! Reading files and running `nvidia-smi` block: the daemon calls the async
+//! forms ([`Probe::new`], [`Probe::read_capabilities`],
+//! [`Probe::read_cpu_times`]), which do that work on blocking threads or as
+//! a tokio child process with a deadline, never on an async worker.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Stdio;
+use std::time::Duration;
 
 use platform::capability::{Battery, Capabilities, Gpu, Thermal};
 
@@ -15,6 +20,7 @@ const PLAUSIBLE_CELSIUS: std::ops::RangeInclusive<i32> = -40..=150;
 /// How long `nvidia-smi` may take before it is given up on.
 const NVIDIA_SMI_WAIT: Duration = Duration::from_secs(5);
 
+#[derive(Clone)]
 pub struct Probe {
     root: PathBuf,
     /// This process's CPU times: the real one even under another root.
@@ -49,18 +55,37 @@ fn entries(dir: &Path, prefix: &str) -> Vec<PathBuf> {
 impl Probe {
     /// This machine, with `/proc` and `/sys` read under `root` (`/`, or
     /// where a container mounts the host's); runs `nvidia-smi` once if it
-    /// is installed.
-    pub fn new(root: &Path) -> Self {
-        let mut gpus = nvidia_smi()
-            .map(|out| parse_nvidia_smi(&out))
-            .unwrap_or_default();
-        let nvidia_found = !gpus.is_empty();
-        gpus.extend(drm_gpus(root, nvidia_found));
+    /// is installed, for at most [`NVIDIA_SMI_WAIT`].
+    pub async fn new(root: &Path) -> Self {
+        let nvidia = bounded_output(nvidia_smi(), NVIDIA_SMI_WAIT).await;
+        let sys = root.to_owned();
+        let gpus = blocking(move || {
+            let mut gpus = nvidia.map(|out| parse_nvidia_smi(&out)).unwrap_or_default();
+            let nvidia_found = !gpus.is_empty();
+            gpus.extend(drm_gpus(&sys, nvidia_found));
+            gpus
+        })
+        .await
+        .unwrap_or_default();
         Probe {
             root: root.to_owned(),
             self_stat: PathBuf::from("/proc/self/stat"),
             gpus,
         }
+    }
+
+    /// [`Probe::capabilities`], read on a blocking thread.
+    pub async fn read_capabilities(&self) -> Capabilities {
+        let probe = self.clone();
+        blocking(move || probe.capabilities())
+            .await
+            .unwrap_or_default()
+    }
+
+    /// [`Probe::cpu_times`], read on a blocking thread.
+    pub async fn read_cpu_times(&self) -> Option<CpuTimes> {
+        let probe = self.clone();
+        blocking(move || probe.cpu_times()).await.flatten()
     }
 
     /// A fixture tree laid out like `/` (`proc/…`, `sys/class/…`), this
@@ -245,31 +270,45 @@ fn drm_gpus(root: &Path, skip_nvidia: bool) -> Vec<Gpu> {
         .collect()
 }
 
-fn nvidia_smi() -> Option<String> {
-    let mut child = Command::new("nvidia-smi")
-        .args([
-            "--query-gpu=name,memory.total",
-            "--format=csv,noheader,nounits",
-        ])
+/// `f` on a blocking thread; `None` only when the runtime is shutting down
+/// (a panic in `f` goes on in the caller, as if `f` had run there).
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(v) => Some(v),
+        Err(e) => match e.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            Err(_) => None,
+        },
+    }
+}
+
+fn nvidia_smi() -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new("nvidia-smi");
+    cmd.args([
+        "--query-gpu=name,memory.total",
+        "--format=csv,noheader,nounits",
+    ]);
+    cmd
+}
+
+/// What `cmd` prints when it exits successfully within `wait`; a command
+/// still running then is killed.
+async fn bounded_output(mut cmd: tokio::process::Command, wait: Duration) -> Option<String> {
+    let child = cmd
+        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
+        .kill_on_drop(true)
         .spawn()
         .ok()?;
-    let deadline = Instant::now() + NVIDIA_SMI_WAIT;
-    loop {
-        match child.try_wait() {
-            Ok(Some(status)) if status.success() => break,
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return None;
-            }
-        }
-    }
-    let mut out = String::new();
-    std::io::Read::read_to_string(&mut child.stdout.take()?, &mut out).ok()?;
-    Some(out)
+    // On timeout the child is dropped, and with it killed (tokio reaps it).
+    let out = tokio::time::timeout(wait, child.wait_with_output())
+        .await
+        .ok()?
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// `name, MiB` lines from `nvidia-smi --format=csv,noheader,nounits`.
@@ -446,11 +485,68 @@ mod tests {
         assert_eq!(a.others_busy_since(&a), None, "no time passed");
     }
 
-    #[test]
-    fn this_machine_reads() {
-        let probe = Probe::new(Path::new("/"));
-        let caps = probe.capabilities();
+    #[tokio::test]
+    async fn this_machine_reads() {
+        let probe = Probe::new(Path::new("/")).await;
+        let caps = probe.read_capabilities().await;
         assert!(caps.cpu_cores >= 1 && caps.ram_bytes > 0);
-        assert!(probe.cpu_times().is_some_and(|t| t.total > 0));
+        assert!(probe.read_cpu_times().await.is_some_and(|t| t.total > 0));
+    }
+
+    fn sh(script: &str) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new("sh");
+        cmd.args(["-c", script]);
+        cmd
+    }
+
+    #[tokio::test]
+    async fn waiting_for_a_command_leaves_the_runtime_free() {
+        // A single-threaded runtime, and a command that ends only once
+        // another task on it has run: the old wait (a sleep loop on this
+        // thread) never let that task run, and gave up after its 5 s.
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        assert!(std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success());
+        let writer = {
+            let fifo = fifo.clone();
+            tokio::spawn(async move {
+                let mut f = tokio::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&fifo)
+                    .await
+                    .unwrap();
+                tokio::io::AsyncWriteExt::write_all(&mut f, b"NVIDIA H200, 143771\n")
+                    .await
+                    .unwrap();
+            })
+        };
+        let mut cat = tokio::process::Command::new("cat");
+        cat.arg(&fifo);
+        let out = bounded_output(cat, Duration::from_secs(60)).await;
+        assert_eq!(out.as_deref(), Some("NVIDIA H200, 143771\n"));
+        writer.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_stuck_command_is_given_up() {
+        let out = bounded_output(sh("exec sleep 1000"), Duration::from_millis(200)).await;
+        assert_eq!(out, None);
+    }
+
+    #[tokio::test]
+    async fn a_command_that_answers_or_fails_is_read_as_such() {
+        let wait = Duration::from_secs(30);
+        assert_eq!(
+            bounded_output(sh("echo 'NVIDIA H200, 143771'"), wait).await,
+            Some("NVIDIA H200, 143771\n".into())
+        );
+        assert_eq!(bounded_output(sh("echo partial; exit 3"), wait).await, None);
+        let mut missing = tokio::process::Command::new("/nonexistent/nvidia-smi");
+        missing.arg("-h");
+        assert_eq!(bounded_output(missing, wait).await, None);
     }
 }
