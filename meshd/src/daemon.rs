@@ -580,12 +580,19 @@ impl Daemon {
             .values()
             .find(|n| n.name == peer || target.is_some_and(|ip| n.addresses.contains(&ip)))
             .ok_or_else(|| anyhow::anyhow!("no peer {peer:?} in network {}", netmap.network))?;
+        // Only a weak hold between pings: `down` (or a restart) must not
+        // wait for a long `ping -c N` whose CLI may be long gone.
+        let engine = Arc::downgrade(&engine);
         let mut replies = Vec::new();
         for i in 0..count.max(1) {
             if i > 0 {
                 tokio::time::sleep(PING_SPACING).await;
             }
-            let reply = engine.ping(&node.node_key, PING_TIMEOUT).await?;
+            let pending = match engine.upgrade() {
+                Some(e) => e.ping(&node.node_key).await?,
+                None => anyhow::bail!("the engine stopped (`meshd down` or a restart)"),
+            };
+            let reply = pending.wait(PING_TIMEOUT).await;
             let direct = matches!(
                 reply,
                 Some(PingReply {

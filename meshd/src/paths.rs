@@ -6,7 +6,16 @@
 //! [`TRUST`], which sends traffic back to the relay. Without a direct path a
 //! call-me-maybe goes through the relay so the peer pings back at the same
 //! time and both NATs open.
+//!
+//! Candidates come from two places kept apart: the netmap (what the
+//! coordinator says the peer reported) and what the peer's own messages
+//! showed (ping sources, call-me-maybe lists). The second list is small
+//! and evicts its own oldest entry; it can never push out a netmap
+//! endpoint, so messages from unexpected sources cannot cut a peer off its
+//! real addresses.
+#![deny(clippy::unchecked_time_subtraction)]
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -30,6 +39,8 @@ pub const PING_TIMEOUT: Duration = Duration::from_secs(5);
 /// A faster path must beat the current one by this much to replace it.
 const BETTER_BY: f64 = 0.75;
 const MAX_CANDIDATES: usize = 32;
+/// Addresses learned from the peer's messages, beyond the netmap's.
+const MAX_LEARNED: usize = 8;
 const MAX_PENDING: usize = 64;
 
 /// Something to send on the peer's behalf.
@@ -51,7 +62,10 @@ struct Best {
 
 #[derive(Default, Debug)]
 pub struct PathState {
-    candidates: Vec<SocketAddr>,
+    /// The netmap's endpoints for the peer.
+    listed: Vec<SocketAddr>,
+    /// Seen in the peer's messages and not listed; oldest first.
+    learned: VecDeque<SocketAddr>,
     best: Option<Best>,
     pending: Vec<(TxId, SocketAddr, Instant)>,
     last_round: Option<Instant>,
@@ -64,21 +78,36 @@ fn since(now: Instant, t: Option<Instant>) -> Option<Duration> {
 }
 
 impl PathState {
-    /// Endpoints from the netmap; ones learned from the peer's own pings
-    /// are kept too.
+    /// Endpoints from the netmap (the first [`MAX_CANDIDATES`]); ones
+    /// learned from the peer's own messages are kept beside them.
     pub fn set_candidates(&mut self, endpoints: &[SocketAddr]) {
+        self.listed.clear();
         for e in endpoints {
-            self.learn(*e);
+            if self.listed.len() < MAX_CANDIDATES && !self.listed.contains(e) {
+                self.listed.push(*e);
+            }
         }
+        let listed = &self.listed;
+        self.learned.retain(|e| !listed.contains(e));
     }
 
     fn learn(&mut self, addr: SocketAddr) {
-        if !self.candidates.contains(&addr) {
-            if self.candidates.len() >= MAX_CANDIDATES {
-                self.candidates.remove(0);
-            }
-            self.candidates.push(addr);
+        if self.listed.contains(&addr) || self.learned.contains(&addr) {
+            return;
         }
+        if self.learned.len() >= MAX_LEARNED {
+            self.learned.pop_front();
+        }
+        self.learned.push_back(addr);
+    }
+
+    /// Every endpoint worth pinging: the netmap's, then learned ones.
+    pub fn candidates(&self) -> Vec<SocketAddr> {
+        self.listed
+            .iter()
+            .chain(self.learned.iter())
+            .copied()
+            .collect()
     }
 
     pub fn note_activity(&mut self, now: Instant) {
@@ -113,7 +142,7 @@ impl PathState {
     }
 
     fn ping_all(&mut self, now: Instant, out: &mut Vec<Out>) {
-        for addr in self.candidates.clone() {
+        for addr in self.candidates() {
             self.ping(addr, now, out);
         }
         self.last_round = Some(now);
@@ -317,6 +346,37 @@ mod tests {
         p.on_pong(&tx_of(&out, slow), slow, t1 + Duration::from_millis(20));
         p.on_pong(&tx_of(&out, fast), fast, t1 + Duration::from_millis(2));
         assert_eq!(p.direct(t1 + Duration::from_millis(20)), Some(fast));
+    }
+
+    #[test]
+    fn pings_from_many_sources_never_push_out_netmap_endpoints() {
+        let t0 = Instant::now();
+        let real = [addr("10.0.0.1:41641"), addr("198.51.100.7:41641")];
+        let mut p = PathState::default();
+        p.set_candidates(&real);
+        let mut out = Vec::new();
+        // Pings (say, one captured ping replayed) from a hundred sources.
+        for i in 0..100u16 {
+            p.on_ping(addr(&format!("203.0.113.9:{}", 1000 + i)), t0, &mut out);
+        }
+        let c = p.candidates();
+        for r in real {
+            assert!(c.contains(&r), "{r} evicted");
+        }
+        assert!(
+            c.len() <= real.len() + MAX_LEARNED,
+            "{} candidates",
+            c.len()
+        );
+        // The newest learned ones are kept (a real peer that moved is found).
+        assert!(c.contains(&addr("203.0.113.9:1099")));
+        // Discovery still pings the real endpoints.
+        p.note_activity(t0);
+        let mut out = Vec::new();
+        p.poll(t0, false, &mut out);
+        for r in real {
+            assert!(pings(&out).contains(&r));
+        }
     }
 
     /// A peer's view of the network in the simulation.

@@ -1,7 +1,7 @@
 //! The packet loops: TUN → peers (encrypt), UDP and relays → TUN (decrypt),
 //! and the timer tick. Each loop owns its buffers.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::Instant;
@@ -13,6 +13,7 @@ use derp_relay::client::RelayEvent;
 use platform::keys::NodePublic;
 use tokio::sync::mpsc;
 
+use super::admission::{admit, Admission, Refused, COOKIE_REPLY_LEN};
 use super::disco::{self, Via};
 use super::peers::{Peer, PeerTable, Targets};
 use super::{bump, Counters, Shared, BUF_SIZE, TIMER_TICK};
@@ -94,7 +95,7 @@ async fn send_to_peer(shared: &Shared, key: &NodePublic, datagram: &[u8], target
         bump(&shared.counters.drop_no_endpoint);
         return;
     }
-    if let Some(target) = targets.direct {
+    for target in targets.direct_all() {
         if let Err(e) = shared.udp.send_to(datagram, target).await {
             tracing::trace!(error = %e, %target, "send");
             bump(&shared.counters.drop_send_failed);
@@ -109,8 +110,10 @@ async fn send_to_peer(shared: &Shared, key: &NodePublic, datagram: &[u8], target
     }
 }
 
-/// Finds the peer a datagram is for, or counts why there is none.
-pub(super) fn classify(
+/// The peer an admitted handshake message is from, or counts why there is
+/// none. For an initiation this costs a DH: call it only from the
+/// handshake task.
+pub(super) fn handshake_peer(
     secret: &boringtun::x25519::StaticSecret,
     public: &boringtun::x25519::PublicKey,
     counters: &Counters,
@@ -118,10 +121,6 @@ pub(super) fn classify(
     datagram: &[u8],
 ) -> Option<Arc<Peer>> {
     let index = match Tunn::parse_incoming_packet(datagram) {
-        Err(_) => {
-            bump(&counters.drop_malformed);
-            return None;
-        }
         Ok(Packet::HandshakeInit(init)) => {
             let Ok(half) = parse_handshake_anon(secret, public, &init) else {
                 bump(&counters.drop_bad_handshake);
@@ -137,8 +136,17 @@ pub(super) fn classify(
         Ok(Packet::HandshakeResponse(p)) => p.receiver_idx,
         Ok(Packet::PacketCookieReply(p)) => p.receiver_idx,
         Ok(Packet::PacketData(p)) => p.receiver_idx,
+        Err(_) => {
+            bump(&counters.drop_malformed);
+            return None;
+        }
     };
-    let found = table.by_index.get(&(index >> 8)).cloned();
+    session_peer(counters, table, index)
+}
+
+/// The peer holding the session with `receiver_index`.
+fn session_peer(counters: &Counters, table: &PeerTable, receiver_index: u32) -> Option<Arc<Peer>> {
+    let found = table.by_index.get(&(receiver_index >> 8)).cloned();
     if found.is_none() {
         bump(&counters.drop_unknown_peer);
     }
@@ -199,11 +207,11 @@ async fn receive(shared: &Shared, peer: &Peer, datagram: &[u8], via: Via, outbuf
                 let targets = match via {
                     Via::Udp(from) => Targets {
                         direct: Some(from),
-                        relay: None,
+                        ..Targets::default()
                     },
                     Via::Relay(region) => Targets {
-                        direct: None,
                         relay: Some(region),
+                        ..Targets::default()
                     },
                 };
                 send_to_peer(shared, &peer.node_key, &outbuf[range], targets).await;
@@ -227,10 +235,19 @@ async fn receive(shared: &Shared, peer: &Peer, datagram: &[u8], via: Via, outbuf
     }
 }
 
+/// A handshake message waiting for the handshake task.
+pub(super) struct PendingHandshake {
+    pub datagram: Vec<u8>,
+    pub from: SocketAddr,
+}
+
 /// Decrypts datagrams from the UDP socket (and picks out STUN answers).
-pub(super) async fn udp_to_tun(shared: Arc<Shared>) {
+/// Handshake messages are only checked (MAC1, load) and handed on: their
+/// Diffie-Hellman runs in [`handshakes`], never here.
+pub(super) async fn udp_to_tun(shared: Arc<Shared>, handshakes: mpsc::Sender<PendingHandshake>) {
     let mut inbuf = vec![0u8; BUF_SIZE];
     let mut outbuf = vec![0u8; BUF_SIZE];
+    let mut cookie = [0u8; COOKIE_REPLY_LEN];
     loop {
         let (n, from) = match shared.udp.recv_from(&mut inbuf).await {
             Ok(r) => r,
@@ -248,25 +265,71 @@ pub(super) async fn udp_to_tun(shared: Arc<Shared>) {
             disco::handle(&shared, &table, datagram, Via::Udp(from), None).await;
             continue;
         }
-        let identity = shared.identity.load();
-        let Some(peer) = classify(
-            &identity.secret,
-            &identity.public,
-            &shared.counters,
-            &table,
+        let admission = admit(
+            &shared.identity.load().limiter,
+            Some(from.ip()),
             datagram,
-        ) else {
-            continue;
+            &mut cookie,
+        );
+        match admission {
+            Admission::Session { receiver_index } => {
+                let Some(peer) = session_peer(&shared.counters, &table, receiver_index) else {
+                    continue;
+                };
+                receive(&shared, &peer, datagram, Via::Udp(from), &mut outbuf).await;
+            }
+            Admission::Handshake => match handshakes.try_reserve() {
+                // Copied only once there is room for it.
+                Ok(slot) => slot.send(PendingHandshake {
+                    datagram: datagram.to_vec(),
+                    from,
+                }),
+                Err(_) => bump(&shared.counters.drop_handshake_queue_full),
+            },
+            Admission::CookieReply(len) => {
+                bump(&shared.counters.cookie_replies);
+                if let Err(e) = shared.udp.send_to(&cookie[..len], from).await {
+                    tracing::trace!(error = %e, %from, "cookie reply");
+                }
+            }
+            Admission::Drop(Refused::Malformed) => bump(&shared.counters.drop_malformed),
+            Admission::Drop(Refused::BadMac | Refused::UnderLoad) => {
+                bump(&shared.counters.drop_bad_handshake)
+            }
+        }
+    }
+}
+
+/// Runs admitted handshake messages: finds the peer (a DH for an
+/// initiation) and lets its session answer.
+pub(super) async fn handshakes(
+    shared: Arc<Shared>,
+    queue: Arc<tokio::sync::Mutex<mpsc::Receiver<PendingHandshake>>>,
+) {
+    let mut queue = queue.lock().await;
+    let mut outbuf = vec![0u8; BUF_SIZE];
+    while let Some(h) = queue.recv().await {
+        let peer = {
+            let identity = shared.identity.load();
+            handshake_peer(
+                &identity.secret,
+                &identity.public,
+                &shared.counters,
+                &shared.peers.load(),
+                &h.datagram,
+            )
         };
-        receive(&shared, &peer, datagram, Via::Udp(from), &mut outbuf).await;
+        let Some(peer) = peer else { continue };
+        receive(&shared, &peer, &h.datagram, Via::Udp(h.from), &mut outbuf).await;
     }
 }
 
 /// Handles what the relay links report.
 pub(super) async fn relay_to_tun(
     shared: Arc<Shared>,
-    mut events: mpsc::Receiver<(u32, RelayEvent)>,
+    events: Arc<tokio::sync::Mutex<mpsc::Receiver<(u32, RelayEvent)>>>,
 ) {
+    let mut events = events.lock().await;
     let mut outbuf = vec![0u8; BUF_SIZE];
     while let Some((region, event)) = events.recv().await {
         match event {
@@ -324,6 +387,8 @@ pub(super) async fn timers(shared: Arc<Shared>) {
     let mut outs: Vec<Out> = Vec::new();
     loop {
         tick.tick().await;
+        // The handshake budget is per second; this resets it once a second.
+        shared.identity.load().limiter.reset_count();
         let table = shared.peers.load_full();
         let now = Instant::now();
         for peer in table.by_key.values() {
@@ -391,7 +456,7 @@ mod tests {
         let (secret, public) = (me.to_dalek(), me.public().to_dalek());
         let c = Counters::default();
 
-        let found = classify(
+        let found = handshake_peer(
             &secret,
             &public,
             &c,
@@ -400,7 +465,7 @@ mod tests {
         );
         assert!(found.is_some(), "handshake from a known peer finds it");
 
-        assert!(classify(
+        assert!(handshake_peer(
             &secret,
             &public,
             &c,
@@ -412,7 +477,7 @@ mod tests {
 
         // Meant for someone else: does not decrypt with our key.
         let other = NodePrivate::generate().public();
-        assert!(classify(&secret, &public, &c, &table, &handshake(&known, other)).is_none());
+        assert!(handshake_peer(&secret, &public, &c, &table, &handshake(&known, other)).is_none());
         assert_eq!(c.snapshot().drop_bad_handshake, 1);
 
         for garbage in [
@@ -421,7 +486,7 @@ mod tests {
             b"garbage that is no wireguard",
             &[4u8, 0, 0, 0, 1, 2],
         ] {
-            assert!(classify(&secret, &public, &c, &table, garbage).is_none());
+            assert!(handshake_peer(&secret, &public, &c, &table, garbage).is_none());
         }
         assert_eq!(c.snapshot().drop_malformed, 4);
 
@@ -429,7 +494,7 @@ mod tests {
         let mut data = vec![4u8, 0, 0, 0];
         data.extend_from_slice(&0xdead_beef_u32.to_le_bytes());
         data.extend_from_slice(&[0u8; 8 + 16]);
-        assert!(classify(&secret, &public, &c, &table, &data).is_none());
+        assert!(handshake_peer(&secret, &public, &c, &table, &data).is_none());
         assert_eq!(c.snapshot().drop_unknown_peer, 2);
     }
 }

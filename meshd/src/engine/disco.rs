@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use platform::disco::{self, Message, TxId};
-use platform::keys::{DiscoPrivate, NodePublic};
+use platform::keys::{DiscoPrivate, DiscoPublic, NodePublic};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
@@ -41,6 +41,10 @@ type Waiter = (Instant, oneshot::Sender<PingReply>);
 
 pub(super) struct Disco {
     pub private: DiscoPrivate,
+    /// `private`'s public half, computed once.
+    public: DiscoPublic,
+    /// Stamps every message this instance seals (receivers refuse replays).
+    stamper: disco::Stamper,
     /// This device's endpoints, offered in call-me-maybe.
     pub own_endpoints: ArcSwap<Vec<SocketAddr>>,
     /// `meshd ping`s waiting for their pong.
@@ -50,7 +54,9 @@ pub(super) struct Disco {
 impl Disco {
     pub fn new(private: DiscoPrivate) -> Self {
         Disco {
+            public: private.public(),
             private,
+            stamper: disco::Stamper::default(),
             own_endpoints: ArcSwap::from_pointee(Vec::new()),
             waiters: Mutex::new(HashMap::new()),
         }
@@ -74,8 +80,14 @@ impl Disco {
 
 /// Sends one disco message to `peer`, directly or through its relay.
 pub(super) async fn send(shared: &Shared, peer: &Peer, msg: &Message, via: Via) {
-    let Some(their) = peer.disco_key else { return };
-    let sealed = msg.seal(&shared.disco.private, &their);
+    let Some(key) = peer.disco_shared(&shared.disco.private) else {
+        return;
+    };
+    let stamp = shared
+        .disco
+        .stamper
+        .next(platform::unix_now_ms().saturating_mul(1_000_000));
+    let sealed = msg.seal_with(key, &shared.disco.public, stamp);
     match via {
         Via::Udp(to) => {
             if let Err(e) = shared.udp.send_to(&sealed, to).await {
@@ -146,8 +158,16 @@ pub(super) async fn handle(
         bump(&shared.counters.drop_unknown_peer);
         return;
     }
-    let msg = match disco::open(packet, &shared.disco.private, &sender) {
-        Ok(m) => m,
+    let Some(key) = peer.disco_shared(&shared.disco.private) else {
+        return;
+    };
+    let msg = match disco::open_with(packet, key, &sender) {
+        Ok(opened) if peer.lock().disco_replay.accept(opened.stamp) => opened.message,
+        Ok(_) => {
+            // Seen before, or too old: a replay, from wherever it came.
+            bump(&shared.counters.drop_disco_replay);
+            return;
+        }
         Err(e) => {
             tracing::trace!(error = %e, "disco open");
             bump(&shared.counters.drop_bad_handshake);

@@ -1,16 +1,30 @@
 //! The data plane: TUN ↔ WireGuard sessions ↔ one UDP socket.
 //!
-//! Three tasks share the engine: TUN→UDP (encrypt), UDP→TUN (decrypt) and a
-//! timer tick that drives handshakes and keepalives. Each task owns its
-//! buffers; the packet path allocates nothing and takes only the peer's own
-//! session lock. The relay path will sit beside the UDP socket as another
-//! way out of `send_to_peer`.
+//! Tasks: TUN→UDP (encrypt), UDP→TUN (decrypt), relays→TUN, a timer tick
+//! that drives handshakes and keepalives, and a handshake task. Each task
+//! owns its buffers; the packet path allocates nothing and takes only the
+//! peer's own session lock.
+//!
+//! Handshake messages are the exception to "one loop per direction": the
+//! UDP loop only checks their MACs and load ([`admission`]) and queues
+//! them, boundedly, for the handshake task, which does the Diffie-Hellman;
+//! a flood of initiations cannot stall decryption. Every task runs under
+//! [`supervise`]: a panic is logged and counted and the task restarted.
+//!
+//! Lifetimes: the engine's tasks end with [`Engine::stop`]; the TUN device
+//! and UDP socket close when the last `Arc<Engine>` goes, so nothing long
+//! lived holds one ([`EngineSlot::stop`] lets go of both, and a pending
+//! `meshd ping` holds only its answer channel).
+#![deny(clippy::unchecked_time_subtraction)]
 
+#[doc(hidden)]
+pub mod admission;
 mod datapath;
 mod disco;
 mod peers;
 mod relays;
 mod stun;
+mod supervise;
 mod tun_device;
 mod udp;
 
@@ -20,6 +34,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+use boringtun::noise::rate_limiter::RateLimiter;
 use platform::keys::{DiscoPrivate, NodePrivate, NodePublic};
 use platform::netmap::NetMap;
 use serde::{Deserialize, Serialize};
@@ -35,6 +50,9 @@ pub use udp::UdpPort;
 const BUF_SIZE: usize = 65_535 + 64;
 /// How often WireGuard timers are driven.
 const TIMER_TICK: Duration = Duration::from_millis(250);
+/// Admitted handshake messages waiting for the handshake task; more are
+/// dropped (and counted) until it catches up.
+const HANDSHAKE_QUEUE: usize = 256;
 
 /// Packet counters; drops are counted by reason.
 #[derive(Default)]
@@ -52,6 +70,10 @@ pub struct Counters {
     pub tx_relayed: AtomicU64,
     pub rx_relayed: AtomicU64,
     pub rx_disco: AtomicU64,
+    pub cookie_replies: AtomicU64,
+    pub drop_disco_replay: AtomicU64,
+    pub drop_handshake_queue_full: AtomicU64,
+    pub task_restarts: AtomicU64,
 }
 
 /// A snapshot of [`Counters`].
@@ -70,6 +92,18 @@ pub struct CounterSnapshot {
     pub tx_relayed: u64,
     pub rx_relayed: u64,
     pub rx_disco: u64,
+    /// Handshakes answered with a cookie reply (over the handshake budget).
+    #[serde(default)]
+    pub cookie_replies: u64,
+    /// Handshakes dropped because the handshake task was behind.
+    /// Disco messages refused as replays.
+    #[serde(default)]
+    pub drop_disco_replay: u64,
+    #[serde(default)]
+    pub drop_handshake_queue_full: u64,
+    /// Engine tasks restarted after a panic.
+    #[serde(default)]
+    pub task_restarts: u64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -93,6 +127,10 @@ impl Counters {
             tx_relayed: l(&self.tx_relayed),
             rx_relayed: l(&self.rx_relayed),
             rx_disco: l(&self.rx_disco),
+            cookie_replies: l(&self.cookie_replies),
+            drop_disco_replay: l(&self.drop_disco_replay),
+            drop_handshake_queue_full: l(&self.drop_handshake_queue_full),
+            task_restarts: l(&self.task_restarts),
         }
     }
 }
@@ -114,6 +152,17 @@ pub struct PeerStats {
     pub rtt_us: Option<u64>,
 }
 
+/// A `meshd ping` waiting for its answer.
+pub struct PendingPing(tokio::sync::oneshot::Receiver<PingReply>);
+
+impl PendingPing {
+    /// The first answer within `timeout`; `None` if there was none, or the
+    /// engine stopped meanwhile.
+    pub async fn wait(self, timeout: Duration) -> Option<PingReply> {
+        tokio::time::timeout(timeout, self.0).await.ok()?.ok()
+    }
+}
+
 /// This device's node key in the forms the packet path needs; replaced
 /// whole when the key rotates.
 struct Identity {
@@ -121,14 +170,19 @@ struct Identity {
     node: NodePublic,
     public: boringtun::x25519::PublicKey,
     secret: boringtun::x25519::StaticSecret,
+    /// Checks handshake MACs (keyed by `public`) and counts handshakes
+    /// against [`admission::HANDSHAKES_PER_SEC`].
+    limiter: Arc<RateLimiter>,
 }
 
 impl Identity {
     fn new(private: NodePrivate) -> Self {
         let secret = private.to_dalek();
+        let public = boringtun::x25519::PublicKey::from(&secret);
         Identity {
             node: private.public(),
-            public: boringtun::x25519::PublicKey::from(&secret),
+            limiter: Arc::new(RateLimiter::new(&public, admission::HANDSHAKES_PER_SEC)),
+            public,
             secret,
             private,
         }
@@ -205,11 +259,36 @@ impl Engine {
             counters: Counters::default(),
         });
         shared.install_netmap(netmap, now_unix);
+        let (handshake_tx, handshake_rx) = tokio::sync::mpsc::channel(HANDSHAKE_QUEUE);
+        // Receivers outlive a panicking task: its restart takes them over.
+        let handshake_rx = Arc::new(tokio::sync::Mutex::new(handshake_rx));
+        let relay_rx = Arc::new(tokio::sync::Mutex::new(relay_rx));
+        let restarts = {
+            let shared = shared.clone();
+            move || bump(&shared.counters.task_restarts)
+        };
+        let s = &shared;
         let tasks = vec![
-            tokio::spawn(datapath::tun_to_peers(shared.clone())),
-            tokio::spawn(datapath::udp_to_tun(shared.clone())),
-            tokio::spawn(datapath::relay_to_tun(shared.clone(), relay_rx)),
-            tokio::spawn(datapath::timers(shared.clone())),
+            supervise::spawn("tun→peers", restarts.clone(), {
+                let s = s.clone();
+                move || datapath::tun_to_peers(s.clone())
+            }),
+            supervise::spawn("udp→tun", restarts.clone(), {
+                let s = s.clone();
+                move || datapath::udp_to_tun(s.clone(), handshake_tx.clone())
+            }),
+            supervise::spawn("handshakes", restarts.clone(), {
+                let s = s.clone();
+                move || datapath::handshakes(s.clone(), handshake_rx.clone())
+            }),
+            supervise::spawn("relays→tun", restarts.clone(), {
+                let s = s.clone();
+                move || datapath::relay_to_tun(s.clone(), relay_rx.clone())
+            }),
+            supervise::spawn("timers", restarts, {
+                let s = s.clone();
+                move || datapath::timers(s.clone())
+            }),
         ];
         tracing::info!(tun = %tun.name, port = shared.udp.port(), "engine started");
         Ok(Engine {
@@ -331,13 +410,11 @@ impl Engine {
     }
 
     /// Sends a disco ping to `key` on every path it may take (the direct
-    /// path if there is one, else every candidate and the relay) and waits
-    /// for the first answer.
-    pub async fn ping(
-        &self,
-        key: &NodePublic,
-        timeout: std::time::Duration,
-    ) -> anyhow::Result<Option<PingReply>> {
+    /// path if there is one, else every candidate and the relay). The
+    /// answer is awaited on the returned [`PendingPing`], which does not
+    /// keep the engine alive: a ping outstanding when the engine stops
+    /// ends at once without an answer.
+    pub async fn ping(&self, key: &NodePublic) -> anyhow::Result<PendingPing> {
         let table = self.shared.peers.load_full();
         let peer = table
             .by_key
@@ -371,10 +448,7 @@ impl Engine {
         }
         // Traffic to ping counts as use: discovery runs meanwhile.
         peer.lock().paths.note_activity(now);
-        Ok(tokio::time::timeout(timeout, reply)
-            .await
-            .ok()
-            .and_then(Result::ok))
+        Ok(PendingPing(reply))
     }
 
     /// The last address STUN reported for this engine's socket.
@@ -434,8 +508,9 @@ pub struct EngineSlot {
     private: std::sync::Mutex<NodePrivate>,
     disco: DiscoPrivate,
     tun: TunConfig,
-    /// Bound before the device registers and kept across engine restarts.
-    udp: Arc<UdpPort>,
+    /// Bound before the device registers and kept across engine restarts;
+    /// let go by [`EngineSlot::stop`].
+    udp: std::sync::Mutex<Option<Arc<UdpPort>>>,
     engine: std::sync::Mutex<Option<Arc<Engine>>>,
 }
 
@@ -450,7 +525,7 @@ impl EngineSlot {
             private: std::sync::Mutex::new(private),
             disco,
             tun,
-            udp,
+            udp: std::sync::Mutex::new(Some(udp)),
             engine: std::sync::Mutex::new(None),
         }
     }
@@ -490,13 +565,19 @@ impl EngineSlot {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .clone();
+                let udp = self
+                    .udp
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone()
+                    .ok_or_else(|| anyhow::anyhow!("the engine was stopped"))?;
                 let e = Arc::new(Engine::start(
                     private,
                     self.disco.clone(),
                     &self.tun,
                     netmap,
                     now_unix,
-                    self.udp.clone(),
+                    udp,
                 )?);
                 *self.engine.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.clone());
                 return Ok(e);
@@ -506,11 +587,18 @@ impl EngineSlot {
         Ok(engine)
     }
 
-    /// Stops the engine; the TUN device goes away with it.
+    /// Stops the engine for good: its tasks end, and the TUN device and
+    /// UDP port close unless something still holds the engine itself (the
+    /// slot may live on in views of the ended session; it holds neither).
     pub async fn stop(&self) {
+        self.udp.lock().unwrap_or_else(|p| p.into_inner()).take();
         let engine = self.engine.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(e) = engine {
             e.stop().await;
+            let others = Arc::strong_count(&e) - 1;
+            if others > 0 {
+                tracing::warn!(holders = others, "stopped engine still referenced; its port and TUN device stay open until they let go");
+            }
         }
     }
 }

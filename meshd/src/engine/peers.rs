@@ -8,11 +8,12 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use boringtun::noise::Tunn;
-use platform::keys::{DiscoPublic, NodePrivate, NodePublic};
+use platform::disco::{ReplayWindow, SharedKey};
+use platform::keys::{DiscoPrivate, DiscoPublic, NodePrivate, NodePublic};
 use platform::netmap::NetMap;
 
 use crate::paths::PathState;
@@ -29,6 +30,9 @@ pub struct PeerState {
     /// Where the peer was last heard from directly (roaming follows it).
     confirmed: Option<SocketAddr>,
     last_rx: Option<Instant>,
+    /// The netmap no longer lists `confirmed`: it is dropped at the next
+    /// timer tick unless the peer is heard from there again first.
+    confirmed_unlisted: bool,
     /// Endpoints from the netmap, tried in turn until one answers.
     candidates: Vec<SocketAddr>,
     next_candidate: usize,
@@ -36,6 +40,8 @@ pub struct PeerState {
     home_region: Option<u32>,
     /// Direct-path discovery (peers running meshd).
     pub paths: PathState,
+    /// Disco stamps already used by this peer instance.
+    pub disco_replay: ReplayWindow,
     /// A handshake initiation found nowhere to go: the peer was announced
     /// before its endpoints and home relay were known.
     stranded: bool,
@@ -88,11 +94,29 @@ impl Rehandshake {
     }
 }
 
+/// Handshake initiations with no working direct path go to this many of
+/// the peer's candidate endpoints at once (the first to arrive gets the
+/// answer; WireGuard ignores the copies), so the first contact does not
+/// wait for a 5 s retry because one address in the list is dead.
+pub const HANDSHAKE_FANOUT: usize = 4;
+
 /// Where one packet goes: directly, through a relay, or both.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Targets {
     pub direct: Option<SocketAddr>,
     pub relay: Option<u32>,
+    /// More direct endpoints for the same datagram (handshake initiations).
+    pub also: [Option<SocketAddr>; HANDSHAKE_FANOUT - 1],
+}
+
+impl Targets {
+    /// Every direct endpoint to send to.
+    pub fn direct_all(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        self.direct
+            .iter()
+            .chain(self.also.iter().flatten())
+            .copied()
+    }
 }
 
 /// The path a peer's traffic takes now.
@@ -115,7 +139,7 @@ impl PeerState {
         if let Some(ep) = self.direct(now) {
             return Targets {
                 direct: Some(ep),
-                relay: None,
+                ..Targets::default()
             };
         }
         let handshake = packet.first() == Some(&HANDSHAKE_INIT);
@@ -126,16 +150,31 @@ impl PeerState {
             .candidates
             .get(self.next_candidate % self.candidates.len().max(1))
             .copied();
-        let targets = match self.home_region {
+        let mut targets = match self.home_region {
             Some(region) => Targets {
                 direct: candidate.filter(|_| handshake),
                 relay: Some(region),
+                ..Targets::default()
             },
             None => Targets {
                 direct: candidate,
-                relay: None,
+                ..Targets::default()
             },
         };
+        if handshake {
+            let n = self.candidates.len();
+            for (k, slot) in targets
+                .also
+                .iter_mut()
+                .enumerate()
+                .take(n.saturating_sub(1))
+            {
+                *slot = self
+                    .candidates
+                    .get((self.next_candidate + 1 + k) % n)
+                    .copied();
+            }
+        }
         if handshake && targets == Targets::default() {
             self.stranded = true;
         }
@@ -146,9 +185,10 @@ impl PeerState {
     /// authenticated WireGuard packets (it follows a peer that roams), else
     /// the path disco found.
     pub fn direct(&self, now: Instant) -> Option<SocketAddr> {
-        let fresh = self
-            .last_rx
-            .is_some_and(|t| now.saturating_duration_since(t) < crate::paths::TRUST);
+        let fresh = !self.confirmed_unlisted
+            && self
+                .last_rx
+                .is_some_and(|t| now.saturating_duration_since(t) < crate::paths::TRUST);
         match self.confirmed {
             Some(ep) if fresh => Some(ep),
             _ => self.paths.direct(now).or(self.confirmed),
@@ -181,15 +221,18 @@ impl PeerState {
     pub fn heard_from(&mut self, from: SocketAddr, now: Instant) {
         self.confirmed = Some(from);
         self.last_rx = Some(now);
+        self.confirmed_unlisted = false;
     }
 
     /// Forgets a confirmed endpoint that has gone quiet.
     pub fn expire_endpoint(&mut self, now: Instant) {
-        if self
-            .last_rx
-            .is_some_and(|t| now.duration_since(t) > ENDPOINT_STALE_AFTER)
+        if self.confirmed_unlisted
+            || self
+                .last_rx
+                .is_some_and(|t| now.saturating_duration_since(t) > ENDPOINT_STALE_AFTER)
         {
             self.confirmed = None;
+            self.confirmed_unlisted = false;
         }
     }
 
@@ -246,10 +289,10 @@ impl PeerState {
         if let Some(ep) = self.confirmed {
             if !candidates.contains(&ep) && !candidates.is_empty() {
                 // Keep following a roaming peer, but let handshakes try the
-                // new addresses if it goes quiet.
-                self.last_rx = self
-                    .last_rx
-                    .map(|t| t.min(Instant::now() - ENDPOINT_STALE_AFTER));
+                // new addresses if it goes quiet. (A flag, not a back-dated
+                // `last_rx`: subtracting from an `Instant` panics where the
+                // clock starts near zero, as it does shortly after boot.)
+                self.confirmed_unlisted = true;
             }
         }
         if candidates != self.candidates {
@@ -267,10 +310,23 @@ pub struct Peer {
     pub index: u32,
     /// The peer's instance: a new disco key means it restarted.
     pub disco_key: Option<DiscoPublic>,
+    /// The key disco messages with this peer are sealed under, computed
+    /// (a DH) on first use rather than for every message.
+    disco_shared: OnceLock<SharedKey>,
     state: Mutex<PeerState>,
 }
 
 impl Peer {
+    /// The disco key shared with this peer, given ours; `None` for peers
+    /// without disco (stock WireGuard).
+    pub fn disco_shared(&self, mine: &DiscoPrivate) -> Option<&SharedKey> {
+        let theirs = self.disco_key?;
+        Some(
+            self.disco_shared
+                .get_or_init(|| SharedKey::new(mine, &theirs)),
+        )
+    }
+
     pub fn lock(&self) -> MutexGuard<'_, PeerState> {
         // A panic while holding the lock leaves a usable Tunn behind.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
@@ -345,6 +401,8 @@ impl PeerTable {
                         tunn,
                         confirmed: None,
                         last_rx: None,
+                        confirmed_unlisted: false,
+                        disco_replay: ReplayWindow::default(),
                         candidates,
                         next_candidate: 0,
                         home_region: node.home_region,
@@ -356,6 +414,7 @@ impl PeerTable {
                         allowed: node.addresses.clone(),
                         index,
                         disco_key: node.disco_key,
+                        disco_shared: OnceLock::new(),
                         state: Mutex::new(state),
                     })
                 }
@@ -477,7 +536,7 @@ pub(super) mod tests {
             st.targets_for(&data, now),
             Targets {
                 direct: Some(second),
-                relay: None
+                relay: None..Targets::default()
             },
             "data follows the last try"
         );
@@ -488,6 +547,45 @@ pub(super) mod tests {
         assert_eq!(st.path(now), Path::Direct(roamed));
         st.expire_endpoint(now + Duration::from_secs(16));
         assert_ne!(st.targets_for(&init, now).direct, Some(roamed));
+    }
+
+    #[test]
+    fn a_handshake_without_a_direct_path_tries_several_candidates_at_once() {
+        let me = NodePrivate::generate();
+        let a = NodePrivate::generate().public();
+        let eps = [
+            "10.0.0.1:1",
+            "10.0.0.2:1",
+            "192.0.2.3:1",
+            "198.51.100.4:1",
+            "203.0.113.5:1",
+        ];
+        let t = PeerTable::build(
+            &PeerTable::default(),
+            &netmap(&me, vec![node(a, 2, &eps)]),
+            &me,
+            &IndexAllocator::new(1),
+            0,
+        );
+        let mut st = t.by_key[&a].lock();
+        let now = Instant::now();
+        let init = [HANDSHAKE_INIT, 0, 0, 0];
+        let first: Vec<SocketAddr> = st.targets_for(&init, now).direct_all().collect();
+        assert_eq!(first.len(), HANDSHAKE_FANOUT, "{first:?}");
+        let unique: std::collections::HashSet<_> = first.iter().collect();
+        assert_eq!(unique.len(), HANDSHAKE_FANOUT);
+        // The retry covers the one left out.
+        let second: Vec<SocketAddr> = st.targets_for(&init, now).direct_all().collect();
+        let covered: std::collections::HashSet<_> = first.iter().chain(&second).collect();
+        assert_eq!(covered.len(), eps.len());
+        // Data is not multiplied.
+        assert_eq!(st.targets_for(&[4, 0, 0, 0], now).direct_all().count(), 1);
+        // Once a path answers, handshakes go there alone.
+        st.heard_from(second[0], now);
+        assert_eq!(
+            st.targets_for(&init, now).direct_all().collect::<Vec<_>>(),
+            vec![second[0]]
+        );
     }
 
     #[test]
@@ -512,7 +610,7 @@ pub(super) mod tests {
             st.targets_for(&init, now),
             Targets {
                 direct: Some(direct),
-                relay: Some(7)
+                relay: Some(7)..Targets::default()
             },
             "handshakes try both"
         );
@@ -520,7 +618,7 @@ pub(super) mod tests {
             st.targets_for(&data, now),
             Targets {
                 direct: None,
-                relay: Some(7)
+                relay: Some(7)..Targets::default()
             },
             "data goes relayed"
         );
@@ -530,7 +628,7 @@ pub(super) mod tests {
             st.targets_for(&data, now),
             Targets {
                 direct: Some(direct),
-                relay: None
+                relay: None..Targets::default()
             }
         );
         // The direct path goes silent: back to the relay.
@@ -539,7 +637,7 @@ pub(super) mod tests {
             st.targets_for(&data, now),
             Targets {
                 direct: None,
-                relay: Some(7)
+                relay: Some(7)..Targets::default()
             }
         );
     }
@@ -729,6 +827,32 @@ pub(super) mod tests {
         assert!(!t.by_key[&them.public()]
             .lock()
             .rehandshake_due(Instant::now()));
+    }
+
+    #[test]
+    fn a_confirmed_endpoint_the_netmap_drops_goes_at_the_next_tick_unless_heard_again() {
+        let (me, them) = (NodePrivate::generate(), NodePrivate::generate());
+        let idx = IndexAllocator::new(1);
+        let map = |eps: &[&str]| netmap(&me, vec![node(them.public(), 2, eps)]);
+        let t = PeerTable::build(&PeerTable::default(), &map(&["10.0.0.2:1"]), &me, &idx, 0);
+        let peer = t.by_key[&them.public()].clone();
+        let now = Instant::now();
+        let roamed: SocketAddr = "192.168.1.9:5".parse().unwrap();
+        peer.lock().heard_from(roamed, now);
+        // The netmap moves the peer elsewhere. This used to back-date the
+        // last receive time by `Instant::now() - 15 s`, which panics on a
+        // clock that started less than 15 s ago.
+        let _ = PeerTable::build(&t, &map(&["10.0.0.3:1"]), &me, &idx, 0);
+        assert_eq!(peer.lock().direct(now), Some(roamed), "kept until the tick");
+        peer.lock().expire_endpoint(now);
+        assert_eq!(peer.lock().direct(now), None, "dropped at the tick");
+
+        // Heard from again before the tick: kept.
+        peer.lock().heard_from(roamed, now);
+        let _ = PeerTable::build(&t, &map(&["10.0.0.4:1"]), &me, &idx, 0);
+        peer.lock().heard_from(roamed, now);
+        peer.lock().expire_endpoint(now);
+        assert_eq!(peer.lock().direct(now), Some(roamed));
     }
 
     #[test]

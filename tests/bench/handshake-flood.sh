@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# A handshake-initiation flood against a device carrying an iperf3 transfer
+# (root). Builds the workspace's binaries and meshd's `handshake-flood`
+# example, then runs crank-flood-bench. PROFILE=release for release builds.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+bash "$root/tests/scripts/setup.sh"
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/crank-mesh/target}
+profile=${PROFILE:-release}
+flag=$([ "$profile" = release ] && echo --release || true)
+cargo build $flag --manifest-path "$root/Cargo.toml" --workspace --bins
+cargo build $flag --manifest-path "$root/Cargo.toml" -p meshd --example handshake-flood
+dir=$([ "$profile" = release ] && echo release || echo debug)
+exec "$CARGO_TARGET_DIR/$dir/crank-flood-bench"
