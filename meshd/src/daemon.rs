@@ -494,8 +494,14 @@ impl Daemon {
             } => {
                 // An explicit key supersedes a pairing in progress.
                 self.cancel_pairing();
-                self.up(coordinator, ca_file, coordinator_key, auth_key, hostname)
-                    .await
+                self.up(
+                    coordinator,
+                    ca_file,
+                    coordinator_key.map(|k| *k),
+                    auth_key,
+                    hostname,
+                )
+                .await
             }
             Request::Up {
                 coordinator,
@@ -505,7 +511,7 @@ impl Daemon {
                 coordinator_key,
             } => {
                 return self
-                    .pair(coordinator, ca_file, coordinator_key, hostname)
+                    .pair(coordinator, ca_file, coordinator_key.map(|k| *k), hostname)
                     .await
                     .map_or_else(|e| Response::Error(format!("{e:#}")), Response::Pairing)
             }

@@ -316,7 +316,8 @@ mod tests {
     async fn the_table_follows_the_engine_and_only_changes_are_applied() {
         let (fw, mut scripts) = fake(false);
         let (tx, rx) = watch::channel(());
-        let engine: Arc<Mutex<Option<(String, Vec<IpAddr>)>>> = Arc::default();
+        type Seen = Option<(String, Vec<IpAddr>)>;
+        let engine: Arc<Mutex<Seen>> = Arc::default();
         let e = engine.clone();
         let follower = fw.clone();
         let follow =

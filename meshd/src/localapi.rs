@@ -94,7 +94,7 @@ pub enum Request {
         /// device then trusts no other. Without it the device pins the key
         /// the coordinator presents at its first registration.
         #[serde(default)]
-        coordinator_key: Option<CoordinatorPublic>,
+        coordinator_key: Option<Box<CoordinatorPublic>>,
     },
     /// Waits until the pairing in progress ends: the status once up, an
     /// error if it expired or failed. Bounded by the code's expiry.

@@ -319,7 +319,7 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
                 ca_file,
                 auth_key,
                 hostname,
-                coordinator_key,
+                coordinator_key: coordinator_key.map(Box::new),
             };
             let status = match localapi::exchange(&cli.socket, &up).await? {
                 localapi::Response::Ok(status) => *status,

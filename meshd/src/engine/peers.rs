@@ -536,7 +536,8 @@ pub(super) mod tests {
             st.targets_for(&data, now),
             Targets {
                 direct: Some(second),
-                relay: None..Targets::default()
+                relay: None,
+                ..Targets::default()
             },
             "data follows the last try"
         );
@@ -610,7 +611,8 @@ pub(super) mod tests {
             st.targets_for(&init, now),
             Targets {
                 direct: Some(direct),
-                relay: Some(7)..Targets::default()
+                relay: Some(7),
+                ..Targets::default()
             },
             "handshakes try both"
         );
@@ -618,7 +620,8 @@ pub(super) mod tests {
             st.targets_for(&data, now),
             Targets {
                 direct: None,
-                relay: Some(7)..Targets::default()
+                relay: Some(7),
+                ..Targets::default()
             },
             "data goes relayed"
         );
@@ -628,7 +631,8 @@ pub(super) mod tests {
             st.targets_for(&data, now),
             Targets {
                 direct: Some(direct),
-                relay: None..Targets::default()
+                relay: None,
+                ..Targets::default()
             }
         );
         // The direct path goes silent: back to the relay.
@@ -637,7 +641,8 @@ pub(super) mod tests {
             st.targets_for(&data, now),
             Targets {
                 direct: None,
-                relay: Some(7)..Targets::default()
+                relay: Some(7),
+                ..Targets::default()
             }
         );
     }
