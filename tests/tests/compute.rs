@@ -32,7 +32,7 @@ fn a_peer_serves_embeddings_and_streamed_chat_through_the_gateway() {
                 "--mode",
                 "always",
                 "--max-celsius",
-                "200",
+                "150",
             ],
         )?;
         alpha.up(&coord)?;

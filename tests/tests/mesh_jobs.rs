@@ -117,7 +117,7 @@ fn jobs_go_to_eligible_workers_through_the_gateway_and_the_ledger_settles_them()
             "--mode",
             "always",
             "--max-celsius",
-            "200",
+            "150",
         ];
         let (h1, h2, h3) = (
             lab.host("w1", 21)?,

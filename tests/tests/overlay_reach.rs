@@ -49,7 +49,7 @@ fn the_overlay_answers_through_the_tunnel_only() {
                 "--mode",
                 "always",
                 "--max-celsius",
-                "200",
+                "150",
             ],
         )?;
         alpha.up(&coord)?;
