@@ -307,7 +307,7 @@ mod tests {
             fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
             let err = format!("{:#}", state.keys().err().expect("refused"));
             assert!(
-                err.contains(&format!("mode {mode:04o}")) && err.contains("chmod 600"),
+                err.contains(&format!("mode is {mode:04o}")) && err.contains("chmod 600"),
                 "{err}"
             );
         }
