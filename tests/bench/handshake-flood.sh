@@ -8,7 +8,8 @@ bash "$root/tests/scripts/setup.sh"
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/crank-mesh/target}
 profile=${PROFILE:-release}
 flag=$([ "$profile" = release ] && echo --release || true)
-cargo build $flag --manifest-path "$root/Cargo.toml" --workspace --bins
-cargo build $flag --manifest-path "$root/Cargo.toml" -p meshd --example handshake-flood
+# The same selection as the test command's build (so nothing is rebuilt
+# with other features), plus meshd's `handshake-flood` example.
+cargo build $flag --manifest-path "$root/Cargo.toml" --workspace --bins --tests --examples
 dir=$([ "$profile" = release ] && echo release || echo debug)
 exec "$CARGO_TARGET_DIR/$dir/crank-flood-bench"
