@@ -21,11 +21,9 @@ const RETRY: Duration = Duration::from_secs(1);
 /// Constant-time comparison of two mesh keys (through their hashes, so the
 /// lengths leak nothing either).
 pub fn keys_match(a: &str, b: &str) -> bool {
+    use subtle::ConstantTimeEq as _;
     let (ha, hb) = (Sha256::digest(a.as_bytes()), Sha256::digest(b.as_bytes()));
-    ha.iter()
-        .zip(hb.iter())
-        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-        == 0
+    ha.as_slice().ct_eq(hb.as_slice()).into()
 }
 
 /// Another relay of the region: where it is and the public key it must
