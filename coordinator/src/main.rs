@@ -356,7 +356,7 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
                 .network_devices(net.id)
                 .await?
                 .iter()
-                .map(|r| r.to_info(false))
+                .map(|r| r.to_info(false, unix_now()))
                 .collect::<Result<Vec<_>, _>>()?;
             print_json(&devices)?
         }

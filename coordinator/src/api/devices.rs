@@ -20,7 +20,7 @@ use crate::store::{DeviceRow, NetCtx, NewWireguardPeer};
 use crate::wgquick;
 
 fn device_info(s: &SharedState, row: &DeviceRow) -> Result<DeviceInfo, AppError> {
-    row.to_info(fanout::online(s, row))
+    row.to_info(fanout::online(s, row), s.clock.now())
 }
 
 /// A device of the network the caller may act on: any for admins, their

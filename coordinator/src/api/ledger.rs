@@ -22,7 +22,6 @@ use platform::ledger::{
 };
 use platform::people::{DeviceState, Role};
 use platform::signed::Signed;
-use platform::unix_now;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -123,7 +122,7 @@ pub async fn put_compute(
     ctx.require(Role::Admin)?;
     let rules = check_rules(&body)?;
     if s.store
-        .set_compute_rules(&ctx.who(), ctx.id, &rules, unix_now())
+        .set_compute_rules(&ctx.who(), ctx.id, &rules, s.clock.now())
         .await?
     {
         let devices = s.store.network_devices(ctx.id).await?;
@@ -155,7 +154,7 @@ pub async fn receipts(
             "at most {MAX_RECEIPTS_PER_BATCH} receipts per batch"
         )));
     }
-    let now = unix_now();
+    let now = s.clock.now();
     // Two signatures per receipt: off the async workers.
     let delivered = tokio::task::spawn_blocking(move || {
         batch
@@ -409,7 +408,7 @@ pub async fn grant(
     };
     let entry = s
         .store
-        .admin_grant(&ctx.who(), ctx.id, to, &label, req.amount, unix_now())
+        .admin_grant(&ctx.who(), ctx.id, to, &label, req.amount, s.clock.now())
         .await?;
     tracing::info!(network = ctx.id, account = %to, amount = req.amount, "credits granted");
     Ok((StatusCode::CREATED, Json(entry)))
@@ -421,14 +420,14 @@ pub async fn device_balance(
     Body(signed): Body<Signed>,
 ) -> Result<Json<BalanceAnswer>, AppError> {
     let _: BalanceRequest = signed
-        .verify(DOMAIN_BALANCE, unix_now())
+        .verify(DOMAIN_BALANCE, s.clock.now())
         .map_err(signed_error)?;
     let row = s
         .store
         .device_by_device_key(&signed.device_key)
         .await?
         .ok_or_else(|| AppError::Unauthorized("device is not registered".into()))?;
-    if row.state(unix_now()) == DeviceState::Revoked {
+    if row.state(s.clock.now()) == DeviceState::Revoked {
         return Err(AppError::Forbidden(format!(
             "this device was revoked in network {:?}",
             row.network

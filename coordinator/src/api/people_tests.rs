@@ -4,8 +4,6 @@
 //! denylist on re-registration, rotation, replayed and malformed requests,
 //! and the audit trail each leaves.
 
-use std::time::Duration;
-
 use axum::http::StatusCode;
 use platform::keys::{DevicePrivate, NodePrivate};
 use platform::people::RotateKeyRequest;
@@ -840,7 +838,7 @@ async fn device_approval_revocation_and_the_denylist() {
 
 #[tokio::test]
 async fn rotation_expiry_and_replays() {
-    let t = T::new().await;
+    let t = T::with_clock(crate::clock::Clock::manual(unix_now())).await;
     let owner = t.owner.clone();
     let key = t
         .ok(
@@ -966,11 +964,11 @@ async fn rotation_expiry_and_replays() {
         json!({"expiry_secs": 1}),
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    t.state.clock.advance(2);
     let relay = t
         .state
         .store
-        .create_relay_token("r", unix_now())
+        .create_relay_token("r", t.state.clock.now())
         .await
         .unwrap();
     t.fails(
@@ -981,12 +979,17 @@ async fn rotation_expiry_and_replays() {
         StatusCode::NOT_FOUND,
     )
     .await;
-    let expired = t.state.store.take_newly_expired(unix_now()).await.unwrap();
+    let expired = t
+        .state
+        .store
+        .take_newly_expired(t.state.clock.now())
+        .await
+        .unwrap();
     assert_eq!(expired.len(), 1);
     assert!(
         t.state
             .store
-            .take_newly_expired(unix_now())
+            .take_newly_expired(t.state.clock.now())
             .await
             .unwrap()
             .is_empty(),

@@ -45,7 +45,7 @@ pub async fn admit(
         .store
         .device_by_node_key(&key)
         .await?
-        .filter(|row| row.is_visible(platform::unix_now()))
+        .filter(|row| row.is_visible(s.clock.now()))
         .ok_or_else(|| AppError::NotFound("no admitted device has this node key".into()))?;
     Ok(Json(Admitted {
         network_id: row.network_id,
@@ -98,7 +98,7 @@ pub async fn admit_batch(
                 .map_err(|e| AppError::BadRequest(format!("node_keys[{i}]: {e}")))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let now = platform::unix_now();
+    let now = s.clock.now();
     let mut admitted = Vec::new();
     for key in keys {
         if let Some(row) = s

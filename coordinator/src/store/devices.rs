@@ -149,7 +149,9 @@ impl DeviceRow {
         format!("device:{}", self.name)
     }
 
-    pub fn to_info(&self, online: bool) -> Result<DeviceInfo, AppError> {
+    /// The device as the API shows it; its state (expired or not) as of
+    /// `now`.
+    pub fn to_info(&self, online: bool, now: u64) -> Result<DeviceInfo, AppError> {
         Ok(DeviceInfo {
             id: self.id,
             network: self.network.clone(),
@@ -166,7 +168,7 @@ impl DeviceRow {
             last_seen: self.last_seen.map(|t| t as u64),
             capabilities: self.capabilities().ok().flatten(),
             owner: self.owner.clone(),
-            state: self.state(platform::unix_now()),
+            state: self.state(now),
             key_expiry: self.key_expiry(),
         })
     }
