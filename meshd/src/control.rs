@@ -132,6 +132,7 @@ pub async fn coordinator_info(
 /// [`coordinator_info`], checked against the pin), proving it holds its
 /// node key.
 pub async fn register(
+    http: &reqwest::Client,
     coordinator: &str,
     ca_file: Option<&Path>,
     info: &CoordinatorInfo,
@@ -140,7 +141,6 @@ pub async fn register(
     hostname: &str,
     capabilities: Capabilities,
 ) -> anyhow::Result<RegisterResponse> {
-    let http = coordinator_http(ca_file)?;
     let timestamp = unix_now();
     let node_proof = node_proof(
         ProofPurpose::Register,
@@ -162,7 +162,7 @@ pub async fn register(
         node_proof,
     };
     let body = Signed::sign(&keys.device, DOMAIN_REGISTER, &req);
-    post_signed(&http, coordinator, "/api/v1/register", &body)
+    post_signed(http, coordinator, "/api/v1/register", &body)
         .await
         .map_err(|e| explain_certificate(e.into(), ca_file))
         .context("registering with the coordinator")

@@ -587,8 +587,11 @@ impl Daemon {
             .find(|n| n.name == peer || target.is_some_and(|ip| n.addresses.contains(&ip)))
             .ok_or_else(|| anyhow::anyhow!("no peer {peer:?} in network {}", netmap.network))?;
         // Only a weak hold between pings: `down` (or a restart) must not
-        // wait for a long `ping -c N` whose CLI may be long gone.
-        let engine = Arc::downgrade(&engine);
+        // wait for a long `ping -c N` whose CLI may be long gone. (Dropped,
+        // not shadowed: a shadowed `Arc` lives to the end of the scope.)
+        let weak = Arc::downgrade(&engine);
+        drop(engine);
+        let engine = weak;
         let mut replies = Vec::new();
         for i in 0..count.max(1) {
             if i > 0 {
@@ -668,13 +671,11 @@ impl Daemon {
         let pin = coordinator_key.or(prefs
             .coordinator_key
             .filter(|_| prefs.coordinator.as_deref() == Some(coordinator.as_str())));
-        let info = control::coordinator_info(
-            &control::coordinator_http(ca_file.as_deref())?,
-            &coordinator,
-            pin.as_ref(),
-        )
-        .await
-        .map_err(|e| control::explain_certificate(e, ca_file.as_deref()))?;
+        // One client for the checks and the registration.
+        let http = control::coordinator_http(ca_file.as_deref())?;
+        let info = control::coordinator_info(&http, &coordinator, pin.as_ref())
+            .await
+            .map_err(|e| control::explain_certificate(e, ca_file.as_deref()))?;
         let mut session = self.session.lock().await;
         if let Some(old) = session.take() {
             self.gateway_view.send_replace(None);
@@ -685,6 +686,7 @@ impl Daemon {
         let udp = self.bind_udp()?;
         let pin = info.coordinator_key;
         let reg = control::register(
+            &http,
             &coordinator,
             ca_file.as_deref(),
             &info,

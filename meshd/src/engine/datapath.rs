@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use derp_relay::client::RelayEvent;
 use platform::keys::NodePublic;
@@ -15,7 +16,8 @@ use tokio::sync::mpsc;
 
 use super::admission::{admit, Admission, Refused, COOKIE_REPLY_LEN};
 use super::disco::{self, Via};
-use super::peers::{Peer, PeerTable, Targets};
+use super::peers::{Peer, PeerTable, Targets, HANDSHAKE_INIT};
+use super::udp::RecvBatch;
 use super::{bump, Counters, Shared, BUF_SIZE, TIMER_TICK};
 use crate::paths::Out;
 
@@ -65,6 +67,9 @@ pub(super) async fn tun_to_peers(shared: Arc<Shared>) {
             let home = st.home_region();
             match st.tunn.encapsulate(packet, &mut outbuf) {
                 TunnResult::WriteToNetwork(out) => {
+                    if out.first() == Some(&HANDSHAKE_INIT) {
+                        st.initiation_sent(now);
+                    }
                     let range = range_in(out_base, out);
                     (
                         Some(range.clone()),
@@ -110,6 +115,16 @@ async fn send_to_peer(shared: &Shared, key: &NodePublic, datagram: &[u8], target
     }
 }
 
+/// Who an admitted handshake message is from.
+pub(super) enum Sender {
+    Peer(Arc<Peer>),
+    /// A well-formed initiation for us from a key the netmap does not list
+    /// (yet: see [`super::early`]).
+    Stranger(NodePublic),
+    /// Nobody: counted by why.
+    Nobody,
+}
+
 /// The peer an admitted handshake message is from, or counts why there is
 /// none. For an initiation this costs a DH: call it only from the
 /// handshake task.
@@ -119,29 +134,34 @@ pub(super) fn handshake_peer(
     counters: &Counters,
     table: &PeerTable,
     datagram: &[u8],
-) -> Option<Arc<Peer>> {
+) -> Sender {
     let index = match Tunn::parse_incoming_packet(datagram) {
         Ok(Packet::HandshakeInit(init)) => {
             let Ok(half) = parse_handshake_anon(secret, public, &init) else {
                 bump(&counters.drop_bad_handshake);
-                return None;
+                return Sender::Nobody;
             };
             let key = NodePublic::from_bytes(half.peer_static_public);
-            let found = table.by_key.get(&key).cloned();
-            if found.is_none() {
-                bump(&counters.drop_unknown_peer);
-            }
-            return found;
+            return match table.by_key.get(&key) {
+                Some(peer) => Sender::Peer(peer.clone()),
+                None => {
+                    bump(&counters.drop_unknown_peer);
+                    Sender::Stranger(key)
+                }
+            };
         }
         Ok(Packet::HandshakeResponse(p)) => p.receiver_idx,
         Ok(Packet::PacketCookieReply(p)) => p.receiver_idx,
         Ok(Packet::PacketData(p)) => p.receiver_idx,
         Err(_) => {
             bump(&counters.drop_malformed);
-            return None;
+            return Sender::Nobody;
         }
     };
-    session_peer(counters, table, index)
+    match session_peer(counters, table, index) {
+        Some(peer) => Sender::Peer(peer),
+        None => Sender::Nobody,
+    }
 }
 
 /// The peer holding the session with `receiver_index`.
@@ -192,8 +212,10 @@ async fn receive(shared: &Shared, peer: &Peer, datagram: &[u8], via: Via, outbuf
             if authenticated {
                 st.answered();
             }
-            if let (Via::Udp(from), true) = (via, authenticated) {
-                st.heard_from(from, now);
+            match (via, authenticated) {
+                (Via::Udp(from), true) => st.heard_from(from, now),
+                (Via::Relay(region), true) => st.heard_via_relay(region),
+                _ => {}
             }
             if matches!(&outcome, Decapsulated::Tunnel(range, _) if !range.is_empty()) {
                 // Real traffic (not a keepalive): keep looking after the path.
@@ -238,70 +260,82 @@ async fn receive(shared: &Shared, peer: &Peer, datagram: &[u8], via: Via, outbuf
 /// A handshake message waiting for the handshake task.
 pub(super) struct PendingHandshake {
     pub datagram: Vec<u8>,
-    pub from: SocketAddr,
+    pub via: Via,
 }
 
 /// Decrypts datagrams from the UDP socket (and picks out STUN answers).
 /// Handshake messages are only checked (MAC1, load) and handed on: their
 /// Diffie-Hellman runs in [`handshakes`], never here.
-pub(super) async fn udp_to_tun(shared: Arc<Shared>, handshakes: mpsc::Sender<PendingHandshake>) {
-    let mut inbuf = vec![0u8; BUF_SIZE];
+pub(super) async fn udp_to_tun(shared: Arc<Shared>) {
+    let mut batch = RecvBatch::new(UDP_BATCH, BUF_SIZE);
     let mut outbuf = vec![0u8; BUF_SIZE];
     let mut cookie = [0u8; COOKIE_REPLY_LEN];
     loop {
-        let (n, from) = match shared.udp.recv_from(&mut inbuf).await {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::debug!(error = %e, "UDP receive");
-                continue;
-            }
-        };
-        let datagram = &inbuf[..n];
-        if shared.stun.take_response(datagram) {
+        if let Err(e) = shared.udp.recv_batch(&mut batch).await {
+            tracing::debug!(error = %e, "UDP receive");
             continue;
         }
+        // One look at the peer table and identity per batch.
         let table = shared.peers.load();
-        if platform::disco::is_disco(datagram) {
-            disco::handle(&shared, &table, datagram, Via::Udp(from), None).await;
-            continue;
+        let identity = shared.identity.load_full();
+        for (datagram, from) in batch.iter() {
+            from_udp(
+                &shared,
+                &table,
+                &identity.limiter,
+                datagram,
+                from,
+                &mut outbuf,
+                &mut cookie,
+            )
+            .await;
         }
-        let admission = admit(
-            &shared.identity.load().limiter,
-            Some(from.ip()),
-            datagram,
-            &mut cookie,
-        );
-        match admission {
-            Admission::Session { receiver_index } => {
-                let Some(peer) = session_peer(&shared.counters, &table, receiver_index) else {
-                    continue;
-                };
-                receive(&shared, &peer, datagram, Via::Udp(from), &mut outbuf).await;
+    }
+}
+
+/// Datagrams taken from the socket per receive call.
+const UDP_BATCH: usize = 32;
+
+/// One datagram from the UDP socket.
+async fn from_udp(
+    shared: &Shared,
+    table: &PeerTable,
+    limiter: &RateLimiter,
+    datagram: &[u8],
+    from: SocketAddr,
+    outbuf: &mut [u8],
+    cookie: &mut [u8; COOKIE_REPLY_LEN],
+) {
+    if shared.stun.take_response(datagram) {
+        return;
+    }
+    if platform::disco::is_disco(datagram) {
+        disco::handle(shared, table, datagram, Via::Udp(from), None).await;
+        return;
+    }
+    match admit(limiter, Some(from.ip()), datagram, cookie) {
+        Admission::Session { receiver_index } => {
+            if let Some(peer) = session_peer(&shared.counters, table, receiver_index) {
+                receive(shared, &peer, datagram, Via::Udp(from), outbuf).await;
             }
-            Admission::Handshake => match handshakes.try_reserve() {
-                // Copied only once there is room for it.
-                Ok(slot) => slot.send(PendingHandshake {
-                    datagram: datagram.to_vec(),
-                    from,
-                }),
-                Err(_) => bump(&shared.counters.drop_handshake_queue_full),
-            },
-            Admission::CookieReply(len) => {
-                bump(&shared.counters.cookie_replies);
-                if let Err(e) = shared.udp.send_to(&cookie[..len], from).await {
-                    tracing::trace!(error = %e, %from, "cookie reply");
-                }
+        }
+        Admission::Handshake => shared.queue_handshake(datagram, Via::Udp(from)),
+        Admission::CookieReply(len) => {
+            bump(&shared.counters.cookie_replies);
+            if let Err(e) = shared.udp.send_to(&cookie[..len], from).await {
+                tracing::trace!(error = %e, %from, "cookie reply");
             }
-            Admission::Drop(Refused::Malformed) => bump(&shared.counters.drop_malformed),
-            Admission::Drop(Refused::BadMac | Refused::UnderLoad) => {
-                bump(&shared.counters.drop_bad_handshake)
-            }
+        }
+        Admission::Drop(Refused::Malformed) => bump(&shared.counters.drop_malformed),
+        Admission::Drop(Refused::BadMac | Refused::UnderLoad) => {
+            bump(&shared.counters.drop_bad_handshake)
         }
     }
 }
 
 /// Runs admitted handshake messages: finds the peer (a DH for an
-/// initiation) and lets its session answer.
+/// initiation) and lets its session answer. An initiation from a key the
+/// netmap does not list yet is kept for when it does.
 pub(super) async fn handshakes(
     shared: Arc<Shared>,
     queue: Arc<tokio::sync::Mutex<mpsc::Receiver<PendingHandshake>>>,
@@ -309,7 +343,7 @@ pub(super) async fn handshakes(
     let mut queue = queue.lock().await;
     let mut outbuf = vec![0u8; BUF_SIZE];
     while let Some(h) = queue.recv().await {
-        let peer = {
+        let sender = {
             let identity = shared.identity.load();
             handshake_peer(
                 &identity.secret,
@@ -319,8 +353,11 @@ pub(super) async fn handshakes(
                 &h.datagram,
             )
         };
-        let Some(peer) = peer else { continue };
-        receive(&shared, &peer, &h.datagram, Via::Udp(h.from), &mut outbuf).await;
+        match sender {
+            Sender::Peer(peer) => receive(&shared, &peer, &h.datagram, h.via, &mut outbuf).await,
+            Sender::Stranger(key) => shared.remember_early(key, &h.datagram, h.via),
+            Sender::Nobody => {}
+        }
     }
 }
 
@@ -331,6 +368,7 @@ pub(super) async fn relay_to_tun(
 ) {
     let mut events = events.lock().await;
     let mut outbuf = vec![0u8; BUF_SIZE];
+    let mut cookie = [0u8; COOKIE_REPLY_LEN];
     while let Some((region, event)) = events.recv().await {
         match event {
             RelayEvent::Packet { src, data } => {
@@ -343,7 +381,16 @@ pub(super) async fn relay_to_tun(
                 // The relay vouches for the sender's key; the WireGuard
                 // session still authenticates every packet.
                 let Some(peer) = table.by_key.get(&key).cloned() else {
-                    bump(&shared.counters.drop_unknown_peer);
+                    // Maybe an initiation from a device we are about to hear
+                    // of: the handshake task checks it and keeps it if so.
+                    let admitted = data.first() == Some(&HANDSHAKE_INIT)
+                        && admit(&shared.identity.load().limiter, None, &data, &mut cookie)
+                            == Admission::Handshake;
+                    if admitted {
+                        shared.queue_handshake(&data, Via::Relay(region));
+                    } else {
+                        bump(&shared.counters.drop_unknown_peer);
+                    }
                     continue;
                 };
                 bump(&shared.counters.rx_relayed);
@@ -463,21 +510,30 @@ mod tests {
             &table,
             &handshake(&known, me.public()),
         );
-        assert!(found.is_some(), "handshake from a known peer finds it");
+        assert!(
+            matches!(found, Sender::Peer(p) if p.node_key == known.public()),
+            "handshake from a known peer finds it"
+        );
 
-        assert!(handshake_peer(
+        let from_stranger = handshake_peer(
             &secret,
             &public,
             &c,
             &table,
-            &handshake(&stranger, me.public())
-        )
-        .is_none());
+            &handshake(&stranger, me.public()),
+        );
+        assert!(
+            matches!(from_stranger, Sender::Stranger(k) if k == stranger.public()),
+            "a stranger's initiation names it (to be kept for when it is announced)"
+        );
         assert_eq!(c.snapshot().drop_unknown_peer, 1);
 
         // Meant for someone else: does not decrypt with our key.
         let other = NodePrivate::generate().public();
-        assert!(handshake_peer(&secret, &public, &c, &table, &handshake(&known, other)).is_none());
+        assert!(matches!(
+            handshake_peer(&secret, &public, &c, &table, &handshake(&known, other)),
+            Sender::Nobody
+        ));
         assert_eq!(c.snapshot().drop_bad_handshake, 1);
 
         for garbage in [
@@ -486,7 +542,10 @@ mod tests {
             b"garbage that is no wireguard",
             &[4u8, 0, 0, 0, 1, 2],
         ] {
-            assert!(handshake_peer(&secret, &public, &c, &table, garbage).is_none());
+            assert!(matches!(
+                handshake_peer(&secret, &public, &c, &table, garbage),
+                Sender::Nobody
+            ));
         }
         assert_eq!(c.snapshot().drop_malformed, 4);
 
@@ -494,7 +553,10 @@ mod tests {
         let mut data = vec![4u8, 0, 0, 0];
         data.extend_from_slice(&0xdead_beef_u32.to_le_bytes());
         data.extend_from_slice(&[0u8; 8 + 16]);
-        assert!(handshake_peer(&secret, &public, &c, &table, &data).is_none());
+        assert!(matches!(
+            handshake_peer(&secret, &public, &c, &table, &data),
+            Sender::Nobody
+        ));
         assert_eq!(c.snapshot().drop_unknown_peer, 2);
     }
 }

@@ -17,7 +17,7 @@ use super::{bump, Shared};
 use crate::paths::Out;
 
 /// How a datagram arrived, and so how to answer it.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Via {
     Udp(SocketAddr),
     Relay(u32),

@@ -21,6 +21,7 @@
 pub mod admission;
 mod datapath;
 mod disco;
+mod early;
 mod peers;
 mod relays;
 mod stun;
@@ -95,10 +96,10 @@ pub struct CounterSnapshot {
     /// Handshakes answered with a cookie reply (over the handshake budget).
     #[serde(default)]
     pub cookie_replies: u64,
-    /// Handshakes dropped because the handshake task was behind.
     /// Disco messages refused as replays.
     #[serde(default)]
     pub drop_disco_replay: u64,
+    /// Handshakes dropped because the handshake task was behind.
     #[serde(default)]
     pub drop_handshake_queue_full: u64,
     /// Engine tasks restarted after a panic.
@@ -202,6 +203,10 @@ struct Shared {
     relays: relays::Relays,
     stun: stun::StunProbe,
     disco: disco::Disco,
+    /// Admitted handshake messages for the handshake task.
+    handshakes: tokio::sync::mpsc::Sender<datapath::PendingHandshake>,
+    /// Initiations from keys not (yet) in the netmap.
+    early: std::sync::Mutex<early::EarlyInitiations>,
 }
 
 impl Shared {
@@ -212,7 +217,39 @@ impl Shared {
         let identity = self.identity.load();
         let table = PeerTable::build(&old, netmap, &identity.private, &self.indices, now_unix);
         tracing::debug!(peers = table.by_key.len(), "peer table updated");
+        let due = self
+            .early
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take_known(|k| table.by_key.contains_key(k), Instant::now());
         self.peers.store(Arc::new(table));
+        // Answered now that their senders are peers, through the normal
+        // handshake path (checked again there).
+        for kept in due {
+            tracing::debug!(via = ?kept.via, "answering an initiation that came before its sender's announcement");
+            self.queue_handshake(&kept.datagram, kept.via);
+        }
+    }
+
+    /// Hands an admitted handshake message to the handshake task, or
+    /// counts it dropped when the task is behind.
+    fn queue_handshake(&self, datagram: &[u8], via: disco::Via) {
+        match self.handshakes.try_reserve() {
+            // Copied only once there is room for it.
+            Ok(slot) => slot.send(datapath::PendingHandshake {
+                datagram: datagram.to_vec(),
+                via,
+            }),
+            Err(_) => bump(&self.counters.drop_handshake_queue_full),
+        }
+    }
+
+    /// Keeps an initiation from `sender`, not a peer yet, for a moment.
+    fn remember_early(&self, sender: NodePublic, datagram: &[u8], via: disco::Via) {
+        self.early
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remember(sender, datagram, via, Instant::now());
     }
 }
 
@@ -246,6 +283,7 @@ impl Engine {
         // previous instance handed out.
         let start_index = rand_core::RngCore::next_u32(&mut rand_core::OsRng);
         let (relay_tx, relay_rx) = tokio::sync::mpsc::channel(relays::EVENT_QUEUE);
+        let (handshake_tx, handshake_rx) = tokio::sync::mpsc::channel(HANDSHAKE_QUEUE);
         let shared = Arc::new(Shared {
             relays: relays::Relays::new(identity.secret.clone(), relay_tx),
             stun: stun::StunProbe::default(),
@@ -257,9 +295,10 @@ impl Engine {
             udp,
             tun: device,
             counters: Counters::default(),
+            handshakes: handshake_tx,
+            early: std::sync::Mutex::default(),
         });
         shared.install_netmap(netmap, now_unix);
-        let (handshake_tx, handshake_rx) = tokio::sync::mpsc::channel(HANDSHAKE_QUEUE);
         // Receivers outlive a panicking task: its restart takes them over.
         let handshake_rx = Arc::new(tokio::sync::Mutex::new(handshake_rx));
         let relay_rx = Arc::new(tokio::sync::Mutex::new(relay_rx));
@@ -275,7 +314,7 @@ impl Engine {
             }),
             supervise::spawn("udp→tun", restarts.clone(), {
                 let s = s.clone();
-                move || datapath::udp_to_tun(s.clone(), handshake_tx.clone())
+                move || datapath::udp_to_tun(s.clone())
             }),
             supervise::spawn("handshakes", restarts.clone(), {
                 let s = s.clone();
@@ -598,6 +637,14 @@ impl EngineSlot {
             let others = Arc::strong_count(&e) - 1;
             if others > 0 {
                 tracing::warn!(holders = others, "stopped engine still referenced; its port and TUN device stay open until they let go");
+                return;
+            }
+            drop(e);
+            // The device goes with the last descriptor, a moment later:
+            // what follows (`meshd down` returning, the next `up`) must not
+            // see it.
+            if !tun_device::wait_gone(&self.tun.name, Duration::from_secs(3)).await {
+                tracing::warn!(tun = %self.tun.name, "TUN device still present 3 s after the engine stopped");
             }
         }
     }

@@ -23,7 +23,7 @@ use crate::paths::PathState;
 const ENDPOINT_STALE_AFTER: Duration = Duration::from_secs(15);
 
 /// WireGuard message type of a handshake initiation.
-const HANDSHAKE_INIT: u8 = 1;
+pub(super) const HANDSHAKE_INIT: u8 = 1;
 
 pub struct PeerState {
     pub tunn: Tunn,
@@ -36,8 +36,13 @@ pub struct PeerState {
     /// Endpoints from the netmap, tried in turn until one answers.
     candidates: Vec<SocketAddr>,
     next_candidate: usize,
-    /// The relay region where the peer listens.
+    /// The relay region where the peer listens, as the netmap says.
     home_region: Option<u32>,
+    /// The relay region the peer's latest authenticated packets came
+    /// through: where to answer while the netmap does not (yet) name its
+    /// home relay (a device that has just joined reports it a moment after
+    /// it starts talking).
+    heard_via_relay: Option<u32>,
     /// Direct-path discovery (peers running meshd).
     pub paths: PathState,
     /// Disco stamps already used by this peer instance.
@@ -77,6 +82,16 @@ impl Rehandshake {
             until: now + REHANDSHAKE_FOR,
             next: now,
             gap: REHANDSHAKE_FIRST_GAP,
+        }
+    }
+
+    /// Retries for an initiation that has just gone out: the first one
+    /// a gap later.
+    pub fn after_one(now: Instant) -> Self {
+        Rehandshake {
+            until: now + REHANDSHAKE_FOR,
+            next: now + REHANDSHAKE_FIRST_GAP,
+            gap: REHANDSHAKE_FIRST_GAP * 2,
         }
     }
 
@@ -150,7 +165,7 @@ impl PeerState {
             .candidates
             .get(self.next_candidate % self.candidates.len().max(1))
             .copied();
-        let mut targets = match self.home_region {
+        let mut targets = match self.home_region() {
             Some(region) => Targets {
                 direct: candidate.filter(|_| handshake),
                 relay: Some(region),
@@ -195,8 +210,10 @@ impl PeerState {
         }
     }
 
+    /// The relay region to reach the peer through: its home relay, else
+    /// the one it was last heard through.
     pub fn home_region(&self) -> Option<u32> {
-        self.home_region
+        self.home_region.or(self.heard_via_relay)
     }
 
     pub fn candidates(&self) -> &[SocketAddr] {
@@ -206,7 +223,7 @@ impl PeerState {
     pub fn path(&self, now: Instant) -> Path {
         match (
             self.direct(now),
-            self.home_region,
+            self.home_region(),
             self.candidates
                 .get(self.next_candidate % self.candidates.len().max(1)),
         ) {
@@ -215,6 +232,12 @@ impl PeerState {
             (None, None, Some(c)) => Path::Trying(*c),
             (None, None, None) => Path::None,
         }
+    }
+
+    /// A packet that came through relay `region` authenticated as this
+    /// peer.
+    pub fn heard_via_relay(&mut self, region: u32) {
+        self.heard_via_relay = Some(region);
     }
 
     /// A packet from `from` authenticated as this peer.
@@ -267,6 +290,18 @@ impl PeerState {
         }
     }
 
+    /// An initiation for this peer just went out with traffic queued
+    /// behind it. If there never was a session with the peer, this is
+    /// first contact: the peer may not know of us yet (the coordinator's
+    /// announcement races our packet) or our relay link may still be
+    /// coming up, and WireGuard would wait 5 s to try again. Retry
+    /// quickly instead, until it answers.
+    pub fn initiation_sent(&mut self, now: Instant) {
+        if self.rehandshake.is_none() && self.tunn.time_since_last_handshake().is_none() {
+            self.rehandshake = Some(Rehandshake::after_one(now));
+        }
+    }
+
     /// The peer answered under the current keys: handshakes are settled.
     pub fn answered(&mut self) {
         self.rehandshake = None;
@@ -278,7 +313,7 @@ impl PeerState {
     /// reported where it listens) is sent again at once instead of after
     /// WireGuard's 5 s retry.
     fn route_updated(&mut self, now: Instant) {
-        let reachable = !self.candidates.is_empty() || self.home_region.is_some();
+        let reachable = !self.candidates.is_empty() || self.home_region().is_some();
         if self.stranded && reachable {
             self.stranded = false;
             self.rehandshake = Some(Rehandshake::new(now));
@@ -406,6 +441,7 @@ impl PeerTable {
                         candidates,
                         next_candidate: 0,
                         home_region: node.home_region,
+                        heard_via_relay: None,
                         stranded: false,
                         rehandshake: None,
                     };
@@ -587,6 +623,38 @@ pub(super) mod tests {
             st.targets_for(&init, now).direct_all().collect::<Vec<_>>(),
             vec![second[0]]
         );
+    }
+
+    #[test]
+    fn a_peer_heard_through_a_relay_is_answered_there_until_the_netmap_names_its_own() {
+        let me = NodePrivate::generate();
+        let a = NodePrivate::generate().public();
+        let idx = IndexAllocator::new(1);
+        // Just joined: no endpoints, no home relay reported yet.
+        let t = PeerTable::build(
+            &PeerTable::default(),
+            &netmap(&me, vec![node(a, 2, &[])]),
+            &me,
+            &idx,
+            0,
+        );
+        let data = [4, 0, 0, 0];
+        let now = Instant::now();
+        assert_eq!(
+            t.by_key[&a].lock().targets_for(&data, now),
+            Targets::default()
+        );
+        t.by_key[&a].lock().heard_via_relay(3);
+        assert_eq!(
+            t.by_key[&a].lock().targets_for(&data, now).relay,
+            Some(3),
+            "answered through the relay it spoke through"
+        );
+        // The netmap's word wins once it has one.
+        let mut n = node(a, 2, &[]);
+        n.home_region = Some(7);
+        let t = PeerTable::build(&t, &netmap(&me, vec![n]), &me, &idx, 0);
+        assert_eq!(t.by_key[&a].lock().targets_for(&data, now).relay, Some(7));
     }
 
     #[test]
@@ -804,6 +872,36 @@ pub(super) mod tests {
         assert!(st.rehandshake_due(Instant::now()));
         st.answered();
         assert!(!st.rehandshake_due(Instant::now() + Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn first_contact_retries_quickly_until_answered_and_only_once_per_silence() {
+        let (me, them) = (NodePrivate::generate(), NodePrivate::generate());
+        let t = PeerTable::build(
+            &PeerTable::default(),
+            &netmap(&me, vec![node(them.public(), 2, &["10.0.0.2:41641"])]),
+            &me,
+            &IndexAllocator::new(1),
+            0,
+        );
+        let mut st = t.by_key[&them.public()].lock();
+        let t0 = Instant::now();
+        let _ = initiation(&mut st.tunn, false);
+        st.initiation_sent(t0);
+        assert!(!st.rehandshake_due(t0), "the first one has just gone");
+        // Well before WireGuard's 5 s retry, and again after it.
+        assert!(st.rehandshake_due(t0 + Duration::from_millis(200)));
+        assert!(!st.rehandshake_due(t0 + Duration::from_millis(300)));
+        assert!(st.rehandshake_due(t0 + Duration::from_millis(700)));
+        // Sending more while it retries does not restart the schedule.
+        st.initiation_sent(t0 + Duration::from_millis(750));
+        assert!(!st.rehandshake_due(t0 + Duration::from_millis(800)));
+        st.answered();
+        assert!(!st.rehandshake_due(t0 + Duration::from_secs(3)));
+        // Gave up after REHANDSHAKE_FOR without an answer: WireGuard's own
+        // timers go on alone.
+        let mut r = Rehandshake::after_one(t0);
+        assert_eq!(r.poll(t0 + REHANDSHAKE_FOR), None);
     }
 
     #[test]

@@ -8,7 +8,6 @@ use anyhow::Context as _;
 use platform::addr::IpPrefix;
 
 /// WireGuard's usual inner MTU: 1500 minus the IPv6 + UDP + WireGuard overhead.
-/// WireGuard's usual inner MTU: 1500 minus the IPv6 + UDP + WireGuard overhead.
 pub const DEFAULT_MTU: u16 = 1420;
 
 #[derive(Clone, Debug)]
@@ -71,4 +70,22 @@ pub fn create(
         )?;
     }
     Ok(device)
+}
+
+/// Waits (up to `limit`) until the kernel has removed the device `name`.
+/// Closing a TUN device's last descriptor unregisters it, but the removal
+/// finishes a moment later; whoever closed it and promised it gone (`meshd
+/// down`) waits here. Returns whether it is gone.
+pub async fn wait_gone(name: &str, limit: std::time::Duration) -> bool {
+    let path = std::path::Path::new("/sys/class/net").join(name);
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if !tokio::fs::try_exists(&path).await.unwrap_or(false) {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
 }
