@@ -190,16 +190,23 @@ fn relay_failure_spares_direct_paths_and_relayed_peers_recover() {
             path_to(&alpha, "gamma")
         );
 
-        // The relay dies while a steady TCP stream and pings run on the
-        // direct path.
+        // The relay crashes (SIGKILL, no goodbye to anyone) while a steady
+        // TCP stream and pings run on the direct path and gamma's pings go
+        // through it.
         let stream = iperf_stream(lab, &alpha.host, &beta.host, &b4, 3, "50M")?;
         let pinger = std::thread::spawn({
             let host = alpha.host.clone();
             let target = b4.clone();
             move || host.run("ping", &["-c", "30", "-i", "0.1", "-q", &target])
         });
+        let relayed = std::thread::spawn({
+            let host = alpha.host.clone();
+            let target = g4.clone();
+            move || host.run("ping", &["-c", "20", "-i", "0.05", "-q", &target])
+        });
         std::thread::sleep(Duration::from_millis(700));
-        lab.stop(relay.pid);
+        lab.kill(relay.pid);
+        let _ = relayed.join();
         let summary = pinger
             .join()
             .map_err(|_| anyhow::anyhow!("pinger panicked"))??;
