@@ -78,6 +78,56 @@ pub fn admit(
     }
 }
 
+/// Cookie replies each source may get per second, and in a burst.
+pub const COOKIE_REPLIES_PER_SEC: f64 = 20.0;
+pub const COOKIE_REPLY_BURST: f64 = 5.0;
+/// Sources tracked at once; past it the table starts again (a flood from
+/// spoofed addresses cannot grow it).
+const REPLY_SOURCES: usize = 4096;
+
+/// Under load every handshake without a MAC2 earns a cookie reply: one
+/// send per received packet, which a flood from one address would turn
+/// into our biggest cost. So each source (an IPv4 address, an IPv6 /64)
+/// gets a few a second and the rest are dropped unanswered, as
+/// wireguard-go's per-source limiter does. A sender that got a cookie
+/// needs no more than one per two minutes.
+#[derive(Default)]
+pub struct CookieReplyBudget {
+    sources: std::collections::HashMap<[u8; 8], (f64, std::time::Instant)>,
+}
+
+impl CookieReplyBudget {
+    /// Whether `src` may get a cookie reply at `now` (and spends one).
+    pub fn allow(&mut self, src: IpAddr, now: std::time::Instant) -> bool {
+        let key = match src {
+            IpAddr::V4(v4) => {
+                let mut k = [0u8; 8];
+                k[..4].copy_from_slice(&v4.octets());
+                k[4] = 4;
+                k
+            }
+            IpAddr::V6(v6) => {
+                let mut k = [0u8; 8];
+                k.copy_from_slice(&v6.octets()[..8]);
+                k
+            }
+        };
+        if self.sources.len() >= REPLY_SOURCES && !self.sources.contains_key(&key) {
+            self.sources.clear();
+        }
+        let (tokens, last) = self.sources.entry(key).or_insert((COOKIE_REPLY_BURST, now));
+        let refill = now.saturating_duration_since(*last).as_secs_f64() * COOKIE_REPLIES_PER_SEC;
+        *tokens = (*tokens + refill).min(COOKIE_REPLY_BURST);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 /// Runs arbitrary bytes through the admission path and the packet parser
 /// under a limiter that is always under load (so the cookie path runs
 /// too); checks what must hold for any input. The body of the
@@ -211,6 +261,32 @@ mod tests {
             ),
             Admission::CookieReply(_)
         ));
+    }
+
+    #[test]
+    fn each_source_gets_a_few_cookie_replies_a_second() {
+        use std::time::{Duration, Instant};
+        let mut budget = CookieReplyBudget::default();
+        let t0 = Instant::now();
+        let flooder: IpAddr = "192.0.2.7".parse().unwrap();
+        let granted = (0..1000).filter(|_| budget.allow(flooder, t0)).count();
+        assert_eq!(granted, COOKIE_REPLY_BURST as usize);
+        // Others are not held back by it; an IPv6 /64 counts as one source.
+        assert!(budget.allow("192.0.2.8".parse().unwrap(), t0));
+        let v6 = |s: &str| s.parse::<IpAddr>().unwrap();
+        let same_64 = (0..10)
+            .filter(|i| budget.allow(v6(&format!("2001:db8::{i:x}")), t0))
+            .count();
+        assert_eq!(same_64, COOKIE_REPLY_BURST as usize);
+        // A second later the flooder has earned its rate again, no more.
+        let later = t0 + Duration::from_secs(1);
+        let again = (0..1000).filter(|_| budget.allow(flooder, later)).count();
+        assert_eq!(again, COOKIE_REPLY_BURST as usize, "refilled to the burst");
+        // Spoofed sources cannot grow the table without bound.
+        for i in 0..(REPLY_SOURCES as u32 * 3) {
+            budget.allow(IpAddr::from(i.to_be_bytes()), later);
+            assert!(budget.sources.len() <= REPLY_SOURCES);
+        }
     }
 
     #[test]

@@ -14,7 +14,7 @@ use derp_relay::client::RelayEvent;
 use platform::keys::NodePublic;
 use tokio::sync::mpsc;
 
-use super::admission::{admit, Admission, Refused, COOKIE_REPLY_LEN};
+use super::admission::{admit, Admission, CookieReplyBudget, Refused, COOKIE_REPLY_LEN};
 use super::disco::{self, Via};
 use super::peers::{Peer, PeerTable, Targets, HANDSHAKE_INIT};
 use super::udp::RecvBatch;
@@ -270,6 +270,7 @@ pub(super) async fn udp_to_tun(shared: Arc<Shared>) {
     let mut batch = RecvBatch::new(UDP_BATCH, BUF_SIZE);
     let mut outbuf = vec![0u8; BUF_SIZE];
     let mut cookie = [0u8; COOKIE_REPLY_LEN];
+    let mut cookie_budget = CookieReplyBudget::default();
     loop {
         if let Err(e) = shared.udp.recv_batch(&mut batch).await {
             tracing::debug!(error = %e, "UDP receive");
@@ -286,7 +287,7 @@ pub(super) async fn udp_to_tun(shared: Arc<Shared>) {
                 datagram,
                 from,
                 &mut outbuf,
-                &mut cookie,
+                (&mut cookie, &mut cookie_budget),
             )
             .await;
         }
@@ -304,7 +305,7 @@ async fn from_udp(
     datagram: &[u8],
     from: SocketAddr,
     outbuf: &mut [u8],
-    cookie: &mut [u8; COOKIE_REPLY_LEN],
+    (cookie, budget): (&mut [u8; COOKIE_REPLY_LEN], &mut CookieReplyBudget),
 ) {
     if shared.stun.take_response(datagram) {
         return;
@@ -320,12 +321,13 @@ async fn from_udp(
             }
         }
         Admission::Handshake => shared.queue_handshake(datagram, Via::Udp(from)),
-        Admission::CookieReply(len) => {
+        Admission::CookieReply(len) if budget.allow(from.ip(), Instant::now()) => {
             bump(&shared.counters.cookie_replies);
             if let Err(e) = shared.udp.send_to(&cookie[..len], from).await {
                 tracing::trace!(error = %e, %from, "cookie reply");
             }
         }
+        Admission::CookieReply(_) => bump(&shared.counters.drop_bad_handshake),
         Admission::Drop(Refused::Malformed) => bump(&shared.counters.drop_malformed),
         Admission::Drop(Refused::BadMac | Refused::UnderLoad) => {
             bump(&shared.counters.drop_bad_handshake)
