@@ -134,7 +134,6 @@ pub async fn coordinator_info(
 pub async fn register(
     http: &reqwest::Client,
     coordinator: &str,
-    ca_file: Option<&Path>,
     info: &CoordinatorInfo,
     keys: &Keys,
     auth_key: &str,
@@ -164,7 +163,7 @@ pub async fn register(
     let body = Signed::sign(&keys.device, DOMAIN_REGISTER, &req);
     post_signed(http, coordinator, "/api/v1/register", &body)
         .await
-        .map_err(|e| explain_certificate(e.into(), ca_file))
+        .map_err(anyhow::Error::from)
         .context("registering with the coordinator")
 }
 

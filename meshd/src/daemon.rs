@@ -688,14 +688,14 @@ impl Daemon {
         let reg = control::register(
             &http,
             &coordinator,
-            ca_file.as_deref(),
             &info,
             &self.keys.current(),
             &auth_key,
             &hostname,
             caps,
         )
-        .await?;
+        .await
+        .map_err(|e| control::explain_certificate(e, ca_file.as_deref()))?;
         tracing::info!(name = %reg.name, network = %reg.network, addresses = ?reg.addresses, "registered");
         if let Err(e) = self.keys.registered(platform::unix_now()) {
             tracing::warn!(

@@ -211,7 +211,7 @@ mod tests {
         let mut got = Vec::new();
         while got.len() < 7 {
             let n = port.recv_batch(&mut batch).await.unwrap();
-            assert!(n >= 1 && n <= 4);
+            assert!((1..=4).contains(&n));
             got.extend(batch.iter().map(|(d, from)| (d.to_vec(), from)));
         }
         for (i, (d, from)) in got.iter().take(5).enumerate() {
