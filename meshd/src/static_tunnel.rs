@@ -106,7 +106,8 @@ pub async fn run(
         &netmap,
         platform::unix_now(),
         std::sync::Arc::new(UdpPort::bind(port)?),
-    )?;
+    )
+    .await?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}

@@ -266,9 +266,8 @@ impl Engine {
     /// only then starts the packet tasks on `udp`, so that datagrams which
     /// arrived before the engine (a peer's first handshake, sent as soon as
     /// the coordinator announced this device) wait in the socket and are
-    /// answered, not dropped as coming from strangers. Must run inside a
-    /// tokio runtime.
-    pub fn start(
+    /// answered, not dropped as coming from strangers.
+    pub async fn start(
         private: NodePrivate,
         disco_private: DiscoPrivate,
         tun: &TunConfig,
@@ -277,7 +276,7 @@ impl Engine {
         udp: Arc<UdpPort>,
     ) -> anyhow::Result<Engine> {
         let addresses = &netmap.self_node.addresses;
-        let device = tun_device::create(tun, addresses, &netmap.routes)?;
+        let device = tun_device::create(tun, addresses, &netmap.routes).await?;
         let identity = Identity::new(private);
         // Random, so that a restarted engine does not reuse the indices its
         // previous instance handed out.
@@ -610,14 +609,17 @@ impl EngineSlot {
                     .unwrap_or_else(|p| p.into_inner())
                     .clone()
                     .ok_or_else(|| anyhow::anyhow!("the engine was stopped"))?;
-                let e = Arc::new(Engine::start(
-                    private,
-                    self.disco.clone(),
-                    &self.tun,
-                    netmap,
-                    now_unix,
-                    udp,
-                )?);
+                let e = Arc::new(
+                    Engine::start(
+                        private,
+                        self.disco.clone(),
+                        &self.tun,
+                        netmap,
+                        now_unix,
+                        udp,
+                    )
+                    .await?,
+                );
                 *self.engine.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.clone());
                 return Ok(e);
             }

@@ -1,10 +1,10 @@
 //! The TUN device: created with the `tun` crate, given the overlay addresses
-//! and routes with iproute2.
+//! and routes over rtnetlink.
 
 use std::net::IpAddr;
-use std::process::Command;
 
 use anyhow::Context as _;
+use futures_util::TryStreamExt as _;
 use platform::addr::IpPrefix;
 
 /// WireGuard's usual inner MTU: 1500 minus the IPv6 + UDP + WireGuard overhead.
@@ -16,23 +16,9 @@ pub struct TunConfig {
     pub mtu: u16,
 }
 
-fn ip(args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .context("running `ip` (iproute2)")?;
-    if !out.status.success() {
-        anyhow::bail!(
-            "`ip {}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
-}
-
-/// Creates the device, assigns `addresses` and routes `routes` through it.
-pub fn create(
+/// Creates the device, assigns `addresses` and routes `routes` through it,
+/// over rtnetlink (no `ip` subprocess).
+pub async fn create(
     cfg: &TunConfig,
     addresses: &[IpAddr],
     routes: &[IpPrefix],
@@ -45,31 +31,72 @@ pub fn create(
             cfg.name
         )
     })?;
+    let (connection, handle, _) =
+        rtnetlink::new_connection().context("opening a netlink socket")?;
+    let conn = tokio::spawn(connection);
+    let result = configure(&handle, cfg, addresses, routes).await;
+    conn.abort();
+    result?;
+    Ok(device)
+}
+
+async fn configure(
+    handle: &rtnetlink::Handle,
+    cfg: &TunConfig,
+    addresses: &[IpAddr],
+    routes: &[IpPrefix],
+) -> anyhow::Result<()> {
+    let link = handle
+        .link()
+        .get()
+        .match_name(cfg.name.clone())
+        .execute()
+        .try_next()
+        .await
+        .with_context(|| format!("looking up {}", cfg.name))?
+        .with_context(|| format!("{} vanished after it was created", cfg.name))?;
+    let index = link.header.index;
     // IPv6 may be disabled on the host: the mesh still works over IPv4.
     let v6_optional = |r: anyhow::Result<()>, is_v4: bool| match r {
         Err(e) if !is_v4 => {
-            tracing::warn!(error = %e, "IPv6 overlay unavailable");
+            tracing::warn!(error = format!("{e:#}"), "IPv6 overlay unavailable");
             Ok(())
         }
         other => other,
     };
     for addr in addresses {
-        let host = IpPrefix::host(*addr).to_string();
-        let family = if addr.is_ipv4() { "-4" } else { "-6" };
-        v6_optional(
-            ip(&[family, "addr", "add", &host, "dev", &cfg.name]),
-            addr.is_ipv4(),
-        )?;
+        let host = IpPrefix::host(*addr);
+        let added = handle
+            .address()
+            .add(index, host.addr, host.len)
+            .replace()
+            .execute()
+            .await
+            .with_context(|| format!("adding {host} to {}", cfg.name));
+        v6_optional(added, addr.is_ipv4())?;
     }
     for route in routes {
-        let family = if route.addr.is_ipv4() { "-4" } else { "-6" };
-        let net = route.network().to_string();
-        v6_optional(
-            ip(&[family, "route", "replace", &net, "dev", &cfg.name]),
-            route.addr.is_ipv4(),
-        )?;
+        let net = route.network();
+        let message = match net.addr {
+            IpAddr::V4(a) => rtnetlink::RouteMessageBuilder::<std::net::Ipv4Addr>::new()
+                .destination_prefix(a, net.len)
+                .output_interface(index)
+                .build(),
+            IpAddr::V6(a) => rtnetlink::RouteMessageBuilder::<std::net::Ipv6Addr>::new()
+                .destination_prefix(a, net.len)
+                .output_interface(index)
+                .build(),
+        };
+        let added = handle
+            .route()
+            .add(message)
+            .replace()
+            .execute()
+            .await
+            .with_context(|| format!("routing {net} through {}", cfg.name));
+        v6_optional(added, net.addr.is_ipv4())?;
     }
-    Ok(device)
+    Ok(())
 }
 
 /// Waits (up to `limit`) until the kernel has removed the device `name`.
