@@ -97,9 +97,23 @@ pub struct CookieReplyBudget {
 }
 
 impl CookieReplyBudget {
-    /// Whether `src` may get a cookie reply at `now` (and spends one).
-    pub fn allow(&mut self, src: IpAddr, now: std::time::Instant) -> bool {
-        let key = match src {
+    /// Whether `src` has used up its cookie replies for now: it has been
+    /// sending handshakes without our cookie while we were under load,
+    /// faster than any real peer would. Its handshakes are then dropped
+    /// before any MAC or cookie work (as wireguard-go limits handshakes per
+    /// source), until its budget refills.
+    pub fn exhausted(&self, src: IpAddr, now: std::time::Instant) -> bool {
+        self.sources
+            .get(&Self::key(src))
+            .is_some_and(|(tokens, last)| {
+                let refill =
+                    now.saturating_duration_since(*last).as_secs_f64() * COOKIE_REPLIES_PER_SEC;
+                tokens + refill < 1.0
+            })
+    }
+
+    fn key(src: IpAddr) -> [u8; 8] {
+        match src {
             IpAddr::V4(v4) => {
                 let mut k = [0u8; 8];
                 k[..4].copy_from_slice(&v4.octets());
@@ -111,7 +125,12 @@ impl CookieReplyBudget {
                 k.copy_from_slice(&v6.octets()[..8]);
                 k
             }
-        };
+        }
+    }
+
+    /// Whether `src` may get a cookie reply at `now` (and spends one).
+    pub fn allow(&mut self, src: IpAddr, now: std::time::Instant) -> bool {
+        let key = Self::key(src);
         if self.sources.len() >= REPLY_SOURCES && !self.sources.contains_key(&key) {
             self.sources.clear();
         }
@@ -269,8 +288,14 @@ mod tests {
         let mut budget = CookieReplyBudget::default();
         let t0 = Instant::now();
         let flooder: IpAddr = "192.0.2.7".parse().unwrap();
+        assert!(!budget.exhausted(flooder, t0));
         let granted = (0..1000).filter(|_| budget.allow(flooder, t0)).count();
         assert_eq!(granted, COOKIE_REPLY_BURST as usize);
+        assert!(
+            budget.exhausted(flooder, t0),
+            "its handshakes are dropped unread"
+        );
+        assert!(!budget.exhausted(flooder, t0 + Duration::from_millis(60)));
         // Others are not held back by it; an IPv6 /64 counts as one source.
         assert!(budget.allow("192.0.2.8".parse().unwrap(), t0));
         let v6 = |s: &str| s.parse::<IpAddr>().unwrap();

@@ -314,6 +314,11 @@ async fn from_udp(
         disco::handle(shared, table, datagram, Via::Udp(from), None).await;
         return;
     }
+    let handshake = matches!(datagram.first(), Some(1 | 2));
+    if handshake && budget.exhausted(from.ip(), Instant::now()) {
+        bump(&shared.counters.drop_bad_handshake);
+        return;
+    }
     match admit(limiter, Some(from.ip()), datagram, cookie) {
         Admission::Session { receiver_index } => {
             if let Some(peer) = session_peer(&shared.counters, table, receiver_index) {
