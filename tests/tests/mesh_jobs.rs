@@ -124,8 +124,8 @@ fn jobs_go_to_eligible_workers_through_the_gateway_and_the_ledger_settles_them()
             lab.host("w2", 22)?,
             lab.host("w3", 23)?,
         );
-        let w1 = Device::start_with(lab, h1, &serving)?;
-        let w2 = Device::start_with(lab, h2, &serving)?;
+        let mut w1 = Device::start_with(lab, h1, &serving)?;
+        let mut w2 = Device::start_with(lab, h2, &serving)?;
         // w3 is a laptop on battery: it never gets a job.
         let sys = lab.dir.join("w3-sys");
         fake_power_supply(&sys, false)?;
@@ -448,6 +448,46 @@ fn jobs_go_to_eligible_workers_through_the_gateway_and_the_ledger_settles_them()
         anyhow::ensure!(
             burns_for(&entries(&coord)?, &job) == 1,
             "burned more than once"
+        );
+
+        // The crashed worker starts again on the state it left: it rejoins,
+        // and whatever it kept (receipts of earlier jobs) is not counted
+        // twice; the job stays burned once and minted once.
+        let crashed = if victim == "w1" { &mut w1 } else { &mut w2 };
+        crashed.restart(lab)?;
+        wait_until(Duration::from_secs(30), "the crashed worker back", || {
+            alpha
+                .peer(&victim)
+                .is_ok_and(|p| p.is_some_and(|p| p["online"] == true))
+        })?;
+        let before = entries(&coord)?;
+        std::thread::sleep(Duration::from_secs(5));
+        let after = entries(&coord)?;
+        let mints = |e: &[Value]| {
+            e.iter()
+                .filter(|x| x["kind"] == "mint" && x["job_id"] == job.as_str())
+                .count()
+        };
+        anyhow::ensure!(
+            burns_for(&after, &job) == 1 && mints(&after) == 1,
+            "after the crashed worker came back: {} burns, {} mints for {job}",
+            burns_for(&after, &job),
+            mints(&after)
+        );
+        let mut seen = std::collections::HashSet::new();
+        for e in &after {
+            if e["kind"] == "mint" {
+                anyhow::ensure!(
+                    seen.insert(e["job_id"].to_string()),
+                    "a job minted twice: {e}"
+                );
+            }
+        }
+        anyhow::ensure!(
+            after.len() == before.len(),
+            "the restarted worker added entries for old work: {} → {}",
+            before.len(),
+            after.len()
         );
 
         // Balances reconcile: each is the sum of its entries, and all sum to zero.
