@@ -216,7 +216,9 @@ pub trait Admission: Send + Sync {
     /// block (it may write to disk).
     fn finish(&self, job: AdmittedJob, outcome: JobOutcome);
 
-    /// Lines this hook adds to `/metrics` (Prometheus text format).
+    /// Lines this hook adds to `/metrics`, in the OpenMetrics text format:
+    /// they go before the closing `# EOF`, and a counter's `# TYPE` line
+    /// names it without its `_total` suffix.
     fn metrics(&self, _out: &mut String) {}
 }
 

@@ -11,11 +11,11 @@
 //! decode.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 
 use llama_cpp_2::token::LlamaToken;
+use prometheus_client::metrics::counter::Counter;
 use tokio::sync::oneshot;
 
 use crate::llama::{ComputeError, Embedder, Embeddings, MAX_SEQS};
@@ -53,9 +53,9 @@ pub struct EmbedBatcher {
 #[derive(Default)]
 struct Counters {
     /// Decodes run so far (each serving one or more requests).
-    decodes: AtomicU64,
+    decodes: Counter,
     /// Requests dropped unfinished because their caller went away.
-    abandoned: AtomicU64,
+    abandoned: Counter,
 }
 
 impl EmbedBatcher {
@@ -82,13 +82,22 @@ impl EmbedBatcher {
 
     /// Decodes run so far; fewer than requests when batching worked.
     pub fn decodes(&self) -> u64 {
-        self.counters.decodes.load(Ordering::Relaxed)
+        self.counters.decodes.get()
     }
 
     /// Requests dropped before they were done because their caller went
     /// away (the future of [`EmbedBatcher::embed`] was dropped).
     pub fn abandoned(&self) -> u64 {
-        self.counters.abandoned.load(Ordering::Relaxed)
+        self.counters.abandoned.get()
+    }
+
+    /// The counters behind [`EmbedBatcher::decodes`] and
+    /// [`EmbedBatcher::abandoned`], for a metrics registry.
+    pub(crate) fn counters(&self) -> (Counter, Counter) {
+        (
+            self.counters.decodes.clone(),
+            self.counters.abandoned.clone(),
+        )
     }
 
     /// Embeds `inputs` together with whatever else is waiting. Dropping
@@ -153,13 +162,13 @@ fn run(
             queue.push(job);
         }
         let gone = queue.drop_abandoned();
-        counters.abandoned.fetch_add(gone, Ordering::Relaxed);
+        counters.abandoned.inc_by(gone);
         let plan = queue.plan(MAX_SEQS, embedder.batch_tokens());
         if plan.is_empty() {
             continue;
         }
         let seqs = queue.seqs(&plan);
-        counters.decodes.fetch_add(1, Ordering::Relaxed);
+        counters.decodes.inc();
         let result = embedder.decode(&mut ctx, &seqs);
         queue.settle(&plan, result);
     }

@@ -20,12 +20,18 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequest, Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::stream::Stream;
+use prometheus_client::encoding::{text, EncodeLabelSet};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
 use serde::Serialize;
 use serde_json::json;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
@@ -61,31 +67,114 @@ pub struct Models {
     pub generator: Option<(String, Arc<Generator>)>,
 }
 
-#[derive(Default)]
-struct Metrics {
-    requests: AtomicU64,
-    rejected_busy: AtomicU64,
-    client_errors: AtomicU64,
-    prompt_tokens: AtomicU64,
-    completion_tokens: AtomicU64,
-    /// Jobs the admission hook refused, by [`Refusal::index`].
-    refused: [AtomicU64; Refusal::CODES.len()],
-    /// Latency histogram buckets (seconds), cumulative at render time.
-    latency: [AtomicU64; 8],
-    latency_sum_us: AtomicU64,
+/// The content type of `/metrics`.
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: &'static str,
 }
 
-const BUCKETS: [f64; 8] = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, f64::INFINITY];
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+/// The server's metrics, registered once in their registry.
+struct Metrics {
+    requests: Counter,
+    rejected_busy: Counter,
+    client_errors: Counter,
+    /// `compute_tokens_total{kind="prompt"}` and `{kind="completion"}`.
+    prompt_tokens: Counter,
+    completion_tokens: Counter,
+    /// Jobs the admission hook refused, by [`Refusal::index`].
+    refused: Vec<Counter>,
+    /// Set when the metrics are read.
+    contributing: Gauge,
+    queue_depth: Gauge,
+    latency: Histogram,
+    registry: Registry,
+}
+
+/// Upper bounds of the latency histogram's buckets (seconds); `+Inf` follows.
+const BUCKETS: [f64; 7] = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
 
 impl Metrics {
-    fn observe(&self, secs: f64) {
-        let i = BUCKETS
+    fn new(models: &Models) -> Self {
+        let mut registry = Registry::default();
+        // Counters are named without `_total`: the encoder appends it.
+        let requests = Counter::default();
+        registry.register("compute_requests", "Requests received", requests.clone());
+        let rejected_busy = Counter::default();
+        registry.register(
+            "compute_rejected_busy",
+            "Requests turned away with every slot and queue place taken",
+            rejected_busy.clone(),
+        );
+        let client_errors = Counter::default();
+        registry.register(
+            "compute_client_errors",
+            "Requests answered with a client error",
+            client_errors.clone(),
+        );
+        let tokens = Family::<KindLabels, Counter>::default();
+        let prompt_tokens = tokens.get_or_create_owned(&KindLabels { kind: "prompt" });
+        let completion_tokens = tokens.get_or_create_owned(&KindLabels { kind: "completion" });
+        registry.register("compute_tokens", "Tokens processed, by kind", tokens);
+        if let Some((_, b)) = &models.embedder {
+            let (decodes, abandoned) = b.counters();
+            registry.register(
+                "compute_embedding_batches",
+                "Embedding decodes run",
+                decodes,
+            );
+            registry.register(
+                "compute_embedding_abandoned",
+                "Embedding requests dropped unfinished because their caller went away",
+                abandoned,
+            );
+        }
+        let refusals = Family::<ReasonLabels, Counter>::default();
+        let refused = Refusal::CODES
             .iter()
-            .position(|b| secs <= *b)
-            .unwrap_or(BUCKETS.len() - 1);
-        self.latency[i].fetch_add(1, Ordering::Relaxed);
-        self.latency_sum_us
-            .fetch_add((secs * 1e6) as u64, Ordering::Relaxed);
+            .map(|reason| refusals.get_or_create_owned(&ReasonLabels { reason }))
+            .collect();
+        registry.register(
+            "compute_tickets_refused",
+            "Jobs the admission hook refused, by reason",
+            refusals,
+        );
+        let contributing = Gauge::default();
+        registry.register(
+            "compute_contributing",
+            "1 while the device contributes",
+            contributing.clone(),
+        );
+        let queue_depth = Gauge::default();
+        registry.register(
+            "compute_queue_depth",
+            "Jobs admitted, running or waiting",
+            queue_depth.clone(),
+        );
+        let latency = Histogram::new(BUCKETS);
+        registry.register(
+            "compute_request_seconds",
+            "Time to serve a job, in seconds",
+            latency.clone(),
+        );
+        Metrics {
+            requests,
+            rejected_busy,
+            client_errors,
+            prompt_tokens,
+            completion_tokens,
+            refused,
+            contributing,
+            queue_depth,
+            latency,
+            registry,
+        }
     }
 }
 
@@ -250,6 +339,7 @@ impl ComputeServer {
         // ones are clamped here rather than trusted (a semaphore panics
         // above its maximum).
         let slots = slots.clamp(1, MAX_SLOTS);
+        let metrics = Metrics::new(&models);
         Arc::new(ComputeServer {
             models,
             device,
@@ -260,7 +350,7 @@ impl ComputeServer {
             admitted: AtomicUsize::new(0),
             capacity: slots.saturating_add(queue.min(MAX_QUEUE)),
             slot_count: slots,
-            metrics: Metrics::default(),
+            metrics,
         })
     }
 
@@ -293,7 +383,7 @@ impl ComputeServer {
             server: self.clone(),
         };
         if prior >= self.capacity {
-            self.metrics.rejected_busy.fetch_add(1, Ordering::Relaxed);
+            self.metrics.rejected_busy.inc();
             return Err(ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limit_error",
@@ -318,7 +408,7 @@ impl ComputeServer {
                 Ok(JobReport::new(self.admission.clone(), job))
             }
             Err(refusal) => {
-                self.metrics.refused[refusal.index()].fetch_add(1, Ordering::Relaxed);
+                self.metrics.refused[refusal.index()].inc();
                 tracing::debug!(code = refusal.code(), reason = %refusal, "job refused");
                 Err(ApiError::new(
                     refusal.status(),
@@ -389,72 +479,17 @@ fn identify(mut resp: Response, server: &ComputeServer, caller: &str) -> Respons
     resp
 }
 
-async fn metrics(State(s): State<Arc<ComputeServer>>) -> String {
+async fn metrics(State(s): State<Arc<ComputeServer>>) -> impl IntoResponse {
     let m = &s.metrics;
-    let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    m.contributing.set(i64::from((s.gate)().is_ok()));
+    m.queue_depth
+        .set(i64::try_from(s.admitted.load(Ordering::Relaxed)).unwrap_or(i64::MAX));
     let mut out = String::new();
-    out += &format!(
-        "# TYPE compute_requests_total counter\ncompute_requests_total {}\n",
-        l(&m.requests)
-    );
-    out += &format!(
-        "# TYPE compute_rejected_busy_total counter\ncompute_rejected_busy_total {}\n",
-        l(&m.rejected_busy)
-    );
-    out += &format!(
-        "# TYPE compute_client_errors_total counter\ncompute_client_errors_total {}\n",
-        l(&m.client_errors)
-    );
-    out += &format!(
-        "# TYPE compute_tokens_total counter\ncompute_tokens_total{{kind=\"prompt\"}} {}\n",
-        l(&m.prompt_tokens)
-    );
-    out += &format!(
-        "compute_tokens_total{{kind=\"completion\"}} {}\n",
-        l(&m.completion_tokens)
-    );
-    if let Some((_, b)) = &s.models.embedder {
-        out += &format!(
-            "# TYPE compute_embedding_batches_total counter\ncompute_embedding_batches_total {}\n",
-            b.decodes()
-        );
-        out += &format!(
-            "# TYPE compute_embedding_abandoned_total counter\ncompute_embedding_abandoned_total {}\n",
-            b.abandoned()
-        );
-    }
-    out += "# TYPE compute_tickets_refused_total counter\n";
-    for (code, n) in Refusal::CODES.iter().zip(&m.refused) {
-        out += &format!(
-            "compute_tickets_refused_total{{reason=\"{code}\"}} {}\n",
-            l(n)
-        );
-    }
-    out += &format!(
-        "# TYPE compute_contributing gauge\ncompute_contributing {}\n",
-        u8::from((s.gate)().is_ok())
-    );
-    out += &format!(
-        "# TYPE compute_queue_depth gauge\ncompute_queue_depth {}\n",
-        s.admitted.load(Ordering::Relaxed)
-    );
-    out += "# TYPE compute_request_seconds histogram\n";
-    let mut cumulative = 0;
-    for (b, c) in BUCKETS.iter().zip(&m.latency) {
-        cumulative += l(c);
-        let le = if b.is_infinite() {
-            "+Inf".to_owned()
-        } else {
-            b.to_string()
-        };
-        out += &format!("compute_request_seconds_bucket{{le=\"{le}\"}} {cumulative}\n");
-    }
-    out += &format!(
-        "compute_request_seconds_sum {}\ncompute_request_seconds_count {cumulative}\n",
-        l(&m.latency_sum_us) as f64 / 1e6
-    );
+    // Writing to a String cannot fail. The hook's lines go before `# EOF`.
+    let _ = text::encode_registry(&mut out, &m.registry);
     s.admission.metrics(&mut out);
-    out
+    let _ = text::encode_eof(&mut out);
+    ([(header::CONTENT_TYPE, OPENMETRICS)], out)
 }
 
 async fn healthz(State(s): State<Arc<ComputeServer>>) -> Result<&'static str, ApiError> {
@@ -482,7 +517,7 @@ async fn embeddings(
     headers: HeaderMap,
     Body(req): Body<EmbeddingsRequest>,
 ) -> Result<Response, ApiError> {
-    s.metrics.requests.fetch_add(1, Ordering::Relaxed);
+    s.metrics.requests.inc();
     let caller = s.caller(peer);
     let result = async {
         s.open()?;
@@ -509,12 +544,10 @@ async fn embeddings(
                 return Err(e.into());
             }
         };
-        s.metrics.observe(started.elapsed().as_secs_f64());
+        s.metrics.latency.observe(started.elapsed().as_secs_f64());
         job.end_async(JobStatus::Ok, units, vectors_sha256(&out.vectors))
             .await;
-        s.metrics
-            .prompt_tokens
-            .fetch_add(out.prompt_tokens as u64, Ordering::Relaxed);
+        s.metrics.prompt_tokens.inc_by(out.prompt_tokens as u64);
         let data: Vec<_> = out
             .vectors
             .iter()
@@ -552,7 +585,7 @@ fn answer(
         Ok(r) => Ok(identify(r, s, caller)),
         Err(e) => {
             if e.status.is_client_error() && e.status != StatusCode::TOO_MANY_REQUESTS {
-                s.metrics.client_errors.fetch_add(1, Ordering::Relaxed);
+                s.metrics.client_errors.inc();
             }
             Ok(identify(e.into_response(), s, caller))
         }
@@ -606,7 +639,7 @@ async fn chat(
     headers: HeaderMap,
     Body(req): Body<ChatRequest>,
 ) -> Result<Response, ApiError> {
-    s.metrics.requests.fetch_add(1, Ordering::Relaxed);
+    s.metrics.requests.inc();
     let caller = s.caller(peer);
     let result = async {
         s.open()?;
@@ -647,9 +680,9 @@ async fn chat(
             .await
             .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "panic", e.to_string()))??;
             drop(gone);
-            s.metrics.observe(started.elapsed().as_secs_f64());
-            s.metrics.prompt_tokens.fetch_add(out.prompt_tokens as u64, Ordering::Relaxed);
-            s.metrics.completion_tokens.fetch_add(out.completion_tokens as u64, Ordering::Relaxed);
+            s.metrics.latency.observe(started.elapsed().as_secs_f64());
+            s.metrics.prompt_tokens.inc_by(out.prompt_tokens as u64);
+            s.metrics.completion_tokens.inc_by(out.completion_tokens as u64);
             let usage = Usage { prompt_tokens: out.prompt_tokens, completion_tokens: out.completion_tokens, total_tokens: out.prompt_tokens + out.completion_tokens };
             return Ok(Json(json!({
                 "id": id,
@@ -717,15 +750,13 @@ fn stream_chat(
             )
             .is_ok()
         });
-        s.metrics.observe(started.elapsed().as_secs_f64());
+        s.metrics.latency.observe(started.elapsed().as_secs_f64());
         match result {
             Ok(out) => {
-                s.metrics
-                    .prompt_tokens
-                    .fetch_add(out.prompt_tokens as u64, Ordering::Relaxed);
+                s.metrics.prompt_tokens.inc_by(out.prompt_tokens as u64);
                 s.metrics
                     .completion_tokens
-                    .fetch_add(out.completion_tokens as u64, Ordering::Relaxed);
+                    .inc_by(out.completion_tokens as u64);
                 // Told before the last chunk: the answer is whole only
                 // once the job is on record.
                 job.end(
@@ -876,5 +907,39 @@ mod tests {
             assert_eq!(status, 400, "{input}: {answer}");
             assert_eq!(answer["error"]["code"], "empty_input");
         }
+    }
+
+    #[tokio::test]
+    async fn metrics_are_openmetrics_text_with_every_series() {
+        let base = serve().await;
+        let (status, _) = post(&base, json!({"model": "m", "input": []}).to_string()).await;
+        assert_eq!(status, 400);
+        let r = reqwest::get(format!("{base}/metrics")).await.unwrap();
+        assert_eq!(r.headers()["content-type"], OPENMETRICS);
+        let text = r.text().await.unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        for line in [
+            "# TYPE compute_requests counter",
+            "compute_requests_total 1",
+            "compute_client_errors_total 1",
+            "compute_rejected_busy_total 0",
+            "compute_tokens_total{kind=\"prompt\"} 0",
+            "compute_tokens_total{kind=\"completion\"} 0",
+            "compute_contributing 1",
+            "compute_queue_depth 0",
+            "# TYPE compute_request_seconds histogram",
+            "compute_request_seconds_bucket{le=\"0.01\"} 0",
+            "compute_request_seconds_bucket{le=\"+Inf\"} 0",
+            "compute_request_seconds_count 0",
+        ] {
+            assert!(lines.contains(&line), "{line} in\n{text}");
+        }
+        for reason in Refusal::CODES {
+            let line = format!("compute_tickets_refused_total{{reason=\"{reason}\"}} 0");
+            assert!(lines.contains(&line.as_str()), "{line} in\n{text}");
+        }
+        // No embedder: no embedding counters.
+        assert!(!text.contains("compute_embedding"), "{text}");
+        assert_eq!(lines.last(), Some(&"# EOF"));
     }
 }

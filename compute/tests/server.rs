@@ -347,7 +347,11 @@ async fn jobs_without_a_good_ticket_are_refused_precisely_and_counted() {
         let line = format!("compute_tickets_refused_total{{reason=\"{reason}\"}} {n}\n");
         assert!(metrics.contains(&line), "{line} in {metrics}");
     }
-    assert!(metrics.contains("test_tickets_metric 1\n"), "{metrics}");
+    // The hook's lines come before the end of the exposition.
+    assert!(
+        metrics.ends_with("test_tickets_metric 1\n# EOF\n"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]

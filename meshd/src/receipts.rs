@@ -328,10 +328,10 @@ impl ReceiptQueue {
         out.push_str(&format!(
             "# TYPE compute_receipts_queued gauge\ncompute_receipts_queued {count}\n\
              # TYPE compute_receipts_queued_bytes gauge\ncompute_receipts_queued_bytes {bytes}\n\
-             # TYPE compute_receipts_enqueued_total counter\ncompute_receipts_enqueued_total {}\n\
-             # TYPE compute_receipts_unwritten_total counter\ncompute_receipts_unwritten_total {}\n\
-             # TYPE compute_receipts_corrupt_total counter\ncompute_receipts_corrupt_total {}\n\
-             # TYPE compute_receipts_delivered_total counter\n",
+             # TYPE compute_receipts_enqueued counter\ncompute_receipts_enqueued_total {}\n\
+             # TYPE compute_receipts_unwritten counter\ncompute_receipts_unwritten_total {}\n\
+             # TYPE compute_receipts_corrupt counter\ncompute_receipts_corrupt_total {}\n\
+             # TYPE compute_receipts_delivered counter\n",
             l(&c.enqueued),
             l(&c.unwritten),
             l(&c.corrupt),

@@ -392,7 +392,7 @@ impl Admission for TicketAdmission {
 
     fn metrics(&self, out: &mut String) {
         self.receipts.render_metrics(out);
-        out.push_str("# TYPE compute_refused_not_a_peer_total counter\n");
+        out.push_str("# TYPE compute_refused_not_a_peer counter\n");
         out.push_str(&format!(
             "compute_refused_not_a_peer_total {}\n",
             self.not_a_peer.load(Ordering::Relaxed)

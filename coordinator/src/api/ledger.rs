@@ -1,9 +1,9 @@
 //! Compute rules and the credit ledger over HTTP: a network's rules
 //! (members read, admins write), receipts delivered by workers, balances,
 //! entries and their export, admin grants, a device asking for its owner's
-//! spendable credits, and the ledger's Prometheus counters.
+//! spendable credits, and the ledger's OpenMetrics counters.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::LazyLock;
 
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
@@ -22,6 +22,10 @@ use platform::ledger::{
 };
 use platform::people::{DeviceState, Role};
 use platform::signed::Signed;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -44,17 +48,48 @@ const EXPORT_PAGE: u32 = 1_000;
 /// Counters since the process started, shared by every server state in
 /// the process (Prometheus counters may reset on restart).
 struct LedgerMetrics {
-    minted: AtomicU64,
-    burned: AtomicU64,
-    /// By [`ReceiptOutcome`], in `OUTCOMES` order.
-    receipts: [AtomicU64; 4],
+    minted: Counter,
+    burned: Counter,
+    receipts: Family<OutcomeLabels, Counter>,
+    registry: Registry,
 }
 
-static METRICS: LedgerMetrics = LedgerMetrics {
-    minted: AtomicU64::new(0),
-    burned: AtomicU64::new(0),
-    receipts: [const { AtomicU64::new(0) }; 4],
-};
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+static METRICS: LazyLock<LedgerMetrics> = LazyLock::new(|| {
+    let (minted, burned) = (Counter::default(), Counter::default());
+    let receipts = Family::<OutcomeLabels, Counter>::default();
+    // Every outcome is shown, at 0 until it happens.
+    for (_, outcome) in OUTCOMES {
+        receipts.get_or_create_owned(&OutcomeLabels { outcome });
+    }
+    let mut registry = Registry::default();
+    // Counters are named without `_total`: the encoder appends it.
+    registry.register(
+        "crank_credits_minted_micro",
+        "Micro-credits minted for validated work",
+        minted.clone(),
+    );
+    registry.register(
+        "crank_credits_burned_micro",
+        "Micro-credits burned by submitted jobs",
+        burned.clone(),
+    );
+    registry.register(
+        "crank_receipts",
+        "Receipts delivered, by outcome",
+        receipts.clone(),
+    );
+    LedgerMetrics {
+        minted,
+        burned,
+        receipts,
+        registry,
+    }
+});
 
 const OUTCOMES: [(ReceiptOutcome, &str); 4] = [
     (ReceiptOutcome::Recorded, "recorded"),
@@ -63,41 +98,25 @@ const OUTCOMES: [(ReceiptOutcome, &str); 4] = [
     (ReceiptOutcome::Refused, "refused"),
 ];
 
-fn outcome_index(o: ReceiptOutcome) -> usize {
-    OUTCOMES.iter().position(|(x, _)| *x == o).unwrap_or(0)
+fn outcome_label(o: ReceiptOutcome) -> &'static str {
+    OUTCOMES
+        .iter()
+        .find(|(x, _)| *x == o)
+        .map_or(OUTCOMES[0].1, |(_, label)| label)
 }
 
-/// `GET /metrics`: the ledger's counters in Prometheus text format.
+/// `GET /metrics`: the ledger's counters in the OpenMetrics text format.
 pub async fn metrics() -> impl IntoResponse {
     let mut text = String::new();
-    for (name, help, value) in [
-        (
-            "crank_credits_minted_micro_total",
-            "Micro-credits minted for validated work.",
-            &METRICS.minted,
-        ),
-        (
-            "crank_credits_burned_micro_total",
-            "Micro-credits burned by submitted jobs.",
-            &METRICS.burned,
-        ),
-    ] {
-        text.push_str(&format!(
-            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n",
-            value.load(Ordering::Relaxed)
-        ));
-    }
-    text.push_str(
-        "# HELP crank_receipts_total Receipts delivered, by outcome.\n\
-         # TYPE crank_receipts_total counter\n",
-    );
-    for (i, (_, label)) in OUTCOMES.iter().enumerate() {
-        text.push_str(&format!(
-            "crank_receipts_total{{outcome=\"{label}\"}} {}\n",
-            METRICS.receipts[i].load(Ordering::Relaxed)
-        ));
-    }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
+    // Writing to a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut text, &METRICS.registry);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
 }
 
 /// Any member reads the rules (devices get them in the netmap anyway).
@@ -192,7 +211,12 @@ pub async fn receipts(
 
 /// Counts a committed outcome and logs it under the job's trace id.
 fn report(r: &Ingested) {
-    METRICS.receipts[outcome_index(r.outcome)].fetch_add(1, Ordering::Relaxed);
+    METRICS
+        .receipts
+        .get_or_create(&OutcomeLabels {
+            outcome: outcome_label(r.outcome),
+        })
+        .inc();
     let span = tracing::info_span!("job", trace_id = %r.job_id, chunk = r.chunk_id);
     let _entered = span.enter();
     let Some(rec) = &r.recorded else {
@@ -206,8 +230,8 @@ fn report(r: &Ingested) {
         }
         return;
     };
-    METRICS.minted.fetch_add(rec.minted, Ordering::Relaxed);
-    METRICS.burned.fetch_add(rec.burned, Ordering::Relaxed);
+    METRICS.minted.inc_by(rec.minted);
+    METRICS.burned.inc_by(rec.burned);
     tracing::debug!(network = %rec.network, worker = %rec.worker, submitter = %rec.submitter, receipt = rec.receipt_id, "receipt entered");
     if rec.ok {
         tracing::info!(receipt = rec.receipt_id, "job_completed");

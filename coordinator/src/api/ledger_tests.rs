@@ -1270,8 +1270,10 @@ async fn metrics_count_receipts_and_credits() {
             "{name}"
         );
     }
-    assert!(after.contains("# TYPE crank_receipts_total counter"));
+    // Counter families are typed under their name without `_total`.
+    assert!(after.contains("# TYPE crank_receipts counter"), "{after}");
     assert!(after.contains("crank_receipts_total{outcome=\"refused\"}"));
+    assert!(after.ends_with("# EOF\n"), "{after}");
 }
 
 /// SplitMix64: a seeded sequence for the randomized run.

@@ -23,7 +23,6 @@
 
 use std::collections::HashMap;
 use std::hash::Hash;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -320,10 +319,10 @@ impl CoordinatorAdmission {
             cache.may_ask(asked)
         };
         let answer = if may_ask {
-            metrics.admission_asks.fetch_add(1, Ordering::Relaxed);
+            metrics.admission_asks.inc();
             self.query(key).await
         } else {
-            metrics.admission_throttled.fetch_add(1, Ordering::Relaxed);
+            metrics.admission_throttled.inc();
             Answer::NoAnswer
         };
         lock(&self.cache).decide(key, answer, asked, Instant::now())
@@ -338,7 +337,7 @@ impl CoordinatorAdmission {
         metrics: &Metrics,
     ) -> Option<Vec<NodePublic>> {
         let asked = Instant::now();
-        metrics.admission_asks.fetch_add(1, Ordering::Relaxed);
+        metrics.admission_asks.inc();
         let response = self
             .http
             .post(format!("{}/api/v1/relay/admit", self.url))

@@ -1,5 +1,5 @@
 //! HTTP front: `GET /derp` with `Upgrade: crank-derp` becomes a relay
-//! connection; `/healthz` and Prometheus `/metrics` beside it. Plus the STUN
+//! connection; `/healthz` and OpenMetrics `/metrics` beside it. Plus the STUN
 //! responder on UDP.
 
 use std::net::SocketAddr;
@@ -17,7 +17,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::UdpSocket;
 use tokio::sync::OwnedSemaphorePermit;
 
-use super::metrics::Drop;
+use super::metrics::{Drop, CONTENT_TYPE};
 use super::Relay;
 use crate::proto::stun;
 
@@ -32,22 +32,19 @@ pub fn router(relay: Arc<Relay>) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route(
             "/metrics",
-            get(|State(r): State<Arc<Relay>>| async move { r.render_metrics() }),
+            get(|State(r): State<Arc<Relay>>| async move {
+                ([(header::CONTENT_TYPE, CONTENT_TYPE)], r.render_metrics())
+            }),
         )
         .with_state(relay)
 }
 
 impl Relay {
-    /// The Prometheus text of `/metrics`.
+    /// The OpenMetrics text of `/metrics`.
     pub fn render_metrics(&self) -> String {
-        use std::fmt::Write as _;
-        let mut out = self.metrics.render();
         let (admitted, refused) = self.admission().cached();
-        let _ = writeln!(
-            out,
-            "# TYPE derp_admission_cached gauge\nderp_admission_cached{{answer=\"admitted\"}} {admitted}\nderp_admission_cached{{answer=\"refused\"}} {refused}"
-        );
-        out
+        self.metrics.set_admission_cached(admitted, refused);
+        self.metrics.render()
     }
 }
 

@@ -83,10 +83,7 @@ async fn link(relay: &Arc<Relay>, peer: &MeshPeer) -> anyhow::Result<()> {
         let challenge = match reader.next().await? {
             Some(Frame::ServerKey { key, challenge }) if key == peer.key => challenge,
             Some(Frame::ServerKey { key, .. }) => {
-                relay
-                    .metrics
-                    .mesh_key_mismatches
-                    .fetch_add(1, Ordering::Relaxed);
+                relay.metrics.mesh_key_mismatches.inc();
                 bail!(
                     "the relay presented key {}, not the configured {}; the mesh key is not sent",
                     hex::encode(key),

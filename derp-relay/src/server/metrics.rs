@@ -1,10 +1,16 @@
-//! Counters exported on `/metrics` in the Prometheus text format.
+//! Counters exported on `/metrics` in the OpenMetrics text format.
 
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// The content type of [`Metrics::render`]'s text.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Why a packet or a connection was dropped.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Drop {
     RateLimited,
     QueueFull,
@@ -73,107 +79,200 @@ impl Drop {
     }
 }
 
-#[derive(Default)]
+impl EncodeLabelValue for Drop {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        EncodeLabelValue::encode(&self.label(), encoder)
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DropLabels {
+    reason: Drop,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AnswerLabels {
+    answer: &'static str,
+}
+
+/// The relay's counters and gauges, registered once in their registry.
 pub struct Metrics {
-    pub clients: AtomicI64,
-    pub accepted: AtomicU64,
-    pub bytes_in: AtomicU64,
-    pub bytes_out: AtomicU64,
-    pub packets_in: AtomicU64,
-    pub packets_out: AtomicU64,
+    pub clients: Gauge,
+    pub accepted: Counter,
+    pub bytes_in: Counter,
+    pub bytes_out: Counter,
+    pub packets_in: Counter,
+    pub packets_out: Counter,
     /// Node keys the coordinator revoked (pushed on the revocation stream).
-    pub revocations: AtomicU64,
+    pub revocations: Counter,
     /// Times the admission cache was flushed on the coordinator's word.
-    pub revocation_resyncs: AtomicU64,
+    pub revocation_resyncs: Counter,
     /// 1 while the revocation stream to the coordinator is open.
-    pub revocation_stream_up: AtomicI64,
+    pub revocation_stream_up: Gauge,
     /// Mesh peers that presented another key than the one configured.
-    pub mesh_key_mismatches: AtomicU64,
+    pub mesh_key_mismatches: Counter,
     /// Admission questions sent to the coordinator.
-    pub admission_asks: AtomicU64,
+    pub admission_asks: Counter,
     /// Admission questions not sent: over the budget (treated as no answer).
-    pub admission_throttled: AtomicU64,
-    drops: [AtomicU64; Drop::ALL.len()],
+    pub admission_throttled: Counter,
+    drops: Family<DropLabels, Counter>,
+    /// Admission answers cached now, set when the metrics are read.
+    admission_cached: Family<AnswerLabels, Gauge>,
+    registry: Registry,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let m = Metrics {
+            clients: Gauge::default(),
+            accepted: Counter::default(),
+            bytes_in: Counter::default(),
+            bytes_out: Counter::default(),
+            packets_in: Counter::default(),
+            packets_out: Counter::default(),
+            revocations: Counter::default(),
+            revocation_resyncs: Counter::default(),
+            revocation_stream_up: Gauge::default(),
+            mesh_key_mismatches: Counter::default(),
+            admission_asks: Counter::default(),
+            admission_throttled: Counter::default(),
+            drops: Family::default(),
+            admission_cached: Family::default(),
+            registry: Registry::default(),
+        };
+        // Every reason and answer is shown, at 0 until it happens.
+        for reason in Drop::ALL {
+            m.drops.get_or_create_owned(&DropLabels { reason });
+        }
+        for answer in ["admitted", "refused"] {
+            m.admission_cached
+                .get_or_create_owned(&AnswerLabels { answer });
+        }
+        let mut registry = Registry::default();
+        // Counters are named without `_total`: the encoder appends it.
+        registry.register("derp_clients", "Clients connected now", m.clients.clone());
+        registry.register("derp_accepted", "Clients admitted", m.accepted.clone());
+        registry.register(
+            "derp_bytes_received",
+            "Packet bytes received from clients and mesh peers",
+            m.bytes_in.clone(),
+        );
+        registry.register("derp_bytes_sent", "Frame bytes sent", m.bytes_out.clone());
+        registry.register(
+            "derp_packets_received",
+            "Packets received from clients and mesh peers",
+            m.packets_in.clone(),
+        );
+        registry.register("derp_packets_sent", "Frames sent", m.packets_out.clone());
+        registry.register(
+            "derp_revocations",
+            "Node keys the coordinator revoked",
+            m.revocations.clone(),
+        );
+        registry.register(
+            "derp_revocation_resyncs",
+            "Times the admission cache was flushed on the coordinator's word",
+            m.revocation_resyncs.clone(),
+        );
+        registry.register(
+            "derp_revocation_stream_up",
+            "1 while the revocation stream to the coordinator is open",
+            m.revocation_stream_up.clone(),
+        );
+        registry.register(
+            "derp_admission_asks",
+            "Admission questions sent to the coordinator",
+            m.admission_asks.clone(),
+        );
+        registry.register(
+            "derp_admission_throttled",
+            "Admission questions not sent, over the budget",
+            m.admission_throttled.clone(),
+        );
+        registry.register(
+            "derp_mesh_key_mismatches",
+            "Mesh peers that presented another key than the one configured",
+            m.mesh_key_mismatches.clone(),
+        );
+        registry.register(
+            "derp_drops",
+            "Packets and connections dropped, by reason",
+            m.drops.clone(),
+        );
+        registry.register(
+            "derp_admission_cached",
+            "Admission answers cached, by answer",
+            m.admission_cached.clone(),
+        );
+        Metrics { registry, ..m }
+    }
 }
 
 impl Metrics {
     pub fn drop(&self, why: Drop) {
-        let i = Drop::ALL.iter().position(|d| *d == why).expect("listed");
-        self.drops[i].fetch_add(1, Ordering::Relaxed);
+        self.drops.get_or_create(&DropLabels { reason: why }).inc();
     }
 
     pub fn drops(&self, why: Drop) -> u64 {
-        let i = Drop::ALL.iter().position(|d| *d == why).expect("listed");
-        self.drops[i].load(Ordering::Relaxed)
+        self.drops.get_or_create(&DropLabels { reason: why }).get()
     }
 
-    pub fn render(&self) -> String {
-        let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "# TYPE derp_clients gauge\nderp_clients {}",
-            self.clients.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "# TYPE derp_accepted_total counter\nderp_accepted_total {}",
-            l(&self.accepted)
-        );
-        let _ = writeln!(
-            out,
-            "# TYPE derp_bytes_received_total counter\nderp_bytes_received_total {}",
-            l(&self.bytes_in)
-        );
-        let _ = writeln!(
-            out,
-            "# TYPE derp_bytes_sent_total counter\nderp_bytes_sent_total {}",
-            l(&self.bytes_out)
-        );
-        let _ = writeln!(
-            out,
-            "# TYPE derp_packets_received_total counter\nderp_packets_received_total {}",
-            l(&self.packets_in)
-        );
-        let _ = writeln!(
-            out,
-            "# TYPE derp_packets_sent_total counter\nderp_packets_sent_total {}",
-            l(&self.packets_out)
-        );
-        let _ = writeln!(
-            out,
-            "# TYPE derp_revocations_total counter\nderp_revocations_total {}",
-            l(&self.revocations)
-        );
-        let _ = writeln!(
-            out,
-            "# TYPE derp_revocation_resyncs_total counter\nderp_revocation_resyncs_total {}",
-            l(&self.revocation_resyncs)
-        );
-        let _ = writeln!(
-            out,
-            "# TYPE derp_revocation_stream_up gauge\nderp_revocation_stream_up {}",
-            self.revocation_stream_up.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "# TYPE derp_admission_asks_total counter\nderp_admission_asks_total {}",
-            l(&self.admission_asks)
-        );
-        let _ = writeln!(
-            out,
-            "# TYPE derp_admission_throttled_total counter\nderp_admission_throttled_total {}",
-            l(&self.admission_throttled)
-        );
-        let _ = writeln!(
-            out,
-            "# TYPE derp_mesh_key_mismatches_total counter\nderp_mesh_key_mismatches_total {}",
-            l(&self.mesh_key_mismatches)
-        );
-        let _ = writeln!(out, "# TYPE derp_drops_total counter");
-        for (d, c) in Drop::ALL.iter().zip(&self.drops) {
-            let _ = writeln!(out, "derp_drops_total{{reason=\"{}\"}} {}", d.label(), l(c));
+    /// Sets the gauge of cached admission answers.
+    pub fn set_admission_cached(&self, admitted: usize, refused: usize) {
+        for (answer, n) in [("admitted", admitted), ("refused", refused)] {
+            self.admission_cached
+                .get_or_create(&AnswerLabels { answer })
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
         }
+    }
+
+    /// Everything, in the OpenMetrics text format ([`CONTENT_TYPE`]).
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_every_metric_under_the_names_scrapers_know() {
+        let m = Metrics::default();
+        for _ in 0..3 {
+            m.drop(Drop::QueueFull);
+        }
+        m.clients.inc();
+        m.clients.inc();
+        m.bytes_in.inc_by(1200);
+        m.revocation_stream_up.set(1);
+        m.set_admission_cached(4, 1);
+        let text = m.render();
+        let lines: Vec<&str> = text.lines().collect();
+        for line in [
+            "derp_drops_total{reason=\"queue_full\"} 3",
+            "derp_drops_total{reason=\"too_many_handshakes\"} 0",
+            "derp_clients 2",
+            "derp_accepted_total 0",
+            "derp_bytes_received_total 1200",
+            "derp_revocation_stream_up 1",
+            "derp_admission_cached{answer=\"admitted\"} 4",
+            "derp_admission_cached{answer=\"refused\"} 1",
+            "# TYPE derp_drops counter",
+            "# TYPE derp_clients gauge",
+        ] {
+            assert!(lines.contains(&line), "{line} in\n{text}");
+        }
+        let reasons = lines
+            .iter()
+            .filter(|l| l.starts_with("derp_drops_total{"))
+            .count();
+        assert_eq!(reasons, Drop::ALL.len());
+        assert_eq!(lines.last(), Some(&"# EOF"));
+        assert_eq!(m.drops(Drop::QueueFull), 3);
+        assert_eq!(m.drops(Drop::Malformed), 0);
     }
 }

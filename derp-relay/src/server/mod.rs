@@ -291,14 +291,14 @@ impl Relay {
         // A newer connection with the same key replaces the older one, whose
         // queues close and whose writer ends.
         if self.clients().insert(key, client.clone()).is_none() {
-            self.metrics.clients.fetch_add(1, Ordering::Relaxed);
+            self.metrics.clients.inc();
         }
         // Revoked between its admission and now: a revocation marks the key
         // denied before looking for its client, so one of the two sees the other.
         if self.cfg.admission.denies(&node, Instant::now()) {
             client.evict.notify_one();
         }
-        self.metrics.accepted.fetch_add(1, Ordering::Relaxed);
+        self.metrics.accepted.inc();
         self.announce(&Frame::PeerPresent { key, network });
         tracing::debug!(node = %node.short(), "client admitted");
         client.out.push(encoded(&Frame::ServerInfo), Lane::Disco);
@@ -396,10 +396,8 @@ impl Relay {
             };
             match frame {
                 Frame::SendPacket { dst, data } => {
-                    self.metrics.packets_in.fetch_add(1, Ordering::Relaxed);
-                    self.metrics
-                        .bytes_in
-                        .fetch_add(data.len() as u64, Ordering::Relaxed);
+                    self.metrics.packets_in.inc();
+                    self.metrics.bytes_in.inc_by(data.len() as u64);
                     if !bucket.take(data.len(), now()) {
                         self.metrics.drop(Drop::RateLimited);
                         continue;
@@ -515,10 +513,8 @@ impl Relay {
                     }
                 }
                 Frame::ForwardPacket { src, dst, data } => {
-                    self.metrics.packets_in.fetch_add(1, Ordering::Relaxed);
-                    self.metrics
-                        .bytes_in
-                        .fetch_add(data.len() as u64, Ordering::Relaxed);
+                    self.metrics.packets_in.inc();
+                    self.metrics.bytes_in.inc_by(data.len() as u64);
                     // The peer checked the networks; checked again here, so
                     // one relay's mistake does not cross networks.
                     let from = self.remote().get(&src).map(|r| r.network);
@@ -548,7 +544,7 @@ impl Relay {
         if removed.is_none() {
             return;
         }
-        self.metrics.clients.fetch_sub(1, Ordering::Relaxed);
+        self.metrics.clients.dec();
         self.announce(&Frame::PeerGone {
             key,
             reason: GoneReason::Disconnected,

@@ -180,10 +180,8 @@ pub async fn write_loop<W: AsyncWrite + Unpin>(
             Lane::Disco => &inbox.disco_bytes,
         };
         budget.give(frame.len());
-        metrics.packets_out.fetch_add(1, Ordering::Relaxed);
-        metrics
-            .bytes_out
-            .fetch_add(frame.len() as u64, Ordering::Relaxed);
+        metrics.packets_out.inc();
+        metrics.bytes_out.inc_by(frame.len() as u64);
         let sent = tokio::time::timeout(times.write_timeout, async {
             write.write_all(&frame).await?;
             write.flush().await

@@ -9,7 +9,6 @@
 //! connected client. The coordinator is trusted exactly as for admission
 //! checks (the `tls` of [`Admission::Coordinator`]).
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -40,7 +39,7 @@ impl Relay {
         // Denied first, looked up second: a client being admitted right now
         // checks the other way round (see `serve_conn`), so none slips through.
         self.cfg.admission.revoke(key, Instant::now());
-        self.metrics.revocations.fetch_add(1, Ordering::Relaxed);
+        self.metrics.revocations.inc();
         if self.evict(key) {
             tracing::info!(node = %key.short(), "revoked client evicted");
         } else {
@@ -60,9 +59,7 @@ impl Relay {
     /// [`Relay::recheck_clients`]).
     pub fn resync(&self) {
         self.cfg.admission.clear();
-        self.metrics
-            .revocation_resyncs
-            .fetch_add(1, Ordering::Relaxed);
+        self.metrics.revocation_resyncs.inc();
     }
 
     /// Asks again about each connected client and evicts those now refused.
@@ -109,10 +106,7 @@ pub async fn run(relay: Arc<Relay>) {
     loop {
         let tls = Connector::Rustls(tls.clone());
         let result = session(&relay, &stream_url, token, tls, &mut backoff).await;
-        relay
-            .metrics
-            .revocation_stream_up
-            .store(0, Ordering::Relaxed);
+        relay.metrics.revocation_stream_up.set(0);
         match result {
             Ok(()) => tracing::warn!("revocation stream closed by the coordinator"),
             Err(e) => tracing::warn!(error = format!("{e:#}"), "revocation stream down"),
@@ -170,12 +164,7 @@ async fn session(
         match serde_json::from_str::<RevocationMessage>(&text) {
             Ok(RevocationMessage::Revoked { node_key }) => relay.revoke(node_key),
             Ok(RevocationMessage::Resync) => {
-                if relay
-                    .metrics
-                    .revocation_stream_up
-                    .swap(1, Ordering::Relaxed)
-                    == 0
-                {
+                if relay.metrics.revocation_stream_up.set(1) == 0 {
                     tracing::info!("revocation stream open");
                     *backoff = FIRST_BACKOFF;
                 }

@@ -674,7 +674,7 @@ async fn revoked_clients_are_evicted_at_once() {
     let (relay, url) = start(asking(&coord.url), 1 << 30).await;
     let _stream = tokio::spawn(super::revocations::run(relay.clone()));
     wait_for("the revocation stream", || {
-        relay.metrics.revocation_stream_up.load(Ordering::Relaxed) == 1
+        relay.metrics.revocation_stream_up.get() == 1
     })
     .await;
 
@@ -696,7 +696,7 @@ async fn revoked_clients_are_evicted_at_once() {
     }
     assert_eq!(relay.client_count(), 1);
     assert_eq!(relay.metrics.drops(Drop::Revoked), 1);
-    assert_eq!(relay.metrics.revocations.load(Ordering::Relaxed), 1);
+    assert_eq!(relay.metrics.revocations.get(), 1);
     assert!(relay.metrics.render().contains("derp_revocations_total 1"));
     // Its client reconnects on its own, and is refused.
     let reason = disconnected(&mut a, Duration::from_secs(5)).await;
@@ -710,7 +710,7 @@ async fn revoked_clients_are_evicted_at_once() {
     assert!(reason.contains("revoked"), "{reason}");
     assert_eq!(relay.client_count(), 0);
     assert_eq!(
-        relay.metrics.revocation_resyncs.load(Ordering::Relaxed),
+        relay.metrics.revocation_resyncs.get(),
         2,
         "one resync per stream"
     );
