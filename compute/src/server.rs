@@ -67,7 +67,8 @@ pub struct Models {
     pub generator: Option<(String, Arc<Generator>)>,
 }
 
-/// The content type of `/metrics`.
+/// The content type of `/metrics`: OpenMetrics text, as `prometheus_client` encodes it (the same type as the
+/// coordinator and relay pages; this crate stands alone).
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

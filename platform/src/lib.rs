@@ -19,6 +19,11 @@ pub mod signed;
 #[cfg(feature = "tls")]
 pub mod tls;
 
+/// The content type of every `/metrics` page (OpenMetrics text, as
+/// `prometheus_client::encoding::text::encode` writes it).
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
 /// Seconds since the Unix epoch (for callers that have a clock).
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now()

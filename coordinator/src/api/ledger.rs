@@ -111,10 +111,7 @@ pub async fn metrics() -> impl IntoResponse {
     // Writing to a String cannot fail.
     let _ = prometheus_client::encoding::text::encode(&mut text, &METRICS.registry);
     (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
+        [(header::CONTENT_TYPE, platform::OPENMETRICS_CONTENT_TYPE)],
         text,
     )
 }

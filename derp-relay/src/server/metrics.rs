@@ -7,7 +7,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 /// The content type of [`Metrics::render`]'s text.
-pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+pub use platform::OPENMETRICS_CONTENT_TYPE as CONTENT_TYPE;
 
 /// Why a packet or a connection was dropped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
