@@ -8,6 +8,7 @@
 #
 #   bash tests/scripts/fuzz.sh                 # every target, 10 M runs each
 #   RUNS=1000000 bash tests/scripts/fuzz.sh platform/signed_frame
+#   MAX_LEN=65536 bash tests/scripts/fuzz.sh derp-relay/frame_decode  # inputs up to 64 KiB (default 4 KiB)
 #
 # Needs `cargo install cargo-fuzz` and a nightly toolchain (rustup).
 set -euo pipefail
@@ -35,7 +36,7 @@ for spec in "${targets[@]}"; do
   start=$(date +%s)
   result=clean
   (cd "$root/$dir" && cargo +nightly fuzz run --release "$target" "$scratch" "$seeds" -- \
-     -runs="$runs" -max_len=65536 -print_final_stats=1) >"$log" 2>&1 || result="FAILED (see $log)"
+     -runs="$runs" -max_len="${MAX_LEN:-4096}" -print_final_stats=1) >"$log" 2>&1 || result="FAILED (see $log)"
   secs=$(( $(date +%s) - start ))
   done_runs=$(grep -o 'Done [0-9]* runs' "$log" | grep -o '[0-9]*' || echo 0)
   per=$(grep -o 'exec/s: [0-9]*' "$log" | tail -1 | grep -o '[0-9]*' || echo 0)
