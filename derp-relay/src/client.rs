@@ -2,13 +2,21 @@
 //! (reconnecting with backoff), sends packets to node keys through it and
 //! reports what arrives.
 
+use std::net::IpAddr;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use http_body_util::Empty;
+use hyper::body::Bytes;
+use hyper::header;
+use hyper::{Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use url::{Host, Url};
 use x25519_dalek::StaticSecret;
 
 use crate::io::{write_frame, FrameReader};
@@ -20,7 +28,8 @@ use crate::server::http::UPGRADE_PROTOCOL;
 const SEND_QUEUE: usize = 1024;
 /// Reconnects are quick: a restarted relay is back in use within seconds.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
-/// Longest HTTP response head accepted during the upgrade.
+/// Largest HTTP response head accepted during the upgrade (hyper's smallest
+/// buffer limit).
 const MAX_RESPONSE_HEAD: usize = 8 * 1024;
 /// Time to connect, upgrade and be admitted.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -38,7 +47,7 @@ pub enum RelayEvent {
     PeerGone { key: Key, reason: GoneReason },
 }
 
-/// A byte stream to a relay: plain TCP or TLS.
+/// A byte stream to a relay (plain TCP or TLS underneath).
 pub trait Conn: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Conn for T {}
 
@@ -118,77 +127,130 @@ async fn run<T: Clone + Send + Sync + 'static>(
 
 /// The `host:port` a relay URL connects to.
 pub fn relay_authority(url: &str) -> anyhow::Result<String> {
-    split_url(url).map(|(_, authority, _)| authority)
+    RelayUrl::parse(url).map(|u| u.authority())
 }
 
-/// `http[s]://host:port/path` → (TLS?, `host:port`, `/path`).
-fn split_url(url: &str) -> anyhow::Result<(bool, String, String)> {
-    let (tls, rest) = match (url.strip_prefix("https://"), url.strip_prefix("http://")) {
-        (Some(rest), _) => (true, rest),
-        (None, Some(rest)) => (false, rest),
-        _ => bail!("relay URL must start with http:// or https://"),
-    };
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/derp"),
-    };
-    let authority = if authority.contains(':') || authority.ends_with(']') {
-        authority.to_owned()
-    } else {
-        format!("{authority}:{}", if tls { 443 } else { 80 })
-    };
-    Ok((tls, authority, path.to_owned()))
+/// A relay URL taken apart: `http[s]://host[:port][/path]`.
+#[derive(Debug, PartialEq, Eq)]
+struct RelayUrl {
+    tls: bool,
+    host: Host,
+    /// The scheme's port unless the URL names one.
+    port: u16,
+    /// Path and query of the upgrade request; `/derp` when the URL has none.
+    path: String,
 }
 
+impl RelayUrl {
+    fn parse(url: &str) -> anyhow::Result<Self> {
+        let parsed = Url::parse(url).with_context(|| format!("relay URL {url:?}"))?;
+        let tls = match parsed.scheme() {
+            "https" => true,
+            "http" => false,
+            _ => bail!("relay URL must start with http:// or https://"),
+        };
+        let host = parsed
+            .host()
+            .with_context(|| format!("relay URL {url:?} names no host"))?
+            .to_owned();
+        let port = parsed
+            .port_or_known_default()
+            .with_context(|| format!("relay URL {url:?} has no port"))?;
+        let path = match (parsed.path(), parsed.query()) {
+            ("/", None) => "/derp".to_owned(),
+            (path, None) => path.to_owned(),
+            (path, Some(query)) => format!("{path}?{query}"),
+        };
+        Ok(RelayUrl {
+            tls,
+            host,
+            port,
+            path,
+        })
+    }
+
+    /// `host:port`, IPv6 addresses in brackets: what TCP connects to and
+    /// the `Host` header names.
+    fn authority(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+
+    /// The name the relay's certificate must carry.
+    fn server_name(&self) -> anyhow::Result<ServerName<'static>> {
+        Ok(match &self.host {
+            Host::Domain(name) => ServerName::try_from(name.clone()).context("relay host name")?,
+            Host::Ipv4(ip) => ServerName::from(IpAddr::V4(*ip)),
+            Host::Ipv6(ip) => ServerName::from(IpAddr::V6(*ip)),
+        })
+    }
+}
+
+/// Connects to the relay at `target` (over TLS for `https://`) and upgrades
+/// the connection to the relay protocol; what comes back carries frames.
 pub(crate) async fn connect(target: &RelayTarget) -> anyhow::Result<Box<dyn Conn>> {
-    let (tls, authority, path) = split_url(&target.url)?;
+    let url = RelayUrl::parse(&target.url)?;
+    let authority = url.authority();
     let tcp = TcpStream::connect(&authority)
         .await
         .with_context(|| format!("connecting to {authority}"))?;
     tcp.set_nodelay(true)?;
-    let mut stream: Box<dyn Conn> = if tls {
-        let host = authority
-            .rsplit_once(':')
-            .map_or(authority.as_str(), |(h, _)| h)
-            .trim_start_matches('[')
-            .trim_end_matches(']');
-        let name =
-            rustls_pki_types::ServerName::try_from(host.to_owned()).context("relay host name")?;
-        let connector =
-            tokio_rustls::TlsConnector::from(crate::tls::client_config(target.ca_pem.as_deref())?);
-        Box::new(
-            connector
-                .connect(name, tcp)
-                .await
-                .with_context(|| format!("TLS with {authority}"))?,
-        )
-    } else {
-        Box::new(tcp)
-    };
-    let req = format!(
-        "GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: Upgrade\r\nUpgrade: {UPGRADE_PROTOCOL}\r\n\r\n"
-    );
-    stream.write_all(req.as_bytes()).await?;
-    // Read the response head byte by byte so no frame byte is consumed.
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        if head.len() > MAX_RESPONSE_HEAD {
-            bail!("relay response head too long");
+    let request = Request::get(url.path.as_str())
+        .header(header::HOST, authority.as_str())
+        .header(header::CONNECTION, "Upgrade")
+        .header(header::UPGRADE, UPGRADE_PROTOCOL)
+        .body(Empty::new())
+        .context("the upgrade request")?;
+    if !url.tls {
+        return upgrade(tcp, request).await;
+    }
+    let connector =
+        tokio_rustls::TlsConnector::from(crate::tls::client_config(target.ca_pem.as_deref())?);
+    let tls = connector
+        .connect(url.server_name()?, tcp)
+        .await
+        .with_context(|| format!("TLS with {authority}"))?;
+    upgrade(tls, request).await
+}
+
+/// Sends the upgrade `request` over `stream`; the relay's `101` turns it
+/// into the relay connection. Bytes the relay sent after its response head
+/// stay in the upgraded stream.
+async fn upgrade<S: Conn + 'static>(
+    stream: S,
+    request: Request<Empty<Bytes>>,
+) -> anyhow::Result<Box<dyn Conn>> {
+    let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
+        .max_buf_size(MAX_RESPONSE_HEAD)
+        .handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
+        .await
+        .context("HTTP with the relay")?;
+    // The connection is driven here, beside the request, so that all of it
+    // ends with this future. It finishes by itself once it hands the stream
+    // over for the upgrade; if the relay closes it instead, the request fails.
+    let mut conn = std::pin::pin!(conn.with_upgrades());
+    let mut send = std::pin::pin!(sender.send_request(request));
+    let mut handed_over = false;
+    let response = loop {
+        tokio::select! {
+            response = send.as_mut() => {
+                break response.context("reading the relay's upgrade response")?;
+            }
+            ended = conn.as_mut(), if !handed_over => {
+                ended.context("HTTP with the relay")?;
+                handed_over = true;
+            }
         }
-        let b = stream
-            .read_u8()
-            .await
-            .context("reading the relay's upgrade response")?;
-        head.push(b);
+    };
+    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        bail!("relay refused the upgrade: {}", response.status());
     }
-    let status = String::from_utf8_lossy(&head);
-    if !status.starts_with("HTTP/1.1 101") {
-        bail!(
-            "relay refused the upgrade: {}",
-            status.lines().next().unwrap_or("")
-        );
+    if !handed_over {
+        conn.await.context("HTTP with the relay")?;
     }
-    Ok(stream)
+    let upgraded = hyper::upgrade::on(response)
+        .await
+        .context("upgrading the relay connection")?;
+    Ok(Box::new(TokioIo::new(upgraded)))
 }
 
 async fn session<T: Clone + Send + Sync>(
@@ -281,20 +343,144 @@ async fn send<W: AsyncWrite + Unpin>(
 mod tests {
     use super::*;
 
+    fn url(tls: bool, host: Host, port: u16, path: &str) -> RelayUrl {
+        RelayUrl {
+            tls,
+            host,
+            port,
+            path: path.into(),
+        }
+    }
+
     #[test]
     fn urls() {
+        let domain = |d: &str| Host::Domain(d.to_owned());
         assert_eq!(
-            split_url("http://10.0.0.1:3340/derp").unwrap(),
-            (false, "10.0.0.1:3340".into(), "/derp".into())
+            RelayUrl::parse("http://10.0.0.1:3340/derp").unwrap(),
+            url(false, Host::Ipv4([10, 0, 0, 1].into()), 3340, "/derp")
         );
         assert_eq!(
-            split_url("http://relay").unwrap(),
-            (false, "relay:80".into(), "/derp".into())
+            RelayUrl::parse("http://relay").unwrap(),
+            url(false, domain("relay"), 80, "/derp")
         );
         assert_eq!(
-            split_url("https://relay.example/derp").unwrap(),
-            (true, "relay.example:443".into(), "/derp".into())
+            RelayUrl::parse("https://relay.example/derp").unwrap(),
+            url(true, domain("relay.example"), 443, "/derp")
         );
-        assert!(split_url("ftp://x").is_err());
+        assert_eq!(
+            RelayUrl::parse("https://relay.example:8443/").unwrap(),
+            url(true, domain("relay.example"), 8443, "/derp")
+        );
+        assert_eq!(
+            RelayUrl::parse("http://[fd00::1]:3340/relay/derp?region=1").unwrap(),
+            url(
+                false,
+                Host::Ipv6("fd00::1".parse().unwrap()),
+                3340,
+                "/relay/derp?region=1"
+            )
+        );
+        assert_eq!(
+            relay_authority("http://[fd00::1]:3340/derp").unwrap(),
+            "[fd00::1]:3340"
+        );
+        assert_eq!(
+            relay_authority("https://relay.example").unwrap(),
+            "relay.example:443"
+        );
+        for bad in [
+            "ftp://x",
+            "relay:3340",
+            "http://",
+            "http://relay:99999/derp",
+        ] {
+            assert!(RelayUrl::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn tls_names_are_domains_or_addresses() {
+        let name = |u: &str| RelayUrl::parse(u).unwrap().server_name().unwrap();
+        assert_eq!(
+            name("https://relay.example/derp"),
+            ServerName::try_from("relay.example").unwrap()
+        );
+        assert_eq!(
+            name("https://[::1]:8443/derp"),
+            ServerName::from(IpAddr::from(std::net::Ipv6Addr::LOCALHOST))
+        );
+    }
+
+    /// A relay that answers the upgrade with its response head and its
+    /// first frame in one write: the frame must not be lost.
+    #[tokio::test]
+    async fn bytes_after_the_upgrade_response_stay_in_the_stream() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let relay = tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            while !head.ends_with(b"\r\n\r\n") {
+                head.push(tcp.read_u8().await.unwrap());
+            }
+            tcp.write_all(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: crank-derp\r\nConnection: Upgrade\r\n\r\nfirst frame",
+            )
+            .await
+            .unwrap();
+            let mut reply = [0u8; 5];
+            tcp.read_exact(&mut reply).await.unwrap();
+            (String::from_utf8(head).unwrap(), reply)
+        });
+        let target = RelayTarget::from(format!("http://{addr}/derp"));
+        let mut conn = connect(&target).await.unwrap();
+        let mut first = [0u8; 11];
+        conn.read_exact(&mut first).await.unwrap();
+        assert_eq!(&first, b"first frame");
+        conn.write_all(b"hello").await.unwrap();
+        let (head, reply) = relay.await.unwrap();
+        assert!(head.starts_with("GET /derp HTTP/1.1\r\n"), "{head}");
+        let head = head.to_ascii_lowercase();
+        assert!(head.contains(&format!("host: {addr}\r\n")), "{head}");
+        assert!(head.contains("upgrade: crank-derp\r\n"), "{head}");
+        assert!(head.contains("connection: upgrade\r\n"), "{head}");
+        assert_eq!(&reply, b"hello");
+    }
+
+    #[tokio::test]
+    async fn a_refused_upgrade_says_what_the_relay_answered() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = tcp.read(&mut buf).await;
+            let _ = tcp
+                .write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}")
+                .await;
+        });
+        let target = RelayTarget::from(format!("http://{addr}/derp"));
+        let err = format!("{:#}", connect(&target).await.err().unwrap());
+        assert!(
+            err.contains("refused the upgrade") && err.contains("503"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_relay_hanging_up_before_answering_is_an_error() {
+        use tokio::io::AsyncReadExt as _;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = tcp.read(&mut buf).await;
+        });
+        let target = RelayTarget::from(format!("http://{addr}/derp"));
+        let answer = tokio::time::timeout(Duration::from_secs(5), connect(&target)).await;
+        assert!(matches!(answer, Ok(Err(_))), "an error, at once");
     }
 }
