@@ -243,6 +243,17 @@ impl Lab {
         Ok((router, host))
     }
 
+    /// A coordinator (network `home`) and one relay on the bridge, the
+    /// relay named in the coordinator's relay map.
+    pub fn coordinator_and_relay(&mut self) -> anyhow::Result<(Coordinator, Relay)> {
+        let coord_host = self.host("coord", 1)?;
+        let relay_host = self.host("relay", 2)?;
+        let map = Relay::map_json(relay_host.addr);
+        let coord = Coordinator::start_with_relays(self, coord_host, "home", Some(&map))?;
+        let relay = Relay::start(self, relay_host, &coord)?;
+        Ok((coord, relay))
+    }
+
     /// Starts a long-running process in `host`; it is killed with the lab.
     pub fn spawn(
         &mut self,
@@ -896,6 +907,19 @@ impl Device {
             args.extend(["--ca-file", ca.to_str().context("utf-8")?]);
         }
         self.meshd(&args)
+    }
+
+    /// Waits (up to 15 s) until the device says it is connected to its
+    /// home relay.
+    pub fn wait_home_relay(&self) -> anyhow::Result<()> {
+        wait_until(
+            Duration::from_secs(15),
+            &format!("{} on its home relay", self.host.name),
+            || {
+                self.status()
+                    .is_ok_and(|s| s["self"]["home_relay_connected"] == true)
+            },
+        )
     }
 
     pub fn status(&self) -> anyhow::Result<Value> {

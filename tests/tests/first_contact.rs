@@ -11,7 +11,7 @@
 
 use std::time::{Duration, Instant};
 
-use crank_e2e::{bin, run_lab, wait_until, Coordinator, Device, Lab, Nat, Relay};
+use crank_e2e::{bin, run_lab, wait_until, Coordinator, Device, Lab, Nat};
 
 /// One `ping -c 1 -W 1` from `from` to `to`'s IPv4 overlay address: the
 /// first packet must cross within a second. On failure it shows what both
@@ -85,19 +85,11 @@ fn first_ping_after_up_is_answered_behind_two_home_nats() {
 /// Two devices behind separate masquerading routers that drop unsolicited
 /// packets: the first packets can only go through the relay.
 fn behind_nats(lab: &mut Lab) -> anyhow::Result<()> {
-    let coord_host = lab.host("coord", 1)?;
-    let relay_host = lab.host("relay", 2)?;
-    let map = Relay::map_json(relay_host.addr);
-    let coord = Coordinator::start_with_relays(lab, coord_host, "home", Some(&map))?;
-    let _relay = Relay::start(lab, relay_host, &coord)?;
+    let (coord, _relay) = lab.coordinator_and_relay()?;
     let (_ra, a) = lab.host_behind_nat("alpha", 21, Nat::EndpointIndependent)?;
     let alpha = Device::start(lab, a)?;
     alpha.up(&coord)?;
-    wait_until(Duration::from_secs(15), "alpha on its home relay", || {
-        alpha
-            .status()
-            .is_ok_and(|s| s["self"]["home_relay_connected"] == true)
-    })?;
+    alpha.wait_home_relay()?;
     for (i, name) in ["beta", "gamma"].iter().enumerate() {
         let (_r, h) = lab.host_behind_nat(name, 22 + i as u8, Nat::EndpointIndependent)?;
         let dev = Device::start(lab, h)?;
@@ -113,11 +105,7 @@ fn first_ping_after_up_is_answered_through_a_relay_and_down_up_rebinds() {
 }
 
 fn relayed(lab: &mut Lab) -> anyhow::Result<()> {
-    let coord_host = lab.host("coord", 1)?;
-    let relay_host = lab.host("relay", 2)?;
-    let map = Relay::map_json(relay_host.addr);
-    let coord = Coordinator::start_with_relays(lab, coord_host, "home", Some(&map))?;
-    let _relay = Relay::start(lab, relay_host, &coord)?;
+    let (coord, _relay) = lab.coordinator_and_relay()?;
 
     let alpha_host = lab.host("alpha", 11)?;
     let beta_host = lab.host("beta", 12)?;
@@ -125,11 +113,7 @@ fn relayed(lab: &mut Lab) -> anyhow::Result<()> {
     let alpha = Device::start(lab, alpha_host)?;
     let beta = Device::start(lab, beta_host)?;
     alpha.up(&coord)?;
-    wait_until(Duration::from_secs(15), "alpha on its home relay", || {
-        alpha
-            .status()
-            .is_ok_and(|s| s["self"]["home_relay_connected"] == true)
-    })?;
+    alpha.wait_home_relay()?;
 
     for round in 0..3 {
         beta.up(&coord)?;

@@ -3,10 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use crank_e2e::{
-    bin, iperf_stream, run_lab, serve_http, transfer, wait_until, Coordinator, Device, Lab, Nat,
-    Relay,
-};
+use crank_e2e::{bin, iperf_stream, run_lab, serve_http, transfer, wait_until, Device, Nat, Relay};
 use serde_json::Value;
 
 fn path_to(d: &Device, peer: &str) -> String {
@@ -30,20 +27,10 @@ fn on_home_relay(d: &Device) -> anyhow::Result<()> {
     )
 }
 
-/// A coordinator and a relay on the bridge.
-fn control_plane(lab: &mut Lab) -> anyhow::Result<(Coordinator, Relay)> {
-    let coord_host = lab.host("coord", 1)?;
-    let relay_host = lab.host("relay", 2)?;
-    let map = Relay::map_json(relay_host.addr);
-    let coord = Coordinator::start_with_relays(lab, coord_host, "home", Some(&map))?;
-    let relay = Relay::start(lab, relay_host, &coord)?;
-    Ok((coord, relay))
-}
-
 #[test]
 fn both_behind_nat_relay_first_then_direct_within_two_seconds() {
     run_lab(|lab| {
-        let (coord, _relay) = control_plane(lab)?;
+        let (coord, _relay) = lab.coordinator_and_relay()?;
         let (_ra, a) = lab.host_behind_nat("alpha", 21, Nat::EndpointIndependent)?;
         let (_rb, b) = lab.host_behind_nat("beta", 22, Nat::EndpointIndependent)?;
         let alpha = Device::start(lab, a)?;
@@ -98,7 +85,7 @@ fn both_behind_nat_relay_first_then_direct_within_two_seconds() {
 #[test]
 fn symmetric_nat_to_a_public_peer_works_and_ping_tells_the_path() {
     run_lab(|lab| {
-        let (coord, _relay) = control_plane(lab)?;
+        let (coord, _relay) = lab.coordinator_and_relay()?;
         let (_r, a) = lab.host_behind_nat("alpha", 21, Nat::Symmetric)?;
         let b = lab.host("beta", 12)?;
         let alpha = Device::start(lab, a)?;
@@ -162,7 +149,7 @@ fn symmetric_nat_to_a_public_peer_works_and_ping_tells_the_path() {
 #[test]
 fn relay_failure_spares_direct_paths_and_relayed_peers_recover() {
     run_lab(|lab| {
-        let (coord, relay) = control_plane(lab)?;
+        let (coord, relay) = lab.coordinator_and_relay()?;
         let a = lab.host("alpha", 11)?;
         let b = lab.host("beta", 12)?;
         let g = lab.host("gamma", 13)?;
@@ -253,7 +240,7 @@ fn relay_failure_spares_direct_paths_and_relayed_peers_recover() {
 #[test]
 fn the_relay_refuses_devices_the_coordinator_does_not_know() {
     run_lab(|lab| {
-        let (_coord, relay) = control_plane(lab)?;
+        let (_coord, relay) = lab.coordinator_and_relay()?;
         let client = lab.host("stranger", 40)?;
         // Two clients with fresh keys that no coordinator has registered.
         let out = std::process::Command::new("ip")
@@ -286,7 +273,7 @@ fn the_relay_refuses_devices_the_coordinator_does_not_know() {
 #[test]
 fn a_device_that_changes_address_keeps_its_sessions() {
     run_lab(|lab| {
-        let (coord, _relay) = control_plane(lab)?;
+        let (coord, _relay) = lab.coordinator_and_relay()?;
         let a = lab.host("alpha", 11)?;
         let b = lab.host("beta", 12)?;
         let alpha = Device::start(lab, a)?;

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crank_e2e::{bin, run_lab, wait_until, Coordinator, Device, Lab, Relay};
+use crank_e2e::{bin, run_lab, wait_until, Device, Lab};
 
 #[test]
 fn devices_without_direct_udp_talk_through_the_relay() {
@@ -11,11 +11,7 @@ fn devices_without_direct_udp_talk_through_the_relay() {
 }
 
 fn scenario(lab: &mut Lab) -> anyhow::Result<()> {
-    let coord_host = lab.host("coord", 1)?;
-    let relay_host = lab.host("relay", 2)?;
-    let map = Relay::map_json(relay_host.addr);
-    let coord = Coordinator::start_with_relays(lab, coord_host, "home", Some(&map))?;
-    let relay = Relay::start(lab, relay_host, &coord)?;
+    let (coord, relay) = lab.coordinator_and_relay()?;
 
     let alpha_host = lab.host("alpha", 11)?;
     let beta_host = lab.host("beta", 12)?;
