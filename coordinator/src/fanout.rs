@@ -9,6 +9,7 @@ use platform::netmap::{NodeKind, PeerChange};
 use crate::api::AppState;
 use crate::error::AppError;
 use crate::hub::Push;
+use crate::policy;
 use crate::store::{DeviceRow, Rotated};
 
 /// Whether the hub shows the device online (stock WireGuard devices are
@@ -17,9 +18,11 @@ pub fn online(s: &AppState, row: &DeviceRow) -> bool {
     row.kind() == NodeKind::Wireguard || s.hub.is_online(row.network_id, row.id)
 }
 
-/// A device's record changed (registration, report, endpoints): its peers
-/// get the new record if they may see it.
+/// A device's record changed (registration, report, endpoints, tags, its
+/// owner's role): the access policy takes it in first, then its peers get
+/// the new record if they may see it.
 pub fn device_changed(s: &AppState, row: &DeviceRow) -> Result<(), AppError> {
+    policy::device_changed(s, row, false)?;
     if row.is_visible(s.clock.now()) {
         s.hub.broadcast(
             row.network_id,
@@ -48,6 +51,7 @@ pub fn device_shut_out(
             node_key: row.node_key()?,
         },
     );
+    policy::device_changed(s, row, true)?;
     close_and_refuse(s, row, code, why)
 }
 
@@ -110,9 +114,10 @@ pub fn replaced_key(s: &AppState, row: &DeviceRow, old: NodePublic) {
     s.hub.revoke_relay_access(old);
 }
 
-/// A network's compute rules changed: every connected device of it gets a
-/// fresh full netmap, which carries the rules. Returns how many were told.
-pub fn compute_rules_changed(s: &AppState, devices: &[DeviceRow]) -> usize {
+/// A network's settings that every netmap carries (compute rules, DNS)
+/// changed: every connected device of it gets a fresh full netmap.
+/// Returns how many were told.
+pub fn settings_changed(s: &AppState, devices: &[DeviceRow]) -> usize {
     devices
         .iter()
         .filter(|d| s.hub.send_to(d.network_id, d.id, Push::Refresh))

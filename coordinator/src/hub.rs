@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use platform::api::ApiErrorBody;
+use platform::filter::PacketFilter;
 use platform::keys::NodePublic;
 use platform::netmap::PeerChange;
 use tokio::sync::mpsc::error::TrySendError;
@@ -36,6 +37,15 @@ pub enum Push {
     Refresh,
     /// End the stream with this error (the device was removed or revoked).
     Close(ApiErrorBody),
+    /// The device's packet filter changed.
+    Filter(Arc<PacketFilter>),
+}
+
+/// Which devices of a network may know about each other (the access
+/// policy's word): a change about a device reaches only the streams of
+/// devices that see it.
+pub trait Visibility: Send + Sync {
+    fn sees(&self, viewer: i64, subject: i64) -> bool;
 }
 
 /// Revoked node keys kept for relays that fall behind.
@@ -61,6 +71,8 @@ struct Pending {
     close: Option<ApiErrorBody>,
     resync: bool,
     rotate: bool,
+    /// The newest filter not yet sent (a newer one replaces it).
+    filter: Option<Arc<PacketFilter>>,
 }
 
 impl Signals {
@@ -120,6 +132,7 @@ impl Session {
             Push::Close(why) => self.signals.raise(|p| {
                 p.close.get_or_insert(why);
             }),
+            Push::Filter(f) => self.signals.raise(|p| p.filter = Some(f)),
         }
         true
     }
@@ -132,6 +145,10 @@ struct Inner {
     networks: HashMap<i64, HashMap<i64, Session>>,
     /// Ephemeral devices that went away, with when.
     departed_ephemeral: HashMap<i64, (i64, NodePublic, Instant)>,
+    /// network id → who sees whom. A network without one (hub tests) is
+    /// fully visible: the coordinator installs one before any of the
+    /// network's streams connects.
+    visibility: HashMap<i64, Arc<dyn Visibility>>,
 }
 
 pub struct Hub {
@@ -175,7 +192,7 @@ impl Subscription {
     pub fn try_recv_change(&mut self) -> Option<PeerChange> {
         {
             let p = self.signals.lock();
-            if p.close.is_some() || p.resync || p.rotate {
+            if p.close.is_some() || p.resync || p.rotate || p.filter.is_some() {
                 return None;
             }
         }
@@ -198,11 +215,16 @@ impl Subscription {
             return Some(Push::RotateKey);
         }
         if std::mem::take(&mut p.resync) {
+            // The full netmap carries the current filter.
+            p.filter = None;
             drop(p);
             // Everything queued so far is older than the netmap about to
             // be read, so it is dropped rather than replayed on top of it.
             while self.changes.try_recv().is_ok() {}
             return Some(Push::Refresh);
+        }
+        if let Some(f) = p.filter.take() {
+            return Some(Push::Filter(f));
         }
         None
     }
@@ -225,16 +247,11 @@ pub struct LiveSession {
 }
 
 impl Inner {
-    fn broadcast(
-        &self,
-        network_id: i64,
-        except_device: i64,
-        change: &PeerChange,
-        lagged: &AtomicU64,
-    ) {
+    fn broadcast(&self, network_id: i64, subject: i64, change: &PeerChange, lagged: &AtomicU64) {
+        let vis = self.visibility.get(&network_id);
         if let Some(sessions) = self.networks.get(&network_id) {
             for (id, s) in sessions {
-                if *id != except_device && s.approved {
+                if *id != subject && s.approved && vis.is_none_or(|v| v.sees(*id, subject)) {
                     // A closed receiver means the connection is ending; it
                     // removes itself.
                     s.push_change(change.clone(), lagged);
@@ -399,10 +416,30 @@ impl Hub {
             .is_some_and(|s| !s.stale)
     }
 
-    /// Sends a change to every live stream of the network except the device's own.
-    pub fn broadcast(&self, network_id: i64, except_device: i64, change: PeerChange) {
+    /// Installs who sees whom in a network (replacing what was there).
+    pub fn set_visibility(&self, network_id: i64, vis: Arc<dyn Visibility>) {
+        self.lock().visibility.insert(network_id, vis);
+    }
+
+    /// The devices of a network with an approved live stream.
+    pub fn live_devices(&self, network_id: i64) -> Vec<i64> {
         self.lock()
-            .broadcast(network_id, except_device, &change, &self.lagged);
+            .networks
+            .get(&network_id)
+            .map(|n| {
+                n.iter()
+                    .filter(|(_, s)| s.approved)
+                    .map(|(id, _)| *id)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Sends a change to every live stream of the network that sees the
+    /// device (`subject`), except the device's own.
+    pub fn broadcast(&self, network_id: i64, subject: i64, change: PeerChange) {
+        self.lock()
+            .broadcast(network_id, subject, &change, &self.lagged);
     }
 
     /// Sends to one device's stream, if it has one. Returns whether it did.

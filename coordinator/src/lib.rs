@@ -10,6 +10,7 @@ pub mod error;
 pub mod fanout;
 pub mod hub;
 pub mod names;
+pub mod policy;
 pub mod remote;
 pub mod store;
 pub mod tls;
@@ -63,6 +64,8 @@ pub async fn app_state_with(
         tls,
         public_url: None,
         identity,
+        policies: Default::default(),
+        base_domain: api::DEFAULT_BASE_DOMAIN.into(),
     }))
 }
 

@@ -323,6 +323,7 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
                 reusable,
                 ephemeral,
                 expiry_secs: expiry.map(|d| d.as_secs().max(1)),
+                tags: Vec::new(),
             };
             // Operator keys are the network owner's: their devices are the owner's.
             let store = open(&dir).await?;

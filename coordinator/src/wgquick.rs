@@ -77,6 +77,7 @@ mod tests {
             key_expiry: None,
             device_key: None,
             owner_role: None,
+            tags: Vec::new(),
         }
     }
 

@@ -470,6 +470,11 @@ async fn map_session(
                         tracing::debug!(changes = changes.len(), "netmap delta");
                         map.apply(&changes);
                     }
+                    ServerMessage::Filter { filter } => {
+                        let Some(map) = netmap.as_mut() else { anyhow::bail!("filter before the full netmap") };
+                        tracing::debug!(rules = filter.rules.len(), "packet filter changed");
+                        map.packet_filter = filter;
+                    }
                     ServerMessage::Error { error } => anyhow::bail!("coordinator closed the stream: {}", error.message),
                     ServerMessage::Challenge { .. } | ServerMessage::Signed { .. } => anyhow::bail!("unexpected message on the map stream"),
                     ServerMessage::RotateKey => {
@@ -654,6 +659,7 @@ mod tests {
             key_expiry: None,
             device_key: None,
             owner_role: None,
+            tags: Vec::new(),
         };
         let netmap = NetMap {
             network: "home".into(),
@@ -663,6 +669,7 @@ mod tests {
             relay_map: Default::default(),
             dns: Default::default(),
             awaiting_approval: false,
+            packet_filter: Default::default(),
             compute: Default::default(),
         };
         serde_json::to_string(&ServerMessage::Full {

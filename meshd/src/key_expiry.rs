@@ -67,6 +67,7 @@ mod tests {
             key_expiry: None,
             device_key: None,
             owner_role: None,
+            tags: Vec::new(),
         }
     }
 
@@ -79,6 +80,7 @@ mod tests {
             relay_map: RelayMap::default(),
             dns: DnsConfig::default(),
             awaiting_approval: false,
+            packet_filter: Default::default(),
             compute: Default::default(),
         }
     }

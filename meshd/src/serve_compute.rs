@@ -588,6 +588,7 @@ mod tests {
             key_expiry: None,
             device_key: None,
             owner_role: None,
+            tags: Vec::new(),
         }
     }
 
@@ -620,6 +621,7 @@ mod tests {
             relay_map: RelayMap::default(),
             dns: DnsConfig::default(),
             awaiting_approval: false,
+            packet_filter: Default::default(),
             compute: Default::default(),
         };
         let (map_tx, map) = watch::channel(MapState {
@@ -839,6 +841,7 @@ mod tests {
                 relay_map: RelayMap::default(),
                 dns: DnsConfig::default(),
                 awaiting_approval: false,
+                packet_filter: Default::default(),
                 compute: Default::default(),
             })
         });
@@ -889,6 +892,7 @@ mod tests {
             relay_map: RelayMap::default(),
             dns: DnsConfig::default(),
             awaiting_approval: false,
+            packet_filter: Default::default(),
             compute: Default::default(),
         };
         assert_eq!(

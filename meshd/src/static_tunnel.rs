@@ -64,6 +64,7 @@ fn node(id: i64, key: NodePublic, addresses: Vec<IpAddr>, endpoints: Vec<SocketA
         key_expiry: None,
         device_key: None,
         owner_role: None,
+        tags: Vec::new(),
     }
 }
 
@@ -96,6 +97,7 @@ pub async fn run(
         relay_map: RelayMap::default(),
         dns: DnsConfig::default(),
         awaiting_approval: false,
+        packet_filter: platform::filter::PacketFilter::allow_all(),
         compute: Default::default(),
     };
     // Static peers are plain WireGuard: the disco key is never used.

@@ -270,6 +270,7 @@ mod tests {
             key_expiry: None,
             device_key: Some(key.public()),
             owner_role: role,
+            tags: Vec::new(),
         }
     }
 
@@ -284,6 +285,7 @@ mod tests {
             relay_map: RelayMap::default(),
             dns: DnsConfig::default(),
             awaiting_approval: false,
+            packet_filter: Default::default(),
             compute: Default::default(),
         };
         World {

@@ -32,6 +32,7 @@ fn node(id: u8) -> Node {
         key_expiry: None,
         device_key: Some(DevicePrivate::generate().public()),
         owner_role: None,
+        tags: Vec::new(),
     }
 }
 
@@ -49,6 +50,7 @@ fn main() -> std::io::Result<()> {
         relay_map: RelayMap::default(),
         dns: DnsConfig::default(),
         awaiting_approval: false,
+        packet_filter: Default::default(),
         compute: Default::default(),
     };
     let c = node(3);

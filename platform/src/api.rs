@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::capability::Capabilities;
 use crate::control_auth::SignedFrame;
+use crate::filter::PacketFilter;
 use crate::keys::{DiscoPublic, NodePublic};
 use crate::netmap::{NetMap, NodeKind, PeerChange};
 use crate::people::DeviceState;
@@ -121,6 +122,11 @@ pub enum ServerMessage {
     Delta {
         changes: Vec<PeerChange>,
     },
+    /// The device's packet filter changed (the access policy, or the
+    /// devices it names, did): it replaces the netmap's.
+    Filter {
+        filter: PacketFilter,
+    },
     /// An admin asked every device of the network to renew its node key.
     RotateKey,
     /// The stream is closing for this reason.
@@ -151,6 +157,10 @@ pub struct CreatePreauthKey {
     /// Lifetime in seconds; none means it never expires.
     #[serde(default)]
     pub expiry_secs: Option<u64>,
+    /// Tags (`tag:NAME`, declared in the policy) every device registered
+    /// with the key gets.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -199,6 +209,9 @@ pub struct DeviceInfo {
     /// When its node key expires (None: never).
     #[serde(default)]
     pub key_expiry: Option<u64>,
+    /// Its tags (`tag:NAME`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
 }
 
 /// Registers a stock WireGuard device by its public key.
@@ -329,6 +342,7 @@ mod tests {
             reusable: true,
             ephemeral: false,
             expiry_secs: Some(3600),
+            tags: vec!["tag:gpu".into()],
         });
         let defaults: CreatePreauthKey = serde_json::from_str("{}").unwrap();
         assert_eq!(defaults, CreatePreauthKey::default());

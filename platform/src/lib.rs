@@ -8,6 +8,7 @@ pub mod api;
 pub mod capability;
 pub mod control_auth;
 pub mod disco;
+pub mod filter;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod jobs;

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::addr::IpPrefix;
 use crate::capability::Capabilities;
+use crate::filter::PacketFilter;
 use crate::jobs::ComputeRules;
 use crate::keys::{DevicePublic, DiscoPublic, NodePublic};
 use crate::people::Role;
@@ -63,6 +64,10 @@ pub struct Node {
     /// The owner's role in the network.
     #[serde(default)]
     pub owner_role: Option<Role>,
+    /// Tags an admin (or the key it joined with) gave the device; the
+    /// access policy names devices by them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
 }
 
 impl Node {
@@ -96,10 +101,35 @@ pub struct RelayRegion {
 
 /// Name resolution settings for MagicDNS.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct DnsConfig {
-    /// Names are `<device>.<network>.<suffix>`.
+    /// The coordinator's base domain: names are
+    /// `<device>.<network>.<suffix>`. Empty: MagicDNS is off.
     pub suffix: String,
+    /// Resolvers for every name outside the mesh; empty: the ones the
+    /// device's system had before.
     pub nameservers: Vec<IpAddr>,
+    /// Names an admin added (relative to `<network>.<suffix>`, or absolute
+    /// with a trailing dot).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_records: Vec<DnsRecord>,
+    /// Split DNS: names under each domain go to these resolvers.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub split: BTreeMap<String, Vec<SocketAddr>>,
+}
+
+impl DnsConfig {
+    /// The zone of a network's names (`<network>.<suffix>`), if MagicDNS is on.
+    pub fn zone(&self, network: &str) -> Option<String> {
+        (!self.suffix.is_empty()).then(|| format!("{network}.{}", self.suffix))
+    }
+}
+
+/// An admin-set DNS record: a name and the address it resolves to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsRecord {
+    pub name: String,
+    pub address: IpAddr,
 }
 
 /// Everything a device needs to take part in its network.
@@ -119,6 +149,10 @@ pub struct NetMap {
     /// Who may run what, credit rates and scheduler weights.
     #[serde(default)]
     pub compute: ComputeRules,
+    /// What this device accepts from its peers (the network's access
+    /// policy, reduced to this device). Absent: nothing.
+    #[serde(default)]
+    pub packet_filter: PacketFilter,
 }
 
 /// One change to a device's view of its peers.
@@ -300,6 +334,7 @@ pub(crate) mod tests {
                 key_expiry: None,
                 device_key: None,
                 owner_role: None,
+                tags: Vec::new(),
             })
     }
 
@@ -320,6 +355,7 @@ pub(crate) mod tests {
             dns: DnsConfig::default(),
             awaiting_approval: false,
             compute: Default::default(),
+            packet_filter: Default::default(),
         })
     }
 

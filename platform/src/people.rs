@@ -382,3 +382,38 @@ mod tests {
         assert_eq!(empty, RedeemInvite::default());
     }
 }
+
+/// `GET /api/v1/networks/{net}/policy`: the access policy as written.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyDocument {
+    /// The document (JSON with comments).
+    pub policy: String,
+    /// True while the network runs the default policy (none was set).
+    pub default: bool,
+}
+
+/// `POST /api/v1/networks/{net}/policy/evaluate`: may `src` reach `dst`?
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EvaluateRequest {
+    /// A device name, user, tag, host name or address.
+    pub src: String,
+    /// `HOST:PORT`, HOST as for `src`.
+    pub dst: String,
+    /// `tcp` (default), `udp`, `icmp`, … or a number.
+    #[serde(default)]
+    pub proto: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Evaluation {
+    pub allowed: bool,
+    /// The first rule that accepts it: its index in `acls` and its line.
+    pub rule: Option<usize>,
+    pub line: Option<usize>,
+}
+
+/// `PUT /api/v1/networks/{net}/devices/{id}/tags`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetTags {
+    pub tags: Vec<String>,
+}

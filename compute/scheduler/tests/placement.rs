@@ -402,6 +402,7 @@ fn node(name: &str, key: u8) -> Node {
         key_expiry: None,
         device_key: None,
         owner_role: Some(Role::Member),
+        tags: Vec::new(),
     }
 }
 
@@ -431,6 +432,7 @@ fn candidates_come_from_the_netmap() {
         relay_map: RelayMap::default(),
         dns: DnsConfig::default(),
         awaiting_approval: false,
+        packet_filter: Default::default(),
         compute: ComputeRules::default(),
     };
     let paths = |key: &platform::keys::NodePublic| PathInfo {
@@ -480,6 +482,7 @@ fn a_peer_that_answers_is_online_whatever_the_coordinator_last_saw() {
         relay_map: RelayMap::default(),
         dns: DnsConfig::default(),
         awaiting_approval: false,
+        packet_filter: Default::default(),
         compute: ComputeRules::default(),
     };
     let paths = |key: &platform::keys::NodePublic| PathInfo {

@@ -142,7 +142,7 @@ pub async fn put_compute(
         .await?
     {
         let devices = s.store.network_devices(ctx.id).await?;
-        let told = fanout::compute_rules_changed(&s, &devices);
+        let told = fanout::settings_changed(&s, &devices);
         tracing::info!(network = ctx.id, devices = told, "compute rules changed");
     }
     Ok(Json(rules))

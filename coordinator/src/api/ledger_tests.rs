@@ -931,7 +931,7 @@ async fn rule_and_role_changes_reach_connected_devices() {
     w.owner_call(
         "PUT",
         "/api/v1/networks/home/members/ann/role",
-        Some(json!({"role": "guest"})),
+        Some(json!({"role": "admin"})),
     )
     .await;
     let role = loop {
@@ -947,7 +947,29 @@ async fn rule_and_role_changes_reach_connected_devices() {
             _ => continue,
         }
     };
-    assert_eq!(role, Some(Role::Guest), "peers see the owner's new role");
+    assert_eq!(role, Some(Role::Admin), "peers see the owner's new role");
+
+    // Made a guest, ann's device leaves a's netmap (the default policy
+    // gives guests nothing), and a leaves its packet filter.
+    w.owner_call(
+        "PUT",
+        "/api/v1/networks/home/members/ann/role",
+        Some(json!({"role": "guest"})),
+    )
+    .await;
+    let b_key = b.node.public();
+    loop {
+        match next_msg(&mut sa).await {
+            ServerMessage::Delta { changes }
+                if changes.iter().any(
+                    |c| matches!(c, PeerChange::Removed { node_key } if *node_key == b_key),
+                ) =>
+            {
+                break
+            }
+            _ => continue,
+        }
+    }
 }
 
 #[tokio::test]

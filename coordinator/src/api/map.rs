@@ -26,6 +26,7 @@ use super::SharedState;
 use crate::error::AppError;
 use crate::fanout;
 use crate::hub::{Push, Subscription};
+use crate::policy;
 use crate::store::DeviceRow;
 
 /// How long a client has to send its hello.
@@ -175,6 +176,7 @@ async fn authenticate(s: &SharedState, conn: &mut Conn) -> Result<DeviceRow, App
 }
 
 async fn full_netmap(s: &SharedState, me: &DeviceRow) -> Result<NetMap, AppError> {
+    let policy = policy::current(s, me.network_id).await?;
     let rows = s.store.network_devices(me.network_id).await?;
     let now = s.clock.now();
     let mut self_node = None;
@@ -184,7 +186,7 @@ async fn full_netmap(s: &SharedState, me: &DeviceRow) -> Result<NetMap, AppError
         let node = row.to_node(fanout::online(s, row))?;
         if row.id == me.id {
             self_node = Some(node);
-        } else if !awaiting_approval && row.is_visible(now) {
+        } else if !awaiting_approval && row.is_visible(now) && policy.sees(me.id, row.id) {
             peers.insert(node.node_key, node);
         }
     }
@@ -195,9 +197,17 @@ async fn full_netmap(s: &SharedState, me: &DeviceRow) -> Result<NetMap, AppError
         routes: vec![OVERLAY_V4, s.store.ula_prefix().await?.prefix()],
         peers,
         relay_map: s.relay_map.clone(),
-        dns: DnsConfig::default(),
+        dns: DnsConfig {
+            suffix: s.base_domain.clone(),
+            ..s.store.dns_settings(me.network_id).await?
+        },
         awaiting_approval,
         compute: s.store.compute_rules(me.network_id).await?,
+        packet_filter: if awaiting_approval {
+            Default::default()
+        } else {
+            policy.filter_for(me.id)
+        },
     })
 }
 
@@ -215,6 +225,8 @@ async fn serve(s: SharedState, socket: WebSocket) -> anyhow::Result<()> {
     };
     conn.authenticated = true;
     let node_key = me.node_key()?;
+    // Who sees whom must be known before the stream is announced.
+    policy::current(&s, me.network_id).await?;
     // Subscribe before reading the map, so no change falls in between.
     let mut sub = s
         .hub
@@ -300,6 +312,9 @@ async fn stream(
                 match then {
                     None | Some(Push::Change(_)) => {}
                     Some(Push::RotateKey) => send(conn, &ServerMessage::RotateKey).await?,
+                    Some(Push::Filter(filter)) => {
+                        send(conn, &ServerMessage::Filter { filter: (*filter).clone() }).await?;
+                    }
                     Some(Push::Refresh) => {
                         let row = s.store.device(&me.network, me.id).await?;
                         let netmap = full_netmap(s, &row).await?;

@@ -7,6 +7,7 @@ pub mod limits;
 mod map;
 mod members;
 mod networks;
+mod policy;
 mod register;
 mod relay;
 
@@ -51,7 +52,16 @@ pub struct AppState {
     pub public_url: Option<String>,
     /// Signs the map stream; checks node-key proofs.
     pub identity: Arc<CoordinatorIdentity>,
+    /// Each network's compiled access policy.
+    pub policies: crate::policy::Policies,
+    /// MagicDNS names are `<device>.<network>.<base_domain>`; empty: off.
+    pub base_domain: String,
 }
+
+/// The base domain of MagicDNS names unless the operator picks another
+/// (`.internal` is reserved for private use, so it never clashes with a
+/// public name).
+pub const DEFAULT_BASE_DOMAIN: &str = "crank.internal";
 
 pub type SharedState = Arc<AppState>;
 
@@ -181,6 +191,18 @@ pub fn router(state: SharedState) -> Router {
             post(ledger::receipts).layer(axum::extract::DefaultBodyLimit::max(
                 ledger::MAX_BATCH_BYTES,
             )),
+        )
+        .route(
+            &format!("{NET}/policy"),
+            get(policy::get_policy).put(policy::put_policy).layer(
+                axum::extract::DefaultBodyLimit::max(crate::policy::MAX_POLICY_BYTES),
+            ),
+        )
+        .route(&format!("{NET}/policy/evaluate"), post(policy::evaluate))
+        .route(&format!("{NET}/devices/{{id}}/tags"), put(policy::set_tags))
+        .route(
+            &format!("{NET}/dns"),
+            get(policy::get_dns).put(policy::put_dns),
         )
         .route("/api/v1/balance", post(ledger::device_balance))
         .route("/metrics", get(ledger::metrics))

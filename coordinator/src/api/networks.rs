@@ -76,6 +76,10 @@ pub async fn create_preauth_key(
 ) -> Result<(StatusCode, Json<CreatedPreauthKey>), AppError> {
     let ctx = s.store.network_for(&network, &user).await?;
     ctx.require(Role::Member)?;
+    if !req.tags.is_empty() {
+        let compiled = crate::policy::current(&s, ctx.id).await?;
+        super::policy::check_tags(&compiled.policy, &ctx, &req.tags)?;
+    }
     Ok((
         StatusCode::CREATED,
         Json(

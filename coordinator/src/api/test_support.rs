@@ -51,6 +51,8 @@ fn build(store: Store, public_url: Option<&str>, clock: Clock, limits: Limits) -
         tls: false,
         public_url: public_url.map(str::to_owned),
         identity: Arc::new(IDENTITY.clone()),
+        policies: Default::default(),
+        base_domain: crate::api::DEFAULT_BASE_DOMAIN.into(),
     })
 }
 
@@ -236,7 +238,20 @@ pub async fn open_stream(
 
 /// The next message on a map stream, within 5 s: a signed one opened (and
 /// its signature and place checked), a challenge taken note of.
+/// The next message of a map stream other than a packet-filter update
+/// (those come whenever the devices a filter names change; tests of them
+/// read [`next_msg_any`]).
 pub async fn next_msg(ws: &mut Ws) -> ServerMessage {
+    loop {
+        match next_msg_any(ws).await {
+            ServerMessage::Filter { .. } => {}
+            other => return other,
+        }
+    }
+}
+
+/// The next message of a map stream, verified and unwrapped.
+pub async fn next_msg_any(ws: &mut Ws) -> ServerMessage {
     loop {
         let text = ws.next_text().await;
         let msg: ServerMessage = serde_json::from_str(&text).unwrap();

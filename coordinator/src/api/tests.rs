@@ -397,8 +397,9 @@ async fn map_stream_sends_full_map_then_deltas() {
     }
 
     let mut a = open_stream(addr, &a_dev, &a_node).await;
-    let ServerMessage::Full { netmap } = next_msg(&mut a).await else {
-        panic!("full map first")
+    let first = next_msg(&mut a).await;
+    let ServerMessage::Full { netmap } = first else {
+        panic!("full map first, got {first:?}")
     };
     assert_eq!(netmap.self_node.name, "a");
     assert_eq!(netmap.peers.len(), 1);

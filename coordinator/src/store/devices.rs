@@ -44,6 +44,8 @@ pub struct DeviceRow {
     pub key_expiry_override: Option<i64>,
     /// The owner's role in the device's network.
     pub owner_role: Option<String>,
+    /// JSON array of `tag:NAME`.
+    pub tags: String,
 }
 
 pub(super) const SELECT_DEVICE: &str =
@@ -51,7 +53,7 @@ pub(super) const SELECT_DEVICE: &str =
      d.node_key, d.disco_key, d.hostname, d.name, d.os, d.ipv4, d.ipv6, d.endpoints, d.ephemeral, \
      d.created_at, d.last_seen, d.preauth_key_id, d.home_region, d.capabilities, d.user_id, \
      u.username AS owner, d.approved, d.revoked_at, d.key_expires_at, d.key_expiry_override, \
-     m.role AS owner_role \
+     m.role AS owner_role, d.tags \
      FROM devices d JOIN networks n ON n.id = d.network_id LEFT JOIN users u ON u.id = d.user_id \
      LEFT JOIN members m ON m.network_id = d.network_id AND m.user_id = d.user_id";
 
@@ -81,6 +83,10 @@ impl DeviceRow {
         serde_json::from_str(&self.capabilities)
             .map(Some)
             .map_err(|e| corrupt("capabilities", e))
+    }
+
+    pub fn tags(&self) -> Result<Vec<String>, AppError> {
+        serde_json::from_str(&self.tags).map_err(|e| corrupt("tags", e))
     }
 
     pub fn kind(&self) -> NodeKind {
@@ -116,6 +122,7 @@ impl DeviceRow {
                 None => None,
             },
             owner_role: self.owner_role.as_deref().and_then(|r| r.parse().ok()),
+            tags: self.tags()?,
         })
     }
 
@@ -170,6 +177,7 @@ impl DeviceRow {
             owner: self.owner.clone(),
             state: self.state(now),
             key_expiry: self.key_expiry(),
+            tags: self.tags()?,
         })
     }
 }
@@ -356,6 +364,16 @@ impl Store {
                 .execute(&mut *tx)
                 .await;
                 let id = node_key_clash(res)?.last_insert_rowid();
+                if let Some(key_id) = key_id {
+                    // Devices get the tags of the key they joined with.
+                    sqlx::query(
+                        "UPDATE devices SET tags = (SELECT tags FROM preauth_keys WHERE id = ?) WHERE id = ?",
+                    )
+                    .bind(key_id)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+                }
                 super::audit::record(
                     &mut tx,
                     &who,

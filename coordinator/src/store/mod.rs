@@ -10,6 +10,7 @@ pub mod ledger;
 mod networks;
 mod pairing;
 pub mod people;
+pub mod policy;
 mod preauth;
 
 use std::path::Path;

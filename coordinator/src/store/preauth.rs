@@ -79,16 +79,24 @@ impl Store {
             now,
         )
         .await?;
+        if !req.tags.is_empty() {
+            sqlx::query("UPDATE preauth_keys SET tags = ? WHERE id = ?")
+                .bind(serde_json::to_string(&req.tags).map_err(anyhow::Error::from)?)
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
         let prefix: String = key.chars().take(16).collect();
         let network = Self::network_name(&mut tx, network_id).await?;
         audit::record(
             &mut tx,
             &creator.who(),
             Change::new(network_id, "key.created", format!("preauth-key:{id}")).to(format!(
-                "reusable={} ephemeral={} expires_at={}",
+                "reusable={} ephemeral={} expires_at={} tags={}",
                 req.reusable,
                 req.ephemeral,
-                expires_at.map_or("never".into(), |t| t.to_string())
+                expires_at.map_or("never".into(), |t| t.to_string()),
+                req.tags.join(",")
             )),
             now,
         )
@@ -231,6 +239,7 @@ mod tests {
                     reusable: true,
                     ephemeral: false,
                     expiry_secs: Some(60),
+                    tags: Vec::new(),
                 },
                 100,
             )

@@ -18,7 +18,7 @@ use super::admission::{admit, Admission, CookieReplyBudget, Refused, COOKIE_REPL
 use super::disco::{self, Via};
 use super::peers::{Peer, PeerTable, Targets, HANDSHAKE_INIT};
 use super::udp::RecvBatch;
-use super::{bump, Counters, Shared, BUF_SIZE, TIMER_TICK};
+use super::{bump, filter, Counters, Shared, BUF_SIZE, TIMER_TICK};
 use crate::paths::Out;
 
 /// Where a result landed in the output buffer (boringtun hands back a slice of it).
@@ -53,6 +53,9 @@ pub(super) async fn tun_to_peers(shared: Arc<Shared>) {
             continue;
         };
         let now = Instant::now();
+        if !shared.filter.outbound(packet, now) {
+            bump(&shared.counters.filter_flows_full);
+        }
         outs.clear();
         let (range, targets, home) = {
             let mut st = peer.lock();
@@ -245,6 +248,18 @@ async fn receive(shared: &Shared, peer: &Peer, datagram: &[u8], via: Via, outbuf
                 }
                 if !peer.allowed.contains(&src) {
                     bump(&shared.counters.drop_source_not_allowed);
+                    return;
+                }
+                if let Err(why) = shared
+                    .filter
+                    .inbound(&outbuf[range.clone()], Instant::now())
+                {
+                    bump(match why {
+                        filter::Drop::NoRule => &shared.counters.drop_filter_no_rule,
+                        filter::Drop::NotForUs => &shared.counters.drop_filter_not_for_us,
+                        filter::Drop::Malformed => &shared.counters.drop_filter_malformed,
+                    });
+                    tracing::trace!(%src, reason = ?why, "filtered");
                     return;
                 }
                 if let Err(e) = shared.tun.send(&outbuf[range]).await {

@@ -22,6 +22,7 @@ pub mod admission;
 mod datapath;
 mod disco;
 mod early;
+pub mod filter;
 mod peers;
 mod relays;
 mod stun;
@@ -75,6 +76,10 @@ pub struct Counters {
     pub drop_disco_replay: AtomicU64,
     pub drop_handshake_queue_full: AtomicU64,
     pub task_restarts: AtomicU64,
+    pub drop_filter_no_rule: AtomicU64,
+    pub drop_filter_not_for_us: AtomicU64,
+    pub drop_filter_malformed: AtomicU64,
+    pub filter_flows_full: AtomicU64,
 }
 
 /// A snapshot of [`Counters`].
@@ -105,6 +110,19 @@ pub struct CounterSnapshot {
     /// Engine tasks restarted after a panic.
     #[serde(default)]
     pub task_restarts: u64,
+    /// Packets from peers that no rule of the access policy allows (and
+    /// that answer no flow this device started).
+    #[serde(default)]
+    pub drop_filter_no_rule: u64,
+    /// Packets from peers addressed to an address that is not this device's.
+    #[serde(default)]
+    pub drop_filter_not_for_us: u64,
+    /// Decrypted packets too short or inconsistent to classify.
+    #[serde(default)]
+    pub drop_filter_malformed: u64,
+    /// Flows this device started that the flow table had no room for.
+    #[serde(default)]
+    pub filter_flows_full: u64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -132,6 +150,10 @@ impl Counters {
             drop_disco_replay: l(&self.drop_disco_replay),
             drop_handshake_queue_full: l(&self.drop_handshake_queue_full),
             task_restarts: l(&self.task_restarts),
+            drop_filter_no_rule: l(&self.drop_filter_no_rule),
+            drop_filter_not_for_us: l(&self.drop_filter_not_for_us),
+            drop_filter_malformed: l(&self.drop_filter_malformed),
+            filter_flows_full: l(&self.filter_flows_full),
         }
     }
 }
@@ -207,11 +229,15 @@ struct Shared {
     handshakes: tokio::sync::mpsc::Sender<datapath::PendingHandshake>,
     /// Initiations from keys not (yet) in the netmap.
     early: std::sync::Mutex<early::EarlyInitiations>,
+    /// What peers may send this device.
+    filter: filter::Filter,
 }
 
 impl Shared {
     fn install_netmap(&self, netmap: &NetMap, now_unix: u64) {
         self.relays.set_map(&netmap.relay_map);
+        self.filter
+            .set_rules(&netmap.packet_filter, &netmap.self_node.addresses);
         let _one = self.rebuilding.lock().unwrap_or_else(|p| p.into_inner());
         let old = self.peers.load();
         let identity = self.identity.load();
@@ -296,6 +322,7 @@ impl Engine {
             counters: Counters::default(),
             handshakes: handshake_tx,
             early: std::sync::Mutex::default(),
+            filter: filter::Filter::default(),
         });
         shared.install_netmap(netmap, now_unix);
         // Receivers outlive a panicking task: its restart takes them over.

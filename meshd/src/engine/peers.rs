@@ -491,6 +491,7 @@ pub(super) mod tests {
             key_expiry: None,
             device_key: None,
             owner_role: None,
+            tags: Vec::new(),
         }
     }
 
@@ -506,6 +507,7 @@ pub(super) mod tests {
             relay_map: RelayMap::default(),
             dns: DnsConfig::default(),
             awaiting_approval: false,
+            packet_filter: Default::default(),
             compute: Default::default(),
         }
     }

@@ -253,6 +253,7 @@ mod tests {
             key_expiry: None,
             device_key: Some(DevicePrivate::generate().public()),
             owner_role: Some(Role::Member),
+            tags: Vec::new(),
         }
     }
 
@@ -265,6 +266,7 @@ mod tests {
             relay_map: RelayMap::default(),
             dns: DnsConfig::default(),
             awaiting_approval: false,
+            packet_filter: Default::default(),
             compute: Default::default(),
         }
     }

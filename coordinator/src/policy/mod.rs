@@ -1,0 +1,288 @@
+//! The access policy of each network: parsed and checked at upload
+//! ([`doc`]), compiled against the network's devices once per change
+//! ([`compile`]), and published: each device's netmap carries only its own
+//! packet filter and only the peers it may talk to, in either direction.
+//!
+//! One [`Policies`] holds the compiled policy of every network. A change
+//! (a new policy, or a device whose policy-relevant facts changed: added,
+//! approved, removed, retagged, its owner's role) recompiles that network
+//! and tells each live device only what changed for it: peers it now sees
+//! (upsert), peers it no longer sees (removed), and its new filter. A device
+//! whose own facts changed gets a full netmap.
+//!
+//! Concurrency: the map of compiled policies is behind a std `Mutex`, held
+//! only to compare and swap (never across an `.await`). Work that reads the
+//! database first (the first compile of a network, a new policy) notes the
+//! network's generation before reading and installs only if no device
+//! change came in meanwhile, else it reads again.
+
+pub mod compile;
+pub mod doc;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use platform::netmap::PeerChange;
+use platform::people::Role;
+
+pub use compile::{Compiled, DeviceFacts};
+pub use doc::{parse, Policy, PolicyError, DEFAULT_POLICY, MAX_POLICY_BYTES};
+
+use crate::api::AppState;
+use crate::error::AppError;
+use crate::fanout;
+use crate::hub::{Push, Visibility};
+use crate::store::audit::Who;
+use crate::store::DeviceRow;
+
+impl Visibility for Compiled {
+    fn sees(&self, viewer: i64, subject: i64) -> bool {
+        Compiled::sees(self, viewer, subject)
+    }
+}
+
+#[derive(Default)]
+struct Entry {
+    compiled: Option<Arc<Compiled>>,
+    /// Bumped by every device change, compiled or not.
+    generation: u64,
+}
+
+/// The compiled policy of every network.
+#[derive(Default)]
+pub struct Policies {
+    networks: Mutex<HashMap<i64, Entry>>,
+}
+
+impl Policies {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i64, Entry>> {
+        self.networks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn cached(&self, network_id: i64) -> Option<Arc<Compiled>> {
+        self.lock()
+            .get(&network_id)
+            .and_then(|e| e.compiled.clone())
+    }
+
+    fn generation(&self, network_id: i64) -> u64 {
+        self.lock().get(&network_id).map_or(0, |e| e.generation)
+    }
+}
+
+/// Whether the policy counts a device: approved and not revoked.
+fn counts(row: &DeviceRow) -> bool {
+    row.approved && row.revoked_at.is_none()
+}
+
+/// What the policy needs to know about a device.
+pub fn facts(row: &DeviceRow) -> Result<DeviceFacts, AppError> {
+    Ok(DeviceFacts {
+        id: row.id,
+        name: row.name.clone(),
+        user: row.owner.clone(),
+        role: row.owner_role.as_deref().and_then(|r| r.parse().ok()),
+        tags: row.tags()?,
+        addrs: row.addresses()?,
+    })
+}
+
+/// The members of a network and their roles (for tests and evaluation).
+pub async fn member_roles(
+    s: &AppState,
+    network_id: i64,
+) -> Result<BTreeMap<String, Role>, AppError> {
+    Ok(s.store
+        .list_members(network_id)
+        .await?
+        .into_iter()
+        .map(|m| (m.username, m.role))
+        .collect())
+}
+
+/// The network's stored policy, or the default.
+async fn stored(s: &AppState, network_id: i64) -> Result<(Policy, Option<String>), AppError> {
+    let text = s.store.policy_text(network_id).await?;
+    let policy = parse(text.as_deref().unwrap_or(DEFAULT_POLICY))
+        .map_err(|e| AppError::Internal(anyhow::anyhow!("the stored policy is invalid: {e}")))?;
+    Ok((policy, text))
+}
+
+async fn compile_from_store(
+    s: &AppState,
+    network_id: i64,
+    policy: Policy,
+) -> Result<(Compiled, Vec<DeviceRow>), AppError> {
+    let rows = s.store.network_devices(network_id).await?;
+    let devices = rows
+        .iter()
+        .filter(|r| counts(r))
+        .map(facts)
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((Compiled::new(policy, devices), rows))
+}
+
+/// The network's compiled policy, compiling it on first use.
+pub async fn current(s: &AppState, network_id: i64) -> Result<Arc<Compiled>, AppError> {
+    loop {
+        if let Some(c) = s.policies.cached(network_id) {
+            return Ok(c);
+        }
+        let generation = s.policies.generation(network_id);
+        let (policy, _) = stored(s, network_id).await?;
+        let (compiled, _) = compile_from_store(s, network_id, policy).await?;
+        let compiled = Arc::new(compiled);
+        let mut networks = s.policies.lock();
+        let entry = networks.entry(network_id).or_default();
+        if entry.generation != generation {
+            continue;
+        }
+        if let Some(c) = &entry.compiled {
+            return Ok(c.clone());
+        }
+        entry.compiled = Some(compiled.clone());
+        s.hub.set_visibility(network_id, compiled.clone());
+        return Ok(compiled);
+    }
+}
+
+/// A device was added, changed or is `gone`: if the policy sees it
+/// differently now, recompile and tell the devices it concerns. Cheap when
+/// nothing the policy reads changed (endpoints, presence, reports).
+pub fn device_changed(s: &AppState, row: &DeviceRow, gone: bool) -> Result<(), AppError> {
+    let now_facts = if !gone && counts(row) {
+        Some(facts(row)?)
+    } else {
+        None
+    };
+    let mut networks = s.policies.lock();
+    let entry = networks.entry(row.network_id).or_default();
+    entry.generation += 1;
+    let Some(old) = entry.compiled.clone() else {
+        return Ok(());
+    };
+    if old.facts(row.id) == now_facts.as_ref() {
+        return Ok(());
+    }
+    let mut devices: Vec<DeviceFacts> = old
+        .devices()
+        .iter()
+        .filter(|d| d.id != row.id)
+        .cloned()
+        .collect();
+    devices.extend(now_facts);
+    devices.sort_by_key(|d| d.id);
+    let new = Arc::new(Compiled::new(old.policy.clone(), devices));
+    let rows = HashMap::from([(row.id, row)]);
+    publish(s, row.network_id, &old, &new, &rows, Some(&[row.id]))?;
+    entry.compiled = Some(new.clone());
+    s.hub.set_visibility(row.network_id, new);
+    Ok(())
+}
+
+/// Checks a new policy against the network as it is (its names, its
+/// tests), stores it with an audit event carrying the diff, and publishes
+/// what changes. A policy that fails is refused and the running one stays.
+pub async fn set(
+    s: &AppState,
+    who: &Who,
+    network_id: i64,
+    text: &str,
+) -> Result<Arc<Compiled>, AppError> {
+    let policy = parse(text).map_err(policy_refused)?;
+    let members = member_roles(s, network_id).await?;
+    policy
+        .check_users(|u| members.contains_key(u))
+        .map_err(policy_refused)?;
+    let (_, old_text) = stored(s, network_id).await?;
+    let mut saved = false;
+    loop {
+        let generation = s.policies.generation(network_id);
+        let (compiled, rows) = compile_from_store(s, network_id, policy.clone()).await?;
+        if !saved {
+            compiled.run_tests(&members).map_err(policy_refused)?;
+            let diff =
+                similar::TextDiff::from_lines(old_text.as_deref().unwrap_or(DEFAULT_POLICY), text)
+                    .unified_diff()
+                    .header("policy (before)", "policy (after)")
+                    .to_string();
+            s.store
+                .set_policy(who, network_id, text, diff, s.clock.now())
+                .await?;
+            saved = true;
+        }
+        let old = current(s, network_id).await?;
+        let new = Arc::new(compiled);
+        let mut networks = s.policies.lock();
+        let entry = networks.entry(network_id).or_default();
+        if entry.generation != generation {
+            continue;
+        }
+        let rows: HashMap<i64, &DeviceRow> = rows.iter().map(|r| (r.id, r)).collect();
+        publish(s, network_id, &old, &new, &rows, None)?;
+        entry.compiled = Some(new.clone());
+        s.hub.set_visibility(network_id, new.clone());
+        return Ok(new);
+    }
+}
+
+/// A refused policy: 400 naming the line.
+pub fn policy_refused(e: PolicyError) -> AppError {
+    AppError::BadRequest(format!("policy refused: {e}"))
+}
+
+/// Tells each live device of the network what changed for it between
+/// `old` and `new`. `changed`: the devices whose facts changed (None: the
+/// policy itself changed, so anything may have). Those devices get a full
+/// netmap; the rest get upserts and removals of peers they start or stop
+/// seeing, and their new filter if it differs.
+fn publish(
+    s: &AppState,
+    network_id: i64,
+    old: &Compiled,
+    new: &Compiled,
+    rows: &HashMap<i64, &DeviceRow>,
+    changed: Option<&[i64]>,
+) -> Result<(), AppError> {
+    let all: Vec<i64> = {
+        let mut ids: Vec<i64> = old
+            .devices()
+            .iter()
+            .chain(new.devices())
+            .map(|d| d.id)
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    };
+    let candidates = changed.unwrap_or(&all);
+    for viewer in s.hub.live_devices(network_id) {
+        if changed.is_some_and(|c| c.contains(&viewer)) {
+            s.hub.send_to(network_id, viewer, Push::Refresh);
+            continue;
+        }
+        for &d in candidates {
+            let (was, is) = (old.sees(viewer, d), new.sees(viewer, d));
+            let Some(row) = rows.get(&d) else { continue };
+            let change = match (was, is) {
+                (false, true) => PeerChange::Upsert {
+                    node: Box::new(row.to_node(fanout::online(s, row))?),
+                },
+                (true, false) => PeerChange::Removed {
+                    node_key: row.node_key()?,
+                },
+                _ => continue,
+            };
+            s.hub.send_to(network_id, viewer, Push::Change(change));
+        }
+        let filter = new.filter_for(viewer);
+        if filter != old.filter_for(viewer) {
+            s.hub
+                .send_to(network_id, viewer, Push::Filter(Arc::new(filter)));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;
