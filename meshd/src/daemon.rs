@@ -15,12 +15,13 @@ use tokio::task::JoinHandle;
 use crate::contribute::ComputeSettings;
 use crate::control::{self, MapState};
 use crate::engine::{Engine, EngineSlot, PeerStats, PingPath, PingReply, TunConfig, UdpPort};
+use crate::dns::service::DnsService;
 use crate::firewall::{Firewall, NftCommand};
 use crate::gateway::{joblog, Gateway, SessionView};
 use crate::keyring::{self, KeyRing};
 use crate::localapi::{
     BackendState, ComputeAction, ComputeChanges, ComputeStatus, NetcheckReport, PairingInfo,
-    PeerStatus, PingReport, RelayLatency, Request, Response, SelfStatus, Status, StunResult,
+    PeerStatus, PingReport, RelayLatency, Request, Response, SelfStatus, Status, StunResult, WhoIs,
 };
 use crate::netcheck;
 use crate::pairing::{self, Pairing};
@@ -48,6 +49,8 @@ pub struct DaemonConfig {
     /// Where the gateway (the network's OpenAI endpoint for local apps)
     /// listens; None: not served.
     pub gateway: Option<SocketAddr>,
+    /// How MagicDNS handles the OS resolver.
+    pub dns: crate::dns::OsDns,
 }
 
 pub struct ComputeConfig {
@@ -77,6 +80,9 @@ struct Session {
     /// Keeps the firewall table in step with the engine's addresses.
     firewall_guard: JoinHandle<()>,
     firewall: Arc<Firewall>,
+    /// Keeps MagicDNS in step with the netmap.
+    dns_guard: JoinHandle<()>,
+    dns: Arc<DnsService>,
 }
 
 /// A running compute API.
@@ -114,6 +120,10 @@ impl Session {
         let _ = self.task.await;
         self.firewall_guard.abort();
         let _ = self.firewall_guard.await;
+        self.dns_guard.abort();
+        let _ = self.dns_guard.await;
+        // The OS resolver gets its settings back while the names still work.
+        self.dns.stop().await;
         self.engine.stop().await;
         // After the TUN is gone, so its addresses are never unguarded.
         self.firewall.remove().await;
@@ -146,6 +156,8 @@ pub struct Daemon {
     gateway_view: watch::Sender<Option<SessionView>>,
     /// Drops packets for the overlay addresses that bypass the tunnel.
     firewall: Arc<Firewall>,
+    /// MagicDNS for the joined network.
+    dns: Arc<DnsService>,
 }
 
 /// A relay region's short name, for people.
@@ -167,6 +179,7 @@ fn system_hostname() -> String {
 impl Daemon {
     pub async fn new(cfg: DaemonConfig) -> anyhow::Result<Arc<Self>> {
         let state = StateDir::open(&cfg.state_dir)?;
+        let cfg_dns = cfg.dns.clone();
         let keys = Arc::new(KeyRing::new(state.clone(), state.keys()?));
         // A compute.json this version cannot read must not take the network
         // down with it: compute stays off until it is fixed or rewritten.
@@ -208,6 +221,7 @@ impl Daemon {
             gateway,
             gateway_view,
             firewall: Firewall::new(Arc::new(NftCommand::default())),
+            dns: DnsService::new(cfg_dns),
         }))
     }
 
@@ -383,6 +397,8 @@ impl Daemon {
     pub async fn resume(&self) -> anyhow::Result<()> {
         // A table left by a crash guards addresses that are gone.
         self.firewall.remove().await;
+        // So are resolver settings pointing at a server that is gone.
+        self.dns.repair().await;
         let prefs = self.state.prefs()?;
         if let (true, Some(coordinator)) = (prefs.wants_up, prefs.coordinator.clone()) {
             tracing::info!(%coordinator, "resuming");
@@ -463,12 +479,21 @@ impl Daemon {
             let changes = rx.clone();
             tokio::spawn(async move {
                 firewall
-                    .follow(changes, move || {
+                    .follow(changes.clone(), move || {
                         let e = engine.get()?;
-                        Some((e.tun_name().to_owned(), e.addresses().to_vec()))
+                        // MagicDNS's addresses are guarded like the device's.
+                        let mut guarded = e.addresses().to_vec();
+                        if let Some(map) = &changes.borrow().netmap {
+                            guarded.extend(crate::dns::service::service_addresses(map));
+                        }
+                        Some((e.tun_name().to_owned(), guarded))
                     })
                     .await;
             })
+        };
+        let dns_guard = {
+            let (dns, engine, changes) = (self.dns.clone(), engine.clone(), rx.clone());
+            tokio::spawn(async move { dns.follow(changes, engine).await })
         };
         Session {
             coordinator,
@@ -480,6 +505,8 @@ impl Daemon {
             compute,
             firewall_guard,
             firewall: self.firewall.clone(),
+            dns_guard,
+            dns: self.dns.clone(),
         }
     }
 
@@ -527,6 +554,12 @@ impl Daemon {
                     .ping(&peer, count)
                     .await
                     .map_or_else(|e| Response::Error(format!("{e:#}")), Response::Ping)
+            }
+            Request::WhoIs { address } => {
+                return self.whois(address).await.map_or_else(
+                    |e| Response::Error(format!("{e:#}")),
+                    |w| Response::WhoIs(Box::new(w)),
+                )
             }
             Request::Netcheck => {
                 return self
@@ -829,9 +862,36 @@ impl Daemon {
         self.state.save_prefs(&prefs)
     }
 
+    /// Who holds `address`, from the current netmap.
+    async fn whois(&self, address: std::net::IpAddr) -> anyhow::Result<WhoIs> {
+        let session = self.session.lock().await;
+        let s = session.as_ref().ok_or_else(|| anyhow::anyhow!("not up"))?;
+        let map = s.map.borrow();
+        let netmap = map.netmap.as_ref().ok_or_else(|| anyhow::anyhow!("no netmap yet"))?;
+        let node = netmap
+            .node_by_address(address)
+            .ok_or_else(|| anyhow::anyhow!("no device of network {} has {address}", netmap.network))?;
+        Ok(WhoIs {
+            name: node.name.clone(),
+            network: netmap.network.clone(),
+            fqdn: netmap.dns.zone(&netmap.network).map(|z| format!("{}.{z}", node.name)),
+            addresses: node.addresses.clone(),
+            kind: match node.kind {
+                NodeKind::Mesh => "meshd".into(),
+                NodeKind::Wireguard => "wireguard".into(),
+            },
+            owner: node.owner.clone(),
+            role: node.owner_role,
+            tags: node.tags.clone(),
+            this_device: node.node_key == netmap.self_node.node_key,
+        })
+    }
+
     pub async fn status(&self) -> Status {
+        let dns = self.dns.status().await;
         let session = self.session.lock().await;
         let mut status = Status {
+            dns,
             backend: BackendState::Stopped,
             coordinator: None,
             coordinator_connected: false,

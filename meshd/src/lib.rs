@@ -7,6 +7,7 @@
 pub mod contribute;
 pub mod control;
 pub mod daemon;
+pub mod dns;
 pub mod endpoints;
 pub mod engine;
 pub mod firewall;

@@ -122,6 +122,10 @@ pub enum Request {
     },
     /// The owner's credits, as the coordinator's ledger has them.
     Ledger,
+    /// Who holds an overlay address: device, owner, role and tags.
+    WhoIs {
+        address: IpAddr,
+    },
 }
 
 fn default_jobs_limit() -> usize {
@@ -244,7 +248,27 @@ pub enum Response {
     Compute(Box<ComputeStatus>),
     Jobs(Vec<crate::gateway::joblog::JobRecord>),
     Ledger(platform::ledger::BalanceAnswer),
+    WhoIs(Box<WhoIs>),
     Error(String),
+}
+
+/// `meshd whois ADDRESS`: the device at an overlay address, as the netmap
+/// names it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WhoIs {
+    pub name: String,
+    pub network: String,
+    /// `<name>.<network>.<base domain>` when MagicDNS is on.
+    #[serde(default)]
+    pub fqdn: Option<String>,
+    pub addresses: Vec<IpAddr>,
+    pub kind: String,
+    pub owner: Option<String>,
+    pub role: Option<platform::people::Role>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// The address is this device's own.
+    pub this_device: bool,
 }
 
 /// A device-code pairing waiting for a member's approval.
@@ -376,6 +400,9 @@ pub struct Status {
     /// A device-code pairing waiting for approval.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pairing: Option<PairingInfo>,
+    /// MagicDNS, while it serves (or why it does not).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<crate::dns::service::DnsStatus>,
 }
 
 /// Sends a request whose answer is the daemon's status.
@@ -461,6 +488,7 @@ mod tests {
             peers: vec![],
             counters: CounterSnapshot::default(),
             pairing: None,
+            dns: None,
         }
     }
 

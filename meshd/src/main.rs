@@ -61,6 +61,16 @@ enum Command {
         /// spends this device owner's credits.
         #[arg(long, env = "MESHD_GATEWAY", default_value = gateway::DEFAULT_LISTEN)]
         gateway: String,
+        /// How MagicDNS points the OS resolver at itself: `auto`
+        /// (systemd-resolved when it manages /etc/resolv.conf, else the
+        /// file), `resolved`, `resolv-conf`, or `off` (leave the OS resolver
+        /// alone; the server still answers on 100.100.100.100).
+        #[arg(long, env = "MESHD_DNS_MODE", default_value = "auto", value_parser = parse_dns_mode)]
+        dns_mode: meshd::dns::OsDnsMode,
+        /// The resolver file MagicDNS rewrites (its original is kept in the
+        /// state dir and put back on `down` and on stop).
+        #[arg(long, env = "MESHD_RESOLV_CONF", default_value = "/etc/resolv.conf")]
+        resolv_conf: PathBuf,
     },
     /// Offer this device's compute to the network, or stop.
     #[command(subcommand)]
@@ -115,6 +125,12 @@ enum Command {
     },
     /// Report UDP reachability, the public endpoint, NAT behaviour and relay latencies.
     Netcheck {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Name the device at an overlay address: its owner, role and tags.
+    Whois {
+        address: std::net::IpAddr,
         #[arg(long)]
         json: bool,
     },
@@ -200,6 +216,17 @@ enum ModelsCmd {
     },
 }
 
+fn parse_dns_mode(s: &str) -> Result<meshd::dns::OsDnsMode, String> {
+    use meshd::dns::OsDnsMode;
+    match s {
+        "auto" => Ok(OsDnsMode::Auto),
+        "resolved" => Ok(OsDnsMode::Resolved),
+        "resolv-conf" => Ok(OsDnsMode::ResolvConf),
+        "off" => Ok(OsDnsMode::Off),
+        other => Err(format!("{other:?}: auto, resolved, resolv-conf or off")),
+    }
+}
+
 async fn run_daemon(socket: PathBuf, cfg: DaemonConfig) -> anyhow::Result<()> {
     let gateway = cfg.gateway;
     let daemon = Daemon::new(cfg).await?;
@@ -256,6 +283,8 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
             changes,
             sys_root,
             gateway,
+            dns_mode,
+            resolv_conf,
         } => {
             let gateway = match gateway.as_str() {
                 "off" | "" => None,
@@ -267,6 +296,11 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
             let compute = daemon::ComputeConfig {
                 models_dir,
                 enable: compute.then_some(changes),
+            };
+            let dns = meshd::dns::OsDns {
+                resolv_conf,
+                backup: state_dir.join("resolv.conf.backup"),
+                ..meshd::dns::OsDns::new(dns_mode)
             };
             run_daemon(
                 cli.socket,
@@ -280,6 +314,7 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
                     compute,
                     sys_root,
                     gateway,
+                    dns,
                 },
             )
             .await
@@ -363,6 +398,20 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
                         "no reply from {}",
                         report.peer
                     );
+                    Ok(())
+                }
+                localapi::Response::Error(e) => anyhow::bail!("{e}"),
+                other => anyhow::bail!("unexpected reply: {other:?}"),
+            }
+        }
+        Command::Whois { address, json } => {
+            match localapi::exchange(&cli.socket, &Request::WhoIs { address }).await? {
+                localapi::Response::WhoIs(w) => {
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&w)?);
+                    } else {
+                        status_text::print(&status_text::render_whois(&w));
+                    }
                     Ok(())
                 }
                 localapi::Response::Error(e) => anyhow::bail!("{e}"),

@@ -405,16 +405,10 @@ fn short(id: &str) -> &str {
     id.get(..8).unwrap_or(id)
 }
 
-/// The name of the device holding overlay address `ip`.
+/// The name of the device holding overlay address `ip` (as `meshd whois`
+/// names it).
 fn whois(netmap: &NetMap, ip: IpAddr) -> Option<String> {
-    if netmap.self_node.addresses.contains(&ip) {
-        return Some(netmap.self_node.name.clone());
-    }
-    netmap
-        .peers
-        .values()
-        .find(|p| p.addresses.contains(&ip))
-        .map(|p| p.name.clone())
+    netmap.node_by_address(ip).map(|n| n.name.clone())
 }
 
 /// Who may call the compute API: this device and the peers of the current

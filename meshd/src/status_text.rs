@@ -185,6 +185,34 @@ pub fn render_at(s: &Status, now: u64) -> String {
     if !s.coordinator_connected {
         let _ = writeln!(out, "# coordinator unreachable; using the last netmap");
     }
+    if let Some(d) = &s.dns {
+        match &d.error {
+            Some(e) => {
+                let _ = writeln!(out, "# WARNING: {e}");
+            }
+            None => {
+                let _ = writeln!(
+                    out,
+                    "# MagicDNS: {} on {} (OS resolver: {}); answered {}, forwarded {}, failed {}",
+                    d.zone,
+                    addrs(&d.servers),
+                    d.os,
+                    d.local_answers + d.nxdomain,
+                    d.forwarded,
+                    d.forward_failures
+                );
+            }
+        }
+    }
+    let c = &s.counters;
+    let filtered = c.drop_filter_no_rule + c.drop_filter_not_for_us + c.drop_filter_malformed;
+    if filtered > 0 || c.filter_flows_full > 0 {
+        let _ = writeln!(
+            out,
+            "# packet filter dropped {filtered}: {} no rule, {} not for this device, {} malformed; {} flows not tracked (table full)",
+            c.drop_filter_no_rule, c.drop_filter_not_for_us, c.drop_filter_malformed, c.filter_flows_full
+        );
+    }
     for p in &s.peers {
         let handshake = p
             .last_handshake_secs_ago
@@ -213,6 +241,30 @@ pub fn render_at(s: &Status, now: u64) -> String {
                 .as_deref()
                 .map_or(String::new(), |o| format!(" owner {o}")),
         );
+    }
+    out
+}
+
+/// `meshd whois`: who holds an address.
+pub fn render_whois(w: &crate::localapi::WhoIs) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{}{} ({}, network {})",
+        w.fqdn.as_deref().unwrap_or(&w.name),
+        if w.this_device { " (this device)" } else { "" },
+        w.kind,
+        w.network,
+    );
+    let _ = writeln!(out, "addresses: {}", addrs(&w.addresses).trim_end());
+    let _ = writeln!(
+        out,
+        "owner: {}{}",
+        w.owner.as_deref().unwrap_or("none"),
+        w.role.map_or(String::new(), |r| format!(" ({r})"))
+    );
+    if !w.tags.is_empty() {
+        let _ = writeln!(out, "tags: {}", w.tags.join(", "));
     }
     out
 }
@@ -547,6 +599,7 @@ mod tests {
             }],
             counters: Default::default(),
             pairing: None,
+            dns: None,
         }
     }
 

@@ -17,6 +17,24 @@ pub const OVERLAY_V4: IpPrefix = IpPrefix {
 /// Kept free for MagicDNS.
 pub const MAGIC_DNS_V4: Ipv4Addr = Ipv4Addr::new(100, 100, 100, 100);
 
+/// The IPv6 MagicDNS address inside a network's unique-local /48:
+/// `<prefix>:ffff::53`. Device addresses keep bytes 6..12 zero (see
+/// [`UlaPrefix::address`]), so it is never a device's. None for a prefix
+/// that is not an IPv6 /48.
+pub fn magic_dns_v6(ula: &IpPrefix) -> Option<Ipv6Addr> {
+    match ula.addr {
+        IpAddr::V6(a) if ula.len == 48 => {
+            let mut b = a.octets();
+            b[6..].fill(0);
+            b[6] = 0xff;
+            b[7] = 0xff;
+            b[15] = 0x53;
+            Some(Ipv6Addr::from(b))
+        }
+        _ => None,
+    }
+}
+
 /// An IP network: address plus prefix length, text form `addr/len`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct IpPrefix {

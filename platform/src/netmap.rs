@@ -188,6 +188,13 @@ impl PeerChange {
 }
 
 impl NetMap {
+    /// The node (this device or a peer) holding overlay address `ip`.
+    pub fn node_by_address(&self, ip: IpAddr) -> Option<&Node> {
+        std::iter::once(&self.self_node)
+            .chain(self.peers.values())
+            .find(|n| n.addresses.contains(&ip))
+    }
+
     /// Applies changes in order. Changes about unknown peers (other than
     /// upserts) are ignored: the peer was removed in the meantime.
     pub fn apply(&mut self, changes: &[PeerChange]) {

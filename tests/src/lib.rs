@@ -98,6 +98,16 @@ fn ip(args: &[&str]) -> anyhow::Result<()> {
 
 static LAB_COUNTER: AtomicU32 = AtomicU32::new(0);
 
+/// The resolver every lab namespace's resolv.conf names before MagicDNS
+/// rewrites it (10.99.0.53, on the lab's bridge: a test may run a DNS
+/// server there).
+pub const LAB_RESOLVER: &str = "10.99.0.53";
+
+/// Files `ip netns exec NS` mounts over `/etc`.
+pub fn netns_etc(ns: &str) -> PathBuf {
+    Path::new("/etc/netns").join(ns)
+}
+
 /// A set of namespaces on one bridge (10.99.0.0/24 underlay).
 pub struct Lab {
     prefix: String,
@@ -132,8 +142,7 @@ impl Lab {
     /// Adds a host namespace with `eth0` at 10.99.0.`last`/24 on the bridge.
     pub fn host(&mut self, name: &str, last: u8) -> anyhow::Result<Host> {
         let ns = format!("{}-{name}", self.prefix);
-        ip(&["netns", "add", &ns])?;
-        self.hosts.push(ns.clone());
+        self.add_namespace(&ns)?;
         let port = format!("p{last}");
         ip(&[
             "-n",
@@ -191,8 +200,7 @@ impl Lab {
     ) -> anyhow::Result<(Host, Host)> {
         let router = self.host(&format!("{name}-nat"), last)?;
         let ns = format!("{}-{name}", self.prefix);
-        ip(&["netns", "add", &ns])?;
-        self.hosts.push(ns.clone());
+        self.add_namespace(&ns)?;
         ip(&[
             "-n", &router.ns, "link", "add", "lan0", "type", "veth", "peer", "name", "eth0",
             "netns", &ns,
@@ -252,6 +260,21 @@ impl Lab {
         let coord = Coordinator::start_with_relays(self, coord_host, "home", Some(&map))?;
         let relay = Relay::start(self, relay_host, &coord)?;
         Ok((coord, relay))
+    }
+
+    /// Creates a host namespace with a resolv.conf of its own: `ip netns
+    /// exec` mounts `/etc/netns/NS/resolv.conf` over `/etc/resolv.conf`, so
+    /// what a device's MagicDNS writes there stays in the namespace.
+    fn add_namespace(&mut self, ns: &str) -> anyhow::Result<()> {
+        ip(&["netns", "add", ns])?;
+        self.hosts.push(ns.to_owned());
+        let dir = netns_etc(ns);
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(
+            dir.join("resolv.conf"),
+            format!("# resolver of lab namespace {ns}\nnameserver {LAB_RESOLVER}\n"),
+        )?;
+        Ok(())
     }
 
     /// Starts a long-running process in `host`; it is killed with the lab.
@@ -348,6 +371,7 @@ impl Drop for Lab {
                 }
             }
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
+            let _ = std::fs::remove_dir_all(netns_etc(ns));
         }
         if std::env::var_os("CRANK_KEEP_LAB").is_none() {
             let _ = std::fs::remove_dir_all(&self.dir);

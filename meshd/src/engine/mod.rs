@@ -416,6 +416,12 @@ impl Engine {
         self.shared.udp.port()
     }
 
+    /// Adds local service addresses (MagicDNS) to the TUN device; they go
+    /// with it.
+    pub async fn add_service_addresses(&self, addresses: &[IpAddr]) -> anyhow::Result<()> {
+        tun_device::add_addresses(&self.tun_name, addresses).await
+    }
+
     pub fn tun_name(&self) -> &str {
         &self.tun_name
     }

@@ -40,30 +40,36 @@ pub async fn create(
     Ok(device)
 }
 
-async fn configure(
-    handle: &rtnetlink::Handle,
-    cfg: &TunConfig,
-    addresses: &[IpAddr],
-    routes: &[IpPrefix],
-) -> anyhow::Result<()> {
-    let link = handle
-        .link()
-        .get()
-        .match_name(cfg.name.clone())
-        .execute()
-        .try_next()
-        .await
-        .with_context(|| format!("looking up {}", cfg.name))?
-        .with_context(|| format!("{} vanished after it was created", cfg.name))?;
-    let index = link.header.index;
-    // IPv6 may be disabled on the host: the mesh still works over IPv4.
-    let v6_optional = |r: anyhow::Result<()>, is_v4: bool| match r {
+/// IPv6 may be disabled on the host: the mesh still works over IPv4.
+fn v6_optional(r: anyhow::Result<()>, is_v4: bool) -> anyhow::Result<()> {
+    match r {
         Err(e) if !is_v4 => {
             tracing::warn!(error = format!("{e:#}"), "IPv6 overlay unavailable");
             Ok(())
         }
         other => other,
-    };
+    }
+}
+
+async fn link_index(handle: &rtnetlink::Handle, name: &str) -> anyhow::Result<u32> {
+    let link = handle
+        .link()
+        .get()
+        .match_name(name.to_owned())
+        .execute()
+        .try_next()
+        .await
+        .with_context(|| format!("looking up {name}"))?
+        .with_context(|| format!("{name} is gone"))?;
+    Ok(link.header.index)
+}
+
+async fn add_host_addresses(
+    handle: &rtnetlink::Handle,
+    name: &str,
+    index: u32,
+    addresses: &[IpAddr],
+) -> anyhow::Result<()> {
     for addr in addresses {
         let host = IpPrefix::host(*addr);
         let added = handle
@@ -72,9 +78,35 @@ async fn configure(
             .replace()
             .execute()
             .await
-            .with_context(|| format!("adding {host} to {}", cfg.name));
+            .with_context(|| format!("adding {host} to {name}"));
         v6_optional(added, addr.is_ipv4())?;
     }
+    Ok(())
+}
+
+/// Adds host addresses to an existing device (the MagicDNS service
+/// addresses): they go with the device.
+pub async fn add_addresses(name: &str, addresses: &[IpAddr]) -> anyhow::Result<()> {
+    let (connection, handle, _) =
+        rtnetlink::new_connection().context("opening a netlink socket")?;
+    let conn = tokio::spawn(connection);
+    let result = async {
+        let index = link_index(&handle, name).await?;
+        add_host_addresses(&handle, name, index, addresses).await
+    }
+    .await;
+    conn.abort();
+    result
+}
+
+async fn configure(
+    handle: &rtnetlink::Handle,
+    cfg: &TunConfig,
+    addresses: &[IpAddr],
+    routes: &[IpPrefix],
+) -> anyhow::Result<()> {
+    let index = link_index(handle, &cfg.name).await?;
+    add_host_addresses(handle, &cfg.name, index, addresses).await?;
     for route in routes {
         let net = route.network();
         let message = match net.addr {
