@@ -127,6 +127,37 @@ impl Remote {
         if let Some(b) = body {
             req = req.json(b);
         }
+        self.finish(req, &method, path).await
+    }
+
+    /// Calls `method path` with a text body (a policy document, which is
+    /// JSON with comments and so not sent as JSON).
+    pub async fn call_text<T: serde::de::DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: String,
+    ) -> anyhow::Result<T> {
+        let url = format!("{}{path}", self.base);
+        let mut req = self
+            .http
+            .request(method.clone(), &url)
+            .timeout(std::time::Duration::from_secs(30))
+            .header(reqwest::header::CONTENT_TYPE, "text/plain; charset=utf-8")
+            .body(body);
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        self.finish(req, &method, path).await
+    }
+
+    async fn finish<T: serde::de::DeserializeOwned>(
+        &self,
+        req: reqwest::RequestBuilder,
+        method: &reqwest::Method,
+        path: &str,
+    ) -> anyhow::Result<T> {
+        let url = format!("{}{path}", self.base);
         let resp = req
             .send()
             .await
@@ -134,7 +165,7 @@ impl Remote {
         let status = resp.status();
         let bytes = resp.bytes().await.context("reading the reply")?;
         if !status.is_success() {
-            return Err(failure(&method, path, status, &bytes));
+            return Err(failure(method, path, status, &bytes));
         }
         let bytes = if bytes.is_empty() {
             &b"null"[..]

@@ -11,6 +11,7 @@ pub mod fanout;
 pub mod hub;
 pub mod names;
 pub mod policy;
+pub mod policy_cli;
 pub mod remote;
 pub mod store;
 pub mod tls;
@@ -34,17 +35,34 @@ pub async fn app_state(
     relay_map: RelayMap,
     tls: bool,
 ) -> anyhow::Result<api::SharedState> {
-    app_state_with(state_dir, relay_map, tls, &store::StoreOptions::default()).await
+    app_state_with(state_dir, relay_map, tls, &ServeOptions::default()).await
 }
 
-/// [`app_state`] with the store opened with `options`.
+/// How a server runs, beyond where and on what.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    pub store: store::StoreOptions,
+    /// MagicDNS names are `<device>.<network>.<base_domain>`; empty: off.
+    pub base_domain: String,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            store: Default::default(),
+            base_domain: api::DEFAULT_BASE_DOMAIN.into(),
+        }
+    }
+}
+
+/// [`app_state`] with `options`.
 pub async fn app_state_with(
     state_dir: &Path,
     relay_map: RelayMap,
     tls: bool,
-    options: &store::StoreOptions,
+    options: &ServeOptions,
 ) -> anyhow::Result<api::SharedState> {
-    let store = store::Store::open_with(state_dir, options).await?;
+    let store = store::Store::open_with(state_dir, &options.store).await?;
     if !store.is_initialized().await? {
         anyhow::bail!(
             "{} is not initialised: run `coordinator init --state-dir {}` first",
@@ -65,7 +83,7 @@ pub async fn app_state_with(
         public_url: None,
         identity,
         policies: Default::default(),
-        base_domain: api::DEFAULT_BASE_DOMAIN.into(),
+        base_domain: options.base_domain.clone(),
     }))
 }
 
@@ -107,7 +125,7 @@ pub async fn serve(
     listen: SocketAddr,
     relay_map: RelayMap,
     transport: Transport,
-    store_options: &store::StoreOptions,
+    options: &ServeOptions,
 ) -> anyhow::Result<()> {
     // Checked before anything is opened or bound.
     let tls = match &transport {
@@ -123,7 +141,7 @@ pub async fn serve(
             None
         }
     };
-    let state = app_state_with(state_dir, relay_map, tls.is_some(), store_options).await?;
+    let state = app_state_with(state_dir, relay_map, tls.is_some(), options).await?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding {listen}"))?;

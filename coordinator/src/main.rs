@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use coordinator::remote;
 use coordinator::store::Store;
+use coordinator::{policy_cli, remote};
 use platform::api::CreatePreauthKey;
 use platform::unix_now;
 
@@ -83,6 +83,10 @@ enum Command {
             value_parser = humantime::parse_duration
         )]
         address_quarantine: std::time::Duration,
+        /// MagicDNS names are `<device>.<network>.<base domain>` (`off`
+        /// turns MagicDNS off for every network).
+        #[arg(long, env = "COORDINATOR_BASE_DOMAIN", default_value = coordinator::api::DEFAULT_BASE_DOMAIN)]
+        base_domain: String,
     },
     /// Relay tokens.
     #[command(subcommand, name = "relay-token")]
@@ -134,6 +138,12 @@ enum Command {
     /// Keys of removed devices, refused until lifted.
     #[command(subcommand)]
     Denylist(remote::DenylistCmd),
+    /// A network's access policy: who may reach what.
+    #[command(subcommand)]
+    Policy(policy_cli::PolicyCmd),
+    /// A network's MagicDNS settings: extra records, split DNS, resolvers.
+    #[command(subcommand)]
+    Dns(policy_cli::DnsCmd),
 }
 
 #[derive(Subcommand)]
@@ -219,6 +229,14 @@ enum DeviceCmd {
     },
     #[command(flatten)]
     Remote(remote::RemoteDeviceCmd),
+    /// Give a device exactly these tags (declared in the policy; none to
+    /// clear them). Admins, or a tag's owners.
+    Tag {
+        #[command(flatten)]
+        net: remote::Net,
+        id: i64,
+        tags: Vec<String>,
+    },
 }
 
 fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
@@ -268,6 +286,7 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
             tls_key,
             insecure_http,
             address_quarantine,
+            base_domain,
         } => {
             let relay_map = match relay_map {
                 Some(path) => coordinator::load_relay_map(&path)?,
@@ -280,11 +299,18 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
                     insecure: insecure_http,
                 },
             };
-            let store = coordinator::store::StoreOptions {
-                address_quarantine,
-                ..Default::default()
+            let options = coordinator::ServeOptions {
+                store: coordinator::store::StoreOptions {
+                    address_quarantine,
+                    ..Default::default()
+                },
+                base_domain: if base_domain == "off" {
+                    String::new()
+                } else {
+                    base_domain
+                },
             };
-            coordinator::serve(&dir.state_dir, listen, relay_map, transport, &store).await?
+            coordinator::serve(&dir.state_dir, listen, relay_map, transport, &options).await?
         }
         Command::RelayToken(RelayTokenCmd::Create { name, dir }) => {
             println!(
@@ -362,6 +388,9 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
             print_json(&devices)?
         }
         Command::Device(DeviceCmd::Remote(cmd)) => remote::device(cmd).await?,
+        Command::Device(DeviceCmd::Tag { net, id, tags }) => policy_cli::tag(net, id, tags).await?,
+        Command::Policy(cmd) => policy_cli::policy(cmd).await?,
+        Command::Dns(cmd) => policy_cli::dns(cmd).await?,
         Command::User(UserCmd::Token { username, dir }) => {
             println!(
                 "{}",

@@ -14,8 +14,8 @@ use tokio::task::JoinHandle;
 
 use crate::contribute::ComputeSettings;
 use crate::control::{self, MapState};
-use crate::engine::{Engine, EngineSlot, PeerStats, PingPath, PingReply, TunConfig, UdpPort};
 use crate::dns::service::DnsService;
+use crate::engine::{Engine, EngineSlot, PeerStats, PingPath, PingReply, TunConfig, UdpPort};
 use crate::firewall::{Firewall, NftCommand};
 use crate::gateway::{joblog, Gateway, SessionView};
 use crate::keyring::{self, KeyRing};
@@ -867,14 +867,20 @@ impl Daemon {
         let session = self.session.lock().await;
         let s = session.as_ref().ok_or_else(|| anyhow::anyhow!("not up"))?;
         let map = s.map.borrow();
-        let netmap = map.netmap.as_ref().ok_or_else(|| anyhow::anyhow!("no netmap yet"))?;
-        let node = netmap
-            .node_by_address(address)
-            .ok_or_else(|| anyhow::anyhow!("no device of network {} has {address}", netmap.network))?;
+        let netmap = map
+            .netmap
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("no netmap yet"))?;
+        let node = netmap.node_by_address(address).ok_or_else(|| {
+            anyhow::anyhow!("no device of network {} has {address}", netmap.network)
+        })?;
         Ok(WhoIs {
             name: node.name.clone(),
             network: netmap.network.clone(),
-            fqdn: netmap.dns.zone(&netmap.network).map(|z| format!("{}.{z}", node.name)),
+            fqdn: netmap
+                .dns
+                .zone(&netmap.network)
+                .map(|z| format!("{}.{z}", node.name)),
             addresses: node.addresses.clone(),
             kind: match node.kind {
                 NodeKind::Mesh => "meshd".into(),

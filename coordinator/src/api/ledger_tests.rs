@@ -27,22 +27,22 @@ use crate::store::test_store;
 const GIB: u64 = 1 << 30;
 
 /// A server with network `home` owned by the first user.
-struct World {
-    state: SharedState,
-    owner: String,
-    home: i64,
+pub(super) struct World {
+    pub(super) state: SharedState,
+    pub(super) owner: String,
+    pub(super) home: i64,
     _dir: tempfile::TempDir,
 }
 
 /// A registered device and its key.
-struct Dev {
-    key: DevicePrivate,
-    node: NodePrivate,
-    id: i64,
-    name: String,
+pub(super) struct Dev {
+    pub(super) key: DevicePrivate,
+    pub(super) node: NodePrivate,
+    pub(super) id: i64,
+    pub(super) name: String,
 }
 
-async fn call(
+pub(super) async fn call(
     state: &SharedState,
     token: Option<&str>,
     method: &str,
@@ -52,13 +52,13 @@ async fn call(
     test_support::call(state, token, method, path, body.map(|b| b.to_string())).await
 }
 
-fn ok((status, body): (StatusCode, Value)) -> Value {
+pub(super) fn ok((status, body): (StatusCode, Value)) -> Value {
     assert!(status.is_success(), "{status} {body}");
     body
 }
 
 impl World {
-    async fn new() -> World {
+    pub(super) async fn new() -> World {
         let (store, dir) = test_store().await;
         let owner = store.init(unix_now()).await.unwrap();
         let state = test_support::state(store, None);
@@ -80,12 +80,12 @@ impl World {
         }
     }
 
-    async fn owner_call(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+    pub(super) async fn owner_call(&self, method: &str, path: &str, body: Option<Value>) -> Value {
         ok(call(&self.state, Some(&self.owner), method, path, body).await)
     }
 
     /// A new user joining `network` with `role`, approved; their token.
-    async fn join(&self, network: &str, name: &str, role: &str) -> String {
+    pub(super) async fn join(&self, network: &str, name: &str, role: &str) -> String {
         let inv = self
             .owner_call(
                 "POST",
@@ -112,7 +112,7 @@ impl World {
 
     /// A device of the holder of `token` in `network`, reporting a tier2
     /// laptop on mains power.
-    async fn device(&self, token: &str, network: &str, host: &str) -> Dev {
+    pub(super) async fn device(&self, token: &str, network: &str, host: &str) -> Dev {
         let key = ok(call(
             &self.state,
             Some(token),

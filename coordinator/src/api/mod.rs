@@ -199,6 +199,12 @@ pub fn router(state: SharedState) -> Router {
             ),
         )
         .route(&format!("{NET}/policy/evaluate"), post(policy::evaluate))
+        .route(
+            &format!("{NET}/policy/check"),
+            post(policy::check_policy).layer(axum::extract::DefaultBodyLimit::max(
+                crate::policy::MAX_POLICY_BYTES,
+            )),
+        )
         .route(&format!("{NET}/devices/{{id}}/tags"), put(policy::set_tags))
         .route(
             &format!("{NET}/dns"),
@@ -421,6 +427,8 @@ mod ledger_tests;
 mod matrix_tests;
 #[cfg(test)]
 mod people_tests;
+#[cfg(test)]
+mod policy_tests;
 #[cfg(test)]
 mod relay_tests;
 #[cfg(test)]

@@ -49,6 +49,21 @@ pub async fn put_policy(
 ) -> Result<Json<PolicyDocument>, AppError> {
     let ctx = s.store.network_for(&network, &user).await?;
     ctx.require(Role::Admin)?;
+    let text = policy_text(body)?;
+    let compiled = policy::set(&s, &ctx.who(), ctx.id, &text).await?;
+    tracing::info!(
+        network = ctx.id,
+        rules = compiled.policy.acls.len(),
+        "policy changed"
+    );
+    Ok(Json(PolicyDocument {
+        policy: text,
+        default: false,
+    }))
+}
+
+/// The text of a policy body (any content type: it is JSON with comments).
+fn policy_text(body: Result<Bytes, BytesRejection>) -> Result<String, AppError> {
     let bytes = body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             AppError::PayloadTooLarge(format!("a policy is at most {MAX_POLICY_BYTES} bytes"))
@@ -56,18 +71,27 @@ pub async fn put_policy(
             AppError::BadRequest(format!("could not read body: {e}"))
         }
     })?;
-    let text = std::str::from_utf8(&bytes)
-        .map_err(|_| AppError::BadRequest("the policy is not UTF-8 text".into()))?;
-    let compiled = policy::set(&s, &ctx.who(), ctx.id, text).await?;
-    tracing::info!(
-        network = ctx.id,
-        rules = compiled.policy.acls.len(),
-        "policy changed"
-    );
-    Ok(Json(PolicyDocument {
-        policy: text.to_owned(),
-        default: false,
-    }))
+    String::from_utf8(bytes.to_vec())
+        .map_err(|_| AppError::BadRequest("the policy is not UTF-8 text".into()))
+}
+
+/// `POST …/policy/check`: would this policy be accepted now? Nothing is
+/// stored; the answer says how many rules and tests it has.
+pub async fn check_policy(
+    Caller(user): Caller,
+    State(s): State<SharedState>,
+    ApiPath(network): ApiPath<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<serde_json::Value>, AppError> {
+    let ctx = s.store.network_for(&network, &user).await?;
+    ctx.require(Role::Member)?;
+    let text = policy_text(body)?;
+    let compiled = policy::check(&s, ctx.id, &text).await?;
+    Ok(Json(serde_json::json!({
+        "ok": true,
+        "rules": compiled.policy.acls.len(),
+        "tests": compiled.policy.tests.len(),
+    })))
 }
 
 /// `POST …/policy/evaluate`: may `src` reach `dst`, and by which rule?

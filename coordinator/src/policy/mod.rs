@@ -189,18 +189,13 @@ pub async fn set(
     network_id: i64,
     text: &str,
 ) -> Result<Arc<Compiled>, AppError> {
-    let policy = parse(text).map_err(policy_refused)?;
-    let members = member_roles(s, network_id).await?;
-    policy
-        .check_users(|u| members.contains_key(u))
-        .map_err(policy_refused)?;
+    let policy = check(s, network_id, text).await?.policy;
     let (_, old_text) = stored(s, network_id).await?;
     let mut saved = false;
     loop {
         let generation = s.policies.generation(network_id);
         let (compiled, rows) = compile_from_store(s, network_id, policy.clone()).await?;
         if !saved {
-            compiled.run_tests(&members).map_err(policy_refused)?;
             let diff =
                 similar::TextDiff::from_lines(old_text.as_deref().unwrap_or(DEFAULT_POLICY), text)
                     .unified_diff()
@@ -224,6 +219,19 @@ pub async fn set(
         s.hub.set_visibility(network_id, new.clone());
         return Ok(new);
     }
+}
+
+/// Checks a policy against the network as it is, without storing it: its
+/// syntax and names, then its tests on the network's devices and members.
+pub async fn check(s: &AppState, network_id: i64, text: &str) -> Result<Compiled, AppError> {
+    let policy = parse(text).map_err(policy_refused)?;
+    let members = member_roles(s, network_id).await?;
+    policy
+        .check_users(|u| members.contains_key(u))
+        .map_err(policy_refused)?;
+    let (compiled, _) = compile_from_store(s, network_id, policy).await?;
+    compiled.run_tests(&members).map_err(policy_refused)?;
+    Ok(compiled)
 }
 
 /// A refused policy: 400 naming the line.

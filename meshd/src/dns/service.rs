@@ -19,7 +19,9 @@ use platform::netmap::NetMap;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Mutex};
 
-use super::{Config, ExtraRecord, Host, Installed, MagicDns, OsDns, OsDnsMode, Repair, Stats, ZoneSpec};
+use super::{
+    Config, ExtraRecord, Host, Installed, MagicDns, OsDns, OsDnsMode, Repair, Stats, ZoneSpec,
+};
 use crate::control::MapState;
 use crate::engine::EngineSlot;
 
@@ -29,12 +31,7 @@ const TTL: u32 = 60;
 /// The addresses MagicDNS answers on for a netmap.
 pub fn service_addresses(map: &NetMap) -> Vec<IpAddr> {
     let mut out = vec![IpAddr::V4(MAGIC_DNS_V4)];
-    out.extend(
-        map.routes
-            .iter()
-            .filter_map(magic_dns_v6)
-            .map(IpAddr::V6),
-    );
+    out.extend(map.routes.iter().filter_map(magic_dns_v6).map(IpAddr::V6));
     out
 }
 
@@ -206,7 +203,11 @@ impl DnsService {
         let upstream = config.upstream.clone();
         let server = MagicDns::start(&binds, config).await?;
         let os = self.os.clone();
-        let (iface, search, ours) = (engine.tun_name().to_owned(), vec![zone.clone()], servers.clone());
+        let (iface, search, ours) = (
+            engine.tun_name().to_owned(),
+            vec![zone.clone()],
+            servers.clone(),
+        );
         let installed = tokio::task::spawn_blocking(move || os.install(&iface, &ours, &search))
             .await?
             .unwrap_or_else(|e| {
