@@ -18,6 +18,7 @@
 
 pub mod compile;
 pub mod doc;
+mod fuzz;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -27,6 +28,8 @@ use platform::people::Role;
 
 pub use compile::{Compiled, DeviceFacts};
 pub use doc::{parse, Policy, PolicyError, DEFAULT_POLICY, MAX_POLICY_BYTES};
+#[doc(hidden)]
+pub use fuzz::fuzz_policy;
 
 use crate::api::AppState;
 use crate::error::AppError;

@@ -439,3 +439,17 @@ proptest! {
         let _ = parse(&text);
     }
 }
+
+/// Every seed of the policy fuzz target goes through without a panic.
+#[test]
+fn replays_the_fuzz_seeds() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/policy_parse");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        super::fuzz_policy(&std::fs::read(entry.unwrap().path()).unwrap());
+        n += 1;
+    }
+    assert!(n >= 5, "the corpus has seeds ({n})");
+    // The full seed parses (so the fuzzer starts from something valid).
+    parse(&std::fs::read_to_string(dir.join("full")).unwrap()).unwrap();
+}

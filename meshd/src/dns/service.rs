@@ -302,3 +302,94 @@ impl DnsService {
         self.os.mode
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use platform::keys::NodePublic;
+    use platform::netmap::{DnsConfig, DnsRecord, Node, NodeKind, RelayMap};
+
+    fn node(last: u8, name: &str) -> Node {
+        Node {
+            id: i64::from(last),
+            name: name.into(),
+            kind: NodeKind::Mesh,
+            node_key: NodePublic::from_bytes([last; 32]),
+            disco_key: None,
+            addresses: vec![IpAddr::from([100, 64, 0, last])],
+            endpoints: Vec::new(),
+            online: true,
+            os: "linux".into(),
+            home_region: None,
+            capabilities: None,
+            owner: None,
+            key_expiry: None,
+            device_key: None,
+            owner_role: None,
+            tags: Vec::new(),
+        }
+    }
+
+    fn map(suffix: &str) -> NetMap {
+        let beta = node(2, "beta");
+        NetMap {
+            network: "home".into(),
+            self_node: node(1, "alpha"),
+            routes: vec![
+                platform::addr::OVERLAY_V4,
+                "fd12:3456:789a::/48".parse().unwrap(),
+            ],
+            peers: [(beta.node_key, beta)].into(),
+            relay_map: RelayMap::default(),
+            dns: DnsConfig {
+                suffix: suffix.into(),
+                nameservers: Vec::new(),
+                extra_records: vec![DnsRecord {
+                    name: "printer".into(),
+                    address: IpAddr::from([100, 64, 9, 9]),
+                }],
+                split: [("corp.example".to_owned(), vec!["10.1.0.53:53".parse().unwrap()])].into(),
+            },
+            awaiting_approval: false,
+            compute: Default::default(),
+            packet_filter: Default::default(),
+        }
+    }
+
+    #[test]
+    fn a_netmap_becomes_a_zone_with_its_devices_records_and_routes() {
+        let previous: Vec<SocketAddr> = vec!["192.0.2.1:53".parse().unwrap()];
+        assert!(config_for(&map(""), &previous).is_none(), "no base domain: off");
+        let c = config_for(&map("crank.internal"), &previous).unwrap();
+        assert_eq!(c.zone.domain, "home.crank.internal");
+        let names: Vec<&str> = c.zone.hosts.iter().map(|h| h.name.as_str()).collect();
+        assert_eq!(names, ["alpha", "beta"]);
+        assert_eq!(c.zone.extra[0].name, "printer");
+        assert_eq!(c.zone.reverse_ranges.len(), 2);
+        assert_eq!(c.split[0].0, "corp.example");
+        assert_eq!(c.upstream, previous, "the system's resolvers by default");
+        let mut own = map("crank.internal");
+        own.dns.nameservers = vec![IpAddr::from([9, 9, 9, 9])];
+        assert_eq!(
+            config_for(&own, &previous).unwrap().upstream,
+            vec!["9.9.9.9:53".parse::<SocketAddr>().unwrap()],
+            "the network's resolvers when it names some"
+        );
+    }
+
+    #[test]
+    fn service_addresses_are_fixed_and_never_a_devices() {
+        let addrs = service_addresses(&map("crank.internal"));
+        assert_eq!(
+            addrs,
+            vec![
+                IpAddr::from([100, 100, 100, 100]),
+                "fd12:3456:789a:ffff::53".parse::<IpAddr>().unwrap()
+            ]
+        );
+        let ula: platform::addr::UlaPrefix = "fd12:3456:789a::/48".parse().unwrap();
+        for seq in [0, 1, 0x53, u32::MAX] {
+            assert!(!addrs.contains(&IpAddr::V6(ula.address(seq))));
+        }
+    }
+}
