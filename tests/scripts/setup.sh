@@ -4,7 +4,7 @@
 set -euo pipefail
 
 DEBIAN_PACKAGES=(
-  iproute2 iputils-ping nftables iperf3 curl
+  iproute2 iputils-ping nftables iperf3 curl bind9-dnsutils
   python3 python3-venv python3-pip
   wireguard-tools wireguard-go
   build-essential pkg-config cmake clang libclang-dev

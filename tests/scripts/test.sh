@@ -21,4 +21,4 @@ fi
 cargo test --workspace --exclude crank-e2e
 # Selected from the whole workspace so features resolve as in the build above
 # (no second build of the dependencies); one test at a time.
-cargo test --workspace --test mesh --test interop --test relay --test nat --test compute --test mesh_jobs --test keys --test people --test control_tls --test overlay_reach --test first_contact -- --test-threads=1
+cargo test --workspace --test mesh --test interop --test relay --test nat --test compute --test mesh_jobs --test keys --test people --test control_tls --test overlay_reach --test first_contact --test policy_dns -- --test-threads=1

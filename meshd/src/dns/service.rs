@@ -348,7 +348,11 @@ mod tests {
                     name: "printer".into(),
                     address: IpAddr::from([100, 64, 9, 9]),
                 }],
-                split: [("corp.example".to_owned(), vec!["10.1.0.53:53".parse().unwrap()])].into(),
+                split: [(
+                    "corp.example".to_owned(),
+                    vec!["10.1.0.53:53".parse().unwrap()],
+                )]
+                .into(),
             },
             awaiting_approval: false,
             compute: Default::default(),
@@ -359,7 +363,10 @@ mod tests {
     #[test]
     fn a_netmap_becomes_a_zone_with_its_devices_records_and_routes() {
         let previous: Vec<SocketAddr> = vec!["192.0.2.1:53".parse().unwrap()];
-        assert!(config_for(&map(""), &previous).is_none(), "no base domain: off");
+        assert!(
+            config_for(&map(""), &previous).is_none(),
+            "no base domain: off"
+        );
         let c = config_for(&map("crank.internal"), &previous).unwrap();
         assert_eq!(c.zone.domain, "home.crank.internal");
         let names: Vec<&str> = c.zone.hosts.iter().map(|h| h.name.as_str()).collect();

@@ -1,0 +1,233 @@
+//! The access policy and MagicDNS between real devices in namespaces.
+//!
+//! Policy: a rule lets alpha reach beta on port 8000 only; alpha's HTTP
+//! request to beta:8000 is answered, one to beta:9000 is dropped by beta's
+//! engine and counted there, beta cannot open a connection to alpha, and
+//! a policy change lets 9000 through live, without restarting anything.
+//!
+//! Names: `dig @100.100.100.100 beta.home.crank.internal` answers, `ping
+//! beta` and `curl http://beta:8000` work through the search domain, a
+//! split-DNS domain is answered by its own server in another namespace,
+//! other names are forwarded to the resolver the namespace had, and that
+//! resolv.conf comes back byte for byte on `meshd down`. Needs root.
+
+use std::time::Duration;
+
+use crank_e2e::{
+    bin, netns_etc, run_lab, serve_http, wait_until, Coordinator, Device, Host, Lab, LAB_RESOLVER,
+};
+
+/// Starts an `overlay-httpd` on `addr:port` in `host`.
+fn httpd(lab: &mut Lab, host: &Host, addr: &str, port: u16) -> anyhow::Result<()> {
+    lab.spawn(
+        host,
+        &bin("overlay-httpd"),
+        &[&format!("{addr}:{port}"), &host.name],
+        &format!("httpd-{}-{port}.log", host.name),
+    )?;
+    host.wait_tcp(addr, port, Duration::from_secs(5))
+}
+
+/// Whether `from` gets an HTTP answer from `url` within two seconds.
+fn answers(from: &Host, url: &str) -> bool {
+    from.succeeds("curl", &["-sS", "-o", "/dev/null", "--max-time", "2", url])
+}
+
+/// Only alpha (the admin's) reaches beta: TCP on `ports`, and ping when
+/// `ping`.
+fn policy(b4: &str, b6: &str, ports: &str, ping: bool) -> String {
+    let icmp = if ping {
+        r#"{ "src": ["admin"], "dst": ["beta4:*"], "proto": "icmp" },"#
+    } else {
+        ""
+    };
+    format!(
+        r#"// Only alpha reaches beta, on {ports}.
+{{
+  "hosts": {{ "beta4": "{b4}", "beta6": "{b6}" }},
+  "acls": [
+    {{ "src": ["admin"], "dst": ["beta4:{ports}", "beta6:{ports}"], "proto": "tcp" }},
+    {icmp}
+  ],
+}}"#
+    )
+}
+
+fn dig(from: &Host, args: &[&str]) -> anyhow::Result<String> {
+    let mut all = vec!["+short", "+time=2", "+tries=1"];
+    all.extend_from_slice(args);
+    Ok(from.run("dig", &all)?.trim().to_owned())
+}
+
+#[test]
+fn a_rule_admits_one_port_and_names_resolve() {
+    run_lab(|lab| {
+        let coord_host = lab.host("coord", 1)?;
+        let coord = Coordinator::start(lab, coord_host, "home")?;
+        let (a, b) = (lab.host("alpha", 11)?, lab.host("beta", 12)?);
+        // The resolver alpha's namespace had, and a company's split domain.
+        let upstream = lab.host("upstream", 53)?;
+        assert_eq!(upstream.addr.to_string(), LAB_RESOLVER);
+        let corp = lab.host("corp", 54)?;
+        lab.spawn(
+            &upstream,
+            &bin("zone-server"),
+            &[
+                &format!("{LAB_RESOLVER}:53"),
+                "example.net",
+                "www=192.0.2.80",
+            ],
+            "upstream-dns.log",
+        )?;
+        lab.spawn(
+            &corp,
+            &bin("zone-server"),
+            &["10.99.0.54:53", "corp.example", "wiki=10.1.2.3"],
+            "corp-dns.log",
+        )?;
+        let resolv = netns_etc(&a.ns).join("resolv.conf");
+        let original = std::fs::read(&resolv)?;
+
+        let alpha = Device::start(lab, a.clone())?;
+        let beta = Device::start(lab, b.clone())?;
+        alpha.up(&coord)?;
+        beta.up(&coord)?;
+        let (a4, _) = alpha.overlay()?;
+        let (b4, b6) = beta.overlay()?;
+        wait_until(Duration::from_secs(20), "alpha and beta peers", || {
+            alpha.peer("beta").ok().flatten().is_some()
+                && beta.peer("alpha").ok().flatten().is_some()
+        })?;
+        httpd(lab, &b, &b4, 9000)?;
+        let allowed = serve_http(lab, &b, &b4)?;
+        httpd(lab, &a, &a4, 8000)?;
+        // The default policy: members reach everything.
+        assert!(answers(&a, &format!("http://{b4}:9000/")));
+
+        coord.api(
+            "PUT",
+            "/api/v1/networks/home/policy",
+            Some(&policy(&b4, &b6, "8000", false)),
+        )?;
+        let denied = format!("http://{b4}:9000/");
+        wait_until(Duration::from_secs(10), "the new filter on beta", || {
+            !answers(&a, &denied)
+        })?;
+        assert!(answers(&a, &allowed), "alpha → beta:8000 is allowed");
+        assert!(
+            !answers(&b, &format!("http://{a4}:8000/")),
+            "beta may only answer alpha"
+        );
+        let counters = beta.status()?["counters"].clone();
+        assert!(
+            counters["drop_filter_no_rule"].as_u64() > Some(0),
+            "beta counts what it dropped: {counters}"
+        );
+        let alpha_counters = alpha.status()?["counters"].clone();
+        assert!(
+            alpha_counters["drop_filter_no_rule"].as_u64() > Some(0),
+            "alpha dropped beta's SYN: {alpha_counters}"
+        );
+        let whois = alpha.meshd(&["whois", &b4])?;
+        assert!(
+            whois.contains("beta.home.crank.internal") && whois.contains("owner: admin"),
+            "{whois}"
+        );
+
+        assert!(
+            !a.succeeds("ping", &["-c", "1", "-W", "1", &b4]),
+            "no rule allows ping yet"
+        );
+        // A live change: 9000 and ping too, no restart.
+        coord.api(
+            "PUT",
+            "/api/v1/networks/home/policy",
+            Some(&policy(&b4, &b6, "8000,9000", true)),
+        )?;
+        wait_until(Duration::from_secs(10), "beta:9000 allowed", || {
+            answers(&a, &denied)
+        })?;
+
+        // Names.
+        wait_until(Duration::from_secs(10), "MagicDNS up on alpha", || {
+            dig(&a, &["@100.100.100.100", "beta.home.crank.internal"]).is_ok_and(|out| out == b4)
+        })?;
+        assert_eq!(
+            dig(
+                &a,
+                &["@100.100.100.100", "beta.home.crank.internal", "AAAA"]
+            )?,
+            b6
+        );
+        let ptr = dig(&a, &["@100.100.100.100", "-x", &b4])?;
+        assert_eq!(ptr, "beta.home.crank.internal.");
+        let nx = a.run(
+            "dig",
+            &[
+                "+time=2",
+                "+tries=1",
+                "@100.100.100.100",
+                "nobody.home.crank.internal",
+            ],
+        )?;
+        assert!(nx.contains("status: NXDOMAIN"), "{nx}");
+        // Through the OS resolver: the search domain makes `beta` work.
+        assert!(
+            a.succeeds("ping", &["-c", "1", "-W", "2", "beta"]),
+            "ping beta"
+        );
+        assert!(answers(&a, "http://beta:8000/"), "curl http://beta:8000");
+        // Forwarded to the namespace's own resolver.
+        assert_eq!(
+            dig(&a, &["@100.100.100.100", "www.example.net"])?,
+            "192.0.2.80"
+        );
+        // Split DNS for corp.example, set by the admin.
+        coord.api(
+            "PUT",
+            "/api/v1/networks/home/dns",
+            Some(r#"{"split": {"corp.example": ["10.99.0.54:53"]}}"#),
+        )?;
+        wait_until(Duration::from_secs(10), "split DNS", || {
+            dig(&a, &["@100.100.100.100", "wiki.corp.example"]).is_ok_and(|out| out == "10.1.2.3")
+        })?;
+        // Nobody but the device itself reaches its MagicDNS: a host on the
+        // LAN routing the service address to alpha gets no answer.
+        upstream.run(
+            "ip",
+            &[
+                "route",
+                "add",
+                "100.100.100.100/32",
+                "via",
+                &a.addr.to_string(),
+            ],
+        )?;
+        let stranger =
+            dig(&upstream, &["@100.100.100.100", "beta.home.crank.internal"]).unwrap_or_default();
+        assert!(
+            !stranger.contains(&b4),
+            "a stranger was answered: {stranger}"
+        );
+        let status = alpha.status()?;
+        assert_eq!(
+            status["dns"]["zone"], "home.crank.internal",
+            "{}",
+            status["dns"]
+        );
+
+        // Down: the resolver settings come back as they were.
+        assert_ne!(
+            std::fs::read(&resolv)?,
+            original,
+            "MagicDNS rewrote resolv.conf"
+        );
+        alpha.meshd(&["down"])?;
+        assert_eq!(
+            std::fs::read(&resolv)?,
+            original,
+            "resolv.conf restored on down"
+        );
+        Ok(())
+    });
+}
