@@ -642,6 +642,57 @@ mod tests {
         );
     }
 
+    /// Sees only pairs it lists.
+    struct Pairs(Vec<(i64, i64)>);
+
+    impl Visibility for Pairs {
+        fn sees(&self, a: i64, b: i64) -> bool {
+            self.0.contains(&(a, b)) || self.0.contains(&(b, a))
+        }
+    }
+
+    #[test]
+    fn changes_and_presence_reach_only_devices_that_see_the_subject() {
+        let hub = Hub::new(Duration::from_secs(20));
+        hub.set_visibility(1, Arc::new(Pairs(vec![(1, 2)])));
+        let t0 = Instant::now();
+        let mut a = hub.connect(1, 1, key(1), true, t0);
+        let mut c = hub.connect(1, 3, key(3), true, t0);
+        let _b = hub.connect(1, 2, key(2), true, t0);
+        assert_eq!(drain(&mut a).len(), 1, "a sees b come online");
+        assert!(drain(&mut c).is_empty(), "c does not learn b exists");
+        hub.broadcast(1, 2, PeerChange::Removed { node_key: key(2) });
+        assert_eq!(drain(&mut a).len(), 1);
+        assert!(drain(&mut c).is_empty());
+    }
+
+    #[test]
+    fn the_newest_filter_wins_and_a_resync_carries_it() {
+        let hub = Hub::new(Duration::from_secs(20));
+        let mut a = hub.connect(1, 1, key(1), true, Instant::now());
+        let filter = |n: u16| {
+            Arc::new(PacketFilter {
+                rules: vec![platform::filter::FilterRule {
+                    sources: Vec::new(),
+                    protos: Vec::new(),
+                    ports: vec![platform::filter::PortRange::one(n)],
+                }],
+            })
+        };
+        hub.send_to(1, 1, Push::Filter(filter(1)));
+        hub.send_to(1, 1, Push::Filter(filter(2)));
+        assert_eq!(a.try_recv(), Some(Push::Filter(filter(2))));
+        assert_eq!(a.try_recv(), None);
+        hub.send_to(1, 1, Push::Filter(filter(3)));
+        hub.send_to(1, 1, Push::Refresh);
+        assert_eq!(
+            a.try_recv(),
+            Some(Push::Refresh),
+            "the full netmap has the filter"
+        );
+        assert_eq!(a.try_recv(), None);
+    }
+
     #[test]
     fn reconnect_replaces_old_stream() {
         let hub = Hub::new(Duration::from_secs(20));

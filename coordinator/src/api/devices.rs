@@ -200,14 +200,17 @@ pub async fn rotate_network_keys(
     Ok((StatusCode::ACCEPTED, Json(RotationRequested { asked })))
 }
 
+/// A stock WireGuard device's config: the peers the access policy lets it
+/// talk to (its packets are filtered by each peer's own filter too).
 async fn render_wg_quick(s: &SharedState, row: &DeviceRow) -> Result<String, AppError> {
     let now = s.clock.now();
+    let policy = crate::policy::current(s, row.network_id).await?;
     let peers = s
         .store
         .network_devices(row.network_id)
         .await?
         .iter()
-        .filter(|r| r.is_visible(now))
+        .filter(|r| r.is_visible(now) && policy.sees(row.id, r.id))
         .map(|r| r.to_node(true))
         .collect::<Result<Vec<_>, _>>()?;
     let me = row.to_node(true)?;
