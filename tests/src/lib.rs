@@ -1086,6 +1086,35 @@ pub fn models_dir() -> String {
     })
 }
 
+/// TCP throughput (Mbit/s, as the receiver counted it) of a `secs`-second
+/// iperf3 run from `client` to a server started in `server` on
+/// `server_ip`, which is stopped afterwards.
+pub fn iperf_mbps(
+    lab: &mut Lab,
+    client: &Host,
+    server: &Host,
+    server_ip: &str,
+    secs: u32,
+) -> anyhow::Result<f64> {
+    let pid = lab.spawn(
+        server,
+        Path::new("iperf3"),
+        &["-s", "-B", server_ip],
+        "iperf3.log",
+    )?;
+    let result = (|| {
+        server.wait_tcp(server_ip, 5201, Duration::from_secs(5))?;
+        let out = client.run("iperf3", &["-c", server_ip, "-t", &secs.to_string(), "-J"])?;
+        let v: Value = serde_json::from_str(&out)?;
+        v["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .map(|b| b / 1e6)
+            .context("no iperf3 result")
+    })();
+    lab.stop(pid);
+    result
+}
+
 /// An iperf3 TCP stream from `from` to an iperf3 server started in `server`
 /// on `server_ip`, running in the background: join the handle for iperf3's
 /// JSON report. `rate` limits the sender (e.g. `20M`), so the stream spans

@@ -14,29 +14,11 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use crank_e2e::{bin, lab_main, wait_until, Coordinator, Device, Host, Lab, LAB_RESOLVER};
+use crank_e2e::{
+    bin, iperf_mbps, lab_main, wait_until, Coordinator, Device, Host, Lab, LAB_RESOLVER,
+};
 
-const SECONDS: &str = "5";
-
-fn iperf(lab: &mut Lab, client: &Host, server: &Host, server_ip: &str) -> anyhow::Result<f64> {
-    let pid = lab.spawn(
-        server,
-        std::path::Path::new("iperf3"),
-        &["-s", "-B", server_ip],
-        "iperf3.log",
-    )?;
-    let result = (|| {
-        server.wait_tcp(server_ip, 5201, Duration::from_secs(5))?;
-        let out = client.run("iperf3", &["-c", server_ip, "-t", SECONDS, "-J"])?;
-        let v: serde_json::Value = serde_json::from_str(&out)?;
-        v["end"]["sum_received"]["bits_per_second"]
-            .as_f64()
-            .map(|b| b / 1e6)
-            .ok_or_else(|| anyhow::anyhow!("no iperf3 result"))
-    })();
-    lab.stop(pid);
-    result
-}
+const SECONDS: u32 = 5;
 
 fn allow_all() -> String {
     r#"{"acls": [{"src": ["*"], "dst": ["*:*"]}]}"#.into()
@@ -106,7 +88,7 @@ fn bench(lab: &mut Lab) -> anyhow::Result<()> {
             coord.api("PUT", "/api/v1/networks/home/policy", Some(text))?;
             // Let the new filter arrive before measuring.
             std::thread::sleep(Duration::from_millis(500));
-            let mbps = iperf(lab, &a, &b, &b4)?;
+            let mbps = iperf_mbps(lab, &a, &b, &b4, SECONDS)?;
             println!("round {round} {name}: {mbps:.0} Mbit/s");
             results[i].push(mbps);
         }

@@ -6,26 +6,9 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use crank_e2e::{lab_main, wait_until, Coordinator, Device, Host, Lab, Relay};
+use crank_e2e::{iperf_mbps, lab_main, wait_until, Coordinator, Device, Host, Lab, Relay};
 
-const SECONDS: &str = "5";
-
-fn iperf(lab: &mut Lab, client: &Host, server: &Host, server_ip: &str) -> anyhow::Result<f64> {
-    let pid = lab.spawn(
-        server,
-        std::path::Path::new("iperf3"),
-        &["-s", "-B", server_ip],
-        "iperf3.log",
-    )?;
-    server.wait_tcp(server_ip, 5201, Duration::from_secs(5))?;
-    let out = client.run("iperf3", &["-c", server_ip, "-t", SECONDS, "-J"])?;
-    lab.stop(pid);
-    let v: serde_json::Value = serde_json::from_str(&out)?;
-    v["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .map(|b| b / 1e6)
-        .ok_or_else(|| anyhow::anyhow!("no iperf3 result"))
-}
+const SECONDS: u32 = 5;
 
 fn rtt(client: &Host, target: &str) -> anyhow::Result<String> {
     let out = client.run("ping", &["-c", "50", "-i", "0.01", "-q", target])?;
@@ -62,7 +45,7 @@ fn bench(lab: &mut Lab) -> anyhow::Result<()> {
     wait_until(Duration::from_secs(15), "direct path", || {
         alpha.host.ping(&b4) && path(&alpha, "beta").starts_with("direct")
     })?;
-    let direct_bw = iperf(lab, &alpha.host, &beta.host, &b4)?;
+    let direct_bw = iperf_mbps(lab, &alpha.host, &beta.host, &b4, SECONDS)?;
     let direct_rtt = rtt(&alpha.host, &b4)?;
     let direct_path = path(&alpha, "beta");
 
@@ -76,7 +59,7 @@ fn bench(lab: &mut Lab) -> anyhow::Result<()> {
     wait_until(Duration::from_secs(10), "ping over relay", || {
         alpha.host.ping(&b4)
     })?;
-    let relay_bw = iperf(lab, &alpha.host, &beta.host, &b4)?;
+    let relay_bw = iperf_mbps(lab, &alpha.host, &beta.host, &b4, SECONDS)?;
     let relay_rtt = rtt(&alpha.host, &b4)?;
 
     println!("| path | TCP Mbit/s (iperf3 -t {SECONDS}) | ping RTT min/avg/max/mdev ms |");
