@@ -14,13 +14,16 @@
 //! only to compare and swap (never across an `.await`). Work that reads the
 //! database first (the first compile of a network, a new policy) notes the
 //! network's generation before reading and installs only if no device
-//! change came in meanwhile, else it reads again.
+//! change came in meanwhile, else it reads again. What a new policy means
+//! for each device (O(devices² × rules) on a big network) is worked out in
+//! `spawn_blocking`, outside the lock; a device change (O(live devices ×
+//! rules)) is worked out under it.
 
 pub mod compile;
 pub mod doc;
 mod fuzz;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use platform::netmap::PeerChange;
@@ -211,15 +214,35 @@ pub async fn set(
         }
         let old = current(s, network_id).await?;
         let new = Arc::new(compiled);
-        let mut networks = s.policies.lock();
-        let entry = networks.entry(network_id).or_default();
-        if entry.generation != generation {
-            continue;
+        // What each device must hear: O(devices² × rules) on a big network,
+        // so worked out off the async workers and outside the lock.
+        let live = s.hub.live_devices(network_id);
+        let online: HashSet<i64> = rows
+            .iter()
+            .filter(|r| fanout::online(s, r))
+            .map(|r| r.id)
+            .collect();
+        let pushes = {
+            let (old, new) = (old.clone(), new.clone());
+            tokio::task::spawn_blocking(move || {
+                let rows: HashMap<i64, &DeviceRow> = rows.iter().map(|r| (r.id, r)).collect();
+                plan(&old, &new, &rows, None, &live, |r| online.contains(&r.id))
+            })
+            .await
+            .map_err(|e| AppError::Internal(anyhow::anyhow!("planning a policy change: {e}")))??
+        };
+        {
+            let mut networks = s.policies.lock();
+            let entry = networks.entry(network_id).or_default();
+            if entry.generation != generation {
+                continue;
+            }
+            entry.compiled = Some(new.clone());
+            s.hub.set_visibility(network_id, new.clone());
         }
-        let rows: HashMap<i64, &DeviceRow> = rows.iter().map(|r| (r.id, r)).collect();
-        publish(s, network_id, &old, &new, &rows, None)?;
-        entry.compiled = Some(new.clone());
-        s.hub.set_visibility(network_id, new.clone());
+        for (device, push) in pushes {
+            s.hub.send_to(network_id, device, push);
+        }
         return Ok(new);
     }
 }
@@ -243,10 +266,7 @@ pub fn policy_refused(e: PolicyError) -> AppError {
 }
 
 /// Tells each live device of the network what changed for it between
-/// `old` and `new`. `changed`: the devices whose facts changed (None: the
-/// policy itself changed, so anything may have). Those devices get a full
-/// netmap; the rest get upserts and removals of peers they start or stop
-/// seeing, and their new filter if it differs.
+/// `old` and `new` (see [`plan`]).
 fn publish(
     s: &AppState,
     network_id: i64,
@@ -255,6 +275,26 @@ fn publish(
     rows: &HashMap<i64, &DeviceRow>,
     changed: Option<&[i64]>,
 ) -> Result<(), AppError> {
+    let live = s.hub.live_devices(network_id);
+    for (device, push) in plan(old, new, rows, changed, &live, |r| fanout::online(s, r))? {
+        s.hub.send_to(network_id, device, push);
+    }
+    Ok(())
+}
+
+/// What each of the `live` devices must hear when the policy goes from
+/// `old` to `new`. `changed`: the devices whose facts changed (None: the
+/// policy itself changed, so anything may have). Those devices get a full
+/// netmap; the rest get upserts and removals of peers they start or stop
+/// seeing, and their new filter if it differs.
+fn plan(
+    old: &Compiled,
+    new: &Compiled,
+    rows: &HashMap<i64, &DeviceRow>,
+    changed: Option<&[i64]>,
+    live: &[i64],
+    online: impl Fn(&DeviceRow) -> bool,
+) -> Result<Vec<(i64, Push)>, AppError> {
     let all: Vec<i64> = {
         let mut ids: Vec<i64> = old
             .devices()
@@ -267,9 +307,10 @@ fn publish(
         ids
     };
     let candidates = changed.unwrap_or(&all);
-    for viewer in s.hub.live_devices(network_id) {
+    let mut out = Vec::new();
+    for &viewer in live {
         if changed.is_some_and(|c| c.contains(&viewer)) {
-            s.hub.send_to(network_id, viewer, Push::Refresh);
+            out.push((viewer, Push::Refresh));
             continue;
         }
         for &d in candidates {
@@ -277,22 +318,21 @@ fn publish(
             let Some(row) = rows.get(&d) else { continue };
             let change = match (was, is) {
                 (false, true) => PeerChange::Upsert {
-                    node: Box::new(row.to_node(fanout::online(s, row))?),
+                    node: Box::new(row.to_node(online(row))?),
                 },
                 (true, false) => PeerChange::Removed {
                     node_key: row.node_key()?,
                 },
                 _ => continue,
             };
-            s.hub.send_to(network_id, viewer, Push::Change(change));
+            out.push((viewer, Push::Change(change)));
         }
         let filter = new.filter_for(viewer);
         if filter != old.filter_for(viewer) {
-            s.hub
-                .send_to(network_id, viewer, Push::Filter(Arc::new(filter)));
+            out.push((viewer, Push::Filter(Arc::new(filter))));
         }
     }
-    Ok(())
+    Ok(out)
 }
 
 #[cfg(test)]
