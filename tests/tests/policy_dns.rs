@@ -9,7 +9,11 @@
 //! beta` and `curl http://beta:8000` work through the search domain, a
 //! split-DNS domain is answered by its own server in another namespace,
 //! other names are forwarded to the resolver the namespace had, and that
-//! resolv.conf comes back byte for byte on `meshd down`. Needs root.
+//! resolv.conf comes back byte for byte on `meshd down`.
+//!
+//! Visibility: a member's device made a guest's vanishes from its peers'
+//! netmaps and sees none; a rule for guests gives it exactly one peer and
+//! port. Needs root.
 
 use std::time::Duration;
 
@@ -227,6 +231,133 @@ fn a_rule_admits_one_port_and_names_resolve() {
             std::fs::read(&resolv)?,
             original,
             "resolv.conf restored on down"
+        );
+        Ok(())
+    });
+}
+
+/// A curl to the coordinator's API as the holder of `token`.
+fn api_as(
+    coord: &Coordinator,
+    token: &str,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> anyhow::Result<serde_json::Value> {
+    let auth = format!("authorization: Bearer {token}");
+    let url = format!("{}{path}", coord.url);
+    let mut args = vec![
+        "-sS",
+        "--fail-with-body",
+        "-X",
+        method,
+        "-H",
+        "content-type: application/json",
+        "--data",
+        body,
+        &url,
+    ];
+    // An invite is redeemed without a token.
+    if !token.is_empty() {
+        args.extend(["-H", &auth]);
+    }
+    let out = coord.host.run("curl", &args)?;
+    Ok(serde_json::from_str(&out)?)
+}
+
+#[test]
+fn a_guest_device_sees_only_what_a_rule_gives_it() {
+    run_lab(|lab| {
+        let coord_host = lab.host("coord", 1)?;
+        let coord = Coordinator::start(lab, coord_host, "home")?;
+        let (a, b, g) = (
+            lab.host("alpha", 11)?,
+            lab.host("beta", 12)?,
+            lab.host("gamma", 13)?,
+        );
+        // carl joins as a member, adds gamma, and is then made a guest.
+        let invite = coord.api(
+            "POST",
+            "/api/v1/networks/home/invites",
+            Some(r#"{"role": "member"}"#),
+        )?;
+        let secret = invite["secret"].as_str().unwrap_or_default().to_owned();
+        let redeemed = api_as(
+            &coord,
+            "",
+            "POST",
+            &format!("/api/v1/invites/{secret}/redeem"),
+            r#"{"username": "carl"}"#,
+        )?;
+        let carl = redeemed["token"].as_str().unwrap_or_default().to_owned();
+        coord.api("POST", "/api/v1/networks/home/members/carl/approve", None)?;
+        let key = api_as(
+            &coord,
+            &carl,
+            "POST",
+            "/api/v1/networks/home/preauth-keys",
+            "{}",
+        )?["key"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+
+        let alpha = Device::start(lab, a)?;
+        let beta = Device::start(lab, b.clone())?;
+        let gamma = Device::start(lab, g.clone())?;
+        alpha.up(&coord)?;
+        beta.up(&coord)?;
+        gamma.meshd(&[
+            "up",
+            "--coordinator",
+            &coord.url,
+            "--auth-key",
+            &key,
+            "--hostname",
+            "gamma",
+        ])?;
+        let (b4, b6) = beta.overlay()?;
+        wait_until(
+            Duration::from_secs(20),
+            "gamma sees both as a member",
+            || {
+                gamma
+                    .status()
+                    .is_ok_and(|s| s["peers"].as_array().is_some_and(|p| p.len() == 2))
+            },
+        )?;
+        coord.api(
+            "PUT",
+            "/api/v1/networks/home/members/carl/role",
+            Some(r#"{"role": "guest"}"#),
+        )?;
+        wait_until(Duration::from_secs(10), "a guest sees nobody", || {
+            gamma
+                .status()
+                .is_ok_and(|s| s["peers"].as_array().is_some_and(Vec::is_empty))
+                && alpha.peer("gamma").is_ok_and(|p| p.is_none())
+        })?;
+        // One rule for guests: beta's port 8000.
+        let text = format!(
+            r#"{{"hosts": {{"beta4": "{b4}", "beta6": "{b6}"}},
+              "acls": [
+                {{"src": ["autogroup:member"], "dst": ["autogroup:member:*"]}},
+                {{"src": ["autogroup:guest"], "dst": ["beta4:8000", "beta6:8000"]}},
+              ]}}"#
+        );
+        coord.api("PUT", "/api/v1/networks/home/policy", Some(&text))?;
+        wait_until(Duration::from_secs(10), "the guest sees beta only", || {
+            gamma.status().is_ok_and(|s| {
+                s["peers"]
+                    .as_array()
+                    .is_some_and(|p| p.len() == 1 && p[0]["name"] == "beta")
+            })
+        })?;
+        let url = serve_http(lab, &b, &b4)?;
+        assert!(answers(&g, &url), "the guest reaches beta:8000");
+        assert!(
+            alpha.peer("gamma")?.is_none(),
+            "alpha never learns of the guest"
         );
         Ok(())
     });
