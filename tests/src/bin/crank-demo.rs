@@ -1,7 +1,7 @@
 //! The main job on one machine: a coordinator and three devices, each in its
 //! own network namespace, joined into one mesh. They ping each other over
-//! IPv4 and IPv6 overlay addresses, one fetches a page from another over the
-//! overlay, an app on alpha asks the network (through alpha's gateway) for
+//! IPv4 and IPv6 overlay addresses, one fetches a page from another by its
+//! MagicDNS name over the overlay, an app on alpha asks the network (through alpha's gateway) for
 //! an embedding and a chat answer, which beta computes, the ledger settles
 //! the jobs, and each device prints its `meshd status`. Everything is
 //! removed at exit.
@@ -80,12 +80,20 @@ fn demo(lab: &mut Lab) -> anyhow::Result<()> {
         "httpd-gamma.log",
     )?;
     devices[2].host.wait_tcp(g4, 8000, Duration::from_secs(5))?;
-    let page = devices[0].host.run(
-        "curl",
-        &["-sS", "--max-time", "10", &format!("http://{listen}/")],
-    )?;
+    // By name: MagicDNS on alpha answers for gamma (the search domain
+    // makes the bare name work).
+    let by_name = "http://gamma:8000/";
+    wait_until(Duration::from_secs(10), "gamma by name", || {
+        devices[0].host.succeeds(
+            "curl",
+            &["-sS", "-o", "/dev/null", "--max-time", "2", by_name],
+        )
+    })?;
+    let page = devices[0]
+        .host
+        .run("curl", &["-sS", "--max-time", "10", by_name])?;
     println!(
-        "\nalpha fetched http://{listen}/ over the overlay:\n  {}",
+        "\nalpha fetched {by_name} over the overlay (gamma is {g4} by MagicDNS):\n  {}",
         page.trim()
     );
 
