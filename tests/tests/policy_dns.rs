@@ -9,7 +9,8 @@
 //! beta` and `curl http://beta:8000` work through the search domain, a
 //! split-DNS domain is answered by its own server in another namespace,
 //! other names are forwarded to the resolver the namespace had, and that
-//! resolv.conf comes back byte for byte on `meshd down`.
+//! resolv.conf comes back byte for byte on `meshd down`, also after the
+//! daemon was killed with it installed and started again.
 //!
 //! Visibility: a member's device made a guest's vanishes from its peers'
 //! netmaps and sees none; a rule for guests gives it exactly one peer and
@@ -92,7 +93,7 @@ fn a_rule_admits_one_port_and_names_resolve() {
         let resolv = netns_etc(&a.ns).join("resolv.conf");
         let original = std::fs::read(&resolv)?;
 
-        let alpha = Device::start(lab, a.clone())?;
+        let mut alpha = Device::start(lab, a.clone())?;
         let beta = Device::start(lab, b.clone())?;
         alpha.up(&coord)?;
         beta.up(&coord)?;
@@ -226,11 +227,20 @@ fn a_rule_admits_one_port_and_names_resolve() {
             original,
             "MagicDNS rewrote resolv.conf"
         );
+        // A crash leaves ours in place; the next start puts the original
+        // back and installs again, never taking ours for the original.
+        lab.kill(alpha.pid);
+        let crashed = std::fs::read_to_string(&resolv)?;
+        assert!(crashed.starts_with("# written by meshd"), "{crashed}");
+        alpha.restart(lab)?;
+        wait_until(Duration::from_secs(20), "MagicDNS back on alpha", || {
+            dig(&a, &["@100.100.100.100", "beta.home.crank.internal"]).is_ok_and(|out| out == b4)
+        })?;
         alpha.meshd(&["down"])?;
         assert_eq!(
             std::fs::read(&resolv)?,
             original,
-            "resolv.conf restored on down"
+            "resolv.conf restored on down, after a crash and a restart"
         );
         Ok(())
     });
