@@ -249,6 +249,11 @@ pub async fn run_sweeper(state: SharedState) {
             {
                 Ok(()) => {
                     tracing::info!(device = gone.device_id, "ephemeral device removed");
+                    if let Err(e) =
+                        crate::policy::device_gone(&state, gone.network_id, gone.device_id)
+                    {
+                        tracing::warn!(error = %e, "removing a device from the policy");
+                    }
                     state.hub.revoke_relay_access(gone.node_key);
                     state.hub.broadcast(
                         gone.network_id,
@@ -289,6 +294,7 @@ pub(crate) async fn close_streams_of_removed(state: &SharedState) -> Result<usiz
                 message: "this device was removed or revoked".into(),
             },
         );
+        crate::policy::device_gone(state, l.network_id, l.device_id)?;
         closed += 1;
     }
     Ok(closed)

@@ -159,6 +159,13 @@ pub async fn set_tags(
     let compiled = policy::current(&s, ctx.id).await?;
     check_tags(&compiled.policy, &ctx, &tags)?;
     let row = s.store.device(&ctx.name, id).await?;
+    // A tag takes a device's user identity away: only its owner (or an
+    // admin) may trade that for a tag's.
+    if !ctx.is_admin() && row.owner.as_deref() != Some(ctx.user.username.as_str()) {
+        return Err(AppError::Forbidden(
+            "only admins and the device's owner may change its tags".into(),
+        ));
+    }
     // Taking tags away is an admin's (or the removed tags' owners') call too.
     let removed: Vec<String> = row
         .tags()?

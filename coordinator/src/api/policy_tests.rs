@@ -258,15 +258,36 @@ async fn tags_come_from_admins_owners_and_keys_and_select_devices() {
     )
     .await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
-    let v = ok(call(
+    // ann owns the tag but not bob's device: a tag would take bob's
+    // identity from it.
+    let (s, v) = call(
         &w.state,
         Some(&ann),
         "PUT",
         &tags(d.id),
         Some(json!({"tags": ["tag:gpu"]})),
     )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    let mine = w.device(&ann, "home", "anns").await;
+    let v = ok(call(
+        &w.state,
+        Some(&ann),
+        "PUT",
+        &tags(mine.id),
+        Some(json!({"tags": ["tag:gpu"]})),
+    )
     .await);
     assert_eq!(v["tags"], json!(["tag:gpu"]));
+    let v = ok(call(
+        &w.state,
+        Some(&w.owner),
+        "PUT",
+        &tags(d.id),
+        Some(json!({"tags": ["tag:gpu"]})),
+    )
+    .await);
+    assert_eq!(v["tags"], json!(["tag:gpu"]), "admins tag any device");
 
     // A key with tags gives them to what it registers; only owners make one.
     let (s, _) = call(

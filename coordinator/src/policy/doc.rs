@@ -136,19 +136,32 @@ impl Policy {
     }
 }
 
-/// Parsing state: the text (for line numbers).
-struct Doc<'t> {
-    text: &'t str,
+/// How deep groups may nest.
+pub const MAX_GROUP_DEPTH: usize = 16;
+/// The most users all groups and tag owners may hold once nested groups
+/// are expanded (a few kilobytes of groups naming each other could
+/// otherwise expand to millions).
+pub const MAX_EXPANDED: usize = 100_000;
+
+/// Parsing state: where each line starts (for line numbers).
+struct Doc {
+    newlines: Vec<usize>,
 }
 
-impl Doc<'_> {
+impl Doc {
+    fn new(text: &str) -> Self {
+        Doc {
+            newlines: text
+                .bytes()
+                .enumerate()
+                .filter(|(_, b)| *b == b'\n')
+                .map(|(i, _)| i)
+                .collect(),
+        }
+    }
+
     fn line(&self, pos: usize) -> usize {
-        let pos = pos.min(self.text.len());
-        self.text.as_bytes()[..pos]
-            .iter()
-            .filter(|b| **b == b'\n')
-            .count()
-            + 1
+        self.newlines.partition_point(|&n| n < pos) + 1
     }
 
     fn err(&self, node: &impl Ranged, message: impl Into<String>) -> PolicyError {
@@ -227,7 +240,7 @@ pub fn parse(text: &str) -> Result<Policy, PolicyError> {
     };
     let parsed = jsonc_parser::parse_to_ast(text, &CollectOptions::default(), &options)
         .map_err(|e| PolicyError::at(e.line_display(), e.kind().to_string()))?;
-    let doc = Doc { text };
+    let doc = Doc::new(text);
     let Some(root) = parsed.value else {
         return Err(PolicyError::at(0, "the policy is empty"));
     };
@@ -272,6 +285,7 @@ pub fn parse(text: &str) -> Result<Policy, PolicyError> {
         }
     }
     if let Some(v) = sections.get("tags") {
+        let mut expanded_owners = 0usize;
         for (name, prop) in doc.props(doc.object(v, "tags")?, "tags")? {
             if !valid_tag(name) {
                 return Err(doc.err(prop, format!("tag {name:?} must look like tag:NAME")));
@@ -281,12 +295,21 @@ pub fn parse(text: &str) -> Result<Policy, PolicyError> {
                 match owner.as_str() {
                     "autogroup:admin" => {}
                     g if g.starts_with("group:") => {
+                        if expanded_owners > MAX_EXPANDED {
+                            return Err(PolicyError::at(
+                                line,
+                                format!(
+                                    "tag owners expand to more than {MAX_EXPANDED} users in all"
+                                ),
+                            ));
+                        }
                         let users = policy.groups.get(g).ok_or_else(|| {
                             PolicyError::at(
                                 line,
                                 format!("unknown group {g:?} among the owners of {name}"),
                             )
                         })?;
+                        expanded_owners += users.len();
                         owners.extend(users.iter().cloned());
                     }
                     u if valid_username(u) => {
@@ -340,7 +363,7 @@ pub fn parse(text: &str) -> Result<Policy, PolicyError> {
 /// `groups` as written: group → (line, its entries with their lines).
 type RawGroups = BTreeMap<String, (usize, Vec<(usize, String)>)>;
 
-fn raw_groups(doc: &Doc<'_>, v: &Value<'_>) -> Result<RawGroups, PolicyError> {
+fn raw_groups(doc: &Doc, v: &Value<'_>) -> Result<RawGroups, PolicyError> {
     let mut out = BTreeMap::new();
     for (name, prop) in doc.props(doc.object(v, "groups")?, "groups")? {
         if !name.starts_with("group:") || name.len() == "group:".len() {
@@ -381,6 +404,15 @@ fn expand_groups(raw: &RawGroups) -> Result<BTreeMap<String, BTreeSet<String>>, 
             ));
         }
         path.push(name.to_owned());
+        if path.len() > MAX_GROUP_DEPTH {
+            return Err(PolicyError::at(
+                *line,
+                format!(
+                    "groups nest deeper than {MAX_GROUP_DEPTH}: {}",
+                    path.join(" → ")
+                ),
+            ));
+        }
         let mut users = BTreeSet::new();
         for (eline, e) in entries {
             if e.starts_with("group:") {
@@ -396,6 +428,13 @@ fn expand_groups(raw: &RawGroups) -> Result<BTreeMap<String, BTreeSet<String>>, 
             }
         }
         path.pop();
+        let total: usize = done.values().map(BTreeSet::len).sum::<usize>() + users.len();
+        if total > MAX_EXPANDED {
+            return Err(PolicyError::at(
+                *line,
+                format!("groups expand to more than {MAX_EXPANDED} members in all"),
+            ));
+        }
         done.insert(name.to_owned(), users.clone());
         Ok(users)
     }
@@ -407,7 +446,7 @@ fn expand_groups(raw: &RawGroups) -> Result<BTreeMap<String, BTreeSet<String>>, 
 }
 
 fn parse_acl(
-    doc: &Doc<'_>,
+    doc: &Doc,
     policy: &Policy,
     v: &Value<'_>,
     users: &mut Vec<(usize, String)>,
@@ -471,7 +510,7 @@ fn parse_acl(
 }
 
 fn parse_test(
-    doc: &Doc<'_>,
+    doc: &Doc,
     policy: &Policy,
     v: &Value<'_>,
     users: &mut Vec<(usize, String)>,

@@ -58,6 +58,8 @@ struct Entry {
 #[derive(Default)]
 pub struct Policies {
     networks: Mutex<HashMap<i64, Entry>>,
+    /// Held for the whole of a new policy's check, store and install.
+    setting: tokio::sync::Mutex<()>,
 }
 
 impl Policies {
@@ -161,28 +163,52 @@ pub fn device_changed(s: &AppState, row: &DeviceRow, gone: bool) -> Result<(), A
     } else {
         None
     };
+    replace_facts(
+        s,
+        row.network_id,
+        row.id,
+        now_facts,
+        &HashMap::from([(row.id, row)]),
+    )
+}
+
+/// A device was deleted by a path that has no row of it any more (the
+/// ephemeral sweep, a deletion noticed by the sweeper): its addresses leave
+/// every filter before they can be handed to another device.
+pub fn device_gone(s: &AppState, network_id: i64, device_id: i64) -> Result<(), AppError> {
+    replace_facts(s, network_id, device_id, None, &HashMap::new())
+}
+
+fn replace_facts(
+    s: &AppState,
+    network_id: i64,
+    device_id: i64,
+    now_facts: Option<DeviceFacts>,
+    rows: &HashMap<i64, &DeviceRow>,
+) -> Result<(), AppError> {
     let mut networks = s.policies.lock();
-    let entry = networks.entry(row.network_id).or_default();
-    entry.generation += 1;
+    let entry = networks.entry(network_id).or_default();
     let Some(old) = entry.compiled.clone() else {
+        // A compile from the store may be under way: make it read again.
+        entry.generation += 1;
         return Ok(());
     };
-    if old.facts(row.id) == now_facts.as_ref() {
+    if old.facts(device_id) == now_facts.as_ref() {
         return Ok(());
     }
+    entry.generation += 1;
     let mut devices: Vec<DeviceFacts> = old
         .devices()
         .iter()
-        .filter(|d| d.id != row.id)
+        .filter(|d| d.id != device_id)
         .cloned()
         .collect();
     devices.extend(now_facts);
     devices.sort_by_key(|d| d.id);
     let new = Arc::new(Compiled::new(old.policy.clone(), devices));
-    let rows = HashMap::from([(row.id, row)]);
-    publish(s, row.network_id, &old, &new, &rows, Some(&[row.id]))?;
+    publish(s, network_id, &old, &new, rows, Some(&[device_id]))?;
     entry.compiled = Some(new.clone());
-    s.hub.set_visibility(row.network_id, new);
+    s.hub.set_visibility(network_id, new);
     Ok(())
 }
 
@@ -195,6 +221,8 @@ pub async fn set(
     network_id: i64,
     text: &str,
 ) -> Result<Arc<Compiled>, AppError> {
+    // One new policy at a time: the one stored last is the one installed.
+    let _one = s.policies.setting.lock().await;
     let policy = check(s, network_id, text).await?.policy;
     let (_, old_text) = stored(s, network_id).await?;
     let mut saved = false;
@@ -217,6 +245,7 @@ pub async fn set(
         // What each device must hear: O(devices² × rules) on a big network,
         // so worked out off the async workers and outside the lock.
         let live = s.hub.live_devices(network_id);
+        let live_then: HashSet<i64> = live.iter().copied().collect();
         let online: HashSet<i64> = rows
             .iter()
             .filter(|r| fanout::online(s, r))
@@ -231,17 +260,22 @@ pub async fn set(
             .await
             .map_err(|e| AppError::Internal(anyhow::anyhow!("planning a policy change: {e}")))??
         };
-        {
-            let mut networks = s.policies.lock();
-            let entry = networks.entry(network_id).or_default();
-            if entry.generation != generation {
-                continue;
-            }
-            entry.compiled = Some(new.clone());
-            s.hub.set_visibility(network_id, new.clone());
+        let mut networks = s.policies.lock();
+        let entry = networks.entry(network_id).or_default();
+        if entry.generation != generation {
+            continue;
         }
+        entry.compiled = Some(new.clone());
+        s.hub.set_visibility(network_id, new.clone());
+        // Under the lock, so no device change's pushes land before these.
         for (device, push) in pushes {
             s.hub.send_to(network_id, device, push);
+        }
+        // Streams that opened while the plan was made got the old policy.
+        for device in s.hub.live_devices(network_id) {
+            if !live_then.contains(&device) {
+                s.hub.send_to(network_id, device, Push::Refresh);
+            }
         }
         return Ok(new);
     }

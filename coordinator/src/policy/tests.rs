@@ -233,6 +233,18 @@ fn groups_that_form_a_cycle_are_refused() {
     assert_eq!(e.line, 3);
     let e = err("{\"groups\": {\"group:a\": [\"group:a\"]}}");
     assert!(e.message.contains("cycle"), "{e}");
+    // A long chain, and a wide fan of groups naming one big one.
+    let chain: Vec<String> = (0..40)
+        .map(|i| format!("\"group:g{i}\": [\"group:g{}\"]", i + 1))
+        .chain(std::iter::once("\"group:g40\": [\"u\"]".to_owned()))
+        .collect();
+    let e = err(&format!("{{\"groups\": {{{}}}}}", chain.join(",")));
+    assert!(e.message.contains("nest deeper"), "{e}");
+    let users: Vec<String> = (0..2000).map(|i| format!("\"u{i}\"")).collect();
+    let mut groups = vec![format!("\"group:big\": [{}]", users.join(","))];
+    groups.extend((0..100).map(|i| format!("\"group:f{i}\": [\"group:big\"]")));
+    let e = err(&format!("{{\"groups\": {{{}}}}}", groups.join(",")));
+    assert!(e.message.contains("expand to more than"), "{e}");
 }
 
 #[test]

@@ -201,8 +201,13 @@ impl DnsService {
         let binds: Vec<SocketAddr> = servers.iter().map(|ip| SocketAddr::new(*ip, 53)).collect();
         let zone = config.zone.domain.clone();
         let upstream = config.upstream.clone();
+        // With systemd-resolved, split domains are routed here too.
+        let routes: Vec<String> = config.split.iter().map(|(d, _)| d.clone()).collect();
         let server = MagicDns::start(&binds, config).await?;
-        let os = self.os.clone();
+        let os = OsDns {
+            routes,
+            ..self.os.clone()
+        };
         let (iface, search, ours) = (
             engine.tun_name().to_owned(),
             vec![zone.clone()],
@@ -253,8 +258,11 @@ impl DnsService {
 
     /// Stops serving and gives the OS its resolver settings back.
     pub async fn stop(&self) {
-        if let Some(r) = self.running.lock().await.take() {
-            self.shut(r).await;
+        match self.running.lock().await.take() {
+            Some(r) => self.shut(r).await,
+            // A follower stopped while it was installing may have left our
+            // resolv.conf without recording it: put the original back.
+            None => self.repair().await,
         }
     }
 

@@ -204,6 +204,13 @@ impl Flows {
         true
     }
 
+    /// Refreshes `key` if it is a flow already (no new entry).
+    fn refresh(&mut self, key: &FlowKey, now: Instant) {
+        if let Some(t) = self.last_seen.get_mut(key) {
+            *t = now;
+        }
+    }
+
     /// Whether `key` is a live flow; refreshes it if so.
     fn answer(&mut self, key: &FlowKey, now: Instant) -> bool {
         match self.last_seen.get_mut(key) {
@@ -241,6 +248,8 @@ struct Header {
     /// None for non-first fragments and other protocols.
     ports: Option<(u16, u16)>,
     icmp: Option<Icmp>,
+    /// A TCP segment that opens a connection (SYN without ACK).
+    opens: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -272,11 +281,19 @@ impl Filter {
         self.flows.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A packet this device sends (read from the TUN device): its answers
-    /// will be let in. Returns false when the flow table is full (the
-    /// packet is still sent).
+    /// A packet this device sends (read from the TUN device): if it starts
+    /// a flow, that flow's answers will be let in. Replies to what a rule
+    /// let in start nothing (a peer cannot fill the table by making this
+    /// device answer, and a revoked rule is not kept alive by a flow), and
+    /// a TCP flow starts only with a SYN. Returns false when the flow table
+    /// is full (the packet is still sent).
     pub fn outbound(&self, packet: &[u8], now: Instant) -> bool {
         let Some(h) = parse(packet) else { return true };
+        let rules = self.rules.load();
+        let proto = Proto::from_number(h.proto);
+        if h.icmp.is_none() && rules.allows(h.dst, proto, h.ports.map(|(sport, _)| sport)) {
+            return true;
+        }
         let key = match (h.icmp, h.ports) {
             (Some(Icmp::EchoRequest), Some((id, _))) => FlowKey {
                 proto: h.proto,
@@ -302,6 +319,10 @@ impl Filter {
                 remote_port: 0,
             },
         };
+        if proto == Proto::Tcp && h.ports.is_some() && !h.opens {
+            self.flows().refresh(&key, now);
+            return true;
+        }
         self.flows().touch(key, now)
     }
 
@@ -350,7 +371,9 @@ impl Filter {
                     remote_port: 0,
                 },
             })
-            .filter(|k| k.local == h.dst),
+            // About a flow between this device and the sender only: a
+            // peer cannot speak for the path to another.
+            .filter(|k| k.local == h.dst && k.remote == h.src),
             (Some(_), _) => None,
             (None, Some((sport, dport))) => Some(FlowKey {
                 proto: h.proto,
@@ -420,6 +443,7 @@ fn parse(p: &[u8]) -> Option<Header> {
         proto,
         ports: None,
         icmp: None,
+        opens: false,
     };
     if !first_fragment {
         return Some(header);
@@ -432,6 +456,8 @@ fn parse(p: &[u8]) -> Option<Header> {
             u16::from_be_bytes([l4[0], l4[1]]),
             u16::from_be_bytes([l4[2], l4[3]]),
         ));
+        // Flags: SYN 0x02, ACK 0x10.
+        header.opens = proto_kind == Proto::Tcp && l4.get(13).is_some_and(|f| f & 0x12 == 0x02);
     } else if proto_kind == Proto::Icmp {
         if l4.len() < 8 {
             return None;

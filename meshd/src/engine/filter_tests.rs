@@ -40,6 +40,13 @@ fn tcp(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
     v4(src, dst, 6, &ports(sport, dport))
 }
 
+/// A TCP segment with SYN set (and ACK when `ack`).
+fn tcp_syn(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, ack: bool) -> Vec<u8> {
+    let mut l4 = ports(sport, dport);
+    l4[13] = if ack { 0x12 } else { 0x02 };
+    v4(src, dst, 6, &l4)
+}
+
 fn udp(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
     v4(src, dst, 17, &ports(sport, dport))
 }
@@ -112,7 +119,10 @@ fn default_protocols_and_every_port_allow_ping() {
 fn answers_to_our_own_flows_come_in_and_only_those() {
     let f = filter(Vec::new());
     let t0 = Instant::now();
+    // Only a SYN opens a TCP flow.
     assert!(f.outbound(&tcp(ME, BETA, 50000, 22), t0));
+    assert_eq!(f.inbound(&tcp(BETA, ME, 22, 50000), t0), Err(Drop::NoRule));
+    assert!(f.outbound(&tcp_syn(ME, BETA, 50000, 22, false), t0));
     assert_eq!(f.inbound(&tcp(BETA, ME, 22, 50000), t0), Ok(()));
     // Another port of ours, or another peer, is not an answer.
     assert_eq!(f.inbound(&tcp(BETA, ME, 22, 50001), t0), Err(Drop::NoRule));
@@ -138,6 +148,23 @@ fn answers_to_our_own_flows_come_in_and_only_those() {
 }
 
 #[test]
+fn replies_to_what_a_rule_let_in_start_no_flow() {
+    let f = filter(vec![rule(&[ALPHA], vec![Proto::Tcp, Proto::Udp], "22")]);
+    let now = Instant::now();
+    // alpha may reach our port 22; our answers from 22 record nothing, so
+    // a flood of alpha's source ports cannot fill the table…
+    for port in 1000..1100 {
+        assert_eq!(f.inbound(&tcp_syn(ALPHA, ME, port, 22, false), now), Ok(()));
+        assert!(f.outbound(&tcp_syn(ME, ALPHA, 22, port, true), now));
+        assert!(f.outbound(&udp(ME, ALPHA, 22, port), now));
+    }
+    assert_eq!(f.flow_count(), 0);
+    // …and once the rule is gone, alpha's packets to 22 stop.
+    f.set_rules(&PacketFilter::default(), &[IpAddr::from(ME)]);
+    assert_eq!(f.inbound(&tcp(ALPHA, ME, 1000, 22), now), Err(Drop::NoRule));
+}
+
+#[test]
 fn an_icmp_error_about_our_flow_comes_in() {
     let f = filter(Vec::new());
     let now = Instant::now();
@@ -146,10 +173,12 @@ fn an_icmp_error_about_our_flow_comes_in() {
     let mut l4 = vec![3, 3, 0, 0, 0, 0, 0, 0];
     l4.extend_from_slice(&sent[..28]);
     assert_eq!(f.inbound(&v4(BETA, ME, 1, &l4), now), Ok(()));
-    // The same error about a flow we never started is dropped.
+    // The same error about a flow we never started is dropped, and so is
+    // one from a third peer about our flow with beta.
     let mut other = vec![3, 3, 0, 0, 0, 0, 0, 0];
     other.extend_from_slice(&udp(ME, BETA, 5001, 9)[..28]);
     assert_eq!(f.inbound(&v4(BETA, ME, 1, &other), now), Err(Drop::NoRule));
+    assert_eq!(f.inbound(&v4(ALPHA, ME, 1, &l4), now), Err(Drop::NoRule));
 }
 
 #[test]
