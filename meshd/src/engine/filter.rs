@@ -4,7 +4,9 @@
 //! Two things let a packet in: a rule of the netmap's packet filter (the
 //! network's access policy reduced to this device), or being the answer to
 //! a flow this device started (TCP, UDP, ICMP echo, and ICMP errors about
-//! such flows). Everything else is dropped and counted by reason.
+//! such flows). Everything else is dropped and counted by reason. A
+//! fragmented packet is judged by its first fragment; later fragments
+//! follow a first one that was let in (at most 1,024 awaited, 30 s each).
 //!
 //! Rules are precompiled when the netmap changes: each source address maps
 //! to one merged set of allowed protocols and port ranges, so a lookup is
@@ -28,6 +30,10 @@ pub const MAX_FLOWS: usize = 16_384;
 const TCP_IDLE: Duration = Duration::from_secs(600);
 const UDP_IDLE: Duration = Duration::from_secs(120);
 const ICMP_IDLE: Duration = Duration::from_secs(30);
+/// Fragmented packets whose later fragments are awaited, at most, and for
+/// how long.
+const MAX_FRAGMENTED: usize = 1024;
+const FRAGMENT_IDLE: Duration = Duration::from_secs(30);
 /// How often a full table is swept for expired flows.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
@@ -79,11 +85,10 @@ impl Allowed {
             Proto::Sctp => &self.sctp,
             other => return self.portless.contains(&other),
         };
-        // A non-first fragment has no port: let it through if anything of
-        // the protocol is allowed (it cannot be reassembled without the
-        // first fragment, which was checked).
+        // Ports are known for every packet that gets here (later
+        // fragments are judged by their first: see `Filter::inbound`).
         let Some(port) = port else {
-            return !ranges.is_empty();
+            return false;
         };
         let i = ranges.partition_point(|r| r.last < port);
         ranges.get(i).is_some_and(|r| r.first <= port)
@@ -170,6 +175,9 @@ struct FlowKey {
 struct Flows {
     last_seen: HashMap<FlowKey, Instant>,
     last_sweep: Option<Instant>,
+    /// First fragments let in, by (source, identification, protocol): their
+    /// later fragments follow them.
+    fragments: HashMap<(IpAddr, u32, u8), Instant>,
 }
 
 impl Flows {
@@ -202,6 +210,17 @@ impl Flows {
         }
         self.last_seen.insert(key, now);
         true
+    }
+
+    fn remember_fragment(&mut self, key: (IpAddr, u32, u8), now: Instant) {
+        if self.fragments.len() >= MAX_FRAGMENTED {
+            self.fragments
+                .retain(|_, t| now.saturating_duration_since(*t) < FRAGMENT_IDLE);
+            if self.fragments.len() >= MAX_FRAGMENTED {
+                return;
+            }
+        }
+        self.fragments.insert(key, now);
     }
 
     /// Refreshes `key` if it is a flow already (no new entry).
@@ -250,6 +269,8 @@ struct Header {
     icmp: Option<Icmp>,
     /// A TCP segment that opens a connection (SYN without ACK).
     opens: bool,
+    /// For a fragment: its identification, and whether it is the first.
+    frag: Option<(u32, bool)>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -333,16 +354,28 @@ impl Filter {
         if !rules.mine.contains(&h.dst) {
             return Err(Drop::NotForUs);
         }
+        // A later fragment goes where its first went.
+        if let Some((id, false)) = h.frag {
+            let key = (h.src, id, h.proto);
+            return match self.flows().fragments.get(&key) {
+                Some(t) if now.saturating_duration_since(*t) < FRAGMENT_IDLE => Ok(()),
+                _ => Err(Drop::NoRule),
+            };
+        }
+        let verdict = self.judge(&h, &rules, now);
+        if let (Ok(()), Some((id, true))) = (verdict, h.frag) {
+            self.flows().remember_fragment((h.src, id, h.proto), now);
+        }
+        verdict
+    }
+
+    /// A whole packet or a first fragment: by rule, or as an answer.
+    fn judge(&self, h: &Header, rules: &Compiled, now: Instant) -> Result<(), Drop> {
         let proto = Proto::from_number(h.proto);
-        let port = match h.icmp {
-            Some(_) => None,
-            None => h.ports.map(|(_, dport)| dport),
-        };
         let by_rule = match h.icmp {
             // ICMP is allowed or not as a whole.
             Some(_) => rules.allows(h.src, proto, None),
-            None if h.ports.is_none() && proto.has_ports() => rules.allows(h.src, proto, None),
-            None => rules.allows(h.src, proto, port),
+            None => rules.allows(h.src, proto, h.ports.map(|(_, dport)| dport)),
         };
         if by_rule {
             return Ok(());
@@ -404,7 +437,7 @@ impl Filter {
 
 /// Reads the addresses, protocol and ports of an IPv4 or IPv6 packet.
 fn parse(p: &[u8]) -> Option<Header> {
-    let (src, dst, proto, first_fragment, l4) = match p.first()? >> 4 {
+    let (src, dst, proto, frag, l4) = match p.first()? >> 4 {
         4 => {
             if p.len() < 20 {
                 return None;
@@ -415,9 +448,12 @@ fn parse(p: &[u8]) -> Option<Header> {
                 return None;
             }
             let offset = u16::from_be_bytes([p[6], p[7]]) & 0x1fff;
+            let more = p[6] & 0x20 != 0;
+            let id = u32::from(u16::from_be_bytes([p[4], p[5]]));
+            let frag = (more || offset != 0).then_some((id, offset == 0));
             let src = IpAddr::V4(Ipv4Addr::new(p[12], p[13], p[14], p[15]));
             let dst = IpAddr::V4(Ipv4Addr::new(p[16], p[17], p[18], p[19]));
-            (src, dst, p[9], offset == 0, &p[ihl..total])
+            (src, dst, p[9], frag, &p[ihl..total])
         }
         6 => {
             if p.len() < 40 {
@@ -431,8 +467,8 @@ fn parse(p: &[u8]) -> Option<Header> {
             let octets = |at: usize| -> [u8; 16] { p[at..at + 16].try_into().expect("16 bytes") };
             let src = IpAddr::V6(Ipv6Addr::from(octets(8)));
             let dst = IpAddr::V6(Ipv6Addr::from(octets(24)));
-            let (proto, first, at) = skip_extensions(&p[..end], p[6], 40)?;
-            (src, dst, proto, first, &p[at..end])
+            let (proto, frag, at) = skip_extensions(&p[..end], p[6], 40)?;
+            (src, dst, proto, frag, &p[at..end])
         }
         _ => return None,
     };
@@ -444,8 +480,9 @@ fn parse(p: &[u8]) -> Option<Header> {
         ports: None,
         icmp: None,
         opens: false,
+        frag,
     };
-    if !first_fragment {
+    if frag.is_some_and(|(_, first)| !first) {
         return Some(header);
     }
     if proto_kind.has_ports() {
@@ -481,10 +518,16 @@ fn parse(p: &[u8]) -> Option<Header> {
     Some(header)
 }
 
-/// The IPv6 upper-layer protocol after at most 8 extension headers, whether
-/// this is a first fragment, and where its header starts.
-fn skip_extensions(p: &[u8], mut next: u8, mut at: usize) -> Option<(u8, bool, usize)> {
-    let mut first = true;
+/// The IPv6 upper-layer protocol after at most 8 extension headers, the
+/// fragment it is (identification, first or not), and where its header
+/// starts.
+#[allow(clippy::type_complexity)]
+fn skip_extensions(
+    p: &[u8],
+    mut next: u8,
+    mut at: usize,
+) -> Option<(u8, Option<(u32, bool)>, usize)> {
+    let mut frag = None;
     for _ in 0..8 {
         match next {
             // Hop-by-hop, routing, destination options.
@@ -495,12 +538,13 @@ fn skip_extensions(p: &[u8], mut next: u8, mut at: usize) -> Option<(u8, bool, u
             }
             // Fragment.
             44 => {
-                let frag = p.get(at..at + 8)?;
-                next = frag[0];
-                first = u16::from_be_bytes([frag[2], frag[3]]) >> 3 == 0;
+                let h = p.get(at..at + 8)?;
+                next = h[0];
+                let first = u16::from_be_bytes([h[2], h[3]]) >> 3 == 0;
+                frag = Some((u32::from_be_bytes([h[4], h[5], h[6], h[7]]), first));
                 at += 8;
             }
-            other => return (at <= p.len()).then_some((other, first, at)),
+            other => return (at <= p.len()).then_some((other, frag, at)),
         }
     }
     None

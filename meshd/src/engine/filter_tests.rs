@@ -181,6 +181,70 @@ fn an_icmp_error_about_our_flow_comes_in() {
     assert_eq!(f.inbound(&v4(ALPHA, ME, 1, &l4), now), Err(Drop::NoRule));
 }
 
+/// An IPv4 fragment: identification `id`, offset in 8-byte units, more
+/// fragments to come or not.
+fn fragment(
+    src: [u8; 4],
+    dst: [u8; 4],
+    proto: u8,
+    id: u16,
+    offset: u16,
+    more: bool,
+    l4: &[u8],
+) -> Vec<u8> {
+    let mut p = v4(src, dst, proto, l4);
+    p[4..6].copy_from_slice(&id.to_be_bytes());
+    let flags = offset | if more { 0x2000 } else { 0 };
+    p[6..8].copy_from_slice(&flags.to_be_bytes());
+    p
+}
+
+#[test]
+fn later_fragments_follow_their_first() {
+    let f = filter(vec![rule(&[ALPHA], vec![Proto::Udp], "53")]);
+    let now = Instant::now();
+    // Allowed first fragment: its later fragments come in, others do not.
+    assert_eq!(
+        f.inbound(&fragment(ALPHA, ME, 17, 7, 0, true, &ports(999, 53)), now),
+        Ok(())
+    );
+    assert_eq!(
+        f.inbound(&fragment(ALPHA, ME, 17, 7, 185, false, &[0; 16]), now),
+        Ok(())
+    );
+    assert_eq!(
+        f.inbound(&fragment(ALPHA, ME, 17, 8, 185, false, &[0; 16]), now),
+        Err(Drop::NoRule)
+    );
+    // A first fragment to a port no rule opens takes its followers down too.
+    assert_eq!(
+        f.inbound(&fragment(ALPHA, ME, 17, 9, 0, true, &ports(999, 54)), now),
+        Err(Drop::NoRule)
+    );
+    assert_eq!(
+        f.inbound(&fragment(ALPHA, ME, 17, 9, 185, false, &[0; 16]), now),
+        Err(Drop::NoRule)
+    );
+    // A large answer to our own query, from a peer no rule names.
+    assert!(f.outbound(&udp(ME, BETA, 5353, 53), now));
+    assert_eq!(
+        f.inbound(&fragment(BETA, ME, 17, 3, 0, true, &ports(53, 5353)), now),
+        Ok(())
+    );
+    assert_eq!(
+        f.inbound(&fragment(BETA, ME, 17, 3, 185, false, &[0; 16]), now),
+        Ok(())
+    );
+    // Followers wait only so long.
+    assert_eq!(
+        f.inbound(
+            &fragment(BETA, ME, 17, 3, 370, false, &[0; 16]),
+            now + FRAGMENT_IDLE
+        ),
+        Err(Drop::NoRule)
+    );
+}
+
 #[test]
 fn the_flow_table_is_bounded() {
     let f = filter(Vec::new());
