@@ -27,6 +27,19 @@ use crate::engine::EngineSlot;
 
 /// Seconds resolvers may cache a mesh answer.
 const TTL: u32 = 60;
+/// How soon a failed start is tried again.
+const RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Waits (up to 3 s) until every address of `binds` can be bound.
+async fn wait_bindable(binds: &[SocketAddr]) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(3);
+    for b in binds {
+        let probe = SocketAddr::new(b.ip(), 0);
+        while std::net::UdpSocket::bind(probe).is_err() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+}
 
 /// The addresses MagicDNS answers on for a netmap.
 pub fn service_addresses(map: &NetMap) -> Vec<IpAddr> {
@@ -152,17 +165,29 @@ impl DnsService {
     pub async fn follow(&self, mut changes: watch::Receiver<MapState>, engine: Arc<EngineSlot>) {
         loop {
             let map = changes.borrow_and_update().netmap.clone();
+            let mut failed = false;
             if let (Some(map), Some(e)) = (map, engine.get()) {
                 if let Err(e) = self.apply(&map, &e).await {
                     let message = format!("MagicDNS: {e:#}");
                     tracing::warn!("{message}");
                     self.set_error(Some(message));
+                    failed = true;
                 } else {
                     self.set_error(None);
                 }
             }
-            if changes.changed().await.is_err() {
-                return;
+            // A failure (an address still being set up, a port taken) is
+            // tried again soon, not only at the next netmap.
+            let retry = async {
+                if failed {
+                    tokio::time::sleep(RETRY).await;
+                } else {
+                    std::future::pending::<()>().await;
+                }
+            };
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() { return },
+                () = retry => {}
             }
         }
     }
@@ -199,6 +224,9 @@ impl DnsService {
         let servers = service_addresses(map);
         engine.add_service_addresses(&servers).await?;
         let binds: Vec<SocketAddr> = servers.iter().map(|ip| SocketAddr::new(*ip, 53)).collect();
+        // A new IPv6 address is tentative (duplicate address detection)
+        // for a moment: binding it fails until then.
+        wait_bindable(&binds).await;
         let zone = config.zone.domain.clone();
         let upstream = config.upstream.clone();
         // With systemd-resolved, split domains are routed here too.
