@@ -230,7 +230,7 @@ enum DeviceCmd {
     #[command(flatten)]
     Remote(remote::RemoteDeviceCmd),
     /// Give a device exactly these tags (declared in the policy; none to
-    /// clear them). Admins, or a tag's owners.
+    /// clear them). Admins, or the device's owner if they own the tags.
     Tag {
         #[command(flatten)]
         net: remote::Net,
