@@ -574,11 +574,15 @@ fn quoted(p: &[u8]) -> Option<Quoted> {
         }
         _ => return None,
     };
+    let echo_request = matches!((proto, l4.first()), (1, Some(8)) | (58, Some(128)));
     let ports = if Proto::from_number(proto).has_ports() && l4.len() >= 4 {
         Some((
             u16::from_be_bytes([l4[0], l4[1]]),
             u16::from_be_bytes([l4[2], l4[3]]),
         ))
+    } else if echo_request && l4.len() >= 6 {
+        // Keyed like the echo flow it belongs to: (identifier, 0).
+        Some((u16::from_be_bytes([l4[4], l4[5]]), 0))
     } else {
         None
     };

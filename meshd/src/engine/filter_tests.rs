@@ -246,6 +246,20 @@ fn later_fragments_follow_their_first() {
 }
 
 #[test]
+fn an_icmp_error_about_our_ping_comes_in() {
+    let f = filter(Vec::new());
+    let now = Instant::now();
+    let ping = echo(ME, BETA, 8, 42);
+    assert!(f.outbound(&ping, now));
+    let mut l4 = vec![3, 1, 0, 0, 0, 0, 0, 0];
+    l4.extend_from_slice(&ping);
+    assert_eq!(f.inbound(&v4(BETA, ME, 1, &l4), now), Ok(()));
+    let mut other = vec![3, 1, 0, 0, 0, 0, 0, 0];
+    other.extend_from_slice(&echo(ME, BETA, 8, 43));
+    assert_eq!(f.inbound(&v4(BETA, ME, 1, &other), now), Err(Drop::NoRule));
+}
+
+#[test]
 fn the_flow_table_is_bounded() {
     let f = filter(Vec::new());
     let now = Instant::now();
