@@ -125,6 +125,24 @@ impl DnsConfig {
     }
 }
 
+/// A DNS label as hosts use them: 1 to 63 letters, digits and hyphens,
+/// not starting or ending with a hyphen.
+pub fn is_dns_label(label: &str) -> bool {
+    (1..=63).contains(&label.len())
+        && label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        && !label.starts_with('-')
+        && !label.ends_with('-')
+}
+
+/// A DNS name of such labels, at most 253 characters, with or without one
+/// trailing dot.
+pub fn is_dns_name(name: &str) -> bool {
+    let body = name.strip_suffix('.').unwrap_or(name);
+    !body.is_empty() && body.len() <= 253 && body.split('.').all(is_dns_label)
+}
+
 /// An admin-set DNS record: a name and the address it resolves to.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DnsRecord {
@@ -418,6 +436,21 @@ pub(crate) mod tests {
             let json = serde_json::to_string(&c).unwrap();
             prop_assert_eq!(serde_json::from_str::<PeerChange>(&json).unwrap(), c);
         }
+    }
+
+    #[test]
+    fn dns_names_are_checked_label_by_label() {
+        assert!(is_dns_name("beta.home.crank.internal"));
+        assert!(is_dns_name("corp.example."));
+        assert!(is_dns_name("x-1"));
+        for bad in [
+            "", ".", "a..b", "a..", "-a.b", "a-.b", "a b", "a\nb", "_srv.x",
+        ] {
+            assert!(!is_dns_name(bad), "{bad:?}");
+        }
+        assert!(!is_dns_label(&"a".repeat(64)));
+        assert!(is_dns_name(&["a"; 127].join(".")), "253 characters");
+        assert!(!is_dns_name(&["a"; 128].join(".")), "over 253 characters");
     }
 
     #[test]

@@ -12,7 +12,7 @@ use axum::http::StatusCode;
 use axum::Json;
 use platform::api::DeviceInfo;
 use platform::filter::Proto;
-use platform::netmap::DnsConfig;
+use platform::netmap::{is_dns_name, DnsConfig};
 use platform::people::{EvaluateRequest, Evaluation, PolicyDocument, Role, SetTags};
 
 use super::{ApiPath, Body, Caller, SharedState};
@@ -243,19 +243,8 @@ fn check_dns(d: &DnsConfig) -> Result<(), AppError> {
             "at most {MAX_DNS_ENTRIES} records, {MAX_DNS_ENTRIES} split domains and 8 resolvers"
         )));
     }
-    let name_ok = |n: &str| {
-        let n = n.strip_suffix('.').unwrap_or(n);
-        !n.is_empty()
-            && n.len() <= 253
-            && n.split('.').all(|l| {
-                (1..=63).contains(&l.len())
-                    && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-                    && !l.starts_with('-')
-                    && !l.ends_with('-')
-            })
-    };
     for r in &d.extra_records {
-        if !name_ok(&r.name) {
+        if !is_dns_name(&r.name) {
             return Err(AppError::BadRequest(format!(
                 "{:?} is not a DNS name",
                 r.name
@@ -263,7 +252,7 @@ fn check_dns(d: &DnsConfig) -> Result<(), AppError> {
         }
     }
     for (domain, resolvers) in &d.split {
-        if !name_ok(domain) {
+        if !is_dns_name(domain) {
             return Err(AppError::BadRequest(format!(
                 "{domain:?} is not a DNS name"
             )));

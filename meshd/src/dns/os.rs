@@ -21,7 +21,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use super::zone::is_valid_label;
+use platform::netmap::is_dns_name;
 
 /// The first-line prefix that marks a resolv.conf written by us.
 pub const MARKER: &str = "# written by meshd: MagicDNS";
@@ -343,8 +343,7 @@ fn is_ours(contents: &[u8]) -> bool {
 }
 
 fn check_domain(domain: &str) -> Result<(), OsDnsError> {
-    let body = domain.trim_end_matches('.');
-    if body.is_empty() || !body.split('.').all(is_valid_label) {
+    if !is_dns_name(domain) {
         return Err(OsDnsError::Invalid {
             what: "domain",
             value: domain.to_string(),

@@ -7,6 +7,7 @@
 //! answers) or `None`, meaning "not ours, forward it". Keeping it pure makes
 //! it cheap to rebuild on every netmap change and easy to test exhaustively.
 
+use platform::netmap::{is_dns_label, is_dns_name};
 use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 
@@ -96,22 +97,11 @@ pub struct Zone {
     skipped: Vec<String>,
 }
 
-/// True when `label` is a valid LDH host label (1–63 chars, no edge hyphen).
-pub fn is_valid_label(label: &str) -> bool {
-    !label.is_empty()
-        && label.len() <= 63
-        && label
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        && !label.starts_with('-')
-        && !label.ends_with('-')
-}
-
 fn parse_domain(domain: &str) -> Result<Name, ZoneError> {
-    let trimmed = domain.trim_end_matches('.');
-    if trimmed.is_empty() || !trimmed.split('.').all(is_valid_label) {
+    if !is_dns_name(domain) {
         return Err(ZoneError::InvalidDomain(domain.to_string()));
     }
+    let trimmed = domain.strip_suffix('.').unwrap_or(domain);
     Name::from_ascii(format!("{trimmed}."))
         .map(|n| n.to_lowercase())
         .map_err(|_| ZoneError::InvalidDomain(domain.to_string()))
@@ -139,7 +129,7 @@ impl Zone {
             skipped: Vec::new(),
         };
         for host in &spec.hosts {
-            if !is_valid_label(&host.name) {
+            if !is_dns_label(&host.name) {
                 zone.skipped.push(host.name.clone());
                 continue;
             }
@@ -175,10 +165,10 @@ impl Zone {
     }
 
     fn extra_name(&self, raw: &str) -> Option<Name> {
-        let body = raw.strip_suffix('.').unwrap_or(raw);
-        if body.is_empty() || !body.split('.').all(is_valid_label) {
+        if !is_dns_name(raw) {
             return None;
         }
+        let body = raw.strip_suffix('.').unwrap_or(raw);
         if raw.ends_with('.') {
             Name::from_ascii(raw).ok().map(|n| n.to_lowercase())
         } else {
