@@ -223,12 +223,22 @@ pub async fn set(
 ) -> Result<Arc<Compiled>, AppError> {
     // One new policy at a time: the one stored last is the one installed.
     let _one = s.policies.setting.lock().await;
-    let policy = check(s, network_id, text).await?.policy;
+    let mut generation = s.policies.generation(network_id);
+    let (checked, checked_rows) = check_with_rows(s, network_id, text).await?;
+    let policy = checked.policy.clone();
     let (_, old_text) = stored(s, network_id).await?;
+    // The first round installs what the check compiled; a retry (a device
+    // changed meanwhile) compiles again.
+    let mut first = Some((checked, checked_rows));
     let mut saved = false;
     loop {
-        let generation = s.policies.generation(network_id);
-        let (compiled, rows) = compile_from_store(s, network_id, policy.clone()).await?;
+        let (compiled, rows) = match first.take() {
+            Some(done) => done,
+            None => {
+                generation = s.policies.generation(network_id);
+                compile_from_store(s, network_id, policy.clone()).await?
+            }
+        };
         if !saved {
             let diff =
                 similar::TextDiff::from_lines(old_text.as_deref().unwrap_or(DEFAULT_POLICY), text)
@@ -284,14 +294,23 @@ pub async fn set(
 /// Checks a policy against the network as it is, without storing it: its
 /// syntax and names, then its tests on the network's devices and members.
 pub async fn check(s: &AppState, network_id: i64, text: &str) -> Result<Compiled, AppError> {
+    Ok(check_with_rows(s, network_id, text).await?.0)
+}
+
+/// [`check`], also giving the device rows it compiled against.
+async fn check_with_rows(
+    s: &AppState,
+    network_id: i64,
+    text: &str,
+) -> Result<(Compiled, Vec<DeviceRow>), AppError> {
     let policy = parse(text).map_err(policy_refused)?;
     let members = member_roles(s, network_id).await?;
     policy
         .check_users(|u| members.contains_key(u))
         .map_err(policy_refused)?;
-    let (compiled, _) = compile_from_store(s, network_id, policy).await?;
+    let (compiled, rows) = compile_from_store(s, network_id, policy).await?;
     compiled.run_tests(&members).map_err(policy_refused)?;
-    Ok(compiled)
+    Ok((compiled, rows))
 }
 
 /// A refused policy: 400 naming the line.
