@@ -57,39 +57,31 @@ pub(super) async fn tun_to_peers(shared: Arc<Shared>) {
             bump(&shared.counters.filter_flows_full);
         }
         outs.clear();
-        let (range, targets, home) = {
+        let (range, targets) = {
             let mut st = peer.lock();
-            if peer.disco_key.is_some() {
-                st.paths.note_activity(now);
-                if st.direct(now).is_none() {
-                    // Look for a direct path now, not at the next tick.
-                    let has_relay = st.home_region().is_some();
-                    st.paths.poll(now, has_relay, &mut outs);
-                }
+            st.paths.note_activity(now);
+            if st.paths.direct(now).is_none() {
+                // Look for a direct path now, not at the next tick.
+                st.paths.poll(now, &mut outs);
             }
-            let home = st.home_region();
             match st.tunn.encapsulate(packet, &mut outbuf) {
                 TunnResult::WriteToNetwork(out) => {
                     if out.first() == Some(&HANDSHAKE_INIT) {
                         st.initiation_sent(now);
                     }
                     let range = range_in(out_base, out);
-                    (
-                        Some(range.clone()),
-                        st.targets_for(&outbuf[range], now),
-                        home,
-                    )
+                    (Some(range.clone()), st.targets_for(&outbuf[range], now))
                 }
                 TunnResult::Err(e) => {
                     tracing::trace!(error = ?e, "encapsulate");
-                    (None, Targets::default(), home)
+                    (None, Targets::default())
                 }
                 // Queued until the handshake completes.
-                _ => (None, Targets::default(), home),
+                _ => (None, Targets::default()),
             }
         };
         if !outs.is_empty() {
-            disco::send_outs(&shared, peer, &outs, home).await;
+            disco::send_outs(&shared, peer, &outs).await;
         }
         let Some(range) = range else { continue };
         send_to_peer(&shared, &peer.node_key, &outbuf[range], targets).await;
@@ -177,7 +169,8 @@ fn session_peer(counters: &Counters, table: &PeerTable, receiver_index: u32) -> 
 }
 
 enum Decapsulated {
-    Network(Range<usize>),
+    /// A protocol message to send back, and where.
+    Network(Range<usize>, Targets),
     Tunnel(Range<usize>, IpAddr),
     Done,
 }
@@ -191,14 +184,25 @@ async fn receive(shared: &Shared, peer: &Peer, datagram: &[u8], via: Via, outbuf
         Via::Relay(_) => None,
     };
     let mut datagram = datagram;
+    let mut outs: Vec<Out> = Vec::new();
     // The first call decrypts; repeated calls with an empty datagram flush
     // packets queued while the handshake was in flight.
     loop {
         let outcome = {
             let mut st = peer.lock();
+            let now = Instant::now();
             let outcome = match st.tunn.decapsulate(src_ip, datagram, outbuf) {
                 TunnResult::Done => Decapsulated::Done,
-                TunnResult::WriteToNetwork(out) => Decapsulated::Network(range_in(out_base, out)),
+                TunnResult::WriteToNetwork(out) => {
+                    let targets = match via {
+                        Via::Udp(from) => st.paths.reply_targets(from, now),
+                        Via::Relay(region) => Targets {
+                            relay: Some(region),
+                            ..Targets::default()
+                        },
+                    };
+                    Decapsulated::Network(range_in(out_base, out), targets)
+                }
                 TunnResult::WriteToTunnelV4(out, src) => {
                     Decapsulated::Tunnel(range_in(out_base, out), src.into())
                 }
@@ -210,14 +214,13 @@ async fn receive(shared: &Shared, peer: &Peer, datagram: &[u8], via: Via, outbuf
                     Decapsulated::Done
                 }
             };
-            let now = Instant::now();
             let authenticated = !datagram.is_empty() && !matches!(outcome, Decapsulated::Done);
             if authenticated {
                 st.answered();
             }
             match (via, authenticated) {
-                (Via::Udp(from), true) => st.heard_from(from, now),
-                (Via::Relay(region), true) => st.heard_via_relay(region),
+                (Via::Udp(from), true) => st.paths.heard_direct(from, now, &mut outs),
+                (Via::Relay(region), true) => st.paths.heard_via_relay(region),
                 _ => {}
             }
             if matches!(&outcome, Decapsulated::Tunnel(range, _) if !range.is_empty()) {
@@ -226,19 +229,13 @@ async fn receive(shared: &Shared, peer: &Peer, datagram: &[u8], via: Via, outbuf
             }
             outcome
         };
+        if !outs.is_empty() {
+            disco::send_outs(shared, peer, &outs).await;
+            outs.clear();
+        }
         match outcome {
             Decapsulated::Done => return,
-            Decapsulated::Network(range) => {
-                let targets = match via {
-                    Via::Udp(from) => Targets {
-                        direct: Some(from),
-                        ..Targets::default()
-                    },
-                    Via::Relay(region) => Targets {
-                        relay: Some(region),
-                        ..Targets::default()
-                    },
-                };
+            Decapsulated::Network(range, targets) => {
                 send_to_peer(shared, &peer.node_key, &outbuf[range], targets).await;
                 datagram = &[];
             }
@@ -462,13 +459,10 @@ pub(super) async fn timers(shared: Arc<Shared>) {
         let now = Instant::now();
         for peer in table.by_key.values() {
             outs.clear();
-            let (range, targets, home) = {
+            let (range, targets) = {
                 let mut st = peer.lock();
-                st.expire_endpoint(now);
-                let home = st.home_region();
-                if peer.disco_key.is_some() {
-                    st.paths.poll(now, home.is_some(), &mut outs);
-                }
+                st.paths.expire(now);
+                st.paths.poll(now, &mut outs);
                 let result = if st.rehandshake_due(now) {
                     // After a node-key change: don't wait out WireGuard's 5 s retry.
                     st.tunn.format_handshake_initiation(&mut buf, true)
@@ -478,13 +472,13 @@ pub(super) async fn timers(shared: Arc<Shared>) {
                 match result {
                     TunnResult::WriteToNetwork(out) => {
                         let range = range_in(base, out);
-                        (Some(range.clone()), st.targets_for(&buf[range], now), home)
+                        (Some(range.clone()), st.targets_for(&buf[range], now))
                     }
-                    _ => (None, Targets::default(), home),
+                    _ => (None, Targets::default()),
                 }
             };
             if !outs.is_empty() {
-                disco::send_outs(&shared, peer, &outs, home).await;
+                disco::send_outs(&shared, peer, &outs).await;
             }
             if let Some(range) = range {
                 send_to_peer(&shared, &peer.node_key, &buf[range], targets).await;

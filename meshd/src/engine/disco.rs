@@ -101,12 +101,7 @@ pub(super) async fn send(shared: &Shared, peer: &Peer, msg: &Message, via: Via) 
 }
 
 /// Sends what a peer's path state asked for.
-pub(super) async fn send_outs(
-    shared: &Shared,
-    peer: &Peer,
-    outs: &[Out],
-    home_region: Option<u32>,
-) {
+pub(super) async fn send_outs(shared: &Shared, peer: &Peer, outs: &[Out]) {
     for o in outs {
         match o {
             Out::Ping { tx, to } => {
@@ -121,17 +116,15 @@ pub(super) async fn send_outs(
                 )
                 .await;
             }
-            Out::CallMeMaybe => {
-                if let Some(region) = home_region {
-                    let endpoints = shared.disco.own_endpoints.load().to_vec();
-                    send(
-                        shared,
-                        peer,
-                        &Message::CallMeMaybe { endpoints },
-                        Via::Relay(region),
-                    )
-                    .await;
-                }
+            Out::CallMeMaybe { region } => {
+                let endpoints = shared.disco.own_endpoints.load().to_vec();
+                send(
+                    shared,
+                    peer,
+                    &Message::CallMeMaybe { endpoints },
+                    Via::Relay(*region),
+                )
+                .await;
             }
         }
     }
@@ -183,16 +176,15 @@ pub(super) async fn handle(
                 return;
             }
             let mut outs = Vec::new();
-            let (src, home) = match via {
+            let src = match via {
                 Via::Udp(from) => {
-                    let mut st = peer.lock();
-                    st.paths.on_ping(from, now, &mut outs);
-                    (from, st.home_region())
+                    peer.lock().paths.on_ping(from, now, &mut outs);
+                    from
                 }
-                Via::Relay(_) => (SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)), None),
+                Via::Relay(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
             };
             send(shared, &peer, &Message::Pong { tx, src }, via).await;
-            send_outs(shared, &peer, &outs, home).await;
+            send_outs(shared, &peer, &outs).await;
         }
         Message::Pong { tx, .. } => {
             let waiter = shared.disco.waiters().remove(&tx);
@@ -211,12 +203,10 @@ pub(super) async fn handle(
         }
         Message::CallMeMaybe { endpoints } => {
             let mut outs = Vec::new();
-            let home = {
-                let mut st = peer.lock();
-                st.paths.on_call_me_maybe(&endpoints, now, &mut outs);
-                st.home_region()
-            };
-            send_outs(shared, &peer, &outs, home).await;
+            peer.lock()
+                .paths
+                .on_call_me_maybe(&endpoints, now, &mut outs);
+            send_outs(shared, &peer, &outs).await;
         }
     }
 }

@@ -500,7 +500,11 @@ impl Engine {
         let reply = self.shared.disco.expect(tx, now);
         let (direct, candidates, home) = {
             let st = peer.lock();
-            (st.direct(now), st.candidates().to_vec(), st.home_region())
+            (
+                st.paths.direct(now),
+                st.paths.candidates(),
+                st.paths.home_region(),
+            )
         };
         let msg = platform::disco::Message::Ping {
             tx,
@@ -541,7 +545,7 @@ impl Engine {
             .paths
             .rtt(now)
             .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
-        let (endpoint, direct, relay) = match st.path(now) {
+        let (endpoint, direct, relay) = match st.paths.path(now) {
             Path::Direct(ep) => (Some(ep), true, None),
             Path::Trying(ep) => (Some(ep), false, None),
             Path::Relay(region) => (None, false, Some(region)),

@@ -6,7 +6,7 @@
 //! session state sits behind a mutex (both directions drive the same `Tunn`).
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
@@ -16,35 +16,16 @@ use platform::disco::{ReplayWindow, SharedKey};
 use platform::keys::{DiscoPrivate, DiscoPublic, NodePrivate, NodePublic};
 use platform::netmap::NetMap;
 
-use crate::paths::PathState;
-
-/// A peer we have not heard from for this long may have moved: try all of
-/// its endpoints again.
-const ENDPOINT_STALE_AFTER: Duration = Duration::from_secs(15);
+use crate::paths::PathMachine;
+pub use crate::paths::{Path, Targets};
 
 /// WireGuard message type of a handshake initiation.
 pub(super) const HANDSHAKE_INIT: u8 = 1;
 
 pub struct PeerState {
     pub tunn: Tunn,
-    /// Where the peer was last heard from directly (roaming follows it).
-    confirmed: Option<SocketAddr>,
-    last_rx: Option<Instant>,
-    /// The netmap no longer lists `confirmed`: it is dropped at the next
-    /// timer tick unless the peer is heard from there again first.
-    confirmed_unlisted: bool,
-    /// Endpoints from the netmap, tried in turn until one answers.
-    candidates: Vec<SocketAddr>,
-    next_candidate: usize,
-    /// The relay region where the peer listens, as the netmap says.
-    home_region: Option<u32>,
-    /// The relay region the peer's latest authenticated packets came
-    /// through: where to answer while the netmap does not (yet) name its
-    /// home relay (a device that has just joined reports it a moment after
-    /// it starts talking).
-    heard_via_relay: Option<u32>,
-    /// Direct-path discovery (peers running meshd).
-    pub paths: PathState,
+    /// Where the peer's packets go.
+    pub paths: PathMachine,
     /// Disco stamps already used by this peer instance.
     pub disco_replay: ReplayWindow,
     /// A handshake initiation found nowhere to go: the peer was announced
@@ -109,154 +90,16 @@ impl Rehandshake {
     }
 }
 
-/// Handshake initiations with no working direct path go to this many of
-/// the peer's candidate endpoints at once (the first to arrive gets the
-/// answer; WireGuard ignores the copies), so the first contact does not
-/// wait for a 5 s retry because one address in the list is dead.
-pub const HANDSHAKE_FANOUT: usize = 4;
-
-/// Where one packet goes: directly, through a relay, or both.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Targets {
-    pub direct: Option<SocketAddr>,
-    pub relay: Option<u32>,
-    /// More direct endpoints for the same datagram (handshake initiations).
-    pub also: [Option<SocketAddr>; HANDSHAKE_FANOUT - 1],
-}
-
-impl Targets {
-    /// Every direct endpoint to send to.
-    pub fn direct_all(&self) -> impl Iterator<Item = SocketAddr> + '_ {
-        self.direct
-            .iter()
-            .chain(self.also.iter().flatten())
-            .copied()
-    }
-}
-
-/// The path a peer's traffic takes now.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Path {
-    Direct(SocketAddr),
-    /// A direct endpoint being tried, not yet answered.
-    Trying(SocketAddr),
-    Relay(u32),
-    None,
-}
-
 impl PeerState {
-    /// Where to send `packet`. With a confirmed direct endpoint, there. Else
-    /// through the peer's home relay when it has one, while handshake
-    /// initiations also try its direct endpoints in turn (an answer over UDP
-    /// confirms one and moves the traffic there). Without a relay, every
-    /// packet tries the current candidate.
+    /// Where to send `packet`; a handshake initiation with nowhere to go
+    /// is remembered, to be sent again once the peer has a route.
     pub fn targets_for(&mut self, packet: &[u8], now: Instant) -> Targets {
-        if let Some(ep) = self.direct(now) {
-            return Targets {
-                direct: Some(ep),
-                ..Targets::default()
-            };
-        }
         let handshake = packet.first() == Some(&HANDSHAKE_INIT);
-        if handshake && !self.candidates.is_empty() {
-            self.next_candidate = (self.next_candidate + 1) % self.candidates.len();
-        }
-        let candidate = self
-            .candidates
-            .get(self.next_candidate % self.candidates.len().max(1))
-            .copied();
-        let mut targets = match self.home_region() {
-            Some(region) => Targets {
-                direct: candidate.filter(|_| handshake),
-                relay: Some(region),
-                ..Targets::default()
-            },
-            None => Targets {
-                direct: candidate,
-                ..Targets::default()
-            },
-        };
-        if handshake {
-            let n = self.candidates.len();
-            for (k, slot) in targets
-                .also
-                .iter_mut()
-                .enumerate()
-                .take(n.saturating_sub(1))
-            {
-                *slot = self
-                    .candidates
-                    .get((self.next_candidate + 1 + k) % n)
-                    .copied();
-            }
-        }
+        let targets = self.paths.targets(handshake, now);
         if handshake && targets == Targets::default() {
             self.stranded = true;
         }
         targets
-    }
-
-    /// A direct endpoint known to work: the source of the peer's latest
-    /// authenticated WireGuard packets (it follows a peer that roams), else
-    /// the path disco found.
-    pub fn direct(&self, now: Instant) -> Option<SocketAddr> {
-        let fresh = !self.confirmed_unlisted
-            && self
-                .last_rx
-                .is_some_and(|t| now.saturating_duration_since(t) < crate::paths::TRUST);
-        match self.confirmed {
-            Some(ep) if fresh => Some(ep),
-            _ => self.paths.direct(now).or(self.confirmed),
-        }
-    }
-
-    /// The relay region to reach the peer through: its home relay, else
-    /// the one it was last heard through.
-    pub fn home_region(&self) -> Option<u32> {
-        self.home_region.or(self.heard_via_relay)
-    }
-
-    pub fn candidates(&self) -> &[SocketAddr] {
-        &self.candidates
-    }
-
-    pub fn path(&self, now: Instant) -> Path {
-        match (
-            self.direct(now),
-            self.home_region(),
-            self.candidates
-                .get(self.next_candidate % self.candidates.len().max(1)),
-        ) {
-            (Some(ep), _, _) => Path::Direct(ep),
-            (None, Some(region), _) => Path::Relay(region),
-            (None, None, Some(c)) => Path::Trying(*c),
-            (None, None, None) => Path::None,
-        }
-    }
-
-    /// A packet that came through relay `region` authenticated as this
-    /// peer.
-    pub fn heard_via_relay(&mut self, region: u32) {
-        self.heard_via_relay = Some(region);
-    }
-
-    /// A packet from `from` authenticated as this peer.
-    pub fn heard_from(&mut self, from: SocketAddr, now: Instant) {
-        self.confirmed = Some(from);
-        self.last_rx = Some(now);
-        self.confirmed_unlisted = false;
-    }
-
-    /// Forgets a confirmed endpoint that has gone quiet.
-    pub fn expire_endpoint(&mut self, now: Instant) {
-        if self.confirmed_unlisted
-            || self
-                .last_rx
-                .is_some_and(|t| now.saturating_duration_since(t) > ENDPOINT_STALE_AFTER)
-        {
-            self.confirmed = None;
-            self.confirmed_unlisted = false;
-        }
     }
 
     /// This device's node key changed: the session goes on under `secret`
@@ -313,26 +156,9 @@ impl PeerState {
     /// reported where it listens) is sent again at once instead of after
     /// WireGuard's 5 s retry.
     fn route_updated(&mut self, now: Instant) {
-        let reachable = !self.candidates.is_empty() || self.home_region().is_some();
-        if self.stranded && reachable {
+        if self.stranded && self.paths.reachable() {
             self.stranded = false;
             self.rehandshake = Some(Rehandshake::new(now));
-        }
-    }
-
-    fn set_candidates(&mut self, candidates: Vec<SocketAddr>) {
-        if let Some(ep) = self.confirmed {
-            if !candidates.contains(&ep) && !candidates.is_empty() {
-                // Keep following a roaming peer, but let handshakes try the
-                // new addresses if it goes quiet. (A flag, not a back-dated
-                // `last_rx`: subtracting from an `Instant` panics where the
-                // clock starts near zero, as it does shortly after boot.)
-                self.confirmed_unlisted = true;
-            }
-        }
-        if candidates != self.candidates {
-            self.candidates = candidates;
-            self.next_candidate = 0;
         }
     }
 }
@@ -405,16 +231,13 @@ impl PeerTable {
     ) -> PeerTable {
         let mut table = PeerTable::default();
         for node in crate::key_expiry::active_peers(netmap, now_unix) {
-            let candidates = node.endpoints.clone();
             let peer = match old.by_key.get(&node.node_key) {
                 Some(existing)
                     if existing.allowed == node.addresses
                         && existing.disco_key == node.disco_key =>
                 {
                     let mut st = existing.lock();
-                    st.paths.set_candidates(&candidates);
-                    st.set_candidates(candidates);
-                    st.home_region = node.home_region;
+                    st.paths.set_netmap(&node.endpoints, node.home_region);
                     st.route_updated(Instant::now());
                     drop(st);
                     existing.clone()
@@ -429,19 +252,12 @@ impl PeerTable {
                         index,
                         None,
                     );
-                    let mut paths = PathState::default();
-                    paths.set_candidates(&candidates);
+                    let mut paths = PathMachine::new(node.disco_key.is_some());
+                    paths.set_netmap(&node.endpoints, node.home_region);
                     let state = PeerState {
                         paths,
                         tunn,
-                        confirmed: None,
-                        last_rx: None,
-                        confirmed_unlisted: false,
                         disco_replay: ReplayWindow::default(),
-                        candidates,
-                        next_candidate: 0,
-                        home_region: node.home_region,
-                        heard_via_relay: None,
                         stranded: false,
                         rehandshake: None,
                     };
@@ -471,8 +287,10 @@ impl PeerTable {
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
+    use crate::paths::HANDSHAKE_FANOUT;
     use platform::netmap::{DnsConfig, Node, NodeKind, RelayMap};
     use std::collections::BTreeMap;
+    use std::net::SocketAddr;
 
     pub(crate) fn node(key: NodePublic, last: u8, eps: &[&str]) -> Node {
         Node {
@@ -579,12 +397,12 @@ pub(super) mod tests {
             },
             "data follows the last try"
         );
-        assert_eq!(st.path(now), Path::Trying(second));
+        assert_eq!(st.paths.path(now), Path::Trying(second));
         let roamed: SocketAddr = "192.168.1.9:5".parse().unwrap();
-        st.heard_from(roamed, now);
+        st.paths.heard_direct(roamed, now, &mut Vec::new());
         assert_eq!(st.targets_for(&init, now).direct, Some(roamed));
-        assert_eq!(st.path(now), Path::Direct(roamed));
-        st.expire_endpoint(now + Duration::from_secs(16));
+        assert_eq!(st.paths.path(now), Path::Direct(roamed));
+        st.paths.expire(now + Duration::from_secs(16));
         assert_ne!(st.targets_for(&init, now).direct, Some(roamed));
     }
 
@@ -620,7 +438,7 @@ pub(super) mod tests {
         // Data is not multiplied.
         assert_eq!(st.targets_for(&[4, 0, 0, 0], now).direct_all().count(), 1);
         // Once a path answers, handshakes go there alone.
-        st.heard_from(second[0], now);
+        st.paths.heard_direct(second[0], now, &mut Vec::new());
         assert_eq!(
             st.targets_for(&init, now).direct_all().collect::<Vec<_>>(),
             vec![second[0]]
@@ -646,7 +464,7 @@ pub(super) mod tests {
             t.by_key[&a].lock().targets_for(&data, now),
             Targets::default()
         );
-        t.by_key[&a].lock().heard_via_relay(3);
+        t.by_key[&a].lock().paths.heard_via_relay(3);
         assert_eq!(
             t.by_key[&a].lock().targets_for(&data, now).relay,
             Some(3),
@@ -695,8 +513,8 @@ pub(super) mod tests {
             },
             "data goes relayed"
         );
-        assert_eq!(st.path(now), Path::Relay(7));
-        st.heard_from(direct, now);
+        assert_eq!(st.paths.path(now), Path::Relay(7));
+        st.paths.heard_direct(direct, now, &mut Vec::new());
         assert_eq!(
             st.targets_for(&data, now),
             Targets {
@@ -706,7 +524,7 @@ pub(super) mod tests {
             }
         );
         // The direct path goes silent: back to the relay.
-        st.expire_endpoint(now + Duration::from_secs(16));
+        st.paths.expire(now + Duration::from_secs(16));
         assert_eq!(
             st.targets_for(&data, now),
             Targets {
@@ -943,21 +761,25 @@ pub(super) mod tests {
         let peer = t.by_key[&them.public()].clone();
         let now = Instant::now();
         let roamed: SocketAddr = "192.168.1.9:5".parse().unwrap();
-        peer.lock().heard_from(roamed, now);
+        peer.lock().paths.heard_direct(roamed, now, &mut Vec::new());
         // The netmap moves the peer elsewhere. This used to back-date the
         // last receive time by `Instant::now() - 15 s`, which panics on a
         // clock that started less than 15 s ago.
         let _ = PeerTable::build(&t, &map(&["10.0.0.3:1"]), &me, &idx, 0);
-        assert_eq!(peer.lock().direct(now), Some(roamed), "kept until the tick");
-        peer.lock().expire_endpoint(now);
-        assert_eq!(peer.lock().direct(now), None, "dropped at the tick");
+        assert_eq!(
+            peer.lock().paths.direct(now),
+            Some(roamed),
+            "kept until the tick"
+        );
+        peer.lock().paths.expire(now);
+        assert_eq!(peer.lock().paths.direct(now), None, "dropped at the tick");
 
         // Heard from again before the tick: kept.
-        peer.lock().heard_from(roamed, now);
+        peer.lock().paths.heard_direct(roamed, now, &mut Vec::new());
         let _ = PeerTable::build(&t, &map(&["10.0.0.4:1"]), &me, &idx, 0);
-        peer.lock().heard_from(roamed, now);
-        peer.lock().expire_endpoint(now);
-        assert_eq!(peer.lock().direct(now), Some(roamed));
+        peer.lock().paths.heard_direct(roamed, now, &mut Vec::new());
+        peer.lock().paths.expire(now);
+        assert_eq!(peer.lock().paths.direct(now), Some(roamed));
     }
 
     #[test]
