@@ -1,37 +1,29 @@
 //! The packet loops: TUN → peers (encrypt), UDP and relays → TUN (decrypt),
 //! and the timer tick. Each loop owns its buffers.
 
-use std::net::{IpAddr, SocketAddr};
-use std::ops::Range;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::rate_limiter::RateLimiter;
-use boringtun::noise::{Packet, Tunn, TunnResult};
+use boringtun::noise::{Packet, Tunn};
 use derp_relay::client::RelayEvent;
 use platform::keys::NodePublic;
 use tokio::sync::mpsc;
 
 use super::admission::{admit, Admission, CookieReplyBudget, Refused, COOKIE_REPLY_LEN};
 use super::disco::{self, Via};
-use super::peers::{Peer, PeerTable, Targets, HANDSHAKE_INIT};
+use super::peers::{Decapsulated, Peer, PeerTable, Targets, HANDSHAKE_INIT};
 use super::udp::RecvBatch;
 use super::{bump, filter, Counters, Shared, BUF_SIZE, TIMER_TICK};
 use crate::paths::Out;
-
-/// Where a result landed in the output buffer (boringtun hands back a slice of it).
-fn range_in(base: usize, part: &[u8]) -> Range<usize> {
-    let start = part.as_ptr() as usize - base;
-    start..start + part.len()
-}
 
 /// Encrypts packets read from the TUN device and sends them to their peer.
 pub(super) async fn tun_to_peers(shared: Arc<Shared>) {
     let mut inbuf = vec![0u8; BUF_SIZE];
     let mut outbuf = vec![0u8; BUF_SIZE];
-    let out_base = outbuf.as_ptr() as usize;
     let mut outs: Vec<Out> = Vec::new();
     loop {
         let n = match shared.tun.recv(&mut inbuf).await {
@@ -57,35 +49,19 @@ pub(super) async fn tun_to_peers(shared: Arc<Shared>) {
             bump(&shared.counters.filter_flows_full);
         }
         outs.clear();
-        let (range, targets) = {
-            let mut st = peer.lock();
-            st.paths.note_activity(now);
-            if st.paths.direct(now).is_none() {
-                // Look for a direct path now, not at the next tick.
-                st.paths.poll(now, &mut outs);
-            }
-            match st.tunn.encapsulate(packet, &mut outbuf) {
-                TunnResult::WriteToNetwork(out) => {
-                    if out.first() == Some(&HANDSHAKE_INIT) {
-                        st.initiation_sent(now);
-                    }
-                    let range = range_in(out_base, out);
-                    (Some(range.clone()), st.targets_for(&outbuf[range], now))
-                }
-                TunnResult::Err(e) => {
-                    tracing::trace!(error = ?e, "encapsulate");
-                    (None, Targets::default())
-                }
-                // Queued until the handshake completes.
-                _ => (None, Targets::default()),
-            }
-        };
+        let sealed = peer.lock().encrypt(packet, &mut outbuf, now, &mut outs);
         if !outs.is_empty() {
             disco::send_outs(&shared, peer, &outs).await;
         }
-        let Some(range) = range else { continue };
-        send_to_peer(&shared, &peer.node_key, &outbuf[range], targets).await;
-        bump(&shared.counters.tx_packets);
+        match sealed {
+            Ok(Some((range, targets))) => {
+                send_to_peer(&shared, &peer.node_key, &outbuf[range], targets).await;
+                bump(&shared.counters.tx_packets);
+            }
+            // Queued until the handshake completes.
+            Ok(None) => {}
+            Err(e) => tracing::trace!(error = ?e, "encapsulate"),
+        }
     }
 }
 
@@ -168,73 +144,27 @@ fn session_peer(counters: &Counters, table: &PeerTable, receiver_index: u32) -> 
     found
 }
 
-enum Decapsulated {
-    /// A protocol message to send back, and where.
-    Network(Range<usize>, Targets),
-    Tunnel(Range<usize>, IpAddr),
-    Done,
-}
-
 /// Decrypts one datagram from `peer` and delivers what comes out: packets to
 /// the TUN device, protocol replies back the way the datagram came.
 async fn receive(shared: &Shared, peer: &Peer, datagram: &[u8], via: Via, outbuf: &mut [u8]) {
-    let out_base = outbuf.as_ptr() as usize;
-    let src_ip = match via {
-        Via::Udp(addr) => Some(addr.ip()),
-        Via::Relay(_) => None,
-    };
     let mut datagram = datagram;
     let mut outs: Vec<Out> = Vec::new();
     // The first call decrypts; repeated calls with an empty datagram flush
     // packets queued while the handshake was in flight.
     loop {
-        let outcome = {
-            let mut st = peer.lock();
-            let now = Instant::now();
-            let outcome = match st.tunn.decapsulate(src_ip, datagram, outbuf) {
-                TunnResult::Done => Decapsulated::Done,
-                TunnResult::WriteToNetwork(out) => {
-                    let targets = match via {
-                        Via::Udp(from) => st.paths.reply_targets(from, now),
-                        Via::Relay(region) => Targets {
-                            relay: Some(region),
-                            ..Targets::default()
-                        },
-                    };
-                    Decapsulated::Network(range_in(out_base, out), targets)
-                }
-                TunnResult::WriteToTunnelV4(out, src) => {
-                    Decapsulated::Tunnel(range_in(out_base, out), src.into())
-                }
-                TunnResult::WriteToTunnelV6(out, src) => {
-                    Decapsulated::Tunnel(range_in(out_base, out), src.into())
-                }
-                TunnResult::Err(e) => {
-                    count_decap_error(&shared.counters, &e);
-                    Decapsulated::Done
-                }
-            };
-            let authenticated = !datagram.is_empty() && !matches!(outcome, Decapsulated::Done);
-            if authenticated {
-                st.answered();
-            }
-            match (via, authenticated) {
-                (Via::Udp(from), true) => st.paths.heard_direct(from, now, &mut outs),
-                (Via::Relay(region), true) => st.paths.heard_via_relay(region),
-                _ => {}
-            }
-            if matches!(&outcome, Decapsulated::Tunnel(range, _) if !range.is_empty()) {
-                // Real traffic (not a keepalive): keep looking after the path.
-                st.paths.note_activity(now);
-            }
-            outcome
-        };
+        let outcome = peer
+            .lock()
+            .decrypt(datagram, via, outbuf, Instant::now(), &mut outs);
         if !outs.is_empty() {
             disco::send_outs(shared, peer, &outs).await;
             outs.clear();
         }
         match outcome {
             Decapsulated::Done => return,
+            Decapsulated::Error(e) => {
+                count_decap_error(&shared.counters, &e);
+                return;
+            }
             Decapsulated::Network(range, targets) => {
                 send_to_peer(shared, &peer.node_key, &outbuf[range], targets).await;
                 datagram = &[];
@@ -447,7 +377,6 @@ fn count_decap_error(c: &Counters, e: &WireGuardError) {
 /// Drives handshake retries, rekeys and keepalives for every peer.
 pub(super) async fn timers(shared: Arc<Shared>) {
     let mut buf = vec![0u8; BUF_SIZE];
-    let base = buf.as_ptr() as usize;
     let mut tick = tokio::time::interval(TIMER_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut outs: Vec<Out> = Vec::new();
@@ -459,28 +388,11 @@ pub(super) async fn timers(shared: Arc<Shared>) {
         let now = Instant::now();
         for peer in table.by_key.values() {
             outs.clear();
-            let (range, targets) = {
-                let mut st = peer.lock();
-                st.paths.expire(now);
-                st.paths.poll(now, &mut outs);
-                let result = if st.rehandshake_due(now) {
-                    // After a node-key change: don't wait out WireGuard's 5 s retry.
-                    st.tunn.format_handshake_initiation(&mut buf, true)
-                } else {
-                    st.tunn.update_timers(&mut buf)
-                };
-                match result {
-                    TunnResult::WriteToNetwork(out) => {
-                        let range = range_in(base, out);
-                        (Some(range.clone()), st.targets_for(&buf[range], now))
-                    }
-                    _ => (None, Targets::default()),
-                }
-            };
+            let due = peer.lock().tick(now, &mut buf, &mut outs);
             if !outs.is_empty() {
                 disco::send_outs(&shared, peer, &outs).await;
             }
-            if let Some(range) = range {
+            if let Some((range, targets)) = due {
                 send_to_peer(&shared, &peer.node_key, &buf[range], targets).await;
             }
         }
@@ -499,7 +411,7 @@ mod tests {
         let mut t = Tunn::new(from.to_dalek(), to.to_dalek(), None, None, 1, None);
         let mut buf = vec![0u8; 256];
         match t.format_handshake_initiation(&mut buf, false) {
-            TunnResult::WriteToNetwork(p) => p.to_vec(),
+            boringtun::noise::TunnResult::WriteToNetwork(p) => p.to_vec(),
             _ => panic!("no handshake"),
         }
     }

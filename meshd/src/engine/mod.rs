@@ -25,6 +25,8 @@ mod early;
 pub mod filter;
 mod peers;
 mod relays;
+#[cfg(test)]
+mod sim;
 mod stun;
 mod supervise;
 mod tun_device;

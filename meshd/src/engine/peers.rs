@@ -7,17 +7,40 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::ops::Range;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use boringtun::noise::Tunn;
+use boringtun::noise::errors::WireGuardError;
+use boringtun::noise::{Tunn, TunnResult};
 use platform::disco::{ReplayWindow, SharedKey};
 use platform::keys::{DiscoPrivate, DiscoPublic, NodePrivate, NodePublic};
 use platform::netmap::NetMap;
 
-use crate::paths::PathMachine;
+use crate::paths::{Out, PathMachine};
 pub use crate::paths::{Path, Targets};
+
+use super::disco::Via;
+
+/// Where a result landed in an output buffer (boringtun hands back a slice
+/// of it).
+pub(super) fn range_in(base: usize, part: &[u8]) -> Range<usize> {
+    let start = part.as_ptr() as usize - base;
+    start..start + part.len()
+}
+
+/// What decrypting one datagram from a peer gave.
+#[derive(Debug)]
+pub(super) enum Decapsulated {
+    /// A protocol message to send back (in the output buffer), and where.
+    Network(Range<usize>, Targets),
+    /// A packet for this device from overlay address `src`; empty for a
+    /// keepalive.
+    Tunnel(Range<usize>, IpAddr),
+    Done,
+    Error(WireGuardError),
+}
 
 /// WireGuard message type of a handshake initiation.
 pub(super) const HANDSHAKE_INIT: u8 = 1;
@@ -91,6 +114,119 @@ impl Rehandshake {
 }
 
 impl PeerState {
+    /// Encrypts `packet` (an IP packet from this device) into `out`.
+    /// Returns the datagram's place in `out` and where it goes; `None`
+    /// when it was queued behind a handshake that is under way. Disco
+    /// messages to send meanwhile (looking for a direct path) land in
+    /// `outs`.
+    pub(super) fn encrypt(
+        &mut self,
+        packet: &[u8],
+        out: &mut [u8],
+        now: Instant,
+        outs: &mut Vec<Out>,
+    ) -> Result<Option<(Range<usize>, Targets)>, WireGuardError> {
+        self.paths.note_activity(now);
+        if self.paths.direct(now).is_none() {
+            // Look for a direct path now, not at the next tick.
+            self.paths.poll(now, outs);
+        }
+        let base = out.as_ptr() as usize;
+        let range = match self.tunn.encapsulate(packet, out) {
+            TunnResult::WriteToNetwork(d) => range_in(base, d),
+            TunnResult::Err(e) => return Err(e),
+            _ => return Ok(None),
+        };
+        if out[range.start] == HANDSHAKE_INIT {
+            self.initiation_sent(now);
+        }
+        let targets = self.targets_for(&out[range.clone()], now);
+        Ok(Some((range, targets)))
+    }
+
+    /// Decrypts one datagram that came `via` somewhere into `out`; an
+    /// empty `datagram` flushes packets queued while a handshake was in
+    /// flight (call again until [`Decapsulated::Done`]). Disco messages to
+    /// send (probing where the peer's packets come from) land in `outs`.
+    pub(super) fn decrypt(
+        &mut self,
+        datagram: &[u8],
+        via: Via,
+        out: &mut [u8],
+        now: Instant,
+        outs: &mut Vec<Out>,
+    ) -> Decapsulated {
+        let src_ip = match via {
+            Via::Udp(addr) => Some(addr.ip()),
+            Via::Relay(_) => None,
+        };
+        let base = out.as_ptr() as usize;
+        let outcome = match self.tunn.decapsulate(src_ip, datagram, out) {
+            TunnResult::Done => Decapsulated::Done,
+            TunnResult::WriteToNetwork(d) => {
+                let range = range_in(base, d);
+                let targets = match via {
+                    Via::Udp(from) => self.paths.reply_targets(from, now),
+                    Via::Relay(region) => Targets {
+                        relay: Some(region),
+                        ..Targets::default()
+                    },
+                };
+                Decapsulated::Network(range, targets)
+            }
+            TunnResult::WriteToTunnelV4(d, src) => {
+                Decapsulated::Tunnel(range_in(base, d), src.into())
+            }
+            TunnResult::WriteToTunnelV6(d, src) => {
+                Decapsulated::Tunnel(range_in(base, d), src.into())
+            }
+            TunnResult::Err(e) => Decapsulated::Error(e),
+        };
+        let authenticated = !datagram.is_empty()
+            && matches!(
+                outcome,
+                Decapsulated::Network(..) | Decapsulated::Tunnel(..)
+            );
+        if authenticated {
+            self.answered();
+            match via {
+                Via::Udp(from) => self.paths.heard_direct(from, now, outs),
+                Via::Relay(region) => self.paths.heard_via_relay(region),
+            }
+        }
+        if matches!(&outcome, Decapsulated::Tunnel(range, _) if !range.is_empty()) {
+            // Real traffic (not a keepalive): keep looking after the path.
+            self.paths.note_activity(now);
+        }
+        outcome
+    }
+
+    /// One timer tick: path upkeep (disco messages land in `outs`) and
+    /// WireGuard's timers. Returns a datagram to send (a handshake or
+    /// keepalive) in `buf`, and where.
+    pub(super) fn tick(
+        &mut self,
+        now: Instant,
+        buf: &mut [u8],
+        outs: &mut Vec<Out>,
+    ) -> Option<(Range<usize>, Targets)> {
+        self.paths.expire(now);
+        self.paths.poll(now, outs);
+        let base = buf.as_ptr() as usize;
+        let result = if self.rehandshake_due(now) {
+            // After a node-key change: don't wait out WireGuard's 5 s retry.
+            self.tunn.format_handshake_initiation(buf, true)
+        } else {
+            self.tunn.update_timers(buf)
+        };
+        let range = match result {
+            TunnResult::WriteToNetwork(d) => range_in(base, d),
+            _ => return None,
+        };
+        let targets = self.targets_for(&buf[range.clone()], now);
+        Some((range, targets))
+    }
+
     /// Where to send `packet`; a handshake initiation with nowhere to go
     /// is remembered, to be sent again once the peer has a route.
     pub fn targets_for(&mut self, packet: &[u8], now: Instant) -> Targets {
