@@ -482,6 +482,49 @@ impl Host {
         .map(drop)
     }
 
+    /// Drops UDP that this host (a router) forwards to `to`, or stops
+    /// dropping it: a path that dies in one direction only.
+    pub fn cut_udp_to(&self, to: Ipv4Addr, cut: bool) -> anyhow::Result<()> {
+        let table = format!("crank_cut_{}", to.to_string().replace('.', "_"));
+        if !cut {
+            return self
+                .run("nft", &["delete", "table", "inet", &table])
+                .map(drop);
+        }
+        let rules = format!(
+            "table inet {table} {{\n\
+               chain cut {{ type filter hook forward priority 0; ip daddr {to} meta l4proto udp drop; }}\n\
+             }}\n"
+        );
+        self.run(
+            "bash",
+            &["-c", &format!("printf '%s' '{rules}' | nft -f -")],
+        )
+        .map(drop)
+    }
+
+    /// Pings `target` 20 times a second for `secs` seconds in a thread;
+    /// the thread returns when each answer came (seconds since the epoch).
+    pub fn ping_stream(
+        &self,
+        target: &str,
+        secs: u32,
+    ) -> std::thread::JoinHandle<anyhow::Result<Vec<f64>>> {
+        let (ns, target) = (self.ns.clone(), target.to_owned());
+        std::thread::spawn(move || {
+            // Lost answers make ping exit non-zero: read its output anyway.
+            let out = Command::new("ip")
+                .args(["netns", "exec", &ns, "ping", "-D", "-n", "-i", "0.05"])
+                .args(["-w", &secs.to_string(), &target])
+                .output()?;
+            Ok(String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter(|l| l.contains("bytes from"))
+                .filter_map(|l| l.strip_prefix('[')?.split(']').next()?.parse().ok())
+                .collect())
+        })
+    }
+
     /// One ping to `target` with a one-second wait.
     pub fn ping(&self, target: &str) -> bool {
         self.succeeds("ping", &["-c", "1", "-W", "1", target])
@@ -565,6 +608,25 @@ pub fn fake_power_supply(root: &Path, on_ac: bool) -> anyhow::Result<()> {
     std::fs::create_dir_all(root.join("proc"))?;
     std::fs::copy("/proc/meminfo", root.join("proc/meminfo"))?;
     Ok(())
+}
+
+/// The longest time without an answer in `answers` (seconds since the
+/// epoch) between `from` and `to`.
+pub fn longest_gap(answers: &[f64], from: f64, to: f64) -> f64 {
+    let mut last = from;
+    let mut gap: f64 = 0.0;
+    for &t in answers.iter().filter(|t| **t >= from && **t <= to) {
+        gap = gap.max(t - last);
+        last = t;
+    }
+    gap.max(to - last)
+}
+
+/// Seconds since the epoch, as `ping -D` prints them.
+pub fn epoch_secs() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// Polls `cond` every 50 ms until it holds or `timeout` passes.

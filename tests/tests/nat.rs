@@ -3,7 +3,10 @@
 
 use std::time::{Duration, Instant};
 
-use crank_e2e::{bin, iperf_stream, run_lab, serve_http, transfer, wait_until, Device, Nat, Relay};
+use crank_e2e::{
+    bin, epoch_secs, iperf_stream, longest_gap, run_lab, serve_http, transfer, wait_until, Device,
+    Nat, Relay,
+};
 use serde_json::Value;
 
 fn path_to(d: &Device, peer: &str) -> String {
@@ -78,6 +81,68 @@ fn both_behind_nat_relay_first_then_direct_within_two_seconds() {
             path_to(&alpha, "beta").starts_with("direct"),
             "fell off the direct path"
         );
+        Ok(())
+    });
+}
+
+#[test]
+fn a_direct_path_that_dies_either_way_fails_over_to_the_relay_within_seven_seconds() {
+    run_lab(|lab| {
+        let (coord, _relay) = lab.coordinator_and_relay()?;
+        let (ra, a) = lab.host_behind_nat("alpha", 21, Nat::EndpointIndependent)?;
+        let (rb, b) = lab.host_behind_nat("beta", 22, Nat::EndpointIndependent)?;
+        let alpha = Device::start(lab, a)?;
+        let beta = Device::start(lab, b)?;
+        alpha.up(&coord)?;
+        beta.up(&coord)?;
+        on_home_relay(&alpha)?;
+        on_home_relay(&beta)?;
+        let (b4, _) = beta.overlay()?;
+        let both_direct = || {
+            path_to(&alpha, "beta").starts_with("direct")
+                && path_to(&beta, "alpha").starts_with("direct")
+        };
+        // Each cut: UDP from one NAT's public address to the other's is
+        // dropped by the sending router (alpha's NAT is 10.99.0.21, beta's
+        // 10.99.0.22), while a 20 Hz ping runs from alpha.
+        let cuts: [(&str, &[(&crank_e2e::Host, &str)]); 3] = [
+            ("both ways", &[(&ra, "10.99.0.22"), (&rb, "10.99.0.21")]),
+            ("alpha → beta only", &[(&ra, "10.99.0.22")]),
+            ("beta → alpha only", &[(&rb, "10.99.0.21")]),
+        ];
+        for (what, routers) in cuts {
+            wait_until(Duration::from_secs(10), "a direct path", || {
+                alpha.host.ping(&b4);
+                both_direct()
+            })?;
+            let pings = alpha.host.ping_stream(&b4, 14);
+            std::thread::sleep(Duration::from_secs(2));
+            let cut = epoch_secs();
+            for (router, to) in routers {
+                router.cut_udp_to(to.parse()?, true)?;
+            }
+            let answers = pings
+                .join()
+                .map_err(|_| anyhow::anyhow!("ping thread panicked"))??;
+            let end = epoch_secs();
+            let outage = longest_gap(&answers, cut, end);
+            eprintln!("{what}: outage {outage:.2} s");
+            anyhow::ensure!(outage <= 7.0, "{what}: no answer for {outage:.2} s");
+            // Packets still arriving one way do not bring the dead path back.
+            anyhow::ensure!(
+                path_to(&alpha, "beta") == "relay lab" && path_to(&beta, "alpha") == "relay lab",
+                "{what}: paths {} / {}",
+                path_to(&alpha, "beta"),
+                path_to(&beta, "alpha")
+            );
+            for (router, to) in routers {
+                router.cut_udp_to(to.parse()?, false)?;
+            }
+        }
+        wait_until(Duration::from_secs(10), "direct again once healed", || {
+            alpha.host.ping(&b4);
+            both_direct()
+        })?;
         Ok(())
     });
 }
