@@ -22,6 +22,7 @@ pub mod admission;
 mod datapath;
 mod disco;
 mod early;
+pub mod offload;
 pub mod filter;
 mod peers;
 mod relays;
