@@ -905,6 +905,7 @@ impl Daemon {
             peers: Vec::new(),
             counters: Default::default(),
             pairing: self.live_pairing(),
+            offloads: None,
         };
         let Some(s) = session.as_ref() else {
             return status;
@@ -919,6 +920,7 @@ impl Daemon {
         };
         status.backend = BackendState::Running;
         status.counters = engine.counters();
+        status.offloads = Some(engine.offloads());
         let now = platform::unix_now();
         // The key in use: the netmap may not show a rotation yet.
         let node_key = self.keys.current().node.public();

@@ -403,6 +403,9 @@ pub struct Status {
     /// MagicDNS, while it serves (or why it does not).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns: Option<crate::dns::service::DnsStatus>,
+    /// The data plane's kernel offloads, while the engine runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offloads: Option<crate::engine::offload::Offloads>,
 }
 
 /// Sends a request whose answer is the daemon's status.
@@ -489,6 +492,7 @@ mod tests {
             counters: CounterSnapshot::default(),
             pairing: None,
             dns: None,
+            offloads: None,
         }
     }
 

@@ -71,6 +71,10 @@ enum Command {
         /// state dir and put back on `down` and on stop).
         #[arg(long, env = "MESHD_RESOLV_CONF", default_value = "/etc/resolv.conf")]
         resolv_conf: PathBuf,
+        /// The kernel's TUN offloads (checksum, TCP/UDP segmentation): on
+        /// where the kernel has them, or off.
+        #[arg(long, env = "MESHD_TUN_OFFLOADS", default_value = "on", value_parser = parse_on_off)]
+        tun_offloads: bool,
     },
     /// Offer this device's compute to the network, or stop.
     #[command(subcommand)]
@@ -166,6 +170,9 @@ enum Command {
         address: platform::addr::IpPrefix,
         #[arg(long, default_value_t = engine::DEFAULT_MTU)]
         mtu: u16,
+        /// The kernel's TUN offloads: on where the kernel has them, or off.
+        #[arg(long, env = "MESHD_TUN_OFFLOADS", default_value = "on", value_parser = parse_on_off)]
+        tun_offloads: bool,
         /// PUBLIC_KEY,ENDPOINT,ALLOWED_IP[+ALLOWED_IP…] (repeatable).
         #[arg(long = "peer", required = true)]
         peers: Vec<static_tunnel::StaticPeer>,
@@ -214,6 +221,14 @@ enum ModelsCmd {
         )]
         dir: PathBuf,
     },
+}
+
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        other => Err(format!("{other:?}: on or off")),
+    }
 }
 
 fn parse_dns_mode(s: &str) -> Result<meshd::dns::OsDnsMode, String> {
@@ -285,6 +300,7 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
             gateway,
             dns_mode,
             resolv_conf,
+            tun_offloads,
         } => {
             let gateway = match gateway.as_str() {
                 "off" | "" => None,
@@ -309,6 +325,7 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
                     tun: TunConfig {
                         name: tun,
                         mtu: engine::DEFAULT_MTU,
+                        offloads: tun_offloads,
                     },
                     udp_port: port,
                     compute,
@@ -325,11 +342,16 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
             port,
             address,
             mtu,
+            tun_offloads,
             peers,
         } => {
             static_tunnel::run(
                 &private_key_file,
-                TunConfig { name: tun, mtu },
+                TunConfig {
+                    name: tun,
+                    mtu,
+                    offloads: tun_offloads,
+                },
                 port,
                 address,
                 peers,

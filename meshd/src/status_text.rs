@@ -600,6 +600,7 @@ mod tests {
             counters: Default::default(),
             pairing: None,
             dns: None,
+            offloads: None,
         }
     }
 

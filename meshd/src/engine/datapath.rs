@@ -15,16 +15,22 @@ use tokio::sync::mpsc;
 
 use super::admission::{admit, Admission, CookieReplyBudget, Refused, COOKIE_REPLY_LEN};
 use super::disco::{self, Via};
+use super::offload::{self, Prepared, VnetHdr, PLAIN_HDR, VNET_HDR_LEN};
 use super::peers::{Decapsulated, Peer, PeerTable, Targets, HANDSHAKE_INIT};
 use super::udp::RecvBatch;
 use super::{bump, filter, Counters, Shared, BUF_SIZE, TIMER_TICK};
 use crate::paths::Out;
 
 /// Encrypts packets read from the TUN device and sends them to their peer.
+/// With offloads on, each read starts with a virtio-net header and may be
+/// a TCP or UDP super-packet, split here into MTU-sized packets.
 pub(super) async fn tun_to_peers(shared: Arc<Shared>) {
-    let mut inbuf = vec![0u8; BUF_SIZE];
+    let mut inbuf = vec![0u8; BUF_SIZE + VNET_HDR_LEN];
     let mut outbuf = vec![0u8; BUF_SIZE];
     let mut outs: Vec<Out> = Vec::new();
+    let mut scratch: Vec<u8> = Vec::with_capacity(2 * BUF_SIZE);
+    let mut segments = Vec::with_capacity(offload::MAX_SEGMENTS);
+    let vnet = shared.offloads.vnet_hdr;
     loop {
         let n = match shared.tun.recv(&mut inbuf).await {
             Ok(n) => n,
@@ -33,35 +39,62 @@ pub(super) async fn tun_to_peers(shared: Arc<Shared>) {
                 return;
             }
         };
-        let packet = &inbuf[..n];
-        let Some(dst) = Tunn::dst_address(packet) else {
-            bump(&shared.counters.drop_malformed);
-            continue;
-        };
-        let table = shared.peers.load();
-        let Some(peer) = table.by_ip.get(&dst) else {
-            tracing::trace!(%dst, "no peer has this address");
-            bump(&shared.counters.drop_no_route);
-            continue;
-        };
-        let now = Instant::now();
-        if !shared.filter.outbound(packet, now) {
-            bump(&shared.counters.filter_flows_full);
-        }
-        outs.clear();
-        let sealed = peer.lock().encrypt(packet, &mut outbuf, now, &mut outs);
-        if !outs.is_empty() {
-            disco::send_outs(&shared, peer, &outs).await;
-        }
-        match sealed {
-            Ok(Some((range, targets))) => {
-                send_to_peer(&shared, &peer.node_key, &outbuf[range], targets).await;
-                bump(&shared.counters.tx_packets);
+        let (hdr, packet) = if vnet {
+            match VnetHdr::parse(&inbuf[..n]) {
+                Some(hdr) => (hdr, &mut inbuf[VNET_HDR_LEN..n]),
+                None => {
+                    bump(&shared.counters.drop_tun_malformed);
+                    continue;
+                }
             }
-            // Queued until the handshake completes.
-            Ok(None) => {}
-            Err(e) => tracing::trace!(error = ?e, "encapsulate"),
+        } else {
+            (VnetHdr::default(), &mut inbuf[..n])
+        };
+        match offload::prepare(&hdr, packet, &mut scratch, &mut segments) {
+            Ok(Prepared::Whole) => seal_and_send(&shared, packet, &mut outbuf, &mut outs).await,
+            Ok(Prepared::Split) => {
+                bump(&shared.counters.tun_super_packets);
+                for range in &segments {
+                    seal_and_send(&shared, &scratch[range.clone()], &mut outbuf, &mut outs).await;
+                }
+            }
+            Err(why) => {
+                tracing::trace!(?why, "TUN offload header");
+                bump(&shared.counters.drop_tun_malformed);
+            }
         }
+    }
+}
+
+/// Encrypts one IP packet from this device for its peer and sends it.
+async fn seal_and_send(shared: &Shared, packet: &[u8], outbuf: &mut [u8], outs: &mut Vec<Out>) {
+    let Some(dst) = Tunn::dst_address(packet) else {
+        bump(&shared.counters.drop_malformed);
+        return;
+    };
+    let table = shared.peers.load();
+    let Some(peer) = table.by_ip.get(&dst) else {
+        tracing::trace!(%dst, "no peer has this address");
+        bump(&shared.counters.drop_no_route);
+        return;
+    };
+    let now = Instant::now();
+    if !shared.filter.outbound(packet, now) {
+        bump(&shared.counters.filter_flows_full);
+    }
+    outs.clear();
+    let sealed = peer.lock().encrypt(packet, outbuf, now, outs);
+    if !outs.is_empty() {
+        disco::send_outs(shared, peer, outs).await;
+    }
+    match sealed {
+        Ok(Some((range, targets))) => {
+            send_to_peer(shared, &peer.node_key, &outbuf[range], targets).await;
+            bump(&shared.counters.tx_packets);
+        }
+        // Queued until the handshake completes.
+        Ok(None) => {}
+        Err(e) => tracing::trace!(error = ?e, "encapsulate"),
     }
 }
 
@@ -146,15 +179,23 @@ fn session_peer(counters: &Counters, table: &PeerTable, receiver_index: u32) -> 
 
 /// Decrypts one datagram from `peer` and delivers what comes out: packets to
 /// the TUN device, protocol replies back the way the datagram came.
-async fn receive(shared: &Shared, peer: &Peer, datagram: &[u8], via: Via, outbuf: &mut [u8]) {
+async fn receive(shared: &Shared, peer: &Peer, datagram: &[u8], via: Via, buf: &mut [u8]) {
+    // Packets for the TUN device are decrypted past room for the virtio-net
+    // header, which is then written in front of them: no copy.
+    let room = if shared.offloads.vnet_hdr {
+        VNET_HDR_LEN
+    } else {
+        0
+    };
     let mut datagram = datagram;
     let mut outs: Vec<Out> = Vec::new();
     // The first call decrypts; repeated calls with an empty datagram flush
     // packets queued while the handshake was in flight.
     loop {
-        let outcome = peer
-            .lock()
-            .decrypt(datagram, via, outbuf, Instant::now(), &mut outs);
+        let outcome =
+            peer.lock()
+                .decrypt(datagram, via, &mut buf[room..], Instant::now(), &mut outs);
+        let outbuf = &mut buf[room..];
         if !outs.is_empty() {
             disco::send_outs(shared, peer, &outs).await;
             outs.clear();
@@ -189,7 +230,10 @@ async fn receive(shared: &Shared, peer: &Peer, datagram: &[u8], via: Via, outbuf
                     tracing::trace!(%src, reason = ?why, "filtered");
                     return;
                 }
-                if let Err(e) = shared.tun.send(&outbuf[range]).await {
+                // In `buf`, the header goes just before the packet.
+                let start = range.start;
+                buf[start..start + room].copy_from_slice(&PLAIN_HDR[..room]);
+                if let Err(e) = shared.tun.send(&buf[start..room + range.end]).await {
                     tracing::debug!(error = %e, "TUN write");
                 }
                 bump(&shared.counters.rx_packets);

@@ -22,8 +22,8 @@ pub mod admission;
 mod datapath;
 mod disco;
 mod early;
-pub mod offload;
 pub mod filter;
+pub mod offload;
 mod peers;
 mod relays;
 #[cfg(test)]
@@ -83,6 +83,8 @@ pub struct Counters {
     pub drop_filter_not_for_us: AtomicU64,
     pub drop_filter_malformed: AtomicU64,
     pub filter_flows_full: AtomicU64,
+    pub drop_tun_malformed: AtomicU64,
+    pub tun_super_packets: AtomicU64,
 }
 
 /// A snapshot of [`Counters`].
@@ -126,6 +128,12 @@ pub struct CounterSnapshot {
     /// Flows this device started that the flow table had no room for.
     #[serde(default)]
     pub filter_flows_full: u64,
+    /// Packets from the TUN device whose offload header did not fit them.
+    #[serde(default)]
+    pub drop_tun_malformed: u64,
+    /// Super-packets from the TUN device split into segments (TSO/USO).
+    #[serde(default)]
+    pub tun_super_packets: u64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -157,6 +165,8 @@ impl Counters {
             drop_filter_not_for_us: l(&self.drop_filter_not_for_us),
             drop_filter_malformed: l(&self.drop_filter_malformed),
             filter_flows_full: l(&self.filter_flows_full),
+            drop_tun_malformed: l(&self.drop_tun_malformed),
+            tun_super_packets: l(&self.tun_super_packets),
         }
     }
 }
@@ -224,6 +234,9 @@ struct Shared {
     indices: IndexAllocator,
     udp: Arc<UdpPort>,
     tun: ::tun::AsyncDevice,
+    /// What the TUN device offloads; packets carry a virtio-net header
+    /// when `offloads.vnet_hdr`.
+    offloads: offload::Offloads,
     counters: Counters,
     relays: relays::Relays,
     stun: stun::StunProbe,
@@ -305,7 +318,7 @@ impl Engine {
         udp: Arc<UdpPort>,
     ) -> anyhow::Result<Engine> {
         let addresses = &netmap.self_node.addresses;
-        let device = tun_device::create(tun, addresses, &netmap.routes).await?;
+        let (device, offloads) = tun_device::create(tun, addresses, &netmap.routes).await?;
         let identity = Identity::new(private);
         // Random, so that a restarted engine does not reuse the indices its
         // previous instance handed out.
@@ -322,6 +335,7 @@ impl Engine {
             indices: IndexAllocator::new(start_index),
             udp,
             tun: device,
+            offloads,
             counters: Counters::default(),
             handshakes: handshake_tx,
             early: std::sync::Mutex::default(),
@@ -527,6 +541,11 @@ impl Engine {
         // Traffic to ping counts as use: discovery runs meanwhile.
         peer.lock().paths.note_activity(now);
         Ok(PendingPing(reply))
+    }
+
+    /// What the TUN device offloads.
+    pub fn offloads(&self) -> offload::Offloads {
+        self.shared.offloads
     }
 
     /// The last address STUN reported for this engine's socket.

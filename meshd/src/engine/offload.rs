@@ -11,6 +11,25 @@
 
 use std::ops::Range;
 
+use serde::{Deserialize, Serialize};
+
+/// Which offloads the TUN device has on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Offloads {
+    /// Packets carry a virtio-net header (`IFF_VNET_HDR`).
+    pub vnet_hdr: bool,
+    /// The kernel may hand over packets with partial checksums.
+    pub checksum: bool,
+    /// TCP super-packets (TSO, IPv4 and IPv6).
+    pub tso: bool,
+    /// UDP super-packets (USO, IPv4 and IPv6; Linux 6.2 and later).
+    pub uso: bool,
+}
+
+/// The virtio-net header written in front of every packet for the TUN
+/// device: no offload asked, the checksums are already whole.
+pub const PLAIN_HDR: [u8; VNET_HDR_LEN] = [0; VNET_HDR_LEN];
+
 /// Size of `struct virtio_net_hdr` (without `num_buffers`).
 pub const VNET_HDR_LEN: usize = 10;
 
@@ -372,7 +391,10 @@ mod tests {
     #[test]
     fn udp_super_packets_split_with_lengths_and_checksums() {
         let data = pattern(3000);
-        for (packet, l4) in [(ipv4(UDP, &udp(&data)), 20u16), (ipv6(UDP, &udp(&data)), 40)] {
+        for (packet, l4) in [
+            (ipv4(UDP, &udp(&data)), 20u16),
+            (ipv6(UDP, &udp(&data)), 40),
+        ] {
             let segs = split_all(gso(GSO_UDP_L4, l4, 1200), packet).unwrap();
             assert_eq!(segs.len(), 3);
             let mut joined = Vec::new();
@@ -388,7 +410,10 @@ mod tests {
 
     #[test]
     fn partial_checksums_are_finished_in_place() {
-        for mut packet in [ipv4(TCP, &tcp(&pattern(333), 0x18)), ipv4(UDP, &udp(&pattern(77)))] {
+        for mut packet in [
+            ipv4(TCP, &tcp(&pattern(333), 0x18)),
+            ipv4(UDP, &udp(&pattern(77))),
+        ] {
             let proto = packet[9];
             let at = if proto == TCP { 36 } else { 26 };
             let len = packet.len() - 20;
@@ -416,7 +441,11 @@ mod tests {
             (gso(GSO_UDP_L4, 20, 1400), good.clone(), Malformed::GsoType),
             (gso(3, 20, 1400), good.clone(), Malformed::GsoType),
             (gso(GSO_TCPV4, 24, 1400), good.clone(), Malformed::Truncated),
-            (gso(GSO_TCPV4, 20, 1400), good[..30].to_vec(), Malformed::Truncated),
+            (
+                gso(GSO_TCPV4, 20, 1400),
+                good[..30].to_vec(),
+                Malformed::Truncated,
+            ),
             (
                 VnetHdr {
                     flags: F_NEEDS_CSUM,
