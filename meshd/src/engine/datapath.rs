@@ -17,7 +17,7 @@ use super::admission::{admit, Admission, CookieReplyBudget, Refused, COOKIE_REPL
 use super::disco::{self, Via};
 use super::offload::{self, Prepared, VnetHdr, PLAIN_HDR, VNET_HDR_LEN};
 use super::peers::{Decapsulated, Peer, PeerTable, Targets, HANDSHAKE_INIT};
-use super::udp::RecvBatch;
+use super::udp::{RecvBatch, MAX_GSO_BYTES, MAX_GSO_SEGMENTS};
 use super::{bump, filter, Counters, Shared, BUF_SIZE, TIMER_TICK};
 use crate::paths::Out;
 
@@ -30,6 +30,7 @@ pub(super) async fn tun_to_peers(shared: Arc<Shared>) {
     let mut outs: Vec<Out> = Vec::new();
     let mut scratch: Vec<u8> = Vec::with_capacity(2 * BUF_SIZE);
     let mut segments = Vec::with_capacity(offload::MAX_SEGMENTS);
+    let mut batch = SendBatch::new();
     let vnet = shared.offloads.vnet_hdr;
     loop {
         let n = match shared.tun.recv(&mut inbuf).await {
@@ -55,8 +56,9 @@ pub(super) async fn tun_to_peers(shared: Arc<Shared>) {
             Ok(Prepared::Split) => {
                 bump(&shared.counters.tun_super_packets);
                 for range in &segments {
-                    seal_and_send(&shared, &scratch[range.clone()], &mut outbuf, &mut outs).await;
+                    seal_into_batch(&shared, &scratch[range.clone()], &mut batch, &mut outs).await;
                 }
+                batch.flush(&shared).await;
             }
             Err(why) => {
                 tracing::trace!(?why, "TUN offload header");
@@ -95,6 +97,141 @@ async fn seal_and_send(shared: &Shared, packet: &[u8], outbuf: &mut [u8], outs: 
         // Queued until the handshake completes.
         Ok(None) => {}
         Err(e) => tracing::trace!(error = ?e, "encapsulate"),
+    }
+}
+
+/// Encrypted datagrams for one destination, sent with one system call
+/// (UDP segmentation offload): the segments of one TUN super-packet.
+struct SendBatch {
+    buf: Vec<u8>,
+    len: usize,
+    segment: usize,
+    count: usize,
+    to: Option<SocketAddr>,
+    /// A datagram shorter than `segment` ended the batch.
+    closed: bool,
+}
+
+impl SendBatch {
+    fn new() -> Self {
+        SendBatch {
+            buf: vec![0u8; MAX_GSO_BYTES + BUF_SIZE],
+            len: 0,
+            segment: 0,
+            count: 0,
+            to: None,
+            closed: false,
+        }
+    }
+
+    /// Takes a datagram of `n` bytes for `to` that was sealed at `len`.
+    fn fits(&self, n: usize, to: SocketAddr) -> bool {
+        self.count == 0
+            || (self.to == Some(to)
+                && !self.closed
+                && n <= self.segment
+                && self.count < MAX_GSO_SEGMENTS
+                && self.len + n <= MAX_GSO_BYTES)
+    }
+
+    fn take(&mut self, n: usize, to: SocketAddr) {
+        if self.count == 0 {
+            self.segment = n;
+            self.to = Some(to);
+        }
+        self.closed = n < self.segment;
+        self.len += n;
+        self.count += 1;
+    }
+
+    async fn flush(&mut self, shared: &Shared) {
+        if let (Some(to), true) = (self.to, self.count > 0) {
+            if let Err(e) = shared
+                .udp
+                .send_segments(&self.buf[..self.len], self.segment, to)
+                .await
+            {
+                tracing::trace!(error = %e, %to, "send");
+                bump(&shared.counters.drop_send_failed);
+            }
+        }
+        self.len = 0;
+        self.count = 0;
+        self.to = None;
+        self.closed = false;
+    }
+}
+
+/// Encrypts one IP packet straight into `batch` and adds it there when it
+/// goes to a single direct endpoint (the batch is sent first when it
+/// cannot take it); anything else (relayed, a handshake to several
+/// endpoints) goes out at once, after the batch.
+async fn seal_into_batch(
+    shared: &Shared,
+    packet: &[u8],
+    batch: &mut SendBatch,
+    outs: &mut Vec<Out>,
+) {
+    let Some(dst) = Tunn::dst_address(packet) else {
+        bump(&shared.counters.drop_malformed);
+        return;
+    };
+    let table = shared.peers.load();
+    let Some(peer) = table.by_ip.get(&dst) else {
+        bump(&shared.counters.drop_no_route);
+        return;
+    };
+    let now = Instant::now();
+    if !shared.filter.outbound(packet, now) {
+        bump(&shared.counters.filter_flows_full);
+    }
+    outs.clear();
+    let at = batch.len;
+    let sealed = peer.lock().encrypt(packet, &mut batch.buf[at..], now, outs);
+    if !outs.is_empty() {
+        disco::send_outs(shared, peer, outs).await;
+    }
+    let (range, targets) = match sealed {
+        Ok(Some(sealed)) => sealed,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::trace!(error = ?e, "encapsulate");
+            return;
+        }
+    };
+    bump(&shared.counters.tx_packets);
+    let (start, n) = (at + range.start, range.len());
+    let single = match targets {
+        Targets {
+            direct: Some(to),
+            relay: None,
+            also: [None, None, None],
+        } => Some(to),
+        _ => None,
+    };
+    match single {
+        Some(to) => {
+            if !batch.fits(n, to) {
+                batch.flush(shared).await;
+            }
+            // Where the batch's next datagram belongs (0 after a flush).
+            let end = batch.len;
+            if end != start {
+                batch.buf.copy_within(start..start + n, end);
+            }
+            batch.take(n, to);
+        }
+        None => {
+            // Flushing leaves the bytes past the batch as they are.
+            batch.flush(shared).await;
+            send_to_peer(
+                shared,
+                &peer.node_key,
+                &batch.buf[start..start + n],
+                targets,
+            )
+            .await;
+        }
     }
 }
 

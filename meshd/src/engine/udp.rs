@@ -1,11 +1,13 @@
 //! The one UDP socket of the engine: dual-stack where the host allows it.
 //!
-//! A leaf module with the engine's only `unsafe`: `recvmmsg(2)`, which
-//! neither tokio nor socket2 offers.
+//! A leaf module with `unsafe`: `recvmmsg(2)` and `sendmsg(2)` with a
+//! `UDP_SEGMENT` control message (GSO), which neither tokio nor socket2
+//! offers.
 #![allow(unsafe_code)]
 
 use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::Interest;
@@ -16,7 +18,17 @@ pub struct UdpPort {
     /// Bound to `[::]` with IPv4 mapped in; else IPv4 only.
     dual_stack: bool,
     port: u16,
+    /// Segmentation offload on send (`UDP_SEGMENT`) works here; cleared
+    /// for good the first time the kernel refuses it.
+    gso: AtomicBool,
 }
+
+/// `UDP_SEGMENT` (linux/udp.h).
+const UDP_SEGMENT: libc::c_int = 103;
+/// The kernel's cap on segments in one GSO send.
+pub const MAX_GSO_SEGMENTS: usize = 64;
+/// One send carries at most this many bytes (UDP's length field).
+pub const MAX_GSO_BYTES: usize = 65_535 - 8 - 40;
 
 /// Socket buffers large enough for bursts at line rate.
 const SOCKET_BUFFER: usize = 4 << 20;
@@ -56,7 +68,63 @@ impl UdpPort {
             socket,
             dual_stack,
             port,
+            gso: AtomicBool::new(true),
         })
+    }
+
+    /// Whether sends still use segmentation offload.
+    pub fn gso(&self) -> bool {
+        self.gso.load(Ordering::Relaxed)
+    }
+
+    fn wire_target(&self, target: SocketAddr) -> SocketAddr {
+        match target {
+            SocketAddr::V4(v4) if self.dual_stack => {
+                SocketAddr::V6(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0))
+            }
+            other => other,
+        }
+    }
+
+    /// Sends `buf`, datagrams of `segment` bytes back to back (the last
+    /// may be shorter), to `target` with as few system calls as the kernel
+    /// allows: one with segmentation offload, else one per datagram. A
+    /// kernel or device that refuses offload (`EIO`: no checksum offload
+    /// on the way out; `EINVAL`, `ENOPROTOOPT`: no GSO) turns it off for
+    /// good and the batch goes out one by one.
+    pub async fn send_segments(
+        &self,
+        buf: &[u8],
+        segment: usize,
+        target: SocketAddr,
+    ) -> io::Result<()> {
+        if buf.len() > segment && self.gso() {
+            let to = socket2::SockAddr::from(self.wire_target(target));
+            let sent = self
+                .socket
+                .async_io(Interest::WRITABLE, || {
+                    use std::os::fd::AsRawFd as _;
+                    send_gso(self.socket.as_raw_fd(), buf, segment, &to)
+                })
+                .await;
+            match sent {
+                Ok(()) => return Ok(()),
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EIO | libc::EINVAL | libc::ENOPROTOOPT | libc::EOPNOTSUPP)
+                    ) =>
+                {
+                    tracing::info!(error = %e, "UDP segmentation offload refused; sending datagrams one by one");
+                    self.gso.store(false, Ordering::Relaxed);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        for d in buf.chunks(segment.max(1)) {
+            self.send_to(d, target).await?;
+        }
+        Ok(())
     }
 
     pub fn port(&self) -> u16 {
@@ -64,13 +132,7 @@ impl UdpPort {
     }
 
     pub async fn send_to(&self, buf: &[u8], target: SocketAddr) -> io::Result<usize> {
-        let target = match target {
-            SocketAddr::V4(v4) if self.dual_stack => {
-                SocketAddr::V6(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0))
-            }
-            other => other,
-        };
-        self.socket.send_to(buf, target).await
+        self.socket.send_to(buf, self.wire_target(target)).await
     }
 
     /// Receives as many waiting datagrams as `batch` holds (at least one)
@@ -88,6 +150,52 @@ impl UdpPort {
             }
         }
     }
+}
+
+/// One `sendmsg(2)` of `buf` as datagrams of `segment` bytes, without
+/// waiting; `WouldBlock` when the socket buffer is full.
+fn send_gso(
+    fd: std::os::fd::RawFd,
+    buf: &[u8],
+    segment: usize,
+    to: &socket2::SockAddr,
+) -> io::Result<()> {
+    let segment =
+        u16::try_from(segment).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // A cmsghdr and one u16, aligned as the kernel reads it.
+    #[repr(C, align(8))]
+    struct Control([u8; 32]);
+    let mut control = Control([0; 32]);
+    let mut iov = libc::iovec {
+        iov_base: buf.as_ptr() as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    // SAFETY: all-zero is a valid msghdr (null pointers, zero lengths).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_name = to.as_ptr() as *mut libc::c_void;
+    msg.msg_namelen = to.len();
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.0.as_mut_ptr().cast();
+    // SAFETY: CMSG_SPACE is a pure size computation.
+    msg.msg_controllen = unsafe { libc::CMSG_SPACE(2) } as _;
+    // SAFETY: `msg` points at `control`, which has room for one cmsghdr
+    // with 2 bytes of data (CMSG_SPACE(2) <= 32), so CMSG_FIRSTHDR is
+    // non-null and its data area writable.
+    unsafe {
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = libc::SOL_UDP;
+        (*c).cmsg_type = UDP_SEGMENT;
+        (*c).cmsg_len = libc::CMSG_LEN(2) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), segment);
+    }
+    // SAFETY: every pointer in `msg` (address, iovec over `buf`, control)
+    // is valid for the whole call; the kernel only reads them.
+    let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn canonical(from: SocketAddr) -> SocketAddr {
@@ -221,5 +329,30 @@ mod tests {
         assert_eq!(got[5], (vec![9; 3000], b.local_addr().unwrap()));
         assert!(got[6].0.is_empty(), "the oversized one is not passed on");
         assert_eq!(batch.truncated, 1);
+    }
+
+    #[tokio::test]
+    async fn segments_arrive_as_separate_datagrams() {
+        let port = UdpPort::bind(0).unwrap();
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        rx.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+            .unwrap();
+        // 40 datagrams of 1452 bytes and a short last one, in one send.
+        let mut buf = Vec::new();
+        for i in 0..40u8 {
+            buf.extend_from_slice(&[i; 1452]);
+        }
+        buf.extend_from_slice(&[99; 100]);
+        port.send_segments(&buf, 1452, rx.local_addr().unwrap())
+            .await
+            .unwrap();
+        let mut got = vec![0u8; 2000];
+        for i in 0..40u8 {
+            let (n, from) = rx.recv_from(&mut got).unwrap();
+            assert_eq!(from.port(), port.port());
+            assert_eq!(&got[..n], &[i; 1452][..], "datagram {i}");
+        }
+        let (n, _) = rx.recv_from(&mut got).unwrap();
+        assert_eq!(&got[..n], &[99; 100][..]);
     }
 }
