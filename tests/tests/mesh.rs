@@ -176,7 +176,8 @@ fn scenario(lab: &mut Lab) -> anyhow::Result<()> {
 
 /// The data plane carries TCP both ways, over IPv4 and IPv6, large UDP
 /// datagrams and ICMP intact with the TUN offloads on: the kernel hands
-/// meshd TCP super-packets, which it splits, and every byte arrives.
+/// meshd TCP super-packets, which it splits; the receiver coalesces
+/// segments back into super-packets; every byte arrives.
 #[test]
 fn offloaded_traffic_arrives_intact_both_ways() {
     run_lab(|lab| {
@@ -218,6 +219,11 @@ fn offloaded_traffic_arrives_intact_both_ways() {
             anyhow::ensure!(
                 c["tun_super_packets"].as_u64().unwrap_or(0) > 0,
                 "{}: no super-packets split: {c}",
+                d.host.name
+            );
+            anyhow::ensure!(
+                c["tun_coalesced"].as_u64().unwrap_or(0) > 0,
+                "{}: no received segments coalesced: {c}",
                 d.host.name
             );
             anyhow::ensure!(c["drop_tun_malformed"] == 0, "{}: {c}", d.host.name);

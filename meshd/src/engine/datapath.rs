@@ -2,6 +2,7 @@
 //! and the timer tick. Each loop owns its buffers.
 
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -15,7 +16,7 @@ use tokio::sync::mpsc;
 
 use super::admission::{admit, Admission, CookieReplyBudget, Refused, COOKIE_REPLY_LEN};
 use super::disco::{self, Via};
-use super::offload::{self, Prepared, VnetHdr, PLAIN_HDR, VNET_HDR_LEN};
+use super::offload::{self, Coalescer, Prepared, VnetHdr, PLAIN_HDR, VNET_HDR_LEN};
 use super::peers::{Decapsulated, Peer, PeerTable, Targets, HANDSHAKE_INIT};
 use super::udp::{RecvBatch, MAX_GSO_BYTES, MAX_GSO_SEGMENTS};
 use super::{bump, filter, Counters, Shared, BUF_SIZE, TIMER_TICK};
@@ -316,7 +317,14 @@ fn session_peer(counters: &Counters, table: &PeerTable, receiver_index: u32) -> 
 
 /// Decrypts one datagram from `peer` and delivers what comes out: packets to
 /// the TUN device, protocol replies back the way the datagram came.
-async fn receive(shared: &Shared, peer: &Peer, datagram: &[u8], via: Via, buf: &mut [u8]) {
+async fn receive(
+    shared: &Shared,
+    peer: &Peer,
+    datagram: &[u8],
+    via: Via,
+    buf: &mut [u8],
+    tun: &mut TunOut,
+) {
     // Packets for the TUN device are decrypted past room for the virtio-net
     // header, which is then written in front of them: no copy.
     let room = if shared.offloads.vnet_hdr {
@@ -368,15 +376,80 @@ async fn receive(shared: &Shared, peer: &Peer, datagram: &[u8], via: Via, buf: &
                     return;
                 }
                 // In `buf`, the header goes just before the packet.
-                let start = range.start;
-                buf[start..start + room].copy_from_slice(&PLAIN_HDR[..room]);
-                if let Err(e) = shared.tun.send(&buf[start..room + range.end]).await {
-                    tracing::debug!(error = %e, "TUN write");
-                }
+                tun.write(shared, &mut buf[range.start..room + range.end], room)
+                    .await;
                 bump(&shared.counters.rx_packets);
                 return;
             }
         }
+    }
+}
+
+/// Where decrypted packets go: straight to the TUN device, or, in the UDP
+/// loop with TSO on, gathered for the receive batch and coalesced
+/// ([`Coalescer`]) into as few writes as the flows allow.
+pub(super) struct TunOut {
+    gather: bool,
+    arena: Vec<u8>,
+    packets: Vec<Range<usize>>,
+    out: Vec<u8>,
+    writes: Vec<Range<usize>>,
+    coalescer: Coalescer,
+}
+
+impl TunOut {
+    pub(super) fn new(gather: bool) -> Self {
+        TunOut {
+            gather,
+            arena: Vec::new(),
+            packets: Vec::new(),
+            out: Vec::new(),
+            writes: Vec::new(),
+            coalescer: Coalescer::default(),
+        }
+    }
+
+    /// One packet for the TUN device, after `room` bytes kept free for the
+    /// virtio-net header.
+    async fn write(&mut self, shared: &Shared, framed: &mut [u8], room: usize) {
+        if self.gather {
+            let start = self.arena.len();
+            self.arena.extend_from_slice(&framed[room..]);
+            self.packets.push(start..self.arena.len());
+            return;
+        }
+        framed[..room].copy_from_slice(&PLAIN_HDR[..room]);
+        if let Err(e) = shared.tun.send(framed).await {
+            tracing::debug!(error = %e, "TUN write");
+        }
+    }
+
+    /// Writes what was gathered.
+    async fn flush(&mut self, shared: &Shared) {
+        if self.packets.is_empty() {
+            return;
+        }
+        let packets: Vec<&[u8]> = self
+            .packets
+            .iter()
+            .map(|r| &self.arena[r.clone()])
+            .collect();
+        self.out.clear();
+        self.writes.clear();
+        self.coalescer
+            .coalesce(&packets, &mut self.out, &mut self.writes);
+        drop(packets);
+        for w in &self.writes {
+            // A GSO type in the header: several segments in one write.
+            if self.out[w.start + 1] != 0 {
+                bump(&shared.counters.tun_coalesced);
+            }
+            if let Err(e) = shared.tun.send(&self.out[w.clone()]).await {
+                tracing::debug!(error = %e, "TUN write");
+            }
+        }
+        self.arena.clear();
+        self.packets.clear();
     }
 }
 
@@ -394,6 +467,7 @@ pub(super) async fn udp_to_tun(shared: Arc<Shared>) {
     let mut outbuf = vec![0u8; BUF_SIZE];
     let mut cookie = [0u8; COOKIE_REPLY_LEN];
     let mut cookie_budget = CookieReplyBudget::default();
+    let mut tun = TunOut::new(shared.offloads.tso);
     loop {
         if let Err(e) = shared.udp.recv_batch(&mut batch).await {
             tracing::debug!(error = %e, "UDP receive");
@@ -409,11 +483,12 @@ pub(super) async fn udp_to_tun(shared: Arc<Shared>) {
                 &identity.limiter,
                 datagram,
                 from,
-                &mut outbuf,
+                (&mut outbuf, &mut tun),
                 (&mut cookie, &mut cookie_budget),
             )
             .await;
         }
+        tun.flush(&shared).await;
     }
 }
 
@@ -427,7 +502,7 @@ async fn from_udp(
     limiter: &RateLimiter,
     datagram: &[u8],
     from: SocketAddr,
-    outbuf: &mut [u8],
+    (outbuf, tun): (&mut [u8], &mut TunOut),
     (cookie, budget): (&mut [u8; COOKIE_REPLY_LEN], &mut CookieReplyBudget),
 ) {
     if shared.stun.take_response(datagram) {
@@ -445,7 +520,7 @@ async fn from_udp(
     match admit(limiter, Some(from.ip()), datagram, cookie) {
         Admission::Session { receiver_index } => {
             if let Some(peer) = session_peer(&shared.counters, table, receiver_index) {
-                receive(shared, &peer, datagram, Via::Udp(from), outbuf).await;
+                receive(shared, &peer, datagram, Via::Udp(from), outbuf, tun).await;
             }
         }
         Admission::Handshake => shared.queue_handshake(datagram, Via::Udp(from)),
@@ -472,6 +547,7 @@ pub(super) async fn handshakes(
 ) {
     let mut queue = queue.lock().await;
     let mut outbuf = vec![0u8; BUF_SIZE];
+    let mut tun = TunOut::new(false);
     while let Some(h) = queue.recv().await {
         let sender = {
             let identity = shared.identity.load();
@@ -484,7 +560,9 @@ pub(super) async fn handshakes(
             )
         };
         match sender {
-            Sender::Peer(peer) => receive(&shared, &peer, &h.datagram, h.via, &mut outbuf).await,
+            Sender::Peer(peer) => {
+                receive(&shared, &peer, &h.datagram, h.via, &mut outbuf, &mut tun).await
+            }
             Sender::Stranger(key) => shared.remember_early(key, &h.datagram, h.via),
             Sender::Nobody => {}
         }
@@ -498,6 +576,7 @@ pub(super) async fn relay_to_tun(
 ) {
     let mut events = events.lock().await;
     let mut outbuf = vec![0u8; BUF_SIZE];
+    let mut tun = TunOut::new(false);
     let mut cookie = [0u8; COOKIE_REPLY_LEN];
     while let Some((region, event)) = events.recv().await {
         match event {
@@ -524,7 +603,15 @@ pub(super) async fn relay_to_tun(
                     continue;
                 };
                 bump(&shared.counters.rx_relayed);
-                receive(&shared, &peer, &data, Via::Relay(region), &mut outbuf).await;
+                receive(
+                    &shared,
+                    &peer,
+                    &data,
+                    Via::Relay(region),
+                    &mut outbuf,
+                    &mut tun,
+                )
+                .await;
             }
             RelayEvent::Connected => {
                 tracing::info!(region, "relay connected");

@@ -85,6 +85,7 @@ pub struct Counters {
     pub filter_flows_full: AtomicU64,
     pub drop_tun_malformed: AtomicU64,
     pub tun_super_packets: AtomicU64,
+    pub tun_coalesced: AtomicU64,
 }
 
 /// A snapshot of [`Counters`].
@@ -134,6 +135,10 @@ pub struct CounterSnapshot {
     /// Super-packets from the TUN device split into segments (TSO/USO).
     #[serde(default)]
     pub tun_super_packets: u64,
+    /// Writes to the TUN device that coalesced several received TCP
+    /// segments (GRO).
+    #[serde(default)]
+    pub tun_coalesced: u64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -167,6 +172,7 @@ impl Counters {
             filter_flows_full: l(&self.filter_flows_full),
             drop_tun_malformed: l(&self.drop_tun_malformed),
             tun_super_packets: l(&self.tun_super_packets),
+            tun_coalesced: l(&self.tun_coalesced),
         }
     }
 }

@@ -383,7 +383,12 @@ const MAX_COALESCED: usize = 65_535;
 impl Coalescer {
     /// Groups `packets`, then appends one TUN write per group to `out`
     /// (virtio-net header first) with its range in `writes`.
-    pub fn coalesce(&mut self, packets: &[&[u8]], out: &mut Vec<u8>, writes: &mut Vec<Range<usize>>) {
+    pub fn coalesce(
+        &mut self,
+        packets: &[&[u8]],
+        out: &mut Vec<u8>,
+        writes: &mut Vec<Range<usize>>,
+    ) {
         self.groups.clear();
         self.member.clear();
         for (i, p) in packets.iter().enumerate() {
@@ -493,7 +498,11 @@ impl Coalescer {
             // PSH as the last segment had it.
             let last_flags = packets[group.last][l4 + 13];
             pkt[l4 + 13] = (pkt[l4 + 13] & !0x08) | (last_flags & 0x08);
-            let (src, dst) = if l4 == 20 { (12..16, 16..20) } else { (8..24, 24..40) };
+            let (src, dst) = if l4 == 20 {
+                (12..16, 16..20)
+            } else {
+                (8..24, 24..40)
+            };
             let partial = fold(pseudo(&pkt[src], &pkt[dst], TCP, total - l4));
             pkt[l4 + 16..l4 + 18].copy_from_slice(&partial.to_be_bytes());
             writes.push(start..out.len());
