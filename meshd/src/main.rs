@@ -322,11 +322,7 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
                 cli.socket,
                 DaemonConfig {
                     state_dir,
-                    tun: TunConfig {
-                        name: tun,
-                        mtu: engine::DEFAULT_MTU,
-                        offloads: tun_offloads,
-                    },
+                    tun: TunConfig::named(tun, engine::DEFAULT_MTU, tun_offloads),
                     udp_port: port,
                     compute,
                     sys_root,
@@ -347,11 +343,7 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
         } => {
             static_tunnel::run(
                 &private_key_file,
-                TunConfig {
-                    name: tun,
-                    mtu,
-                    offloads: tun_offloads,
-                },
+                TunConfig::named(tun, mtu, tun_offloads),
                 port,
                 address,
                 peers,

@@ -305,6 +305,8 @@ pub struct Engine {
     shared: Arc<Shared>,
     tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
     tun_name: String,
+    /// The host owns the TUN device and its configuration.
+    host_managed: bool,
     addresses: Vec<IpAddr>,
 }
 
@@ -383,6 +385,7 @@ impl Engine {
             shared,
             tasks: std::sync::Mutex::new(tasks),
             tun_name: tun.name.clone(),
+            host_managed: tun.host_managed(),
             addresses: addresses.clone(),
         })
     }
@@ -442,6 +445,10 @@ impl Engine {
     /// Adds local service addresses (MagicDNS) to the TUN device; they go
     /// with it.
     pub async fn add_service_addresses(&self, addresses: &[IpAddr]) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            !self.host_managed,
+            "the host configures this TUN device: it must add {addresses:?} itself"
+        );
         tun_device::add_addresses(&self.tun_name, addresses).await
     }
 
@@ -710,7 +717,9 @@ impl EngineSlot {
             // The device goes with the last descriptor, a moment later:
             // what follows (`meshd down` returning, the next `up`) must not
             // see it.
-            if !tun_device::wait_gone(&self.tun.name, Duration::from_secs(3)).await {
+            if !self.tun.host_managed()
+                && !tun_device::wait_gone(&self.tun.name, Duration::from_secs(3)).await
+            {
                 tracing::warn!(tun = %self.tun.name, "TUN device still present 3 s after the engine stopped");
             }
         }

@@ -23,6 +23,27 @@ pub struct TunConfig {
     /// Ask for the kernel's TUN offloads (virtio-net headers, checksum,
     /// TSO/USO); off, every packet is read and written plain.
     pub offloads: bool,
+    /// A TUN file descriptor the host opened and configured (a mobile VPN
+    /// extension's, or an embedding app's): used as it is, never closed
+    /// here, and its addresses and routes are left to the host.
+    pub host_fd: Option<std::os::fd::RawFd>,
+}
+
+impl TunConfig {
+    /// A device this process creates and configures.
+    pub fn named(name: impl Into<String>, mtu: u16, offloads: bool) -> Self {
+        TunConfig {
+            name: name.into(),
+            mtu,
+            offloads,
+            host_fd: None,
+        }
+    }
+
+    /// Whether the host, not meshd, owns and configures the device.
+    pub fn host_managed(&self) -> bool {
+        self.host_fd.is_some()
+    }
 }
 
 /// Creates the device, assigns `addresses` and routes `routes` through it,
@@ -32,6 +53,17 @@ pub async fn create(
     addresses: &[IpAddr],
     routes: &[IpPrefix],
 ) -> anyhow::Result<(::tun::AsyncDevice, Offloads)> {
+    if let Some(fd) = cfg.host_fd {
+        let mut config = ::tun::Configuration::default();
+        config.raw_fd(fd).close_fd_on_drop(false).mtu(cfg.mtu);
+        let device = ::tun::create_as_async(&config)
+            .with_context(|| format!("using the host's TUN file descriptor {fd}"))?;
+        tracing::info!(
+            fd,
+            "TUN device from the host; its addresses and routes are the host's"
+        );
+        return Ok((device, Offloads::default()));
+    }
     let mut config = ::tun::Configuration::default();
     config.tun_name(&cfg.name).mtu(cfg.mtu).up();
     if cfg.offloads {
