@@ -4,9 +4,11 @@
 //! carries WireGuard and sealed path-discovery packets: it sees no plaintext.
 #![forbid(unsafe_code)]
 
-pub mod client;
-pub mod io;
-pub mod proto;
+// The protocol and the client are crates of their own (`derp-proto`,
+// `derp-client`), so devices link neither the server nor its queues.
+pub use derp_client as client;
+pub use derp_proto as proto;
+pub use derp_proto::io;
 pub mod secrets;
 pub mod server;
 pub mod tls;

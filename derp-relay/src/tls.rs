@@ -1,8 +1,9 @@
 //! TLS for relay connections: the server's configuration from PEM files, and
-//! the client's, which trusts the public web roots plus, optionally, a
-//! private CA given in PEM. The configurations themselves are built by
-//! `platform::tls`, shared with the coordinator and `meshd`; this module only
-//! reads the files and keeps the relay's error wording.
+//! the client's (from the client crate), which trusts the public web roots
+//! plus, optionally, a private CA given in PEM. The configurations
+//! themselves are built by `platform::tls`, shared with the coordinator and
+//! `meshd`; this module only reads the files and keeps the relay's error
+//! wording.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -24,7 +25,4 @@ pub fn server_config(cert: &Path, key: &Path) -> anyhow::Result<Arc<rustls::Serv
     })
 }
 
-/// Client configuration: public roots, plus `extra_ca_pem` if given.
-pub fn client_config(extra_ca_pem: Option<&str>) -> anyhow::Result<Arc<rustls::ClientConfig>> {
-    platform::tls::client_config(extra_ca_pem.map(str::as_bytes)).context("the relay CA PEM")
-}
+pub use derp_client::tls_config as client_config;

@@ -14,7 +14,7 @@ pub async fn relay_latencies(map: &RelayMap) -> Vec<(u32, Option<Duration>)> {
         let Some(addr) = region
             .urls
             .first()
-            .and_then(|u| derp_relay::client::relay_authority(u).ok())
+            .and_then(|u| derp_client::relay_authority(u).ok())
         else {
             out.push((region.id, None));
             continue;

@@ -22,7 +22,7 @@ use super::Relay;
 use crate::proto::stun;
 
 /// The `Upgrade` token of the relay protocol.
-pub const UPGRADE_PROTOCOL: &str = "crank-derp";
+pub use derp_proto::UPGRADE_PROTOCOL;
 /// Largest HTTP request head read before the upgrade (hyper's smallest).
 const MAX_REQUEST_HEAD: usize = 8192;
 

@@ -10,7 +10,7 @@ use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn};
-use derp_relay::client::RelayEvent;
+use derp_client::RelayEvent;
 use platform::keys::NodePublic;
 use tokio::sync::mpsc;
 

@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
-use derp_relay::client::{RelayClient, RelayEvent, RelayTarget};
+use derp_client::{RelayClient, RelayEvent, RelayTarget};
 use platform::keys::NodePublic;
 use platform::netmap::RelayMap;
 use tokio::sync::mpsc;

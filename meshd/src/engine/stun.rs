@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use derp_relay::proto::stun;
+use derp_proto::stun;
 use rand_core::{OsRng, RngCore};
 
 /// Unanswered requests are forgotten after this long.

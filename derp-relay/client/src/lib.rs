@@ -1,6 +1,7 @@
-//! Relay client, used by meshd: keeps one connection to one relay open
-//! (reconnecting with backoff), sends packets to node keys through it and
-//! reports what arrives.
+//! Relay client, used by meshd (and by relays meshing with each other):
+//! keeps one connection to one relay open (reconnecting with backoff),
+//! sends packets to node keys through it and reports what arrives.
+#![forbid(unsafe_code)]
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -19,10 +20,10 @@ use tokio::task::JoinHandle;
 use url::{Host, Url};
 use x25519_dalek::StaticSecret;
 
-use crate::io::{write_frame, FrameReader};
-use crate::proto::frame::{Frame, GoneReason, Key, MAX_FRAME_PAYLOAD};
-use crate::proto::handshake;
-use crate::server::http::UPGRADE_PROTOCOL;
+use derp_proto::frame::{Frame, GoneReason, Key, MAX_FRAME_PAYLOAD};
+use derp_proto::handshake;
+use derp_proto::io::{write_frame, FrameReader};
+use derp_proto::UPGRADE_PROTOCOL;
 
 /// Packets waiting to go to the relay before new ones are dropped.
 const SEND_QUEUE: usize = 1024;
@@ -187,7 +188,7 @@ impl RelayUrl {
 
 /// Connects to the relay at `target` (over TLS for `https://`) and upgrades
 /// the connection to the relay protocol; what comes back carries frames.
-pub(crate) async fn connect(target: &RelayTarget) -> anyhow::Result<Box<dyn Conn>> {
+pub async fn connect(target: &RelayTarget) -> anyhow::Result<Box<dyn Conn>> {
     let url = RelayUrl::parse(&target.url)?;
     let authority = url.authority();
     let tcp = TcpStream::connect(&authority)
@@ -203,13 +204,20 @@ pub(crate) async fn connect(target: &RelayTarget) -> anyhow::Result<Box<dyn Conn
     if !url.tls {
         return upgrade(tcp, request).await;
     }
-    let connector =
-        tokio_rustls::TlsConnector::from(crate::tls::client_config(target.ca_pem.as_deref())?);
+    let connector = tokio_rustls::TlsConnector::from(tls_config(target.ca_pem.as_deref())?);
     let tls = connector
         .connect(url.server_name()?, tcp)
         .await
         .with_context(|| format!("TLS with {authority}"))?;
     upgrade(tls, request).await
+}
+
+/// TLS client configuration for relays: the public roots, plus
+/// `extra_ca_pem` (a private CA) if given.
+pub fn tls_config(
+    extra_ca_pem: Option<&str>,
+) -> anyhow::Result<std::sync::Arc<tokio_rustls::rustls::ClientConfig>> {
+    platform::tls::client_config(extra_ca_pem.map(str::as_bytes)).context("the relay CA PEM")
 }
 
 /// Sends the upgrade `request` over `stream`; the relay's `101` turns it

@@ -2,7 +2,7 @@
 
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
-use crate::proto::frame::{Frame, FrameError, HEADER_LEN, MAX_FRAME_PAYLOAD};
+use crate::frame::{Frame, FrameError, HEADER_LEN, MAX_FRAME_PAYLOAD};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
