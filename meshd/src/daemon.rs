@@ -180,6 +180,7 @@ impl Daemon {
     pub async fn new(cfg: DaemonConfig) -> anyhow::Result<Arc<Self>> {
         let state = StateDir::open(&cfg.state_dir)?;
         let cfg_dns = cfg.dns.clone();
+        let host_tun = cfg.tun.host_managed();
         let keys = Arc::new(KeyRing::new(state.clone(), state.keys()?));
         // A compute.json this version cannot read must not take the network
         // down with it: compute stays off until it is fixed or rewritten.
@@ -220,7 +221,11 @@ impl Daemon {
             seen_tickets: Arc::default(),
             gateway,
             gateway_view,
-            firewall: Firewall::new(Arc::new(NftCommand::default())),
+            firewall: if host_tun {
+                Firewall::host_owned()
+            } else {
+                Firewall::new(Arc::new(NftCommand::default()))
+            },
             dns: DnsService::new(cfg_dns),
         }))
     }

@@ -137,7 +137,9 @@ impl Nft for NftCommand {
 
 /// The daemon's table: what is installed, and why not when it is not.
 pub struct Firewall {
-    nft: Arc<dyn Nft>,
+    /// None: the host owns the TUN device and guards its addresses itself
+    /// (a mobile VPN extension, an embedding app); nothing is installed.
+    nft: Option<Arc<dyn Nft>>,
     /// Why the overlay addresses are unguarded, while they are.
     warning: Mutex<Option<String>>,
 }
@@ -145,7 +147,17 @@ pub struct Firewall {
 impl Firewall {
     pub fn new(nft: Arc<dyn Nft>) -> Arc<Self> {
         Arc::new(Firewall {
-            nft,
+            nft: Some(nft),
+            warning: Mutex::new(None),
+        })
+    }
+
+    /// For a TUN device the host owns: the host's firewall is its own
+    /// business (and several instances may share a process), so this one
+    /// installs and removes nothing.
+    pub fn host_owned() -> Arc<Self> {
+        Arc::new(Firewall {
+            nft: None,
             warning: Mutex::new(None),
         })
     }
@@ -164,7 +176,9 @@ impl Firewall {
     }
 
     async fn run(&self, script: String) -> Result<(), FirewallError> {
-        let nft = self.nft.clone();
+        let Some(nft) = self.nft.clone() else {
+            return Ok(());
+        };
         tokio::task::spawn_blocking(move || nft.apply(&script))
             .await
             .unwrap_or_else(|e| Err(FirewallError::Spawn(std::io::Error::other(e))))
@@ -172,6 +186,9 @@ impl Firewall {
 
     /// Replaces the table with one guarding `addresses` on `tun`.
     pub async fn install(&self, tun: &str, addresses: &[IpAddr]) {
+        if self.nft.is_none() {
+            return;
+        }
         let result = match ruleset(tun, addresses) {
             Ok(script) => self.run(script).await,
             Err(e) => Err(e),

@@ -6,8 +6,9 @@ root=$(cd "$(dirname "$0")/../.." && pwd)
 bash "$root/tests/scripts/setup.sh"
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/crank-mesh/target}
 cd "$root"
-# One build of the whole workspace serves both suites and the e2e binaries.
-cargo build --workspace --bins --tests
+# One build of the whole workspace serves both suites, the e2e binaries and
+# the C library (`libcrank_mesh`) the FFI test links against.
+cargo build --workspace --lib --bins --tests
 # The real small models the compute tests run on (idempotent, sha256-checked).
 export CRANK_MODELS_DIR=${CRANK_MODELS_DIR:-$HOME/.cache/crank-mesh/models}
 "$CARGO_TARGET_DIR/debug/meshd" models fetch --dir "$CRANK_MODELS_DIR"
@@ -21,4 +22,4 @@ fi
 cargo test --workspace --exclude crank-e2e
 # Selected from the whole workspace so features resolve as in the build above
 # (no second build of the dependencies); one test at a time.
-cargo test --workspace --test mesh --test interop --test relay --test nat --test compute --test mesh_jobs --test keys --test people --test control_tls --test overlay_reach --test first_contact --test policy_dns -- --test-threads=1
+cargo test --workspace --test mesh --test interop --test relay --test nat --test compute --test mesh_jobs --test keys --test people --test control_tls --test overlay_reach --test first_contact --test policy_dns --test ffi -- --test-threads=1

@@ -167,7 +167,14 @@ impl DnsService {
             let map = changes.borrow_and_update().netmap.clone();
             let mut failed = false;
             if let (Some(map), Some(e)) = (map, engine.get()) {
-                if let Err(e) = self.apply(&map, &e).await {
+                if e.host_managed() {
+                    // Queries to the service address arrive on the host's
+                    // TUN as packets: answering them there takes DNS
+                    // interception in the engine, which is not built yet.
+                    self.set_error(Some(
+                        "MagicDNS is not served on a TUN device the host provides (yet)".into(),
+                    ));
+                } else if let Err(e) = self.apply(&map, &e).await {
                     let message = format!("MagicDNS: {e:#}");
                     tracing::warn!("{message}");
                     self.set_error(Some(message));

@@ -452,6 +452,11 @@ impl Engine {
         tun_device::add_addresses(&self.tun_name, addresses).await
     }
 
+    /// Whether the host owns the TUN device (a descriptor it handed in).
+    pub fn host_managed(&self) -> bool {
+        self.host_managed
+    }
+
     pub fn tun_name(&self) -> &str {
         &self.tun_name
     }
@@ -470,10 +475,7 @@ impl Engine {
     }
 
     /// Asks `servers` what address this engine's socket has from outside.
-    pub async fn probe_stun(
-        &self,
-        servers: &[SocketAddr],
-    ) -> Vec<derp_relay::proto::stun::TransactionId> {
+    pub async fn probe_stun(&self, servers: &[SocketAddr]) -> Vec<derp_proto::stun::TransactionId> {
         let mut txs = Vec::with_capacity(servers.len());
         for server in servers {
             let (tx, req) = self.shared.stun.request(Instant::now());
