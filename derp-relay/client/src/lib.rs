@@ -27,6 +27,8 @@ use derp_proto::UPGRADE_PROTOCOL;
 
 /// Packets waiting to go to the relay before new ones are dropped.
 const SEND_QUEUE: usize = 1024;
+/// Queued packets are written together up to about this many bytes.
+const MAX_BATCH: usize = 64 * 1024;
 /// Reconnects are quick: a restarted relay is back in use within seconds.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// Largest HTTP response head accepted during the upgrade (hyper's smallest
@@ -300,7 +302,15 @@ async fn session<T: Clone + Send + Sync>(
         let frame = tokio::select! {
             out = outgoing.recv() => {
                 let Some((dst, data)) = out else { return Ok(()) };
-                send(&mut write, &Frame::SendPacket { dst, data }, &mut scratch).await?;
+                // Whatever else is already queued goes in the same write:
+                // many frames per system call under load, no wait when idle.
+                scratch.clear();
+                Frame::encode_send_packet(&dst, &data, &mut scratch);
+                while scratch.len() < MAX_BATCH {
+                    let Ok((dst, data)) = outgoing.try_recv() else { break };
+                    Frame::encode_send_packet(&dst, &data, &mut scratch);
+                }
+                write_all(&mut write, &scratch).await?;
                 idle.as_mut().reset(tokio::time::Instant::now() + KEEPALIVE);
                 continue;
             }
@@ -332,6 +342,16 @@ async fn session<T: Clone + Send + Sync>(
             return Ok(());
         }
     }
+}
+
+/// Writes encoded frames; a relay that takes longer than the read deadline
+/// to accept them is presumed gone.
+async fn write_all<W: AsyncWrite + Unpin>(write: &mut W, bytes: &[u8]) -> anyhow::Result<()> {
+    use tokio::io::AsyncWriteExt as _;
+    tokio::time::timeout(READ_DEADLINE, write.write_all(bytes))
+        .await
+        .context("the relay stopped reading")?
+        .context("writing to the relay")
 }
 
 /// Writes one frame; a relay that takes longer than the read deadline to

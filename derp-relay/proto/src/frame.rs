@@ -107,6 +107,49 @@ fn key_at(p: &[u8], at: usize) -> Key {
     k
 }
 
+/// A frame decoded in place: a packet's bytes borrowed from the buffer
+/// they arrived in (the relay forwards them without a copy of their own),
+/// any other frame owned.
+#[derive(Debug, PartialEq, Eq)]
+pub enum FrameRef<'a> {
+    SendPacket { dst: Key, data: &'a [u8] },
+    RecvPacket { src: Key, data: &'a [u8] },
+    ForwardPacket { src: Key, dst: Key, data: &'a [u8] },
+    Other(Frame),
+}
+
+impl<'a> FrameRef<'a> {
+    /// Like [`Frame::decode`], borrowing packets' bytes from `buf`.
+    pub fn decode(buf: &'a [u8]) -> Result<Option<(FrameRef<'a>, usize)>, FrameError> {
+        let keys = match buf.first() {
+            Some(&(kind::SEND_PACKET | kind::RECV_PACKET)) => 1,
+            Some(&kind::FORWARD_PACKET) => 2,
+            _ => 0,
+        };
+        if keys > 0 && buf.len() >= HEADER_LEN {
+            let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+            if (32 * keys..=MAX_FRAME_PAYLOAD).contains(&len) {
+                if buf.len() < HEADER_LEN + len {
+                    return Ok(None);
+                }
+                let key = key_at(buf, HEADER_LEN);
+                let data = &buf[HEADER_LEN + 32 * keys..HEADER_LEN + len];
+                let frame = match buf[0] {
+                    kind::SEND_PACKET => FrameRef::SendPacket { dst: key, data },
+                    kind::RECV_PACKET => FrameRef::RecvPacket { src: key, data },
+                    _ => FrameRef::ForwardPacket {
+                        src: key,
+                        dst: key_at(buf, HEADER_LEN + 32),
+                        data,
+                    },
+                };
+                return Ok(Some((frame, HEADER_LEN + len)));
+            }
+        }
+        Ok(Frame::decode(buf)?.map(|(f, n)| (FrameRef::Other(f), n)))
+    }
+}
+
 impl Frame {
     /// Decodes one frame from the front of `buf`: `Ok(None)` when more bytes
     /// are needed, else the frame and how many bytes it used.
@@ -287,12 +330,36 @@ impl Frame {
     }
 
     /// Writes a `RecvPacket` straight into `out` without building a frame.
-    pub fn encode_recv_packet(src: &Key, data: &[u8], out: &mut Vec<u8>) {
-        out.push(kind::RECV_PACKET);
-        out.extend_from_slice(&((32 + data.len()) as u32).to_be_bytes());
-        out.extend_from_slice(src);
-        out.extend_from_slice(data);
+    /// Appends a forward-packet frame (relay to relay) for `data` from
+    /// `src` to `dst`; `data` at most [`MAX_FRAME_PAYLOAD`] - 64 bytes.
+    pub fn encode_forward_packet(src: &Key, dst: &Key, data: &[u8], out: &mut Vec<u8>) {
+        encode_packet(kind::FORWARD_PACKET, &[src, dst], data, out);
     }
+
+    /// Appends a send-packet frame for `data` to `dst`; `data` at most
+    /// [`MAX_FRAME_PAYLOAD`] - 32 bytes.
+    pub fn encode_send_packet(dst: &Key, data: &[u8], out: &mut Vec<u8>) {
+        encode_packet(kind::SEND_PACKET, &[dst], data, out);
+    }
+
+    /// Appends a receive-packet frame for `data` from `src`; `data` at most
+    /// [`MAX_FRAME_PAYLOAD`] - 32 bytes.
+    pub fn encode_recv_packet(src: &Key, data: &[u8], out: &mut Vec<u8>) {
+        encode_packet(kind::RECV_PACKET, &[src], data, out);
+    }
+}
+
+/// A packet frame, encoded in place: its keys, then the packet.
+fn encode_packet(kind: u8, keys: &[&Key], data: &[u8], out: &mut Vec<u8>) {
+    let len = 32 * keys.len() + data.len();
+    debug_assert!(len <= MAX_FRAME_PAYLOAD);
+    out.reserve(HEADER_LEN + len);
+    out.push(kind);
+    out.extend_from_slice(&(len as u32).to_be_bytes());
+    for key in keys {
+        out.extend_from_slice(*key);
+    }
+    out.extend_from_slice(data);
 }
 
 #[cfg(test)]
@@ -336,6 +403,34 @@ mod tests {
     }
 
     proptest! {
+        /// Decoding in place says what decoding to owned frames says.
+        #[test]
+        fn borrowed_decoding_agrees_with_owned(bytes in vec(any::<u8>(), 0..200), kind in 0u8..14) {
+            let mut bytes = bytes;
+            if let Some(b) = bytes.first_mut() {
+                *b = kind;
+            }
+            let owned = Frame::decode(&bytes);
+            let borrowed = FrameRef::decode(&bytes);
+            match (owned, borrowed) {
+                (Ok(None), Ok(None)) => {}
+                (Err(a), Err(b)) => prop_assert_eq!(a.to_string(), b.to_string()),
+                (Ok(Some((f, n))), Ok(Some((r, m)))) => {
+                    prop_assert_eq!(n, m);
+                    let back = match r {
+                        FrameRef::SendPacket { dst, data } => Frame::SendPacket { dst, data: data.to_vec() },
+                        FrameRef::RecvPacket { src, data } => Frame::RecvPacket { src, data: data.to_vec() },
+                        FrameRef::ForwardPacket { src, dst, data } => Frame::ForwardPacket { src, dst, data: data.to_vec() },
+                        FrameRef::Other(f) => f,
+                    };
+                    prop_assert_eq!(f, back);
+                }
+                (a, b) => prop_assert!(false, "{:?} vs {:?}", a, b),
+            }
+        }
+    }
+
+    proptest! {
         #[test]
         fn frames_round_trip(f in arb_frame(), trailing in vec(any::<u8>(), 0..8)) {
             let mut buf = Vec::new();
@@ -359,12 +454,21 @@ mod tests {
         }
 
         #[test]
-        fn recv_packet_fast_path_matches(src in any::<[u8; 32]>(), data in vec(any::<u8>(), 0..300)) {
-            let mut a = Vec::new();
-            Frame::RecvPacket { src, data: data.clone() }.encode(&mut a).unwrap();
+        fn packet_fast_paths_match(src in any::<[u8; 32]>(), dst in any::<[u8; 32]>(), data in vec(any::<u8>(), 0..300)) {
+            let encoded = |f: Frame| {
+                let mut v = Vec::new();
+                f.encode(&mut v).unwrap();
+                v
+            };
             let mut b = Vec::new();
             Frame::encode_recv_packet(&src, &data, &mut b);
-            prop_assert_eq!(a, b);
+            prop_assert_eq!(encoded(Frame::RecvPacket { src, data: data.clone() }), b);
+            let mut b = Vec::new();
+            Frame::encode_send_packet(&dst, &data, &mut b);
+            prop_assert_eq!(encoded(Frame::SendPacket { dst, data: data.clone() }), b);
+            let mut b = Vec::new();
+            Frame::encode_forward_packet(&src, &dst, &data, &mut b);
+            prop_assert_eq!(encoded(Frame::ForwardPacket { src, dst, data: data.clone() }), b);
         }
     }
 

@@ -2,7 +2,7 @@
 
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
-use crate::frame::{Frame, FrameError, HEADER_LEN, MAX_FRAME_PAYLOAD};
+use crate::frame::{Frame, FrameError, FrameRef, HEADER_LEN, MAX_FRAME_PAYLOAD};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
@@ -14,6 +14,9 @@ pub enum ReadError {
 
 /// First size of a reader's buffer; it grows to the largest frame seen.
 const INITIAL_BUFFER: usize = 4 * 1024;
+/// A busy connection's buffer (reads that fill it whole) grows to this, so
+/// one read brings in dozens of frames.
+const BUSY_BUFFER: usize = 64 * 1024;
 
 /// Reads frames; the buffer is reused, so steady-state reads do not grow it,
 /// and an idle connection holds only a small one.
@@ -47,6 +50,37 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 
     /// The next frame, or `None` at a clean end of stream.
     pub async fn next(&mut self) -> Result<Option<Frame>, ReadError> {
+        let Some(n) = self.fill().await? else {
+            return Ok(None);
+        };
+        let at = self.start;
+        let (frame, _) = Frame::decode(&self.buf[at..at + n])?.ok_or(FrameError::Malformed {
+            kind: self.buf[at],
+            len: n,
+        })?;
+        self.start += n;
+        Ok(Some(frame))
+    }
+
+    /// The next frame, packets borrowed from the buffer (valid until the
+    /// next call), or `None` at a clean end of stream.
+    pub async fn next_ref(&mut self) -> Result<Option<FrameRef<'_>>, ReadError> {
+        let Some(n) = self.fill().await? else {
+            return Ok(None);
+        };
+        let at = self.start;
+        self.start += n;
+        let whole = &self.buf[at..at + n];
+        let (frame, _) = FrameRef::decode(whole)?.ok_or(FrameError::Malformed {
+            kind: whole[0],
+            len: n,
+        })?;
+        Ok(Some(frame))
+    }
+
+    /// Reads until a whole frame is buffered at `start`; its length, or
+    /// `None` at a clean end of stream.
+    async fn fill(&mut self) -> Result<Option<usize>, ReadError> {
         loop {
             let pending = &self.buf[self.start..self.end];
             if pending.len() >= HEADER_LEN {
@@ -54,10 +88,9 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 if len as usize > self.limit {
                     return Err(FrameError::TooLong(len as usize).into());
                 }
-            }
-            if let Some((frame, used)) = Frame::decode(pending)? {
-                self.start += used;
-                return Ok(Some(frame));
+                if pending.len() >= HEADER_LEN + len as usize {
+                    return Ok(Some(HEADER_LEN + len as usize));
+                }
             }
             if self.start > 0 {
                 self.buf.copy_within(self.start..self.end, 0);
@@ -66,7 +99,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             }
             if self.end == self.buf.len() {
                 // A frame larger than the buffer (its length is within the
-                // limit, or decode would have failed): make room for it.
+                // limit): make room for it.
                 let need = if self.end >= HEADER_LEN {
                     HEADER_LEN
                         + u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]])
@@ -80,6 +113,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                     0,
                 );
             }
+            let free = self.buf.len() - self.end;
             let n = self.inner.read(&mut self.buf[self.end..]).await?;
             if n == 0 {
                 if self.end > 0 {
@@ -88,6 +122,10 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 return Ok(None);
             }
             self.end += n;
+            if n == free && self.buf.len() < BUSY_BUFFER && self.limit > INITIAL_BUFFER {
+                // The read filled the buffer: more is waiting. Bigger reads.
+                self.buf.resize((self.buf.len() * 2).min(BUSY_BUFFER), 0);
+            }
         }
     }
 }

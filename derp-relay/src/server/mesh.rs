@@ -110,7 +110,7 @@ async fn link(relay: &Arc<Relay>, peer: &MeshPeer) -> anyhow::Result<()> {
         .map(|(key, c)| (*key, c.network))
         .collect();
     for (key, network) in present {
-        out.push(encoded(&Frame::PeerPresent { key, network }), Lane::Disco);
+        out.push(&encoded(&Frame::PeerPresent { key, network }), Lane::Disco);
     }
     relay.mesh_links().insert(peer.key, (id, out.clone()));
     tracing::info!(url = %peer.target.url, "mesh link up");
@@ -127,7 +127,7 @@ async fn link(relay: &Arc<Relay>, peer: &MeshPeer) -> anyhow::Result<()> {
                     Ok(frame) => match frame? {
                         None => return Ok(()),
                         Some(Frame::Ping(d)) => {
-                            out.push(encoded(&Frame::Pong(d)), Lane::Disco);
+                            out.push(&encoded(&Frame::Pong(d)), Lane::Disco);
                         }
                         Some(_) => {}
                     },

@@ -38,14 +38,14 @@ use tokio::sync::{Notify, Semaphore};
 use x25519_dalek::{PublicKey, StaticSecret};
 
 use crate::io::{write_frame, FrameReader, ReadError};
-use crate::proto::frame::{Frame, FrameError, GoneReason, Key, NetworkTag};
+use crate::proto::frame::{
+    Frame, FrameError, FrameRef, GoneReason, Key, NetworkTag, HEADER_LEN, MAX_FRAME_PAYLOAD,
+};
 use crate::proto::handshake;
 use admission::{Admission, Verdict};
 use metrics::{Drop, Metrics};
 use outbox::{outbox, Lane, Outbox, WriterTimes};
 use ratelimit::TokenBucket;
-
-pub use outbox::{BULK_QUEUE, DISCO_QUEUE};
 
 /// How long an evicted client's writer gets to deliver the closing frame.
 const EVICT_FLUSH: Duration = Duration::from_secs(1);
@@ -208,7 +208,7 @@ impl Relay {
     fn announce(&self, frame: &Frame) {
         let bytes = encoded(frame);
         for (_, link) in self.mesh_links().values() {
-            let _ = link.push(bytes.clone(), Lane::Disco);
+            let _ = link.push(&bytes, Lane::Disco);
         }
     }
 
@@ -263,7 +263,7 @@ impl Relay {
                 // The queues stay open while the peer is served, so the
                 // writer keeps the link alive with keepalives.
                 let (out, inbox) = outbox(limits.queue_bytes);
-                out.push(encoded(&Frame::ServerInfo), Lane::Disco);
+                out.push(&encoded(&Frame::ServerInfo), Lane::Disco);
                 let relay = self.clone();
                 let mut writer = tokio::spawn(async move {
                     outbox::write_loop(&relay.metrics, write, inbox, limits.writer()).await
@@ -301,7 +301,7 @@ impl Relay {
         self.metrics.accepted.inc();
         self.announce(&Frame::PeerPresent { key, network });
         tracing::debug!(node = %node.short(), "client admitted");
-        client.out.push(encoded(&Frame::ServerInfo), Lane::Disco);
+        client.out.push(&encoded(&Frame::ServerInfo), Lane::Disco);
         let relay = self.clone();
         let mut writer = tokio::spawn(async move {
             outbox::write_loop(&relay.metrics, write, inbox, limits.writer()).await
@@ -322,7 +322,7 @@ impl Relay {
             let reason = Drop::Revoked.label().to_owned();
             client
                 .out
-                .push(encoded(&Frame::Close { reason }), Lane::Disco);
+                .push(&encoded(&Frame::Close { reason }), Lane::Disco);
             drop(client);
             let _ = tokio::time::timeout(EVICT_FLUSH, &mut writer).await;
         }
@@ -386,7 +386,7 @@ impl Relay {
         let mut sent_to: HashSet<Key> = HashSet::new();
         let idle = self.cfg.limits.idle_timeout;
         loop {
-            let frame = match tokio::time::timeout(idle, reader.next()).await {
+            let frame = match tokio::time::timeout(idle, reader.next_ref()).await {
                 Err(_) => return Err(Drop::IdleTimeout),
                 Ok(Ok(Some(f))) => f,
                 Ok(Ok(None)) => return Ok(()),
@@ -394,22 +394,32 @@ impl Relay {
                 Ok(Err(ReadError::Frame(_))) => return Err(Drop::Malformed),
                 Ok(Err(ReadError::Io(_))) => return Ok(()),
             };
-            match frame {
-                Frame::SendPacket { dst, data } => {
+            let frame = match frame {
+                // Forwarded from the reader's buffer into the target's
+                // queue: no allocation of its own.
+                FrameRef::SendPacket { dst, data } => {
                     self.metrics.packets_in.inc();
                     self.metrics.bytes_in.inc_by(data.len() as u64);
                     if !bucket.take(data.len(), now()) {
                         self.metrics.drop(Drop::RateLimited);
                         continue;
                     }
-                    self.forward(me, dst, &data, client, &mut sent_to);
+                    self.forward(me, dst, data, client, &mut sent_to);
+                    continue;
                 }
+                FrameRef::RecvPacket { .. } | FrameRef::ForwardPacket { .. } => {
+                    return Err(Drop::UnexpectedFrame)
+                }
+                FrameRef::Other(frame) => frame,
+            };
+            match frame {
                 Frame::Ping(d) => {
-                    client.out.push(encoded(&Frame::Pong(d)), Lane::Disco);
+                    client.out.push(&encoded(&Frame::Pong(d)), Lane::Disco);
                 }
                 Frame::KeepAlive | Frame::Pong(_) | Frame::Unknown { .. } => {}
                 Frame::Close { .. } => return Ok(()),
-                Frame::ServerKey { .. }
+                Frame::SendPacket { .. }
+                | Frame::ServerKey { .. }
                 | Frame::ClientInfo { .. }
                 | Frame::ServerInfo
                 | Frame::RecvPacket { .. }
@@ -452,12 +462,17 @@ impl Relay {
         };
         let link = via.and_then(|relay| self.mesh_links().get(&relay).map(|(_, l)| l.clone()));
         if let Some(link) = link {
-            let frame = encoded(&Frame::ForwardPacket {
-                src: me,
-                dst,
-                data: data.to_vec(),
+            // Two keys where a client frame has one: a packet of the
+            // largest size a client may send does not fit.
+            let len = 64 + data.len();
+            if len > MAX_FRAME_PAYLOAD {
+                self.metrics.drop(Drop::Oversized);
+                return;
+            }
+            let queued = link.push_with(HEADER_LEN + len, Lane::Bulk, |b| {
+                Frame::encode_forward_packet(&me, &dst, data, b);
             });
-            if !link.push(frame, Lane::Bulk) {
+            if !queued {
                 self.metrics.drop(Drop::QueueFull);
             }
             return;
@@ -471,19 +486,21 @@ impl Relay {
             key: dst,
             reason: GoneReason::NotHere,
         });
-        sender.out.push(gone, Lane::Disco);
+        sender.out.push(&gone, Lane::Disco);
     }
 
     /// Queues a packet from `src` for a local client.
     fn deliver(&self, target: &Client, src: Key, data: &[u8]) {
-        let mut frame = Vec::with_capacity(5 + 32 + data.len());
-        Frame::encode_recv_packet(&src, data, &mut frame);
         let lane = if platform::disco::is_disco(data) {
             Lane::Disco
         } else {
             Lane::Bulk
         };
-        if !target.out.push(frame, lane) {
+        let len = HEADER_LEN + 32 + data.len();
+        let queued = target.out.push_with(len, lane, |b| {
+            Frame::encode_recv_packet(&src, data, b);
+        });
+        if !queued {
             self.metrics.drop(Drop::QueueFull);
         }
     }
@@ -494,13 +511,31 @@ impl Relay {
         tracing::info!(relay = %hex::encode(&relay[..4]), "mesh peer connected");
         let idle = self.cfg.limits.idle_timeout;
         loop {
-            let frame = match tokio::time::timeout(idle, reader.next()).await {
+            let frame = match tokio::time::timeout(idle, reader.next_ref()).await {
                 Ok(Ok(Some(f))) => f,
                 Err(_) => {
                     self.metrics.drop(Drop::IdleTimeout);
                     break;
                 }
                 Ok(Ok(None) | Err(_)) => break,
+            };
+            let frame = match frame {
+                FrameRef::ForwardPacket { src, dst, data } => {
+                    self.metrics.packets_in.inc();
+                    self.metrics.bytes_in.inc_by(data.len() as u64);
+                    // The peer checked the networks; checked again here, so
+                    // one relay's mistake does not cross networks.
+                    let from = self.remote().get(&src).map(|r| r.network);
+                    let target = self.clients().get(&dst).cloned();
+                    match (target, from) {
+                        (Some(t), Some(n)) if t.network == n => self.deliver(&t, src, data),
+                        (Some(_), _) => self.metrics.drop(Drop::OtherNetwork),
+                        (None, _) => self.metrics.drop(Drop::NoSuchPeer),
+                    }
+                    continue;
+                }
+                FrameRef::SendPacket { .. } | FrameRef::RecvPacket { .. } => continue,
+                FrameRef::Other(frame) => frame,
             };
             match frame {
                 Frame::PeerPresent { key, network } => {
@@ -510,19 +545,6 @@ impl Relay {
                     let mut remote = self.remote();
                     if remote.get(&key).is_some_and(|r| r.relay == relay) {
                         remote.remove(&key);
-                    }
-                }
-                Frame::ForwardPacket { src, dst, data } => {
-                    self.metrics.packets_in.inc();
-                    self.metrics.bytes_in.inc_by(data.len() as u64);
-                    // The peer checked the networks; checked again here, so
-                    // one relay's mistake does not cross networks.
-                    let from = self.remote().get(&src).map(|r| r.network);
-                    let target = self.clients().get(&dst).cloned();
-                    match (target, from) {
-                        (Some(t), Some(n)) if t.network == n => self.deliver(&t, src, &data),
-                        (Some(_), _) => self.metrics.drop(Drop::OtherNetwork),
-                        (None, _) => self.metrics.drop(Drop::NoSuchPeer),
                     }
                 }
                 _ => {}
@@ -562,7 +584,7 @@ impl Relay {
         let clients = self.clients();
         for s in senders {
             if let Some(c) = clients.get(&s) {
-                c.out.push(gone.clone(), Lane::Disco);
+                c.out.push(&gone, Lane::Disco);
             }
         }
     }

@@ -1,30 +1,35 @@
-//! What waits to be written to one connection: a bulk queue and a separate
-//! path-discovery queue (so bulk cannot starve it), each bounded by frames
-//! *and* by bytes, and the writer that drains them.
+//! What waits to be written to one connection: a bulk lane and a separate
+//! path-discovery lane (so bulk cannot starve it), each a byte buffer
+//! bounded in bytes, and the writer that drains them.
 //!
-//! Bytes are what a flood costs in memory, so they are the bound that
-//! matters: [`BULK_QUEUE`] frames of 64 KiB would be 32 MiB per client, the
-//! byte budget keeps a stuck reader to [`super::ConnLimits::queue_bytes`].
+//! Frames are encoded straight into the lane's buffer: forwarding a packet
+//! allocates nothing once the buffers have grown to the traffic. The
+//! writer swaps a lane's buffer for its spare and writes everything queued
+//! in one call, so a busy link sends many frames per system call while a
+//! lone frame still goes out at once (no timer, no added latency).
+//!
+//! Bytes are what a flood costs in memory, so they are the bound: a stuck
+//! reader holds at most [`super::ConnLimits::queue_bytes`] of bulk frames
+//! (and an eighth of that of discovery frames), and the lanes shrink back
+//! after a burst.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::io::{AsyncWrite, AsyncWriteExt as _};
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 
 use super::metrics::Metrics;
 use crate::io::write_frame;
 use crate::proto::frame::Frame;
 
-/// Frames queued per client before drops begin.
-pub const BULK_QUEUE: usize = 512;
-/// Path-discovery (and control) frames queued per client.
-pub const DISCO_QUEUE: usize = 64;
-/// The discovery queue's share of a client's byte budget.
+/// The discovery lane's share of a client's byte budget.
 const DISCO_SHARE: usize = 8;
+/// A lane buffer larger than this after a write is shrunk back to it: a
+/// burst does not pin its memory.
+const KEEP_CAPACITY: usize = 64 * 1024;
 
-/// Which queue a frame goes to.
+/// Which lane a frame goes to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Lane {
     Bulk,
@@ -32,96 +37,136 @@ pub enum Lane {
     Disco,
 }
 
-struct Budget {
-    used: AtomicUsize,
-    limit: usize,
+#[derive(Default)]
+struct Queued {
+    bytes: Vec<u8>,
+    frames: u64,
 }
 
-impl Budget {
-    fn take(&self, n: usize) -> bool {
-        let before = self.used.fetch_add(n, Ordering::AcqRel);
-        if before + n > self.limit {
-            self.used.fetch_sub(n, Ordering::AcqRel);
-            return false;
+struct LaneState {
+    queued: Mutex<Queued>,
+    /// Bytes queued plus bytes the writer holds: what this lane costs.
+    limit: usize,
+    held: Mutex<usize>,
+}
+
+impl LaneState {
+    fn new(limit: usize) -> Self {
+        LaneState {
+            queued: Mutex::new(Queued::default()),
+            limit,
+            held: Mutex::new(0),
         }
-        true
     }
 
-    fn give(&self, n: usize) {
-        self.used.fetch_sub(n, Ordering::AcqRel);
+    fn queued(&self) -> MutexGuard<'_, Queued> {
+        self.queued.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn held(&self) -> MutexGuard<'_, usize> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+struct Shared {
+    bulk: LaneState,
+    disco: LaneState,
+    wake: Notify,
+    /// Set when the last [`Outbox`] is gone: the writer drains and ends.
+    closed: std::sync::atomic::AtomicBool,
+}
+
+impl Shared {
+    fn lane(&self, lane: Lane) -> &LaneState {
+        match lane {
+            Lane::Bulk => &self.bulk,
+            Lane::Disco => &self.disco,
+        }
+    }
+}
+
+/// Closes the lanes when the last [`Outbox`] clone goes.
+struct Senders(Arc<Shared>);
+
+impl Drop for Senders {
+    fn drop(&mut self) {
+        self.0
+            .closed
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.0.wake.notify_one();
     }
 }
 
 /// The sending side: cloned wherever frames for the connection are made.
 #[derive(Clone)]
 pub struct Outbox {
-    bulk: mpsc::Sender<Vec<u8>>,
-    disco: mpsc::Sender<Vec<u8>>,
-    bulk_bytes: Arc<Budget>,
-    disco_bytes: Arc<Budget>,
+    shared: Arc<Shared>,
+    _senders: Arc<Senders>,
 }
 
 /// The receiving side, for [`write_loop`].
 pub struct Inbox {
-    bulk: mpsc::Receiver<Vec<u8>>,
-    disco: mpsc::Receiver<Vec<u8>>,
-    bulk_bytes: Arc<Budget>,
-    disco_bytes: Arc<Budget>,
+    shared: Arc<Shared>,
 }
 
-/// Queues holding at most `bytes` of bulk frames (and an eighth of that of
+/// Lanes holding at most `bytes` of bulk frames (and an eighth of that of
 /// discovery frames) for one connection.
 pub fn outbox(bytes: usize) -> (Outbox, Inbox) {
-    let (bulk_tx, bulk_rx) = mpsc::channel(BULK_QUEUE);
-    let (disco_tx, disco_rx) = mpsc::channel(DISCO_QUEUE);
-    let budget = |limit| {
-        Arc::new(Budget {
-            used: AtomicUsize::new(0),
-            limit,
-        })
-    };
-    let (bulk_bytes, disco_bytes) = (budget(bytes), budget((bytes / DISCO_SHARE).max(4096)));
+    let shared = Arc::new(Shared {
+        bulk: LaneState::new(bytes),
+        disco: LaneState::new((bytes / DISCO_SHARE).max(4096)),
+        wake: Notify::new(),
+        closed: std::sync::atomic::AtomicBool::new(false),
+    });
     (
         Outbox {
-            bulk: bulk_tx,
-            disco: disco_tx,
-            bulk_bytes: bulk_bytes.clone(),
-            disco_bytes: disco_bytes.clone(),
+            shared: shared.clone(),
+            _senders: Arc::new(Senders(shared.clone())),
         },
-        Inbox {
-            bulk: bulk_rx,
-            disco: disco_rx,
-            bulk_bytes,
-            disco_bytes,
-        },
+        Inbox { shared },
     )
 }
 
 impl Outbox {
     /// Queues an encoded frame; false (and nothing queued) when the lane is
-    /// full by frames or bytes, or the connection is gone.
-    pub fn push(&self, frame: Vec<u8>, lane: Lane) -> bool {
-        let (queue, budget) = match lane {
-            Lane::Bulk => (&self.bulk, &self.bulk_bytes),
-            Lane::Disco => (&self.disco, &self.disco_bytes),
-        };
-        let n = frame.len();
-        if !budget.take(n) {
+    /// full or the connection is gone.
+    pub fn push(&self, frame: &[u8], lane: Lane) -> bool {
+        self.push_with(frame.len(), lane, |b| b.extend_from_slice(frame))
+    }
+
+    /// Queues the `len` bytes `encode` appends to the lane's buffer (a
+    /// frame encoded in place, no buffer of its own); false (and nothing
+    /// queued) when they do not fit or the connection is gone.
+    pub fn push_with(&self, len: usize, lane: Lane, encode: impl FnOnce(&mut Vec<u8>)) -> bool {
+        if self
+            .shared
+            .closed
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
             return false;
         }
-        if queue.try_send(frame).is_err() {
-            budget.give(n);
-            return false;
+        let state = self.shared.lane(lane);
+        {
+            let mut held = state.held();
+            if *held + len > state.limit {
+                return false;
+            }
+            *held += len;
         }
+        {
+            let mut q = state.queued();
+            let before = q.bytes.len();
+            encode(&mut q.bytes);
+            debug_assert_eq!(q.bytes.len() - before, len, "encoded as many bytes as said");
+            q.frames += 1;
+        }
+        self.shared.wake.notify_one();
         true
     }
 
-    /// Bytes queued now, bulk and discovery.
+    /// Bytes queued or being written now, bulk and discovery.
     pub fn queued(&self) -> (usize, usize) {
-        (
-            self.bulk_bytes.used.load(Ordering::Acquire),
-            self.disco_bytes.used.load(Ordering::Acquire),
-        )
+        (*self.shared.bulk.held(), *self.shared.disco.held())
     }
 }
 
@@ -135,34 +180,60 @@ pub struct WriterTimes {
     pub write_timeout: Duration,
 }
 
-/// Writes queued frames, discovery first, with a keepalive when idle. Ends
-/// when both queues close or a write fails or stalls.
+/// Writes queued frames, discovery first, each lane's backlog in one call,
+/// with a keepalive when idle. Ends when the senders are gone and the
+/// lanes are drained, or a write fails or stalls.
 pub async fn write_loop<W: AsyncWrite + Unpin>(
     metrics: &Metrics,
     mut write: W,
-    mut inbox: Inbox,
+    inbox: Inbox,
     times: WriterTimes,
 ) {
+    let shared = inbox.shared;
+    let mut spare = Vec::new();
     let mut scratch = Vec::new();
     let mut idle = Box::pin(tokio::time::sleep(times.keepalive));
-    let (mut bulk_open, mut disco_open) = (true, true);
-    while bulk_open || disco_open {
-        let (frame, lane) = tokio::select! {
-            biased;
-            f = inbox.disco.recv(), if disco_open => match f {
-                Some(f) => (f, Lane::Disco),
-                None => {
-                    disco_open = false;
-                    continue;
-                }
-            },
-            f = inbox.bulk.recv(), if bulk_open => match f {
-                Some(f) => (f, Lane::Bulk),
-                None => {
-                    bulk_open = false;
-                    continue;
-                }
-            },
+    loop {
+        let mut wrote = false;
+        for lane in [Lane::Disco, Lane::Bulk] {
+            let state = shared.lane(lane);
+            let frames = {
+                let mut q = state.queued();
+                std::mem::swap(&mut q.bytes, &mut spare);
+                std::mem::take(&mut q.frames)
+            };
+            if spare.is_empty() {
+                continue;
+            }
+            let sent = tokio::time::timeout(times.write_timeout, async {
+                write.write_all(&spare).await?;
+                write.flush().await
+            })
+            .await;
+            if !matches!(sent, Ok(Ok(()))) {
+                return;
+            }
+            metrics.packets_out.inc_by(frames);
+            metrics.bytes_out.inc_by(spare.len() as u64);
+            *state.held() -= spare.len();
+            spare.clear();
+            if spare.capacity() > KEEP_CAPACITY {
+                spare.shrink_to(KEEP_CAPACITY);
+            }
+            wrote = true;
+        }
+        if wrote {
+            idle.as_mut()
+                .reset(tokio::time::Instant::now() + times.keepalive);
+            // Frames may have arrived during the write: look again before
+            // sleeping.
+            continue;
+        }
+        if shared.closed.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
+        tokio::select! {
+            () = shared.wake.notified() => {}
             () = &mut idle => {
                 let sent = tokio::time::timeout(times.write_timeout, async {
                     write_frame(&mut write, &Frame::KeepAlive, &mut scratch).await?;
@@ -172,26 +243,8 @@ pub async fn write_loop<W: AsyncWrite + Unpin>(
                     return;
                 }
                 idle.as_mut().reset(tokio::time::Instant::now() + times.keepalive);
-                continue;
             }
-        };
-        let budget = match lane {
-            Lane::Bulk => &inbox.bulk_bytes,
-            Lane::Disco => &inbox.disco_bytes,
-        };
-        budget.give(frame.len());
-        metrics.packets_out.inc();
-        metrics.bytes_out.inc_by(frame.len() as u64);
-        let sent = tokio::time::timeout(times.write_timeout, async {
-            write.write_all(&frame).await?;
-            write.flush().await
-        })
-        .await;
-        if !matches!(sent, Ok(Ok(()))) {
-            return;
         }
-        idle.as_mut()
-            .reset(tokio::time::Instant::now() + times.keepalive);
     }
 }
 
@@ -202,19 +255,18 @@ mod tests {
     #[test]
     fn queues_are_bounded_by_bytes() {
         let (out, _inbox) = outbox(10_000);
-        // Ten 1,000-byte frames fit, the eleventh does not, whatever the
-        // frame count allows.
+        // Ten 1,000-byte frames fit, the eleventh does not.
         for _ in 0..10 {
-            assert!(out.push(vec![0; 1000], Lane::Bulk));
+            assert!(out.push(&[0; 1000], Lane::Bulk));
         }
-        assert!(!out.push(vec![0; 1000], Lane::Bulk));
-        assert!(out.push(vec![0; 10], Lane::Disco), "discovery has its own");
+        assert!(!out.push(&[0; 1000], Lane::Bulk));
+        assert!(out.push(&[0; 10], Lane::Disco), "discovery has its own");
         assert_eq!(out.queued(), (10_000, 10));
         // A large frame is refused whole, leaving room for small ones.
         let (out, _inbox) = outbox(100_000);
-        assert!(out.push(vec![0; 60_000], Lane::Bulk));
-        assert!(!out.push(vec![0; 60_000], Lane::Bulk));
-        assert!(out.push(vec![0; 40_000], Lane::Bulk));
+        assert!(out.push(&[0; 60_000], Lane::Bulk));
+        assert!(!out.push(&[0; 60_000], Lane::Bulk));
+        assert!(out.push(&[0; 40_000], Lane::Bulk));
         assert_eq!(out.queued().0, 100_000);
     }
 
@@ -231,7 +283,7 @@ mod tests {
         let reader = async {
             use tokio::io::AsyncReadExt as _;
             for _ in 0..10 {
-                assert!(out.push(vec![0xab; 1000], Lane::Bulk));
+                assert!(out.push(&[0xab; 1000], Lane::Bulk));
             }
             let mut got = vec![0u8; 10_000];
             far.read_exact(&mut got).await.unwrap();
@@ -258,10 +310,62 @@ mod tests {
             keepalive: Duration::from_secs(10),
             write_timeout: Duration::from_secs(5),
         };
-        assert!(out.push(vec![0; 4096], Lane::Bulk));
+        assert!(out.push(&[0; 4096], Lane::Bulk));
         let start = tokio::time::Instant::now();
         write_loop(&metrics, near, inbox, times).await;
         assert_eq!(start.elapsed(), Duration::from_secs(5));
         drop(out);
+    }
+
+    /// Records each write it is given.
+    struct Writes(Vec<Vec<u8>>);
+
+    impl AsyncWrite for Writes {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            self.0.push(buf.to_vec());
+            std::task::Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_backlog_goes_out_in_one_write_per_lane_discovery_first() {
+        let (out, inbox) = outbox(1 << 20);
+        for i in 0..100u8 {
+            assert!(out.push_with(3, Lane::Bulk, |b| b.extend_from_slice(&[i; 3])));
+        }
+        assert!(out.push(b"disco", Lane::Disco));
+        drop(out);
+        let metrics = Metrics::default();
+        let times = WriterTimes {
+            keepalive: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(5),
+        };
+        let mut writes = Writes(Vec::new());
+        // The senders are gone: the writer drains the lanes and ends.
+        write_loop(&metrics, &mut writes, inbox, times).await;
+        assert_eq!(writes.0.len(), 2, "one write per lane");
+        assert_eq!(writes.0[0], b"disco");
+        let bulk: Vec<u8> = (0..100u8).flat_map(|i| [i; 3]).collect();
+        assert_eq!(writes.0[1], bulk, "in order");
+        assert_eq!(metrics.packets_out.get(), 101);
+        assert_eq!(metrics.bytes_out.get(), 305);
     }
 }

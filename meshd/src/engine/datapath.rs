@@ -576,54 +576,66 @@ pub(super) async fn relay_to_tun(
 ) {
     let mut events = events.lock().await;
     let mut outbuf = vec![0u8; BUF_SIZE];
-    let mut tun = TunOut::new(false);
+    // What a relay link delivered together is written together: TCP runs
+    // coalesced into one TUN write, as on the UDP path.
+    let mut tun = TunOut::new(shared.offloads.tso);
     let mut cookie = [0u8; COOKIE_REPLY_LEN];
-    while let Some((region, event)) = events.recv().await {
-        match event {
-            RelayEvent::Packet { src, data } => {
-                let key = NodePublic::from_bytes(src);
-                let table = shared.peers.load();
-                if platform::disco::is_disco(&data) {
-                    disco::handle(&shared, &table, &data, Via::Relay(region), Some(key)).await;
-                    continue;
+    let mut batch = Vec::with_capacity(RELAY_BATCH);
+    while events.recv_many(&mut batch, RELAY_BATCH).await > 0 {
+        for (region, event) in batch.drain(..) {
+            relay_event(&shared, region, event, &mut outbuf, &mut tun, &mut cookie).await;
+        }
+        tun.flush(&shared).await;
+    }
+}
+
+/// Relay events handled before the TUN writes they produced are flushed.
+const RELAY_BATCH: usize = 64;
+
+async fn relay_event(
+    shared: &Arc<Shared>,
+    region: u32,
+    event: RelayEvent,
+    outbuf: &mut [u8],
+    tun: &mut TunOut,
+    cookie: &mut [u8; COOKIE_REPLY_LEN],
+) {
+    match event {
+        RelayEvent::Packet { src, data } => {
+            let key = NodePublic::from_bytes(src);
+            let table = shared.peers.load();
+            if platform::disco::is_disco(&data) {
+                disco::handle(shared, &table, &data, Via::Relay(region), Some(key)).await;
+                return;
+            }
+            // The relay vouches for the sender's key; the WireGuard
+            // session still authenticates every packet.
+            let Some(peer) = table.by_key.get(&key).cloned() else {
+                // Maybe an initiation from a device we are about to hear
+                // of: the handshake task checks it and keeps it if so.
+                let admitted = data.first() == Some(&HANDSHAKE_INIT)
+                    && admit(&shared.identity.load().limiter, None, &data, cookie)
+                        == Admission::Handshake;
+                if admitted {
+                    shared.queue_handshake(&data, Via::Relay(region));
+                } else {
+                    bump(&shared.counters.drop_unknown_peer);
                 }
-                // The relay vouches for the sender's key; the WireGuard
-                // session still authenticates every packet.
-                let Some(peer) = table.by_key.get(&key).cloned() else {
-                    // Maybe an initiation from a device we are about to hear
-                    // of: the handshake task checks it and keeps it if so.
-                    let admitted = data.first() == Some(&HANDSHAKE_INIT)
-                        && admit(&shared.identity.load().limiter, None, &data, &mut cookie)
-                            == Admission::Handshake;
-                    if admitted {
-                        shared.queue_handshake(&data, Via::Relay(region));
-                    } else {
-                        bump(&shared.counters.drop_unknown_peer);
-                    }
-                    continue;
-                };
-                bump(&shared.counters.rx_relayed);
-                receive(
-                    &shared,
-                    &peer,
-                    &data,
-                    Via::Relay(region),
-                    &mut outbuf,
-                    &mut tun,
-                )
-                .await;
-            }
-            RelayEvent::Connected => {
-                tracing::info!(region, "relay connected");
-                shared.relays.mark(region, true);
-            }
-            RelayEvent::Disconnected { reason } => {
-                tracing::warn!(region, %reason, "relay link down");
-                shared.relays.mark(region, false);
-            }
-            RelayEvent::PeerGone { key, reason } => {
-                tracing::debug!(region, peer = %NodePublic::from_bytes(key).short(), ?reason, "peer not at relay");
-            }
+                return;
+            };
+            bump(&shared.counters.rx_relayed);
+            receive(shared, &peer, &data, Via::Relay(region), outbuf, tun).await;
+        }
+        RelayEvent::Connected => {
+            tracing::info!(region, "relay connected");
+            shared.relays.mark(region, true);
+        }
+        RelayEvent::Disconnected { reason } => {
+            tracing::warn!(region, %reason, "relay link down");
+            shared.relays.mark(region, false);
+        }
+        RelayEvent::PeerGone { key, reason } => {
+            tracing::debug!(region, peer = %NodePublic::from_bytes(key).short(), ?reason, "peer not at relay");
         }
     }
 }
