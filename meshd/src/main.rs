@@ -73,7 +73,7 @@ enum Command {
         resolv_conf: PathBuf,
         /// The kernel's TUN offloads (checksum, TCP/UDP segmentation): on
         /// where the kernel has them, or off.
-        #[arg(long, env = "MESHD_TUN_OFFLOADS", default_value = "on", value_parser = parse_on_off)]
+        #[arg(long, env = "MESHD_TUN_OFFLOADS", default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set)]
         tun_offloads: bool,
     },
     /// Offer this device's compute to the network, or stop.
@@ -171,7 +171,7 @@ enum Command {
         #[arg(long, default_value_t = engine::DEFAULT_MTU)]
         mtu: u16,
         /// The kernel's TUN offloads: on where the kernel has them, or off.
-        #[arg(long, env = "MESHD_TUN_OFFLOADS", default_value = "on", value_parser = parse_on_off)]
+        #[arg(long, env = "MESHD_TUN_OFFLOADS", default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set)]
         tun_offloads: bool,
         /// PUBLIC_KEY,ENDPOINT,ALLOWED_IP[+ALLOWED_IP…] (repeatable).
         #[arg(long = "peer", required = true)]
@@ -534,5 +534,41 @@ fn main() -> ExitCode {
             status_text::eprintln(&format!("error: {e:#}"));
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--tun-offloads` takes a value, on the command line as in the
+    /// environment.
+    #[test]
+    fn tun_offloads_takes_on_or_off() {
+        let offloads = |args: &[&str]| match Cli::try_parse_from(args).map(|c| c.command) {
+            Ok(Command::Tunnel { tun_offloads, .. }) => Ok(tun_offloads),
+            Ok(_) => unreachable!(),
+            Err(e) => Err(e.kind()),
+        };
+        let tunnel = [
+            "meshd",
+            "tunnel",
+            "--private-key-file",
+            "k",
+            "--port",
+            "1",
+            "--address",
+            "100.64.0.1/10",
+            "--peer",
+            "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=,127.0.0.1:2,100.64.0.2",
+        ];
+        let with = |extra: &[&'static str]| {
+            let mut v = tunnel.to_vec();
+            v.extend_from_slice(extra);
+            v
+        };
+        assert_eq!(offloads(&with(&["--tun-offloads", "off"])), Ok(false));
+        assert_eq!(offloads(&with(&["--tun-offloads=on"])), Ok(true));
+        assert!(offloads(&with(&["--tun-offloads", "maybe"])).is_err());
     }
 }
