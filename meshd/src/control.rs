@@ -2,7 +2,6 @@
 //! engine's peers current (full netmap, then deltas; heartbeats and endpoint
 //! updates upstream; reconnects with backoff).
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,7 +21,6 @@ use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::Connector;
 
-use crate::endpoints::local_endpoints;
 use crate::engine::EngineSlot;
 use crate::key_expiry;
 use crate::keyring::KeyRing;
@@ -32,8 +30,6 @@ use crate::state::Keys;
 /// How often local addresses are checked for changes.
 const ENDPOINT_CHECK: Duration = Duration::from_secs(10);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
-/// How long an endpoint check waits for STUN answers.
-const STUN_WAIT: Duration = Duration::from_millis(500);
 /// How long the coordinator may take to answer a hello.
 const HELLO_WAIT: Duration = Duration::from_secs(15);
 /// Longest sleep before peer key expiries are looked at again (the wall
@@ -432,7 +428,7 @@ async fn map_session(
     let mut apply_now = true;
     // When the next peer key expires: the netmap is applied again then.
     let mut next_expiry: Option<u64> = None;
-    let mut reported: Vec<SocketAddr> = Vec::new();
+    let mut reporter = netcheck::Reporter::default();
     let mut heartbeat = tokio::time::interval(Duration::from_secs(HEARTBEAT_INTERVAL_SECS));
     let mut caps_sent = false;
     let mut endpoint_check = tokio::time::interval(ENDPOINT_CHECK);
@@ -515,35 +511,15 @@ async fn map_session(
                 let report = caps.borrow_and_update().clone();
                 send(&mut ws, &ClientMessage::Heartbeat { capabilities: Some(report) }).await?;
             }
+            // The engine's measurements decide what the coordinator hears.
             _ = endpoint_check.tick() => {
                 let (Some(map), Some(e)) = (&netmap, engine.get()) else { continue };
-                if e.home_region().is_none() && !map.relay_map.regions.is_empty() {
-                    let latencies = netcheck::relay_latencies(&map.relay_map).await;
-                    if let Some(region) = netcheck::pick_home(&latencies) {
-                        tracing::info!(region, "home relay region chosen");
-                        e.set_home_region(region);
-                        send(&mut ws, &ClientMessage::HomeRegion { region }).await?;
-                    }
+                let findings = reporter.check(&e, map).await;
+                if let Some(retry) = findings.retry_in {
+                    endpoint_check.reset_after(retry);
                 }
-                let stun = netcheck::stun_servers(&map.relay_map).await;
-                if !stun.is_empty() {
-                    // Short wait: the answers usually take a round trip.
-                    e.stun_report(&stun, STUN_WAIT).await;
-                    if e.public_endpoint().is_none() {
-                        endpoint_check.reset_after(Duration::from_secs(1));
-                    }
-                }
-                let mut now = local_endpoints(e.udp_port(), &map.routes, e.tun_name());
-                if let Some(public) = e.public_endpoint() {
-                    now.push(public);
-                    now.sort();
-                    now.dedup();
-                }
-                e.set_own_endpoints(now.clone());
-                if now != reported {
-                    tracing::debug!(endpoints = ?now, "reporting endpoints");
-                    send(&mut ws, &ClientMessage::Endpoints { endpoints: now.clone() }).await?;
-                    reported = now;
+                for message in &findings.messages {
+                    send(&mut ws, message).await?;
                 }
             }
         }
@@ -562,6 +538,7 @@ async fn send(ws: &mut Ws, msg: &ClientMessage) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::SocketAddr;
 
     /// A server on 127.0.0.1 with a certificate from a private CA no client
     /// here trusts; it only ever handshakes. Returns its address.

@@ -1,9 +1,88 @@
-//! Measurements of the network around this device: latency to each relay
-//! region, to choose the home region.
+//! Measurements of the network around this device and what follows from
+//! them for the coordinator: the home relay region (lowest latency), the
+//! public address STUN servers see, and the endpoints peers can try. The
+//! map stream only forwards what [`Reporter::check`] returns.
 
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use platform::netmap::RelayMap;
+use platform::api::ClientMessage;
+use platform::netmap::{NetMap, RelayMap};
+
+use crate::endpoints::local_endpoints;
+use crate::engine::Engine;
+
+/// How long a check waits for STUN answers.
+const STUN_WAIT: Duration = Duration::from_millis(500);
+/// A check without a public address yet is repeated this soon.
+const NO_PUBLIC_RETRY: Duration = Duration::from_secs(1);
+
+/// What one check found that the coordinator must hear, and when to
+/// check again sooner than usual.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Findings {
+    pub messages: Vec<ClientMessage>,
+    pub retry_in: Option<Duration>,
+}
+
+/// Remembers what the coordinator was told, so only changes are sent.
+#[derive(Debug, Default)]
+pub struct Reporter {
+    reported: Vec<SocketAddr>,
+}
+
+impl Reporter {
+    /// Measures (home region when none is chosen, STUN) and gathers the
+    /// endpoints for `engine`'s socket; tells `engine` what it found.
+    pub async fn check(&mut self, engine: &Engine, map: &NetMap) -> Findings {
+        let mut messages = Vec::new();
+        if engine.home_region().is_none() && !map.relay_map.regions.is_empty() {
+            if let Some(region) = pick_home(&relay_latencies(&map.relay_map).await) {
+                tracing::info!(region, "home relay region chosen");
+                engine.set_home_region(region);
+                messages.push(ClientMessage::HomeRegion { region });
+            }
+        }
+        let stun = stun_servers(&map.relay_map).await;
+        if !stun.is_empty() {
+            // Short wait: the answers usually take a round trip.
+            engine.stun_report(&stun, STUN_WAIT).await;
+        }
+        let local = local_endpoints(engine.udp_port(), &map.routes, engine.tun_name());
+        let public = engine.public_endpoint();
+        let endpoints = self.decide(local, public);
+        engine.set_own_endpoints(endpoints.current.clone());
+        if let Some(changed) = endpoints.changed {
+            tracing::debug!(endpoints = ?changed, "reporting endpoints");
+            messages.push(ClientMessage::Endpoints { endpoints: changed });
+        }
+        Findings {
+            messages,
+            retry_in: (!stun.is_empty() && public.is_none()).then_some(NO_PUBLIC_RETRY),
+        }
+    }
+
+    /// The endpoints now (local ones plus the public one, sorted, without
+    /// repeats) and, when they differ from the last report, the new report.
+    fn decide(&mut self, mut local: Vec<SocketAddr>, public: Option<SocketAddr>) -> Endpoints {
+        local.extend(public);
+        local.sort();
+        local.dedup();
+        let changed = (local != self.reported).then(|| {
+            self.reported.clone_from(&local);
+            local.clone()
+        });
+        Endpoints {
+            current: local,
+            changed,
+        }
+    }
+}
+
+struct Endpoints {
+    current: Vec<SocketAddr>,
+    changed: Option<Vec<SocketAddr>>,
+}
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -54,6 +133,24 @@ pub async fn stun_servers(map: &RelayMap) -> Vec<std::net::SocketAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn endpoints_are_reported_when_they_change_and_only_then() {
+        let a: SocketAddr = "10.0.0.2:41641".parse().unwrap();
+        let b: SocketAddr = "192.168.1.5:41641".parse().unwrap();
+        let public: SocketAddr = "203.0.113.7:5000".parse().unwrap();
+        let mut r = Reporter::default();
+        let first = r.decide(vec![b, a], None);
+        assert_eq!(first.current, vec![a, b], "sorted");
+        assert_eq!(first.changed, Some(vec![a, b]));
+        assert_eq!(r.decide(vec![a, b], None).changed, None, "unchanged");
+        // STUN found the public address: one new report with it.
+        let with_public = r.decide(vec![a, b], Some(public));
+        assert_eq!(with_public.changed, Some(vec![a, b, public]));
+        // The public address is also a local one: listed once.
+        let mut r = Reporter::default();
+        assert_eq!(r.decide(vec![a], Some(a)).current, vec![a]);
+    }
 
     #[test]
     fn home_is_the_fastest_reachable_region() {

@@ -53,11 +53,11 @@ measure() {
     port_b=$((port_a + 100))
     ip netns exec "$tag-a" "$MESHD_BIN" tunnel --tun cm0 --private-key-file "$dir/a.key" \
         --port "$port_a" --address 100.70.0.1/24 --tun-offloads "$mode" \
-        --peer "$(cat "$dir/b.pub"),10.77.0.2:$port_b,100.70.0.2/32" >"$dir/a-$mode.log" 2>&1 &
+        --peer "$(cat "$dir/b.pub"),10.77.0.2:$port_b,100.70.0.2" >"$dir/a-$mode.log" 2>&1 &
     a=$!
     ip netns exec "$tag-b" "$MESHD_BIN" tunnel --tun cm0 --private-key-file "$dir/b.key" \
         --port "$port_b" --address 100.70.0.2/24 --tun-offloads "$mode" \
-        --peer "$(cat "$dir/a.pub"),10.77.0.1:$port_a,100.70.0.1/32" >"$dir/b-$mode.log" 2>&1 &
+        --peer "$(cat "$dir/a.pub"),10.77.0.1:$port_a,100.70.0.1" >"$dir/b-$mode.log" 2>&1 &
     b=$!
     pids+=("$a" "$b")
     for _ in $(seq 50); do
