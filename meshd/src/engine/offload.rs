@@ -832,6 +832,19 @@ mod tests {
         assert_eq!(VnetHdr::parse(&w[2]), Some(VnetHdr::default()));
     }
 
+    #[test]
+    fn fuzz_corpus_replays_cleanly() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/tun_offload");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).expect("seed corpus") {
+            let path = entry.expect("corpus entry").path();
+            fuzz_offload(&std::fs::read(&path).expect("corpus file"));
+            n += 1;
+        }
+        assert!(n >= 20, "seed corpus has {n} files");
+    }
+
     proptest! {
         /// Valid super-packets (our own split of a stream, coalesced back
         /// into one), then mangled at one byte: the fuzz target's checks
