@@ -361,10 +361,9 @@ async fn send<W: AsyncWrite + Unpin>(
     frame: &Frame,
     scratch: &mut Vec<u8>,
 ) -> anyhow::Result<()> {
-    tokio::time::timeout(READ_DEADLINE, write_frame(write, frame, scratch))
-        .await
-        .context("the relay stopped reading")?
-        .context("writing to the relay")
+    scratch.clear();
+    frame.encode(scratch).context("encoding a frame")?;
+    write_all(write, scratch).await
 }
 
 #[cfg(test)]
