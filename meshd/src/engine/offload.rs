@@ -834,8 +834,7 @@ mod tests {
 
     #[test]
     fn fuzz_corpus_replays_cleanly() {
-        let dir =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/tun_offload");
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/tun_offload");
         let mut n = 0;
         for entry in std::fs::read_dir(&dir).expect("seed corpus") {
             let path = entry.expect("corpus entry").path();

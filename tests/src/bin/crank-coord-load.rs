@@ -74,7 +74,12 @@ fn args() -> anyhow::Result<Args> {
 /// Device `i`'s own loopback address: 127.1.0.1 upwards.
 fn source(i: usize) -> IpAddr {
     let n = i as u32 + 1;
-    IpAddr::V4(Ipv4Addr::new(127, 1 + (n >> 16) as u8, (n >> 8) as u8, n as u8))
+    IpAddr::V4(Ipv4Addr::new(
+        127,
+        1 + (n >> 16) as u8,
+        (n >> 8) as u8,
+        n as u8,
+    ))
 }
 
 fn unix_now() -> u64 {
@@ -156,7 +161,11 @@ async fn open(url: &str, server: SocketAddr, i: usize, keys: &Keys) -> anyhow::R
     let (mut ws, _) = tokio_tungstenite::client_async(url, tcp)
         .await
         .context("upgrading to a WebSocket")?;
-    let nonce = match parse(&next_text(&mut ws).await?.context("closed before the challenge")?)? {
+    let nonce = match parse(
+        &next_text(&mut ws)
+            .await?
+            .context("closed before the challenge")?,
+    )? {
         ServerMessage::Challenge { nonce } => nonce,
         other => bail!("expected the challenge, got {other:?}"),
     };
@@ -170,9 +179,13 @@ async fn open(url: &str, server: SocketAddr, i: usize, keys: &Keys) -> anyhow::R
             nonce,
         },
     );
-    ws.send(Message::text(serde_json::to_string(&ClientMessage::Hello { hello })?))
-        .await?;
-    let first = next_text(&mut ws).await?.context("closed before the netmap")?;
+    ws.send(Message::text(serde_json::to_string(
+        &ClientMessage::Hello { hello },
+    )?))
+    .await?;
+    let first = next_text(&mut ws)
+        .await?
+        .context("closed before the netmap")?;
     match parse(&first)? {
         ServerMessage::Full { .. } => Ok((ws, first.len())),
         other => bail!("expected the full netmap, got {other:?}"),
@@ -334,7 +347,9 @@ async fn run(a: Args) -> anyhow::Result<String> {
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let last = *last_message.lock().unwrap_or_else(|p| p.into_inner());
-        if last.elapsed() > Duration::from_secs(2) || quiet_since.elapsed() > Duration::from_secs(120) {
+        if last.elapsed() > Duration::from_secs(2)
+            || quiet_since.elapsed() > Duration::from_secs(120)
+        {
             break;
         }
     }
@@ -372,11 +387,15 @@ async fn run(a: Args) -> anyhow::Result<String> {
                 break;
             }
         }
-        let h = heard.lock().unwrap_or_else(|p| p.into_inner());
-        let times = h.arrivals.get(&(who.node, port)).cloned().unwrap_or_default();
+        let times = heard
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .arrivals
+            .get(&(who.node, port))
+            .cloned()
+            .unwrap_or_default();
         missed += (n - 1).saturating_sub(times.len());
         latencies.extend(times.iter().map(|t| t.duration_since(t0)));
-        drop(h);
         // Reports are rate limited per device: the next one comes from
         // another device anyway, but give the fan-out a moment to settle.
         tokio::time::sleep(Duration::from_millis(500)).await;
