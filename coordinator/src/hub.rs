@@ -526,6 +526,30 @@ impl Hub {
         self.revocations.subscribe()
     }
 
+    /// Starts the grace period of an ephemeral device that has no stream
+    /// here (as at a restart, when nobody is connected yet): unless it
+    /// connects within the grace period, [`Hub::sweep`] returns it for
+    /// deletion. A device that is connected is left alone.
+    pub fn depart_ephemeral(
+        &self,
+        network_id: i64,
+        device_id: i64,
+        node_key: NodePublic,
+        now: Instant,
+    ) {
+        let mut inner = self.lock();
+        let connected = inner
+            .networks
+            .get(&network_id)
+            .is_some_and(|n| n.contains_key(&device_id));
+        if !connected {
+            inner
+                .departed_ephemeral
+                .entry(device_id)
+                .or_insert((network_id, node_key, now));
+        }
+    }
+
     /// Marks devices silent past the grace period offline, and returns the
     /// ephemeral devices gone longer than it (for the caller to delete).
     pub fn sweep(&self, now: Instant) -> Vec<Expired> {
@@ -750,6 +774,28 @@ mod tests {
             }]
         );
         assert!(hub.sweep(t0 + Duration::from_secs(40)).is_empty());
+    }
+
+    #[test]
+    fn ephemeral_devices_found_at_a_restart_get_their_grace_period() {
+        let hub = Hub::new(Duration::from_secs(20));
+        let t0 = Instant::now();
+        // Device 5 reconnects in time, device 6 never does; device 7 is
+        // connected when the restart's scan finds it.
+        let live = hub.connect(1, 7, key(7), true, t0);
+        for d in [5, 6, 7] {
+            hub.depart_ephemeral(1, d, key(d as u8), t0);
+        }
+        let back = hub.connect(1, 5, key(5), true, t0 + Duration::from_secs(3));
+        assert_eq!(
+            hub.sweep(t0 + Duration::from_secs(21)),
+            vec![Expired {
+                network_id: 1,
+                device_id: 6,
+                node_key: key(6)
+            }]
+        );
+        drop((live, back));
     }
 
     #[test]

@@ -230,6 +230,9 @@ pub(crate) const PRESENCE_CHECK: Duration = Duration::from_secs(2);
 /// Marks devices offline, deletes departed ephemeral devices, and shuts out
 /// devices whose node key expired, forever.
 pub async fn run_sweeper(state: SharedState) {
+    if let Err(e) = adopt_ephemeral(&state, Instant::now()).await {
+        tracing::warn!(error = %e, "listing ephemeral devices at start");
+    }
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut last_expiry_check = Instant::now() - EXPIRY_CHECK;
     let mut last_presence_check = Instant::now();
@@ -273,6 +276,19 @@ pub async fn run_sweeper(state: SharedState) {
             }
         }
     }
+}
+
+/// At start, who was connected before is not known (a restart forgets it):
+/// every ephemeral device without a stream starts its grace period at
+/// `now`, and one that does not come back within it is deleted as if it
+/// had just left. Pending deletions thus survive a restart.
+pub(crate) async fn adopt_ephemeral(state: &SharedState, now: Instant) -> Result<(), AppError> {
+    for row in state.store.ephemeral_devices().await? {
+        state
+            .hub
+            .depart_ephemeral(row.network_id, row.id, row.node_key()?, now);
+    }
+    Ok(())
 }
 
 /// Ends every map stream whose device no longer exists or was revoked.

@@ -948,6 +948,29 @@ async fn streams_of_devices_removed_elsewhere_are_closed() {
     assert!(super::PRESENCE_CHECK <= Duration::from_secs(5));
 }
 
+/// An ephemeral device that went away just before a restart is still
+/// deleted after the grace period: the new process finds it at start.
+#[tokio::test]
+async fn pending_ephemeral_deletions_survive_a_restart() {
+    let h = Harness::new().await;
+    let key = h
+        .network_and_key(json!({"reusable": true, "ephemeral": true}))
+        .await;
+    let addr = serve(&h.state).await;
+    let (id, ws) = device_with_stream(&h, addr, &key, "passing").await;
+    drop(ws);
+    // A new process on the same database: nothing connected, nothing
+    // pending in memory until the start-up scan.
+    let restarted = test_support::state(h.state.store.clone(), None);
+    let t0 = std::time::Instant::now();
+    assert!(restarted.hub.sweep(t0 + Duration::from_secs(60)).is_empty());
+    super::adopt_ephemeral(&restarted, t0).await.unwrap();
+    assert!(restarted.hub.sweep(t0 + Duration::from_secs(10)).is_empty());
+    let gone = restarted.hub.sweep(t0 + Duration::from_secs(21));
+    assert_eq!(gone.len(), 1);
+    assert_eq!(gone[0].device_id, id);
+}
+
 #[tokio::test]
 async fn anonymous_endpoints_are_limited_per_source() {
     let (store, _dir) = test_store().await;

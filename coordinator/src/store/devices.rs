@@ -644,6 +644,15 @@ impl Store {
         .await?)
     }
 
+    /// Every ephemeral device, in every network.
+    pub async fn ephemeral_devices(&self) -> Result<Vec<DeviceRow>, AppError> {
+        Ok(sqlx::query_as(&format!(
+            "{SELECT_DEVICE} WHERE d.ephemeral = 1 ORDER BY d.id"
+        ))
+        .fetch_all(self.pool())
+        .await?)
+    }
+
     pub async fn set_endpoints(&self, id: i64, endpoints: &[SocketAddr]) -> Result<(), AppError> {
         sqlx::query("UPDATE devices SET endpoints = ? WHERE id = ?")
             .bind(serde_json::to_string(endpoints).map_err(anyhow::Error::from)?)
