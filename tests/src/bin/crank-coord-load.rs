@@ -114,6 +114,23 @@ fn process_usage(pid: u32) -> Option<(f64, f64)> {
     Some((hwm_kib / 1024.0, ticks / 100.0))
 }
 
+/// Reports the coordinator's resident memory (now and peak) and CPU so
+/// far on stderr, to tell which phase costs what.
+fn phase(pid: Option<u32>, what: &str) {
+    let Some(pid) = pid else { return };
+    let rss_now = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .map(|v| v.trim().to_owned())
+        })
+        .unwrap_or_default();
+    if let Some((peak, cpu)) = process_usage(pid) {
+        eprintln!("{what}: coordinator RSS {rss_now}, peak {peak:.0} MiB, CPU {cpu:.1} s");
+    }
+}
+
 /// One device's open stream, as the load run sees it.
 struct Device {
     node: NodePublic,
@@ -297,6 +314,7 @@ async fn run(a: Args) -> anyhow::Result<String> {
         t.await??;
     }
     let registration = started.elapsed();
+    phase(a.pid, "registered");
 
     // Map streams.
     let heard = Arc::new(Mutex::new(Heard::default()));
@@ -341,6 +359,7 @@ async fn run(a: Args) -> anyhow::Result<String> {
         full_bytes = full_bytes.max(b);
     }
     to_full.sort();
+    phase(a.pid, "streams open");
 
     // Let the announcements of the last devices drain.
     let quiet_since = Instant::now();
@@ -401,6 +420,7 @@ async fn run(a: Args) -> anyhow::Result<String> {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     latencies.sort();
+    phase(a.pid, "changes timed");
     let delta_bytes = {
         let h = heard.lock().unwrap_or_else(|p| p.into_inner());
         let mut b = h.delta_bytes.clone();
