@@ -386,34 +386,6 @@ mod tests {
         drop(out);
     }
 
-    /// Records each write it is given.
-    struct Writes(Vec<Vec<u8>>);
-
-    impl AsyncWrite for Writes {
-        fn poll_write(
-            mut self: std::pin::Pin<&mut Self>,
-            _: &mut std::task::Context<'_>,
-            buf: &[u8],
-        ) -> std::task::Poll<std::io::Result<usize>> {
-            self.0.push(buf.to_vec());
-            std::task::Poll::Ready(Ok(buf.len()))
-        }
-
-        fn poll_flush(
-            self: std::pin::Pin<&mut Self>,
-            _: &mut std::task::Context<'_>,
-        ) -> std::task::Poll<std::io::Result<()>> {
-            std::task::Poll::Ready(Ok(()))
-        }
-
-        fn poll_shutdown(
-            self: std::pin::Pin<&mut Self>,
-            _: &mut std::task::Context<'_>,
-        ) -> std::task::Poll<std::io::Result<()>> {
-            std::task::Poll::Ready(Ok(()))
-        }
-    }
-
     #[tokio::test(start_paused = true)]
     async fn a_backlog_goes_out_in_one_write_per_lane_discovery_first() {
         let (out, inbox) = outbox(1 << 20);
@@ -431,23 +403,27 @@ mod tests {
             keepalive: Duration::from_secs(10),
             write_timeout: Duration::from_secs(5),
         };
-        let mut writes = Writes(Vec::new());
+        let mut w = Writes {
+            writes: Vec::new(),
+            cut_in: None,
+        };
         // The senders are gone: the writer drains the lanes and ends.
-        write_loop(&metrics, &mut writes, inbox, times).await;
-        assert_eq!(writes.0.len(), 2, "one write per lane");
-        assert_eq!(writes.0[0], b"disco");
-        assert_eq!(writes.0[1], bulk, "in order");
+        write_loop(&metrics, &mut w, inbox, times).await;
+        assert_eq!(w.writes.len(), 2, "one write per lane");
+        assert_eq!(w.writes[0], b"disco");
+        assert_eq!(w.writes[1], bulk, "in order");
         assert_eq!(metrics.packets_out.get(), 101);
         assert_eq!(metrics.bytes_out.get(), 4005);
     }
 
-    /// Records each write, and pushes a discovery frame during the first.
-    struct CuttingIn {
+    /// Records each write, and pushes a discovery frame into `cut_in`
+    /// (when given) during the first.
+    struct Writes {
         writes: Vec<Vec<u8>>,
         cut_in: Option<Outbox>,
     }
 
-    impl AsyncWrite for CuttingIn {
+    impl AsyncWrite for Writes {
         fn poll_write(
             mut self: std::pin::Pin<&mut Self>,
             _: &mut std::task::Context<'_>,
@@ -487,7 +463,7 @@ mod tests {
             }));
             Frame::encode_recv_packet(&[i; 32], &[i; 1000], &mut expected);
         }
-        let mut w = CuttingIn {
+        let mut w = Writes {
             writes: Vec::new(),
             cut_in: Some(out.clone()),
         };
