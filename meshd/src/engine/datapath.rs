@@ -71,33 +71,52 @@ pub(super) async fn tun_to_peers(shared: Arc<Shared>) {
 
 /// Encrypts one IP packet from this device for its peer and sends it.
 async fn seal_and_send(shared: &Shared, packet: &[u8], outbuf: &mut [u8], outs: &mut Vec<Out>) {
+    if let Some((range, targets, key)) = seal(shared, packet, outbuf, outs).await {
+        send_to_peer(shared, &key, &outbuf[range], targets).await;
+    }
+}
+
+/// Finds the peer `packet` is for and lets its session encrypt it into
+/// `out`, sending what its path machine asks for on the way (pings,
+/// call-me-maybes). The sealed datagram's range in `out`, where it goes
+/// and the peer's key; `None` when it was dropped (counted) or queued
+/// until a handshake completes.
+async fn seal(
+    shared: &Shared,
+    packet: &[u8],
+    out: &mut [u8],
+    outs: &mut Vec<Out>,
+) -> Option<(Range<usize>, Targets, NodePublic)> {
     let Some(dst) = Tunn::dst_address(packet) else {
         bump(&shared.counters.drop_malformed);
-        return;
+        return None;
     };
     let table = shared.peers.load();
     let Some(peer) = table.by_ip.get(&dst) else {
         tracing::trace!(%dst, "no peer has this address");
         bump(&shared.counters.drop_no_route);
-        return;
+        return None;
     };
     let now = Instant::now();
     if !shared.filter.outbound(packet, now) {
         bump(&shared.counters.filter_flows_full);
     }
     outs.clear();
-    let sealed = peer.lock().encrypt(packet, outbuf, now, outs);
+    let sealed = peer.lock().encrypt(packet, out, now, outs);
     if !outs.is_empty() {
         disco::send_outs(shared, peer, outs).await;
     }
     match sealed {
         Ok(Some((range, targets))) => {
-            send_to_peer(shared, &peer.node_key, &outbuf[range], targets).await;
             bump(&shared.counters.tx_packets);
+            Some((range, targets, peer.node_key))
         }
         // Queued until the handshake completes.
-        Ok(None) => {}
-        Err(e) => tracing::trace!(error = ?e, "encapsulate"),
+        Ok(None) => None,
+        Err(e) => {
+            tracing::trace!(error = ?e, "encapsulate");
+            None
+        }
     }
 }
 
@@ -173,34 +192,10 @@ async fn seal_into_batch(
     batch: &mut SendBatch,
     outs: &mut Vec<Out>,
 ) {
-    let Some(dst) = Tunn::dst_address(packet) else {
-        bump(&shared.counters.drop_malformed);
-        return;
-    };
-    let table = shared.peers.load();
-    let Some(peer) = table.by_ip.get(&dst) else {
-        bump(&shared.counters.drop_no_route);
-        return;
-    };
-    let now = Instant::now();
-    if !shared.filter.outbound(packet, now) {
-        bump(&shared.counters.filter_flows_full);
-    }
-    outs.clear();
     let at = batch.len;
-    let sealed = peer.lock().encrypt(packet, &mut batch.buf[at..], now, outs);
-    if !outs.is_empty() {
-        disco::send_outs(shared, peer, outs).await;
-    }
-    let (range, targets) = match sealed {
-        Ok(Some(sealed)) => sealed,
-        Ok(None) => return,
-        Err(e) => {
-            tracing::trace!(error = ?e, "encapsulate");
-            return;
-        }
+    let Some((range, targets, key)) = seal(shared, packet, &mut batch.buf[at..], outs).await else {
+        return;
     };
-    bump(&shared.counters.tx_packets);
     let (start, n) = (at + range.start, range.len());
     let single = match targets {
         Targets {
@@ -225,13 +220,7 @@ async fn seal_into_batch(
         None => {
             // Flushing leaves the bytes past the batch as they are.
             batch.flush(shared).await;
-            send_to_peer(
-                shared,
-                &peer.node_key,
-                &batch.buf[start..start + n],
-                targets,
-            )
-            .await;
+            send_to_peer(shared, &key, &batch.buf[start..start + n], targets).await;
         }
     }
 }
