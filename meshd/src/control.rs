@@ -332,12 +332,17 @@ async fn open_stream(
                 node_key: node.public(),
                 disco_key: current.disco.public(),
                 nonce,
+                full_in_pieces: true,
             },
         );
         send(&mut ws, &ClientMessage::Hello { hello }).await?;
-        let first = tokio::time::timeout(HELLO_WAIT, next_message(&mut ws, &mut verifier))
-            .await
-            .map_err(|_| anyhow::anyhow!("no netmap within {HELLO_WAIT:?}"))??;
+        let mut partial = None;
+        let first = tokio::time::timeout(
+            HELLO_WAIT,
+            next_message(&mut ws, &mut verifier, &mut partial),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("no netmap within {HELLO_WAIT:?}"))??;
         match first {
             Some(ServerMessage::Full { netmap }) => {
                 if let Err(e) = keys.settle(&node.public()) {
@@ -372,7 +377,7 @@ async fn next_raw(ws: &mut Ws) -> anyhow::Result<Option<ServerMessage>> {
 /// this stream and its place in it, else the stream is dropped. An unsigned
 /// refusal (the hello was not accepted) is passed on as it is: it can only
 /// end the stream.
-async fn next_message(
+async fn next_piece(
     ws: &mut Ws,
     verifier: &mut FrameVerifier,
 ) -> anyhow::Result<Option<ServerMessage>> {
@@ -391,6 +396,45 @@ async fn next_message(
         }
         Some(ServerMessage::Error { error }) => Ok(Some(ServerMessage::Error { error })),
         Some(other) => anyhow::bail!("unsigned map-stream message refused: {other:?}"),
+    }
+}
+
+/// A full netmap that came in pieces, until its last piece.
+type Partial = Option<(Box<NetMap>, u32)>;
+
+/// The next message, a full netmap sent in pieces put back together
+/// (returned as one [`ServerMessage::Full`]). The pieces gathered so far
+/// live in `partial`, outside the future: it may be dropped between
+/// messages (in a `select!`) without losing any.
+async fn next_message(
+    ws: &mut Ws,
+    verifier: &mut FrameVerifier,
+    partial: &mut Partial,
+) -> anyhow::Result<Option<ServerMessage>> {
+    loop {
+        let msg = next_piece(ws, verifier).await?;
+        match (msg, partial.take()) {
+            (Some(ServerMessage::PartialFull { netmap, remaining }), None) => {
+                if remaining == 0 {
+                    return Ok(Some(ServerMessage::Full { netmap }));
+                }
+                *partial = Some((netmap, remaining));
+            }
+            (Some(ServerMessage::Peers { peers }), Some((mut netmap, remaining))) => {
+                netmap
+                    .peers
+                    .extend(peers.into_iter().map(|n| (n.node_key, n)));
+                if remaining <= 1 {
+                    return Ok(Some(ServerMessage::Full { netmap }));
+                }
+                *partial = Some((netmap, remaining - 1));
+            }
+            (Some(ServerMessage::Peers { .. }), None) => {
+                anyhow::bail!("coordinator sent peers without a netmap")
+            }
+            (_, Some(_)) => anyhow::bail!("the stream broke off in the middle of a netmap"),
+            (other, None) => return Ok(other),
+        }
     }
 }
 
@@ -429,6 +473,8 @@ async fn map_session(
     // When the next peer key expires: the netmap is applied again then.
     let mut next_expiry: Option<u64> = None;
     let mut reporter = netcheck::Reporter::default();
+    // A full netmap (a resync) arriving in pieces.
+    let mut partial = None;
     let mut heartbeat = tokio::time::interval(Duration::from_secs(HEARTBEAT_INTERVAL_SECS));
     let mut caps_sent = false;
     let mut endpoint_check = tokio::time::interval(ENDPOINT_CHECK);
@@ -454,7 +500,7 @@ async fn map_session(
         let expiry_wait = next_expiry
             .map(|t| Duration::from_secs(t.saturating_sub(unix_now())).min(EXPIRY_RECHECK));
         tokio::select! {
-            msg = next_message(&mut ws, &mut verifier) => {
+            msg = next_message(&mut ws, &mut verifier, &mut partial) => {
                 let Some(msg) = msg? else { return Ok(()) };
                 match msg {
                     ServerMessage::Full { netmap: full } => {
@@ -472,7 +518,7 @@ async fn map_session(
                         map.packet_filter = filter;
                     }
                     ServerMessage::Error { error } => anyhow::bail!("coordinator closed the stream: {}", error.message),
-                    ServerMessage::Challenge { .. } | ServerMessage::Signed { .. } => anyhow::bail!("unexpected message on the map stream"),
+                    ServerMessage::Challenge { .. } | ServerMessage::Signed { .. } | ServerMessage::PartialFull { .. } | ServerMessage::Peers { .. } => anyhow::bail!("unexpected message on the map stream"),
                     ServerMessage::RotateKey => {
                         tracing::info!("the coordinator asks for a new node key");
                         state.send_modify(|s| s.rotate_requests += 1);
@@ -595,7 +641,7 @@ mod tests {
 
     /// A map-stream server that challenges, takes any hello, and answers
     /// with `answer(nonce)` as its next frame.
-    async fn map_server(answer: fn(&str) -> String) -> String {
+    async fn map_server(answer: fn(&str) -> Vec<String>) -> String {
         use axum::extract::ws::{Message as AxMessage, WebSocketUpgrade};
         let app = axum::Router::new().route(
             "/api/v1/map",
@@ -608,7 +654,9 @@ mod tests {
                     let text = serde_json::to_string(&challenge).unwrap();
                     let _ = socket.send(AxMessage::Text(text.into())).await;
                     let _hello = socket.recv().await;
-                    let _ = socket.send(AxMessage::Text(answer(&nonce).into())).await;
+                    for text in answer(&nonce) {
+                        let _ = socket.send(AxMessage::Text(text.into())).await;
+                    }
                     let _ = socket.recv().await;
                 })
             }),
@@ -619,10 +667,10 @@ mod tests {
         format!("http://{addr}")
     }
 
-    fn full_netmap() -> String {
-        let me = platform::netmap::Node {
-            id: 1,
-            name: "me".into(),
+    fn node(id: i64) -> platform::netmap::Node {
+        platform::netmap::Node {
+            id,
+            name: format!("d{id}"),
             kind: platform::netmap::NodeKind::Mesh,
             node_key: platform::keys::NodePrivate::generate().public(),
             disco_key: None,
@@ -637,20 +685,32 @@ mod tests {
             device_key: None,
             owner_role: None,
             tags: Vec::new(),
-        };
-        let netmap = NetMap {
+        }
+    }
+
+    /// A netmap of this device and `peers` others.
+    fn netmap_with(peers: i64) -> NetMap {
+        NetMap {
             network: "home".into(),
-            self_node: me,
+            self_node: node(1),
             routes: vec![],
-            peers: Default::default(),
+            peers: (2..peers + 2)
+                .map(|i| {
+                    let n = node(i);
+                    (n.node_key, n)
+                })
+                .collect(),
             relay_map: Default::default(),
             dns: Default::default(),
             awaiting_approval: false,
             packet_filter: Default::default(),
             compute: Default::default(),
-        };
+        }
+    }
+
+    fn full_netmap() -> String {
         serde_json::to_string(&ServerMessage::Full {
-            netmap: Box::new(netmap),
+            netmap: Box::new(netmap_with(0)),
         })
         .unwrap()
     }
@@ -678,7 +738,7 @@ mod tests {
     async fn only_the_pinned_coordinator_gives_a_netmap() {
         let url = map_server(|nonce| {
             let frame = trusted().sign_frame(nonce, 0, full_netmap());
-            serde_json::to_string(&ServerMessage::Signed { frame }).unwrap()
+            vec![serde_json::to_string(&ServerMessage::Signed { frame }).unwrap()]
         })
         .await;
         let netmap = open(&url).await.unwrap();
@@ -687,7 +747,7 @@ mod tests {
         let url = map_server(|nonce| {
             let other = platform::control_auth::CoordinatorIdentity::generate();
             let frame = other.sign_frame(nonce, 0, full_netmap());
-            serde_json::to_string(&ServerMessage::Signed { frame }).unwrap()
+            vec![serde_json::to_string(&ServerMessage::Signed { frame }).unwrap()]
         })
         .await;
         let err = format!("{:#}", open(&url).await.unwrap_err());
@@ -696,14 +756,57 @@ mod tests {
         let url = map_server(|_| {
             let stale = platform::control_auth::new_nonce();
             let frame = trusted().sign_frame(&stale, 0, full_netmap());
-            serde_json::to_string(&ServerMessage::Signed { frame }).unwrap()
+            vec![serde_json::to_string(&ServerMessage::Signed { frame }).unwrap()]
         })
         .await;
         let err = format!("{:#}", open(&url).await.unwrap_err());
         assert!(err.contains("not signed by the coordinator"), "{err}");
 
-        let url = map_server(|_| full_netmap()).await;
+        let url = map_server(|_| vec![full_netmap()]).await;
         let err = format!("{:#}", open(&url).await.unwrap_err());
         assert!(err.contains("unsigned"), "{err}");
+    }
+
+    /// Signed messages, in order, for the stream of `nonce`.
+    fn signed(nonce: &str, messages: Vec<ServerMessage>) -> Vec<String> {
+        messages
+            .iter()
+            .enumerate()
+            .map(|(seq, m)| {
+                let frame =
+                    trusted().sign_frame(nonce, seq as u64, serde_json::to_string(m).unwrap());
+                serde_json::to_string(&ServerMessage::Signed { frame }).unwrap()
+            })
+            .collect()
+    }
+
+    /// A netmap sent in pieces is whole when the stream hands it over; a
+    /// stream that breaks off in the middle of one gives none.
+    #[tokio::test]
+    async fn a_netmap_in_pieces_is_put_back_together() {
+        let url =
+            map_server(|nonce| signed(nonce, platform::api::full_in_pieces(netmap_with(5), 2)))
+                .await;
+        let netmap = open(&url).await.unwrap();
+        let ids: Vec<i64> = netmap
+            .peers
+            .values()
+            .map(|n| n.id)
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        assert_eq!(ids, vec![2, 3, 4, 5, 6], "every peer, once");
+        assert!(netmap.peers.iter().all(|(k, n)| *k == n.node_key));
+
+        let url = map_server(|nonce| {
+            let mut pieces = platform::api::full_in_pieces(netmap_with(5), 2);
+            // The last piece replaced by another message.
+            pieces.pop();
+            pieces.push(ServerMessage::RotateKey);
+            signed(nonce, pieces)
+        })
+        .await;
+        let err = format!("{:#}", open(&url).await.unwrap_err());
+        assert!(err.contains("middle of a netmap"), "{err}");
     }
 }

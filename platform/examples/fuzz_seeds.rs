@@ -87,6 +87,7 @@ fn main() -> std::io::Result<()> {
                 node_key: a.node_key,
                 disco_key: DiscoPrivate::generate().public(),
                 nonce: nonce.clone(),
+                full_in_pieces: true,
             },
         ),
     };

@@ -11,7 +11,7 @@ pub use crate::capability::Capabilities;
 use crate::control_auth::SignedFrame;
 use crate::filter::PacketFilter;
 use crate::keys::{DiscoPublic, NodePublic};
-use crate::netmap::{NetMap, NodeKind, PeerChange};
+use crate::netmap::{NetMap, Node, NodeKind, PeerChange};
 use crate::people::DeviceState;
 use crate::signed::{Signed, Timestamped};
 
@@ -78,6 +78,11 @@ pub struct MapHello {
     /// The nonce the coordinator sent on this connection
     /// ([`ServerMessage::Challenge`]): the hello opens no other stream.
     pub nonce: String,
+    /// The device takes a large full netmap in pieces
+    /// ([`ServerMessage::PartialFull`] then [`ServerMessage::Peers`]);
+    /// devices from before pieces existed get one [`ServerMessage::Full`].
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub full_in_pieces: bool,
 }
 
 impl Timestamped for MapHello {
@@ -115,9 +120,22 @@ pub enum ServerMessage {
     Signed {
         frame: SignedFrame,
     },
-    /// Sent once, first after the hello.
+    /// Sent once, first after the hello (and again when the device must
+    /// resynchronise).
     Full {
         netmap: Box<NetMap>,
+    },
+    /// A full netmap whose peers do not all fit in one message: the rest
+    /// follow at once in `remaining` [`ServerMessage::Peers`] messages, and
+    /// the netmap is whole after the last (see [`full_in_pieces`]). Sent
+    /// only to devices whose hello asked for pieces.
+    PartialFull {
+        netmap: Box<NetMap>,
+        remaining: u32,
+    },
+    /// More peers of the [`ServerMessage::PartialFull`] before it.
+    Peers {
+        peers: Vec<Node>,
     },
     Delta {
         changes: Vec<PeerChange>,
@@ -133,6 +151,47 @@ pub enum ServerMessage {
     Error {
         error: ApiErrorBody,
     },
+}
+
+/// Peers per message when a full netmap goes in pieces: about 50 KB of
+/// JSON each, so no message (and no buffer kept for one) grows with the
+/// network.
+pub const PEERS_PER_PIECE: usize = 64;
+
+/// The messages that carry `netmap` to a device that takes it in pieces:
+/// one [`ServerMessage::Full`] when its peers fit in one piece, else a
+/// [`ServerMessage::PartialFull`] with the first `per_piece` peers and
+/// [`ServerMessage::Peers`] messages with the rest, `per_piece` each.
+pub fn full_in_pieces(mut netmap: NetMap, per_piece: usize) -> Vec<ServerMessage> {
+    let per_piece = per_piece.max(1);
+    if netmap.peers.len() <= per_piece {
+        return vec![ServerMessage::Full {
+            netmap: Box::new(netmap),
+        }];
+    }
+    let mut rest: Vec<Node> = Vec::new();
+    let all = std::mem::take(&mut netmap.peers);
+    for (i, (key, node)) in all.into_iter().enumerate() {
+        if i < per_piece {
+            netmap.peers.insert(key, node);
+        } else {
+            rest.push(node);
+        }
+    }
+    let mut pieces: Vec<ServerMessage> = Vec::new();
+    let mut rest = rest.into_iter().peekable();
+    while rest.peek().is_some() {
+        pieces.push(ServerMessage::Peers {
+            peers: rest.by_ref().take(per_piece).collect(),
+        });
+    }
+    let mut out = Vec::with_capacity(pieces.len() + 1);
+    out.push(ServerMessage::PartialFull {
+        netmap: Box::new(netmap),
+        remaining: pieces.len() as u32,
+    });
+    out.extend(pieces);
+    out
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -284,8 +343,38 @@ mod tests {
         }
 
         #[test]
+        fn a_netmap_in_pieces_is_whole_again(m in arb_netmap(), per_piece in 1usize..5) {
+            let messages = full_in_pieces(m.clone(), per_piece);
+            let mut it = messages.into_iter();
+            let whole = match it.next().unwrap() {
+                ServerMessage::Full { netmap } => {
+                    prop_assert!(m.peers.len() <= per_piece);
+                    prop_assert_eq!(it.next(), None);
+                    *netmap
+                }
+                ServerMessage::PartialFull { mut netmap, remaining } => {
+                    prop_assert_eq!(netmap.peers.len(), per_piece);
+                    let rest: Vec<ServerMessage> = it.collect();
+                    prop_assert_eq!(rest.len(), remaining as usize);
+                    for piece in rest {
+                        let ServerMessage::Peers { peers } = piece else {
+                            return Err(TestCaseError::fail("a piece that is not peers"));
+                        };
+                        prop_assert!(!peers.is_empty() && peers.len() <= per_piece);
+                        netmap.peers.extend(peers.into_iter().map(|n| (n.node_key, n)));
+                    }
+                    *netmap
+                }
+                other => return Err(TestCaseError::fail(format!("{other:?}"))),
+            };
+            prop_assert_eq!(whole, m);
+        }
+
+        #[test]
         fn server_messages_round_trip(m in arb_netmap()) {
             round_trip(&ServerMessage::Full { netmap: Box::new(m.clone()) });
+            round_trip(&ServerMessage::PartialFull { netmap: Box::new(m.clone()), remaining: 3 });
+            round_trip(&ServerMessage::Peers { peers: m.peers.values().cloned().collect() });
             let changes = m.peers.values().map(|n| PeerChange::Upsert { node: Box::new(n.clone()) }).collect();
             round_trip(&ServerMessage::Delta { changes });
             round_trip(&ServerMessage::RotateKey);

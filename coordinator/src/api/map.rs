@@ -15,7 +15,7 @@ use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::response::{IntoResponse as _, Response};
 use platform::addr::OVERLAY_V4;
-use platform::api::{ClientMessage, MapHello, ServerMessage};
+use platform::api::{full_in_pieces, ClientMessage, MapHello, ServerMessage, PEERS_PER_PIECE};
 use platform::control_auth::{new_nonce, CoordinatorIdentity};
 use platform::netmap::{coalesce, DnsConfig, NetMap, PeerChange};
 use platform::people::DeviceState;
@@ -75,6 +75,8 @@ struct Conn {
     nonce: String,
     seq: u64,
     authenticated: bool,
+    /// The device takes a large full netmap in pieces (its hello said so).
+    pieces: bool,
 }
 
 async fn send(conn: &mut Conn, msg: &ServerMessage) -> anyhow::Result<()> {
@@ -87,6 +89,25 @@ async fn send(conn: &mut Conn, msg: &ServerMessage) -> anyhow::Result<()> {
         text
     };
     send_within(&mut conn.socket, Message::Text(text.into()), SEND_TIMEOUT).await
+}
+
+/// Sends a full netmap: in pieces of [`PEERS_PER_PIECE`] peers to a device
+/// that takes them (so no message, nor the socket's output buffer that
+/// keeps the size of the largest, grows with the network), else whole.
+async fn send_full(conn: &mut Conn, netmap: NetMap) -> anyhow::Result<()> {
+    if !conn.pieces {
+        return send(
+            conn,
+            &ServerMessage::Full {
+                netmap: Box::new(netmap),
+            },
+        )
+        .await;
+    }
+    for msg in full_in_pieces(netmap, PEERS_PER_PIECE) {
+        send(conn, &msg).await?;
+    }
+    Ok(())
 }
 
 /// Sends one message, giving up after `limit`.
@@ -142,6 +163,7 @@ async fn authenticate(s: &SharedState, conn: &mut Conn) -> Result<DeviceRow, App
             "the hello answers another stream's challenge".into(),
         ));
     }
+    conn.pieces = payload.full_in_pieces;
     let row = s
         .store
         .device_by_device_key(&hello.device_key)
@@ -218,6 +240,7 @@ async fn serve(s: SharedState, socket: WebSocket) -> anyhow::Result<()> {
         nonce: new_nonce(),
         seq: 0,
         authenticated: false,
+        pieces: false,
     };
     let me = match authenticate(&s, &mut conn).await {
         Ok(row) => row,
@@ -255,13 +278,7 @@ async fn stream(
         Ok(m) => m,
         Err(e) => return refuse(conn, e).await,
     };
-    send(
-        conn,
-        &ServerMessage::Full {
-            netmap: Box::new(netmap),
-        },
-    )
-    .await?;
+    send_full(conn, netmap).await?;
     s.store.touch(me.id, s.clock.now()).await?;
     tracing::info!(device = me.id, name = %me.name, "map stream open");
     if s.store.rotation_due(me.id).await? {
@@ -318,7 +335,7 @@ async fn stream(
                     Some(Push::Refresh) => {
                         let row = s.store.device(&me.network, me.id).await?;
                         let netmap = full_netmap(s, &row).await?;
-                        send(conn, &ServerMessage::Full { netmap: Box::new(netmap) }).await?;
+                        send_full(conn, netmap).await?;
                     }
                     Some(Push::Close(error)) => {
                         let _ = send(conn, &ServerMessage::Error { error }).await;

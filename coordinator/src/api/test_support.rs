@@ -216,6 +216,17 @@ pub async fn open_stream(
     dev: &DevicePrivate,
     node: &NodePrivate,
 ) -> Ws {
+    open_stream_as(addr, dev, node, false).await
+}
+
+/// [`open_stream`], asking for a large full netmap in pieces (as meshd
+/// does) when `pieces`.
+pub async fn open_stream_as(
+    addr: std::net::SocketAddr,
+    dev: &DevicePrivate,
+    node: &NodePrivate,
+    pieces: bool,
+) -> Ws {
     let mut ws = Ws::connect(addr).await;
     let nonce = ws.challenge().await;
     let hello = Signed::sign(
@@ -226,6 +237,7 @@ pub async fn open_stream(
             node_key: node.public(),
             disco_key: DiscoPrivate::generate().public(),
             nonce,
+            full_in_pieces: pieces,
         },
     );
     ws.send(Message::text(

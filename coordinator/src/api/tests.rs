@@ -858,6 +858,7 @@ async fn a_captured_hello_opens_no_other_stream() {
             node_key: node.public(),
             disco_key: platform::keys::DiscoPrivate::generate().public(),
             nonce,
+            full_in_pieces: false,
         },
     );
     let text = serde_json::to_string(&ClientMessage::Hello { hello }).unwrap();
@@ -912,6 +913,60 @@ async fn device_with_stream(
         panic!("full netmap first")
     };
     (v["device_id"].as_i64().unwrap(), ws)
+}
+
+/// A device that asks for pieces gets a large full netmap as a partial
+/// one and the rest of its peers in pieces of `PEERS_PER_PIECE`; one that
+/// does not (an older meshd) gets it whole.
+#[tokio::test]
+async fn a_large_netmap_goes_in_pieces_to_devices_that_take_them() {
+    use platform::api::PEERS_PER_PIECE;
+    let h = Harness::new().await;
+    let key = h.network_and_key(json!({"reusable": true})).await;
+    let addr = serve(&h.state).await;
+    let devices = PEERS_PER_PIECE + 6;
+    let mut keys = Vec::new();
+    for i in 0..devices {
+        let (dev, node) = (DevicePrivate::generate(), NodePrivate::generate());
+        let (s, v) = h
+            .call(
+                "POST",
+                "/api/v1/register",
+                Some(register_body(
+                    &dev,
+                    &node,
+                    &key,
+                    &format!("d{i}"),
+                    unix_now(),
+                )),
+                false,
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        keys.push((dev, node));
+    }
+    let (dev, node) = &keys[0];
+    let mut ws = test_support::open_stream_as(addr, dev, node, true).await;
+    let ServerMessage::PartialFull { netmap, remaining } = next_msg(&mut ws).await else {
+        panic!("a partial netmap first")
+    };
+    assert_eq!(netmap.peers.len(), PEERS_PER_PIECE);
+    assert_eq!(remaining, 1);
+    let ServerMessage::Peers { peers } = next_msg(&mut ws).await else {
+        panic!("then the rest of the peers")
+    };
+    assert_eq!(peers.len(), devices - 1 - PEERS_PER_PIECE);
+    let mut all: std::collections::BTreeSet<_> = netmap.peers.keys().copied().collect();
+    all.extend(peers.iter().map(|p| p.node_key));
+    assert_eq!(all.len(), devices - 1, "every peer once");
+    assert!(!all.contains(&node.public()), "not itself");
+
+    let (dev, node) = &keys[1];
+    let mut ws = test_support::open_stream_as(addr, dev, node, false).await;
+    let ServerMessage::Full { netmap } = next_msg(&mut ws).await else {
+        panic!("the whole netmap for a device that did not ask for pieces")
+    };
+    assert_eq!(netmap.peers.len(), devices - 1);
 }
 
 /// A device removed behind this server's back (another process on the same

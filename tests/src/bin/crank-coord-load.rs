@@ -6,7 +6,7 @@
 //!
 //! Prints one Markdown table row: devices, registrations per second,
 //! median and p99 time from opening a stream to its full netmap, bytes of
-//! a full netmap, fan-out p50/p99 of one change to all streams, bytes of
+//! a full netmap (all its pieces: the tool asks for pieces, as meshd does), fan-out p50/p99 of one change to all streams, bytes of
 //! a delta, and (with `--pid`) the coordinator's peak RSS and CPU seconds.
 //!
 //!   crank-coord-load --coordinator http://127.0.0.1:8080 --auth-key KEY --devices 1000 [--pid PID]
@@ -194,6 +194,7 @@ async fn open(url: &str, server: SocketAddr, i: usize, keys: &Keys) -> anyhow::R
             node_key: keys.node.public(),
             disco_key: keys.disco.public(),
             nonce,
+            full_in_pieces: true,
         },
     );
     ws.send(Message::text(serde_json::to_string(
