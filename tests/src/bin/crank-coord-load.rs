@@ -184,7 +184,7 @@ async fn open(url: &str, server: SocketAddr, i: usize, keys: &Keys) -> anyhow::R
             .context("closed before the challenge")?,
     )? {
         ServerMessage::Challenge { nonce } => nonce,
-        other => bail!("expected the challenge, got {other:?}"),
+        other => bail!("expected the challenge, got {}", kind(&other)),
     };
     let hello = Signed::sign(
         &keys.device,
@@ -204,9 +204,34 @@ async fn open(url: &str, server: SocketAddr, i: usize, keys: &Keys) -> anyhow::R
     let first = next_text(&mut ws)
         .await?
         .context("closed before the netmap")?;
-    match parse(&first)? {
-        ServerMessage::Full { .. } => Ok((ws, first.len())),
-        other => bail!("expected the full netmap, got {other:?}"),
+    let remaining = match parse(&first)? {
+        ServerMessage::Full { .. } => 0,
+        ServerMessage::PartialFull { remaining, .. } => remaining,
+        other => bail!("expected the full netmap, got {}", kind(&other)),
+    };
+    // The rest of a netmap sent in pieces.
+    let mut bytes = first.len();
+    for _ in 0..remaining {
+        let piece = next_text(&mut ws)
+            .await?
+            .context("closed in the middle of the netmap")?;
+        bytes += piece.len();
+    }
+    Ok((ws, bytes))
+}
+
+/// A message's type, for errors (a netmap's text would be megabytes).
+fn kind(m: &ServerMessage) -> &'static str {
+    match m {
+        ServerMessage::Challenge { .. } => "challenge",
+        ServerMessage::Signed { .. } => "signed",
+        ServerMessage::Full { .. } => "full",
+        ServerMessage::PartialFull { .. } => "partial_full",
+        ServerMessage::Peers { .. } => "peers",
+        ServerMessage::Delta { .. } => "delta",
+        ServerMessage::Filter { .. } => "filter",
+        ServerMessage::RotateKey => "rotate_key",
+        ServerMessage::Error { .. } => "error",
     }
 }
 
