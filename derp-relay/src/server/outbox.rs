@@ -15,6 +15,7 @@
 //! (and an eighth of that of discovery frames), and the lanes shrink back
 //! after a burst.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -43,13 +44,14 @@ pub enum Lane {
 struct Queued {
     bytes: Vec<u8>,
     frames: u64,
+    /// Bytes queued plus bytes the writer took and has not written yet:
+    /// what this lane costs, held to the lane's limit.
+    held: usize,
 }
 
 struct LaneState {
     queued: Mutex<Queued>,
-    /// Bytes queued plus bytes the writer holds: what this lane costs.
     limit: usize,
-    held: Mutex<usize>,
 }
 
 impl LaneState {
@@ -57,7 +59,6 @@ impl LaneState {
         LaneState {
             queued: Mutex::new(Queued::default()),
             limit,
-            held: Mutex::new(0),
         }
     }
 
@@ -65,8 +66,9 @@ impl LaneState {
         self.queued.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn held(&self) -> MutexGuard<'_, usize> {
-        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    /// `n` bytes the writer took have been written.
+    fn written(&self, n: usize) {
+        self.queued().held -= n;
     }
 }
 
@@ -75,7 +77,7 @@ struct Shared {
     disco: LaneState,
     wake: Notify,
     /// Set when the last [`Outbox`] is gone: the writer drains and ends.
-    closed: std::sync::atomic::AtomicBool,
+    closed: AtomicBool,
 }
 
 impl Shared {
@@ -92,9 +94,7 @@ struct Senders(Arc<Shared>);
 
 impl Drop for Senders {
     fn drop(&mut self) {
-        self.0
-            .closed
-            .store(true, std::sync::atomic::Ordering::Release);
+        self.0.closed.store(true, Ordering::Release);
         self.0.wake.notify_one();
     }
 }
@@ -118,7 +118,7 @@ pub fn outbox(bytes: usize) -> (Outbox, Inbox) {
         bulk: LaneState::new(bytes),
         disco: LaneState::new((bytes / DISCO_SHARE).max(4096)),
         wake: Notify::new(),
-        closed: std::sync::atomic::AtomicBool::new(false),
+        closed: AtomicBool::new(false),
     });
     (
         Outbox {
@@ -140,26 +140,19 @@ impl Outbox {
     /// frame encoded in place, no buffer of its own); false (and nothing
     /// queued) when they do not fit or the connection is gone.
     pub fn push_with(&self, len: usize, lane: Lane, encode: impl FnOnce(&mut Vec<u8>)) -> bool {
-        if self
-            .shared
-            .closed
-            .load(std::sync::atomic::Ordering::Acquire)
-        {
+        if self.shared.closed.load(Ordering::Acquire) {
             return false;
         }
         let state = self.shared.lane(lane);
         {
-            let mut held = state.held();
-            if *held + len > state.limit {
+            let mut q = state.queued();
+            if q.held + len > state.limit {
                 return false;
             }
-            *held += len;
-        }
-        {
-            let mut q = state.queued();
             let before = q.bytes.len();
             encode(&mut q.bytes);
             debug_assert_eq!(q.bytes.len() - before, len, "encoded as many bytes as said");
+            q.held += len;
             q.frames += 1;
         }
         self.shared.wake.notify_one();
@@ -168,7 +161,10 @@ impl Outbox {
 
     /// Bytes queued or being written now, bulk and discovery.
     pub fn queued(&self) -> (usize, usize) {
-        (*self.shared.bulk.held(), *self.shared.disco.held())
+        (
+            self.shared.bulk.queued().held,
+            self.shared.disco.queued().held,
+        )
     }
 }
 
@@ -246,7 +242,7 @@ async fn write_disco<W: AsyncWrite + Unpin>(
     }
     metrics.packets_out.inc_by(frames);
     metrics.bytes_out.inc_by(buf.len() as u64);
-    *shared.disco.held() -= buf.len();
+    shared.disco.written(buf.len());
     recycle(buf);
     Ok(true)
 }
@@ -276,7 +272,7 @@ pub async fn write_loop<W: AsyncWrite + Unpin>(
             if !write_out(&mut write, &bulk[at..end], times).await {
                 return;
             }
-            *shared.bulk.held() -= end - at;
+            shared.bulk.written(end - at);
             at = end;
             if write_disco(metrics, &mut write, &shared, &mut disco, times)
                 .await
@@ -298,7 +294,7 @@ pub async fn write_loop<W: AsyncWrite + Unpin>(
             // sleeping.
             continue;
         }
-        if shared.closed.load(std::sync::atomic::Ordering::Acquire) {
+        if shared.closed.load(Ordering::Acquire) {
             return;
         }
         tokio::select! {
