@@ -26,7 +26,10 @@ typedef struct CrankMesh CrankMesh;
 /**
  * Receives one log line: `user` as given to `crank_mesh_new`, a level
  * (`CRANK_MESH_LOG_*`) and the line, UTF-8 and NUL-terminated, valid only
- * during the call. Called from the instance's own threads.
+ * during the call. Called from the instance's own threads, which run the
+ * instance: the callback must return promptly and must not call back into
+ * this library (its runtime cannot be entered from its own threads: such a
+ * call aborts the process).
  */
 typedef void (*CrankMeshLogFn)(void *user, int level, const char *line);
 

@@ -37,7 +37,10 @@ pub const CRANK_MESH_LOG_TRACE: c_int = 5;
 
 /// Receives one log line: `user` as given to `crank_mesh_new`, a level
 /// (`CRANK_MESH_LOG_*`) and the line, UTF-8 and NUL-terminated, valid only
-/// during the call. Called from the instance's own threads.
+/// during the call. Called from the instance's own threads, which run the
+/// instance: the callback must return promptly and must not call back into
+/// this library (its runtime cannot be entered from its own threads: such a
+/// call aborts the process).
 pub type CrankMeshLogFn =
     Option<unsafe extern "C" fn(user: *mut c_void, level: c_int, line: *const c_char)>;
 
